@@ -1,0 +1,128 @@
+"""Loading ONNX files, including external data and models over 2 GB.
+
+A model is loaded once into a `LoadedModel`, which keeps the proto, the file's path, its sha256
+(plans record it so that a plan is applied only to the model it was made for) and whether the
+weights live in external files. Every failure becomes one `ModelLoadError` line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from periphery_core.errors import ModelLoadError
+
+# Protobuf cannot serialize a message of 2 GiB or more; above this, shards and temporary copies
+# are written with external data.
+PROTOBUF_LIMIT = 2**31 - 1
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """An ONNX model and where it came from."""
+
+    path: Path
+    proto: onnx.ModelProto
+    sha256: str
+    has_external_data: bool
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _uses_external_data(model: onnx.ModelProto) -> bool:
+    return any(
+        init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer
+    )
+
+
+def load_model(path: str | os.PathLike[str]) -> LoadedModel:
+    """Load an ONNX model with its external data.
+
+    Raises:
+        ModelLoadError: the file is missing, not ONNX, truncated, or its external data is missing.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"model file not found: {p}")
+    if p.is_dir():
+        raise ModelLoadError(f"{p} is a directory, not an .onnx file")
+    if p.stat().st_size == 0:
+        raise ModelLoadError(f"{p} is empty: expected an ONNX model")
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(
+            f"{p} is not a readable ONNX model (it may be truncated or not ONNX at all): "
+            f"{_first_line(exc)}"
+        ) from None
+    if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
+        raise ModelLoadError(f"{p} holds no ONNX graph: is it really an ONNX model?")
+    external = _uses_external_data(proto)
+    if external:
+        _load_external(proto, p)
+    try:
+        # The lite check catches protobufs that parsed but are not a consistent graph
+        # (a truncated file can parse up to a field boundary).
+        if proto.ByteSize() < PROTOBUF_LIMIT:
+            onnx.checker.check_model(proto)
+        else:
+            onnx.checker.check_model(str(p))
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        raise ModelLoadError(f"{p} is not a valid ONNX model: {_first_line(exc)}") from None
+    return LoadedModel(path=p, proto=proto, sha256=file_sha256(p), has_external_data=external)
+
+
+def _load_external(proto: onnx.ModelProto, path: Path) -> None:
+    base = path.parent
+    for init in proto.graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in init.external_data if e.key == "location"), "")
+        if not location or not (base / location).is_file():
+            raise ModelLoadError(
+                f"external data file '{location}' for tensor '{init.name}' is missing: "
+                f"keep it in {base} beside {path.name}"
+            )
+    try:
+        onnx.load_external_data_for_model(proto, str(base))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"cannot read external data of {path.name}: {_first_line(exc)}"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    """Write a model, moving weights to a `<name>.data` file when the proto is too big."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if model.ByteSize() >= EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
+            size_threshold=1024,
+        )
+    else:
+        onnx.save_model(model, str(path))

@@ -1,0 +1,1 @@
+"""Shard planning, extraction and verification."""

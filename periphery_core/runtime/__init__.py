@@ -1,0 +1,1 @@
+"""Running models and shards in ONNX Runtime: sessions, feeds and the local chain executor."""

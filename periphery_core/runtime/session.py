@@ -1,0 +1,88 @@
+"""The one place ONNX Runtime sessions are made.
+
+`exact=True` disables graph optimizations: fusions cannot cross a shard boundary, so only then
+are a chain of shards and the whole model bit-identical. Models too big for one protobuf are
+passed to ONNX Runtime by path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+from periphery_core.errors import RuntimeFailure
+from periphery_core.model.loading import EXTERNAL_DATA_THRESHOLD
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    """How to build a session. The same config on both sides makes results comparable."""
+
+    exact: bool = True
+    threads: int = 0  # 0: ONNX Runtime's default
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    profile_prefix: str | None = None
+
+
+def session_options(config: SessionConfig) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        if config.exact
+        else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    )
+    if config.threads:
+        opts.intra_op_num_threads = config.threads
+        opts.inter_op_num_threads = 1
+    if config.profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = config.profile_prefix
+    return opts
+
+
+def make_session(
+    model: onnx.ModelProto | str | os.PathLike[str],
+    config: SessionConfig | None = None,
+    scratch_dir: Path | None = None,
+) -> ort.InferenceSession:
+    """An ONNX Runtime session for a model proto or file.
+
+    A proto too large to serialize is saved with external data into `scratch_dir` first.
+    """
+    config = config or SessionConfig()
+    opts = session_options(config)
+    source: str | bytes
+    if isinstance(model, onnx.ModelProto):
+        if model.ByteSize() >= EXTERNAL_DATA_THRESHOLD:
+            if scratch_dir is None:
+                raise RuntimeFailure("model too large to run from memory: give a scratch folder")
+            from periphery_core.model.loading import save_model
+
+            target = scratch_dir / "model.onnx"
+            save_model(model, target)
+            source = str(target)
+        else:
+            source = model.SerializeToString()
+    else:
+        source = str(model)
+    try:
+        return ort.InferenceSession(source, sess_options=opts, providers=list(config.providers))
+    except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+        raise RuntimeFailure(f"ONNX Runtime cannot load the model: {_short(exc)}") from None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
+
+
+def run_session(sess: ort.InferenceSession, feeds: dict, outputs: list[str] | None = None) -> list:
+    try:
+        return sess.run(outputs, feeds)
+    except Exception as exc:
+        raise RuntimeFailure(f"ONNX Runtime failed while running: {_short(exc)}") from None

@@ -1,0 +1,1 @@
+"""Command-line entry points: `periphery` (scripting) and `periphery-node` (daemon)."""

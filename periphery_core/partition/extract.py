@@ -1,0 +1,231 @@
+"""Shard extraction: one standalone ONNX model per plan stage.
+
+Each shard holds only its own nodes and the initializers they (and their subgraphs) read; its
+inputs and outputs are the plan's boundary tensors, typed from ONNX shape inference on the
+original model (symbolic dimensions kept, so shards accept any batch the model accepts) and,
+where that inference gives up, from the analysis (dtype and rank). Tensors that only pass
+through a stage are both its input and its output. Opset imports, IR version and the
+model-local functions the shard uses are carried over; a shard passes `onnx.checker`'s full
+check whenever the original model does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import onnx
+
+from periphery_core.errors import ExtractError, PlanError
+from periphery_core.model.analysis import ModelAnalysis, node_inputs, node_keys, subgraphs
+from periphery_core.model.loading import PROTOBUF_LIMIT, LoadedModel, save_model
+from periphery_core.partition.plan import ShardPlan
+from periphery_core.progress import CancelToken, ProgressFn, check, report
+
+STAGE_FILE = "stage-{index}.onnx"
+PLAN_FILE = "plan.json"
+
+
+def _inferred_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    """Types of top-level tensors from ONNX inference on the unmodified (symbolic) model."""
+    try:
+        if model.ByteSize() < PROTOBUF_LIMIT:
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        else:
+            inferred = model
+    except Exception:  # best effort: the analysis' types fill any gap
+        inferred = model
+    types: dict[str, onnx.TypeProto] = {}
+    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        tt = vi.type.tensor_type
+        if vi.type.HasField("tensor_type") and tt.elem_type != 0 and tt.HasField("shape"):
+            types[vi.name] = vi.type
+    return types
+
+
+def _value_info(
+    name: str, types: dict[str, onnx.TypeProto], analysis: ModelAnalysis
+) -> onnx.ValueInfoProto:
+    vi = onnx.ValueInfoProto(name=name)
+    inferred = types.get(name)
+    info = analysis.tensors.get(name)
+    if inferred is not None and (
+        info is None or len(inferred.tensor_type.shape.dim) == len(info.shape)
+    ):
+        vi.type.CopyFrom(inferred)
+        return vi
+    if info is None:
+        raise ExtractError(f"boundary tensor '{name}' has no known type")
+    tt = vi.type.tensor_type
+    tt.elem_type = onnx.helper.np_dtype_to_tensor_dtype(__import__("numpy").dtype(info.dtype))
+    for _ in info.shape:
+        tt.shape.dim.add()  # rank known, sizes left open: the shard stays shape-generic
+    return vi
+
+
+def _functions_used(
+    nodes: Iterable[onnx.NodeProto], functions: dict[tuple[str, str], onnx.FunctionProto]
+) -> list[onnx.FunctionProto]:
+    seen: dict[tuple[str, str], onnx.FunctionProto] = {}
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        for sub in subgraphs(node):
+            stack.extend(sub.node)
+        key = (node.domain, node.op_type)
+        if key in functions and key not in seen:
+            seen[key] = functions[key]
+            stack.extend(functions[key].node)
+    return list(seen.values())
+
+
+def check_plan_fits(plan: ShardPlan, loaded: LoadedModel) -> list[int]:
+    """Node indices of each stage, in stage order; raises if the plan is not for this model."""
+    keys = node_keys(loaded.proto.graph)
+    index = {k: i for i, k in enumerate(keys)}
+    unknown = [k for s in plan.stages for k in s.nodes if k not in index]
+    if unknown:
+        raise PlanError(
+            f"the plan names node '{unknown[0]}', which {loaded.name} does not have: "
+            "was the plan made for another model?"
+        )
+    order = [index[k] for s in plan.stages for k in s.nodes]
+    if len(order) != len(keys) or len(set(order)) != len(keys):
+        raise PlanError(
+            f"the plan covers {len(set(order))} of {len(keys)} nodes of {loaded.name} "
+            "(or lists one twice): re-run 'periphery plan'"
+        )
+    return order
+
+
+def extract_shards(
+    loaded: LoadedModel,
+    analysis: ModelAnalysis,
+    plan: ShardPlan,
+    *,
+    progress: ProgressFn | None = None,
+    cancel: CancelToken | None = None,
+) -> list[onnx.ModelProto]:
+    """Build one standalone ONNX model per stage of `plan`.
+
+    Raises:
+        PlanError: the plan does not fit this model.
+        ExtractError: a shard fails a check the original model passes.
+    """
+    model = loaded.proto
+    graph = model.graph
+    check_plan_fits(plan, loaded)
+    keys = node_keys(graph)
+    by_key = {k: graph.node[i] for i, k in enumerate(keys)}
+    inits = {i.name: i for i in graph.initializer}
+    sparse = {i.values.name: i for i in graph.sparse_initializer}
+    value_infos = {vi.name: vi for vi in graph.value_info}
+    functions = {(f.domain, f.name): f for f in model.functions}
+    # Constants are re-materialised in every stage that reads them (see costs.constant_outputs).
+    constant_nodes = {
+        n.output[0]: n
+        for n in graph.node
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.output) == 1
+    }
+    model_outputs = {o.name for o in graph.output}
+    types = _inferred_types(model)
+    shards: list[onnx.ModelProto] = []
+    for stage in plan.stages:
+        check(cancel)
+        report(progress, "extract", stage.index, plan.k, f"stage {stage.index}")
+        nodes = [by_key[k] for k in stage.nodes]
+        reads: dict[str, None] = {}
+        produced: set[str] = set()
+        for node in nodes:
+            for name in node_inputs(node):
+                if name not in produced:
+                    reads[name] = None
+            produced.update(o for o in node.output if o)
+        boundary_in = [b.name for b in stage.inputs]
+        copied = [
+            constant_nodes[n] for n in reads
+            if n in constant_nodes and n not in boundary_in and n not in model_outputs
+        ]
+        nodes = copied + nodes
+        produced.update(n.output[0] for n in copied)
+        available = set(boundary_in) | produced
+        missing = [n for n in reads if n not in available and n not in inits and n not in sparse]
+        if missing:
+            raise PlanError(
+                f"stage {stage.index} reads '{missing[0]}', which neither an earlier stage nor "
+                "the model's weights provide: the plan's order is not topological"
+            )
+        sub = onnx.GraphProto(name=f"{graph.name or 'model'}_stage{stage.index}")
+        sub.node.extend(nodes)
+        sub.input.extend(_value_info(n, types, analysis) for n in boundary_in)
+        for b in stage.outputs:
+            if b.name not in available:
+                raise PlanError(
+                    f"stage {stage.index} must output '{b.name}' but cannot reach it"
+                )
+            sub.output.append(_value_info(b.name, types, analysis))
+        own_inits = [n for n in reads if n in inits and n not in set(boundary_in)]
+        sub.initializer.extend(inits[n] for n in own_inits)
+        sub.sparse_initializer.extend(sparse[n] for n in reads if n in sparse)
+        if model.ir_version < 4:
+            # IR 3 requires every initializer to be listed among the graph inputs too.
+            for n in own_inits:
+                vi = onnx.helper.make_tensor_value_info(
+                    n, inits[n].data_type, list(inits[n].dims)
+                )
+                sub.input.append(vi)
+        io_names = set(boundary_in) | {b.name for b in stage.outputs}
+        sub.value_info.extend(
+            value_infos[n] for n in produced if n in value_infos and n not in io_names
+        )
+        shard = onnx.ModelProto()
+        shard.ir_version = model.ir_version
+        shard.opset_import.extend(model.opset_import)
+        shard.producer_name = "periphery"
+        shard.producer_version = model.producer_version
+        shard.domain = model.domain
+        shard.model_version = model.model_version
+        shard.graph.CopyFrom(sub)
+        shard.functions.extend(_functions_used(nodes, functions))
+        meta = {
+            "periphery.stage": str(stage.index),
+            "periphery.stages": str(plan.k),
+            "periphery.model_sha256": plan.model_sha256,
+        }
+        for k, v in meta.items():
+            shard.metadata_props.add(key=k, value=v)
+        if loaded.checker_ok and shard.ByteSize() < PROTOBUF_LIMIT:
+            try:
+                onnx.checker.check_model(shard, full_check=True)
+            except Exception as exc:
+                first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+                raise ExtractError(
+                    f"stage {stage.index} fails onnx.checker although the model passes: {first}"
+                ) from None
+        shards.append(shard)
+    report(progress, "extract", plan.k, plan.k, "done")
+    return shards
+
+
+def write_shards(shards: Sequence[onnx.ModelProto], plan: ShardPlan, out_dir: Path) -> list[Path]:
+    """Write `stage-<i>.onnx` files and the plan into `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, shard in enumerate(shards):
+        path = out_dir / STAGE_FILE.format(index=i)
+        save_model(shard, path)
+        paths.append(path)
+    plan.save(out_dir / PLAN_FILE)
+    return paths
+
+
+def shard_paths(shard_dir: Path) -> list[Path]:
+    """The stage files of a shard folder, in stage order."""
+    if not shard_dir.is_dir():
+        raise PlanError(f"shard folder not found: {shard_dir} (make one with 'periphery shard')")
+    paths = []
+    while (shard_dir / STAGE_FILE.format(index=len(paths))).is_file():
+        paths.append(shard_dir / STAGE_FILE.format(index=len(paths)))
+    if not paths:
+        raise PlanError(f"{shard_dir} holds no stage-0.onnx: make shards with 'periphery shard'")
+    return paths

@@ -1,0 +1,41 @@
+"""Shared test material: the real-model corpus in ../shared/data and the onnx wheel's light models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+MODELS = SHARED_DATA / "models"
+LIGHT_DIR = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+
+# Input shapes that exercise each corpus model beyond the all-ones defaults.
+CORPUS_SHAPES: dict[str, dict[str, tuple[int, ...]]] = {
+    "tiny-random-gpt2-past.onnx": {
+        "input_ids": (2, 3), "position_ids": (2, 3), "attention_mask": (2, 7),
+        **{f"past_{i}": (2, 2, 4, 4, 8) for i in range(5)},
+    },
+    "stories260K.onnx": {"tokens": (1, 16)},
+    "model.onnx": {"input_ids": (2, 12), "attention_mask": (2, 12), "token_type_ids": (2, 12)},
+    "super-resolution.onnx": {"input": (2, 1, 224, 224)},
+    "image-classifier32.onnx": {"modelInput": (3, 3, 32, 32)},
+}
+
+
+def corpus_models() -> list[Path]:
+    if not MODELS.is_dir():
+        return []
+    return sorted(MODELS.glob("*.onnx")) + sorted(MODELS.glob("*/model.onnx"))
+
+
+def light_models() -> list[Path]:
+    return sorted(LIGHT_DIR.glob("light_*.onnx"))
+
+
+def require_shared() -> None:
+    if not MODELS.is_dir():
+        pytest.skip(f"shared test data not found at {SHARED_DATA}: it sits beside the project "
+                    "in CI")

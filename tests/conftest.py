@@ -1,4 +1,4 @@
-"""Shared test material: the real-model corpus in ../shared/data and the onnx wheel's light models."""
+"""Shared test material: the corpus in ../shared/data and the onnx wheel's light models."""
 
 from __future__ import annotations
 

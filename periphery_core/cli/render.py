@@ -94,7 +94,9 @@ def render_analysis(a: ModelAnalysis, top: int) -> None:
             summary.add_row("output", f"{o}: {t.dtype} [{shape_str(t.shape)}]")
     summary.add_row("opsets", ", ".join(f"{d} {v}" for d, v in a.opsets.items()))
     summary.add_row("nodes", str(len(a.nodes)))
-    summary.add_row("parameters", f"{human_count(a.parameter_count)} ({human_bytes(a.total_param_bytes)})")
+    summary.add_row(
+        "parameters", f"{human_count(a.parameter_count)} ({human_bytes(a.total_param_bytes)})"
+    )
     summary.add_row("FLOPs", human_count(a.total_flops))
     if a.profiled:
         summary.add_row("measured", human_seconds(sum(n.measured_s or 0 for n in a.nodes)))
@@ -117,7 +119,8 @@ def render_analysis(a: ModelAnalysis, top: int) -> None:
     if a.profiled:
         costly.add_column("measured", justify="right")
     for n in sorted(a.nodes, key=key)[:top]:
-        shape = shape_str(a.tensors[n.outputs[0]].shape) if n.outputs and n.outputs[0] in a.tensors else ""
+        first = a.tensors.get(n.outputs[0]) if n.outputs else None
+        shape = shape_str(first.shape) if first is not None else ""
         row = [n.key, n.op_type, shape, human_count(n.flops), human_bytes(n.param_bytes),
                human_bytes(n.output_bytes)]
         if a.profiled:

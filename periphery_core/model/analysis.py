@@ -9,6 +9,7 @@ Runtime's symbolic shape inference, and one recorded run of the model in ONNX Ru
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import tempfile
 from collections import Counter
@@ -229,7 +230,9 @@ def _symbolic_types(model: onnx.ModelProto) -> TypeMap:
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+        inferred = SymbolicShapeInference.infer_shapes(
+            model, auto_merge=True, guess_output_rank=True
+        )
     except Exception as exc:
         log.debug("symbolic shape inference failed: %s", exc)
         return types
@@ -253,7 +256,9 @@ def _recorded_types(
     with tempfile.TemporaryDirectory(prefix="periphery-probe-") as tmp:
         sess = make_session(probe, SessionConfig(exact=True), scratch_dir=Path(tmp))
         values = run_session(sess, random_feeds(specs), list(names))
-    return {n: (np.asarray(v).dtype, tuple(np.shape(v))) for n, v in zip(names, values, strict=True)}
+    return {
+        n: (np.asarray(v).dtype, tuple(np.shape(v))) for n, v in zip(names, values, strict=True)
+    }
 
 
 # --------------------------------------------------------------------------- analysis
@@ -361,7 +366,7 @@ def analyze(
         if t is None or not _concrete(t[1]):
             init = constants.get(name)
             return tuple(init.dims) if init is not None else None
-        return t[1]  # type: ignore[return-value]
+        return tuple(int(d or 0) for d in t[1] or ())
 
     tensors: dict[str, TensorInfo] = {}
     for name in dict.fromkeys([s.name for s in specs] + wanted):
@@ -420,8 +425,7 @@ def analyze(
 def with_measurements(analysis: ModelAnalysis, measured: Mapping[str, float]) -> ModelAnalysis:
     """A copy of `analysis` whose nodes carry measured seconds (keys missing get 0)."""
     nodes = tuple(
-        NodeInfo(**{**_asdict(n), "measured_s": float(measured.get(n.key, 0.0))})
-        for n in analysis.nodes
+        dataclasses.replace(n, measured_s=float(measured.get(n.key, 0.0))) for n in analysis.nodes
     )
     result = ModelAnalysis(
         path=analysis.path, sha256=analysis.sha256, inputs=analysis.inputs,
@@ -431,10 +435,6 @@ def with_measurements(analysis: ModelAnalysis, measured: Mapping[str, float]) ->
     )
     object.__setattr__(result, "_param_count", analysis.parameter_count)
     return result
-
-
-def _asdict(n: NodeInfo) -> dict[str, object]:
-    return {f: getattr(n, f) for f in NodeInfo.__slots__}  # type: ignore[attr-defined]
 
 
 def _itemsize(dtype: np.dtype) -> int:

@@ -85,14 +85,14 @@ def resolve_input_shapes(
     for vi in inputs:
         if vi.name not in given:
             continue
-        dims = vi.type.tensor_type.shape.dim
+        declared = vi.type.tensor_type.shape.dim
         shape = tuple(given[vi.name])
-        if vi.type.tensor_type.HasField("shape") and len(dims) != len(shape):
+        if vi.type.tensor_type.HasField("shape") and len(declared) != len(shape):
             raise InputShapeError(
-                f"input '{vi.name}' has rank {len(dims)} but the given shape "
+                f"input '{vi.name}' has rank {len(declared)} but the given shape "
                 f"{'x'.join(map(str, shape)) or '(scalar)'} has rank {len(shape)}"
             )
-        for i, (d, v) in enumerate(zip(dims, shape, strict=False)):
+        for i, (d, v) in enumerate(zip(declared, shape, strict=False)):
             if d.HasField("dim_value") and d.dim_value != v:
                 raise InputShapeError(
                     f"input '{vi.name}' dimension {i} is fixed at {d.dim_value}, "
@@ -110,12 +110,12 @@ def resolve_input_shapes(
         if vi.name in given:
             specs.append(InputSpec(vi.name, dtype, tuple(given[vi.name])))
             continue
-        shape: list[int] = []
+        dims: list[int] = []
         for d in tt.shape.dim:
             if d.HasField("dim_value"):
-                shape.append(d.dim_value)
+                dims.append(d.dim_value)
                 continue
-            sym = d.dim_param or f"{vi.name}:{len(shape)}"
+            sym = d.dim_param or f"{vi.name}:{len(dims)}"
             if sym not in symbols:
                 default = 0 if "past" in sym.lower() else 1
                 symbols[sym] = default
@@ -124,6 +124,6 @@ def resolve_input_shapes(
                     f"{kind} dimension '{sym}' defaulted to {default}; set it with "
                     f"--input-shape {vi.name}=..."
                 )
-            shape.append(symbols[sym])
-        specs.append(InputSpec(vi.name, dtype, tuple(shape)))
+            dims.append(symbols[sym])
+        specs.append(InputSpec(vi.name, dtype, tuple(dims)))
     return specs, notes

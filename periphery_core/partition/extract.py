@@ -223,7 +223,7 @@ def shard_paths(shard_dir: Path) -> list[Path]:
     """The stage files of a shard folder, in stage order."""
     if not shard_dir.is_dir():
         raise PlanError(f"shard folder not found: {shard_dir} (make one with 'periphery shard')")
-    paths = []
+    paths: list[Path] = []
     while (shard_dir / STAGE_FILE.format(index=len(paths))).is_file():
         paths.append(shard_dir / STAGE_FILE.format(index=len(paths)))
     if not paths:

@@ -164,7 +164,8 @@ def _read_structured(path: Path, what: str, error: type[PlanError] | type[Device
             return tomllib.loads(text)
         return json.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise error(f"{path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {exc}") from None
+        kind = path.suffix.lstrip(".").upper() or "JSON"
+        raise error(f"{path} is not valid {kind}: {exc}") from None
 
 
 def load_plan(path: str | Path) -> ShardPlan:

@@ -91,8 +91,10 @@ def main() -> int:
             fast = [DeviceSpec(f"d{i}", bandwidth=FAST_LINK) for i in range(k)]
             bal = make_plan(analysis, k, devices=fast)
             even = make_plan(analysis, k, strategy="even", devices=fast)
-            lan, t_plan = timed(lambda k=k: make_plan(analysis, k), args.repeat)
-            _, t_extract = timed(lambda lan=lan: extract_shards(loaded, analysis, lan), args.repeat)
+            lan, t_plan = timed(lambda a=analysis, k=k: make_plan(a, k), args.repeat)
+            _, t_extract = timed(
+                lambda m=loaded, a=analysis, p=lan: extract_shards(m, a, p), args.repeat
+            )
             ideal = total / k
             row = {
                 "model": name, "nodes": len(analysis.nodes), "k": k,

@@ -23,7 +23,7 @@ from onnx import numpy_helper
 
 from periphery_core.errors import AnalysisError, PeripheryError
 from periphery_core.model.flops import node_flops
-from periphery_core.model.loading import LoadedModel
+from periphery_core.model.loading import LoadedModel, skeleton
 from periphery_core.model.shapes import InputSpec, elem_dtype, resolve_input_shapes
 from periphery_core.progress import CancelToken, ProgressFn, check, report
 
@@ -199,6 +199,7 @@ def _concrete(shape: tuple[int | None, ...] | None) -> bool:
 
 
 def _fix_inputs(model: onnx.ModelProto, specs: Sequence[InputSpec]) -> onnx.ModelProto:
+    """A copy with concrete input shapes (a weight-free skeleton unless `model` is one)."""
     fixed = copy.deepcopy(model)
     by_name = {s.name: s for s in specs}
     for vi in fixed.graph.input:
@@ -289,7 +290,7 @@ def analyze(
     specs, notes = resolve_input_shapes(model, input_shapes)
     steps = 4
     report(progress, "analyze", 0, steps, "shape inference")
-    fixed = _fix_inputs(model, specs)
+    fixed = _fix_inputs(skeleton(model), specs)
     types = _onnx_types(fixed)
     for s in specs:
         types[s.name] = (s.dtype, s.shape)
@@ -316,7 +317,7 @@ def analyze(
     gaps = missing()
     if gaps:
         try:
-            recorded = _recorded_types(fixed, gaps, specs)
+            recorded = _recorded_types(_fix_inputs(model, specs), gaps, specs)
         except PeripheryError as exc:
             raise AnalysisError(
                 f"{len(gaps)} tensors (first: '{gaps[0]}') could not be typed, and running the "

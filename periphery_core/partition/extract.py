@@ -18,7 +18,7 @@ import onnx
 
 from periphery_core.errors import ExtractError, PlanError
 from periphery_core.model.analysis import ModelAnalysis, node_inputs, node_keys, subgraphs
-from periphery_core.model.loading import PROTOBUF_LIMIT, LoadedModel, save_model
+from periphery_core.model.loading import LoadedModel, save_model, skeleton
 from periphery_core.partition.plan import ShardPlan
 from periphery_core.progress import CancelToken, ProgressFn, check, report
 
@@ -29,10 +29,9 @@ PLAN_FILE = "plan.json"
 def _inferred_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     """Types of top-level tensors from ONNX inference on the unmodified (symbolic) model."""
     try:
-        if model.ByteSize() < PROTOBUF_LIMIT:
-            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-        else:
-            inferred = model
+        inferred = onnx.shape_inference.infer_shapes(
+            skeleton(model), strict_mode=False, data_prop=True
+        )
     except Exception:  # best effort: the analysis' types fill any gap
         inferred = model
     types: dict[str, onnx.TypeProto] = {}
@@ -194,9 +193,9 @@ def extract_shards(
         }
         for k, v in meta.items():
             shard.metadata_props.add(key=k, value=v)
-        if loaded.checker_ok and shard.ByteSize() < PROTOBUF_LIMIT:
+        if loaded.checker_ok:
             try:
-                onnx.checker.check_model(shard, full_check=True)
+                onnx.checker.check_model(skeleton(shard), full_check=True)
             except Exception as exc:
                 first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
                 raise ExtractError(

@@ -572,9 +572,9 @@ def _balanced_cuts(
             mem = params[:b] + peak[:b]
             if b == n:
                 mem_end = mem
-            transfer = B[b] / bandwidth if b < n else np.full(k, 0.0)
+            transfer = B[b] / bandwidth if b < n else np.full(k, out_bytes) / bandwidth
             cost = (C[b] - C[:b])[None, :] * inv_speed + transfer[:, None]  # (k, b)
-            ok = mem[None, :] <= cap[:, None]
+            ok = mem[None, :] <= cap[:, None] + 1
             if threshold is not None:
                 ok &= cost <= threshold
             # Stage 0 starts at 0; stage j >= 1 continues from f[j-1][a].

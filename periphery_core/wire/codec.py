@@ -1,0 +1,154 @@
+"""Encoding and decoding of messages: a msgpack header frame plus raw tensor frames."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from periphery_core.wire.protocol import DEFAULT_LIMITS, DTYPES, KINDS, PROTOCOL_VERSION, Limits
+
+
+class WireError(Exception):
+    """A message that does not parse or breaks the protocol. Log it, drop it, keep serving."""
+
+
+Frame = bytes | memoryview
+
+
+@dataclass(slots=True)
+class Message:
+    """A decoded message: its kind, header fields, tensors and any raw payload frame."""
+
+    kind: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    payload: bytes | None = None  # deploy_chunk: the bytes of the chunk
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.fields.get(key, default)
+
+
+def encode(
+    kind: str,
+    fields: Mapping[str, Any] | None = None,
+    tensors: Mapping[str, np.ndarray] | None = None,
+    payload: bytes | memoryview | None = None,
+) -> list[Frame]:
+    """Frames for one message. Tensor frames are zero-copy views of C-contiguous arrays."""
+    if kind not in KINDS:
+        raise WireError(f"unknown message kind '{kind}'")
+    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "kind": kind, **(fields or {})}
+    frames: list[Frame] = []
+    if tensors:
+        metas = []
+        for name, value in tensors.items():
+            arr = np.asarray(value)
+            if not arr.flags.c_contiguous:  # (np.ascontiguousarray would turn 0-d into 1-d)
+                arr = arr.copy(order="C")
+            if arr.dtype.name not in DTYPES:
+                raise WireError(f"tensor '{name}' has dtype {arr.dtype}, which cannot travel")
+            metas.append([name, arr.dtype.name, list(arr.shape)])
+            frames.append(arr.reshape(-1).view(np.uint8).data if arr.size else b"")
+        header["tensors"] = metas
+    if payload is not None:
+        header["payload"] = len(payload)
+        frames.append(payload)
+    return [msgpack.packb(header, use_bin_type=True), *frames]
+
+
+def _frame_bytes(frame: Any) -> memoryview:
+    if isinstance(frame, bytes | bytearray | memoryview):
+        return memoryview(frame)
+    buffer = getattr(frame, "buffer", None)  # zmq.Frame
+    if buffer is not None:
+        return memoryview(buffer)
+    raise WireError(f"frame of unexpected type {type(frame).__name__}")
+
+
+def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
+    """Parse and validate a message.
+
+    Raises:
+        WireError: anything malformed: the reason says what.
+    """
+    if not frames:
+        raise WireError("empty message")
+    head = _frame_bytes(frames[0])
+    if len(head) > limits.max_header_bytes:
+        raise WireError(f"header of {len(head)} bytes exceeds {limits.max_header_bytes}")
+    try:
+        header = msgpack.unpackb(head, raw=False, strict_map_key=True, max_bin_len=0,
+                                 max_ext_len=0)
+    except Exception as exc:  # msgpack raises several types for garbage
+        raise WireError(f"header is not msgpack: {type(exc).__name__}") from None
+    if not isinstance(header, dict):
+        raise WireError("header is not a map")
+    version = header.get("v")
+    if version != PROTOCOL_VERSION:
+        raise WireError(f"protocol version {version!r} is not {PROTOCOL_VERSION}")
+    kind = header.get("kind")
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise WireError(f"unknown message kind {kind!r}")
+    for key, types in KINDS[kind].items():
+        value = header.get(key)
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise WireError(f"'{kind}' needs field '{key}' of type "
+                            f"{'/'.join(t.__name__ for t in types)}")
+    metas = header.pop("tensors", [])
+    payload_len = header.pop("payload", None)
+    expected = 1 + (len(metas) if isinstance(metas, list) else 0) + (payload_len is not None)
+    if not isinstance(metas, list) or len(metas) > limits.max_tensors:
+        raise WireError("tensor list is malformed or too long")
+    if len(frames) != expected:
+        raise WireError(f"'{kind}' declares {expected} frames but {len(frames)} arrived")
+    tensors: dict[str, np.ndarray] = {}
+    total = 0
+    for i, meta in enumerate(metas):
+        name, dtype, shape = _check_meta(meta, i, limits)
+        if name in tensors:
+            raise WireError(f"tensor '{name}' appears twice")
+        count = 1
+        for d in shape:
+            count *= d
+        nbytes = count * np.dtype(dtype).itemsize
+        if nbytes > limits.max_tensor_bytes:
+            raise WireError(f"tensor '{name}' declares {nbytes} bytes, over the limit")
+        total += nbytes
+        if total > limits.max_total_bytes:
+            raise WireError("message declares more tensor bytes than allowed")
+        buf = _frame_bytes(frames[1 + i])
+        if len(buf) != nbytes:
+            raise WireError(f"tensor '{name}' ({dtype} {shape}) needs {nbytes} bytes, "
+                            f"frame has {len(buf)}")
+        tensors[name] = np.frombuffer(buf, dtype=dtype).reshape(shape) if nbytes else \
+            np.zeros(shape, dtype=dtype)
+    payload = None
+    if payload_len is not None:
+        raw = _frame_bytes(frames[-1])
+        if not isinstance(payload_len, int) or payload_len != len(raw):
+            raise WireError("payload length does not match its frame")
+        if len(raw) > limits.max_chunk_bytes:
+            raise WireError(f"payload of {len(raw)} bytes exceeds {limits.max_chunk_bytes}")
+        payload = bytes(raw)
+    header.pop("v", None)
+    header.pop("kind", None)
+    return Message(kind=kind, fields=header, tensors=tensors, payload=payload)
+
+
+def _check_meta(meta: Any, i: int, limits: Limits) -> tuple[str, str, tuple[int, ...]]:
+    if not isinstance(meta, list) or len(meta) != 3:
+        raise WireError(f"tensor descriptor {i} is not [name, dtype, shape]")
+    name, dtype, shape = meta
+    if not isinstance(name, str) or not name or len(name) > 1024:
+        raise WireError(f"tensor descriptor {i} has a bad name")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise WireError(f"tensor '{name}' has unsupported dtype {dtype!r}")
+    if (not isinstance(shape, list) or len(shape) > limits.max_rank
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40
+                       for d in shape)):
+        raise WireError(f"tensor '{name}' has a bad shape {shape!r}")
+    return name, dtype, tuple(shape)

@@ -1,0 +1,135 @@
+"""The wire codec: round trips, and every malformed message rejected as a WireError."""
+
+from __future__ import annotations
+
+import contextlib
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from periphery_core.wire import PROTOCOL_VERSION, Limits, WireError, decode, encode
+from periphery_core.wire.protocol import DTYPES
+
+dtypes = st.sampled_from(sorted(DTYPES))
+shapes = st.lists(st.integers(0, 5), min_size=0, max_size=4).map(tuple)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(dtypes, shapes), min_size=0, max_size=4), st.integers(0, 2**62))
+def test_round_trip_is_exact(specs: list[tuple[str, tuple[int, ...]]], rid: int) -> None:
+    rng = np.random.default_rng(rid % 1000)
+    tensors = {
+        f"t{i}": (rng.standard_normal(shape) * 100).astype(dtype)
+        for i, (dtype, shape) in enumerate(specs)
+    }
+    msg = decode(encode("activation", {"id": rid, "times": [[0, 1.5]]}, tensors))
+    assert msg.kind == "activation"
+    assert msg.fields == {"id": rid, "times": [[0, 1.5]]}
+    assert list(msg.tensors) == list(tensors)
+    for name, value in tensors.items():
+        got = msg.tensors[name]
+        assert got.dtype == value.dtype and got.shape == value.shape
+        assert got.tobytes() == value.tobytes()
+
+
+def test_tensor_frames_are_zero_copy_views() -> None:
+    x = np.arange(1000, dtype=np.float32)
+    frames = encode("activation", {"id": 1, "times": []}, {"x": x})
+    assert isinstance(frames[1], memoryview)
+    assert np.shares_memory(np.frombuffer(frames[1], dtype=np.float32), x)
+
+
+def test_scalars_keep_rank_zero() -> None:
+    got = decode(encode("activation", {"id": 1, "times": []}, {"s": np.float32(2.5)}))
+    assert got.tensors["s"].shape == () and got.tensors["s"] == np.float32(2.5)
+
+
+def test_non_contiguous_arrays_are_sent_correctly() -> None:
+    x = np.arange(24, dtype=np.int32).reshape(4, 6)[:, ::2]
+    got = decode(encode("activation", {"id": 1, "times": []}, {"x": x})).tensors["x"]
+    np.testing.assert_array_equal(got, x)
+
+
+def test_payload_round_trip() -> None:
+    msg = decode(encode("deploy_chunk", {"offset": 10}, payload=b"abc"))
+    assert msg.payload == b"abc" and msg.fields["offset"] == 10
+
+
+def _header(**fields: object) -> bytes:
+    return msgpack.packb({"v": PROTOCOL_VERSION, **fields})
+
+
+GOOD_ACT = {"kind": "activation", "id": 1, "times": []}
+BAD = {
+    "empty": [],
+    "random bytes": [b"\xc1\xff\x00garbage"],
+    "header not a map": [msgpack.packb([1, 2, 3])],
+    "wrong version": [msgpack.packb({"v": 99, "kind": "ping", "t": 0.0})],
+    "no version": [msgpack.packb({"kind": "ping", "t": 0.0})],
+    "unknown kind": [_header(kind="explode")],
+    "missing field": [_header(kind="ping")],
+    "field of wrong type": [_header(kind="activation", id="one", times=[])],
+    "bool for int": [_header(kind="activation", id=True, times=[])],
+    "frames missing": [_header(**GOOD_ACT, tensors=[["x", "float32", [2]]])],
+    "extra frame": [_header(**GOOD_ACT), b"1234"],
+    "truncated tensor": [_header(**GOOD_ACT, tensors=[["x", "float32", [4]]]), b"\0" * 15],
+    "oversized tensor frame": [_header(**GOOD_ACT, tensors=[["x", "float32", [4]]]), b"\0" * 17],
+    "object dtype": [_header(**GOOD_ACT, tensors=[["x", "object", [1]]]), b"\0" * 8],
+    "unknown dtype": [_header(**GOOD_ACT, tensors=[["x", "complex128", [1]]]), b"\0" * 16],
+    "negative dim": [_header(**GOOD_ACT, tensors=[["x", "int8", [-1]]]), b""],
+    "huge declared size": [_header(**GOOD_ACT, tensors=[["x", "float64", [2**20, 2**20]]]), b""],
+    "rank too big": [_header(**GOOD_ACT, tensors=[["x", "int8", [1] * 40]]), b"\0"],
+    "bad descriptor": [_header(**GOOD_ACT, tensors=[["x", "int8"]]), b"\0"],
+    "duplicate tensor": [_header(**GOOD_ACT, tensors=[["x", "int8", [1]], ["x", "int8", [1]]]),
+                         b"\0", b"\0"],
+    "payload length lies": [_header(kind="deploy_chunk", offset=0, payload=5), b"abc"],
+    "oversized header": [b"\x80" + b"\0" * (70 * 1024)],
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_malformed_messages_are_rejected(name: str) -> None:
+    with pytest.raises(WireError):
+        decode(BAD[name])
+
+
+def test_limits_are_enforced_before_allocation() -> None:
+    small = Limits(max_tensor_bytes=1024)
+    frames = encode("activation", {"id": 1, "times": []}, {"x": np.zeros(2048, np.uint8)})
+    with pytest.raises(WireError, match="over the limit"):
+        decode(frames, small)
+
+
+def test_encoding_refuses_what_cannot_travel() -> None:
+    with pytest.raises(WireError):
+        encode("activation", {"id": 1, "times": []}, {"s": np.array(["a"], dtype=object)})
+    with pytest.raises(WireError):
+        encode("no-such-kind")
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.binary(max_size=64), min_size=0, max_size=4))
+def test_decode_raises_only_wire_errors_on_random_frames(frames: list[bytes]) -> None:
+    with contextlib.suppress(WireError):
+        decode(frames)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.text(max_size=8).filter(lambda k: k not in ("v", "kind")),
+        st.one_of(st.integers(-(2**63), 2**63 - 1), st.text(max_size=8),
+                  st.lists(st.integers(0, 2**32), max_size=3)),
+        max_size=5,
+    ),
+    st.lists(st.binary(max_size=32), max_size=3),
+)
+def test_decode_raises_only_wire_errors_on_random_headers(
+    fields: dict[str, object], rest: list[bytes]
+) -> None:
+    for kind in ("activation", "deploy_begin", "ping"):
+        with contextlib.suppress(WireError):
+            decode([_header(kind=kind, **fields), *rest])

@@ -17,6 +17,7 @@ import click
 
 from periphery_core import __version__
 from periphery_core.errors import PeripheryError, PlanError
+from periphery_core.model.loading import LoadedModel
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -65,12 +66,13 @@ def json_option(fn: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(fn)
 
 
-def _analysis(model: Path, input_shapes: Sequence[str] | dict, profile: bool = False):
+def _analysis(model: Path | LoadedModel, input_shapes: Sequence[str] | dict,
+              profile: bool = False):
     from periphery_core.model import analyze, load_model
     from periphery_core.model.profile import profile_model
     from periphery_core.model.shapes import parse_input_shapes
 
-    loaded = load_model(model)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
     shapes = input_shapes if isinstance(input_shapes, dict) else parse_input_shapes(input_shapes)
     analysis = analyze(loaded, shapes)
     if profile:
@@ -174,14 +176,17 @@ def shard(model: Path, plan_path: Path | None, shards: int | None, strategy: str
     if (plan_path is None) == (shards is None):
         raise PlanError("give exactly one of --plan PLAN.json or --shards K")
     if plan_path is not None:
+        from periphery_core.model import load_model
+
         shard_plan = load_plan(plan_path)
-        shapes = {**shard_plan.input_shapes, **parse_input_shapes(input_shapes)}
-        loaded, analysis = _analysis(model, shapes)
+        loaded = load_model(model)
         if shard_plan.model_sha256 != loaded.sha256:
             raise PlanError(
                 f"{plan_path} was made for another model (sha256 {shard_plan.model_sha256[:12]}…, "
                 f"{model.name} is {loaded.sha256[:12]}…): re-plan with 'periphery plan'"
             )
+        shapes = {**shard_plan.input_shapes, **parse_input_shapes(input_shapes)}
+        loaded, analysis = _analysis(loaded, shapes)
     else:
         assert shards is not None
         loaded, analysis, shard_plan = _make_plan(model, shards, strategy, devices, False,
@@ -240,7 +245,22 @@ def verify(model: Path, shard_dir: Path, exact: bool, inputs_path: Path | None, 
 
 
 def main() -> None:
-    cli(prog_name="periphery")
+    run_click(cli, "periphery")
+
+
+def run_click(command: click.Command, prog: str) -> None:
+    """Run a click command with its usage errors as one line and exit 2."""
+    try:
+        command.main(prog_name=prog, standalone_mode=False)
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else prog
+        _fail(f"{exc.format_message()} (see '{where} --help')")
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        _fail("aborted", 130)
+    except click.ClickException as exc:
+        _fail(exc.format_message())
 
 
 if __name__ == "__main__":

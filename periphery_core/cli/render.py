@@ -144,15 +144,14 @@ def render_plan(plan: ShardPlan) -> None:
                   human_seconds(s.compute_s), human_seconds(s.transfer_s),
                   human_bytes(s.memory_bytes), human_bytes(s.output_bytes), style=style)
     console.print(t)
-    ideal = plan.total_compute_s / plan.k
     console.print(f"bottleneck {human_seconds(plan.bottleneck_s)} (stage {b}); "
-                  f"ideal total/K {human_seconds(ideal)}; ratio "
-                  f"{plan.bottleneck_s / ideal:.3f}; boundary bytes "
+                  f"ideal {human_seconds(plan.ideal_s)}; ratio "
+                  f"{plan.balance_ratio:.3f}; boundary bytes "
                   f"{human_bytes(plan.boundary_bytes)}")
 
 
 def plan_summary(plan: ShardPlan) -> dict[str, Any]:
-    return {**plan.to_dict(), "balance_ratio": plan.bottleneck_s / (plan.total_compute_s / plan.k),
+    return {**plan.to_dict(), "balance_ratio": plan.balance_ratio,
             "boundary_bytes": plan.boundary_bytes}
 
 

@@ -78,6 +78,9 @@ class ModelAnalysis:
     opsets: Mapping[str, int]
     ir_version: int
     notes: tuple[str, ...] = field(default=())
+    # Keys of constant-foldable nodes (see `constant_foldable`): they are re-materialised in
+    # every stage that reads them instead of sending their outputs across a boundary.
+    constant_nodes: frozenset[str] = field(default=frozenset())
 
     @property
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -151,6 +154,33 @@ def node_inputs(node: onnx.NodeProto) -> tuple[str, ...]:
     for sub in subgraphs(node):
         names.extend(sorted(outer_scope_names(sub)))
     return tuple(dict.fromkeys(names))
+
+
+_NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+                     "Multinomial", "Bernoulli"}
+
+
+def constant_foldable(graph: onnx.GraphProto, keys: Sequence[str]) -> frozenset[str]:
+    """Nodes whose every input is a weight or another such node's output.
+
+    Standard-domain, deterministic, without subgraphs, and not producing a model output: their
+    outputs are functions of the weights alone (a `Constant`, a weight `Reshape` or `Transpose`,
+    a `ConstantOfShape` of a constant shape), so a stage can recompute them locally.
+    """
+    known = {i.name for i in graph.initializer} | {i.values.name for i in graph.sparse_initializer}
+    outputs = {o.name for o in graph.output}
+    found: set[str] = set()
+    for node, key in zip(graph.node, keys, strict=True):
+        if (
+            node.domain in ("", "ai.onnx")
+            and node.op_type not in _NONDETERMINISTIC
+            and not any(True for _ in subgraphs(node))
+            and all(not n or n in known for n in node.input)
+            and not any(o in outputs for o in node.output)
+        ):
+            found.add(key)
+            known.update(o for o in node.output if o)
+    return frozenset(found)
 
 
 def node_keys(graph: onnx.GraphProto) -> list[str]:
@@ -415,6 +445,7 @@ def analyze(
         opsets={o.domain or "ai.onnx": o.version for o in model.opset_import},
         ir_version=model.ir_version,
         notes=tuple(notes),
+        constant_nodes=constant_foldable(graph, keys),
     )
     object.__setattr__(
         result, "_param_count",
@@ -433,6 +464,7 @@ def with_measurements(analysis: ModelAnalysis, measured: Mapping[str, float]) ->
         outputs=analysis.outputs, nodes=nodes, tensors=analysis.tensors,
         initializers=analysis.initializers, opsets=analysis.opsets,
         ir_version=analysis.ir_version, notes=analysis.notes,
+        constant_nodes=analysis.constant_nodes,
     )
     object.__setattr__(result, "_param_count", analysis.parameter_count)
     return result

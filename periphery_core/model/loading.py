@@ -186,14 +186,23 @@ def _first_line(exc: BaseException) -> str:
 def save_model(model: onnx.ModelProto, path: Path) -> None:
     """Write a model, moving weights to a `<name>.data` file when the proto is too big."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()  # onnx appends to an existing data file
     if model.ByteSize() >= EXTERNAL_DATA_THRESHOLD:
         onnx.save_model(
             model,
             str(path),
             save_as_external_data=True,
             all_tensors_to_one_file=True,
-            location=path.name + ".data",
+            location=data.name,
             size_threshold=1024,
         )
+        # Saving moved the weights out of the proto in place: bring them back so the caller's
+        # model stays usable (same peak memory as saving a copy would need, without the copy).
+        onnx.load_external_data_for_model(model, str(path.parent))
+        for init in model.graph.initializer:
+            init.ClearField("external_data")
+            init.ClearField("data_location")
     else:
         onnx.save_model(model, str(path))

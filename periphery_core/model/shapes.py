@@ -98,8 +98,11 @@ def resolve_input_shapes(
                     f"input '{vi.name}' dimension {i} is fixed at {d.dim_value}, "
                     f"but the given shape says {v}"
                 )
-            if d.HasField("dim_param") and d.dim_param:
-                symbols.setdefault(d.dim_param, v)
+            if d.dim_param and symbols.setdefault(d.dim_param, v) != v:
+                raise InputShapeError(
+                    f"dimension '{d.dim_param}' is {symbols[d.dim_param]} in one given shape "
+                    f"and {v} in the shape of '{vi.name}': give it one value"
+                )
     notes: list[str] = []
     specs: list[InputSpec] = []
     for vi in inputs:

@@ -19,41 +19,59 @@ REFERENCE_FLOPS = 10e9
 NODE_OVERHEAD_S = 2e-6
 
 
-def constant_outputs(analysis: ModelAnalysis) -> dict[str, int]:
-    """Outputs of `Constant` nodes -> bytes.
+def constant_closure(analysis: ModelAnalysis) -> dict[str, tuple[tuple[str, int], ...]]:
+    """For each output of a constant-foldable node: the bytes a stage holds to recompute it.
 
-    They are re-materialised: extraction copies a Constant into every stage that reads it, so
-    they never cross a boundary and count as parameters of the stages that use them.
+    That is the output itself plus every weight and intermediate of the constant chain that
+    makes it, as (name, bytes) pairs, so shared chains are counted once per stage.
     """
-    outs = set(analysis.outputs)
-    return {
-        o: analysis.tensors[o].nbytes
-        for n in analysis.nodes
-        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and not n.inputs
-        for o in n.outputs
-        if o in analysis.tensors and o not in outs
-    }
+    inits = analysis.initializers
+    closure: dict[str, tuple[tuple[str, int], ...]] = {}
+    for n in analysis.nodes:
+        if n.key not in analysis.constant_nodes:
+            continue
+        parts: dict[str, int] = {}
+        for x in n.inputs:
+            if x in inits:
+                parts[x] = inits[x]
+            for name, size in closure.get(x, ()):
+                parts[name] = size
+        for o in n.outputs:
+            own = analysis.tensors[o].nbytes if o in analysis.tensors else 0
+            closure[o] = (*parts.items(), (o, own))
+    return closure
 
 
 def planning_graph(analysis: ModelAnalysis, use_profile: bool = False) -> PlanningGraph:
-    """The planner's view of a model: activations only, costs in seconds."""
-    inits = {**analysis.initializers, **constant_outputs(analysis)}
+    """The planner's view of a model: activations only, costs in seconds.
+
+    Constant-foldable nodes are recomputed by every stage that reads them (extraction copies
+    them), so they cost nothing where the plan lists them and their outputs count as the
+    parameters of their readers, never as boundary tensors.
+    """
+    inits = analysis.initializers
+    consts = constant_closure(analysis)
     nodes = []
     for n in analysis.nodes:
+        if n.key in analysis.constant_nodes:
+            nodes.append(PlanNode(key=n.key, cost_s=0.0, flops=0, params=(), inputs=(),
+                                  outputs=()))
+            continue
         if use_profile and n.measured_s is not None:
             cost = n.measured_s
         else:
             cost = n.flops / REFERENCE_FLOPS + NODE_OVERHEAD_S
-        params = [(x, inits[x]) for x in n.inputs if x in inits]
-        params += [(o, inits[o]) for o in n.outputs if o in inits]
+        params = {x: inits[x] for x in n.inputs if x in inits}
+        for x in n.inputs:
+            params.update(consts.get(x, ()))
         nodes.append(
             PlanNode(
                 key=n.key,
                 cost_s=cost,
                 flops=n.flops,
-                params=tuple(params),
-                inputs=tuple(x for x in n.inputs if x not in inits),
-                outputs=tuple(o for o in n.outputs if o not in inits),
+                params=tuple(params.items()),
+                inputs=tuple(x for x in n.inputs if x not in inits and x not in consts),
+                outputs=n.outputs,
             )
         )
     tensors = {

@@ -78,6 +78,20 @@ def _functions_used(
     return list(seen.values())
 
 
+def _with_constants(
+    nodes: list[onnx.NodeProto], const_producer: dict[str, int], graph: onnx.GraphProto
+) -> list[onnx.NodeProto]:
+    """`nodes` preceded by the constant-foldable nodes they need, in the model's order."""
+    needed: set[int] = set()
+    stack = [x for node in nodes for x in node_inputs(node) if x in const_producer]
+    while stack:
+        i = const_producer[stack.pop()]
+        if i not in needed:
+            needed.add(i)
+            stack.extend(x for x in graph.node[i].input if x in const_producer)
+    return [graph.node[i] for i in sorted(needed)] + nodes
+
+
 def check_plan_fits(plan: ShardPlan, loaded: LoadedModel) -> list[int]:
     """Node indices of each stage, in stage order; raises if the plan is not for this model."""
     keys = node_keys(loaded.proto.graph)
@@ -120,19 +134,21 @@ def extract_shards(
     sparse = {i.values.name: i for i in graph.sparse_initializer}
     value_infos = {vi.name: vi for vi in graph.value_info}
     functions = {(f.domain, f.name): f for f in model.functions}
-    # Constants are re-materialised in every stage that reads them (see costs.constant_outputs).
-    constant_nodes = {
-        n.output[0]: n
-        for n in graph.node
-        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.output) == 1
+    # Constant-foldable nodes are re-materialised in every stage that reads them, wherever the
+    # plan lists them (see analysis.constant_foldable and costs.planning_graph).
+    const_producer = {
+        o: i for i, k in enumerate(keys) if k in analysis.constant_nodes
+        for o in graph.node[i].output if o
     }
-    model_outputs = {o.name for o in graph.output}
     types = _inferred_types(model)
     shards: list[onnx.ModelProto] = []
     for stage in plan.stages:
         check(cancel)
         report(progress, "extract", stage.index, plan.k, f"stage {stage.index}")
-        nodes = [by_key[k] for k in stage.nodes]
+        nodes = _with_constants(
+            [by_key[k] for k in stage.nodes if k not in analysis.constant_nodes],
+            const_producer, graph,
+        )
         reads: dict[str, None] = {}
         produced: set[str] = set()
         for node in nodes:
@@ -141,12 +157,6 @@ def extract_shards(
                     reads[name] = None
             produced.update(o for o in node.output if o)
         boundary_in = [b.name for b in stage.inputs]
-        copied = [
-            constant_nodes[n] for n in reads
-            if n in constant_nodes and n not in boundary_in and n not in model_outputs
-        ]
-        nodes = copied + nodes
-        produced.update(n.output[0] for n in copied)
         available = set(boundary_in) | produced
         missing = [n for n in reads if n not in available and n not in inits and n not in sparse]
         if missing:
@@ -209,6 +219,8 @@ def extract_shards(
 def write_shards(shards: Sequence[onnx.ModelProto], plan: ShardPlan, out_dir: Path) -> list[Path]:
     """Write `stage-<i>.onnx` files and the plan into `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*out_dir.glob("stage-*.onnx"), *out_dir.glob("stage-*.onnx.data")]:
+        stale.unlink()  # a folder re-used for fewer stages must not keep the old ones
     paths = []
     for i, shard in enumerate(shards):
         path = out_dir / STAGE_FILE.format(index=i)
@@ -227,4 +239,11 @@ def shard_paths(shard_dir: Path) -> list[Path]:
         paths.append(shard_dir / STAGE_FILE.format(index=len(paths)))
     if not paths:
         raise PlanError(f"{shard_dir} holds no stage-0.onnx: make shards with 'periphery shard'")
+    if (shard_dir / PLAN_FILE).is_file():
+        from periphery_core.partition.plan import load_plan
+
+        k = load_plan(shard_dir / PLAN_FILE).k
+        if k != len(paths):
+            raise PlanError(f"{shard_dir} holds {len(paths)} stage files but its plan.json has "
+                            f"{k} stages: re-run 'periphery shard'")
     return paths

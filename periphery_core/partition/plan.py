@@ -113,6 +113,15 @@ class ShardPlan:
         return max(s.cost_s for s in self.stages)
 
     @property
+    def ideal_s(self) -> float:
+        """The perfectly balanced period: all compute spread over the devices by speed."""
+        return self.total_compute_s / sum(d.speed for d in self.devices)
+
+    @property
+    def balance_ratio(self) -> float:
+        return self.bottleneck_s / self.ideal_s if self.ideal_s > 0 else 1.0
+
+    @property
     def bottleneck_stage(self) -> int:
         return max(range(self.k), key=lambda i: self.stages[i].cost_s)
 

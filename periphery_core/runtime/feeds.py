@@ -51,8 +51,10 @@ def load_npz(path: str | Path, specs: Sequence[InputSpec]) -> Feeds:
     try:
         with np.load(p, allow_pickle=False) as data:
             feeds = {k: np.asarray(data[k]) for k in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise FeedError(f"{p} is not a readable .npz of arrays: {exc}") from None
+    except (OSError, ValueError, zipfile.BadZipFile):
+        raise FeedError(
+            f"{p} is not a .npz archive of arrays (make one with numpy.savez)"
+        ) from None
     expected = {s.name: s for s in specs}
     missing = [n for n in expected if n not in feeds]
     if missing:

@@ -15,7 +15,7 @@ import onnx
 import onnxruntime as ort
 
 from periphery_core.errors import RuntimeFailure
-from periphery_core.model.loading import EXTERNAL_DATA_THRESHOLD
+from periphery_core.model import loading
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,13 +58,11 @@ def make_session(
     opts = session_options(config)
     source: str | bytes
     if isinstance(model, onnx.ModelProto):
-        if model.ByteSize() >= EXTERNAL_DATA_THRESHOLD:
+        if model.ByteSize() >= loading.EXTERNAL_DATA_THRESHOLD:
             if scratch_dir is None:
                 raise RuntimeFailure("model too large to run from memory: give a scratch folder")
-            from periphery_core.model.loading import save_model
-
             target = scratch_dir / "model.onnx"
-            save_model(model, target)
+            loading.save_model(model, target)
             source = str(target)
         else:
             source = model.SerializeToString()

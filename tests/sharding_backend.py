@@ -4,7 +4,8 @@
 `prepare` applies the same gate as `onnxruntime.backend` (`onnx.checker.check_model`, then
 ONNX Runtime's "released opsets only" rule, which skips the case) so that skips mirror the
 plain backend. Its rep, on `run(inputs)`, analyses the model under the shapes of the inputs it
-is given (analysis needs concrete shapes; done lazily and cached per input signature), plans
+is given (analysis needs concrete shapes; done lazily, cached per input signature and shared
+between backends of different K, since it does not depend on K), plans
 min(K, node count) stages with `make_plan`, extracts the shards and runs them as a `LocalChain`,
 returning the model's outputs in graph-output order, as `onnxruntime.backend` does.
 
@@ -15,7 +16,9 @@ sides of a comparison run under the same settings.
 
 from __future__ import annotations
 
+import hashlib
 import unittest
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,7 @@ import onnx
 from onnx.backend.base import Backend, BackendRep
 from onnxruntime.backend.backend import OnnxRuntimeBackend
 
-from periphery_core.model.analysis import analyze
+from periphery_core.model.analysis import ModelAnalysis, analyze
 from periphery_core.model.loading import LoadedModel
 from periphery_core.model.shapes import graph_inputs
 from periphery_core.partition.costs import make_plan
@@ -34,6 +37,23 @@ from periphery_core.runtime.session import SessionConfig
 
 # ORT_ENABLE_ALL, like the default SessionOptions of onnxruntime.backend.
 DEFAULT_CONFIG = SessionConfig(exact=False)
+
+# Analyses are independent of K: backends for different K share them (model digest, shapes).
+_ANALYSES: OrderedDict[tuple[str, tuple], ModelAnalysis] = OrderedDict()
+_ANALYSES_KEPT = 8
+
+
+def _analysis(loaded: LoadedModel, digest: str, feeds: dict[str, Any]) -> ModelAnalysis:
+    # The real feeds go in: where ONNX cannot type a tensor, the analysis runs the model once,
+    # and shapes may depend on input values (a size input, split lengths).
+    key = (digest, tuple(sorted((n, _signature(v)) for n, v in feeds.items())))
+    found = _ANALYSES.get(key)
+    if found is None:
+        found = analyze(loaded, feeds=feeds)
+        _ANALYSES[key] = found
+        while len(_ANALYSES) > _ANALYSES_KEPT:
+            _ANALYSES.popitem(last=False)
+    return found
 
 
 def _signature(value: Any) -> tuple:
@@ -64,6 +84,7 @@ class ShardedRep(BackendRep):
         self.config = config
         self.input_names = [vi.name for vi in graph_inputs(model)]
         self.output_names = [o.name for o in model.graph.output]
+        self.digest = hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
         self._loaded: LoadedModel | None = None
         self._chains: dict[tuple, LocalChain] = {}
         self.stages_used: dict[tuple, int] = {}  # signature -> number of stages actually planned
@@ -74,7 +95,7 @@ class ShardedRep(BackendRep):
             self._loaded = LoadedModel(
                 path=Path(f"{self.model.graph.name or 'model'}.onnx"),
                 proto=self.model,
-                sha256="-",
+                sha256=self.digest,
                 has_external_data=False,
                 checker_ok=_checker_ok(self.model),
             )
@@ -96,8 +117,7 @@ class ShardedRep(BackendRep):
         signature = tuple((name, _signature(v)) for name, v in feeds.items())
         chain = self._chains.get(signature)
         if chain is None:
-            shapes = {n: tuple(np.shape(v)) for n, v in feeds.items() if isinstance(v, np.ndarray)}
-            analysis = analyze(self.loaded, shapes)
+            analysis = _analysis(self.loaded, self.digest, feeds)
             k = min(self.k, len(analysis.nodes))
             plan = make_plan(analysis, k, strategy="balanced")
             shards = extract_shards(self.loaded, analysis, plan)
@@ -106,7 +126,7 @@ class ShardedRep(BackendRep):
             self.stages_used[signature] = k
         return chain
 
-    def run(self, inputs: Any, **kwargs: Any) -> list[Any]:  # noqa: ARG002
+    def run(self, inputs: Any, **kwargs: Any) -> list[Any]:
         feeds = self._feeds(inputs)
         values = self.chain_for(feeds).run(feeds)
         missing = [n for n in self.output_names if n not in values]

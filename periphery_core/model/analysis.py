@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
@@ -39,6 +40,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     nbytes: int
     source: str  # "input", "onnx", "symbolic" or "run"
+    kind: str = "tensor"  # or "sequence" (dtype is then its elements', shape is ())
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,23 +204,43 @@ def node_keys(graph: onnx.GraphProto) -> list[str]:
 # --------------------------------------------------------------------------- typing
 
 
-TypeMap = dict[str, tuple[np.dtype, tuple[int | None, ...] | None]]
+class _Type(NamedTuple):
+    """A value's type as far as it is known: a tensor, or a sequence of tensors."""
+
+    dtype: np.dtype
+    shape: tuple[int | None, ...] | None  # None: rank unknown; always None for sequences
+    kind: str = "tensor"
+    nbytes: int | None = None  # sequences: total bytes when a run recorded them
+
+    @property
+    def known(self) -> bool:
+        return self.kind == "sequence" or _concrete(self.shape)
+
+
+TypeMap = dict[str, _Type]
+
+
+def _type_of(tp: onnx.TypeProto) -> _Type | None:
+    kind = "tensor"
+    if tp.HasField("sequence_type") and tp.sequence_type.elem_type.HasField("tensor_type"):
+        tp, kind = tp.sequence_type.elem_type, "sequence"
+    if not tp.HasField("tensor_type") or tp.tensor_type.elem_type == 0:
+        return None
+    tt = tp.tensor_type
+    shape: tuple[int | None, ...] | None = None
+    if tt.HasField("shape") and kind == "tensor":
+        shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+    try:
+        return _Type(elem_dtype(tt.elem_type), shape, kind)
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _collect_types(graph: onnx.GraphProto, into: TypeMap, overwrite: bool = True) -> None:
     for vi in [*graph.input, *graph.value_info, *graph.output]:
-        if not vi.type.HasField("tensor_type") or vi.type.tensor_type.elem_type == 0:
-            continue
-        tt = vi.type.tensor_type
-        shape: tuple[int | None, ...] | None = None
-        if tt.HasField("shape"):
-            shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
-        try:
-            dtype = elem_dtype(tt.elem_type)
-        except (KeyError, TypeError, ValueError):
-            continue
-        if overwrite or vi.name not in into or not _concrete(into[vi.name][1]):
-            into[vi.name] = (dtype, shape)
+        t = _type_of(vi.type)
+        if t is not None and (overwrite or vi.name not in into or not into[vi.name].known):
+            into[vi.name] = t
     for node in graph.node:
         for sub in subgraphs(node):
             _collect_types(sub, into, overwrite)
@@ -234,7 +256,7 @@ def _fix_inputs(model: onnx.ModelProto, specs: Sequence[InputSpec]) -> onnx.Mode
     by_name = {s.name: s for s in specs}
     for vi in fixed.graph.input:
         spec = by_name.get(vi.name)
-        if spec is None:
+        if spec is None or spec.kind != "tensor":
             continue
         shape = vi.type.tensor_type.shape
         shape.ClearField("dim")
@@ -273,9 +295,12 @@ def _symbolic_types(model: onnx.ModelProto) -> TypeMap:
 
 
 def _recorded_types(
-    model: onnx.ModelProto, names: Sequence[str], specs: Sequence[InputSpec]
+    model: onnx.ModelProto,
+    names: Sequence[str],
+    specs: Sequence[InputSpec],
+    feeds: Mapping[str, Any] | None,
 ) -> TypeMap:
-    """Run the model once with every name in `names` exposed as an output."""
+    """Run the model once (on `feeds`, else random data) with `names` exposed as outputs."""
     from periphery_core.runtime.feeds import random_feeds
     from periphery_core.runtime.session import SessionConfig, make_session, run_session
 
@@ -286,10 +311,21 @@ def _recorded_types(
             probe.graph.output.append(onnx.ValueInfoProto(name=name))
     with tempfile.TemporaryDirectory(prefix="periphery-probe-") as tmp:
         sess = make_session(probe, SessionConfig(exact=True), scratch_dir=Path(tmp))
-        values = run_session(sess, random_feeds(specs), list(names))
-    return {
-        n: (np.asarray(v).dtype, tuple(np.shape(v))) for n, v in zip(names, values, strict=True)
-    }
+        values = run_session(
+            sess, dict(feeds) if feeds is not None else random_feeds(specs), list(names)
+        )
+    return {n: _recorded(n, v) for n, v in zip(names, values, strict=True)}
+
+
+def _recorded(name: str, value: Any) -> _Type:
+    if isinstance(value, list):
+        items = [np.asarray(v) for v in value]
+        dtype = items[0].dtype if items else np.dtype(np.float32)
+        return _Type(dtype, None, "sequence", sum(int(v.nbytes) for v in items))
+    if isinstance(value, np.ndarray):
+        return _Type(value.dtype, tuple(value.shape))
+    raise AnalysisError(f"tensor '{name}' holds a {type(value).__name__}: Periphery handles "
+                        "tensors and sequences of tensors")
 
 
 # --------------------------------------------------------------------------- analysis
@@ -299,6 +335,7 @@ def analyze(
     loaded: LoadedModel,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     *,
+    feeds: Mapping[str, Any] | None = None,
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
 ) -> ModelAnalysis:
@@ -308,6 +345,9 @@ def analyze(
         loaded: the model, from `load_model`.
         input_shapes: shapes per input name; symbolic dimensions not given default (see
             `resolve_input_shapes`).
+        feeds: real input values. Where shape inference cannot type a tensor the model is run
+            once, on these when given (shapes can depend on input values, e.g. a size input),
+            else on seeded random data. Their shapes override `input_shapes`.
         progress: called between steps.
         cancel: checked between steps.
 
@@ -317,13 +357,20 @@ def analyze(
     """
     model = loaded.proto
     graph = model.graph
+    if feeds is not None:
+        input_shapes = {
+            **(input_shapes or {}),
+            **{n: tuple(np.shape(v)) for n, v in feeds.items() if isinstance(v, np.ndarray)},
+        }
     specs, notes = resolve_input_shapes(model, input_shapes)
     steps = 4
     report(progress, "analyze", 0, steps, "shape inference")
     fixed = _fix_inputs(skeleton(model), specs)
     types = _onnx_types(fixed)
     for s in specs:
-        types[s.name] = (s.dtype, s.shape)
+        types[s.name] = (
+            _Type(s.dtype, s.shape) if s.kind == "tensor" else _Type(s.dtype, None, s.kind)
+        )
     sources = {name: "onnx" for name in types}
     for s in specs:
         sources[s.name] = "input"
@@ -332,14 +379,14 @@ def analyze(
     wanted += [o.name for o in graph.output if o.name not in init_names]
 
     def missing() -> list[str]:
-        return [n for n in dict.fromkeys(wanted) if n not in types or not _concrete(types[n][1])]
+        return [n for n in dict.fromkeys(wanted) if n not in types or not types[n].known]
 
     check(cancel)
     report(progress, "analyze", 1, steps, "symbolic shape inference")
     if missing():
         sym = _symbolic_types(fixed)
         for name in missing():
-            if name in sym and _concrete(sym[name][1]):
+            if name in sym and sym[name].known:
                 types[name] = sym[name]
                 sources[name] = "symbolic"
     check(cancel)
@@ -347,7 +394,7 @@ def analyze(
     gaps = missing()
     if gaps:
         try:
-            recorded = _recorded_types(_fix_inputs(model, specs), gaps, specs)
+            recorded = _recorded_types(_fix_inputs(model, specs), gaps, specs, feeds)
         except PeripheryError as exc:
             raise AnalysisError(
                 f"{len(gaps)} tensors (first: '{gaps[0]}') could not be typed, and running the "
@@ -394,19 +441,23 @@ def analyze(
 
     def shape_of(name: str) -> tuple[int, ...] | None:
         t = types.get(name)
-        if t is None or not _concrete(t[1]):
+        if t is None or t.kind != "tensor" or not _concrete(t.shape):
             init = constants.get(name)
             return tuple(init.dims) if init is not None else None
-        return tuple(int(d or 0) for d in t[1] or ())
+        return tuple(int(d or 0) for d in t.shape or ())
 
     tensors: dict[str, TensorInfo] = {}
     for name in dict.fromkeys([s.name for s in specs] + wanted):
         if name not in types:
             raise AnalysisError(f"tensor '{name}' could not be typed")
-        dtype, shape = types[name]
-        concrete = tuple(int(d or 0) for d in (shape or ()))
-        nbytes = int(np.prod(concrete, dtype=np.int64)) * _itemsize(dtype)
-        tensors[name] = TensorInfo(name, str(dtype), concrete, nbytes, sources.get(name, "onnx"))
+        t = types[name]
+        concrete = tuple(int(d or 0) for d in (t.shape or ()))
+        nbytes = t.nbytes if t.nbytes is not None else (
+            int(np.prod(concrete, dtype=np.int64)) * _itemsize(t.dtype)
+        )
+        tensors[name] = TensorInfo(
+            name, str(t.dtype), concrete, nbytes, sources.get(name, "onnx"), t.kind
+        )
 
     keys = node_keys(graph)
     nodes: list[NodeInfo] = []

@@ -52,6 +52,7 @@ class InputSpec:
     name: str
     dtype: np.dtype
     shape: tuple[int, ...]
+    kind: str = "tensor"  # or "sequence": a list of tensors of `dtype`; shape is then ()
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -107,8 +108,16 @@ def resolve_input_shapes(
     specs: list[InputSpec] = []
     for vi in inputs:
         tt = vi.type.tensor_type
+        seq = vi.type.sequence_type.elem_type
+        if vi.type.HasField("sequence_type") and seq.HasField("tensor_type"):
+            if vi.name in given:
+                raise InputShapeError(f"input '{vi.name}' is a sequence of tensors: it has no "
+                                      "single shape to give")
+            specs.append(InputSpec(vi.name, elem_dtype(seq.tensor_type.elem_type), (),
+                                   "sequence"))
+            continue
         if not vi.type.HasField("tensor_type"):
-            raise InputShapeError(f"input '{vi.name}' is not a tensor; Periphery needs tensors")
+            raise InputShapeError(f"input '{vi.name}' is not a tensor or a sequence of tensors")
         dtype = elem_dtype(tt.elem_type)
         if vi.name in given:
             specs.append(InputSpec(vi.name, dtype, tuple(given[vi.name])))

@@ -75,7 +75,9 @@ def planning_graph(analysis: ModelAnalysis, use_profile: bool = False) -> Planni
             )
         )
     tensors = {
-        name: Boundary(name, t.dtype, t.shape, t.nbytes) for name, t in analysis.tensors.items()
+        name: Boundary(name, t.dtype if t.kind == "tensor" else f"{t.kind}({t.dtype})", t.shape,
+                       t.nbytes)
+        for name, t in analysis.tensors.items()
     }
     return PlanningGraph(
         nodes=tuple(nodes),

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from periphery_core.errors import ExtractError, PlanError
@@ -37,7 +38,10 @@ def _inferred_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     types: dict[str, onnx.TypeProto] = {}
     for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
         tt = vi.type.tensor_type
-        if vi.type.HasField("tensor_type") and tt.elem_type != 0 and tt.HasField("shape"):
+        is_tensor = vi.type.HasField("tensor_type") and tt.elem_type != 0 and tt.HasField("shape")
+        seq = vi.type.sequence_type
+        is_sequence = vi.type.HasField("sequence_type") and seq.elem_type.HasField("tensor_type")
+        if is_tensor or is_sequence:
             types[vi.name] = vi.type
     return types
 
@@ -49,14 +53,22 @@ def _value_info(
     inferred = types.get(name)
     info = analysis.tensors.get(name)
     if inferred is not None and (
-        info is None or len(inferred.tensor_type.shape.dim) == len(info.shape)
+        info is None
+        or (info.kind == "sequence" and inferred.HasField("sequence_type"))
+        or (info.kind == "tensor" and inferred.HasField("tensor_type")
+            and len(inferred.tensor_type.shape.dim) == len(info.shape))
     ):
         vi.type.CopyFrom(inferred)
         return vi
     if info is None:
         raise ExtractError(f"boundary tensor '{name}' has no known type")
+    elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(info.dtype))
+    if info.kind == "sequence":
+        vi.type.sequence_type.elem_type.tensor_type.elem_type = elem
+        return vi
     tt = vi.type.tensor_type
-    tt.elem_type = onnx.helper.np_dtype_to_tensor_dtype(__import__("numpy").dtype(info.dtype))
+    tt.elem_type = elem
+    tt.shape.SetInParent()  # a scalar has an empty shape, not none
     for _ in info.shape:
         tt.shape.dim.add()  # rank known, sizes left open: the shard stays shape-generic
     return vi

@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -54,8 +55,10 @@ def bit_identical(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def compare(
-    name: str, ref: np.ndarray, got: np.ndarray, rtol: float = 1e-3, atol: float = 1e-4
+    name: str, ref: Any, got: Any, rtol: float = 1e-3, atol: float = 1e-4
 ) -> OutputComparison:
+    if isinstance(ref, list) or isinstance(got, list):
+        return _compare_sequences(name, ref, got, rtol, atol)
     ref, got = np.asarray(ref), np.asarray(got)
     same_shape = ref.shape == got.shape
     max_abs = max_rel = 0.0
@@ -79,6 +82,25 @@ def compare(
         name=name, dtype=str(ref.dtype), shape=tuple(ref.shape), max_abs=max_abs,
         max_rel=max_rel, bit_identical=bit_identical(ref, got), shape_match=same_shape,
         within_tolerance=close,
+    )
+
+
+def _compare_sequences(name: str, ref: Any, got: Any, rtol: float, atol: float
+                       ) -> OutputComparison:
+    if not (isinstance(ref, list) and isinstance(got, list)) or len(ref) != len(got):
+        inf = float("inf")
+        return OutputComparison(name, "sequence", (), inf, inf, False, False, False)
+    parts = [
+        compare(f"{name}[{i}]", r, g, rtol, atol)
+        for i, (r, g) in enumerate(zip(ref, got, strict=True))
+    ]
+    return OutputComparison(
+        name=name, dtype=f"sequence({parts[0].dtype if parts else ''})", shape=(len(parts),),
+        max_abs=max((p.max_abs for p in parts), default=0.0),
+        max_rel=max((p.max_rel for p in parts), default=0.0),
+        bit_identical=all(p.bit_identical for p in parts),
+        shape_match=all(p.shape_match for p in parts),
+        within_tolerance=all(p.within_tolerance for p in parts),
     )
 
 

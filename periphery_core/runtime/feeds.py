@@ -24,6 +24,9 @@ def random_feeds(specs: Sequence[InputSpec], seed: int = 0) -> Feeds:
     feeds: Feeds = {}
     for spec in specs:
         dt = spec.dtype
+        if spec.kind != "tensor":
+            raise FeedError(f"input '{spec.name}' is a {spec.kind}: random data cannot stand "
+                            "in for it; pass real inputs")
         if dt == np.bool_:
             value = rng.integers(0, 2, spec.shape).astype(np.bool_)
         elif np.issubdtype(dt, np.integer):

@@ -21,7 +21,7 @@ KINDS: dict[str, dict[str, tuple[type, ...]]] = {
     "ping": {"t": _FLOAT},
     "pong": {"t": _FLOAT},
     "deploy_begin": {"stage": _INT, "stages": _INT, "sha256": _STR, "size": _INT,
-                     "inputs": _LIST, "outputs": _LIST, "next": _STR},
+                     "inputs": _LIST, "outputs": _LIST, "next": _STR, "results": _STR},
     "deploy_chunk": {"offset": _INT},
     "deploy_end": {"sha256": _STR},
     "ready": {"stage": _INT, "provider": _STR},

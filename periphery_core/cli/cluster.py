@@ -1,0 +1,264 @@
+"""`periphery cluster up|ls` and `periphery run`: the cluster from the command line."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from periphery_core.cli.main import cli, handle_errors, input_shape_option, json_option
+from periphery_core.errors import PeripheryError
+
+
+@cli.group()
+def cluster() -> None:
+    """Start a local cluster or list the nodes on the network."""
+
+
+@cluster.command("up")
+@click.option("--nodes", "-n", default=3, show_default=True, help="Node processes to start.")
+@click.option("--advertise/--no-advertise", default=True, show_default=True,
+              help="Advertise the nodes over mDNS (on the loopback interface).")
+@click.option("--threads", default=1, show_default=True, help="ONNX Runtime threads per node.")
+@handle_errors
+def cluster_up(nodes: int, advertise: bool, threads: int) -> None:
+    """Start N periphery-node processes on this machine; Ctrl-C stops them cleanly."""
+    from periphery_core.cli.render import console
+    from periphery_core.cluster.local import LocalCluster
+
+    with LocalCluster(nodes, advertise=advertise, threads=threads) as local:
+        for n in local.nodes:
+            console.print(f"{n.address.name}  --peer {n.address.host}:{n.address.port}  "
+                          f"id {n.address.node_id[:12]}")
+        console.print(f"{nodes} nodes up; Ctrl-C stops them")
+        try:
+            while all(n.process.poll() is None for n in local.nodes):
+                time.sleep(0.5)
+            raise PeripheryError("a local node exited unexpectedly")
+        except KeyboardInterrupt:
+            console.print("stopping")
+
+
+def _gather(peers: tuple[str, ...], mdns: bool, timeout: float, interfaces: tuple[str, ...]):
+    from periphery_core.discovery.static import StaticPeers
+
+    addresses = list(StaticPeers(peers).nodes())
+    if mdns:
+        from periphery_core.discovery.mdns import MdnsBrowser
+
+        browser = MdnsBrowser(interfaces=list(interfaces) or None)
+        browser.start()
+        try:
+            time.sleep(timeout)
+            addresses += browser.nodes()
+        finally:
+            browser.stop()
+    return addresses
+
+
+peer_option = click.option("--peer", "peers", multiple=True, metavar="HOST:PORT",
+                           help="A node by address, for networks without multicast (repeatable).")
+
+
+@cluster.command("ls")
+@peer_option
+@click.option("--mdns/--no-mdns", default=True, show_default=True, help="Browse mDNS.")
+@click.option("--mdns-interface", "interfaces", multiple=True,
+              help="Browse only on these interface addresses.")
+@click.option("--timeout", default=2.0, show_default=True, help="Seconds to browse.")
+@json_option
+@handle_errors
+def cluster_ls(peers: tuple[str, ...], mdns: bool, interfaces: tuple[str, ...], timeout: float,
+               as_json: bool) -> None:
+    """List nodes (mDNS and --peer) with device, speed and link figures."""
+    from rich.table import Table
+
+    from periphery_core.cli.render import console, human_bytes, human_seconds, print_json
+    from periphery_core.cluster.master import ClusterError, Master
+
+    addresses = _gather(peers, mdns, timeout, interfaces)
+    rows: list[dict[str, Any]] = []
+    with Master() as master:
+        for a in addresses:
+            try:
+                h = master.connect(a)
+            except ClusterError as exc:
+                rows.append({"address": f"{a.host}:{a.port}", "error": exc.message})
+                continue
+            rows.append({"name": h.name, "id": h.node_id, "address": f"{a.host}:{a.port}",
+                         "source": a.source, "device": h.device, "cores": h.cores,
+                         "memory": h.memory, "speed": h.speed, "rtt_s": h.rtt_s,
+                         "bandwidth": h.bandwidth})
+    if as_json:
+        print_json(rows)
+        return
+    t = Table(title=f"{len(rows)} nodes", title_justify="left")
+    for col in ("name", "address", "device", "cores", "memory", "speed", "rtt", "link"):
+        t.add_column(col)
+    for r in rows:
+        if "error" in r:
+            t.add_row("?", r["address"], f"[red]{r['error']}[/]", "", "", "", "", "")
+            continue
+        t.add_row(r["name"], r["address"], r["device"][:32], str(r["cores"]),
+                  human_bytes(r["memory"]), f"{r['speed']:.2f}x",
+                  human_seconds(r["rtt_s"] or 0),
+                  f"{human_bytes(r['bandwidth'])}/s" if r["bandwidth"] else "?")
+    console.print(t)
+
+
+@cli.command("run")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), required=True,
+              help="A plan file from 'periphery plan' or the app.")
+@peer_option
+@click.option("--local", "local", is_flag=True,
+              help="Start one local node process per stage (no other nodes needed).")
+@click.option("--mdns/--no-mdns", default=True, show_default=True,
+              help="Find nodes over mDNS when --peer and --local give too few.")
+@click.option("--requests", "-n", "count", default=100, show_default=True)
+@click.option("--inflight", "-m", default=4, show_default=True, help="Requests in flight.")
+@click.option("--inputs", "inputs_path", type=click.Path(path_type=Path), default=None,
+              help="A .npz with one array per model input (default: seeded random data).")
+@click.option("--check", is_flag=True,
+              help="Compare every result with the unsharded model; exit 1 on a difference.")
+@click.option("--optimize", is_flag=True,
+              help="Graph optimizations on (faster; results then differ slightly).")
+@input_shape_option
+@json_option
+@handle_errors
+def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns: bool,
+        count: int, inflight: int, inputs_path: Path | None, check: bool, optimize: bool,
+        input_shapes: tuple[str, ...], as_json: bool) -> None:
+    """Deploy a plan to nodes, stream requests through the pipeline, report latency."""
+    from periphery_core.cli.main import _analysis
+    from periphery_core.cli.render import console, print_json
+    from periphery_core.cluster import events as ev
+    from periphery_core.cluster.local import LocalCluster
+    from periphery_core.cluster.master import Master
+    from periphery_core.model import load_model
+    from periphery_core.model.shapes import parse_input_shapes, resolve_input_shapes
+    from periphery_core.partition.extract import extract_shards
+    from periphery_core.partition.plan import load_plan
+    from periphery_core.partition.verify import compare
+    from periphery_core.runtime.feeds import load_npz, random_feeds
+    from periphery_core.runtime.session import SessionConfig, make_session
+
+    if count < 1 or inflight < 1:
+        raise PeripheryError("--requests and --inflight must be at least 1")
+    plan = load_plan(plan_path)
+    loaded = load_model(model)
+    if plan.model_sha256 != loaded.sha256:
+        raise PeripheryError(f"{plan_path} was made for another model than {model.name}: "
+                             "re-plan with 'periphery plan'")
+    shapes = {**plan.input_shapes, **parse_input_shapes(input_shapes)}
+    _, analysis = _analysis(loaded, shapes)
+    shards = [s.SerializeToString() for s in extract_shards(loaded, analysis, plan)]
+    specs, _ = resolve_input_shapes(loaded.proto, shapes)
+    if inputs_path is not None:
+        requests = [load_npz(inputs_path, specs)] * count
+    else:
+        pool = [random_feeds(specs, seed=i) for i in range(min(count, 8))]
+        requests = [pool[i % len(pool)] for i in range(count)]
+    exact = not optimize
+    completed: list[ev.RequestCompleted] = []
+    cluster_ctx = LocalCluster(plan.k) if local else None
+    try:
+        if cluster_ctx is not None:
+            cluster_ctx.start()
+        with Master() as master:
+            master.bus.subscribe(lambda e: completed.append(e)
+                                 if isinstance(e, ev.RequestCompleted) else None)
+            addresses = list(cluster_ctx.addresses) if cluster_ctx else []
+            if len(addresses) < plan.k:
+                addresses += _gather(peers, mdns and len(peers) < plan.k, 2.0, ())
+            handles: list[Any] = []
+            for a in addresses:
+                if len(handles) == plan.k:
+                    break
+                handles.append(master.connect(a))
+            if len(handles) < plan.k:
+                raise PeripheryError(
+                    f"the plan has {plan.k} stages but {len(handles)} nodes were found: start "
+                    "nodes with 'periphery-node', pass --peer HOST:PORT, or use --local")
+            by_name = {h.name: h for h in handles}
+            names = [d.name for d in plan.devices]
+            chosen = [by_name[n] for n in names] if all(n in by_name for n in names) else handles
+            master.deploy(shards, [h.node_id for h in chosen], exact=exact)
+            t0 = time.perf_counter()
+            results = list(master.run_many(requests, inflight=inflight))
+            wall = time.perf_counter() - t0
+    finally:
+        if cluster_ctx is not None:
+            cluster_ctx.stop()
+    mismatches = 0
+    if check:
+        sess = make_session(loaded.proto, SessionConfig(exact=exact))
+        names_out = [o.name for o in sess.get_outputs()]
+        refs: dict[int, list[np.ndarray]] = {}
+        for i, (feeds, got) in enumerate(zip(requests, results, strict=True)):
+            key = id(feeds)
+            if key not in refs:
+                refs[key] = sess.run(names_out, dict(feeds))
+            for name, ref in zip(names_out, refs[key], strict=True):
+                c = compare(name, ref, got[name])
+                if not (c.bit_identical or (not exact and c.within_tolerance)):
+                    mismatches += 1
+                    if mismatches <= 3:
+                        console.print(f"[red]request {i} output {name} differs: max abs "
+                                      f"{c.max_abs:.3g}[/]", soft_wrap=True)
+    summary = _summary(completed, wall, count, plan.k)
+    summary["check"] = None if not check else {"mismatches": mismatches, "passed": mismatches == 0}
+    if as_json:
+        print_json(summary)
+    else:
+        _render_run(summary)
+    if check and mismatches:
+        sys.exit(1)
+
+
+def _summary(completed: list, wall: float, count: int, k: int) -> dict[str, Any]:
+    lat = sorted(e.latency_s for e in completed)
+
+    def pct(q: float) -> float:
+        return float(np.percentile(lat, q)) if lat else float("nan")
+
+    stages = []
+    for s in range(k):
+        per = [t for e in completed for t in e.stages if t.stage == s]
+        stages.append({
+            "stage": s,
+            "queue_s": statistics.median(t.queue_s for t in per) if per else None,
+            "compute_s": statistics.median(t.compute_s for t in per) if per else None,
+            "transfer_s": statistics.median(t.transfer_s for t in per) if per else None,
+        })
+    return {"requests": count, "completed": len(completed), "wall_s": wall,
+            "throughput_rps": count / wall if wall > 0 else None,
+            "latency_s": {"p50": pct(50), "p90": pct(90), "p99": pct(99)}, "stages": stages}
+
+
+def _render_run(summary: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from periphery_core.cli.render import console, human_seconds
+
+    lat = summary["latency_s"]
+    console.print(f"{summary['completed']}/{summary['requests']} requests in "
+                  f"{summary['wall_s']:.2f} s: {summary['throughput_rps']:.1f} req/s; latency "
+                  f"p50 {human_seconds(lat['p50'])}, p90 {human_seconds(lat['p90'])}, "
+                  f"p99 {human_seconds(lat['p99'])}")
+    t = Table(title="per stage (medians)", title_justify="left")
+    for col in ("stage", "queue", "compute", "transfer"):
+        t.add_column(col, justify="right")
+    for s in summary["stages"]:
+        t.add_row(str(s["stage"]), *(human_seconds(s[k]) if s[k] is not None else "-"
+                                     for k in ("queue_s", "compute_s", "transfer_s")))
+    console.print(t)
+    if summary["check"] is not None:
+        ok = summary["check"]["passed"]
+        console.print("[bold green]check: every result equals the unsharded model[/]" if ok
+                      else f"[bold red]check: {summary['check']['mismatches']} mismatches[/]")

@@ -1,0 +1,484 @@
+"""The master: finds nodes, deploys a plan's shards to them, and streams requests through them.
+
+Threads: a control thread owns one DEALER socket per node (hello, heartbeats, shard uploads,
+stats) and runs every control action as a command in its loop, so no socket is shared; a
+results thread owns the PULL socket the last stage sends to; `submit` sends to the first stage
+under a lock. Requests carry ids end to end; each stage appends its timestamps, from which the
+master derives per-stage queue, compute and transfer times. Everything observable is published
+as typed events on an `EventBus` (see `events.py`), which the CLI and the app fold into state.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+import logging
+import queue
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from periphery_core.cluster import events as ev
+from periphery_core.discovery import NodeAddress
+from periphery_core.errors import PeripheryError
+from periphery_core.wire import Limits, Message, WireError, decode, encode
+
+log = logging.getLogger("periphery.master")
+
+CHUNK_BYTES = 1 << 20
+
+
+class ClusterError(PeripheryError):
+    title = "Cluster"
+
+
+class RequestFailed(PeripheryError):
+    title = "Request failed"
+
+
+@dataclass
+class NodeHandle:
+    """What the master knows of one node."""
+
+    address: NodeAddress
+    node_id: str = ""
+    name: str = ""
+    device: str = ""
+    data_endpoint: str = ""
+    cores: int = 0
+    memory: int = 0
+    speed: float = 0.0
+    rtt_s: float | None = None
+    bandwidth: float | None = None
+    last_seen: float = 0.0
+    lost: bool = False
+    stage: int | None = None
+    socket: Any = None
+    waiters: dict[str, list[Future]] = field(default_factory=dict)
+
+
+@dataclass
+class _Pending:
+    future: Future
+    t_submit: float
+
+
+class Master:
+    """Connects to nodes, deploys shards and runs requests through the pipeline."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        *,
+        heartbeat_s: float = 0.5,
+        lost_after_s: float = 3.0,
+        bus: ev.EventBus | None = None,
+        limits: Limits | None = None,
+    ) -> None:
+        self.host = host
+        self.heartbeat_s = heartbeat_s
+        self.lost_after_s = lost_after_s
+        self.bus = bus or ev.EventBus()
+        self.limits = limits or Limits()
+        self.ctx = zmq.Context()
+        self.nodes: dict[str, NodeHandle] = {}
+        self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._stop = threading.Event()
+        self._pending: dict[int, _Pending] = {}
+        self._pending_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._send_lock = threading.Lock()
+        self._first: zmq.Socket | None = None
+        self._stage_nodes: list[str] = []
+        self._handles_by_socket: dict[Any, NodeHandle] = {}  # owned by the control thread
+        self.results = self.ctx.socket(zmq.PULL)
+        self.results.setsockopt(zmq.LINGER, 0)
+        port = self.results.bind_to_random_port(f"tcp://{host}")
+        self.results_endpoint = f"tcp://{host}:{port}"
+        self._threads = [
+            threading.Thread(target=self._control_loop, name="master-control", daemon=True),
+            threading.Thread(target=self._results_loop, name="master-results", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=2.0)
+        with self._pending_lock:
+            pending, self._pending = self._pending, {}
+        for p in pending.values():
+            if not p.future.done():
+                p.future.set_exception(RequestFailed("the master was closed"))
+        self.ctx.destroy(linger=0)
+
+    def __enter__(self) -> Master:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the control thread and wait for its result."""
+        done: Future = Future()
+
+        def command() -> None:
+            try:
+                done.set_result(fn())
+            except BaseException as exc:
+                done.set_exception(exc)
+
+        self._commands.put(command)
+        return done.result(timeout=30)
+
+    # ------------------------------------------------------------------ nodes
+
+    def connect(self, address: NodeAddress, timeout: float = 5.0) -> NodeHandle:
+        """Say hello to a node and wait for its description.
+
+        Raises:
+            ClusterError: the node does not answer in time.
+        """
+        reply: Future = Future()
+
+        def start() -> None:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 64)
+            sock.connect(f"tcp://{address.host}:{address.port}")
+            handle = NodeHandle(address=address, socket=sock, last_seen=time.time())
+            handle.waiters.setdefault("info", []).append(reply)
+            self._handles_by_socket[sock] = handle
+            sock.send_multipart(encode("hello", {"master": self.results_endpoint}))
+
+        self._commands.put(start)
+        try:
+            handle: NodeHandle = reply.result(timeout=timeout)
+        except TimeoutError:
+            raise ClusterError(f"node {address.host}:{address.port} did not answer within "
+                               f"{timeout:.0f} s: is periphery-node running there?") from None
+        self._measure_link(handle)
+        self.bus.publish(ev.NodeJoined(
+            t=time.time(), node_id=handle.node_id, name=handle.name, host=address.host,
+            port=address.port, device=handle.device, cores=handle.cores,
+            memory_bytes=handle.memory, speed=handle.speed, rtt_s=handle.rtt_s,
+            bandwidth=handle.bandwidth,
+        ))
+        return handle
+
+    def _measure_link(self, handle: NodeHandle, probes: int = 5) -> None:
+        """Round-trip time (small pings) and bandwidth (a 1 MiB ping) to a node."""
+        small = [self._ping(handle) for _ in range(probes)]
+        big = [self._ping(handle, payload=bytes(CHUNK_BYTES)) for _ in range(3)]
+        handle.rtt_s = statistics.median(small)
+        extra = statistics.median(big) - handle.rtt_s
+        handle.bandwidth = CHUNK_BYTES / extra if extra > 0 else None
+
+    def _ping(self, handle: NodeHandle, payload: bytes | None = None) -> float:
+        reply: Future = Future()
+        t0 = time.perf_counter()
+
+        def send() -> None:
+            handle.waiters.setdefault("pong", []).append(reply)
+            handle.socket.send_multipart(encode("ping", {"t": time.time()}, payload=payload))
+
+        self._commands.put(send)
+        reply.result(timeout=5)
+        return time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ control thread
+
+    def _control_loop(self) -> None:
+        next_beat = time.time()
+        while not self._stop.is_set():
+            while True:
+                try:
+                    self._commands.get_nowait()()
+                except queue.Empty:
+                    break
+            socks = list(self._handles_by_socket)
+            if not socks:
+                time.sleep(0.005)
+            else:
+                poller = zmq.Poller()
+                for s in socks:
+                    poller.register(s, zmq.POLLIN)
+                for sock, _ in poller.poll(5):
+                    handle = self._handles_by_socket[sock]
+                    while True:
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        try:
+                            self._on_control(handle, decode(frames, self.limits))
+                        except WireError as exc:
+                            log.warning("bad message from node %s: %s", handle.name, exc)
+            now = time.time()
+            if now >= next_beat:
+                next_beat = now + self.heartbeat_s
+                self._heartbeat(now)
+        for sock in self._handles_by_socket:
+            sock.close(linger=0)
+
+    def _heartbeat(self, now: float) -> None:
+        for handle in self._handles_by_socket.values():
+            if handle.lost or not handle.node_id:
+                continue
+            if now - handle.last_seen > self.lost_after_s:
+                handle.lost = True
+                reason = f"no answer for {now - handle.last_seen:.1f} s"
+                log.warning("node %s lost: %s", handle.name, reason)
+                self.bus.publish(ev.NodeLost(t=now, node_id=handle.node_id, reason=reason))
+                for waiters in handle.waiters.values():
+                    for f in waiters:
+                        if not f.done():
+                            f.set_exception(ClusterError(f"node {handle.name} was lost"))
+                handle.waiters.clear()
+                if handle.node_id in self._stage_nodes:
+                    self._fail_all(f"node {handle.name} (stage "
+                                   f"{self._stage_nodes.index(handle.node_id)}) was lost")
+                continue
+            handle.socket.send_multipart(encode("ping", {"t": now}))
+
+    def _resolve(self, handle: NodeHandle, kind: str, value: Any) -> bool:
+        waiters = handle.waiters.get(kind)
+        if waiters:
+            f = waiters.pop(0)
+            if isinstance(value, BaseException):
+                f.set_exception(value)
+            else:
+                f.set_result(value)
+            return True
+        return False
+
+    def _on_control(self, handle: NodeHandle, msg: Message) -> None:
+        handle.last_seen = time.time()
+        f = msg.fields
+        if msg.kind == "info":
+            handle.node_id, handle.name = str(f["node"]), str(f.get("name", f["node"]))
+            handle.device, handle.data_endpoint = str(f["device"]), str(f["data"])
+            handle.cores, handle.memory = int(f["cores"]), int(f["memory"])
+            handle.speed = float(f.get("speed", 0.0) or 0.0)
+            if handle.lost:
+                handle.lost = False
+            self.nodes[handle.node_id] = handle
+            self._resolve(handle, "info", handle)
+        elif msg.kind == "pong":
+            self._resolve(handle, "pong", f["t"])
+        elif msg.kind == "ready":
+            self._resolve(handle, "ready", f)
+        elif msg.kind == "error":
+            reason = str(f["reason"])
+            if not self._resolve(handle, "ready", ClusterError(f"{handle.name}: {reason}")):
+                log.warning("node %s reports: %s", handle.name, reason)
+        elif msg.kind == "stats":
+            self.bus.publish(ev.NodeStats(
+                t=time.time(), node_id=handle.node_id, cpu_percent=float(f["cpu"]),
+                rss_bytes=int(f["rss"]), memory_percent=float(f.get("mem", 0.0)),
+                gpu_percent=None,
+            ))
+
+    # ------------------------------------------------------------------ deploy
+
+    def deploy(
+        self,
+        shards: Sequence[bytes],
+        assignment: Sequence[str],
+        *,
+        exact: bool = True,
+        timeout: float = 120.0,
+    ) -> None:
+        """Ship shard i to node `assignment[i]`, wire the stages in order, wait until all ready.
+
+        Raises:
+            ClusterError: an unknown or lost node, a refused shard, or a timeout.
+        """
+        if len(shards) != len(assignment):
+            raise ClusterError(f"{len(shards)} shards but {len(assignment)} nodes assigned")
+        if len(set(assignment)) != len(assignment):
+            raise ClusterError("each stage needs a node of its own")
+        handles = []
+        for node_id in assignment:
+            handle = self.nodes.get(node_id)
+            if handle is None or handle.lost:
+                raise ClusterError(f"node {node_id[:12]} is not connected")
+            handles.append(handle)
+        self.bus.publish(ev.DeployStarted(t=time.time(), plan_stages=len(shards),
+                                          assignment=tuple(assignment)))
+        readies: list[Future] = []
+        for i, (shard, handle) in enumerate(zip(shards, handles, strict=True)):
+            nxt = handles[i + 1].data_endpoint if i + 1 < len(handles) else self.results_endpoint
+            readies.append(self._upload(handle, i, len(shards), shard, nxt, exact))
+        for i, (ready, handle) in enumerate(zip(readies, handles, strict=True)):
+            try:
+                info = ready.result(timeout=timeout)
+            except TimeoutError:
+                raise ClusterError(f"stage {i} on {handle.name} was not ready within "
+                                   f"{timeout:.0f} s") from None
+            except ClusterError as exc:
+                self.bus.publish(ev.DeployFailed(t=time.time(), node_id=handle.node_id,
+                                                 stage=i, reason=exc.message))
+                raise
+            handle.stage = i
+            self.bus.publish(ev.StageReady(t=time.time(), node_id=handle.node_id, stage=i,
+                                           provider=str(info.get("provider", "?"))))
+        self._stage_nodes = list(assignment)
+
+        def connect_first() -> zmq.Socket:
+            sock = self.ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 8)
+            sock.connect(handles[0].data_endpoint)
+            return sock
+
+        with self._send_lock:
+            if self._first is not None:
+                self._first.close(linger=0)
+            self._first = connect_first()
+        self.bus.publish(ev.DeployFinished(t=time.time()))
+
+    def _upload(self, handle: NodeHandle, stage: int, stages: int, shard: bytes, nxt: str,
+                exact: bool) -> Future:
+        ready: Future = Future()
+        digest = hashlib.sha256(shard).hexdigest()
+        chunks = [(off, shard[off:off + CHUNK_BYTES]) for off in range(0, len(shard), CHUNK_BYTES)]
+
+        def begin() -> None:
+            handle.waiters.setdefault("ready", []).append(ready)
+            handle.socket.send_multipart(encode("deploy_begin", {
+                "stage": stage, "stages": stages, "sha256": digest, "size": len(shard),
+                "inputs": [], "outputs": [], "next": nxt, "results": self.results_endpoint,
+                "exact": exact,
+            }))
+            self._commands.put(lambda: send_chunks(0))
+
+        def send_chunks(i: int) -> None:
+            # A few chunks per loop turn, so heartbeats keep flowing during big uploads.
+            for j in range(i, min(i + 4, len(chunks))):
+                off, data = chunks[j]
+                try:
+                    handle.socket.send_multipart(
+                        encode("deploy_chunk", {"offset": off}, payload=data), zmq.NOBLOCK
+                    )
+                except zmq.Again:
+                    self._commands.put(functools.partial(send_chunks, j))
+                    return
+                self.bus.publish(ev.ShardProgress(
+                    t=time.time(), node_id=handle.node_id, stage=stage,
+                    sent_bytes=off + len(data), total_bytes=len(shard)))
+            if i + 4 < len(chunks):
+                self._commands.put(lambda: send_chunks(i + 4))
+            else:
+                handle.socket.send_multipart(encode("deploy_end", {"sha256": digest}))
+
+        self._commands.put(begin)
+        return ready
+
+    # ------------------------------------------------------------------ requests
+
+    def submit(self, feeds: Mapping[str, np.ndarray]) -> Future:
+        """Send one request into the pipeline; the future resolves to its outputs by name."""
+        if self._first is None:
+            raise ClusterError("nothing is deployed: deploy a plan first")
+        rid = next(self._ids)
+        future: Future = Future()
+        frames = encode("activation", {"id": rid, "times": []}, feeds)
+        with self._pending_lock:
+            self._pending[rid] = _Pending(future, time.time())
+        with self._send_lock:
+            assert self._first is not None
+            while not self._stop.is_set():
+                if self._first.poll(100, zmq.POLLOUT):
+                    self._first.send_multipart(frames, copy=False)
+                    break
+        future.request_id = rid  # type: ignore[attr-defined]
+        return future
+
+    def run_many(
+        self, requests: Iterable[Mapping[str, np.ndarray]], inflight: int = 4
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Stream requests with at most `inflight` outstanding; yield results in order."""
+        window: list[Future] = []
+        for feeds in requests:
+            window.append(self.submit(feeds))
+            if len(window) >= inflight:
+                yield window.pop(0).result()
+        for f in window:
+            yield f.result()
+
+    def _results_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.results, zmq.POLLIN)
+        while not self._stop.is_set():
+            if not dict(poller.poll(100)):
+                continue
+            try:
+                frames = self.results.recv_multipart(copy=False)
+            except zmq.ZMQError:
+                continue
+            t_done = time.time()
+            try:
+                msg = decode(frames, self.limits)
+            except WireError as exc:
+                log.warning("bad result message: %s", exc)
+                continue
+            rid = msg.fields.get("id")
+            with self._pending_lock:
+                pending = self._pending.pop(rid, None) if isinstance(rid, int) else None
+            if pending is None:
+                log.warning("result for unknown request %r dropped", rid)
+                continue
+            if msg.kind == "result":
+                timings = stage_timings(msg.fields["times"], pending.t_submit, t_done)
+                pending.future.set_result(dict(msg.tensors))
+                self.bus.publish(ev.RequestCompleted(
+                    t=t_done, request_id=str(rid), latency_s=t_done - pending.t_submit,
+                    stages=timings))
+            else:
+                reason = str(msg.fields.get("reason", "failed"))
+                pending.future.set_exception(RequestFailed(reason))
+                self.bus.publish(ev.RequestFailed(t=t_done, request_id=str(rid),
+                                                  stage=int(msg.fields.get("stage", -1)),
+                                                  reason=reason))
+
+    def _fail_all(self, reason: str) -> None:
+        with self._pending_lock:
+            pending, self._pending = self._pending, {}
+        for rid, p in pending.items():
+            if not p.future.done():
+                p.future.set_exception(RequestFailed(reason))
+                self.bus.publish(ev.RequestFailed(t=time.time(), request_id=str(rid), stage=-1,
+                                                  reason=reason))
+
+
+def stage_timings(times: Any, t_submit: float, t_done: float) -> tuple[ev.StageTiming, ...]:
+    """Per-stage queue, compute and transfer seconds from the stamps each stage appended.
+
+    Each stamp is [stage, received, started, finished, sent]; a stage's transfer time is from
+    its send to the next receipt (the master's, for the last stage).
+    """
+    out = []
+    try:
+        stamps = [tuple(float(x) for x in s) for s in times]
+        for i, (stage, t_recv, t_start, t_end, t_send) in enumerate(stamps):
+            t_next = stamps[i + 1][1] if i + 1 < len(stamps) else t_done
+            out.append(ev.StageTiming(stage=int(stage), queue_s=max(0.0, t_start - t_recv),
+                                      compute_s=max(0.0, t_end - t_start),
+                                      transfer_s=max(0.0, t_next - t_send)))
+    except (TypeError, ValueError):
+        return ()
+    return tuple(out)

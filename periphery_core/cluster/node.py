@@ -1,0 +1,485 @@
+"""`periphery-node`: the headless daemon that runs one pipeline stage on a child host.
+
+Threads, each owning its own sockets (ZeroMQ sockets are not thread-safe):
+
+- control (the caller of `serve_forever`): a ROUTER socket for the master: hello, ping,
+  shard upload, shutdown. It never blocks on work: building a session runs in its own thread.
+- receiver: a PULL socket for activations; decodes and validates, then queues them.
+- compute: runs the stage in ONNX Runtime (which releases the GIL, so receiving, computing and
+  sending overlap).
+- sender: PUSH sockets to the next stage (or the master) and to the master's result socket.
+
+Bounded queues between them and ZeroMQ high-water marks on the sockets give backpressure: a
+slow stage slows its upstream instead of growing memory. A frame that does not parse is
+logged and dropped; the node keeps serving.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import psutil
+import zmq
+
+from periphery_core.runtime.chain import StageRunner
+from periphery_core.runtime.session import SessionConfig
+from periphery_core.wire import PROTOCOL_VERSION, Limits, Message, WireError, decode, encode
+
+log = logging.getLogger("periphery.node")
+
+CHUNK_BYTES = 1 << 20
+POLL_MS = 100
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """How a node runs. Port 0 picks a free port."""
+
+    name: str = field(default_factory=platform.node)
+    host: str = "127.0.0.1"
+    port: int = 0
+    data_port: int = 0
+    device: str = "cpu"
+    threads: int = 0
+    advertise: bool = True
+    mdns_interfaces: tuple[str, ...] | None = None
+    queue_depth: int = 4
+    limits: Limits = field(default_factory=Limits)
+    max_shard_bytes: int = 8 << 30
+    stats_interval_s: float = 1.0
+
+
+@dataclass
+class _Upload:
+    stage: int
+    stages: int
+    sha256: str
+    buffer: bytearray
+    received: int = 0
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Deployment:
+    stage: int
+    runner: StageRunner
+    next_endpoint: str
+    results_endpoint: str
+    provider: str
+
+
+def device_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return cpu
+
+
+def measure_speed(runs: int = 5) -> float:
+    """This machine's speed relative to the planner's reference device (10 GFLOP/s).
+
+    A short standard workload: a chain of 256x256 MatMuls in ONNX Runtime on one thread.
+    """
+    from onnx import TensorProto, helper
+
+    n, depth = 256, 8
+    rng = np.random.default_rng(0)
+    nodes, inits = [], []
+    x = "x"
+    for i in range(depth):
+        w = onnx.numpy_helper.from_array(rng.standard_normal((n, n)).astype(np.float32) * 0.05,
+                                         f"w{i}")
+        inits.append(w)
+        nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"y{i}"]))
+        x = f"y{i}"
+    graph = helper.make_graph(
+        nodes, "bench", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n])], inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    runner = StageRunner(model, SessionConfig(exact=False, threads=1))
+    feed = {"x": rng.standard_normal((n, n)).astype(np.float32)}
+    runner.run(feed)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        runner.run(feed)
+        times.append(time.perf_counter() - t0)
+    flops = 2.0 * n * n * n * depth
+    from periphery_core.partition.costs import REFERENCE_FLOPS
+
+    return float(flops / float(np.median(times)) / REFERENCE_FLOPS)
+
+
+class NodeDaemon:
+    """One node: binds its sockets on `start`, serves until `stop`."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.node_id = uuid.uuid4().hex
+        self.ctx = zmq.Context()
+        self._stop = threading.Event()
+        self._outbox: queue.Queue[tuple[bytes, list[Any]]] = queue.Queue()
+        self._inbox: queue.Queue[tuple[Message, float] | None] = queue.Queue(config.queue_depth)
+        self._outq: queue.Queue[tuple[str, Any]] = queue.Queue(config.queue_depth)
+        self._upload: _Upload | None = None
+        self._deployment: _Deployment | None = None
+        self._master: bytes | None = None
+        self._threads: list[threading.Thread] = []
+        self._advertiser: Any = None
+        self.speed: float | None = None
+        self.rejected = 0
+        self.control_endpoint = ""
+        self.data_endpoint = ""
+        self._warned_cuda = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        cfg = self.config
+        self.control = self.ctx.socket(zmq.ROUTER)
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.control.setsockopt(zmq.MAXMSGSIZE, cfg.limits.max_chunk_bytes + (1 << 20))
+        port = self._bind(self.control, cfg.port)
+        self.control_endpoint = f"tcp://{cfg.host}:{port}"
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull.setsockopt(zmq.LINGER, 0)
+        self.pull.setsockopt(zmq.RCVHWM, cfg.queue_depth)
+        self.pull.setsockopt(zmq.MAXMSGSIZE, cfg.limits.max_total_bytes + (1 << 20))
+        dport = self._bind(self.pull, cfg.data_port)
+        self.data_endpoint = f"tcp://{cfg.host}:{dport}"
+        for target in (self._receive_loop, self._compute_loop, self._send_loop,
+                       self._stats_loop, self._measure):
+            t = threading.Thread(target=target, name=f"node-{target.__name__}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        if cfg.advertise:
+            self._start_advertising()
+        log.info("node %s (%s) control %s data %s device %s", cfg.name, self.node_id[:8],
+                 self.control_endpoint, self.data_endpoint, cfg.device)
+
+    def _bind(self, sock: zmq.Socket, port: int) -> int:
+        if port:
+            sock.bind(f"tcp://{self.config.host}:{port}")
+            return port
+        return int(sock.bind_to_random_port(f"tcp://{self.config.host}"))
+
+    def _start_advertising(self) -> None:
+        from periphery_core.discovery.mdns import MdnsAdvertiser
+
+        self._advertiser = MdnsAdvertiser(
+            node_id=self.node_id, name=self.config.name,
+            port=int(self.control_endpoint.rsplit(":", 1)[1]), host=self.config.host,
+            properties=self._txt(), interfaces=(list(self.config.mdns_interfaces)
+                                                if self.config.mdns_interfaces else None),
+        )
+        self._advertiser.start()
+
+    def _txt(self) -> dict[str, str]:
+        mem = psutil.virtual_memory()
+        return {
+            "id": self.node_id, "name": self.config.name, "proto": str(PROTOCOL_VERSION),
+            "device": self._device_name(), "cores": str(os.cpu_count() or 1),
+            "memory": str(mem.total), "free": str(mem.available),
+            "data": self.data_endpoint,
+        }
+
+    def _device_name(self) -> str:
+        return device_description() if not self.config.device.startswith("cuda") else \
+            f"{self.config.device} ({device_description()})"
+
+    def stop(self) -> None:
+        """Stop serving: unregister from mDNS, fail queued work explicitly, close sockets."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        if self._advertiser is not None:
+            self._advertiser.stop()
+        for t in self._threads:
+            t.join(timeout=2.0)
+        pending = 0
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                pending += 1
+        if pending:
+            log.info("node stopping: %d queued requests dropped (the master will see them fail)",
+                     pending)
+        self.ctx.destroy(linger=0)
+        log.info("node %s stopped", self.config.name)
+
+    # ------------------------------------------------------------------ control
+
+    def serve_forever(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.control, zmq.POLLIN)
+        while not self._stop.is_set():
+            while True:
+                try:
+                    ident, frames = self._outbox.get_nowait()
+                except queue.Empty:
+                    break
+                self.control.send_multipart([ident, *frames], copy=False)
+            if not dict(poller.poll(20)):
+                continue
+            try:
+                first, *frames = self.control.recv_multipart(copy=False)
+            except zmq.ZMQError:
+                continue
+            ident = bytes(first.buffer)
+            try:
+                msg = decode(frames, self.config.limits)
+                self._handle(ident, msg)
+            except WireError as exc:
+                self.rejected += 1
+                log.warning("rejected control message: %s", exc)
+                self._reply(ident, "error", {"reason": f"rejected: {exc}"})
+
+    def _reply(self, ident: bytes, kind: str, fields: dict[str, Any]) -> None:
+        self._outbox.put((ident, encode(kind, fields)))
+
+    def _handle(self, ident: bytes, msg: Message) -> None:
+        kind = msg.kind
+        if kind == "ping":
+            self._reply(ident, "pong", {"t": msg.fields["t"]})
+        elif kind == "hello":
+            self._master = ident
+            mem = psutil.virtual_memory()
+            self._reply(ident, "info", {
+                "node": self.node_id, "name": self.config.name, "device": self._device_name(),
+                "data": self.data_endpoint, "cores": os.cpu_count() or 1,
+                "memory": int(mem.total), "free": int(mem.available),
+                "speed": self.speed or 0.0,
+                "stage": self._deployment.stage if self._deployment else -1,
+            })
+        elif kind == "deploy_begin":
+            self._begin_upload(ident, msg)
+        elif kind == "deploy_chunk":
+            self._chunk(ident, msg)
+        elif kind == "deploy_end":
+            self._end_upload(ident, msg)
+        elif kind == "shutdown":
+            log.info("shutdown requested by the master")
+            self._stop.set()
+        else:
+            raise WireError(f"'{kind}' is not a control message")
+
+    def _begin_upload(self, ident: bytes, msg: Message) -> None:
+        f = msg.fields
+        size = f["size"]
+        if not 0 < size <= self.config.max_shard_bytes:
+            raise WireError(f"shard of {size} bytes is outside 1..{self.config.max_shard_bytes}")
+        for key in ("next", "results"):
+            if not isinstance(f.get(key), str) or not str(f[key]).startswith("tcp://"):
+                raise WireError(f"deploy_begin needs a tcp:// endpoint in '{key}'")
+        self._upload = _Upload(f["stage"], f["stages"], f["sha256"], bytearray(size), 0, dict(f))
+        log.info("receiving shard for stage %d (%d bytes)", f["stage"], size)
+
+    def _chunk(self, ident: bytes, msg: Message) -> None:
+        up = self._upload
+        if up is None or msg.payload is None:
+            raise WireError("shard chunk without an upload in progress")
+        offset = msg.fields["offset"]
+        if offset != up.received or offset + len(msg.payload) > len(up.buffer):
+            raise WireError(f"shard chunk at {offset} does not follow {up.received}")
+        up.buffer[offset:offset + len(msg.payload)] = msg.payload
+        up.received += len(msg.payload)
+
+    def _end_upload(self, ident: bytes, msg: Message) -> None:
+        up, self._upload = self._upload, None
+        if up is None:
+            raise WireError("deploy_end without an upload")
+        digest = hashlib.sha256(up.buffer).hexdigest()
+        if up.received != len(up.buffer) or digest != up.sha256 or msg.fields["sha256"] != digest:
+            log.warning("refused shard for stage %d: sha256 mismatch", up.stage)
+            self._reply(ident, "error", {"reason": f"stage {up.stage}: shard bytes do not match "
+                                         "their sha256", "stage": up.stage})
+            return
+        threading.Thread(target=self._build, args=(ident, up), daemon=True,
+                         name="node-build").start()
+
+    def _build(self, ident: bytes, up: _Upload) -> None:
+        try:
+            model = onnx.load_model_from_string(bytes(up.buffer))
+            providers: tuple[str, ...] = ("CPUExecutionProvider",)
+            if self.config.device.startswith("cuda"):
+                providers = ("CUDAExecutionProvider", "CPUExecutionProvider")
+            exact = bool(up.fields.get("exact", True))
+            runner = StageRunner(model, SessionConfig(exact=exact, threads=self.config.threads,
+                                                      providers=providers))
+            provider = runner.session.get_providers()[0]
+            if self.config.device.startswith("cuda") and provider != "CUDAExecutionProvider" \
+                    and not self._warned_cuda:
+                self._warned_cuda = True
+                log.warning("CUDA was asked for but is not available here: running on CPU")
+        except Exception as exc:  # a shard that ONNX Runtime refuses: report, keep serving
+            log.warning("stage %d failed to load: %s", up.stage, exc)
+            self._reply(ident, "error", {"reason": f"stage {up.stage} failed to load: {exc}",
+                                         "stage": up.stage})
+            return
+        self._deployment = _Deployment(up.stage, runner, up.fields["next"],
+                                       up.fields["results"], provider)
+        self._outq.put(("rewire", self._deployment))
+        log.info("stage %d ready on %s", up.stage, provider)
+        self._reply(ident, "ready", {"stage": up.stage, "provider": provider})
+
+    # ------------------------------------------------------------------ data path
+
+    def _receive_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.pull, zmq.POLLIN)
+        while not self._stop.is_set():
+            if not dict(poller.poll(POLL_MS)):
+                continue
+            try:
+                frames = self.pull.recv_multipart(copy=False)
+            except zmq.ZMQError:
+                continue
+            t_recv = time.time()
+            try:
+                msg = decode(frames, self.config.limits)
+                if msg.kind != "activation":
+                    raise WireError(f"'{msg.kind}' is not a data message")
+            except WireError as exc:
+                self.rejected += 1
+                log.warning("rejected data message: %s", exc)
+                continue
+            while not self._stop.is_set():
+                try:
+                    self._inbox.put((msg, t_recv), timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+
+    def _compute_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                item = self._inbox.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if item is None:
+                continue
+            msg, t_recv = item
+            dep = self._deployment
+            rid = msg.fields["id"]
+            if dep is None:
+                self._put_out(("failure", {"id": rid, "reason": "no shard deployed", "stage": -1}))
+                continue
+            t_start = time.time()
+            try:
+                outputs = dep.runner.run(msg.tensors)
+            except Exception as exc:  # a bad request fails alone; the node keeps serving
+                self._put_out(("failure", {"id": rid, "stage": dep.stage,
+                                           "reason": f"stage {dep.stage}: {exc}"}))
+                continue
+            t_end = time.time()
+            times = [*msg.fields.get("times", []), [dep.stage, t_recv, t_start, t_end]]
+            self._put_out(("activation", ({"id": rid, "times": times}, outputs)))
+
+    def _put_out(self, item: tuple[str, Any]) -> None:
+        while not self._stop.is_set():
+            try:
+                self._outq.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _send_loop(self) -> None:
+        nxt: zmq.Socket | None = None
+        results: zmq.Socket | None = None
+        dep: _Deployment | None = None
+        while not self._stop.is_set():
+            try:
+                kind, payload = self._outq.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if kind == "rewire":
+                for sock in (nxt, results):
+                    if sock is not None:
+                        sock.close(linger=0)
+                dep = payload
+                assert dep is not None
+                nxt = self._push(dep.next_endpoint)
+                results = self._push(dep.results_endpoint) \
+                    if dep.results_endpoint != dep.next_endpoint else nxt
+                continue
+            if kind == "failure":
+                if results is not None:
+                    results.send_multipart(encode("failure", payload), copy=False)
+                else:
+                    log.warning("request %s failed before any deployment: %s", payload["id"],
+                                payload["reason"])
+                continue
+            fields, outputs = payload
+            if nxt is None or dep is None:
+                continue
+            fields["times"][-1].append(time.time())
+            last = dep.next_endpoint == dep.results_endpoint
+            try:
+                frames = encode("result" if last else "activation", fields, outputs)
+            except WireError as exc:
+                frames = encode("failure", {"id": fields["id"], "stage": dep.stage,
+                                            "reason": f"stage {dep.stage}: {exc}"})
+            self._send_blocking(nxt, frames)
+        for sock in (nxt, results):
+            if sock is not None:
+                sock.close(linger=0)
+
+    def _push(self, endpoint: str) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, self.config.queue_depth)
+        sock.connect(endpoint)
+        return sock
+
+    def _send_blocking(self, sock: zmq.Socket, frames: list[Any]) -> None:
+        # Backpressure: wait while the next stage is full, but stay stoppable.
+        while not self._stop.is_set():
+            if sock.poll(POLL_MS, zmq.POLLOUT):
+                sock.send_multipart(frames, copy=False)
+                return
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def _measure(self) -> None:
+        try:
+            self.speed = measure_speed()
+            log.info("speed %.2fx the reference device", self.speed)
+        except Exception as exc:  # a failed benchmark must not take the node down
+            log.warning("speed measurement failed: %s", exc)
+            self.speed = 0.0
+
+    def _stats_loop(self) -> None:
+        proc = psutil.Process()
+        proc.cpu_percent(None)
+        while not self._stop.wait(self.config.stats_interval_s):
+            if self._master is None:
+                continue
+            self._outbox.put((self._master, encode("stats", {
+                "node": self.node_id, "cpu": proc.cpu_percent(None),
+                "rss": int(proc.memory_info().rss),
+                "mem": float(psutil.virtual_memory().percent),
+                "rejected": self.rejected,
+            })))
+            if self._advertiser is not None:
+                self._advertiser.update(self._txt())

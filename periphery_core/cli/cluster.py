@@ -195,7 +195,7 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
     finally:
         if cluster_ctx is not None:
             cluster_ctx.stop()
-    mismatches = 0
+    mismatches = identical = 0
     if check:
         sess = make_session(loaded.proto, SessionConfig(exact=exact))
         names_out = [o.name for o in sess.get_outputs()]
@@ -206,13 +206,16 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
                 refs[key] = sess.run(names_out, dict(feeds))
             for name, ref in zip(names_out, refs[key], strict=True):
                 c = compare(name, ref, got[name])
-                if not (c.bit_identical or (not exact and c.within_tolerance)):
+                identical += c.bit_identical
+                if not (c.bit_identical or c.within_tolerance):
                     mismatches += 1
                     if mismatches <= 3:
                         console.print(f"[red]request {i} output {name} differs: max abs "
                                       f"{c.max_abs:.3g}[/]", soft_wrap=True)
     summary = _summary(completed, wall, count, plan.k)
-    summary["check"] = None if not check else {"mismatches": mismatches, "passed": mismatches == 0}
+    summary["check"] = None if not check else {
+        "mismatches": mismatches, "bit_identical_outputs": identical, "passed": mismatches == 0,
+    }
     if as_json:
         print_json(summary)
     else:
@@ -259,6 +262,7 @@ def _render_run(summary: dict[str, Any]) -> None:
                                      for k in ("queue_s", "compute_s", "transfer_s")))
     console.print(t)
     if summary["check"] is not None:
-        ok = summary["check"]["passed"]
-        console.print("[bold green]check: every result equals the unsharded model[/]" if ok
-                      else f"[bold red]check: {summary['check']['mismatches']} mismatches[/]")
+        c = summary["check"]
+        console.print(f"[bold green]check: every result matches the unsharded model "
+                      f"({c['bit_identical_outputs']} outputs bit-identical)[/]" if c["passed"]
+                      else f"[bold red]check: {c['mismatches']} outputs differ[/]")

@@ -266,4 +266,7 @@ def run_click(command: click.Command, prog: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the importable module's `main`: commands register on its `cli`, not on __main__'s.
+    from periphery_core.cli.main import main as _main
+
+    _main()

@@ -1,0 +1,215 @@
+"""The cluster with real node processes on loopback: results equal the local chain bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from periphery_core.cluster import events as ev
+from periphery_core.cluster.local import LocalCluster
+from periphery_core.cluster.master import ClusterError, Master, NodeHandle, RequestFailed
+from periphery_core.model import analyze, load_model
+from periphery_core.model.analysis import ModelAnalysis
+from periphery_core.model.loading import LoadedModel
+from periphery_core.partition.costs import make_plan
+from periphery_core.partition.extract import extract_shards
+from periphery_core.partition.verify import bit_identical
+from periphery_core.runtime.chain import LocalChain
+from periphery_core.runtime.feeds import random_feeds
+from periphery_core.runtime.session import SessionConfig
+from periphery_core.wire import decode, encode
+from tests.conftest import CORPUS_SHAPES, ROOT, corpus_models, require_shared
+
+DEMO = ROOT / "assets" / "demo-resnet.onnx"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with LocalCluster(3) as local, Master() as master:
+        handles = [master.connect(a) for a in local.addresses]
+        yield local, master, handles
+
+
+@lru_cache(maxsize=2)
+def _prepared(path: Path) -> tuple[LoadedModel, ModelAnalysis]:
+    loaded = load_model(path)
+    return loaded, analyze(loaded, CORPUS_SHAPES.get(path.name))
+
+
+def _deploy(master: Master, handles: list[NodeHandle], path: Path, k: int) -> LocalChain:
+    loaded, analysis = _prepared(path)
+    plan = make_plan(analysis, min(k, len(analysis.nodes)))
+    shards = extract_shards(loaded, analysis, plan)
+    master.deploy([s.SerializeToString() for s in shards],
+                  [h.node_id for h in handles[: plan.k]], exact=True)
+    # The same session options as the nodes (LocalCluster runs each with one thread).
+    return LocalChain(shards, SessionConfig(exact=True, threads=1))
+
+
+def _assert_same(want: dict, got: dict, what: str) -> None:
+    assert set(got) == set(want), what
+    for name, value in want.items():
+        assert bit_identical(value, got[name]), f"{what}: output {name} differs"
+
+
+CORPUS = corpus_models()
+
+
+@pytest.mark.parametrize("k", (2, 3))
+@pytest.mark.parametrize("path", CORPUS, ids=[p.parent.name if p.name == "model.onnx" else p.stem
+                                             for p in CORPUS])
+def test_cluster_equals_local_chain(cluster, path: Path, k: int) -> None:
+    require_shared()
+    _, master, handles = cluster
+    chain = _deploy(master, handles, path, k)
+    analysis = _prepared(path)[1]
+    futures = [(seed, master.submit(random_feeds(analysis.inputs, seed))) for seed in (0, 1, 2)]
+    for seed, future in futures:
+        feeds = random_feeds(analysis.inputs, seed)
+        _assert_same(chain.run(feeds), future.result(timeout=120), f"{path.name} K={k} #{seed}")
+
+
+def test_many_in_flight_come_back_in_order_with_timings(cluster) -> None:
+    _, master, handles = cluster
+    chain = _deploy(master, handles, DEMO, 3)
+    done: list[ev.RequestCompleted] = []
+    unsubscribe = master.bus.subscribe(
+        lambda e: done.append(e) if isinstance(e, ev.RequestCompleted) else None)
+    try:
+        requests = [random_feeds(_prepared(DEMO)[1].inputs, seed) for seed in range(12)]
+        results = list(master.run_many(requests, inflight=6))
+    finally:
+        unsubscribe()
+    for i, (feeds, got) in enumerate(zip(requests, results, strict=True)):
+        _assert_same(chain.run(feeds), got, f"request {i}")
+    assert len(done) == 12
+    for e in done:
+        assert [s.stage for s in e.stages] == [0, 1, 2]
+        assert all(s.compute_s > 0 for s in e.stages)
+        assert e.latency_s >= sum(s.compute_s for s in e.stages)
+
+
+def test_hostile_frames_are_dropped_and_the_node_keeps_serving(cluster) -> None:
+    local, master, handles = cluster
+    chain = _deploy(master, handles, DEMO, 2)
+    ctx = zmq.Context.instance()
+    data = ctx.socket(zmq.PUSH)
+    data.setsockopt(zmq.LINGER, 0)
+    data.connect(handles[0].data_endpoint)
+    control = ctx.socket(zmq.DEALER)
+    control.setsockopt(zmq.LINGER, 0)
+    control.connect(f"tcp://{handles[0].address.host}:{handles[0].address.port}")
+    rng = np.random.default_rng(0)
+    hostile = [
+        [b"not msgpack at all"],
+        [encode("activation", {"id": 1, "times": []})[0], b"extra"],
+        [encode("ping", {"t": 0.0})[0]],  # a control message on the data socket
+        [rng.bytes(64), rng.bytes(3)],
+        encode("activation", {"id": 2, "times": []}, {"image": np.zeros((1, 3, 8, 8), "f4")}),
+    ]
+    for frames in hostile:
+        data.send_multipart(frames)
+    control.send_multipart([b"\x92\x01"])
+    assert control.poll(5000), "the node did not answer a malformed control message"
+    reply = decode(control.recv_multipart())
+    assert reply.kind == "error" and "rejected" in reply.fields["reason"]
+    data.close()
+    control.close()
+    feeds = random_feeds(_prepared(DEMO)[1].inputs, 5)
+    _assert_same(chain.run(feeds), master.submit(feeds).result(timeout=60), "after garbage")
+    assert all(n.process.poll() is None for n in local.nodes)
+
+
+def test_a_shard_whose_bytes_do_not_match_its_sha256_is_refused(cluster) -> None:
+    local, _, handles = cluster
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://{handles[2].address.host}:{handles[2].address.port}")
+    shard = DEMO.read_bytes()
+    sock.send_multipart(encode("deploy_begin", {
+        "stage": 0, "stages": 1, "sha256": "0" * 64, "size": len(shard), "inputs": [],
+        "outputs": [], "next": "tcp://127.0.0.1:1", "results": "tcp://127.0.0.1:1"}))
+    for off in range(0, len(shard), 1 << 20):
+        sock.send_multipart(encode("deploy_chunk", {"offset": off},
+                                   payload=shard[off:off + (1 << 20)]))
+    sock.send_multipart(encode("deploy_end", {"sha256": "0" * 64}))
+    assert sock.poll(10000)
+    reply = decode(sock.recv_multipart())
+    sock.close()
+    assert reply.kind == "error" and "sha256" in reply.fields["reason"]
+
+
+def test_a_killed_node_is_reported_lost_and_its_requests_fail() -> None:
+    with LocalCluster(2) as local, Master() as master:
+        handles = [master.connect(a) for a in local.addresses]
+        lost = threading.Event()
+        master.bus.subscribe(lambda e: lost.set() if isinstance(e, ev.NodeLost) else None)
+        _deploy(master, handles, DEMO, 2)
+        local.kill(1)
+        t_kill = time.time()
+        future = master.submit(random_feeds(_prepared(DEMO)[1].inputs, 0))
+        assert lost.wait(15), "the killed node was never reported lost"
+        print(f"lost node detected after {time.time() - t_kill:.2f} s")
+        with pytest.raises(RequestFailed):
+            future.result(timeout=15)
+        with pytest.raises(ClusterError):
+            master.deploy([b"x", b"y"], [h.node_id for h in handles])
+
+
+def _cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "periphery_core.cli.main", *args],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_cli_run_local_check(tmp_path: Path) -> None:
+    plan = tmp_path / "plan.json"
+    assert _cli("plan", str(DEMO), "--shards", "2", "-o", str(plan)).returncode == 0
+    out = _cli("run", str(DEMO), "--plan", str(plan), "--local", "--requests", "12",
+               "--inflight", "3", "--check", "--json")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["completed"] == 12 and summary["check"]["passed"] is True
+    assert len(summary["stages"]) == 2 and summary["throughput_rps"] > 0
+    assert summary["latency_s"]["p50"] <= summary["latency_s"]["p99"]
+
+
+def test_cli_cluster_ls_with_static_peers(cluster) -> None:
+    local, _, _ = cluster
+    peers = [arg for a in local.addresses for arg in ("--peer", f"{a.host}:{a.port}")]
+    out = _cli("cluster", "ls", "--no-mdns", "--json", *peers, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert sorted(r["name"] for r in rows) == ["local0", "local1", "local2"]
+    assert all(r["rtt_s"] > 0 and r["speed"] >= 0 and r["cores"] >= 1 for r in rows)
+
+
+def test_cli_run_with_too_few_nodes_is_one_clear_line(tmp_path: Path) -> None:
+    plan = tmp_path / "plan.json"
+    assert _cli("plan", str(DEMO), "--shards", "2", "-o", str(plan)).returncode == 0
+    out = _cli("run", str(DEMO), "--plan", str(plan), "--no-mdns", "--requests", "1")
+    assert out.returncode == 2
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "nodes were found" in lines[0], out.stderr
+
+
+def test_node_help_and_core_do_not_import_a_ui_toolkit() -> None:
+    code = ("import sys, periphery_core.cli.main, periphery_core.cli.node, "
+            "periphery_core.cluster.node; print('textual' in sys.modules, 'rich.live' in "
+            "sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.split()[0] == "False", out
+    helped = subprocess.run([sys.executable, "-m", "periphery_core.cli.node", "--help"],
+                            capture_output=True, text=True)
+    assert helped.returncode == 0 and "--no-advertise" in helped.stdout

@@ -131,7 +131,7 @@ def test_hostile_frames_are_dropped_and_the_node_keeps_serving(cluster) -> None:
 
 
 def test_a_shard_whose_bytes_do_not_match_its_sha256_is_refused(cluster) -> None:
-    local, _, handles = cluster
+    _, _, handles = cluster
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)

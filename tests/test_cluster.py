@@ -213,3 +213,49 @@ def test_node_help_and_core_do_not_import_a_ui_toolkit() -> None:
     helped = subprocess.run([sys.executable, "-m", "periphery_core.cli.node", "--help"],
                             capture_output=True, text=True)
     assert helped.returncode == 0 and "--no-advertise" in helped.stdout
+
+
+def test_micro_batches_equal_the_whole_batch(cluster) -> None:
+    _, master, handles = cluster
+    chain = _deploy(master, handles, DEMO, 3)
+    rng = np.random.default_rng(3)
+    feeds = {"image": rng.standard_normal((5, 3, 128, 128)).astype(np.float32)}
+    got = master.submit_batch(feeds, micro_batch=2).result(timeout=120)
+    want = chain.run(feeds)
+    assert got["logits"].shape == (5, 10)
+    np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-5, atol=1e-6)
+
+
+def test_cluster_ls_writes_a_devices_file_the_planner_uses(cluster, tmp_path: Path) -> None:
+    local, _, _ = cluster
+    devices = tmp_path / "devices.toml"
+    peers = [arg for a in local.addresses[:2] for arg in ("--peer", f"{a.host}:{a.port}")]
+    assert _cli("cluster", "ls", "--no-mdns", "--write-devices", str(devices), *peers,
+                timeout=60).returncode == 0
+    plan = tmp_path / "plan.json"
+    out = _cli("plan", str(DEMO), "--shards", "2", "--devices", str(devices), "-o", str(plan),
+               "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert sorted(d["name"] for d in data["devices"]) == ["local0", "local1"]
+    assert all(d["speed"] > 0 and d["memory_bytes"] > 0 for d in data["devices"])
+
+
+def test_a_node_stopped_with_queued_requests_fails_them_explicitly() -> None:
+    with LocalCluster(2) as local, Master() as master:
+        handles = [master.connect(a) for a in local.addresses]
+        _deploy(master, handles, DEMO, 2)
+        inputs = _prepared(DEMO)[1].inputs
+        futures = [master.submit(random_feeds(inputs, i)) for i in range(12)]
+        local.nodes[1].process.terminate()  # SIGTERM: a clean shutdown
+        outcomes = []
+        for f in futures:
+            try:
+                f.result(timeout=30)
+                outcomes.append("ok")
+            except RequestFailed:
+                outcomes.append("failed")
+        # Nothing hangs: requests queued on the stopped node fail at once, the rest when the
+        # master sees the node gone.
+        assert len(outcomes) == 12
+        assert "failed" in outcomes

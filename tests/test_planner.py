@@ -192,11 +192,24 @@ def test_balanced_is_optimal_against_brute_force(data: st.DataObject) -> None:
     graph = data.draw(graphs())
     n = len(graph.nodes)
     k = data.draw(st.integers(1, min(4, n)))
-    devices = data.draw(device_lists(k))
     order = choose_order(graph)
+    segmentations = [
+        (cuts, stages_from_cuts(graph, order, cuts, None))
+        for cuts in itertools.combinations(range(1, n), k - 1)
+    ]
+    # Caps drawn from the memory the stages actually need, so that they bind: exactly at a
+    # need, just below it, or absent.
+    needs = sorted({s.memory_bytes for _, stages in segmentations for s in stages})
+    cap = st.one_of(st.none(), st.sampled_from(needs),
+                    st.sampled_from(needs).map(lambda m: m - 1))
+    devices = tuple(
+        DeviceSpec(name=f"d{i}", speed=data.draw(st.floats(0.25, 4.0)),
+                   memory_bytes=data.draw(cap), bandwidth=data.draw(st.floats(50.0, 5000.0)))
+        for i in range(k)
+    )
 
     best = math.inf
-    for cuts in itertools.combinations(range(1, n), k - 1):
+    for cuts, _ in segmentations:
         stages = stages_from_cuts(graph, order, cuts, devices)
         if fits(stages, devices):
             best = min(best, bottleneck(stages))

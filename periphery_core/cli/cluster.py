@@ -71,10 +71,13 @@ peer_option = click.option("--peer", "peers", multiple=True, metavar="HOST:PORT"
 @click.option("--mdns-interface", "interfaces", multiple=True,
               help="Browse only on these interface addresses.")
 @click.option("--timeout", default=2.0, show_default=True, help="Seconds to browse.")
+@click.option("--write-devices", type=click.Path(path_type=Path), default=None,
+              help="Write the nodes' measured speed, memory and link as a devices file for "
+                   "'periphery plan --devices'.")
 @json_option
 @handle_errors
 def cluster_ls(peers: tuple[str, ...], mdns: bool, interfaces: tuple[str, ...], timeout: float,
-               as_json: bool) -> None:
+               write_devices: Path | None, as_json: bool) -> None:
     """List nodes (mDNS and --peer) with device, speed and link figures."""
     from rich.table import Table
 
@@ -94,6 +97,8 @@ def cluster_ls(peers: tuple[str, ...], mdns: bool, interfaces: tuple[str, ...], 
                          "source": a.source, "device": h.device, "cores": h.cores,
                          "memory": h.memory, "speed": h.speed, "rtt_s": h.rtt_s,
                          "bandwidth": h.bandwidth})
+        if write_devices is not None:
+            _write_devices(write_devices, master.devices())
     if as_json:
         print_json(rows)
         return
@@ -111,6 +116,19 @@ def cluster_ls(peers: tuple[str, ...], mdns: bool, interfaces: tuple[str, ...], 
     console.print(t)
 
 
+def _write_devices(path: Path, devices: list) -> None:
+    import json
+
+    import tomli_w
+
+    table = {"device": [
+        {"name": d.name, "speed": round(d.speed, 3), "bandwidth": float(d.bandwidth),
+         **({"memory": d.memory_bytes} if d.memory_bytes else {})} for d in devices]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(table) if path.suffix.lower() == ".toml"
+                    else json.dumps(table, indent=1) + "\n")
+
+
 @cli.command("run")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path), required=True,
@@ -122,6 +140,8 @@ def cluster_ls(peers: tuple[str, ...], mdns: bool, interfaces: tuple[str, ...], 
               help="Find nodes over mDNS when --peer and --local give too few.")
 @click.option("--requests", "-n", "count", default=100, show_default=True)
 @click.option("--inflight", "-m", default=4, show_default=True, help="Requests in flight.")
+@click.option("--micro-batch", type=int, default=None,
+              help="Split each request's batch into micro-batches of this size.")
 @click.option("--inputs", "inputs_path", type=click.Path(path_type=Path), default=None,
               help="A .npz with one array per model input (default: seeded random data).")
 @click.option("--check", is_flag=True,
@@ -132,7 +152,8 @@ def cluster_ls(peers: tuple[str, ...], mdns: bool, interfaces: tuple[str, ...], 
 @json_option
 @handle_errors
 def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns: bool,
-        count: int, inflight: int, inputs_path: Path | None, check: bool, optimize: bool,
+        count: int, inflight: int, micro_batch: int | None, inputs_path: Path | None,
+        check: bool, optimize: bool,
         input_shapes: tuple[str, ...], as_json: bool) -> None:
     """Deploy a plan to nodes, stream requests through the pipeline, report latency."""
     from periphery_core.cli.main import _analysis
@@ -190,7 +211,10 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
             chosen = [by_name[n] for n in names] if all(n in by_name for n in names) else handles
             master.deploy(shards, [h.node_id for h in chosen], exact=exact)
             t0 = time.perf_counter()
-            results = list(master.run_many(requests, inflight=inflight))
+            if micro_batch:
+                results = [master.submit_batch(r, micro_batch).result() for r in requests]
+            else:
+                results = list(master.run_many(requests, inflight=inflight))
             wall = time.perf_counter() - t0
     finally:
         if cluster_ctx is not None:

@@ -29,6 +29,7 @@ import zmq
 from periphery_core.cluster import events as ev
 from periphery_core.discovery import NodeAddress
 from periphery_core.errors import PeripheryError
+from periphery_core.partition.plan import DEFAULT_BANDWIDTH, DeviceSpec
 from periphery_core.wire import Limits, Message, WireError, decode, encode
 
 log = logging.getLogger("periphery.master")
@@ -55,6 +56,7 @@ class NodeHandle:
     data_endpoint: str = ""
     cores: int = 0
     memory: int = 0
+    free_memory: int = 0
     speed: float = 0.0
     rtt_s: float | None = None
     bandwidth: float | None = None
@@ -79,7 +81,7 @@ class Master:
         host: str = "127.0.0.1",
         *,
         heartbeat_s: float = 0.5,
-        lost_after_s: float = 3.0,
+        lost_after_s: float = 2.5,  # + one heartbeat period: a lost node is known within 3 s
         bus: ev.EventBus | None = None,
         limits: Limits | None = None,
     ) -> None:
@@ -272,6 +274,7 @@ class Master:
             handle.node_id, handle.name = str(f["node"]), str(f.get("name", f["node"]))
             handle.device, handle.data_endpoint = str(f["device"]), str(f["data"])
             handle.cores, handle.memory = int(f["cores"]), int(f["memory"])
+            handle.free_memory = int(f.get("free", 0) or 0)
             handle.speed = float(f.get("speed", 0.0) or 0.0)
             if handle.lost:
                 handle.lost = False
@@ -408,6 +411,48 @@ class Master:
         future.request_id = rid  # type: ignore[attr-defined]
         return future
 
+    def submit_batch(self, feeds: Mapping[str, np.ndarray], micro_batch: int) -> Future:
+        """Split a batch along axis 0 into micro-batches, pipeline them, join the outputs.
+
+        Only for models whose outputs along the batch axis depend on that row alone (true of
+        most inference graphs; not of ones that mix rows, e.g. batch statistics).
+        """
+        sizes = {int(np.shape(v)[0]) for v in feeds.values() if np.ndim(v) > 0}
+        if len(sizes) != 1:
+            raise ClusterError("micro-batching needs every input to share its first dimension")
+        (batch,) = sizes
+        parts = [
+            self.submit({n: v[i:i + micro_batch] if np.ndim(v) > 0 else v
+                         for n, v in feeds.items()})
+            for i in range(0, batch, max(1, micro_batch))
+        ]
+        joined: Future = Future()
+
+        def gather(_: Future) -> None:
+            if joined.done() or not all(p.done() for p in parts):
+                return
+            try:
+                outs = [p.result() for p in parts]
+                joined.set_result({n: np.concatenate([o[n] for o in outs]) for n in outs[0]})
+            except BaseException as exc:
+                if not joined.done():
+                    joined.set_exception(exc)
+
+        for p in parts:
+            p.add_done_callback(gather)
+        return joined
+
+    def devices(self, node_ids: Sequence[str] | None = None) -> list[DeviceSpec]:
+        """The planner's description of connected nodes: measured speed, free memory, link."""
+        chosen = [self.nodes[i] for i in node_ids] if node_ids else [
+            h for h in self.nodes.values() if not h.lost]
+        return [
+            DeviceSpec(name=h.name, speed=h.speed if h.speed > 0 else 1.0,
+                       memory_bytes=int(h.free_memory * 0.8) if h.free_memory else None,
+                       bandwidth=h.bandwidth if h.bandwidth else DEFAULT_BANDWIDTH)
+            for h in chosen
+        ]
+
     def run_many(
         self, requests: Iterable[Mapping[str, np.ndarray]], inflight: int = 4
     ) -> Iterator[dict[str, np.ndarray]]:
@@ -451,9 +496,10 @@ class Master:
             else:
                 reason = str(msg.fields.get("reason", "failed"))
                 pending.future.set_exception(RequestFailed(reason))
-                self.bus.publish(ev.RequestFailed(t=t_done, request_id=str(rid),
-                                                  stage=int(msg.fields.get("stage", -1)),
-                                                  reason=reason))
+                stage = msg.fields.get("stage")
+                self.bus.publish(ev.RequestFailed(
+                    t=t_done, request_id=str(rid), reason=reason,
+                    stage=stage if isinstance(stage, int) and stage >= 0 else None))
 
     def _fail_all(self, reason: str) -> None:
         with self._pending_lock:
@@ -461,7 +507,7 @@ class Master:
         for rid, p in pending.items():
             if not p.future.done():
                 p.future.set_exception(RequestFailed(reason))
-                self.bus.publish(ev.RequestFailed(t=time.time(), request_id=str(rid), stage=-1,
+                self.bus.publish(ev.RequestFailed(t=time.time(), request_id=str(rid), stage=None,
                                                   reason=reason))
 
 

@@ -214,19 +214,33 @@ class NodeDaemon:
             self._advertiser.stop()
         for t in self._threads:
             t.join(timeout=2.0)
-        pending = 0
-        while True:
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                pending += 1
-        if pending:
-            log.info("node stopping: %d queued requests dropped (the master will see them fail)",
-                     pending)
+        self._fail_queued()
         self.ctx.destroy(linger=0)
         log.info("node %s stopped", self.config.name)
+
+    def _fail_queued(self) -> None:
+        """Tell the master about every request still queued here, so none hangs."""
+        ids = []
+        for q in (self._inbox, self._outq):
+            while True:
+                try:
+                    item = q.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, tuple) and isinstance(item[0], Message):
+                    ids.append(item[0].fields["id"])
+                elif isinstance(item, tuple) and item[0] == "activation":
+                    ids.append(item[1][0]["id"])
+        dep = self._deployment
+        if not ids or dep is None:
+            return
+        sock = self._push(dep.results_endpoint)
+        for rid in ids:
+            sock.send_multipart(encode("failure", {
+                "id": rid, "stage": dep.stage,
+                "reason": f"node {self.config.name} shut down with the request queued"}))
+        sock.close(linger=500)
+        log.info("node stopping: %d queued requests failed explicitly", len(ids))
 
     # ------------------------------------------------------------------ control
 

@@ -22,10 +22,12 @@ Cost model (every strategy is judged by it; `stages_from_cuts` is its one implem
 
 Key design choice: the order is chosen once, up front (`choose_order`, a greedy list schedule
 that keeps few bytes live, so the cheap cut points are also the thin ones), and then the
-segmentation is optimised exactly. Every quantity of a segment ``[a, b)`` of a fixed order is a
-prefix sum, a running maximum or a running distinct count, so "balanced" is a dynamic
-programme over cut positions that is provably optimal for that order, even with heterogeneous
-devices and memory caps, and costs O(K n^2) vectorised work.
+segmentation of that order is optimised exactly. Every quantity of a segment ``[a, b)`` of a
+fixed order is a prefix sum, a running maximum or a running distinct count, and both a stage's
+cost and its memory only shrink as its start moves later; so "can the bottleneck be at most T"
+is a reachability DP over cut positions in O(K n) numpy work, and "balanced" bisects on T. It
+is provably optimal for that order (to a relative 1e-13), with heterogeneous devices and
+memory caps, and takes milliseconds for thousands of nodes.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from __future__ import annotations
 import heapq
 import math
 import warnings
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -134,6 +137,9 @@ def _facts(graph: PlanningGraph) -> _Facts:
     for v, node in enumerate(graph.nodes):
         if node.key in keys:
             raise PlanError(f"two nodes share the id '{node.key}'")
+        if not (math.isfinite(node.cost_s) and node.cost_s >= 0):
+            raise PlanError(f"node '{node.key}' has cost {node.cost_s} s: a cost must be a "
+                            "non-negative number")
         keys.add(node.key)
         for slot, name in enumerate(node.outputs):
             if not name:
@@ -465,8 +471,8 @@ def plan_stages(
     Strategies:
 
     - ``balanced``: the segmentation of `choose_order`'s order with the smallest bottleneck
-      that fits every memory cap (exact dynamic programme); among equally good ones, the one
-      with the fewest boundary bytes, then the earliest cuts.
+      that fits every memory cap (exact, see the module docstring); among equally good ones,
+      the one with the fewest boundary bytes, then the earliest stage starts.
     - ``even``: the same order cut into stages with equal node counts (the naive baseline).
     - ``spectral``: spectral clustering of the graph weighted by tensor bytes, repaired into
       K contiguous stages of a topological order.
@@ -518,18 +524,22 @@ def _balanced_cuts(
 ) -> tuple[int, ...]:
     """The optimal cuts of ``layout.order`` for ``devs``.
 
-    Stage j covers ``[a, b)``. With C the prefix sums of cost, B[b] the bytes crossing a cut
-    at b, P_b[a] the distinct initializer bytes of ``[a, b)`` and R_b[a] = max(live[a:b]):
+    Stage j covers positions ``[a, b)``. With C the prefix sums of cost and B[b] the bytes that
+    cross a cut at b:
 
         cost_j(a, b) = (C[b] - C[a]) / speed_j + B[b] / bandwidth_j   (last stage: graph outputs)
-        fits_j(a, b) = P_b[a] + R_b[a] <= memory_j
-        f[j][b] = min over a of max(f[j-1][a], cost_j(a, b))          (infeasible: inf)
+        mem(a, b) = distinct initializer bytes of [a, b) + max(live[a:b])
 
-    The outer loop runs over b, so P and R are kept as vectors over a and updated in place:
-    R_{b+1} = max(R_b, live[b]); and the node at b adds its initializer's bytes to every a
-    after that initializer's previous use (the distinct-count trick), so P is exact, shared
-    weights counted once, for any n, in O(n) memory. A second pass of the same shape then picks,
-    among the segmentations within the optimum, the fewest boundary bytes, earliest cuts first.
+    For fixed b both fall as a grows, so the starts a that keep stage j within a bound T and
+    within its memory cap form a window ``[lo_j(b), b - 1]``: lo from a binary search in C for
+    the cost, and for the memory a two-pointer sweep that keeps exact distinct-initializer
+    counts (shared weights counted once per stage, for any n) and a sliding maximum of live.
+    "Can the bottleneck be at most T" is then a reachability DP over cut positions, O(K n) with
+    prefix counts, and T* is found by bisection to a relative 1e-13: every segmentation
+    costlier than the result by more than that has been ruled out, which is exact up to the
+    rounding of the costs themselves. A last pass at T* keeps, among the segmentations within
+    it, the one with the fewest boundary bytes (range minima from a sparse table), taking the
+    earliest start of each stage on ties.
     """
     n, k = facts.n, len(devs)
     if k == 1:
@@ -539,75 +549,153 @@ def _balanced_cuts(
             raise PlanError(_memory_message(devs[0], cap0, 0, need))
         return ()
 
-    speed = np.array([d.speed for d in devs], dtype=np.float64)
-    bandwidth = np.array([d.bandwidth for d in devs], dtype=np.float64)
-    cap = np.array([np.inf if d.memory_bytes is None else float(d.memory_bytes) for d in devs])
+    speed = [d.speed for d in devs]
+    cost_prefix = layout.cost_prefix
     out_bytes = float(sum(facts.tensor_bytes[t] for t in facts.graph_outputs))
-    C = layout.cost_prefix
-    B = layout.boundary_bytes.astype(np.float64)
-    live = layout.live
+    boundary = layout.boundary_bytes.astype(np.float64)
+    starts_by_cap: dict[int | None, np.ndarray] = {}
+    for d in devs:
+        if d.memory_bytes not in starts_by_cap:
+            starts_by_cap[d.memory_bytes] = _memory_starts(facts, layout, d.memory_bytes)
 
-    # Each (position, initializer) use and the previous position using that initializer.
-    uses: list[list[tuple[int, int]]] = [[] for _ in range(n)]
-    last_use: dict[int, int] = {}
-    for p, v in enumerate(layout.order):
-        for q in facts.node_params[v]:
-            uses[p].append((last_use.get(q, -1), facts.param_bytes[q]))
-            last_use[q] = p
+    # Per stage j: the ends b it may have (room for the stages after it), what it sends.
+    ends: list[np.ndarray] = []
+    sent: list[np.ndarray] = []
+    mem_lo: list[np.ndarray] = []
+    for j, d in enumerate(devs):
+        bs = np.array([n]) if j == k - 1 else np.arange(j + 1, n - (k - 1 - j) + 1)
+        ends.append(bs)
+        sent.append((np.full(1, out_bytes) if j == k - 1 else boundary[bs]) / d.bandwidth)
+        mem_lo.append(np.maximum(starts_by_cap[d.memory_bytes][bs], j))
 
-    def sweep(threshold: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One DP pass. threshold None: minimise the bottleneck (f). Else: among stages costing
-        at most threshold, minimise the summed boundary bytes (g), keeping parents."""
-        f = np.full((k, n + 1), np.inf)
-        parent = np.zeros((k, n + 1), dtype=np.int64)
-        params = np.zeros(n, dtype=np.int64)
-        peak = np.zeros(n, dtype=np.int64)
-        mem_end = np.zeros(n, dtype=np.int64)
-        inv_speed = (1.0 / speed)[:, None]
-        for b in range(1, n + 1):
-            p = b - 1
-            for prev, size in uses[p]:
-                params[prev + 1 : b] += size
-            np.maximum(peak[:b], live[p], out=peak[:b])
-            mem = params[:b] + peak[:b]
-            if b == n:
-                mem_end = mem
-            transfer = B[b] / bandwidth if b < n else np.full(k, out_bytes) / bandwidth
-            cost = (C[b] - C[:b])[None, :] * inv_speed + transfer[:, None]  # (k, b)
-            ok = mem[None, :] <= cap[:, None] + 1
-            if threshold is not None:
-                ok &= cost <= threshold
-            # Stage 0 starts at 0; stage j >= 1 continues from f[j-1][a].
-            prev_f = np.vstack((np.full((1, b), np.inf), f[: k - 1, :b]))
-            prev_f[0, 0] = 0.0
-            if threshold is None:
-                val = np.where(ok, np.maximum(prev_f, cost), np.inf)
+    def windows(j: int, bound: float) -> tuple[np.ndarray, np.ndarray]:
+        bs = ends[j]
+        floor = cost_prefix[bs] - speed[j] * (bound - sent[j])
+        lo = np.maximum(np.searchsorted(cost_prefix, floor, side="left"), mem_lo[j])
+        return lo, bs - 1
+
+    def reachable(bound: float) -> tuple[int, np.ndarray]:
+        """(k, _) if a split within bound exists, else (the stage that cannot be placed, the
+        positions where it could start)."""
+        starts = np.zeros(n + 1, dtype=bool)
+        starts[0] = True
+        for j in range(k):
+            lo, hi = windows(j, bound)
+            count = np.concatenate(([0], np.cumsum(starts)))
+            ok = (lo <= hi) & (count[hi + 1] - count[np.minimum(lo, hi + 1)] > 0)
+            if not ok.any():
+                return j, starts
+            starts = np.zeros(n + 1, dtype=bool)
+            starts[ends[j][ok]] = True
+        return k, starts
+
+    stuck, starts = reachable(math.inf)
+    if stuck < k:
+        raise PlanError(_diagnose_memory(facts, layout, devs, stuck, starts))
+    if reachable(0.0)[0] == k:
+        bound = 0.0
+    else:
+        low = 0.0
+        bound = max(cost_prefix[n] / min(speed) + float(s.max()) for s in sent)
+        while reachable(bound)[0] < k:  # pragma: no cover - only if rounding bites
+            bound *= 2.0
+        while bound - low > 1e-13 * bound:
+            mid = 0.5 * (low + bound)
+            if not low < mid < bound:
+                break
+            if reachable(mid)[0] == k:
+                bound = mid
             else:
-                val = np.where(ok, prev_f + (0.0 if b == n else B[b]), np.inf)
-            best = np.argmin(val, axis=1)
-            f[:, b] = val[np.arange(k), best]
-            parent[:, b] = best
-            # Stage j must leave room for the k-1-j stages after it; only the last ends at n.
-            jmin = b - (n - k + 1)
-            if jmin > 0:
-                f[:jmin, b] = np.inf
-            if b < n:
-                f[k - 1, b] = np.inf
-        return f, parent, mem_end
+                low = mid
 
-    f, _, mem_end = sweep(None)
-    best = f[k - 1, n]
-    if not math.isfinite(best):
-        raise PlanError(_diagnose_memory(facts, layout, devs, f, mem_end))
-    g, parent, _ = sweep(best * (1.0 + 1e-12) + 1e-300)
+    # Fewest boundary bytes among the splits within the bound.
+    best = np.full(n + 1, np.inf)
+    best[0] = 0.0
+    parents: list[np.ndarray] = []
+    for j in range(k):
+        lo, hi = windows(j, bound)
+        value, arg = _range_min(best, lo, hi)
+        best = np.full(n + 1, np.inf)
+        best[ends[j]] = value + (0.0 if j == k - 1 else boundary[ends[j]])
+        parent = np.zeros(n + 1, dtype=np.int64)
+        parent[ends[j]] = arg
+        parents.append(parent)
+    if not math.isfinite(best[n]):  # pragma: no cover - the bisection kept a feasible bound
+        raise PlanError("internal error: the balanced plan could not be reconstructed")
     cuts: list[int] = []
     b = n
     for j in range(k - 1, 0, -1):
-        b = int(parent[j, b])
+        b = int(parents[j][b])
         cuts.append(b)
-    if not math.isfinite(g[k - 1, n]):  # pragma: no cover - the first pass found a witness
-        raise PlanError("internal error: the balanced plan could not be reconstructed")
     return tuple(reversed(cuts))
+
+
+def _range_min(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Minimum of values[lo:hi + 1] per query and its earliest index (inf, 0 when lo > hi)."""
+    size = len(values)
+    mins = [values]
+    args = [np.arange(size)]
+    width = 1
+    longest = int((hi - lo).max(initial=0)) + 1
+    while 2 * width <= longest:
+        prev_min, prev_arg = mins[-1], args[-1]
+        left, right = prev_min[: size - 2 * width + 1], prev_min[width : size - width + 1]
+        take_left = left <= right
+        mins.append(np.where(take_left, left, right))
+        args.append(np.where(take_left, prev_arg[: size - 2 * width + 1],
+                             prev_arg[width : size - width + 1]))
+        width *= 2
+    empty = lo > hi
+    lo_q = np.where(empty, 0, lo)
+    hi_q = np.where(empty, 0, hi)
+    level = np.floor(np.log2(hi_q - lo_q + 1)).astype(np.int64)
+    value = np.full(len(lo), np.inf)
+    arg = np.zeros(len(lo), dtype=np.int64)
+    for p in np.unique(level):
+        sel = level == p
+        a, b = lo_q[sel], hi_q[sel] - (1 << int(p)) + 1
+        left, right = mins[p][a], mins[p][b]
+        take_left = left <= right
+        value[sel] = np.where(take_left, left, right)
+        arg[sel] = np.where(take_left, args[p][a], args[p][b])
+    value[empty] = np.inf
+    return value, arg
+
+
+def _memory_starts(facts: _Facts, layout: _Layout, cap: int | None) -> np.ndarray:
+    """For each end b, the earliest start a with mem(a, b) <= cap (b itself when none).
+
+    mem(a, b) only grows with b and shrinks with a, so one two-pointer sweep finds them all,
+    keeping per-initializer use counts for the distinct bytes and a deque for the peak.
+    """
+    n = facts.n
+    if cap is None:
+        return np.zeros(n + 1, dtype=np.int64)
+    starts = np.zeros(n + 1, dtype=np.int64)
+    uses = [0] * len(facts.param_bytes)
+    held = 0
+    live = layout.live.tolist()
+    peak: deque[int] = deque()  # positions in the window, live decreasing
+    a = 0
+    for b in range(1, n + 1):
+        p = b - 1
+        for q in facts.node_params[layout.order[p]]:
+            if uses[q] == 0:
+                held += facts.param_bytes[q]
+            uses[q] += 1
+        while peak and live[peak[-1]] <= live[p]:
+            peak.pop()
+        peak.append(p)
+        while a < b and held + live[peak[0]] > cap:
+            for q in facts.node_params[layout.order[a]]:
+                uses[q] -= 1
+                if uses[q] == 0:
+                    held -= facts.param_bytes[q]
+            if peak[0] == a:
+                peak.popleft()
+            a += 1
+        starts[b] = a
+    return starts
 
 
 def _segment_memory(facts: _Facts, layout: _Layout, a: int, b: int) -> int:
@@ -624,25 +712,16 @@ def _memory_message(dev: DeviceSpec, cap: int, stage: int, need: int) -> str:
 
 
 def _diagnose_memory(
-    facts: _Facts, layout: _Layout, devs: Sequence[DeviceSpec], f: np.ndarray,
-    mem_end: np.ndarray,
+    facts: _Facts, layout: _Layout, devs: Sequence[DeviceSpec], stuck: int, starts: np.ndarray
 ) -> str:
-    """Name the first device that no split can satisfy, and what it would need."""
+    """Say which device's cap no split meets, and the least it would need."""
     n, k = facts.n, len(devs)
-    reachable = np.zeros(n, dtype=bool)
-    reachable[0] = True  # where stage j may start
-    for j in range(k):
-        if j == k - 1:
-            need = int(mem_end[reachable].min())
-        elif not np.isfinite(f[j]).any():
-            # The smallest stage j could hold is one node; memory only grows with length.
-            need = min(_segment_memory(facts, layout, int(a), int(a) + 1)
-                       for a in np.flatnonzero(reachable))
-        else:
-            reachable = np.isfinite(f[j, :n])
-            continue
-        return _memory_message(devs[j], devs[j].memory_bytes or 0, j, need)
-    return "no split meets the memory caps"  # pragma: no cover
+    where = np.flatnonzero(starts[:n])
+    if stuck == k - 1:  # it must hold everything from its start on: the latest start is least
+        need = _segment_memory(facts, layout, int(where.max()), n)
+    else:  # its smallest possible stage is a single node
+        need = min(_segment_memory(facts, layout, int(a), int(a) + 1) for a in where)
+    return _memory_message(devs[stuck], devs[stuck].memory_bytes or 0, stuck, need)
 
 
 def _spectral_cuts(

@@ -1,0 +1,450 @@
+"""Typed cluster events: the past-tense facts the master emits and every view folds.
+
+Design choice: an event is a small frozen, slotted dataclass that records *what happened and
+when* (`t`, wall-clock seconds from the master's clock) and nothing else. Views never ask the
+master for its state; they fold these facts with `periphery_core.cluster.state.apply`, so the
+TUI, the CLI's `--json` output and a replayed JSON log all see the same cluster.
+
+`event_to_dict` / `event_from_dict` are the edge where events leave and enter the process (JSON
+logs, `--json` output). Inside the process events are trusted typed data; `event_from_dict`
+validates every field against the dataclass's annotations and raises `ValueError` for anything
+that does not fit, so a corrupt log line is a data error, never a half-built event.
+
+`EventBus` is the one stateful piece here: a thread-safe fan-out from the master's threads to
+subscribers (the app, a JSON log writer). It delivers every event to every subscriber in the same
+total order, and a subscriber that raises is logged and skipped, never the publisher's problem.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeAlias, Union, get_args, get_origin, get_type_hints
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class StageTiming:
+    """Where one request spent its time in one stage, in seconds.
+
+    Attributes:
+        stage: Stage index in the plan.
+        queue_s: Time the activation waited in the node's queue.
+        compute_s: Time the node's session ran the shard.
+        transfer_s: Time to move the activation to this stage over the network.
+    """
+
+    stage: int
+    queue_s: float
+    compute_s: float
+    transfer_s: float
+
+    @property
+    def total_s(self) -> float:
+        """Queue, compute and transfer time together."""
+        return self.queue_s + self.compute_s + self.transfer_s
+
+
+@dataclass(frozen=True, slots=True)
+class NodeDiscovered:
+    """A node was seen (mDNS or a static peer) but not yet talked to."""
+
+    node_id: str
+    name: str
+    host: str
+    port: int
+    source: str
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
+class NodeJoined:
+    """A node answered hello; `speed` is its measured speed relative to the reference."""
+
+    node_id: str
+    name: str
+    host: str
+    port: int
+    device: str
+    cores: int
+    memory_bytes: int
+    speed: float
+    rtt_s: float | None
+    bandwidth: float | None
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
+class NodeLost:
+    """A node stopped answering or its connection dropped."""
+
+    node_id: str
+    reason: str
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStats:
+    """A node reported its utilisation."""
+
+    node_id: str
+    cpu_percent: float
+    rss_bytes: int
+    memory_percent: float
+    gpu_percent: float | None
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
+class DeployStarted:
+    """A plan's deployment began; `assignment[i]` is the node id that runs stage `i`."""
+
+    plan_stages: int
+    assignment: tuple[str, ...]
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
+class ShardProgress:
+    """Part of a stage's shard was sent to its node."""
+
+    node_id: str
+    stage: int
+    sent_bytes: int
+    total_bytes: int
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
+class StageReady:
+    """A node loaded its shard and serves its stage with the named execution provider."""
+
+    node_id: str
+    stage: int
+    provider: str
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
+class DeployFailed:
+    """A node could not receive or load its stage's shard."""
+
+    node_id: str
+    stage: int
+    reason: str
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
+class DeployFinished:
+    """The deployment that began with the last `DeployStarted` ended."""
+
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
+class RequestCompleted:
+    """A request left the last stage; `stages` are its per-stage timings."""
+
+    request_id: str
+    latency_s: float
+    stages: tuple[StageTiming, ...]
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFailed:
+    """A request failed; `stage` is where, or None when it cannot be attributed to one."""
+
+    request_id: str
+    stage: int | None
+    reason: str
+    t: float
+
+
+Event: TypeAlias = (
+    NodeDiscovered
+    | NodeJoined
+    | NodeLost
+    | NodeStats
+    | DeployStarted
+    | ShardProgress
+    | StageReady
+    | DeployFailed
+    | DeployFinished
+    | RequestCompleted
+    | RequestFailed
+)
+
+EVENT_TYPES: tuple[type[Event], ...] = (
+    NodeDiscovered,
+    NodeJoined,
+    NodeLost,
+    NodeStats,
+    DeployStarted,
+    ShardProgress,
+    StageReady,
+    DeployFailed,
+    DeployFinished,
+    RequestCompleted,
+    RequestFailed,
+)
+"""Every event class, in a stable order."""
+
+_BY_NAME: dict[str, type[Event]] = {cls.__name__: cls for cls in EVENT_TYPES}
+
+
+# --- dict form ---------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """Turn a field value into JSON-ready data (tuples become lists, timings become dicts)."""
+    if isinstance(value, StageTiming):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def event_to_dict(event: Event) -> dict[str, Any]:
+    """Convert an event to a JSON-ready dict tagged with its class name.
+
+    Args:
+        event: Any cluster event.
+
+    Returns:
+        A new dict: `{"type": "<ClassName>", <field>: <value>, ...}` where tuples are lists and
+        `StageTiming`s are dicts. `event_from_dict` reverses it exactly.
+    """
+    out: dict[str, Any] = {"type": type(event).__name__}
+    for f in dataclasses.fields(event):
+        out[f.name] = _plain(getattr(event, f.name))
+    return out
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def _decode(value: Any, hint: Any, where: str) -> Any:
+    """Check `value` against the annotation `hint` and convert it; raise ValueError if unfit."""
+    origin = get_origin(hint)
+    if origin is Union or origin is types.UnionType:
+        args = get_args(hint)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ValueError(f"{where}: must not be null")
+        (inner,) = [a for a in args if a is not type(None)]
+        return _decode(value, inner, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {_type_name(value)}")
+        (item_hint, _ellipsis) = get_args(hint)
+        return tuple(_decode(v, item_hint, f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is StageTiming:
+        return _decode_fields(StageTiming, value, where)
+    if hint is float:
+        # JSON writes 2.0 as 2 in some encoders; bool is an int subclass but never a number here.
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number, got {_type_name(value)}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: expected an integer, got {_type_name(value)}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a string, got {_type_name(value)}")
+        return value
+    raise TypeError(f"{where}: no decoder for annotation {hint!r}")  # a bug here, not bad data
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = get_type_hints(cls)
+        _HINTS[cls] = hints
+    return hints
+
+
+def _decode_fields(cls: type, data: Any, where: str, skip: frozenset[str] = frozenset()) -> Any:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where}: expected an object, got {_type_name(data)}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    missing = [n for n in names if n not in data]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
+    extra = sorted(str(k) for k in data if k not in names and k not in skip)
+    if extra:
+        raise ValueError(f"{where}: unknown field(s) {', '.join(extra)}")
+    hints = _hints(cls)
+    kwargs = {n: _decode(data[n], hints[n], f"{where}.{n}") for n in names}
+    return cls(**kwargs)
+
+
+def event_from_dict(data: Mapping[str, Any]) -> Event:
+    """Build an event from the dict form written by `event_to_dict`.
+
+    Args:
+        data: A mapping with a `"type"` tag naming an event class and exactly that class's
+            fields. Integers are accepted where a float is expected.
+
+    Returns:
+        The event.
+
+    Raises:
+        ValueError: `data` is not a mapping, the type is unknown, a field is missing or unknown,
+            or a value has the wrong type.
+    """
+    if not isinstance(data, Mapping):
+        raise ValueError(f"event: expected an object, got {_type_name(data)}")
+    tag = data.get("type")
+    if not isinstance(tag, str) or tag not in _BY_NAME:
+        raise ValueError(f"event: unknown type {tag!r}")
+    event: Event = _decode_fields(_BY_NAME[tag], data, tag, skip=frozenset({"type"}))
+    return event
+
+
+# --- one-line summaries -------------------------------------------------------------------------
+
+
+def _bytes(n: float) -> str:
+    if abs(n) < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB"):
+        n /= 1024
+        if abs(n) < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} GiB"
+
+
+def describe(event: Event) -> str:
+    """Say what an event means in one short line for an event log (no time stamp).
+
+    Args:
+        event: Any cluster event.
+
+    Returns:
+        A human-readable summary such as ``"node gpu-1 joined (cuda, 16 cores, 1.80x)"``.
+    """
+    match event:
+        case NodeDiscovered():
+            return f"node {event.name} discovered at {event.host}:{event.port} ({event.source})"
+        case NodeJoined():
+            return (
+                f"node {event.name} joined ({event.device}, {event.cores} cores, "
+                f"{_bytes(event.memory_bytes)}, {event.speed:.2f}x)"
+            )
+        case NodeLost():
+            return f"node {event.node_id} lost: {event.reason}"
+        case NodeStats():
+            return f"node {event.node_id} cpu {event.cpu_percent:.0f}%"
+        case DeployStarted():
+            return f"deploy started: {event.plan_stages} stages on {', '.join(event.assignment)}"
+        case ShardProgress():
+            return (
+                f"stage {event.stage} → {event.node_id}: "
+                f"{_bytes(event.sent_bytes)} of {_bytes(event.total_bytes)}"
+            )
+        case StageReady():
+            return f"stage {event.stage} ready on {event.node_id} ({event.provider})"
+        case DeployFailed():
+            return f"stage {event.stage} failed on {event.node_id}: {event.reason}"
+        case DeployFinished():
+            return "deploy finished"
+        case RequestCompleted():
+            return f"request {event.request_id} done in {event.latency_s * 1000:.1f} ms"
+        case RequestFailed():
+            where = "" if event.stage is None else f" at stage {event.stage}"
+            return f"request {event.request_id} failed{where}: {event.reason}"
+    raise TypeError(f"not a cluster event: {event!r}")
+
+
+# --- fan-out ------------------------------------------------------------------------------------
+
+Subscriber = Callable[[Event], None]
+
+
+class EventBus:
+    """Thread-safe fan-out of events to subscribers, in one total order.
+
+    Any thread may `publish`. Events are queued and delivered by whichever publishing thread
+    finds no delivery in progress, so every subscriber sees every event in the same order, a
+    subscriber may publish or (un)subscribe from inside its callback without deadlock, and no
+    lock is held while a callback runs. When another thread is delivering, `publish` returns
+    once the event is queued and that thread delivers it.
+
+    A callback that raises `Exception` is logged and skipped; the publisher and the other
+    subscribers carry on. Callbacks run on the delivering thread, so UI code must hop to its own
+    thread (e.g. Textual's `post_message` / `call_from_thread`).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # Replaced, never mutated, so reading it under the lock is a free snapshot.
+        self._subscribers: tuple[tuple[object, Subscriber], ...] = ()
+        self._pending: collections.deque[Event] = collections.deque()
+        self._delivering = False
+
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        """Add a subscriber.
+
+        Args:
+            callback: Called with each event published from now on.
+
+        Returns:
+            A function that removes this subscription; calling it again does nothing.
+        """
+        key = object()  # one per subscription, so the same callback may subscribe twice
+        with self._lock:
+            self._subscribers = (*self._subscribers, (key, callback))
+
+        def unsubscribe() -> None:
+            with self._lock:
+                self._subscribers = tuple(s for s in self._subscribers if s[0] is not key)
+
+        return unsubscribe
+
+    def publish(self, event: Event) -> None:
+        """Deliver an event to every current subscriber.
+
+        Args:
+            event: The event. Subscribers see it after every event published before it.
+        """
+        with self._lock:
+            self._pending.append(event)
+            if self._delivering:
+                return
+            self._delivering = True
+        try:
+            while True:
+                with self._lock:
+                    if not self._pending:
+                        self._delivering = False
+                        return
+                    current = self._pending.popleft()
+                    subscribers = self._subscribers
+                for _key, callback in subscribers:
+                    try:
+                        callback(current)
+                    except Exception:
+                        log.exception("event subscriber failed on %s", type(current).__name__)
+        except BaseException:
+            # KeyboardInterrupt/SystemExit from a callback: let the next publish deliver the rest.
+            with self._lock:
+                self._delivering = False
+            raise
+
+    def __len__(self) -> int:
+        """Number of current subscribers."""
+        return len(self._subscribers)

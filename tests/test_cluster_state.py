@@ -1,0 +1,742 @@
+"""The cluster view as a fold: event lists in, states out; metrics, dict form and the bus."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import re
+import statistics
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from periphery_core.cluster.events import (
+    EVENT_TYPES,
+    DeployFailed,
+    DeployFinished,
+    DeployStarted,
+    Event,
+    EventBus,
+    NodeDiscovered,
+    NodeJoined,
+    NodeLost,
+    NodeStats,
+    RequestCompleted,
+    RequestFailed,
+    ShardProgress,
+    StageReady,
+    StageTiming,
+    event_from_dict,
+    event_to_dict,
+)
+from periphery_core.cluster.metrics import LatencyWindow, StageStats, prometheus_text
+from periphery_core.cluster.state import (
+    BUSY_S,
+    RECENT_EVENTS,
+    ClusterState,
+    FrozenMap,
+    apply,
+    fold,
+)
+
+# --- event builders: the figures that do not matter to a test get fixed values ----------------
+
+
+def discovered(node: str, t: float, host: str = "10.0.0.1") -> NodeDiscovered:
+    return NodeDiscovered(node_id=node, name=node, host=host, port=5555, source="mdns", t=t)
+
+
+def joined(node: str, t: float, speed: float = 1.0, name: str | None = None) -> NodeJoined:
+    return NodeJoined(
+        node_id=node,
+        name=name or node,
+        host="10.0.0.1",
+        port=5555,
+        device="cpu",
+        cores=8,
+        memory_bytes=16 << 30,
+        speed=speed,
+        rtt_s=0.002,
+        bandwidth=1.2e8,
+        t=t,
+    )
+
+
+def lost(node: str, t: float) -> NodeLost:
+    return NodeLost(node_id=node, reason="timeout", t=t)
+
+
+def stats(node: str, t: float, cpu: float = 50.0, rss: int = 1 << 28) -> NodeStats:
+    return NodeStats(
+        node_id=node, cpu_percent=cpu, rss_bytes=rss, memory_percent=12.5, gpu_percent=None, t=t
+    )
+
+
+def deploy(t: float, *nodes: str) -> DeployStarted:
+    return DeployStarted(plan_stages=len(nodes), assignment=nodes, t=t)
+
+
+def done(rid: int, t: float, latency: float, *timings: tuple[float, float, float]) -> Event:
+    stages = tuple(StageTiming(i, q, c, x) for i, (q, c, x) in enumerate(timings))
+    return RequestCompleted(request_id=str(rid), latency_s=latency, stages=stages, t=t)
+
+
+def snapshot(value: Any) -> Any:
+    """A plain nested copy of everything a state holds, private fields included."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = dataclasses.fields(value)
+        return (
+            type(value).__name__,
+            tuple((f.name, snapshot(getattr(value, f.name))) for f in fields),
+        )
+    if isinstance(value, Mapping):
+        return ("map", tuple(sorted((repr(k), snapshot(v)) for k, v in value.items())))
+    if isinstance(value, (tuple, list)):
+        return tuple(snapshot(v) for v in value)
+    return value
+
+
+# --- nodes -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("events", "expected"),
+    [
+        pytest.param([discovered("a", 1)], {"a": "discovered"}, id="discovered"),
+        pytest.param([discovered("a", 1), joined("a", 2)], {"a": "ready"}, id="joined"),
+        pytest.param([joined("a", 1)], {"a": "ready"}, id="joined-without-discovery"),
+        pytest.param([joined("a", 1), lost("a", 2)], {"a": "lost"}, id="lost"),
+        pytest.param([joined("a", 1), lost("a", 2), joined("a", 3)], {"a": "ready"}, id="rejoin"),
+        pytest.param([joined("a", 1), discovered("a", 2)], {"a": "ready"}, id="rediscovered"),
+        pytest.param(
+            [joined("a", 1), lost("a", 2), discovered("a", 3)],
+            {"a": "lost"},
+            id="lost-stays-lost-when-advertised",
+        ),
+        pytest.param([lost("x", 1), stats("x", 2)], {}, id="unknown-node-ignored"),
+        pytest.param(
+            [joined("a", 1), joined("b", 1), lost("b", 2), discovered("c", 3)],
+            {"a": "ready", "b": "lost", "c": "discovered"},
+            id="several",
+        ),
+    ],
+)
+def test_node_lifecycle(events: list[Event], expected: dict[str, str]) -> None:
+    state = fold(events)
+    assert {n.id: n.state for n in state.nodes.values()} == expected
+
+
+def test_discovery_does_not_overwrite_a_known_node() -> None:
+    state = fold([discovered("a", 1, host="10.0.0.1"), discovered("a", 2, host="10.9.9.9")])
+    assert state.nodes["a"].host == "10.0.0.1"
+    assert state.nodes["a"].device is None
+
+
+def test_lost_node_keeps_figures_and_stage_and_rejoins_ready() -> None:
+    events: list[Event] = [
+        joined("a", 1, speed=2.5),
+        stats("a", 2, cpu=75.0),
+        deploy(3, "a"),
+        StageReady("a", 0, "CPUExecutionProvider", t=4),
+        lost("a", 5),
+    ]
+    state = fold(events)
+    node = state.nodes["a"]
+    assert (node.state, node.speed, node.cores, node.stage, node.cpu_percent) == (
+        "lost",
+        2.5,
+        8,
+        0,
+        75.0,
+    )
+    back = apply(state, joined("a", 6, speed=3.0))
+    assert (back.nodes["a"].state, back.nodes["a"].speed, back.nodes["a"].stage) == (
+        "ready",
+        3.0,
+        0,
+    )
+
+
+def test_stats_update_utilisation_and_last_seen() -> None:
+    state = fold([joined("a", 1), stats("a", 7, cpu=12.0, rss=123)])
+    node = state.nodes["a"]
+    assert (node.cpu_percent, node.rss_bytes, node.memory_percent, node.last_seen) == (
+        12.0,
+        123,
+        12.5,
+        7,
+    )
+
+
+# --- deploy ------------------------------------------------------------------------------------
+
+
+def test_deploy_flow() -> None:
+    state = fold([joined("a", 1), joined("b", 1), joined("c", 1), deploy(2, "a", "b")])
+    assert state.deploy_status == "deploying"
+    assert (state.plan_stages, state.assignment) == (2, ("a", "b"))
+    assert {n.id: (n.state, n.stage) for n in state.nodes.values()} == {
+        "a": ("joining", 0),
+        "b": ("joining", 1),
+        "c": ("ready", None),
+    }
+    assert [(s.stage, s.node_id, s.status) for s in state.deploy.values()] == [
+        (0, "a", "pending"),
+        (1, "b", "pending"),
+    ]
+
+    state = apply(state, ShardProgress("a", 0, sent_bytes=250, total_bytes=1000, t=2.5))
+    assert (state.deploy[0].status, state.deploy[0].fraction) == ("sending", 0.25)
+
+    state = apply(state, StageReady("a", 0, "CPUExecutionProvider", t=3))
+    assert (state.nodes["a"].state, state.nodes["a"].provider) == ("ready", "CPUExecutionProvider")
+    assert (state.deploy[0].status, state.deploy[0].fraction) == ("ready", 1.0)
+    assert state.nodes["b"].state == "joining"
+    assert state.deploy_status == "deploying"
+
+    state = fold([StageReady("b", 1, "CUDAExecutionProvider", t=4), DeployFinished(t=5)], state)
+    assert state.deploy_status == "deployed"
+    assert {n.id: n.state for n in state.nodes.values()} == {
+        "a": "ready",
+        "b": "ready",
+        "c": "ready",
+    }
+
+
+def test_deploy_failure() -> None:
+    state = fold(
+        [
+            joined("a", 1),
+            joined("b", 1),
+            deploy(2, "a", "b"),
+            StageReady("a", 0, "CPUExecutionProvider", t=3),
+            DeployFailed("b", 1, "out of memory", t=4),
+            DeployFinished(t=5),
+        ]
+    )
+    assert state.deploy_status == "failed"
+    assert (state.deploy[1].status, state.deploy[1].error) == ("failed", "out of memory")
+    assert state.nodes["b"].state == "ready"  # alive, just not serving
+
+
+def test_redeploy_moves_stages_and_resets_stage_timings() -> None:
+    state = fold(
+        [
+            joined("a", 1),
+            joined("b", 1),
+            joined("c", 1),
+            deploy(2, "a", "b"),
+            done(1, 3, 0.1, (0.0, 0.05, 0.0), (0.0, 0.05, 0.0)),
+        ]
+    )
+    assert state.stage_stats.stages() == (0, 1)
+    state = apply(state, deploy(20, "c", "b"))
+    assert {n.id: (n.state, n.stage) for n in state.nodes.values()} == {
+        "a": ("ready", None),
+        "b": ("joining", 1),
+        "c": ("joining", 0),
+    }
+    assert state.stage_stats.stages() == ()
+    assert state.requests_completed == 1  # counters are totals, never reset
+
+
+def test_busy_follows_completed_requests_by_event_time() -> None:
+    base: list[Event] = [joined("a", 1), joined("b", 1), joined("c", 1), deploy(2, "a", "b")]
+    base += [StageReady("a", 0, "cpu", t=3), StageReady("b", 1, "cpu", t=3), DeployFinished(t=3)]
+    state = fold([*base, done(1, 10, 0.2, (0, 0.1, 0), (0, 0.1, 0))])
+    assert {n.id: n.state for n in state.nodes.values()} == {"a": "busy", "b": "busy", "c": "ready"}
+    assert state.node_state("a", now=10 + BUSY_S) == "busy"
+    assert state.node_state("a", now=10 + BUSY_S + 0.01) == "ready"
+    assert state.node_state("c", now=10 + BUSY_S) == "ready"
+
+    still = apply(state, stats("c", 10 + BUSY_S - 0.1))
+    assert still.nodes["a"].state == "busy"
+    later = apply(state, stats("c", 10 + BUSY_S + 0.5))
+    assert {n.id: n.state for n in later.nodes.values()} == {
+        "a": "ready",
+        "b": "ready",
+        "c": "ready",
+    }
+    assert [n.id for n in state.nodes_in("busy")] == ["a", "b"]
+    assert [n.id for n in state.nodes_in("busy", now=100)] == []
+
+
+def test_completed_request_does_not_revive_a_lost_node() -> None:
+    state = fold([joined("a", 1), deploy(2, "a"), lost("a", 3), done(1, 4, 0.1, (0, 0.1, 0))])
+    assert state.nodes["a"].state == "lost"
+
+
+def test_counters() -> None:
+    events: list[Event] = [done(i, i, 0.1) for i in range(5)]
+    events += [RequestFailed("x", 1, "boom", t=6), RequestFailed("y", None, "lost", t=7)]
+    state = fold(events)
+    assert (state.requests_completed, state.requests_failed) == (5, 2)
+
+
+# --- latency, throughput, windows --------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(0.0, 10.0, allow_nan=False, allow_infinity=False), min_size=1, max_size=400)
+)
+def test_percentiles_match_numpy(latencies: list[float]) -> None:
+    state = fold(done(i, 100 + i * 0.01, lat) for i, lat in enumerate(latencies))
+    got = state.latency(now=105)
+    want = np.percentile(latencies, [50, 90, 99])
+    assert [got["p50"], got["p90"], got["p99"]] == pytest.approx(
+        want.tolist(), rel=1e-12, abs=1e-15
+    )
+
+
+def test_window_expiry() -> None:
+    rng = np.random.default_rng(7)
+    latencies = rng.exponential(0.05, size=200)
+    times = np.arange(200) * 0.5  # one request every 0.5 s from t=0 to t=99.5
+    state = fold(
+        done(i, float(t), float(x)) for i, (t, x) in enumerate(zip(times, latencies, strict=True))
+    )
+    now = 100.0
+    inside = latencies[now - times < 30.0]
+    assert len(inside) == 59  # 70.5 .. 99.5: a sample exactly window_s old is out
+    got = state.latency(now)
+    assert [got["p50"], got["p90"], got["p99"]] == pytest.approx(
+        np.percentile(inside, [50, 90, 99]).tolist(), rel=1e-12
+    )
+    assert state.throughput(now) == pytest.approx(59 / 30.0)
+    assert len(state.latency_window) <= 60 + 2 * 128  # expired chunks are dropped, not kept
+
+    empty = state.latency(now + 30)
+    assert all(math.isnan(v) for v in empty.values())
+    assert state.throughput(now + 30) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("times", "now", "rps"),
+    [
+        pytest.param([], 10.0, 0.0, id="empty"),
+        pytest.param([5.0], 5.0, 0.0, id="no-time-passed"),
+        pytest.param([0.0, 1, 2, 3, 4, 5, 6, 7, 8, 9], 10.0, 1.0, id="young-run-not-diluted"),
+        pytest.param([float(t) for t in range(100)], 99.5, 1.0, id="full-window"),
+        pytest.param([0.0, 50.0, 51.0], 60.0, 2 / 30, id="old-sample-expired"),
+    ],
+)
+def test_throughput(times: list[float], now: float, rps: float) -> None:
+    state = fold(done(i, t, 0.1) for i, t in enumerate(times))
+    assert state.throughput(now) == pytest.approx(rps)
+
+
+def test_latency_window_is_capped() -> None:
+    window = LatencyWindow(window_s=30.0, max_samples=300)
+    for i in range(2000):
+        window = window.add(i * 0.001, float(i))  # 1000 requests/s for 2 s
+    assert len(window) <= 300 + 128
+    kept = window.latencies(now=2.0)
+    assert kept == [float(i) for i in range(1700, 2000)]
+    # the cap cut into the window: the rate is measured over the span the kept samples cover
+    assert window.throughput(2.0) == pytest.approx(300 / (2.0 - 1.7), rel=1e-6)
+
+
+def test_latency_window_add_leaves_the_original_alone() -> None:
+    a = LatencyWindow(window_s=5.0)
+    b = a.add(1.0, 0.5)
+    assert len(a) == 0 and a.latencies(1.0) == []
+    assert b.latencies(1.0) == [0.5]
+    with pytest.raises(ValueError):
+        LatencyWindow(window_s=0)
+
+
+# --- stage stats and bottleneck ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("requests", "bottleneck"),
+    [
+        pytest.param([], None, id="none"),
+        pytest.param([[(0, 0.1, 0), (0, 0.3, 0), (0, 0.2, 0)]], 1, id="compute"),
+        pytest.param([[(0.5, 0.1, 0), (0, 0.3, 0)]], 0, id="queue-counts"),
+        pytest.param([[(0, 0.1, 0), (0, 0.1, 0.25)]], 1, id="transfer-counts"),
+        pytest.param([[(0, 0.2, 0), (0, 0.2, 0)]], 0, id="tie-lowest-stage"),
+        pytest.param(  # one outlier does not move a median
+            [[(0, 0.1, 0), (0, 0.2, 0)]] * 4 + [[(0, 5.0, 0), (0, 0.2, 0)]], 1, id="median-not-mean"
+        ),
+    ],
+)
+def test_bottleneck_stage(
+    requests: list[list[tuple[float, float, float]]], bottleneck: int | None
+) -> None:
+    state = fold(done(i, i, 1.0, *timings) for i, timings in enumerate(requests))
+    assert state.bottleneck_stage() == bottleneck
+
+
+def test_stage_summaries_and_sample_cap() -> None:
+    rng = np.random.default_rng(3)
+    rows = rng.uniform(0, 1, size=(50, 3))
+    stage_stats = StageStats(max_samples=20)
+    for q, c, x in rows:
+        stage_stats = stage_stats.add([StageTiming(0, float(q), float(c), float(x))])
+    summary = stage_stats.summary(0)
+    assert summary is not None
+    last = rows[-20:]
+    assert summary.count == 20
+    assert summary.queue_mean == pytest.approx(float(last[:, 0].mean()))
+    assert summary.compute_median == pytest.approx(statistics.median(last[:, 1].tolist()))
+    assert summary.transfer_median == pytest.approx(statistics.median(last[:, 2].tolist()))
+    assert summary.total_median == pytest.approx(statistics.median(last.sum(axis=1).tolist()))
+    assert stage_stats.summary(1) is None
+
+
+# --- recent events log -------------------------------------------------------------------------
+
+
+def test_recent_log_is_bounded_and_skips_high_rate_events() -> None:
+    events: list[Event] = [joined(f"n{i}", i) for i in range(RECENT_EVENTS + 50)]
+    events += [done(1, 999, 0.1), stats("n0", 999)]
+    state = fold(events)
+    assert len(state.recent) == RECENT_EVENTS
+    assert state.recent[-1].endswith(
+        f"node n{RECENT_EVENTS + 49} joined (cpu, 8 cores, 16.0 GiB, 1.00x)"
+    )
+    assert state.recent[0].split(" ", 2)[2].startswith("n50 joined")
+
+
+def test_recent_log_lines_are_single_lines() -> None:
+    state = fold([joined("a", 1, name="evil\nname")])
+    assert "\n" not in state.recent[-1] and "evil\\nname" in state.recent[-1]
+
+
+# --- purity ------------------------------------------------------------------------------------
+
+node_ids = st.sampled_from(["a", "b", "c"])
+times = st.floats(0, 100, allow_nan=False)
+timings = st.builds(
+    StageTiming,
+    st.integers(0, 3),
+    st.floats(0, 1, allow_nan=False),
+    st.floats(0, 1, allow_nan=False),
+    st.floats(0, 1, allow_nan=False),
+)
+texts = st.text(max_size=8)
+maybe_float = st.none() | st.floats(0, 1e9, allow_nan=False)
+
+EVENT_STRATEGIES: dict[type, st.SearchStrategy[Any]] = {
+    NodeDiscovered: st.builds(
+        NodeDiscovered, node_ids, texts, texts, st.integers(0, 65535), texts, times
+    ),
+    NodeJoined: st.builds(
+        NodeJoined,
+        node_ids,
+        texts,
+        texts,
+        st.integers(0, 65535),
+        texts,
+        st.integers(1, 256),
+        st.integers(0, 1 << 40),
+        st.floats(0.01, 100, allow_nan=False),
+        maybe_float,
+        maybe_float,
+        times,
+    ),
+    NodeLost: st.builds(NodeLost, node_ids, texts, times),
+    NodeStats: st.builds(
+        NodeStats,
+        node_ids,
+        st.floats(0, 800, allow_nan=False),
+        st.integers(0, 1 << 40),
+        st.floats(0, 100, allow_nan=False),
+        st.none() | st.floats(0, 100, allow_nan=False),
+        times,
+    ),
+    DeployStarted: st.builds(
+        DeployStarted, st.integers(0, 4), st.lists(node_ids, max_size=4).map(tuple), times
+    ),
+    ShardProgress: st.builds(
+        ShardProgress,
+        node_ids,
+        st.integers(0, 3),
+        st.integers(0, 10**9),
+        st.integers(0, 10**9),
+        times,
+    ),
+    StageReady: st.builds(StageReady, node_ids, st.integers(0, 3), texts, times),
+    DeployFailed: st.builds(DeployFailed, node_ids, st.integers(0, 3), texts, times),
+    DeployFinished: st.builds(DeployFinished, times),
+    RequestCompleted: st.builds(
+        RequestCompleted,
+        texts,
+        st.floats(0, 10, allow_nan=False),
+        st.lists(timings, max_size=4).map(tuple),
+        times,
+    ),
+    RequestFailed: st.builds(RequestFailed, texts, st.none() | st.integers(0, 3), texts, times),
+}
+any_event = st.one_of(*EVENT_STRATEGIES.values())
+
+
+def test_every_event_type_has_a_strategy() -> None:
+    assert set(EVENT_STRATEGIES) == set(EVENT_TYPES)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(any_event, max_size=40))
+def test_apply_is_pure(events: list[Event]) -> None:
+    state = ClusterState.empty()
+    for event in events:
+        before_snapshot = snapshot(state)
+        before_copy = copy.deepcopy(state)
+        new = apply(state, event)
+        assert snapshot(state) == before_snapshot
+        assert state == before_copy
+        assert new is not state
+        state = new
+
+
+def test_fold_replays_onto_an_initial_state() -> None:
+    events: list[Event] = [joined("a", 1), deploy(2, "a"), done(1, 3, 0.1, (0, 0.1, 0))]
+    assert fold(events[1:], fold(events[:1])) == fold(events)
+
+
+def test_apply_rejects_non_events() -> None:
+    with pytest.raises(TypeError):
+        apply(ClusterState.empty(), "NodeJoined")  # type: ignore[arg-type]
+
+
+def test_frozen_map_set_returns_a_new_map() -> None:
+    a: FrozenMap[str, int] = FrozenMap({"x": 1})
+    b = a.set("y", 2)
+    assert dict(a) == {"x": 1} and dict(b) == {"x": 1, "y": 2}
+    assert a == {"x": 1} and hash(a) == hash(FrozenMap([("x", 1)]))
+
+
+# --- dict form ---------------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(any_event)
+def test_event_dict_round_trip(event: Event) -> None:
+    data = json.loads(json.dumps(event_to_dict(event)))
+    assert data["type"] == type(event).__name__
+    assert event_from_dict(data) == event
+
+
+def test_ints_are_accepted_where_floats_are_expected() -> None:
+    event = event_from_dict({"type": "DeployFinished", "t": 3})
+    assert event == DeployFinished(t=3.0) and isinstance(event.t, float)
+
+
+GOOD = event_to_dict(done(7, 1.0, 0.5, (0.1, 0.2, 0.3)))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param([], id="not-a-dict"),
+        pytest.param({"t": 1.0}, id="no-type"),
+        pytest.param({"type": "NodeExploded", "t": 1.0}, id="unknown-type"),
+        pytest.param({"type": "__init__", "t": 1.0}, id="not-an-event-name"),
+        pytest.param({"type": "NodeLost", "node_id": "a", "t": 1.0}, id="missing-field"),
+        pytest.param(
+            {"type": "NodeLost", "node_id": "a", "reason": "x", "t": 1.0, "extra": 1},
+            id="unknown-field",
+        ),
+        pytest.param({"type": "NodeLost", "node_id": 3, "reason": "x", "t": 1.0}, id="int-for-str"),
+        pytest.param(
+            {"type": "NodeLost", "node_id": "a", "reason": "x", "t": "1"}, id="str-for-float"
+        ),
+        pytest.param(
+            {"type": "NodeLost", "node_id": "a", "reason": "x", "t": True}, id="bool-for-float"
+        ),
+        pytest.param({"type": "NodeLost", "node_id": "a", "reason": None, "t": 1.0}, id="null"),
+        pytest.param({**event_to_dict(discovered("a", 1)), "port": 5.5}, id="float-for-int"),
+        pytest.param({**event_to_dict(deploy(1, "a")), "assignment": "a"}, id="str-for-list"),
+        pytest.param({**event_to_dict(deploy(1, "a")), "assignment": [1]}, id="bad-list-item"),
+        pytest.param({**GOOD, "stages": [{"stage": 0, "queue_s": 0.1}]}, id="timing-missing"),
+        pytest.param({**GOOD, "stages": [[0, 0.1, 0.2, 0.3]]}, id="timing-not-object"),
+    ],
+)
+def test_event_from_dict_rejects_bad_data(data: Any) -> None:
+    with pytest.raises(ValueError):
+        event_from_dict(data)
+
+
+# --- Prometheus --------------------------------------------------------------------------------
+
+_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+_LABEL_VALUE = r'"(?:[^"\\\n]|\\[\\"n])*"'
+_SAMPLE = re.compile(
+    rf"^(?P<name>{_NAME})"
+    rf"(?:\{{(?P<labels>[a-zA-Z_][a-zA-Z0-9_]*={_LABEL_VALUE}(?:,[a-zA-Z_][a-zA-Z0-9_]*={_LABEL_VALUE})*)?\}})?"
+    r" (?P<value>NaN|[+-]Inf|[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)$"
+)
+_LABEL = re.compile(rf"([a-zA-Z_][a-zA-Z0-9_]*)=({_LABEL_VALUE})")
+_HELP = re.compile(rf"^# HELP (?P<name>{_NAME}) (?:[^\\\n]|\\[\\n])*$")
+_TYPE = re.compile(rf"^# TYPE (?P<name>{_NAME}) (?:counter|gauge|summary|histogram|untyped)$")
+
+
+def _unescape(quoted: str) -> str:
+    return re.sub(r"\\([\\\"n])", lambda m: "\n" if m[1] == "n" else m[1], quoted[1:-1])
+
+
+def parse_exposition(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A strict parser for what we emit: HELP, then TYPE, then that family's samples."""
+    assert text.endswith("\n")
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    helped: set[str] = set()
+    typed: set[str] = set()
+    for line in text[:-1].split("\n"):
+        if m := _HELP.match(line):
+            assert m["name"] not in helped, f"second HELP for {m['name']}"
+            helped.add(m["name"])
+        elif m := _TYPE.match(line):
+            assert m["name"] in helped and m["name"] not in typed, line
+            typed.add(m["name"])
+        else:
+            m = _SAMPLE.match(line)
+            assert m, f"not a valid sample line: {line!r}"
+            assert m["name"] in typed, f"sample before its TYPE: {line!r}"
+            labels = tuple((k, _unescape(v)) for k, v in _LABEL.findall(m["labels"] or ""))
+            key = (m["name"], labels)
+            assert key not in samples, f"duplicate sample {key}"
+            samples[key] = float(m["value"])
+    return samples
+
+
+def test_prometheus_text() -> None:
+    weird = 'gpu "1"\\ \nbox'
+    events: list[Event] = [
+        joined("a", 1),
+        joined(weird, 1),
+        discovered("c", 1),
+        joined("d", 1),
+        lost("d", 2),
+        stats("a", 2, cpu=37.5, rss=1000),
+        stats(weird, 2, cpu=80.0, rss=2000),
+        deploy(3, "a", weird),
+        StageReady("a", 0, "cpu", t=4),
+        StageReady(weird, 1, "cuda", t=4),
+        DeployFinished(t=4),
+    ]
+    latencies = [0.1, 0.2, 0.3, 0.4, 1.0]
+    events += [
+        done(i, 10 + i, lat, (0.01, 0.02, 0.0), (0.03, 0.5, 0.04))
+        for i, lat in enumerate(latencies)
+    ]
+    events.append(RequestFailed("x", 1, "boom", t=15))
+    state = fold(events)
+    now = 15.0
+    samples = parse_exposition(prometheus_text(state, now))
+
+    assert samples[("periphery_nodes", (("state", "busy"),))] == 2
+    assert samples[("periphery_nodes", (("state", "discovered"),))] == 1
+    assert samples[("periphery_nodes", (("state", "lost"),))] == 1
+    assert samples[("periphery_nodes", (("state", "ready"),))] == 0
+    assert samples[("periphery_requests_total", ())] == 5
+    assert samples[("periphery_request_failures_total", ())] == 1
+    want = np.percentile(latencies, [50, 90, 99])
+    for q, value in zip(("0.5", "0.9", "0.99"), want, strict=True):
+        assert samples[("periphery_latency_seconds", (("quantile", q),))] == pytest.approx(value)
+    assert samples[("periphery_throughput_rps", ())] == pytest.approx(5 / (now - 10))
+    assert samples[("periphery_stage_compute_seconds", (("stage", "1"),))] == pytest.approx(0.5)
+    assert samples[("periphery_stage_queue_seconds", (("stage", "0"),))] == pytest.approx(0.01)
+    assert samples[("periphery_stage_transfer_seconds", (("stage", "1"),))] == pytest.approx(0.04)
+    assert samples[("periphery_node_cpu_percent", (("node", weird),))] == 80.0
+    assert samples[("periphery_node_rss_bytes", (("node", "a"),))] == 1000
+    # nodes without stats, and lost nodes, have no utilisation samples
+    assert not any(
+        name.startswith("periphery_node_") and labels == (("node", "d"),)
+        for name, labels in samples
+    )
+
+    # after busy has passed, the same state scraped later shows the nodes ready again
+    later = parse_exposition(prometheus_text(state, now + 100))
+    assert later[("periphery_nodes", (("state", "ready"),))] == 2
+    assert math.isnan(later[("periphery_latency_seconds", (("quantile", "0.5"),))])
+
+
+def test_prometheus_text_of_an_empty_cluster_parses() -> None:
+    samples = parse_exposition(prometheus_text(ClusterState.empty(), 0.0))
+    assert samples[("periphery_requests_total", ())] == 0
+    assert samples[("periphery_throughput_rps", ())] == 0
+
+
+# --- the bus -----------------------------------------------------------------------------------
+
+
+def test_bus_fans_out_and_survives_a_raising_subscriber(caplog: pytest.LogCaptureFixture) -> None:
+    bus = EventBus()
+    first: list[Event] = []
+    last: list[Event] = []
+
+    def explode(event: Event) -> None:
+        raise RuntimeError("subscriber bug")
+
+    bus.subscribe(first.append)
+    bus.subscribe(explode)
+    bus.subscribe(last.append)
+    events: list[Event] = [joined("a", 1), lost("a", 2)]
+    with caplog.at_level(logging.ERROR, logger="periphery_core.cluster.events"):
+        for event in events:
+            bus.publish(event)
+    assert first == events and last == events
+    assert "subscriber bug" in caplog.text
+
+
+def test_bus_unsubscribe() -> None:
+    bus = EventBus()
+    got: list[Event] = []
+    unsubscribe = bus.subscribe(got.append)
+    twice = bus.subscribe(got.append)  # the same callback twice is two subscriptions
+    bus.publish(DeployFinished(t=1))
+    unsubscribe()
+    unsubscribe()  # idempotent
+    bus.publish(DeployFinished(t=2))
+    twice()
+    bus.publish(DeployFinished(t=3))
+    assert [e.t for e in got] == [1, 1, 2]
+    assert len(bus) == 0
+
+
+def test_bus_keeps_one_order_when_a_subscriber_publishes() -> None:
+    bus = EventBus()
+    seen: dict[str, list[float]] = {"a": [], "b": []}
+
+    def a(event: Event) -> None:
+        seen["a"].append(event.t)
+        if event.t == 1:
+            bus.publish(DeployFinished(t=2))
+
+    bus.subscribe(a)
+    bus.subscribe(lambda e: seen["b"].append(e.t))
+    bus.publish(DeployFinished(t=1))
+    assert seen == {"a": [1, 2], "b": [1, 2]}
+
+
+def test_bus_from_many_threads_delivers_everything_in_one_order() -> None:
+    bus = EventBus()
+    a: list[Event] = []
+    b: list[Event] = []
+    bus.subscribe(a.append)
+    bus.subscribe(b.append)
+
+    def publish_many(k: int) -> None:
+        for i in range(500):
+            bus.publish(stats(f"n{k}", i))
+
+    threads = [threading.Thread(target=publish_many, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(a) == 2000 and a == b
+    for k in range(4):  # each publisher's own events stay in its order
+        assert [e.t for e in a if isinstance(e, NodeStats) and e.node_id == f"n{k}"] == list(
+            range(500)
+        )

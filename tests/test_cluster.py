@@ -259,3 +259,25 @@ def test_a_node_stopped_with_queued_requests_fails_them_explicitly() -> None:
         # master sees the node gone.
         assert len(outcomes) == 12
         assert "failed" in outcomes
+
+
+def test_metrics_endpoint_serves_the_folded_state(cluster) -> None:
+    import urllib.request
+
+    from periphery_core.cluster.tracker import MetricsServer, StateTracker
+
+    _, master, handles = cluster
+    _deploy(master, handles, DEMO, 2)
+    tracker = StateTracker(master.bus)
+    server = MetricsServer(tracker, 0)
+    try:
+        inputs = _prepared(DEMO)[1].inputs
+        list(master.run_many((random_feeds(inputs, i) for i in range(4)), inflight=2))
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+    finally:
+        server.close()
+        tracker.close()
+    assert "periphery_requests_total 4" in text
+    assert 'periphery_latency_seconds{quantile="0.5"}' in text
+    assert 'periphery_stage_compute_seconds{stage="1"}' in text

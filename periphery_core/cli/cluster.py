@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import sys
 import time
@@ -146,6 +147,8 @@ def _write_devices(path: Path, devices: list) -> None:
               help="A .npz with one array per model input (default: seeded random data).")
 @click.option("--check", is_flag=True,
               help="Compare every result with the unsharded model; exit 1 on a difference.")
+@click.option("--metrics-port", type=int, default=None,
+              help="Serve Prometheus metrics on 127.0.0.1:PORT/metrics while running.")
 @click.option("--optimize", is_flag=True,
               help="Graph optimizations on (faster; results then differ slightly).")
 @input_shape_option
@@ -153,7 +156,7 @@ def _write_devices(path: Path, devices: list) -> None:
 @handle_errors
 def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns: bool,
         count: int, inflight: int, micro_batch: int | None, inputs_path: Path | None,
-        check: bool, optimize: bool,
+        check: bool, metrics_port: int | None, optimize: bool,
         input_shapes: tuple[str, ...], as_json: bool) -> None:
     """Deploy a plan to nodes, stream requests through the pipeline, report latency."""
     from periphery_core.cli.main import _analysis
@@ -188,12 +191,21 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
     exact = not optimize
     completed: list[ev.RequestCompleted] = []
     cluster_ctx = LocalCluster(plan.k) if local else None
+    stack = contextlib.ExitStack()
     try:
         if cluster_ctx is not None:
             cluster_ctx.start()
         with Master() as master:
             master.bus.subscribe(lambda e: completed.append(e)
                                  if isinstance(e, ev.RequestCompleted) else None)
+            if metrics_port is not None:
+                from periphery_core.cluster.tracker import MetricsServer, StateTracker
+
+                server = MetricsServer(StateTracker(master.bus), metrics_port)
+                stack.callback(server.close)
+                from periphery_core.cli.render import err_console
+
+                err_console.print(f"metrics on http://127.0.0.1:{server.port}/metrics")
             addresses = list(cluster_ctx.addresses) if cluster_ctx else []
             if len(addresses) < plan.k:
                 addresses += _gather(peers, mdns and len(peers) < plan.k, 2.0, ())
@@ -217,6 +229,7 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
                 results = list(master.run_many(requests, inflight=inflight))
             wall = time.perf_counter() - t0
     finally:
+        stack.close()
         if cluster_ctx is not None:
             cluster_ctx.stop()
     mismatches = identical = 0

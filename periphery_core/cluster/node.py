@@ -128,6 +128,34 @@ def measure_speed(runs: int = 5) -> float:
     return float(flops / float(np.median(times)) / REFERENCE_FLOPS)
 
 
+_ORT_DTYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+}
+
+
+def _warm_up(runner: StageRunner) -> None:
+    """Run the stage once on zeros (symbolic dims as 1) so the first request is not slow.
+
+    Best effort: a stage whose inputs must agree in ways zeros cannot (cache lengths, say) just
+    skips it.
+    """
+    feeds: dict[str, np.ndarray] = {}
+    for i in runner.session.get_inputs():
+        dtype = _ORT_DTYPES.get(i.type)
+        if i.name not in runner.input_names:
+            continue
+        if dtype is None:
+            return
+        shape = [d if isinstance(d, int) and d >= 0 else 1 for d in (i.shape or [])]
+        feeds[i.name] = np.zeros(shape, dtype=dtype)
+    try:
+        runner.run(feeds)
+    except Exception as exc:  # a warm-up that cannot run is no error
+        log.debug("warm-up skipped: %s", exc)
+
+
 class NodeDaemon:
     """One node: binds its sockets on `start`, serves until `stop`."""
 
@@ -351,6 +379,7 @@ class NodeDaemon:
             self._reply(ident, "error", {"reason": f"stage {up.stage} failed to load: {exc}",
                                          "stage": up.stage})
             return
+        _warm_up(runner)
         self._deployment = _Deployment(up.stage, runner, up.fields["next"],
                                        up.fields["results"], provider)
         self._outq.put(("rewire", self._deployment))

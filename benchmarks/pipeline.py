@@ -64,8 +64,8 @@ def deployed(master: Master, handles, path: Path, k: int):
 
 def throughput(requests: int, inflight: int) -> list[dict]:
     rows = []
-    with LocalCluster(3, threads=1) as local, Master() as master:
-        handles = [master.connect(a) for a in local.addresses]
+    with LocalCluster(3, threads=1) as local, local.master() as master:
+        handles = list(master.nodes.values())
         for k in (1, 2, 3):
             analysis, _ = deployed(master, handles, DEMO, k)
             feeds = [random_feeds(analysis.inputs, i) for i in range(8)]
@@ -94,8 +94,8 @@ def hops(repeat: int) -> list[dict]:
             chain.run(feeds)
             local_times.append(time.perf_counter() - t0)
         rows.append({"where": "in process", "k": 0, "latency_s": statistics.median(local_times)})
-        with LocalCluster(4, threads=1) as local, Master() as master:
-            handles = [master.connect(a) for a in local.addresses]
+        with LocalCluster(4, threads=1) as local, local.master() as master:
+            handles = list(master.nodes.values())
             for k in (1, 2, 4):
                 deployed(master, handles, path, k)
                 for _ in range(5):

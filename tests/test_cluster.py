@@ -35,9 +35,26 @@ DEMO = ROOT / "assets" / "demo-resnet.onnx"
 
 @pytest.fixture(scope="module")
 def cluster():
-    with LocalCluster(3) as local, Master() as master:
-        handles = [master.connect(a) for a in local.addresses]
-        yield local, master, handles
+    with LocalCluster(3) as local, local.master() as master:
+        yield local, master, _handles(local, master)
+
+
+def _handles(local: LocalCluster, master: Master) -> list[NodeHandle]:
+    return [master.nodes[a.node_id] for a in local.addresses]
+
+
+def _socket(local: LocalCluster, kind: int, handle: NodeHandle, data: bool = False) -> zmq.Socket:
+    """A raw socket holding the master's keys (a trusted party), connected to a node."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    ring = local.master_keys
+    assert ring is not None and handle.key is not None
+    sock.curve_secretkey, sock.curve_publickey = ring.secret, ring.public
+    sock.curve_serverkey = handle.key
+    sock.connect(handle.data_endpoint if data else
+                 f"tcp://{handle.address.host}:{handle.address.port}")
+    return sock
 
 
 @lru_cache(maxsize=2)
@@ -102,13 +119,8 @@ def test_many_in_flight_come_back_in_order_with_timings(cluster) -> None:
 def test_hostile_frames_are_dropped_and_the_node_keeps_serving(cluster) -> None:
     local, master, handles = cluster
     chain = _deploy(master, handles, DEMO, 2)
-    ctx = zmq.Context.instance()
-    data = ctx.socket(zmq.PUSH)
-    data.setsockopt(zmq.LINGER, 0)
-    data.connect(handles[0].data_endpoint)
-    control = ctx.socket(zmq.DEALER)
-    control.setsockopt(zmq.LINGER, 0)
-    control.connect(f"tcp://{handles[0].address.host}:{handles[0].address.port}")
+    data = _socket(local, zmq.PUSH, handles[0], data=True)
+    control = _socket(local, zmq.DEALER, handles[0])
     rng = np.random.default_rng(0)
     hostile = [
         [b"not msgpack at all"],
@@ -131,15 +143,14 @@ def test_hostile_frames_are_dropped_and_the_node_keeps_serving(cluster) -> None:
 
 
 def test_a_shard_whose_bytes_do_not_match_its_sha256_is_refused(cluster) -> None:
-    _, _, handles = cluster
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(f"tcp://{handles[2].address.host}:{handles[2].address.port}")
+    local, _, handles = cluster
+    sock = _socket(local, zmq.DEALER, handles[2])
     shard = DEMO.read_bytes()
+    key = local.master_keys.public.decode()
     sock.send_multipart(encode("deploy_begin", {
         "stage": 0, "stages": 1, "sha256": "0" * 64, "size": len(shard), "inputs": [],
-        "outputs": [], "next": "tcp://127.0.0.1:1", "results": "tcp://127.0.0.1:1"}))
+        "outputs": [], "next": "tcp://127.0.0.1:1", "results": "tcp://127.0.0.1:1",
+        "next_key": key, "results_key": key}))
     for off in range(0, len(shard), 1 << 20):
         sock.send_multipart(encode("deploy_chunk", {"offset": off},
                                    payload=shard[off:off + (1 << 20)]))
@@ -151,8 +162,8 @@ def test_a_shard_whose_bytes_do_not_match_its_sha256_is_refused(cluster) -> None
 
 
 def test_a_killed_node_is_reported_lost_and_its_requests_fail() -> None:
-    with LocalCluster(2) as local, Master() as master:
-        handles = [master.connect(a) for a in local.addresses]
+    with LocalCluster(2) as local, local.master() as master:
+        handles = _handles(local, master)
         lost = threading.Event()
         master.bus.subscribe(lambda e: lost.set() if isinstance(e, ev.NodeLost) else None)
         _deploy(master, handles, DEMO, 2)
@@ -188,7 +199,8 @@ def test_cli_run_local_check(tmp_path: Path) -> None:
 def test_cli_cluster_ls_with_static_peers(cluster) -> None:
     local, _, _ = cluster
     peers = [arg for a in local.addresses for arg in ("--peer", f"{a.host}:{a.port}")]
-    out = _cli("cluster", "ls", "--no-mdns", "--json", *peers, timeout=60)
+    out = _cli("cluster", "ls", "--no-mdns", "--json", "--keys", str(local.keys_dir / "master"),
+               *peers, timeout=60)
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)
     assert sorted(r["name"] for r in rows) == ["local0", "local1", "local2"]
@@ -198,10 +210,12 @@ def test_cli_cluster_ls_with_static_peers(cluster) -> None:
 def test_cli_run_with_too_few_nodes_is_one_clear_line(tmp_path: Path) -> None:
     plan = tmp_path / "plan.json"
     assert _cli("plan", str(DEMO), "--shards", "2", "-o", str(plan)).returncode == 0
-    out = _cli("run", str(DEMO), "--plan", str(plan), "--no-mdns", "--requests", "1")
+    out = _cli("run", str(DEMO), "--plan", str(plan), "--no-mdns", "--requests", "1",
+               "--insecure")
     assert out.returncode == 2
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "nodes were found" in lines[0], out.stderr
+    assert "INSECURE" in lines[0]  # --insecure is said loudly
+    assert len(lines) == 2 and "nodes were found" in lines[1], out.stderr
 
 
 def test_node_help_and_core_do_not_import_a_ui_toolkit() -> None:
@@ -230,8 +244,8 @@ def test_cluster_ls_writes_a_devices_file_the_planner_uses(cluster, tmp_path: Pa
     local, _, _ = cluster
     devices = tmp_path / "devices.toml"
     peers = [arg for a in local.addresses[:2] for arg in ("--peer", f"{a.host}:{a.port}")]
-    assert _cli("cluster", "ls", "--no-mdns", "--write-devices", str(devices), *peers,
-                timeout=60).returncode == 0
+    assert _cli("cluster", "ls", "--no-mdns", "--write-devices", str(devices), "--keys",
+                str(local.keys_dir / "master"), *peers, timeout=60).returncode == 0
     plan = tmp_path / "plan.json"
     out = _cli("plan", str(DEMO), "--shards", "2", "--devices", str(devices), "-o", str(plan),
                "--json")
@@ -242,8 +256,8 @@ def test_cluster_ls_writes_a_devices_file_the_planner_uses(cluster, tmp_path: Pa
 
 
 def test_a_node_stopped_with_queued_requests_fails_them_explicitly() -> None:
-    with LocalCluster(2) as local, Master() as master:
-        handles = [master.connect(a) for a in local.addresses]
+    with LocalCluster(2) as local, local.master() as master:
+        handles = _handles(local, master)
         _deploy(master, handles, DEMO, 2)
         inputs = _prepared(DEMO)[1].inputs
         futures = [master.submit(random_feeds(inputs, i)) for i in range(12)]
@@ -281,3 +295,33 @@ def test_metrics_endpoint_serves_the_folded_state(cluster) -> None:
     assert "periphery_requests_total 4" in text
     assert 'periphery_latency_seconds{quantile="0.5"}' in text
     assert 'periphery_stage_compute_seconds{stage="1"}' in text
+
+
+def test_clients_without_an_allowed_key_get_nothing(cluster) -> None:
+    local, _, handles = cluster
+    node = handles[0]
+    ctx = zmq.Context.instance()
+    stranger_public, stranger_secret = zmq.curve_keypair()
+    attempts = {"no key": None, "unknown key": (stranger_public, stranger_secret)}
+    for what, pair in attempts.items():
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        if pair is not None:
+            sock.curve_publickey, sock.curve_secretkey = pair
+            sock.curve_serverkey = node.key
+        sock.connect(f"tcp://{node.address.host}:{node.address.port}")
+        sock.send_multipart(encode("hello", {"master": "tcp://127.0.0.1:1"}))
+        assert not sock.poll(2000), f"a client with {what} got an answer"
+        sock.close()
+    # the same hello with the master's key is answered: the refusals above were about keys
+    trusted = _socket(local, zmq.DEALER, node)
+    trusted.send_multipart(encode("hello", {"master": "tcp://127.0.0.1:1"}))
+    assert trusted.poll(5000)
+    assert decode(trusted.recv_multipart()).kind == "info"
+    trusted.close()
+
+
+def test_a_master_without_keys_cannot_reach_secure_nodes(cluster) -> None:
+    local, _, _ = cluster
+    with Master() as stranger, pytest.raises(ClusterError, match="did not answer"):
+        stranger.connect(local.addresses[0], timeout=2)

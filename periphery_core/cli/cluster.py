@@ -12,7 +12,7 @@ from typing import Any
 import click
 import numpy as np
 
-from periphery_core.cli.main import cli, handle_errors, input_shape_option, json_option
+from periphery_core.cli.main import F, cli, handle_errors, input_shape_option, json_option
 from periphery_core.errors import PeripheryError
 
 
@@ -26,16 +26,24 @@ def cluster() -> None:
 @click.option("--advertise/--no-advertise", default=True, show_default=True,
               help="Advertise the nodes over mDNS (on the loopback interface).")
 @click.option("--threads", default=1, show_default=True, help="ONNX Runtime threads per node.")
+@click.option("--insecure", is_flag=True, help="Start the nodes without keys.")
 @handle_errors
-def cluster_up(nodes: int, advertise: bool, threads: int) -> None:
-    """Start N periphery-node processes on this machine; Ctrl-C stops them cleanly."""
+def cluster_up(nodes: int, advertise: bool, threads: int, insecure: bool) -> None:
+    """Start N periphery-node processes on this machine; Ctrl-C stops them cleanly.
+
+    Unless --insecure, the nodes get fresh keys; the master's key folder is printed, for
+    'periphery run --keys' and 'periphery cluster ls --keys' while the cluster is up.
+    """
     from periphery_core.cli.render import console
     from periphery_core.cluster.local import LocalCluster
 
-    with LocalCluster(nodes, advertise=advertise, threads=threads) as local:
+    with LocalCluster(nodes, advertise=advertise, threads=threads,
+                      secure=not insecure) as local:
         for n in local.nodes:
             console.print(f"{n.address.name}  --peer {n.address.host}:{n.address.port}  "
                           f"id {n.address.node_id[:12]}")
+        if local.keys_dir is not None:
+            console.print(f"master keys: --keys {local.keys_dir / 'master'}")
         console.print(f"{nodes} nodes up; Ctrl-C stops them")
         try:
             while all(n.process.poll() is None for n in local.nodes):
@@ -66,6 +74,35 @@ peer_option = click.option("--peer", "peers", multiple=True, metavar="HOST:PORT"
                            help="A node by address, for networks without multicast (repeatable).")
 
 
+def keys_options(fn: F) -> F:
+    fn = click.option("--insecure", is_flag=True,
+                      help="Talk to nodes without authentication or encryption.")(fn)
+    return click.option("--keys", type=click.Path(path_type=Path), default=None,
+                        help="This master's key folder from 'periphery keys init' (default: "
+                             "$PERIPHERY_KEYS or ~/.config/periphery/keys).")(fn)
+
+
+@cli.group()
+def keys() -> None:
+    """Create the cluster's CurveZMQ keys."""
+
+
+@keys.command("init")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--name", "names", multiple=True, required=True,
+              help="A host of the cluster (repeat for the master and every node).")
+@handle_errors
+def keys_init(folder: Path, names: tuple[str, ...]) -> None:
+    """Write one key folder per host into FOLDER, each trusting all the others.
+
+    Copy FOLDER/<host> to each host and pass it with --keys (or set PERIPHERY_KEYS).
+    """
+    from periphery_core.cluster.keys import init_cluster_keys
+
+    for path in init_cluster_keys(folder, names):
+        click.echo(f"wrote {path}  (secret: {path / (path.name + '.key_secret')})")
+
+
 @cluster.command("ls")
 @peer_option
 @click.option("--mdns/--no-mdns", default=True, show_default=True, help="Browse mDNS.")
@@ -75,19 +112,23 @@ peer_option = click.option("--peer", "peers", multiple=True, metavar="HOST:PORT"
 @click.option("--write-devices", type=click.Path(path_type=Path), default=None,
               help="Write the nodes' measured speed, memory and link as a devices file for "
                    "'periphery plan --devices'.")
+@keys_options
 @json_option
 @handle_errors
 def cluster_ls(peers: tuple[str, ...], mdns: bool, interfaces: tuple[str, ...], timeout: float,
-               write_devices: Path | None, as_json: bool) -> None:
+               write_devices: Path | None, keys: Path | None, insecure: bool,
+               as_json: bool) -> None:
     """List nodes (mDNS and --peer) with device, speed and link figures."""
     from rich.table import Table
 
     from periphery_core.cli.render import console, human_bytes, human_seconds, print_json
+    from periphery_core.cluster.keys import keyring_or_insecure
     from periphery_core.cluster.master import ClusterError, Master
 
+    ring = keyring_or_insecure(keys, insecure)
     addresses = _gather(peers, mdns, timeout, interfaces)
     rows: list[dict[str, Any]] = []
-    with Master() as master:
+    with Master(keys=ring) as master:
         for a in addresses:
             try:
                 h = master.connect(a)
@@ -151,13 +192,14 @@ def _write_devices(path: Path, devices: list) -> None:
               help="Serve Prometheus metrics on 127.0.0.1:PORT/metrics while running.")
 @click.option("--optimize", is_flag=True,
               help="Graph optimizations on (faster; results then differ slightly).")
+@keys_options
 @input_shape_option
 @json_option
 @handle_errors
 def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns: bool,
         count: int, inflight: int, micro_batch: int | None, inputs_path: Path | None,
-        check: bool, metrics_port: int | None, optimize: bool,
-        input_shapes: tuple[str, ...], as_json: bool) -> None:
+        check: bool, metrics_port: int | None, optimize: bool, keys: Path | None,
+        insecure: bool, input_shapes: tuple[str, ...], as_json: bool) -> None:
     """Deploy a plan to nodes, stream requests through the pipeline, report latency."""
     from periphery_core.cli.main import _analysis
     from periphery_core.cli.render import console, print_json
@@ -190,12 +232,16 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
         requests = [pool[i % len(pool)] for i in range(count)]
     exact = not optimize
     completed: list[ev.RequestCompleted] = []
-    cluster_ctx = LocalCluster(plan.k) if local else None
+    from periphery_core.cluster.keys import keyring_or_insecure
+
+    cluster_ctx = LocalCluster(plan.k, secure=not insecure) if local else None
+    ring = None if local else keyring_or_insecure(keys, insecure)
     stack = contextlib.ExitStack()
     try:
         if cluster_ctx is not None:
             cluster_ctx.start()
-        with Master() as master:
+            ring = cluster_ctx.master_keys
+        with Master(keys=ring) as master:
             master.bus.subscribe(lambda e: completed.append(e)
                                  if isinstance(e, ev.RequestCompleted) else None)
             if metrics_port is not None:

@@ -10,6 +10,7 @@ import logging
 import platform
 import signal
 import sys
+from pathlib import Path
 
 import click
 
@@ -27,11 +28,20 @@ from periphery_core.cli.main import handle_errors, run_click
 @click.option("--no-advertise", is_flag=True, help="Do not advertise over mDNS.")
 @click.option("--mdns-interface", "mdns_interfaces", multiple=True,
               help="Advertise only on these interface addresses (repeatable).")
+@click.option("--keys", type=click.Path(path_type=Path), default=None,
+              help="This host's key folder from 'periphery keys init' (default: "
+                   "$PERIPHERY_KEYS or ~/.config/periphery/keys).")
+@click.option("--insecure", is_flag=True,
+              help="Run without authentication or encryption (trusted networks only).")
 @handle_errors
 def node(name: str | None, host: str, port: int, data_port: int, device: str, threads: int,
-         no_advertise: bool, mdns_interfaces: tuple[str, ...]) -> None:
+         no_advertise: bool, mdns_interfaces: tuple[str, ...], keys: Path | None,
+         insecure: bool) -> None:
     """Run a Periphery node: receive a shard, run it, stream activations to the next stage."""
+    from periphery_core.cluster.keys import keyring_or_insecure
     from periphery_core.cluster.node import NodeConfig, NodeDaemon
+
+    ring = keyring_or_insecure(keys, insecure)
 
     if not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
         from periphery_core.errors import PeripheryError
@@ -42,7 +52,7 @@ def node(name: str | None, host: str, port: int, data_port: int, device: str, th
     daemon = NodeDaemon(NodeConfig(
         name=name or platform.node(), host=host, port=port, data_port=data_port,
         device=device, threads=threads, advertise=not no_advertise,
-        mdns_interfaces=mdns_interfaces or None,
+        mdns_interfaces=mdns_interfaces or None, keys=ring,
     ))
     try:
         daemon.start()

@@ -8,16 +8,23 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from periphery_core.cluster.keys import KeyRing, init_cluster_keys, load_keyring
 from periphery_core.discovery import NodeAddress
 from periphery_core.errors import PeripheryError
+
+if TYPE_CHECKING:
+    from periphery_core.cluster.master import Master
 
 _READY = re.compile(r"periphery-node ready id=(\w+) control=tcp://([^:]+):(\d+) data=(\S+)")
 
@@ -33,9 +40,18 @@ class LocalCluster:
     """Start `n` node processes on 127.0.0.1; use as a context manager."""
 
     def __init__(self, n: int, *, advertise: bool = False, threads: int = 1,
-                 log_dir: Path | None = None, start_timeout: float = 30.0) -> None:
+                 log_dir: Path | None = None, start_timeout: float = 30.0,
+                 secure: bool = True) -> None:
+        """Args:
+            secure: give the master and every node a fresh CurveZMQ keypair (in a temporary
+                folder removed on stop), each allowing all the others; `master_keys` is the
+                master's key ring. False runs them --insecure.
+        """
         if n < 1:
             raise PeripheryError("a local cluster needs at least one node")
+        self.secure = secure
+        self.keys_dir: Path | None = None
+        self.master_keys: KeyRing | None = None
         self.n = n
         self.advertise = advertise
         self.threads = threads
@@ -52,9 +68,17 @@ class LocalCluster:
 
     def start(self) -> list[NodeAddress]:
         procs = []
+        if self.secure:
+            self.keys_dir = Path(tempfile.mkdtemp(prefix="periphery-keys-"))
+            init_cluster_keys(self.keys_dir, ["master", *(f"local{i}" for i in range(self.n))])
+            self.master_keys = load_keyring(self.keys_dir / "master")
         for i in range(self.n):
             cmd = [sys.executable, "-m", "periphery_core.cli.node", "--name", f"local{i}",
                    "--host", "127.0.0.1", "--port", "0", "--threads", str(self.threads)]
+            if self.keys_dir is not None:
+                cmd += ["--keys", str(self.keys_dir / f"local{i}")]
+            else:
+                cmd.append("--insecure")
             if self.advertise:
                 cmd += ["--mdns-interface", "127.0.0.1"]
             else:
@@ -83,8 +107,11 @@ class LocalCluster:
         if m is None:
             raise PeripheryError(f"local node {i} did not start (exit code {proc.poll()})")
         node_id, host, port, data = m.groups()
+        props = {"data": data}
+        if self.keys_dir is not None:
+            props["key"] = load_keyring(self.keys_dir / f"local{i}").public.decode()
         address = NodeAddress(node_id=node_id, name=f"local{i}", host=host, port=int(port),
-                              properties={"data": data}, source="static")
+                              properties=props, source="static")
         return LocalNode(proc, address, data)
 
     @property
@@ -109,3 +136,19 @@ class LocalCluster:
             if node.process.stdout is not None:
                 node.process.stdout.close()
         self.nodes = []
+        if self.keys_dir is not None:
+            shutil.rmtree(self.keys_dir, ignore_errors=True)
+            self.keys_dir = None
+
+    def master(self, **kwargs: Any) -> Master:
+        """A master holding this cluster's keys, connected to every node."""
+        from periphery_core.cluster.master import Master
+
+        m = Master(keys=self.master_keys, **kwargs)
+        try:
+            for a in self.addresses:
+                m.connect(a)
+        except BaseException:
+            m.close()
+            raise
+        return m

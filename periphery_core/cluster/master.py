@@ -27,6 +27,7 @@ import numpy as np
 import zmq
 
 from periphery_core.cluster import events as ev
+from periphery_core.cluster.keys import Guard, KeyRing
 from periphery_core.discovery import NodeAddress
 from periphery_core.errors import PeripheryError
 from periphery_core.partition.plan import DEFAULT_BANDWIDTH, DeviceSpec
@@ -63,6 +64,7 @@ class NodeHandle:
     last_seen: float = 0.0
     lost: bool = False
     stage: int | None = None
+    key: bytes | None = None  # the node's CurveZMQ public key (None: insecure)
     socket: Any = None
     waiters: dict[str, list[Future]] = field(default_factory=dict)
 
@@ -84,6 +86,7 @@ class Master:
         lost_after_s: float = 2.5,  # + one heartbeat period: a lost node is known within 3 s
         bus: ev.EventBus | None = None,
         limits: Limits | None = None,
+        keys: KeyRing | None = None,
     ) -> None:
         self.host = host
         self.heartbeat_s = heartbeat_s
@@ -91,6 +94,7 @@ class Master:
         self.bus = bus or ev.EventBus()
         self.limits = limits or Limits()
         self.ctx = zmq.Context()
+        self.guard = Guard(self.ctx, keys, "master")
         self.nodes: dict[str, NodeHandle] = {}
         self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
         self._stop = threading.Event()
@@ -101,7 +105,7 @@ class Master:
         self._first: zmq.Socket | None = None
         self._stage_nodes: list[str] = []
         self._handles_by_socket: dict[Any, NodeHandle] = {}  # owned by the control thread
-        self.results = self.ctx.socket(zmq.PULL)
+        self.results = self.guard.server(self.ctx.socket(zmq.PULL))
         self.results.setsockopt(zmq.LINGER, 0)
         port = self.results.bind_to_random_port(f"tcp://{host}")
         self.results_endpoint = f"tcp://{host}:{port}"
@@ -125,6 +129,7 @@ class Master:
         for p in pending.values():
             if not p.future.done():
                 p.future.set_exception(RequestFailed("the master was closed"))
+        self.guard.close()
         self.ctx.destroy(linger=0)
 
     def __enter__(self) -> Master:
@@ -155,23 +160,40 @@ class Master:
             ClusterError: the node does not answer in time.
         """
         reply: Future = Future()
+        # With keys, a node's public key comes from its mDNS record; a static peer's is not
+        # known, so one connection per allowed key is tried and the one that answers is kept.
+        candidates = self.guard.candidates(address.properties.get("key"))
+        tried: list[NodeHandle] = []
 
         def start() -> None:
-            sock = self.ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, 64)
-            sock.connect(f"tcp://{address.host}:{address.port}")
-            handle = NodeHandle(address=address, socket=sock, last_seen=time.time())
-            handle.waiters.setdefault("info", []).append(reply)
-            self._handles_by_socket[sock] = handle
-            sock.send_multipart(encode("hello", {"master": self.results_endpoint}))
+            for key in candidates:
+                sock = self.guard.client(self.ctx.socket(zmq.DEALER), key)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.SNDHWM, 64)
+                sock.connect(f"tcp://{address.host}:{address.port}")
+                handle = NodeHandle(address=address, socket=sock, last_seen=time.time(), key=key)
+                handle.waiters.setdefault("info", []).append(reply)
+                self._handles_by_socket[sock] = handle
+                tried.append(handle)
+                sock.send_multipart(encode("hello", {"master": self.results_endpoint}))
+
+        def forget_others(keep: NodeHandle | None) -> None:
+            for h in tried:
+                if h is not keep:
+                    self._handles_by_socket.pop(h.socket, None)
+                    h.socket.close(linger=0)
 
         self._commands.put(start)
         try:
             handle: NodeHandle = reply.result(timeout=timeout)
         except TimeoutError:
+            self._commands.put(lambda: forget_others(None))
+            hint = (" and that its keys allow this master" if self.guard.secure
+                    else " (or does it need keys? this master runs --insecure)")
             raise ClusterError(f"node {address.host}:{address.port} did not answer within "
-                               f"{timeout:.0f} s: is periphery-node running there?") from None
+                               f"{timeout:.0f} s: check that periphery-node runs there{hint}"
+                               ) from None
+        self._commands.put(lambda: forget_others(handle))
         self._measure_link(handle)
         self.bus.publish(ev.NodeJoined(
             t=time.time(), node_id=handle.node_id, name=handle.name, host=address.host,
@@ -258,6 +280,8 @@ class Master:
 
     def _resolve(self, handle: NodeHandle, kind: str, value: Any) -> bool:
         waiters = handle.waiters.get(kind)
+        while waiters and waiters[0].done():  # shared by several candidate connections
+            waiters.pop(0)
         if waiters:
             f = waiters.pop(0)
             if isinstance(value, BaseException):
@@ -323,9 +347,12 @@ class Master:
         self.bus.publish(ev.DeployStarted(t=time.time(), plan_stages=len(shards),
                                           assignment=tuple(assignment)))
         readies: list[Future] = []
+        own = self.guard.ring.public if self.guard.ring else None
         for i, (shard, handle) in enumerate(zip(shards, handles, strict=True)):
-            nxt = handles[i + 1].data_endpoint if i + 1 < len(handles) else self.results_endpoint
-            readies.append(self._upload(handle, i, len(shards), shard, nxt, exact))
+            last = i + 1 == len(handles)
+            nxt = self.results_endpoint if last else handles[i + 1].data_endpoint
+            nxt_key = own if last else handles[i + 1].key
+            readies.append(self._upload(handle, i, len(shards), shard, nxt, nxt_key, exact))
         for i, (ready, handle) in enumerate(zip(readies, handles, strict=True)):
             try:
                 info = ready.result(timeout=timeout)
@@ -342,7 +369,7 @@ class Master:
         self._stage_nodes = list(assignment)
 
         def connect_first() -> zmq.Socket:
-            sock = self.ctx.socket(zmq.PUSH)
+            sock = self.guard.client(self.ctx.socket(zmq.PUSH), handles[0].key)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 8)
             sock.connect(handles[0].data_endpoint)
@@ -355,7 +382,7 @@ class Master:
         self.bus.publish(ev.DeployFinished(t=time.time()))
 
     def _upload(self, handle: NodeHandle, stage: int, stages: int, shard: bytes, nxt: str,
-                exact: bool) -> Future:
+                nxt_key: bytes | None, exact: bool) -> Future:
         ready: Future = Future()
         digest = hashlib.sha256(shard).hexdigest()
         chunks = [(off, shard[off:off + CHUNK_BYTES]) for off in range(0, len(shard), CHUNK_BYTES)]
@@ -365,7 +392,8 @@ class Master:
             handle.socket.send_multipart(encode("deploy_begin", {
                 "stage": stage, "stages": stages, "sha256": digest, "size": len(shard),
                 "inputs": [], "outputs": [], "next": nxt, "results": self.results_endpoint,
-                "exact": exact,
+                "exact": exact, "next_key": (nxt_key or b"").decode(),
+                "results_key": (self.guard.ring.public if self.guard.ring else b"").decode(),
             }))
             self._commands.put(lambda: send_chunks(0))
 

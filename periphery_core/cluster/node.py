@@ -32,6 +32,8 @@ import onnx
 import psutil
 import zmq
 
+from periphery_core.cluster.keys import Guard, KeyRing
+from periphery_core.errors import PeripheryError
 from periphery_core.runtime.chain import StageRunner
 from periphery_core.runtime.session import SessionConfig
 from periphery_core.wire import PROTOCOL_VERSION, Limits, Message, WireError, decode, encode
@@ -58,6 +60,7 @@ class NodeConfig:
     limits: Limits = field(default_factory=Limits)
     max_shard_bytes: int = 8 << 30
     stats_interval_s: float = 1.0
+    keys: KeyRing | None = None  # None: insecure (logged loudly)
 
 
 @dataclass
@@ -77,6 +80,8 @@ class _Deployment:
     next_endpoint: str
     results_endpoint: str
     provider: str
+    next_key: bytes | None = None
+    results_key: bytes | None = None
 
 
 def device_description() -> str:
@@ -182,12 +187,13 @@ class NodeDaemon:
 
     def start(self) -> None:
         cfg = self.config
-        self.control = self.ctx.socket(zmq.ROUTER)
+        self.guard = Guard(self.ctx, cfg.keys, f"node {cfg.name}")
+        self.control = self.guard.server(self.ctx.socket(zmq.ROUTER))
         self.control.setsockopt(zmq.LINGER, 0)
         self.control.setsockopt(zmq.MAXMSGSIZE, cfg.limits.max_chunk_bytes + (1 << 20))
         port = self._bind(self.control, cfg.port)
         self.control_endpoint = f"tcp://{cfg.host}:{port}"
-        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull = self.guard.server(self.ctx.socket(zmq.PULL))
         self.pull.setsockopt(zmq.LINGER, 0)
         self.pull.setsockopt(zmq.RCVHWM, cfg.queue_depth)
         self.pull.setsockopt(zmq.MAXMSGSIZE, cfg.limits.max_total_bytes + (1 << 20))
@@ -227,6 +233,7 @@ class NodeDaemon:
             "device": self._device_name(), "cores": str(os.cpu_count() or 1),
             "memory": str(mem.total), "free": str(mem.available),
             "data": self.data_endpoint,
+            **({"key": self.config.keys.public.decode()} if self.config.keys else {}),
         }
 
     def _device_name(self) -> str:
@@ -243,6 +250,7 @@ class NodeDaemon:
         for t in self._threads:
             t.join(timeout=2.0)
         self._fail_queued()
+        self.guard.close()
         self.ctx.destroy(linger=0)
         log.info("node %s stopped", self.config.name)
 
@@ -262,7 +270,7 @@ class NodeDaemon:
         dep = self._deployment
         if not ids or dep is None:
             return
-        sock = self._push(dep.results_endpoint)
+        sock = self._push(dep.results_endpoint, dep.results_key)
         for rid in ids:
             sock.send_multipart(encode("failure", {
                 "id": rid, "stage": dep.stage,
@@ -312,6 +320,7 @@ class NodeDaemon:
                 "data": self.data_endpoint, "cores": os.cpu_count() or 1,
                 "memory": int(mem.total), "free": int(mem.available),
                 "speed": self.speed or 0.0,
+                "key": self.config.keys.public.decode() if self.config.keys else "",
                 "stage": self._deployment.stage if self._deployment else -1,
             })
         elif kind == "deploy_begin":
@@ -334,6 +343,10 @@ class NodeDaemon:
         for key in ("next", "results"):
             if not isinstance(f.get(key), str) or not str(f[key]).startswith("tcp://"):
                 raise WireError(f"deploy_begin needs a tcp:// endpoint in '{key}'")
+        if self.guard.secure:
+            for key in ("next_key", "results_key"):
+                if not isinstance(f.get(key), str) or not f[key]:
+                    raise WireError(f"deploy_begin needs '{key}' on a secure cluster")
         self._upload = _Upload(f["stage"], f["stages"], f["sha256"], bytearray(size), 0, dict(f))
         log.info("receiving shard for stage %d (%d bytes)", f["stage"], size)
 
@@ -380,8 +393,11 @@ class NodeDaemon:
                                          "stage": up.stage})
             return
         _warm_up(runner)
+        keys = {k: str(up.fields.get(k) or "").encode() or None
+                for k in ("next_key", "results_key")}
         self._deployment = _Deployment(up.stage, runner, up.fields["next"],
-                                       up.fields["results"], provider)
+                                       up.fields["results"], provider, keys["next_key"],
+                                       keys["results_key"])
         self._outq.put(("rewire", self._deployment))
         log.info("stage %d ready on %s", up.stage, provider)
         self._reply(ident, "ready", {"stage": up.stage, "provider": provider})
@@ -462,9 +478,13 @@ class NodeDaemon:
                         sock.close(linger=0)
                 dep = payload
                 assert dep is not None
-                nxt = self._push(dep.next_endpoint)
-                results = self._push(dep.results_endpoint) \
-                    if dep.results_endpoint != dep.next_endpoint else nxt
+                try:
+                    nxt = self._push(dep.next_endpoint, dep.next_key)
+                    results = self._push(dep.results_endpoint, dep.results_key) \
+                        if dep.results_endpoint != dep.next_endpoint else nxt
+                except PeripheryError as exc:
+                    log.warning("cannot wire stage %d: %s", dep.stage, exc.message)
+                    nxt = results = None
                 continue
             if kind == "failure":
                 if results is not None:
@@ -488,8 +508,8 @@ class NodeDaemon:
             if sock is not None:
                 sock.close(linger=0)
 
-    def _push(self, endpoint: str) -> zmq.Socket:
-        sock = self.ctx.socket(zmq.PUSH)
+    def _push(self, endpoint: str, server_key: bytes | None) -> zmq.Socket:
+        sock = self.guard.client(self.ctx.socket(zmq.PUSH), server_key)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, self.config.queue_depth)
         sock.connect(endpoint)

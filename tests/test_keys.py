@@ -1,0 +1,84 @@
+"""Cluster keys: folders made by 'periphery keys init', loading, and the --keys/--insecure rule."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from periphery_core.cluster.keys import (
+    KeysError,
+    init_cluster_keys,
+    keyring_or_insecure,
+    load_keyring,
+)
+
+
+def test_init_writes_one_folder_per_host_each_trusting_all(tmp_path: Path) -> None:
+    folders = init_cluster_keys(tmp_path / "k", ["master", "node1", "node2"])
+    rings = [load_keyring(f) for f in folders]
+    publics = {r.public for r in rings}
+    assert len(publics) == 3
+    for r in rings:
+        assert r.allowed == publics
+        assert len(r.secret) == 40 and r.secret != r.public
+    secret = folders[0] / "master.key_secret"
+    assert oct(secret.stat().st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.parametrize("names", [[], ["a", "a"], ["../x"], [".hidden"]])
+def test_bad_host_names_are_refused(tmp_path: Path, names: list[str]) -> None:
+    with pytest.raises(KeysError):
+        init_cluster_keys(tmp_path / "k", names)
+
+
+def test_existing_folders_are_not_overwritten(tmp_path: Path) -> None:
+    init_cluster_keys(tmp_path, ["node1"])
+    with pytest.raises(KeysError, match="exists already"):
+        init_cluster_keys(tmp_path, ["node1"])
+
+
+def test_load_errors_are_one_line(tmp_path: Path) -> None:
+    with pytest.raises(KeysError, match="not found"):
+        load_keyring(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(KeysError, match="exactly one"):
+        load_keyring(tmp_path / "empty")
+    folder = init_cluster_keys(tmp_path / "k", ["n"])[0]
+    for cert in (folder / "allowed").iterdir():
+        cert.unlink()
+    with pytest.raises(KeysError, match="no allowed"):
+        load_keyring(folder)
+
+
+def test_keys_or_insecure_must_be_explicit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PERIPHERY_KEYS", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(KeysError, match="--insecure"):
+        keyring_or_insecure(None, False)
+    assert keyring_or_insecure(None, True) is None
+    folder = init_cluster_keys(tmp_path / "k", ["m"])[0]
+    with pytest.raises(KeysError, match="not both"):
+        keyring_or_insecure(folder, True)
+    monkeypatch.setenv("PERIPHERY_KEYS", str(folder))
+    ring = keyring_or_insecure(None, False)
+    assert ring is not None and ring.name == "m"
+
+
+def test_cli_keys_init_and_a_node_refusing_to_start_without_keys(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PERIPHERY_KEYS"}
+    env["HOME"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "periphery_core.cli.main", "keys", "init",
+                          str(tmp_path / "keys"), "--name", "master", "--name", "node1"],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "keys" / "node1" / "node1.key_secret").is_file()
+    node = subprocess.run([sys.executable, "-m", "periphery_core.cli.node", "--port", "0",
+                           "--no-advertise"], capture_output=True, text=True, env=env,
+                          timeout=30)
+    assert node.returncode == 2
+    lines = [ln for ln in node.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "periphery keys init" in lines[0] and "Traceback" not in node.stderr

@@ -325,3 +325,82 @@ def test_a_master_without_keys_cannot_reach_secure_nodes(cluster) -> None:
     local, _, _ = cluster
     with Master() as stranger, pytest.raises(ClusterError, match="did not answer"):
         stranger.connect(local.addresses[0], timeout=2)
+
+
+def test_submitting_past_the_limit_is_a_clear_busy_error(cluster) -> None:
+    local, _, _ = cluster
+    from periphery_core.cluster.master import ClusterBusy
+
+    with local.master(max_pending=3) as master:
+        handles = _handles(local, master)
+        _deploy(master, handles, DEMO, 2)
+        feeds = random_feeds(_prepared(DEMO)[1].inputs, 0)
+        futures = [master.submit(feeds) for _ in range(3)]
+        with pytest.raises(ClusterBusy, match="busy"):
+            master.submit(feeds)
+        for f in futures:
+            f.result(timeout=60)
+        master.submit(feeds).result(timeout=60)  # room again once results are back
+
+
+def test_ten_thousand_hostile_messages_leave_the_node_serving_with_bounded_memory(
+    cluster,
+) -> None:
+    import psutil
+
+    local, master, handles = cluster
+    chain = _deploy(master, handles, DEMO, 2)
+    target = handles[0]
+    proc = psutil.Process(local.nodes[0].process.pid)
+    rss_before = proc.memory_info().rss
+    rng = np.random.default_rng(7)
+    good = encode("activation", {"id": 1, "times": []},
+                  {"image": np.zeros((1, 3, 128, 128), np.float32)})
+    head = bytes(good[0])
+    import msgpack
+
+    def hostile(i: int) -> list[bytes]:
+        kind = i % 8
+        if kind == 0:
+            return [rng.bytes(int(rng.integers(0, 200)))]
+        if kind == 1:  # truncated tensor frame
+            return [head, bytes(good[1])[: int(rng.integers(0, 1000))]]
+        if kind == 2:  # oversized frame
+            return [head, bytes(good[1]) + rng.bytes(16)]
+        if kind == 3:  # huge declared size, tiny frame
+            h = msgpack.packb({"v": 1, "kind": "activation", "id": i, "times": [],
+                               "tensors": [["image", "float32", [1 << 20, 1 << 20]]]})
+            return [h, b"\0" * 8]
+        if kind == 4:  # bad version
+            return [msgpack.packb({"v": 999, "kind": "activation", "id": i, "times": []})]
+        if kind == 5:  # wrong dtype for the stage (decodes; fails in the stage, not the node)
+            return encode("activation", {"id": 10**9 + i, "times": []},
+                          {"image": np.zeros((1, 3, 128, 128), np.int32)})
+        if kind == 6:  # wrong shape
+            return encode("activation", {"id": 10**9 + i, "times": []},
+                          {"image": np.zeros((1, 3, 7, 7), np.float32)})
+        return [msgpack.packb({"v": 1, "kind": "deploy_end", "sha256": "x"})]  # wrong socket
+
+    data = _socket(local, zmq.PUSH, target, data=True)
+    data.setsockopt(zmq.SNDHWM, 100000)
+    for i in range(10_000):
+        data.send_multipart(hostile(i))
+    control = _socket(local, zmq.DEALER, target)
+    for i in range(300):
+        control.send_multipart(hostile(i))
+    # the node keeps serving: a valid request through the pipeline is still right
+    deadline = time.time() + 120
+    feeds = random_feeds(_prepared(DEMO)[1].inputs, 9)
+    while True:
+        try:
+            got = master.submit(feeds).result(timeout=120)
+            break
+        except RequestFailed:
+            assert time.time() < deadline
+    _assert_same(chain.run(feeds), got, "after 10,000 hostile messages")
+    data.close()
+    control.close()
+    assert local.nodes[0].process.poll() is None
+    growth = proc.memory_info().rss - rss_before
+    print(f"node RSS grew by {growth / 2**20:.1f} MiB over 10,300 hostile messages")
+    assert growth < 200 * 2**20

@@ -46,6 +46,10 @@ class RequestFailed(PeripheryError):
     title = "Request failed"
 
 
+class ClusterBusy(PeripheryError):
+    title = "Busy"
+
+
 @dataclass
 class NodeHandle:
     """What the master knows of one node."""
@@ -87,8 +91,10 @@ class Master:
         bus: ev.EventBus | None = None,
         limits: Limits | None = None,
         keys: KeyRing | None = None,
+        max_pending: int = 1024,
     ) -> None:
         self.host = host
+        self.max_pending = max_pending
         self.heartbeat_s = heartbeat_s
         self.lost_after_s = lost_after_s
         self.bus = bus or ev.EventBus()
@@ -425,11 +431,14 @@ class Master:
         """Send one request into the pipeline; the future resolves to its outputs by name."""
         if self._first is None:
             raise ClusterError("nothing is deployed: deploy a plan first")
-        rid = next(self._ids)
         future: Future = Future()
-        frames = encode("activation", {"id": rid, "times": []}, feeds)
         with self._pending_lock:
+            if len(self._pending) >= self.max_pending:
+                raise ClusterBusy(f"busy: {len(self._pending)} requests are in flight (the "
+                                  f"limit is {self.max_pending}); wait for results first")
+            rid = next(self._ids)
             self._pending[rid] = _Pending(future, time.time())
+        frames = encode("activation", {"id": rid, "times": []}, feeds)
         with self._send_lock:
             assert self._first is not None
             while not self._stop.is_set():

@@ -77,6 +77,7 @@ class NodeHandle:
 class _Pending:
     future: Future
     t_submit: float
+    feeds: Mapping[str, np.ndarray]  # kept until the result arrives, to replay after a loss
 
 
 class Master:
@@ -110,6 +111,15 @@ class Master:
         self._send_lock = threading.Lock()
         self._first: zmq.Socket | None = None
         self._stage_nodes: list[str] = []
+        # Each deploy starts an epoch; activations and results carry it, so whatever an old
+        # pipeline still delivers after a redeploy is dropped, and replayed requests complete
+        # exactly once.
+        self.epoch = 0
+        # With `keep_on_loss`, requests survive a lost node to be replayed (see Pipeline);
+        # `_open` is cleared while a recovery runs, holding new submissions back.
+        self.keep_on_loss = False
+        self._open = threading.Event()
+        self._open.set()
         self._handles_by_socket: dict[Any, NodeHandle] = {}  # owned by the control thread
         self.results = self.guard.server(self.ctx.socket(zmq.PULL))
         self.results.setsockopt(zmq.LINGER, 0)
@@ -266,7 +276,10 @@ class Master:
 
     def _heartbeat(self, now: float) -> None:
         for handle in self._handles_by_socket.values():
-            if handle.lost or not handle.node_id:
+            if not handle.node_id:
+                continue
+            if handle.lost:
+                handle.socket.send_multipart(encode("ping", {"t": now}), zmq.NOBLOCK)
                 continue
             if now - handle.last_seen > self.lost_after_s:
                 handle.lost = True
@@ -278,8 +291,8 @@ class Master:
                         if not f.done():
                             f.set_exception(ClusterError(f"node {handle.name} was lost"))
                 handle.waiters.clear()
-                if handle.node_id in self._stage_nodes:
-                    self._fail_all(f"node {handle.name} (stage "
+                if handle.node_id in self._stage_nodes and not self.keep_on_loss:
+                    self.fail_pending(f"node {handle.name} (stage "
                                    f"{self._stage_nodes.index(handle.node_id)}) was lost")
                 continue
             handle.socket.send_multipart(encode("ping", {"t": now}))
@@ -300,6 +313,15 @@ class Master:
     def _on_control(self, handle: NodeHandle, msg: Message) -> None:
         handle.last_seen = time.time()
         f = msg.fields
+        if handle.lost and handle.node_id and msg.kind in ("pong", "stats"):
+            handle.lost = False  # it answers again: usable by the next plan
+            log.info("node %s is back", handle.name)
+            a = handle.address
+            self.bus.publish(ev.NodeJoined(
+                t=time.time(), node_id=handle.node_id, name=handle.name, host=a.host,
+                port=a.port, device=handle.device, cores=handle.cores,
+                memory_bytes=handle.memory, speed=handle.speed, rtt_s=handle.rtt_s,
+                bandwidth=handle.bandwidth))
         if msg.kind == "info":
             handle.node_id, handle.name = str(f["node"]), str(f.get("name", f["node"]))
             handle.device, handle.data_endpoint = str(f["device"]), str(f["data"])
@@ -352,6 +374,7 @@ class Master:
             handles.append(handle)
         self.bus.publish(ev.DeployStarted(t=time.time(), plan_stages=len(shards),
                                           assignment=tuple(assignment)))
+        self.epoch += 1
         readies: list[Future] = []
         own = self.guard.ring.public if self.guard.ring else None
         for i, (shard, handle) in enumerate(zip(shards, handles, strict=True)):
@@ -398,7 +421,7 @@ class Master:
             handle.socket.send_multipart(encode("deploy_begin", {
                 "stage": stage, "stages": stages, "sha256": digest, "size": len(shard),
                 "inputs": [], "outputs": [], "next": nxt, "results": self.results_endpoint,
-                "exact": exact, "next_key": (nxt_key or b"").decode(),
+                "exact": exact, "epoch": self.epoch, "next_key": (nxt_key or b"").decode(),
                 "results_key": (self.guard.ring.public if self.guard.ring else b"").decode(),
             }))
             self._commands.put(lambda: send_chunks(0))
@@ -432,21 +455,42 @@ class Master:
         if self._first is None:
             raise ClusterError("nothing is deployed: deploy a plan first")
         future: Future = Future()
+        while not self._open.wait(0.1):  # a recovery is running: wait for the new pipeline
+            if self._stop.is_set():
+                raise ClusterError("the master was closed")
         with self._pending_lock:
             if len(self._pending) >= self.max_pending:
                 raise ClusterBusy(f"busy: {len(self._pending)} requests are in flight (the "
                                   f"limit is {self.max_pending}); wait for results first")
             rid = next(self._ids)
-            self._pending[rid] = _Pending(future, time.time())
-        frames = encode("activation", {"id": rid, "times": []}, feeds)
+            self._pending[rid] = _Pending(future, time.time(), feeds)
+        self._send(rid, feeds)
+        future.request_id = rid  # type: ignore[attr-defined]
+        return future
+
+    def _send(self, rid: int, feeds: Mapping[str, np.ndarray]) -> None:
         with self._send_lock:
+            frames = encode("activation", {"id": rid, "times": [], "epoch": self.epoch}, feeds)
             assert self._first is not None
             while not self._stop.is_set():
                 if self._first.poll(100, zmq.POLLOUT):
                     self._first.send_multipart(frames, copy=False)
-                    break
-        future.request_id = rid  # type: ignore[attr-defined]
-        return future
+                    return
+
+    def hold(self) -> None:
+        """Hold new submissions back (a recovery is starting)."""
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
+    def replay(self) -> int:
+        """Send every request still waiting for its result into the current pipeline again."""
+        with self._pending_lock:
+            waiting = sorted((rid, p.feeds) for rid, p in self._pending.items())
+        for rid, feeds in waiting:
+            self._send(rid, feeds)
+        return len(waiting)
 
     def submit_batch(self, feeds: Mapping[str, np.ndarray], micro_batch: int) -> Future:
         """Split a batch along axis 0 into micro-batches, pipeline them, join the outputs.
@@ -519,6 +563,8 @@ class Master:
                 log.warning("bad result message: %s", exc)
                 continue
             rid = msg.fields.get("id")
+            if msg.fields.get("epoch", self.epoch) != self.epoch:
+                continue  # from a pipeline replaced since: the request was replayed
             with self._pending_lock:
                 pending = self._pending.pop(rid, None) if isinstance(rid, int) else None
             if pending is None:
@@ -538,7 +584,7 @@ class Master:
                     t=t_done, request_id=str(rid), reason=reason,
                     stage=stage if isinstance(stage, int) and stage >= 0 else None))
 
-    def _fail_all(self, reason: str) -> None:
+    def fail_pending(self, reason: str) -> None:
         with self._pending_lock:
             pending, self._pending = self._pending, {}
         for rid, p in pending.items():

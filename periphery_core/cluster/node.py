@@ -82,6 +82,7 @@ class _Deployment:
     provider: str
     next_key: bytes | None = None
     results_key: bytes | None = None
+    epoch: int = 0
 
 
 def device_description() -> str:
@@ -273,7 +274,7 @@ class NodeDaemon:
         sock = self._push(dep.results_endpoint, dep.results_key)
         for rid in ids:
             sock.send_multipart(encode("failure", {
-                "id": rid, "stage": dep.stage,
+                "id": rid, "stage": dep.stage, "epoch": dep.epoch,
                 "reason": f"node {self.config.name} shut down with the request queued"}))
         sock.close(linger=500)
         log.info("node stopping: %d queued requests failed explicitly", len(ids))
@@ -397,7 +398,7 @@ class NodeDaemon:
                 for k in ("next_key", "results_key")}
         self._deployment = _Deployment(up.stage, runner, up.fields["next"],
                                        up.fields["results"], provider, keys["next_key"],
-                                       keys["results_key"])
+                                       keys["results_key"], int(up.fields.get("epoch", 0) or 0))
         self._outq.put(("rewire", self._deployment))
         log.info("stage %d ready on %s", up.stage, provider)
         self._reply(ident, "ready", {"stage": up.stage, "provider": provider})
@@ -444,16 +445,19 @@ class NodeDaemon:
             if dep is None:
                 self._put_out(("failure", {"id": rid, "reason": "no shard deployed", "stage": -1}))
                 continue
+            epoch = msg.fields.get("epoch", 0)
+            if epoch != dep.epoch:
+                continue  # sent to a pipeline that has been replaced; the master replays it
             t_start = time.time()
             try:
                 outputs = dep.runner.run(msg.tensors)
             except Exception as exc:  # a bad request fails alone; the node keeps serving
-                self._put_out(("failure", {"id": rid, "stage": dep.stage,
+                self._put_out(("failure", {"id": rid, "stage": dep.stage, "epoch": epoch,
                                            "reason": f"stage {dep.stage}: {exc}"}))
                 continue
             t_end = time.time()
             times = [*msg.fields.get("times", []), [dep.stage, t_recv, t_start, t_end]]
-            self._put_out(("activation", ({"id": rid, "times": times}, outputs)))
+            self._put_out(("activation", ({"id": rid, "times": times, "epoch": epoch}, outputs)))
 
     def _put_out(self, item: tuple[str, Any]) -> None:
         while not self._stop.is_set():
@@ -502,6 +506,7 @@ class NodeDaemon:
                 frames = encode("result" if last else "activation", fields, outputs)
             except WireError as exc:
                 frames = encode("failure", {"id": fields["id"], "stage": dep.stage,
+                                            "epoch": fields.get("epoch", 0),
                                             "reason": f"stage {dep.stage}: {exc}"})
             self._send_blocking(nxt, frames)
         for sock in (nxt, results):

@@ -96,9 +96,10 @@ def _identity_model(path: Path, n: int) -> Path:
     return path
 
 
-def _start_node(ns: str, ns_ip: str, keys: Path | None) -> tuple[subprocess.Popen, str]:
+def _start_node(ns: str, ns_ip: str, keys: Path | None,
+                name: str = "nsnode") -> tuple[subprocess.Popen, str]:
     cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "periphery_core.cli.node",
-           "--host", ns_ip, "--port", "0", "--no-advertise", "--name", "nsnode"]
+           "--host", ns_ip, "--port", "0", "--no-advertise", "--name", name]
     cmd += ["--keys", str(keys)] if keys else ["--insecure"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline()  # type: ignore[union-attr]
@@ -140,3 +141,115 @@ def test_no_plaintext_tensor_bytes_on_the_wire(veth, tmp_path: Path, secure: boo
         assert CANARY not in seen, "tensor bytes crossed the wire in plaintext"
     else:
         assert CANARY in seen, "the capture did not see the plaintext it should have"
+
+
+@pytest.fixture
+def bridged_hosts():
+    """Three namespaces on one bridge with the master's address on the bridge itself."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 to create network namespaces")
+    tag = secrets.token_hex(2)
+    subnet = 100 + int(tag[:2], 16) % 90
+    bridge = f"pphb{tag}"
+    hosts = [(f"pph{tag}n{i}", f"pph{tag}h{i}", f"pph{tag}p{i}", f"10.232.{subnet}.{10 + i}")
+             for i in range(3)]
+    created: list[str] = []
+    try:
+        _run("ip", "link", "add", bridge, "type", "bridge")
+        _run("ip", "addr", "add", f"10.232.{subnet}.1/24", "dev", bridge)
+        _run("ip", "link", "set", bridge, "up")
+        for ns, host_if, ns_if, ip in hosts:
+            _run("ip", "netns", "add", ns)
+            created.append(ns)
+            _run("ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if)
+            _run("ip", "link", "set", ns_if, "netns", ns)
+            _run("ip", "link", "set", host_if, "master", bridge)
+            _run("ip", "link", "set", host_if, "up")
+            _run("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", ns_if)
+            _run("ip", "-n", ns, "link", "set", ns_if, "up")
+            _run("ip", "-n", ns, "link", "set", "lo", "up")
+    except subprocess.CalledProcessError as exc:
+        for ns in created:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+        pytest.skip(f"cannot build the test network here: {exc.stderr.decode().strip()}")
+    try:
+        yield f"10.232.{subnet}.1", hosts
+    finally:
+        for _, host_if, _, _ in hosts:
+            subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+        for ns in created:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+
+
+def test_a_link_down_mid_stream_costs_no_request_and_the_node_rejoins(
+    bridged_hosts, tmp_path: Path
+) -> None:
+    from periphery_core.cluster import events as ev
+    from periphery_core.cluster.pipeline import Pipeline
+    from periphery_core.model import analyze, load_model
+    from periphery_core.partition.verify import bit_identical
+    from periphery_core.runtime.chain import LocalChain
+    from periphery_core.runtime.session import SessionConfig
+    from tests.test_recovery import LAYERS, WIDTH, _mlp
+
+    master_ip, hosts = bridged_hosts
+    names = [f"node{i}" for i in range(3)]
+    keys = init_cluster_keys(tmp_path / "keys", ["master", *names])
+    procs = []
+    try:
+        addresses = []
+        for i, (ns, _, _, ip) in enumerate(hosts):
+            proc, port = _start_node(ns, ip, keys[i + 1], names[i])
+            procs.append(proc)
+            key = load_keyring(keys[i + 1]).public.decode()
+            addresses.append(NodeAddress(names[i], names[i], ip, int(port), {"key": key},
+                                         "static"))
+        path = _mlp(tmp_path / "mlp.onnx")
+        loaded = load_model(path)
+        analysis = analyze(loaded)
+        rng = np.random.default_rng(2)
+        pool = [{"x": rng.standard_normal((8, WIDTH)).astype(np.float32)} for _ in range(10)]
+        whole = LocalChain([loaded.proto], SessionConfig(exact=True, threads=1))
+        expected = [whole.run(f)[f"h{LAYERS - 1}"] for f in pool]
+        with Master(host=master_ip, keys=load_keyring(keys[0])) as master:
+            handles = [master.connect(a, timeout=10) for a in addresses]
+            rejoined = threading.Event()
+            lost = threading.Event()
+
+            def watch(e: object) -> None:
+                if isinstance(e, ev.NodeLost):
+                    lost.set()
+                elif isinstance(e, ev.NodeJoined) and lost.is_set():
+                    rejoined.set()
+
+            master.bus.subscribe(watch)
+            pipeline = Pipeline(master, loaded, analysis, k=3)
+            pipeline.deploy([h.node_id for h in handles])
+            futures, results = [], []
+            for i in range(300):
+                if i == 100:
+                    _run("ip", "link", "set", hosts[1][1], "down")  # cut node1 off
+                if len(futures) >= 12:
+                    results.append(futures.pop(0).result(timeout=60))
+                futures.append(pipeline.submit(pool[i % len(pool)]))
+            results += [f.result(timeout=60) for f in futures]
+            assert lost.is_set() and len(pipeline.recoveries) == 1
+            rec = pipeline.recoveries[0]
+            print(f"\nlink down: serving again {rec.recovered_s:.2f} s after the loss was "
+                  f"declared, {rec.replayed} requests replayed")
+            _run("ip", "link", "set", hosts[1][1], "up")
+            assert rejoined.wait(20), "node1 did not rejoin after its link came back"
+            pipeline.close()
+        assert len(results) == 300
+        for i, got in enumerate(results):
+            assert bit_identical(expected[i % len(pool)], got[f"h{LAYERS - 1}"]), f"request {i}"
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()

@@ -464,17 +464,29 @@ class Master:
                                   f"limit is {self.max_pending}); wait for results first")
             rid = next(self._ids)
             self._pending[rid] = _Pending(future, time.time(), feeds)
-        self._send(rid, feeds)
+        epoch = self.epoch
+        self._send(rid, feeds, lambda: not self._open.is_set() or self.epoch != epoch)
         future.request_id = rid  # type: ignore[attr-defined]
         return future
 
-    def _send(self, rid: int, feeds: Mapping[str, np.ndarray]) -> None:
+    def _send(self, rid: int, feeds: Mapping[str, np.ndarray],
+              abandon: Callable[[], bool]) -> None:
+        """Send one request to the first stage, waiting while it is full (backpressure).
+
+        Gives up, leaving the request pending, when `abandon()` says a recovery has begun or
+        the pipeline changed (the recovery replays it), or when the request no longer waits
+        (it failed): a send to a dead first stage must never hold the lock a redeploy needs.
+        """
         with self._send_lock:
             frames = encode("activation", {"id": rid, "times": [], "epoch": self.epoch}, feeds)
             assert self._first is not None
             while not self._stop.is_set():
                 if self._first.poll(100, zmq.POLLOUT):
                     self._first.send_multipart(frames, copy=False)
+                    return
+                with self._pending_lock:
+                    waiting = rid in self._pending
+                if not waiting or abandon():
                     return
 
     def hold(self) -> None:
@@ -488,8 +500,9 @@ class Master:
         """Send every request still waiting for its result into the current pipeline again."""
         with self._pending_lock:
             waiting = sorted((rid, p.feeds) for rid, p in self._pending.items())
+        epoch = self.epoch
         for rid, feeds in waiting:
-            self._send(rid, feeds)
+            self._send(rid, feeds, lambda: self.epoch != epoch)
         return len(waiting)
 
     def submit_batch(self, feeds: Mapping[str, np.ndarray], micro_batch: int) -> Future:

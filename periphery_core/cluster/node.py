@@ -176,6 +176,9 @@ class NodeDaemon:
         self._upload: _Upload | None = None
         self._deployment: _Deployment | None = None
         self._master: bytes | None = None
+        # Set by a new deployment: the sender drops what it holds for the old pipeline (whose
+        # next stage may be unreachable: the master replays those requests) and rewires.
+        self._rewire = threading.Event()
         self._threads: list[threading.Thread] = []
         self._advertiser: Any = None
         self.speed: float | None = None
@@ -399,6 +402,7 @@ class NodeDaemon:
         self._deployment = _Deployment(up.stage, runner, up.fields["next"],
                                        up.fields["results"], provider, keys["next_key"],
                                        keys["results_key"], int(up.fields.get("epoch", 0) or 0))
+        self._rewire.set()
         self._outq.put(("rewire", self._deployment))
         log.info("stage %d ready on %s", up.stage, provider)
         self._reply(ident, "ready", {"stage": up.stage, "provider": provider})
@@ -476,7 +480,10 @@ class NodeDaemon:
                 kind, payload = self._outq.get(timeout=0.1)
             except queue.Empty:
                 continue
+            if self._rewire.is_set() and kind != "rewire":
+                continue  # belongs to the pipeline being replaced
             if kind == "rewire":
+                self._rewire.clear()
                 for sock in (nxt, results):
                     if sock is not None:
                         sock.close(linger=0)
@@ -521,8 +528,9 @@ class NodeDaemon:
         return sock
 
     def _send_blocking(self, sock: zmq.Socket, frames: list[Any]) -> None:
-        # Backpressure: wait while the next stage is full, but stay stoppable.
-        while not self._stop.is_set():
+        # Backpressure: wait while the next stage is full, but stay stoppable, and give up
+        # when a redeploy replaces the pipeline (its next stage may be gone for good).
+        while not self._stop.is_set() and not self._rewire.is_set():
             if sock.poll(POLL_MS, zmq.POLLOUT):
                 sock.send_multipart(frames, copy=False)
                 return

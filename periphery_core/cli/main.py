@@ -245,7 +245,8 @@ def verify(model: Path, shard_dir: Path, exact: bool, inputs_path: Path | None, 
 
 
 def main() -> None:
-    import periphery_core.cli.cluster  # noqa: F401  (registers `cluster` and `run`)
+    import periphery_core.cli.cluster
+    import periphery_core.cli.quantize  # noqa: F401  (registers `quantize`, `evaluate`)
 
     run_click(cli, "periphery")
 

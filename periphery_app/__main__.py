@@ -1,0 +1,7 @@
+"""`python -m periphery_app`."""
+
+import sys
+
+from periphery_app.main import main
+
+sys.exit(main())

@@ -1,0 +1,55 @@
+"""Recently opened models, kept in `recent.json` in the user's config folder.
+
+The folder is `$PERIPHERY_CONFIG_DIR` when set (tests point it at a temporary folder), else
+`~/.config/periphery`. A missing or damaged file reads as an empty list: the list is a
+convenience, never a reason to fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+MAX_RECENT = 10
+
+
+def config_dir() -> Path:
+    """The folder the app keeps its settings in."""
+    override = os.environ.get("PERIPHERY_CONFIG_DIR")
+    return Path(override) if override else Path.home() / ".config" / "periphery"
+
+
+def recent_path() -> Path:
+    return config_dir() / "recent.json"
+
+
+def load_recent() -> list[Path]:
+    """Recent model paths, most recent first, dropping ones that no longer exist."""
+    try:
+        data = json.loads(recent_path().read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(data, list):
+        return []
+    return [Path(p) for p in data if isinstance(p, str) and Path(p).is_file()][:MAX_RECENT]
+
+
+def remember(path: Path) -> list[Path]:
+    """Put `path` first in the recent list and save it.
+
+    Args:
+        path: A model that was opened successfully.
+
+    Returns:
+        The new list.
+    """
+    resolved = path.resolve()
+    items = [resolved, *(p for p in load_recent() if p.resolve() != resolved)][:MAX_RECENT]
+    target = recent_path()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps([str(p) for p in items], indent=1) + "\n")
+    except OSError:
+        pass  # a read-only home must not stop a model from opening
+    return items

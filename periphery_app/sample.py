@@ -1,0 +1,139 @@
+"""Fixed data for snapshot tests and screenshots: a cluster told as a fixed list of events.
+
+Everything that varies in a live run (clocks, host names, ports, timings) is fixed here, so a
+screen drawn from this data is the same on every machine. The events go through the same fold
+(`periphery_core.cluster.state.fold`) as live ones.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
+from periphery_app.history import Sample, append, sample
+from periphery_core.cluster import events as ev
+from periphery_core.cluster.state import ClusterState, fold
+
+if TYPE_CHECKING:
+    from textual.pilot import Pilot
+
+    from periphery_app.app import PeripheryApp
+
+T0 = 1_700_000_000.0
+NODES = (("n0a1", "local0", 41001, 1.00), ("n1b2", "local1", 41002, 0.92),
+         ("n2c3", "local2", 41003, 1.07))
+REQUESTS = 240
+END = T0 + 10 + REQUESTS * 0.05
+
+
+def sample_events() -> list[ev.Event]:
+    """Three nodes join, one more joins and is lost, a 3-stage plan deploys, requests stream."""
+    out: list[ev.Event] = []
+    for i, (nid, name, port, speed) in enumerate(NODES):
+        out.append(ev.NodeJoined(node_id=nid, name=name, host="127.0.0.1", port=port,
+                                 device="cpu", cores=2, memory_bytes=8 << 30, speed=speed,
+                                 rtt_s=1e-4, bandwidth=2e9, t=T0 + 0.1 * i))
+    out.append(ev.NodeJoined(node_id="n3d4", name="spare", host="10.0.0.9", port=41010,
+                             device="cpu", cores=4, memory_bytes=16 << 30, speed=1.3,
+                             rtt_s=4e-4, bandwidth=1e8, t=T0 + 0.5))
+    out.append(ev.NodeLost(node_id="n3d4", reason="no answer for 3.0 s", t=T0 + 4.0))
+    assignment = tuple(n[0] for n in NODES)
+    out.append(ev.DeployStarted(plan_stages=3, assignment=assignment, t=T0 + 5))
+    for s, nid in enumerate(assignment):
+        out.append(ev.ShardProgress(node_id=nid, stage=s, sent_bytes=1 << 20,
+                                    total_bytes=1 << 20, t=T0 + 5.5 + s * 0.1))
+        out.append(ev.StageReady(node_id=nid, stage=s, provider="CPUExecutionProvider",
+                                 t=T0 + 6 + s * 0.1))
+    out.append(ev.DeployFinished(t=T0 + 7))
+    rng = random.Random(7)
+    base = (0.011, 0.019, 0.009)
+    for r in range(REQUESTS):
+        t = T0 + 10 + r * 0.05
+        wave = 1.0 + 0.3 * ((r // 40) % 2)
+        stages = tuple(
+            ev.StageTiming(stage=s, queue_s=0.002 * rng.random() * (2 if s == 1 else 1),
+                           compute_s=b * wave * (1 + 0.1 * rng.random()),
+                           transfer_s=0.0004 + 0.0002 * rng.random())
+            for s, b in enumerate(base)
+        )
+        latency = sum(x.total_s for x in stages)
+        out.append(ev.RequestCompleted(request_id=str(r + 1), latency_s=latency, stages=stages,
+                                       t=t))
+        if r % 40 == 0:
+            for k, (nid, *_rest) in enumerate(NODES):
+                out.append(ev.NodeStats(node_id=nid, cpu_percent=55.0 + 15 * k + (r % 7),
+                                        rss_bytes=(180 + 20 * k) << 20, memory_percent=2.5 + k,
+                                        gpu_percent=None, t=t))
+    out.sort(key=lambda e: e.t)
+    return out
+
+
+def sample_state() -> ClusterState:
+    """The fold of `sample_events()`."""
+    return fold(sample_events())
+
+
+def sample_history(step_s: float = 0.25) -> tuple[Sample, ...]:
+    """The dashboard's history as if sampled every `step_s` seconds during the stream."""
+    events = sample_events()
+    history: tuple[Sample, ...] = ()
+    state = ClusterState.empty()
+    i = 0
+    t = T0 + 10.0
+    while t <= END + 1e-9:
+        while i < len(events) and events[i].t <= t:
+            state = fold([events[i]], state)
+            i += 1
+        history = append(history, sample(state, t))
+        t += step_s
+    return history
+
+
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "assets" / "demo-resnet.onnx"
+SCREENSHOT_SIZE = (100, 32)
+
+
+def sample_app(model: Path = DEMO_MODEL) -> PeripheryApp:
+    """The app on the demo model with the fixed cluster, history and clock of this module."""
+    from periphery_app.app import PeripheryApp
+
+    return PeripheryApp(model, browse_dir=model.parent, fixed_state=sample_state(),
+                        fixed_history=sample_history(), clock=lambda: END)
+
+
+async def until(pilot: Pilot, condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Let the app run until `condition()` holds.
+
+    Raises:
+        TimeoutError: it did not hold within `timeout` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the app did not reach the expected state in time")
+        await pilot.pause(0.05)
+
+
+async def show_sample_screen(pilot: Pilot, mode: str) -> None:
+    """Bring a `sample_app()` to one screen with its data shown and no toasts left."""
+    from periphery_app.screens.graph import GraphScreen
+    from periphery_app.screens.shards import ShardsScreen
+
+    app = cast("PeripheryApp", pilot.app)
+    await until(pilot, lambda: app.opened is not None)
+    await pilot.press("3")  # the Shards screen makes the plan every other screen overlays
+    await until(pilot, lambda: app.plan is not None and app.plan.k == len(NODES))
+    if mode != "shards":
+        await pilot.press({"model": "1", "graph": "2", "cluster": "4", "dashboard": "5"}[mode])
+    if mode == "graph":
+        screen = app.screen
+        await until(pilot, lambda: isinstance(screen, GraphScreen)
+                    and screen.layout_ready_count > 0)
+    if mode == "shards":
+        assert isinstance(app.screen, ShardsScreen)
+    await pilot.pause(0.2)
+    app.clear_notifications()
+    await pilot.pause(0.1)

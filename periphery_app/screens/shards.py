@@ -1,0 +1,361 @@
+"""The Shards screen: choose K and a strategy, move boundaries by hand, assign stages to nodes,
+save or load the plan, and deploy it.
+
+Planning runs in a thread worker (a big graph takes a tenth of a second per re-plan); a moved
+boundary re-plans with the same node order (`replan_with_cuts`), so the figures follow the keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import VerticalScroll
+from textual.widgets import Footer, Static
+from textual.worker import get_current_worker
+
+from periphery_app.messages import Deployed, PlanChanged, ProgressReported
+from periphery_app.screens.base import PeripheryScreen, screen_bar
+from periphery_app.screens.modals import ChoiceModal, PromptModal
+from periphery_app.session import OpenedModel, Session
+from periphery_app.units import human_bytes, human_seconds
+from periphery_app.widgets.stage_chart import StageChart
+from periphery_core.cluster.state import ClusterState
+from periphery_core.errors import PlanError
+from periphery_core.partition.costs import make_plan, replan_with_cuts
+from periphery_core.partition.plan import STRATEGIES, DeviceSpec, ShardPlan, load_plan
+from periphery_core.progress import Progress
+
+
+def cuts_of(plan: ShardPlan) -> list[int]:
+    """The K-1 cut positions of a plan in its node order."""
+    cuts, total = [], 0
+    for s in plan.stages[:-1]:
+        total += len(s.nodes)
+        cuts.append(total)
+    return cuts
+
+
+def moved(cuts: Sequence[int], boundary: int, delta: int, n: int) -> list[int]:
+    """Cuts with one boundary moved by `delta`, kept strictly between its neighbours."""
+    out = list(cuts)
+    lo = out[boundary - 1] + 1 if boundary > 0 else 1
+    hi = out[boundary + 1] - 1 if boundary + 1 < len(out) else n - 1
+    out[boundary] = max(lo, min(hi, out[boundary] + delta))
+    return out
+
+
+class ShardsScreen(PeripheryScreen):
+    """Plan the shards and deploy them."""
+
+    CSS_PATH = "shards.tcss"
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("plus,equals_sign", "change_k(1)", "K+"),
+        Binding("minus", "change_k(-1)", "K-"),
+        Binding("t", "cycle_strategy", "Strategy"),
+        Binding("b", "rebalance", "Balance"),
+        Binding("a", "assign", "Assign"),
+        Binding("A", "auto_assign", "Auto-assign", show=False),
+        Binding("s", "save", "Save"),
+        Binding("o", "load", "Load"),
+        Binding("d", "deploy", "Deploy"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__(name="shards")
+        self.k = 2
+        self.strategy = "balanced"
+        self.assignment: list[str | None] = []
+        self.status = ""
+        self._opened: OpenedModel | None = None
+        self._cuts: list[int] = []
+        self.plans_shown = 0  # for tests: plans this screen has displayed
+
+    def compose(self) -> ComposeResult:
+        yield screen_bar(self)
+        yield Static("", id="controls")
+        with VerticalScroll(id="stages"):
+            yield StageChart(id="chart")
+        yield Static("", id="status")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = "Shards"
+        self.watch(self.papp, "opened", self._model_changed)
+        self.watch(self.papp, "plan", self._plan_changed)
+        self.watch(self.papp, "cluster_state", self._state_changed)
+        self.query_one(StageChart).focus()
+
+    # ------------------------------------------------------------------ state in
+
+    def _model_changed(self, opened: OpenedModel | None) -> None:
+        self._opened = opened
+        if opened is None:
+            return
+        plan = self.papp.plan
+        deployed = self.papp.cluster_state.assignment
+        if deployed and (plan is None or plan.k != len(deployed)):
+            self.k = len(deployed)  # plan for the pipeline the cluster runs
+            self.assignment = list(deployed)
+        if plan is None or plan.model_sha256 != opened.analysis.sha256:
+            self._plan(opened, self.k, self.strategy, self._devices(self.k))
+
+    def _plan_changed(self, plan: ShardPlan | None) -> None:
+        if plan is not None:
+            self.k = plan.k
+            self._cuts = cuts_of(plan)
+            if len(self.assignment) != plan.k:
+                self.assignment = (self.assignment + [None] * plan.k)[: plan.k]
+            if plan.strategy in STRATEGIES:
+                self.strategy = plan.strategy
+            self.plans_shown += 1
+        self._redraw()
+
+    def _state_changed(self, state: ClusterState) -> None:
+        if (state.assignment and len(state.assignment) == len(self.assignment)
+                and not any(self.assignment)):
+            self.assignment = list(state.assignment)
+        if self.is_current:
+            self._redraw()
+
+    def on_screen_resume(self) -> None:
+        self._redraw()
+
+    def _names(self) -> list[str | None]:
+        nodes = self.papp.cluster_state.nodes
+        return [nodes[a].name if a and a in nodes else None for a in self.assignment]
+
+    def _redraw(self) -> None:
+        plan = self.papp.plan
+        state = self.papp.cluster_state
+        deploy = state.deploy if tuple(self.assignment) == state.assignment else {}
+        self.query_one(StageChart).set_data(plan, self._names(), deploy)
+        controls = Text(no_wrap=True, overflow="ellipsis")
+        controls.append(f" K = {self.k} ", style="bold reverse")
+        controls.append(" (+/-)   strategy ")
+        controls.append(f" {self.strategy} ", style="bold reverse")
+        controls.append(" (t)")
+        if plan is not None:
+            controls.append(f"\n bottleneck stage {plan.bottleneck_stage}: "
+                            f"{human_seconds(plan.bottleneck_s)} per request · balance "
+                            f"{plan.balance_ratio:.2f}x ideal · boundaries "
+                            f"{human_bytes(plan.boundary_bytes)} · {plan.strategy}")
+        self.query_one("#controls", Static).update(controls)
+        self.query_one("#status", Static).update(self.status)
+
+    def _say(self, text: str) -> None:
+        self.status = text
+        self.query_one("#status", Static).update(text)
+
+    # ------------------------------------------------------------------ planning
+
+    def _devices(self, k: int) -> list[DeviceSpec] | None:
+        """The assigned nodes' measured figures, when every stage has a node."""
+        ids = self.assignment[:k]
+        session = self.papp.session
+        if len(ids) < k or not all(ids) or not session.has_master:
+            return None
+        known = session.master.nodes
+        if not all(i in known for i in ids):
+            return None
+        return session.master.devices([i for i in ids if i])
+
+    @work(thread=True, exclusive=True, group="plan")
+    def _plan(self, opened: OpenedModel, k: int, strategy: str,
+              devices: list[DeviceSpec] | None) -> None:
+        worker = get_current_worker()
+        try:
+            plan = make_plan(opened.analysis, k, strategy=strategy, devices=devices)
+        except Exception as exc:
+            self.report_failure(exc)
+            return
+        if not worker.is_cancelled:
+            self.post_message(PlanChanged(plan))
+
+    @work(thread=True, exclusive=True, group="plan")
+    def _replan(self, opened: OpenedModel, plan: ShardPlan, cuts: list[int],
+                devices: list[DeviceSpec] | None) -> None:
+        worker = get_current_worker()
+        try:
+            new = replan_with_cuts(opened.analysis, plan, cuts, devices)
+        except Exception as exc:
+            self.report_failure(exc)
+            return
+        if not worker.is_cancelled:
+            self.post_message(PlanChanged(new))
+
+    @on(StageChart.BoundaryMoved)
+    def _boundary_moved(self, event: StageChart.BoundaryMoved) -> None:
+        plan, opened = self.papp.plan, self._opened
+        if plan is None or opened is None:
+            return
+        n = sum(len(s.nodes) for s in plan.stages)
+        cuts = moved(self._cuts or cuts_of(plan), event.stage, event.delta, n)
+        if cuts == self._cuts:
+            self.app.bell()
+            return
+        self._cuts = cuts
+        self._replan(opened, plan, cuts, self._devices(plan.k))
+
+    def action_change_k(self, step: int) -> None:
+        if self._opened is None:
+            return
+        k = max(1, min(len(self._opened.analysis.nodes), self.k + step))
+        if k != self.k:
+            self.k = k
+            self.assignment = (self.assignment + [None] * k)[:k]
+            self._plan(self._opened, k, self.strategy, self._devices(k))
+            self._redraw()
+
+    def action_cycle_strategy(self) -> None:
+        self.strategy = STRATEGIES[(STRATEGIES.index(self.strategy) + 1) % len(STRATEGIES)]
+        self.action_rebalance()
+
+    def action_rebalance(self) -> None:
+        if self._opened is not None:
+            self._plan(self._opened, self.k, self.strategy, self._devices(self.k))
+            self._redraw()
+
+    # ------------------------------------------------------------------ assignment
+
+    def _candidates(self) -> list[tuple[str, str]]:
+        state = self.papp.cluster_state
+        out = []
+        for node in sorted(state.nodes.values(), key=lambda n: n.name):
+            if node.state == "lost":
+                continue
+            speed = f"{node.speed:.2f}x" if node.speed is not None else "?"
+            out.append((node.id, f"{node.name:<10} {node.host}:{node.port}  "
+                                 f"{node.device or '?'}  {speed}  {node.state}"))
+        return out
+
+    def action_assign(self) -> None:
+        plan = self.papp.plan
+        if plan is None:
+            return
+        stage = self.query_one(StageChart).selected
+        choices = self._candidates()
+        if not choices:
+            self.notify("no nodes yet: add some on the Cluster screen (4)", severity="warning")
+            return
+
+        def chosen(node_id: str | None) -> None:
+            if node_id is None:
+                return
+            self.assign(stage, node_id)
+
+        self.app.push_screen(ChoiceModal(f"Node for stage {stage}", choices), chosen)
+
+    def assign(self, stage: int, node_id: str) -> None:
+        """Put `node_id` on `stage`; a node already on another stage swaps places with it."""
+        if node_id in self.assignment:
+            other = self.assignment.index(node_id)
+            self.assignment[other] = self.assignment[stage]
+        self.assignment[stage] = node_id
+        self._after_assignment()
+
+    def action_auto_assign(self) -> None:
+        ids = [key for key, _ in self._candidates()]
+        if len(ids) < self.k:
+            self.notify(f"{self.k} stages but {len(ids)} nodes", severity="warning")
+            return
+        self.assignment = list[str | None](ids[: self.k])
+        self._after_assignment()
+
+    def _after_assignment(self) -> None:
+        plan, opened = self.papp.plan, self._opened
+        devices = self._devices(self.k)
+        if plan is not None and opened is not None and devices is not None:
+            self._replan(opened, plan, self._cuts or cuts_of(plan), devices)
+        self._redraw()
+
+    # ------------------------------------------------------------------ files
+
+    def action_save(self) -> None:
+        plan = self.papp.plan
+        if plan is None:
+            return
+
+        def answered(path: str | None) -> None:
+            if not path:
+                return
+            try:
+                written = plan.save(Path(path).expanduser())
+            except (OSError, PlanError) as exc:
+                self.report_failure(exc)
+                return
+            self._say(f"plan saved to {written}")
+
+        self.app.push_screen(PromptModal("Save plan to", "plan.json", "plan.json"), answered)
+
+    def action_load(self) -> None:
+        def answered(path: str | None) -> None:
+            if path:
+                self.load_plan_file(Path(path).expanduser())
+
+        self.app.push_screen(PromptModal("Load plan from", "plan.json", "plan.json"), answered)
+
+    def load_plan_file(self, path: Path) -> None:
+        """Read a plan file and make it the current plan (it must be for the open model)."""
+        try:
+            plan = load_plan(path)
+            if self._opened is None:
+                raise PlanError("open the plan's model first")
+            if plan.model_sha256 != self._opened.analysis.sha256:
+                raise PlanError(f"{path.name} was made for another model than "
+                                f"{self._opened.loaded.name}")
+        except (OSError, PlanError) as exc:
+            self.report_failure(exc)
+            return
+        self.post_message(PlanChanged(plan))
+        self._say(f"plan loaded from {path}")
+
+    # ------------------------------------------------------------------ deploy
+
+    def action_deploy(self) -> None:
+        plan, opened = self.papp.plan, self._opened
+        if plan is None or opened is None:
+            return
+        if not all(self.assignment[: plan.k]):
+            ids = [key for key, _ in self._candidates()]
+            if len(ids) < plan.k:
+                self.report_failure(PlanError(
+                    f"the plan has {plan.k} stages but {len(ids)} nodes are available: add "
+                    "nodes on the Cluster screen (4) or lower K"))
+                return
+            taken = {a for a in self.assignment if a}
+            spare = iter(i for i in ids if i not in taken)
+            self.assignment = [a or next(spare) for a in self.assignment[: plan.k]]
+        assignment = tuple(a for a in self.assignment[: plan.k] if a)
+        self._say("deploying: extracting shards…")
+        self._deploy(self.papp.session, opened, plan, assignment)
+
+    @work(thread=True, exclusive=True, group="deploy")
+    def _deploy(self, session: Session, opened: OpenedModel, plan: ShardPlan,
+                assignment: tuple[str, ...]) -> None:
+        def progress(p: Progress) -> None:
+            self.post_message(ProgressReported(p))
+
+        try:
+            session.deploy(opened, plan, assignment, progress)
+        except Exception as exc:
+            self.post_message(ProgressReported(Progress("deploy", 1, 1, "failed")))
+            self.report_failure(exc)
+            return
+        self.post_message(Deployed(assignment))
+
+    def on_progress_reported(self, message: ProgressReported) -> None:
+        p = message.progress
+        if p.task == "extract":
+            self._say(f"deploying: extracting shard {min(p.done + 1, p.total)} of {p.total}; "
+                      "then uploading to the nodes")
+        elif p.task == "deploy" and p.detail == "failed":
+            self._say("deploy failed")
+
+    def on_deployed(self, message: Deployed) -> None:
+        self._say(f"deployed {len(message.assignment)} stages: every stage is ready")

@@ -1,0 +1,209 @@
+"""What the app works on, without any UI: the model, the cluster and the request load.
+
+Design choice: every method here may block (loading, analysing, connecting, deploying), so the
+app calls them only from thread workers and hears back through messages. The session owns the
+`Master`, an optional `LocalCluster` and the `StateTracker` that folds the master's events; the
+app reads the folded `ClusterState` on a timer. `close()` is idempotent and safe from any thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from pathlib import Path
+
+from periphery_core.cluster.keys import KeyRing, keyring_or_insecure
+from periphery_core.cluster.local import LocalCluster
+from periphery_core.cluster.master import Master, NodeHandle
+from periphery_core.cluster.tracker import StateTracker
+from periphery_core.discovery import NodeAddress
+from periphery_core.discovery.static import parse_peer
+from periphery_core.errors import PeripheryError
+from periphery_core.model import LoadedModel, ModelAnalysis, analyze, load_model
+from periphery_core.partition.extract import extract_shards
+from periphery_core.partition.plan import ShardPlan
+from periphery_core.progress import CancelToken, ProgressFn
+from periphery_core.runtime.feeds import Feeds, random_feeds
+
+
+@dataclass(frozen=True, slots=True)
+class OpenedModel:
+    """A model loaded and analysed."""
+
+    loaded: LoadedModel
+    analysis: ModelAnalysis
+
+
+def open_model(
+    path: Path, progress: ProgressFn | None = None, cancel: CancelToken | None = None
+) -> OpenedModel:
+    """Load and analyse a model (blocking).
+
+    Raises:
+        PeripheryError: the file is not a usable model.
+    """
+    loaded = load_model(path)
+    return OpenedModel(loaded, analyze(loaded, progress=progress, cancel=cancel))
+
+
+class Session:
+    """The cluster side of the app: master, local nodes, state tracker.
+
+    Keys follow the CLI's rule: the master uses `keys_dir` (or $PERIPHERY_KEYS, or the default
+    folder), or runs without keys only when `insecure` says so. Local nodes started before
+    the master get fresh keys shared with it; started after an insecure master, none.
+    """
+
+    def __init__(self, keys_dir: Path | None = None, insecure: bool = False) -> None:
+        self.keys_dir = keys_dir
+        self.insecure = insecure
+        self._lock = threading.Lock()
+        self._master: Master | None = None
+        self.tracker: StateTracker | None = None
+        self.local: LocalCluster | None = None
+        self._closed = False
+
+    @property
+    def master(self) -> Master:
+        """The master, started on first use.
+
+        Raises:
+            PeripheryError: no keys were found and `insecure` was not given.
+        """
+        return self._ensure_master(None)
+
+    def _ensure_master(self, local_keys: KeyRing | None) -> Master:
+        with self._lock:
+            if self._closed:
+                raise PeripheryError("the session is closed")
+            if self._master is None:
+                keys = local_keys or keyring_or_insecure(self.keys_dir, self.insecure)
+                self._master = Master(keys=keys)
+                self.tracker = StateTracker(self._master.bus)
+            return self._master
+
+    @property
+    def has_master(self) -> bool:
+        return self._master is not None
+
+    def start_local(self, n: int) -> list[NodeHandle]:
+        """Start `n` node processes on 127.0.0.1 and connect to each (blocking).
+
+        Raises:
+            PeripheryError: a node did not start or did not answer.
+        """
+        if self.local is not None:
+            raise PeripheryError("local nodes are already running")
+        existing = self._master
+        if existing is not None and existing.guard.secure:
+            raise PeripheryError("this master already uses keys of its own, which fresh local "
+                                 "nodes would not trust: start local nodes before adding others")
+        cluster = LocalCluster(n, secure=existing is None)
+        cluster.start()
+        self.local = cluster
+        try:
+            master = self._ensure_master(cluster.master_keys)
+            return [master.connect(a) for a in cluster.addresses]
+        except BaseException:
+            self.local = None
+            cluster.stop()
+            raise
+
+    def connect(self, spec: str) -> NodeHandle:
+        """Connect to a node given as HOST:PORT (blocking).
+
+        Raises:
+            PeripheryError: the address is malformed or the node does not answer.
+        """
+        host, port = parse_peer(spec)
+        key = f"{host}:{port}"
+        address = NodeAddress(node_id=key, name=key, host=host, port=port, properties={},
+                              source="static")
+        return self.master.connect(address)
+
+    def deploy(
+        self,
+        opened: OpenedModel,
+        plan: ShardPlan,
+        assignment: Sequence[str],
+        progress: ProgressFn | None = None,
+    ) -> None:
+        """Extract the plan's shards and deploy them, stage i to node `assignment[i]`.
+
+        Raises:
+            PeripheryError: extraction failed, a node is unknown or lost, or a node refused.
+        """
+        shards = extract_shards(opened.loaded, opened.analysis, plan, progress=progress)
+        blobs = [s.SerializeToString() for s in shards]
+        self.master.deploy(blobs, list(assignment))
+
+    def close(self) -> None:
+        """Close the master and stop local nodes; safe to call twice and from any thread."""
+        with self._lock:
+            self._closed = True
+            master, self._master = self._master, None
+            local, self.local = self.local, None
+            tracker, self.tracker = self.tracker, None
+        if tracker is not None:
+            tracker.close()
+        if master is not None:
+            master.close()
+        if local is not None:
+            local.stop()
+
+
+@dataclass
+class LoadFigures:
+    """Counters of a running load, read by the UI."""
+
+    inflight: int = 4
+    submitted: int = 0
+    completed: int = 0
+    failed: int = 0
+    last_error: str = ""
+
+
+def run_load(
+    master: Master,
+    feeds_pool: Sequence[Feeds],
+    *,
+    stop: Callable[[], bool],
+    figures: LoadFigures,
+    wait_s: float = 0.25,
+) -> None:
+    """Stream requests with at most `figures.inflight` outstanding until `stop()` says so.
+
+    A failed request is counted, not raised; a pipeline that cannot take requests (nothing
+    deployed) raises `PeripheryError`.
+    """
+    window: list[Future] = []
+    i = 0
+    while not stop():
+        while len(window) < max(1, figures.inflight) and not stop():
+            window.append(master.submit(feeds_pool[i % len(feeds_pool)]))
+            figures.submitted += 1
+            i += 1
+        if not window:
+            break
+        try:
+            window[0].result(timeout=wait_s)
+        except FutureTimeout:
+            continue
+        except PeripheryError as exc:
+            figures.failed += 1
+            figures.last_error = exc.message
+            time.sleep(0.05)
+        else:
+            figures.completed += 1
+        window.pop(0)
+    # Outstanding requests are left to finish: cancelling a future the master still holds
+    # would make its result thread fail when the answer arrives.
+
+
+def feeds_for(analysis: ModelAnalysis, count: int = 4) -> list[Feeds]:
+    """A few seeded random requests for a model."""
+    return [random_feeds(analysis.inputs, seed=i) for i in range(count)]

@@ -1,0 +1,1 @@
+"""Quantization: configuration, calibration data sources, methods and the accuracy report."""

@@ -1,0 +1,329 @@
+"""Quantization settings: one frozen, typed config per method, validated when built.
+
+A config names one method of one engine and nothing else: there are no option dicts with string
+keys. ONNX Runtime's own quantizers (`DynamicInt8`, `StaticInt8`, `WeightOnly4Bit`) always work;
+the `Inc*` configs need Intel Neural Compressor's ONNX package (`onnx-neural-compressor`, the
+optional extra `inc`), which is imported only when such a config is run.
+
+`method_config` turns the CLI's method names into configs. The mapping:
+
+| CLI name      | bits      | engine "auto"/"ort"        | engine "inc"                  |
+|---------------|-----------|----------------------------|-------------------------------|
+| `dynamic`     | 8 (None)  | `DynamicInt8`              | refused (ORT only)            |
+| `static`      | 8 (None)  | `StaticInt8`               | refused (ORT only)            |
+| `rtn`         | 4 (None)  | `WeightOnly4Bit("rtn")`    | `IncRtn(bits)` (2, 3, 4, 8)   |
+| `gptq`        | 4 (None)  | `WeightOnly4Bit("gptq")`   | `IncGptq(bits)` (2, 3, 4, 8)  |
+| `hqq`         | 4 (None)  | `WeightOnly4Bit("hqq")`    | refused (ORT only)            |
+| `awq`         | 4 (None)  | "auto": `IncAwq`; "ort" refused | `IncAwq(bits)`           |
+| `smoothquant` | 8 (None)  | "auto": `IncSmoothQuant`; "ort" refused | `IncSmoothQuant`  |
+
+So "auto" picks ONNX Runtime wherever it has the method (no extra install needed) and Intel
+Neural Compressor only for AWQ and SmoothQuant, which ONNX Runtime lacks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Union
+
+from periphery_core.errors import PeripheryError
+
+
+class QuantizeError(PeripheryError):
+    """A model cannot be quantized as asked (bad settings, missing extra, failed method)."""
+
+    title = "Cannot quantize"
+
+
+CalibrationMethod = Literal["minmax", "entropy", "percentile"]
+IntType = Literal["int8", "uint8"]
+WeightOnlyMethod = Literal["rtn", "gptq", "hqq"]
+Scheme = Literal["sym", "asym"]
+Engine = Literal["auto", "ort", "inc"]
+
+INC_BITS = (2, 3, 4, 8)
+
+
+def _one_of(what: str, value: object, allowed: tuple[object, ...]) -> None:
+    if value not in allowed:
+        shown = ", ".join(str(a) for a in allowed)
+        raise QuantizeError(f"{what} must be one of {shown}, got {value!r}")
+
+
+def _positive_int(what: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise QuantizeError(f"{what} must be a positive whole number, got {value!r}")
+
+
+def _names(what: str, value: object) -> None:
+    if not isinstance(value, tuple) or not all(isinstance(v, str) and v for v in value):
+        raise QuantizeError(f"{what} must be a tuple of node names, got {value!r}")
+
+
+def _group_size(value: object) -> None:
+    # -1 means one group per column (per-channel) for Intel Neural Compressor.
+    if isinstance(value, bool) or not isinstance(value, int) or not (
+        value == -1 or (value >= 16 and value & (value - 1) == 0)
+    ):
+        raise QuantizeError(
+            f"group size must be a power of two of at least 16 (or -1 for per-channel), "
+            f"got {value!r}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DynamicInt8:
+    """INT8 weights, activations quantized at run time (ONNX Runtime `quantize_dynamic`)."""
+
+    per_channel: bool = False
+    reduce_range: bool = False
+    weight_type: IntType = "int8"
+    op_types: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+
+    method: ClassVar[str] = "dynamic"
+    engine: ClassVar[str] = "ort"
+    calibrated: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        _one_of("weight type", self.weight_type, ("int8", "uint8"))
+        if self.op_types is not None:
+            _names("op types", self.op_types)
+        _names("exclude", self.exclude)
+
+
+@dataclass(frozen=True, slots=True)
+class StaticInt8:
+    """INT8 weights and activations in QDQ form, ranges calibrated on sample inputs."""
+
+    calibration: CalibrationMethod = "minmax"
+    percentile: float = 99.999
+    per_channel: bool = True
+    activation_type: IntType = "uint8"
+    weight_type: IntType = "int8"
+    samples: int = 100
+    batch_size: int = 1
+    exclude: tuple[str, ...] = ()
+
+    method: ClassVar[str] = "static"
+    engine: ClassVar[str] = "ort"
+    calibrated: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        _one_of("calibration", self.calibration, ("minmax", "entropy", "percentile"))
+        if not isinstance(self.percentile, int | float) or not (
+            math.isfinite(self.percentile) and 50.0 < self.percentile <= 100.0
+        ):
+            raise QuantizeError(f"percentile must be above 50 and at most 100, "
+                                f"got {self.percentile!r}")
+        _one_of("activation type", self.activation_type, ("int8", "uint8"))
+        _one_of("weight type", self.weight_type, ("int8", "uint8"))
+        _positive_int("samples", self.samples)
+        _positive_int("batch size", self.batch_size)
+        _names("exclude", self.exclude)
+
+
+@dataclass(frozen=True, slots=True)
+class WeightOnly4Bit:
+    """4-bit blockwise MatMul weights (ONNX Runtime `MatMulNBitsQuantizer`, MatMulNBits ops).
+
+    `rtn` rounds to nearest and needs nothing extra; `gptq` (calibrated on `samples` inputs) and
+    `hqq` need torch.
+    """
+
+    method: WeightOnlyMethod = "rtn"
+    block_size: int = 32
+    symmetric: bool = True
+    accuracy_level: int | None = None
+    samples: int = 32  # gptq only
+    exclude: tuple[str, ...] = ()
+
+    engine: ClassVar[str] = "ort"
+
+    def __post_init__(self) -> None:
+        _one_of("weight-only method", self.method, ("rtn", "gptq", "hqq"))
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or (
+            self.block_size < 16 or self.block_size & (self.block_size - 1)
+        ):
+            raise QuantizeError(
+                f"block size must be a power of two of at least 16, got {self.block_size!r}"
+            )
+        if self.accuracy_level is not None:
+            _one_of("accuracy level", self.accuracy_level, (0, 1, 2, 3, 4))
+        _positive_int("samples", self.samples)
+        _names("exclude", self.exclude)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.method == "gptq"
+
+
+@dataclass(frozen=True, slots=True)
+class IncRtn:
+    """Intel Neural Compressor round-to-nearest weight-only quantization (MatMulNBits)."""
+
+    bits: int = 4
+    group_size: int = 32
+    scheme: Scheme = "sym"
+    exclude: tuple[str, ...] = ()
+
+    method: ClassVar[str] = "rtn"
+    engine: ClassVar[str] = "inc"
+    calibrated: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        _one_of("bits", self.bits, INC_BITS)
+        _group_size(self.group_size)
+        _one_of("scheme", self.scheme, ("sym", "asym"))
+        _names("exclude", self.exclude)
+
+
+@dataclass(frozen=True, slots=True)
+class IncGptq:
+    """Intel Neural Compressor GPTQ weight-only quantization, calibrated on sample inputs."""
+
+    bits: int = 4
+    group_size: int = 32
+    scheme: Scheme = "asym"
+    samples: int = 32
+    batch_size: int = 1
+    percdamp: float = 0.01
+    act_order: bool = False
+    exclude: tuple[str, ...] = ()
+
+    method: ClassVar[str] = "gptq"
+    engine: ClassVar[str] = "inc"
+    calibrated: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        _one_of("bits", self.bits, INC_BITS)
+        _group_size(self.group_size)
+        _one_of("scheme", self.scheme, ("sym", "asym"))
+        _positive_int("samples", self.samples)
+        _positive_int("batch size", self.batch_size)
+        if not isinstance(self.percdamp, int | float) or not 0.0 < self.percdamp < 1.0:
+            raise QuantizeError(f"percdamp must be between 0 and 1, got {self.percdamp!r}")
+        _names("exclude", self.exclude)
+
+
+@dataclass(frozen=True, slots=True)
+class IncAwq:
+    """Intel Neural Compressor AWQ (activation-aware weight scaling), calibrated."""
+
+    bits: int = 4
+    group_size: int = 32
+    scheme: Scheme = "asym"
+    samples: int = 32
+    batch_size: int = 1
+    exclude: tuple[str, ...] = ()
+
+    method: ClassVar[str] = "awq"
+    engine: ClassVar[str] = "inc"
+    calibrated: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        _one_of("bits", self.bits, INC_BITS)
+        _group_size(self.group_size)
+        _one_of("scheme", self.scheme, ("sym", "asym"))
+        _positive_int("samples", self.samples)
+        _positive_int("batch size", self.batch_size)
+        _names("exclude", self.exclude)
+
+
+@dataclass(frozen=True, slots=True)
+class IncSmoothQuant:
+    """Intel Neural Compressor SmoothQuant followed by static INT8 (QDQ), calibrated."""
+
+    alpha: float = 0.5
+    samples: int = 100
+    batch_size: int = 1
+    calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
+    per_channel: bool = True
+    exclude: tuple[str, ...] = ()
+
+    method: ClassVar[str] = "smoothquant"
+    engine: ClassVar[str] = "inc"
+    calibrated: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.alpha, int | float) or not 0.0 <= self.alpha <= 1.0:
+            raise QuantizeError(f"alpha must be between 0 and 1, got {self.alpha!r}")
+        _positive_int("samples", self.samples)
+        _positive_int("batch size", self.batch_size)
+        _one_of("calibration", self.calibration, ("minmax", "entropy", "percentile"))
+        _names("exclude", self.exclude)
+
+
+QuantConfig = Union[  # noqa: UP007  (a runtime alias, also used in isinstance checks)
+    DynamicInt8, StaticInt8, WeightOnly4Bit, IncRtn, IncGptq, IncAwq, IncSmoothQuant
+]
+CONFIG_TYPES: tuple[type, ...] = (
+    DynamicInt8, StaticInt8, WeightOnly4Bit, IncRtn, IncGptq, IncAwq, IncSmoothQuant
+)
+METHODS = ("dynamic", "static", "rtn", "gptq", "hqq", "awq", "smoothquant")
+
+
+def with_exclude(config: QuantConfig, nodes: tuple[str, ...]) -> QuantConfig:
+    """The same config with `nodes` added to its excluded nodes (order kept, no repeats)."""
+    merged = tuple(dict.fromkeys((*config.exclude, *nodes)))
+    return dataclasses.replace(config, exclude=merged)
+
+
+def method_config(
+    method: str, bits: int | None = None, *, engine: Engine = "auto", **common: Any
+) -> QuantConfig:
+    """The config for a CLI method name (see the module docstring for the mapping).
+
+    Args:
+        method: dynamic, static, rtn, gptq, hqq, awq or smoothquant.
+        bits: weight bits; None takes the method's default (8 for INT8 methods, 4 otherwise).
+        engine: "auto" (ONNX Runtime where it has the method), "ort" or "inc".
+        **common: fields of the chosen config (e.g. `exclude`, `samples`, `block_size`).
+
+    Raises:
+        QuantizeError: unknown method or engine, bits the method cannot do, or a field the
+            chosen config does not have.
+    """
+    _one_of("method", method, METHODS)
+    _one_of("engine", engine, ("auto", "ort", "inc"))
+    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int)):
+        raise QuantizeError(f"bits must be a whole number, got {bits!r}")
+    if "exclude" in common and isinstance(common["exclude"], list):
+        common["exclude"] = tuple(common["exclude"])
+    inc_only = method in ("awq", "smoothquant")
+    ort_only = method in ("dynamic", "static", "hqq")
+    if inc_only and engine == "ort":
+        raise QuantizeError(f"method {method} exists only in Intel Neural Compressor: "
+                            "use engine 'inc' (pip install 'periphery[inc]')")
+    if ort_only and engine == "inc":
+        raise QuantizeError(f"method {method} runs on ONNX Runtime's quantizer only: "
+                            "use engine 'ort' or 'auto'")
+    use_inc = engine == "inc" or inc_only
+    cls: type
+    fields: dict[str, Any] = {}
+    if method in ("dynamic", "static", "smoothquant"):
+        if bits not in (None, 8):
+            raise QuantizeError(f"method {method} quantizes to 8 bits, not {bits}")
+        cls = {"dynamic": DynamicInt8, "static": StaticInt8,
+               "smoothquant": IncSmoothQuant}[method]
+    elif use_inc:
+        cls = {"rtn": IncRtn, "gptq": IncGptq, "awq": IncAwq}[method]
+        fields["bits"] = 4 if bits is None else bits
+        if fields["bits"] not in INC_BITS:
+            raise QuantizeError(f"method {method} (Intel Neural Compressor) takes bits "
+                                f"{', '.join(map(str, INC_BITS))}, not {bits}")
+    else:
+        if bits not in (None, 4):
+            raise QuantizeError(f"method {method} on ONNX Runtime quantizes weights to 4 bits, "
+                                f"not {bits}: use engine 'inc' for other widths")
+        cls = WeightOnly4Bit
+        fields["method"] = method
+    known = {f.name for f in dataclasses.fields(cls)} - set(fields)
+    unknown = sorted(set(common) - known)
+    if unknown:
+        raise QuantizeError(f"method {method} has no setting '{unknown[0]}' "
+                            f"(it has: {', '.join(sorted(known))})")
+    config: QuantConfig = cls(**fields, **common)
+    return config

@@ -1,0 +1,43 @@
+"""Render every screen of the app to `screenshots/<screen>.svg` with fixed data.
+
+Run from the repository root: `python screenshots/make_screenshots.py`. The app is the real
+one; the cluster is the fixed event list of `periphery_app.sample` (no nodes are started), so
+the pictures are the same on every machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from periphery_app.sample import SCREENSHOT_SIZE, sample_app, show_sample_screen  # noqa: E402
+
+SCREENS = ("model", "graph", "shards", "cluster", "dashboard")
+
+
+async def render(mode: str, out_dir: Path) -> Path:
+    """Save one screen's SVG and return its path."""
+    app = sample_app()
+    try:
+        async with app.run_test(size=SCREENSHOT_SIZE) as pilot:
+            await show_sample_screen(pilot, mode)
+            app.save_screenshot(f"{mode}.svg", str(out_dir))
+    finally:
+        app.session.close()
+    return out_dir / f"{mode}.svg"
+
+
+async def main() -> None:
+    os.environ["PERIPHERY_CONFIG_DIR"] = tempfile.mkdtemp(prefix="periphery-shots-")
+    for mode in SCREENS:
+        print(await render(mode, HERE))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

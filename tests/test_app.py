@@ -1,0 +1,281 @@
+"""The app's flows, driven with Pilot: each screen, a bad file, and the whole loop against real
+local node processes (model -> plan K=2 -> move a boundary -> assign -> deploy -> latencies)."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from textual.content import Content
+from textual.widgets import DataTable, Static
+
+from periphery_app.app import PeripheryApp
+from periphery_app.sample import DEMO_MODEL, sample_app, show_sample_screen, until
+from periphery_app.screens.dashboard import DashboardScreen
+from periphery_app.screens.graph import GraphScreen
+from periphery_app.screens.modals import ChoiceModal, DetailsModal, ErrorModal, PromptModal
+from periphery_app.screens.shards import ShardsScreen, cuts_of
+from periphery_app.widgets.graph_view import GraphView
+from periphery_core.cluster.local import LocalCluster
+
+pytestmark = pytest.mark.asyncio
+
+ROOT = Path(__file__).resolve().parents[1]
+STORIES = ROOT.parent / "shared" / "data" / "models" / "stories260K.onnx"
+SIZE = (100, 32)
+
+
+@pytest.fixture(autouse=True)
+def config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "config"
+    monkeypatch.setenv("PERIPHERY_CONFIG_DIR", str(folder))
+    return folder
+
+
+def text_of(app: PeripheryApp, selector: str) -> str:
+    """The plain text a Static shows (markup, Content or a Rich renderable)."""
+    content = app.screen.query_one(selector, Static).content
+    if isinstance(content, str | Content):
+        return str(content)
+    console = Console(width=160, file=io.StringIO(), record=True)
+    console.print(content)
+    return console.export_text()
+
+
+async def test_model_screen_shows_the_summary_and_remembers_the_file(config_dir: Path) -> None:
+    app = PeripheryApp(DEMO_MODEL, browse_dir=DEMO_MODEL.parent)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.opened is not None)
+        await pilot.pause()
+        summary = text_of(app, "#summary")
+        for expected in ("demo-resnet.onnx", "image", "1x3x128x128", "logits", "Conv",
+                         "GFLOP", "ai.onnx 17"):
+            assert expected in summary
+    app.session.close()
+    assert json.loads((config_dir / "recent.json").read_text()) == [str(DEMO_MODEL)]
+
+
+async def test_the_file_picker_lists_only_onnx_files_and_opens_one(tmp_path: Path) -> None:
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy(DEMO_MODEL, folder / "net.onnx")
+    (folder / "notes.txt").write_text("not a model")
+    app = PeripheryApp(browse_dir=folder)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("o")  # focus the tree
+        tree = app.screen.query_one("#tree")
+        await until(pilot, lambda: len(tree.root.children) > 0)  # type: ignore[attr-defined]
+        names = [str(c.label) for c in tree.root.children]  # type: ignore[attr-defined]
+        assert names == ["net.onnx"]
+        await pilot.press("down", "enter")
+        await until(pilot, lambda: app.opened is not None)
+        assert app.opened is not None and app.opened.loaded.name == "net.onnx"
+    app.session.close()
+
+
+async def test_a_bad_file_shows_the_error_modal_and_the_app_keeps_running(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"\x08\x07garbage that is not a protobuf model" * 3)
+    app = PeripheryApp(browse_dir=tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("p")
+        assert isinstance(app.screen, PromptModal)
+        await pilot.press(*str(bad), "enter")
+        await until(pilot, lambda: isinstance(app.screen, ErrorModal))
+        message = text_of(app, "#message")
+        assert "broken.onnx" in message and "\n" not in message.strip()
+        await pilot.press("escape")
+        assert not isinstance(app.screen, ErrorModal)
+        assert app.opened is None
+        # still alive: a good model opens afterwards
+        await pilot.press("p", *str(DEMO_MODEL), "enter")
+        await until(pilot, lambda: app.opened is not None)
+        await pilot.press("2")
+        assert isinstance(app.screen, GraphScreen)
+    app.session.close()
+
+
+async def test_graph_screen_navigates_searches_shows_details_and_folds() -> None:
+    app = PeripheryApp(DEMO_MODEL, browse_dir=DEMO_MODEL.parent)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.opened is not None)
+        await pilot.press("2")
+        screen = app.screen
+        assert isinstance(screen, GraphScreen)
+        await until(pilot, lambda: screen.layout_ready_count == 1)
+        view = screen.query_one(GraphView)
+        layout = view.graph_layout
+        assert layout is not None
+        start = view.selected
+        await pilot.press("down", "down")
+        assert layout.vertices[view.selected].layer > layout.vertices[start].layer
+        await pilot.press("enter")
+        assert isinstance(app.screen, DetailsModal)
+        details = text_of(app, "#content")
+        assert "Relu" in details or "Conv" in details
+        assert "FLOP" in details and "float32" in details
+        await pilot.press("escape")
+        await pilot.press("slash", *"block2.add", "enter")
+        chosen = app.opened.analysis.nodes[layout.vertices[view.selected].members[0]]  # type: ignore[union-attr]
+        assert chosen.key == "block2.add"
+        await pilot.press("f")
+        await until(pilot, lambda: screen.layout_ready_count == 2)
+        folded = view.graph_layout
+        assert folded is not None and folded.folded
+        assert len(folded.vertices) < len(layout.vertices)
+        assert "▸ block2" in folded.vertices[view.selected].label  # selection kept its node
+        await pilot.press("escape")  # back to the Model screen
+        assert app.current_mode == "model"
+    app.session.close()
+
+
+@pytest.mark.skipif(not STORIES.is_file(), reason="shared corpus not present")
+async def test_graph_of_1580_nodes_paints_only_its_viewport() -> None:
+    app = PeripheryApp(STORIES, browse_dir=STORIES.parent)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.opened is not None)
+        await pilot.press("2")
+        screen = app.screen
+        assert isinstance(screen, GraphScreen)
+        await until(pilot, lambda: screen.layout_ready_count == 1)
+        view = screen.query_one(GraphView)
+        await pilot.pause()
+        view.paints = 0
+        for _ in range(20):
+            await pilot.press("down")
+        await pilot.pause()
+        layout = view.graph_layout
+        assert layout is not None and layout.height > 1000
+        # 21 redraws of a ~25-row viewport, nowhere near the 1,000+ rows of the canvas each
+        assert 0 < view.paints < 21 * 40
+        assert layout.vertices[view.selected].layer >= 10
+    app.session.close()
+
+
+async def test_shards_screen_plans_moves_a_boundary_and_saves_and_loads(tmp_path: Path) -> None:
+    app = PeripheryApp(DEMO_MODEL, browse_dir=DEMO_MODEL.parent)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.opened is not None)
+        await pilot.press("3")
+        screen = app.screen
+        assert isinstance(screen, ShardsScreen)
+        await until(pilot, lambda: app.plan is not None)
+        plan = app.plan
+        assert plan is not None and plan.k == 2
+        cut = cuts_of(plan)[0]
+        await pilot.press("right")
+        await until(pilot, lambda: app.plan is not plan)
+        moved_plan = app.plan
+        assert moved_plan is not None and cuts_of(moved_plan) == [cut + 1]
+        assert moved_plan.strategy == "manual"
+        await pilot.press("b")  # re-balance
+        await until(pilot, lambda: app.plan is not moved_plan)
+        assert app.plan is not None and cuts_of(app.plan) == [cut]
+        await pilot.press("plus")
+        await until(pilot, lambda: app.plan is not None and app.plan.k == 3)
+        target = tmp_path / "plan.json"
+        await pilot.press("s")
+        assert isinstance(app.screen, PromptModal)
+        await pilot.press(*(["backspace"] * 20), *str(target), "enter")
+        await until(pilot, target.is_file)
+        await pilot.press("minus")
+        await until(pilot, lambda: app.plan is not None and app.plan.k == 2)
+        await pilot.press("o", *(["backspace"] * 20), *str(target), "enter")
+        await until(pilot, lambda: app.plan is not None and app.plan.k == 3)
+    app.session.close()
+
+
+async def test_whole_loop_against_real_local_nodes() -> None:
+    """Add two nodes by address, plan K=2, move a boundary, assign, deploy, stream, see it."""
+    cluster = LocalCluster(2, secure=False)
+    cluster.start()
+    app = PeripheryApp(DEMO_MODEL, browse_dir=DEMO_MODEL.parent, insecure=True)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.opened is not None)
+            await pilot.press("4")
+            for address in cluster.addresses:
+                await pilot.press("a", *f"{address.host}:{address.port}", "enter")
+            await until(pilot, lambda: len(app.cluster_state.nodes) == 2, timeout=30)
+            table = app.screen.query_one(DataTable)
+            assert table.row_count == 2
+            await pilot.press("3")
+            await until(pilot, lambda: app.plan is not None)
+            plan = app.plan
+            assert plan is not None and plan.k == 2
+            await pilot.press("left")
+            await until(pilot, lambda: app.plan is not plan)
+            assert app.plan is not None and cuts_of(app.plan) == [cuts_of(plan)[0] - 1]
+            # stage 0 -> the second node, stage 1 -> the first: by keyboard in the picker
+            await pilot.press("a")
+            assert isinstance(app.screen, ChoiceModal)
+            await pilot.press("down", "enter")
+            await pilot.press("down", "a", "enter")
+            screen = app.screen
+            assert isinstance(screen, ShardsScreen)
+            names = {n.id: n.name for n in app.cluster_state.nodes.values()}
+            assert [names[a] for a in screen.assignment if a] == ["local1", "local0"]
+            await until(pilot, lambda: app.plan is not None and
+                        app.plan.stages[0].device == "local1")  # replanned with node figures
+            await pilot.press("d")
+            await until(pilot, lambda: app.cluster_state.deploy_status == "deployed", timeout=60)
+            await pilot.press("5", "space")
+            await until(pilot, lambda: app.cluster_state.requests_completed > 3, timeout=60)
+            dash = app.screen
+            assert isinstance(dash, DashboardScreen) and dash.load_running
+            await until(pilot, lambda: "ms" in text_of(app, "#stages"), timeout=10)
+            assert "local1" in text_of(app, "#stages")
+            await pilot.press("space")
+            assert not dash.load_running
+            await pilot.press("q")
+    finally:
+        app.session.close()
+        cluster.stop()
+
+
+async def test_demo_runs_the_whole_loop_with_one_command() -> None:
+    app = PeripheryApp(DEMO_MODEL, demo=True, demo_nodes=2, browse_dir=DEMO_MODEL.parent)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.cluster_state.requests_completed > 0, timeout=90)
+            assert app.current_mode == "dashboard"
+            assert app.plan is not None and app.plan.k == 2
+            await pilot.press("q")
+        assert app.session.local is None  # quitting stopped the local nodes
+    finally:
+        app.session.close()
+
+
+async def test_cluster_and_dashboard_show_a_fixed_fold() -> None:
+    app = sample_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await show_sample_screen(pilot, "cluster")
+        table = app.screen.query_one(DataTable)
+        assert table.row_count == 4
+        states = [str(table.get_row_at(i)[-1]) for i in range(4)]
+        assert "lost" in " ".join(states) and "busy" in " ".join(states)
+        await pilot.press("5")
+        await pilot.pause()
+        assert "S1 ◀" in text_of(app, "#stages")  # the bottleneck of the fixed timings
+        assert "20.0 req/s" in text_of(app, "#label-rps")
+    app.session.close()
+
+
+async def test_help_lists_keys_and_the_palette_offers_every_action() -> None:
+    app = PeripheryApp(DEMO_MODEL, browse_dir=DEMO_MODEL.parent)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.opened is not None)
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, DetailsModal)
+        text = text_of(app, "#content")
+        for expected in ("Search", "Fold", "Deploy", "Add node", "Start/stop load"):
+            assert expected in text
+        await pilot.press("escape")
+        await pilot.press("2")
+        titles = {c.title for c in app.get_system_commands(app.screen)}
+        assert {"Search", "Fold", "Dashboard", "Shards", "Keys"} <= titles
+    app.session.close()

@@ -1,0 +1,57 @@
+"""Snapshots of every screen at 100x32 with fixed data (pytest-textual-snapshot).
+
+The cluster is the fixed event list of `periphery_app.sample` folded into a state, with a fixed
+clock and history, so nothing here depends on the machine, the time or free ports. Update the
+baselines with `pytest tests/test_app_snapshots.py --snapshot-update` and look at the SVGs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from periphery_app.sample import SCREENSHOT_SIZE, sample_app, show_sample_screen
+
+
+@pytest.fixture(autouse=True)
+def config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PERIPHERY_CONFIG_DIR", str(tmp_path / "config"))
+
+
+@pytest.mark.parametrize("screen", ["model", "graph", "shards", "cluster", "dashboard"])
+def test_screen(snap_compare, screen: str) -> None:
+    app = sample_app()
+    try:
+        assert snap_compare(app, terminal_size=SCREENSHOT_SIZE,
+                            run_before=lambda pilot: show_sample_screen(pilot, screen))
+    finally:
+        app.session.close()
+
+
+def test_graph_folded_with_details(snap_compare) -> None:
+    async def run_before(pilot) -> None:
+        await show_sample_screen(pilot, "graph")
+        await pilot.press("f")
+        await pilot.pause(0.5)
+        await pilot.press("down", "down", "enter")
+        await pilot.pause(0.2)
+
+    app = sample_app()
+    try:
+        assert snap_compare(app, terminal_size=SCREENSHOT_SIZE, run_before=run_before)
+    finally:
+        app.session.close()
+
+
+def test_help(snap_compare) -> None:
+    async def run_before(pilot) -> None:
+        await show_sample_screen(pilot, "model")
+        await pilot.press("question_mark")
+        await pilot.pause(0.2)
+
+    app = sample_app()
+    try:
+        assert snap_compare(app, terminal_size=SCREENSHOT_SIZE, run_before=run_before)
+    finally:
+        app.session.close()

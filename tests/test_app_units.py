@@ -1,0 +1,129 @@
+"""Headless parts of the app: the graph layout, cut moving, history, recent files, options."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+
+from periphery_app import recent
+from periphery_app.graph_layout import BOX, ROWS_PER_LAYER, fold_group, layout_graph, neighbour
+from periphery_app.history import Sample, append, sample
+from periphery_app.main import parse_args
+from periphery_app.sample import END, sample_history, sample_state
+from periphery_app.screens.shards import cuts_of, moved
+from periphery_core.model import analyze, load_model
+from periphery_core.model.analysis import NodeInfo
+from periphery_core.partition.costs import make_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "assets" / "demo-resnet.onnx"
+
+
+@pytest.fixture(scope="module")
+def demo_analysis():
+    return analyze(load_model(DEMO))
+
+
+def _node(i: int, key: str, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> NodeInfo:
+    return NodeInfo(index=i, key=key, name=key, op_type="Op", domain="", inputs=inputs,
+                    outputs=outputs, flops=0, param_bytes=0, output_bytes=0, has_subgraph=False)
+
+
+@pytest.mark.parametrize(("name", "group"), [
+    ("block3.conv1", "block3"),
+    ("/layers.0/attention_norm/Cast", "/layers.0"),
+    ("/m/encoder/layer.11/attention/self/MatMul", "/m/encoder/layer.11"),
+    ("stem.relu", None),
+    ("Constant_227", None),
+    ("/Constant_1", None),
+])
+def test_fold_group_finds_numbered_prefixes(name: str, group: str | None) -> None:
+    assert fold_group(name) == group
+
+
+def test_layout_places_every_node_in_a_layer_below_its_inputs(demo_analysis) -> None:
+    layout = layout_graph(demo_analysis.nodes)
+    assert len(layout.vertices) == len(demo_analysis.nodes)
+    for a, b in layout.edges:
+        assert layout.vertices[a].layer < layout.vertices[b].layer
+    # a residual block: stem.relu feeds both block0.conv1 and block0.add, so its wires fork
+    row = layout.row_of(1) + 1
+    assert any(BOX[bits] in "┬┼├┤" for bits, _ in layout.edge_cells[row].values())
+    # boxes in one layer never overlap
+    for ids in layout.layers:
+        spans = sorted((layout.vertices[v].x, layout.vertices[v].width) for v in ids)
+        for (x0, w0), (x1, _) in itertools.pairwise(spans):
+            assert x0 + w0 <= x1
+    assert layout.height == (len(layout.layers) - 1) * ROWS_PER_LAYER + 1
+
+
+def test_folding_collapses_numbered_blocks(demo_analysis) -> None:
+    folded = layout_graph(demo_analysis.nodes, fold=True)
+    labels = [v.label for v in folded.vertices]
+    assert any(label.startswith("▸ block3 ×") for label in labels)
+    assert len(folded.vertices) < len(demo_analysis.nodes) // 2
+    assert sum(len(v.members) for v in folded.vertices) == len(demo_analysis.nodes)
+
+
+def test_a_fold_that_would_make_a_cycle_is_left_unfolded() -> None:
+    # g.1 -> outside -> g.2: folding g would make g -> outside -> g
+    nodes = [_node(0, "g1.a", ("x",), ("t1",)), _node(1, "mid", ("t1",), ("t2",)),
+             _node(2, "g1.b", ("t2",), ("y",))]
+    layout = layout_graph(nodes, fold=True)
+    assert len(layout.vertices) == 3
+    assert layout.notes
+
+
+def test_arrow_navigation_moves_between_layers_and_within_one(demo_analysis) -> None:
+    layout = layout_graph(demo_analysis.nodes)
+    first = layout.layers[0][0]
+    below = neighbour(layout, first, "down")
+    assert layout.vertices[below].layer > layout.vertices[first].layer
+    assert neighbour(layout, below, "up") == first
+    assert neighbour(layout, first, "up") == first  # nowhere to go
+
+
+def test_moving_a_cut_stays_between_its_neighbours(demo_analysis) -> None:
+    plan = make_plan(demo_analysis, 3)
+    cuts = cuts_of(plan)
+    n = len(demo_analysis.nodes)
+    assert moved(cuts, 0, 1, n) == [cuts[0] + 1, cuts[1]]
+    assert moved(cuts, 0, 1000, n) == [cuts[1] - 1, cuts[1]]
+    assert moved(cuts, 1, 1000, n) == [cuts[0], n - 1]
+    assert moved(cuts, 0, -1000, n) == [1, cuts[1]]
+
+
+def test_history_samples_the_fold_and_is_capped() -> None:
+    state = sample_state()
+    s = sample(state, END)
+    assert 0.02 < s.p50_s <= s.p99_s < 0.2
+    assert s.throughput == pytest.approx(20.0, rel=0.05)
+    history = sample_history()
+    assert all(not math.isnan(x.p50_s) for x in history[1:])
+    capped: tuple[Sample, ...] = ()
+    for _ in range(500):
+        capped = append(capped, s)
+    assert len(capped) == 120
+
+
+def test_recent_files_live_in_the_config_dir(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PERIPHERY_CONFIG_DIR", str(tmp_path / "cfg"))
+    assert recent.load_recent() == []
+    recent.remember(DEMO)
+    recent.remember(DEMO)
+    assert recent.load_recent() == [DEMO.resolve()]
+    (tmp_path / "cfg" / "recent.json").write_text("{broken")
+    assert recent.load_recent() == []
+
+
+def test_command_line(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--demo" in out and "MODEL" in out.upper()
+    args = parse_args(["m.onnx", "--demo", "--nodes", "2"])
+    assert args.demo and args.nodes == 2 and args.model == Path("m.onnx")

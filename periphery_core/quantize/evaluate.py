@@ -20,7 +20,7 @@ import math
 import statistics
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -293,12 +293,27 @@ def spearman_sts(model: ModelLike, source: StsbSource, batch_size: int = 32, *,
     with tempfile.TemporaryDirectory() as scratch:
         sess = _session(model, _config(threads), Path(scratch))
         bs = _effective_batch(batch_size, sess)
-        similarities: list[np.ndarray] = []
-        for feeds1, feeds2 in source.pairs(bs):
-            check(cancel)
-            e1 = _embed(run_session(sess, feeds1), feeds1)
-            e2 = _embed(run_session(sess, feeds2), feeds2)
-            similarities.append(np.sum(e1 * e2, axis=1))
+        return _sts(lambda feeds: run_session(sess, feeds), source, bs, cancel)
+
+
+def spearman_sts_chain(shards: Sequence[ModelLike], source: StsbSource, batch_size: int = 32, *,
+                       threads: int | None = None, cancel: CancelToken | None = None) -> float:
+    """`spearman_sts` of a chain of shards run in order (e.g. only some of them quantized)."""
+    from periphery_core.runtime.chain import LocalChain
+
+    chain = LocalChain([_proto(s) for s in shards], _config(threads))
+    names = chain.output_names
+    return _sts(lambda feeds: [chain.run(feeds)[n] for n in names], source, batch_size, cancel)
+
+
+def _sts(run: Callable[[Feeds], Sequence[np.ndarray]], source: StsbSource, batch_size: int,
+         cancel: CancelToken | None) -> float:
+    similarities: list[np.ndarray] = []
+    for feeds1, feeds2 in source.pairs(batch_size):
+        check(cancel)
+        e1 = _embed(run(feeds1), feeds1)
+        e2 = _embed(run(feeds2), feeds2)
+        similarities.append(np.sum(e1 * e2, axis=1))
     return _spearman(np.concatenate(similarities), np.asarray(source.labels()))
 
 

@@ -43,7 +43,8 @@ CASES = [
      [("static", None), ("dynamic", None)]),
     ("all-MiniLM-L6-v2", MINILM / "model.onnx",
      {"input_ids": (1, 128), "attention_mask": (1, 128), "token_type_ids": (1, 128)},
-     f"stsb:{STSB}?tokenizer={MINILM / 'tokenizer.json'}&max_length=128",
+     # calibration batches padded to one length: INC concatenates them
+     f"stsb:{STSB}?tokenizer={MINILM / 'tokenizer.json'}&max_length=128&padding=max_length",
      f"stsb:{STSB}?tokenizer={MINILM / 'tokenizer.json'}&max_length=128",
      [("dynamic", None), ("rtn", 4), ("smoothquant", None), ("awq", 4)]),
     ("demo-resnet", ROOT / "assets" / "demo-resnet.onnx", None,
@@ -57,6 +58,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--models", nargs="*", default=None)
+    parser.add_argument("--methods", nargs="*", default=None)
     args = parser.parse_args()
     if not DATA.is_dir():
         print(f"shared data not found at {DATA}", file=sys.stderr)
@@ -72,6 +74,8 @@ def main() -> int:
         loaded = load_model(path)
         analysis = analyze(loaded, shapes)
         for method, bits in methods:
+            if args.methods and method not in args.methods:
+                continue
             t0 = time.perf_counter()
             try:
                 config = method_config(method, bits)

@@ -292,6 +292,9 @@ def _read(path: Path) -> onnx.ModelProto:
 def _first(exc: BaseException) -> str:
     text = str(exc).strip()
     line = text.splitlines()[0] if text else type(exc).__name__
+    if "input array dimensions" in line:  # INC stacks calibration batches along axis 0
+        return ("its calibration batches differ in shape; give them one shape (for text "
+                "sources add padding=max_length to --calib)")
     return line[:240]
 
 

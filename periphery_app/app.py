@@ -38,6 +38,7 @@ from periphery_app.screens.graph import GraphScreen
 from periphery_app.screens.help import keys_help
 from periphery_app.screens.modals import DetailsModal, ErrorModal
 from periphery_app.screens.model import ModelScreen
+from periphery_app.screens.quantize import QuantizeScreen
 from periphery_app.screens.shards import ShardsScreen
 from periphery_app.session import OpenedModel, Session, open_model
 from periphery_app.widgets.graph_view import GraphView
@@ -52,6 +53,7 @@ SCREENS_IN_ORDER = (
     ("shards", "Shards", ShardsScreen),
     ("cluster", "Cluster", ClusterScreen),
     ("dashboard", "Dashboard", DashboardScreen),
+    ("quantize", "Quantize", QuantizeScreen),
 )
 
 

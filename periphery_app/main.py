@@ -22,7 +22,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="periphery-app",
         description="Split an ONNX model into shards and run them as a pipeline, from a "
-                    "terminal UI. Screens: 1 Model, 2 Graph, 3 Shards, 4 Cluster, 5 Dashboard; "
+                    "terminal UI. Screens: 1 Model, 2 Graph, 3 Shards, 4 Cluster, 5 Dashboard, "
+                    "6 Quantize; "
                     "? lists the keys.")
     parser.add_argument("model", nargs="?", type=Path, help="an .onnx model to open")
     parser.add_argument("--demo", action="store_true",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from periphery_app.sample import SCREENSHOT_SIZE, sample_app, show_sample_screen
+from periphery_app.sample import SCREENSHOT_SIZE, sample_app, show_sample_screen, until
 
 
 @pytest.fixture(autouse=True)
@@ -49,6 +49,22 @@ def test_help(snap_compare) -> None:
         await show_sample_screen(pilot, "model")
         await pilot.press("question_mark")
         await pilot.pause(0.2)
+
+    app = sample_app()
+    try:
+        assert snap_compare(app, terminal_size=SCREENSHOT_SIZE, run_before=run_before)
+    finally:
+        app.session.close()
+
+
+def test_quantize_method_pane(snap_compare) -> None:
+    async def run_before(pilot) -> None:
+        app = pilot.app
+        await until(pilot, lambda: app.opened is not None)
+        await pilot.press("6")
+        await pilot.pause(0.2)
+        app.clear_notifications()
+        await pilot.pause(0.1)
 
     app = sample_app()
     try:

@@ -24,7 +24,7 @@ def as_user_error(exc: BaseException) -> PeripheryError:
 
 
 SCREENS = (("model", "Model"), ("graph", "Graph"), ("shards", "Shards"), ("cluster", "Cluster"),
-           ("dashboard", "Dashboard"))
+           ("dashboard", "Dashboard"), ("quantize", "Quantize"))
 
 
 def screen_bar(screen: Screen) -> ScreenBar:

@@ -1,0 +1,670 @@
+"""The Quantize screen: a wizard from a method to a quantized model that the app can use.
+
+Steps are panes of one screen in a `ContentSwitcher`: method, data (calibration and evaluation
+sources), options, the run, and the report of the quantized model against fp32. From the report
+the result is saved to a file or made the app's current model, so Graph and Shards plan it.
+
+Design choice: the wizard only collects `Choices` (frozen data); `build_config` turns them into
+the core's typed config, and one thread worker runs the whole job (open the sources, quantize,
+evaluate) with a `CancelToken`, posting coalesced progress and a final fact back. Cancelling
+returns to the options at once and marks the run stale: whatever its thread posts afterwards is
+ignored, so a late result never overwrites a newer choice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import onnx
+from rich import box
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.content import Content
+from textual.message import Message
+from textual.widgets import (
+    Button,
+    Checkbox,
+    ContentSwitcher,
+    Footer,
+    Input,
+    Label,
+    OptionList,
+    ProgressBar,
+    RadioButton,
+    RadioSet,
+    Static,
+)
+from textual.widgets.option_list import Option
+
+from periphery_app.messages import ModelOpened, ProgressReported
+from periphery_app.screens.base import SCREENS, PeripheryScreen
+from periphery_app.screens.modals import PromptModal
+from periphery_app.session import OpenedModel, open_model
+from periphery_app.units import human_bytes, human_seconds
+from periphery_app.widgets.screen_bar import ScreenBar
+from periphery_core.errors import Cancelled
+from periphery_core.model.loading import save_model
+from periphery_core.progress import CancelToken, Progress
+from periphery_core.quantize.config import METHODS, QuantConfig, method_config
+from periphery_core.quantize.data import DataError, open_source
+from periphery_core.quantize.evaluate import EvalReport, evaluate
+from periphery_core.quantize.methods import QuantResult, quantize
+
+STEPS = (("method", "Method"), ("data", "Data"), ("options", "Options"), ("run", "Run"),
+         ("report", "Report"))
+
+# What each method does and what it needs; fixed text, so the pane looks the same everywhere.
+METHOD_NOTES: dict[str, tuple[str, str]] = {
+    "dynamic": ("INT8 weights, activations quantized at run time", "ONNX Runtime"),
+    "static": ("INT8 weights and activations (QDQ), calibrated", "ONNX Runtime"),
+    "rtn": ("4-bit MatMul weights, round to nearest", "ONNX Runtime; 2/3/8 bits: 'inc'"),
+    "gptq": ("4-bit MatMul weights, calibrated (GPTQ)", "torch; 2/3/8 bits: 'inc'"),
+    "hqq": ("4-bit MatMul weights, half-quadratic", "torch"),
+    "awq": ("weight-only, activation-aware scaling", "Neural Compressor ('inc')"),
+    "smoothquant": ("INT8 after smoothing the activations", "Neural Compressor ('inc')"),
+}
+BITS: dict[str, tuple[int, ...]] = {
+    "dynamic": (8,), "static": (8,), "smoothquant": (8,), "hqq": (4,),
+    "rtn": (2, 3, 4, 8), "gptq": (2, 3, 4, 8), "awq": (2, 3, 4, 8),
+}
+DEFAULT_BITS = {"dynamic": 8, "static": 8, "smoothquant": 8}  # the others: 4
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+TASK_NAMES = {"calibrate": "Calibrating", "quantize": "Quantizing", "Evaluating": "Evaluating",
+              "Timing": "Timing", "Per-node SQNR": "Per-node SQNR"}
+
+
+@dataclass(frozen=True, slots=True)
+class Choices:
+    """Everything the wizard asks, as typed in; `build_config` validates it."""
+
+    method: str = "static"
+    bits: int | None = None  # None: the method's default
+    calib_spec: str = "random"
+    calib_samples: int | None = None  # None: the method's default
+    eval_spec: str = ""  # blank: the calibration data
+    eval_samples: int | None = None  # None: all of them (32 for random)
+    per_channel: bool | None = None  # None: the method's default
+    calibration: str | None = None  # minmax, entropy, percentile; None: the method's default
+
+    @property
+    def engine(self) -> str:
+        """ONNX Runtime has 4-bit weight-only methods only; other widths take INC."""
+        if self.method in ("rtn", "gptq") and self.bits not in (None, 4):
+            return "inc"
+        return "auto"
+
+    @property
+    def evaluation_spec(self) -> str:
+        return self.eval_spec or self.calib_spec
+
+    @property
+    def evaluation_samples(self) -> int | None:
+        """Evaluation on the calibration data takes as many samples as calibration did."""
+        return self.eval_samples if self.eval_spec else self.eval_samples or self.calib_samples
+
+
+def _fields_of(method: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(type(method_config(method)))}
+
+
+def build_config(choices: Choices) -> QuantConfig:
+    """The core config for the wizard's choices (settings a method lacks are left out).
+
+    Raises:
+        QuantizeError: bits the method cannot do, or a bad setting.
+    """
+    known = _fields_of(choices.method)
+    common: dict[str, object] = {}
+    if choices.calib_samples is not None and "samples" in known:
+        common["samples"] = choices.calib_samples
+    if choices.per_channel is not None and "per_channel" in known:
+        common["per_channel"] = choices.per_channel
+    if choices.calibration is not None and "calibration" in known:
+        common["calibration"] = choices.calibration
+    return method_config(choices.method, choices.bits, engine=choices.engine,  # type: ignore[arg-type]
+                         **common)
+
+
+def weight_bits(config: QuantConfig) -> int:
+    """The weight width a config quantizes to."""
+    bits = getattr(config, "bits", None)
+    return bits if isinstance(bits, int) else DEFAULT_BITS.get(config.method, 4)
+
+
+def _ratio(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:.2f}x"
+
+
+def _db(x: float) -> str:
+    return "∞" if math.isinf(x) and x > 0 else f"{x:.1f}"
+
+
+def report_view(report: EvalReport, result: QuantResult, model_name: str) -> RenderableType:
+    """The report pane: accuracy, closeness per output, size, latency, sensitive nodes."""
+    config = result.config
+    head = Text()
+    head.append(f"{model_name} · {result.method} ({config.engine})", style="bold")
+    head.append(f" · {weight_bits(config)}-bit weights · evaluated on {report.samples} samples")
+    lines: list[RenderableType] = [head, Text("")]
+    if report.task_metric is not None:
+        name, fp32, quant = report.task_metric
+        style = "green" if quant >= fp32 - 0.5 else "yellow" if quant >= fp32 - 2 else "red"
+        line = Text(f"{name.replace(' %', '')}: fp32 {fp32:.2f}%, quantized ")
+        line.append(f"{quant:.2f}%", style=f"bold {style}")
+        line.append(f" ({quant - fp32:+.2f})")
+        lines.append(line)
+    else:
+        lines.append(Text("no task metric: the evaluation data have no labels", style="dim"))
+    if report.top1_agreement is not None:
+        lines.append(Text(f"top-1 agreement with fp32: {100 * report.top1_agreement:.2f}%"))
+    lines.append(Text(f"size {human_bytes(report.quant_bytes)} vs {human_bytes(report.fp32_bytes)}"
+                      f" fp32: {_ratio(report.size_ratio)}   latency "
+                      f"{human_seconds(report.quant_latency_s)} vs "
+                      f"{human_seconds(report.fp32_latency_s)}: {_ratio(report.latency_ratio)}"))
+    outputs = Table(box=box.SIMPLE_HEAD, title="Outputs against fp32", title_justify="left",
+                    title_style="bold", padding=(0, 1))
+    for col in ("output", "cosine", "max abs", "SQNR dB"):
+        outputs.add_column(col, justify="left" if col == "output" else "right")
+    for o in report.outputs:
+        outputs.add_row(o.name, f"{o.cosine:.5f}", f"{o.max_abs:.3g}", _db(o.sqnr_db))
+    lines += [Text(""), outputs]
+    if report.sensitive_nodes:
+        nodes = Table(box=box.SIMPLE_HEAD, title="Most sensitive nodes (noise they add)",
+                      title_justify="left", title_style="bold", padding=(0, 1))
+        for col in ("node", "op", "SQNR dB", "added dB"):
+            nodes.add_column(col, justify="left" if col in ("node", "op") else "right")
+        for n in report.sensitive_nodes[:5]:
+            nodes.add_row(n.node, n.op_type, _db(n.sqnr_db), _db(n.local_sqnr_db))
+        lines.append(nodes)
+    if result.excluded:
+        lines.append(Text(f"kept in float: {', '.join(result.excluded)}", style="dim"))
+    lines += [Text(f"note: {note}", style="dim") for note in result.notes]
+    return Group(*lines)
+
+
+# ------------------------------------------------------------------------------ messages
+
+
+class QuantizationFinished(Message):
+    """A run quantized the model and evaluated it against fp32."""
+
+    def __init__(self, run: int, result: QuantResult, report: EvalReport) -> None:
+        super().__init__()
+        self.run = run
+        self.result = result
+        self.report = report
+
+
+class QuantizationStopped(Message):
+    """A run ended without a result: cancelled, or failed (the error goes up separately)."""
+
+    def __init__(self, run: int, cancelled: bool, bad_data: bool = False) -> None:
+        super().__init__()
+        self.run = run
+        self.cancelled = cancelled
+        self.bad_data = bad_data
+
+
+class QuantizedModelSaved(Message):
+    """The quantized model was written to a file."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+
+
+# ------------------------------------------------------------------------------ the screen
+
+
+def _whole_or_none(text: str) -> int | None:
+    text = text.strip()
+    return int(text) if text.lstrip("+-").isdigit() else None
+
+
+class QuantizeScreen(PeripheryScreen):
+    """Quantize the open model, compare it with fp32, then save or use the result."""
+
+    CSS_PATH = "quantize.tcss"
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("r", "run", "Run", tooltip="Quantize and evaluate with these settings"),
+        Binding("escape", "cancel_run", "Cancel", tooltip="Stop the run, back to the options"),
+        Binding("c", "cancel_run", "Cancel", show=False),
+        Binding("s", "save", "Save", tooltip="Write the quantized model to a file"),
+        Binding("u", "use", "Use", tooltip="Make the quantized model the current model"),
+        Binding("n", "restart", "New", tooltip="Start again from the method"),
+        Binding("m", "model_screen", "Model screen", tooltip="Open a model first"),
+        Binding("escape", "back", "Back", tooltip="The previous step of the wizard"),
+    ]
+    PANE_ACTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "run": ("options",),
+        "cancel_run": ("run",),
+        "save": ("report",),
+        "use": ("report",),
+        "restart": ("report",),
+        "model_screen": ("no-model",),
+        "back": ("data", "options", "report"),
+    }
+
+    def __init__(self) -> None:
+        super().__init__(name="quantize")
+        self.pane = "no-model"
+        self.choices = Choices()
+        self._opened: OpenedModel | None = None
+        self._options_for = ""  # the method the option widgets were made for
+        self._run = 0
+        self._cancel: CancelToken | None = None
+        self._finished: QuantizationFinished | None = None
+        self._saved: Path | None = None
+        self._used: Path | None = None
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None
+        self.cancelled_runs = 0  # for tests: runs whose thread stopped on the cancel token
+
+    def compose(self) -> ComposeResult:
+        yield ScreenBar(SCREENS, "quantize")
+        yield Static("", id="steps")
+        with ContentSwitcher(initial="no-model", id="panes"):
+            with Vertical(id="no-model", classes="pane"):
+                yield Static("No model open: quantizing needs one. Open it on the Model screen "
+                             "(1), then come back here (6).", id="no-model-text")
+                yield Button("Open the Model screen", id="to-model", variant="primary")
+            with Vertical(id="method", classes="pane"):
+                yield Label("Method", classes="section")
+                yield OptionList(*(Option(self._method_prompt(m), id=m) for m in METHODS),
+                                 id="methods")
+                yield Label("↑↓ pick a method   enter: next   escape: previous screen",
+                            classes="hint")
+            with VerticalScroll(id="data", classes="pane"):
+                yield Label("Calibration data", classes="section")
+                yield Static("", id="calib-note", classes="note")
+                yield Input(value=self.choices.calib_spec, id="calib",
+                            placeholder="random, mnist:FILE?range=0:200, npz:DIR, images:DIR…")
+                yield Input(type="integer", id="calib-samples",
+                            placeholder="samples (blank: the method's default)")
+                yield Label("Evaluation data", classes="section")
+                yield Input(id="eval", placeholder="blank: the calibration data")
+                yield Input(type="integer", id="eval-samples",
+                            placeholder="samples (blank: all of them; random: 32)")
+                yield Label("enter: next field (the last goes on)   tab: move   escape: back",
+                            classes="hint")
+            with VerticalScroll(id="options", classes="pane"):
+                yield Static("", id="options-summary")
+                yield Vertical(id="option-widgets")
+                yield Button("Run", id="run-button", variant="primary")
+                yield Label("tab: next setting   ↑↓ enter: choose   r: run   escape: back",
+                            classes="hint")
+            with Vertical(id="run", classes="pane"):
+                yield Label("", id="run-title", classes="section")
+                with Horizontal(id="run-line"):
+                    yield Label("", id="run-phase")
+                    yield ProgressBar(total=1, show_eta=False, id="run-progress")
+                yield Label("escape or c: cancel", classes="hint")
+            with VerticalScroll(id="report", classes="pane"):
+                yield Static("", id="report-body")
+                yield Label("s: save to a file   u: use as the current model   n: new run   "
+                            "escape: back to the options", classes="hint")
+        yield Static("", id="status")
+        yield Footer()
+
+    @staticmethod
+    def _method_prompt(method: str) -> Text:
+        what, needs = METHOD_NOTES[method]
+        text = Text(no_wrap=True, overflow="ellipsis")
+        text.append(f"{method:<12}", style="bold")
+        text.append(f"{what:<48}")
+        text.append(needs, style="dim")
+        return text
+
+    def on_mount(self) -> None:
+        self.sub_title = "Quantize"
+        self.watch(self.papp, "opened", self._model_changed)
+
+    def on_unmount(self) -> None:
+        self._stop_run()  # quitting mid-run stops the thread at its next safe point
+
+    # ------------------------------------------------------------------ panes
+
+    def show_pane(self, pane: str) -> None:
+        """Switch the wizard to one of its panes and focus what it asks for."""
+        self.pane = pane
+        self._say("")
+        self.query_one(ContentSwitcher).current = pane
+        self._draw_steps()
+        focus = {"no-model": "#to-model", "method": "#methods", "data": "#calib",
+                 "report": "#report"}.get(pane)
+        if pane == "options":
+            focusable = [w for w in self.query_one("#option-widgets").query("RadioSet, Checkbox")]
+            self.set_focus(focusable[0] if focusable else self.query_one("#run-button"))
+        elif focus is not None:
+            self.query_one(focus).focus()
+        else:
+            self.set_focus(None)
+        self.refresh_bindings()
+
+    def _draw_steps(self) -> None:
+        parts: list[Content | str] = []
+        names = [name for name, _ in STEPS]
+        at = names.index(self.pane) if self.pane in names else -1
+        for i, (_, label) in enumerate(STEPS):
+            if i:
+                parts.append(" › ")
+            text = f" {label} "
+            if i == at:
+                parts.append(Content.styled(text, "bold reverse"))
+            else:
+                parts.append(Content.styled(text, "" if i < at else "dim"))
+        if self._opened is not None:
+            parts.append(Content.styled(f"   {self._opened.loaded.name}", "dim"))
+        self.query_one("#steps", Static).update(Content.assemble(*parts))
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        panes = self.PANE_ACTIONS.get(action)
+        return panes is None or self.pane in panes
+
+    def _say(self, text: str) -> None:
+        self.query_one("#status", Static).update(text)
+
+    # ------------------------------------------------------------------ state in
+
+    def _model_changed(self, opened: OpenedModel | None) -> None:
+        previous, self._opened = self._opened, opened
+        if opened is not None and self._used is not None and opened.loaded.path == self._used:
+            self._used = None
+            self._say(f"{opened.loaded.name} is now the current model: Graph (2) and Shards (3) "
+                      "plan it")
+            self._draw_steps()
+            return
+        if opened is previous and self.pane != "no-model":
+            return
+        self._stop_run()
+        self._finished = None
+        self._saved = None
+        self.show_pane("method" if opened is not None else "no-model")
+
+    # ------------------------------------------------------------------ method and data
+
+    @on(OptionList.OptionSelected, "#methods")
+    def _method_chosen(self, event: OptionList.OptionSelected) -> None:
+        event.stop()
+        method = event.option.id or "static"
+        if method != self.choices.method:
+            self.choices = Choices(method=method, calib_spec=self.choices.calib_spec,
+                                   calib_samples=self.choices.calib_samples,
+                                   eval_spec=self.choices.eval_spec,
+                                   eval_samples=self.choices.eval_samples)
+        calibrated = build_config(Choices(method=method)).calibrated
+        self.query_one("#calib-note", Static).update(
+            f"{method} calibrates on these samples" if calibrated else
+            f"{method} needs no calibration: these data are only evaluated on unless you "
+            "give evaluation data below")
+        self.show_pane("data")
+
+    @on(Input.Submitted)
+    async def _field_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        if event.input.id != "eval-samples":
+            self.focus_next()
+            return
+        await self._go_to_options()
+
+    async def _go_to_options(self) -> None:
+        self.choices = dataclasses.replace(
+            self.choices,
+            calib_spec=self.query_one("#calib", Input).value.strip() or "random",
+            calib_samples=_whole_or_none(self.query_one("#calib-samples", Input).value),
+            eval_spec=self.query_one("#eval", Input).value.strip(),
+            eval_samples=_whole_or_none(self.query_one("#eval-samples", Input).value),
+        )
+        if self._options_for != self.choices.method:
+            await self._make_option_widgets(self.choices.method)
+        self._draw_options_summary()
+        self.show_pane("options")
+
+    # ------------------------------------------------------------------ options
+
+    async def _make_option_widgets(self, method: str) -> None:
+        box_ = self.query_one("#option-widgets", Vertical)
+        await box_.remove_children()
+        defaults = method_config(method)
+        widgets: list[Label | RadioSet | Checkbox | Static] = []
+        bits = BITS[method]
+        default_bits = weight_bits(defaults)
+        if len(bits) > 1:
+            engines = (" (4 on ONNX Runtime; 2, 3 and 8 on Neural Compressor)"
+                       if method in ("rtn", "gptq") else "")
+            widgets += [
+                Label(f"Weight bits{engines}", classes="section"),
+                RadioSet(*(RadioButton(f"{b} bits", value=b == default_bits, id=f"bits-{b}")
+                           for b in bits), id="bits"),
+            ]
+        else:
+            widgets.append(Static(f"Weights: {bits[0]} bits", classes="note"))
+        fields = _fields_of(method)
+        if "calibration" in fields:
+            current = getattr(defaults, "calibration", "minmax")
+            widgets += [
+                Label("Calibration method", classes="section"),
+                RadioSet(*(RadioButton(c, value=c == current, id=f"calibration-{c}")
+                           for c in CALIBRATION_METHODS), id="calibration"),
+            ]
+        if "per_channel" in fields:
+            widgets.append(Checkbox("Per-channel weights",
+                                    value=bool(getattr(defaults, "per_channel", False)),
+                                    id="per-channel"))
+        await box_.mount_all(widgets)
+        self._options_for = method
+
+    def _read_options(self) -> None:
+        bits: int | None = None
+        calibration: str | None = None
+        per_channel: bool | None = None
+        for radio in self.query_one("#option-widgets").query(RadioSet):
+            pressed = radio.pressed_button
+            if pressed is None or pressed.id is None:
+                continue
+            value = pressed.id.partition("-")[2]
+            if radio.id == "bits":
+                bits = int(value)
+            else:
+                calibration = value
+        for box_ in self.query_one("#option-widgets").query(Checkbox):
+            per_channel = box_.value
+        self.choices = dataclasses.replace(self.choices, bits=bits, calibration=calibration,
+                                           per_channel=per_channel)
+
+    def _draw_options_summary(self) -> None:
+        c = self.choices
+        text = Text()
+        text.append(f"{c.method}", style="bold")
+        text.append(f"  ({METHOD_NOTES[c.method][0]})\n")
+        text.append(f"calibration data: {c.calib_spec}"
+                    f"{f' ({c.calib_samples} samples)' if c.calib_samples else ''}\n")
+        evaluation = c.eval_spec or "the calibration data"
+        samples = c.evaluation_samples
+        text.append(f"evaluation data:  {evaluation}{f' ({samples} samples)' if samples else ''}")
+        self.query_one("#options-summary", Static).update(text)
+
+    @on(RadioSet.Changed, "#bits")
+    def _bits_changed(self, event: RadioSet.Changed) -> None:
+        bits = int((event.pressed.id or "bits-4").partition("-")[2])
+        engine = dataclasses.replace(self.choices, bits=bits).engine
+        self._say(f"{bits} bits run on Intel Neural Compressor (pip install 'periphery[inc]')"
+                  if engine == "inc" else "")
+
+    @on(Button.Pressed, "#run-button")
+    def _run_pressed(self, event: Button.Pressed) -> None:
+        event.stop()
+        self.action_run()
+
+    @on(Button.Pressed, "#to-model")
+    def _to_model_pressed(self, event: Button.Pressed) -> None:
+        event.stop()
+        self.action_model_screen()
+
+    # ------------------------------------------------------------------ the run
+
+    def action_run(self) -> None:
+        opened = self._opened
+        if opened is None:
+            return
+        self._read_options()
+        self._run += 1
+        self._cancel = CancelToken()
+        self._finished = None
+        self._saved = None
+        c = self.choices
+        self.query_one("#run-title", Label).update(
+            f"Quantizing {opened.loaded.name}: {c.method}"
+            f"{f', {c.bits} bits' if c.bits else ''}")
+        self.query_one("#run-phase", Label).update("Opening the data…")
+        self.query_one("#run-progress", ProgressBar).update(total=1, progress=0)
+        self.show_pane("run")
+        self._quantize(self._run, opened, c, self._cancel)
+
+    @work(thread=True, exclusive=True, group="quantize")
+    def _quantize(self, run: int, opened: OpenedModel, choices: Choices,
+                  cancel: CancelToken) -> None:
+        def progress(p: Progress) -> None:
+            if not cancel.cancelled:
+                self.post_message(ProgressReported(p))
+
+        inputs = opened.analysis.inputs
+        try:
+            config = build_config(choices)
+            calib = (open_source(choices.calib_spec, inputs,
+                                 samples=getattr(config, "samples", None))
+                     if config.calibrated else None)
+            data = open_source(choices.evaluation_spec, inputs,
+                               samples=choices.evaluation_samples)
+            result = quantize(opened.loaded, config, calib, progress=progress, cancel=cancel)
+            report = evaluate(opened.loaded.path, result.model, data, progress=progress,
+                              cancel=cancel)
+        except Cancelled:
+            self.post_message(QuantizationStopped(run, cancelled=True))
+            return
+        except Exception as exc:
+            # Bad data sends the wizard back to the data step, anything else to the options.
+            self.post_message(QuantizationStopped(run, cancelled=False,
+                                                  bad_data=isinstance(exc, DataError)))
+            self.report_failure(exc)
+            return
+        self.post_message(QuantizationFinished(run, result, report))
+
+    def on_progress_reported(self, message: ProgressReported) -> None:
+        p = message.progress
+        if self.pane != "run" or p.task not in TASK_NAMES:
+            return
+        message.stop()
+        self.query_one("#run-progress", ProgressBar).update(total=max(1, p.total),
+                                                            progress=p.done)
+        detail = f" ({p.detail})" if p.detail else ""
+        self.query_one("#run-phase", Label).update(
+            f"{TASK_NAMES[p.task]}: {p.done:,} of {p.total:,}{detail}")
+
+    def on_quantization_finished(self, message: QuantizationFinished) -> None:
+        if message.run != self._run or self._opened is None:
+            return
+        self._finished = message
+        self.query_one("#report-body", Static).update(
+            report_view(message.report, message.result, self._opened.loaded.name))
+        self.show_pane("report")
+
+    def on_quantization_stopped(self, message: QuantizationStopped) -> None:
+        if message.cancelled:
+            self.cancelled_runs += 1
+        if message.run != self._run or self.pane != "run":
+            return  # a run already cancelled (the options are showing) or superseded
+        self._run += 1
+        self.show_pane("data" if message.bad_data else "options")
+        self._say("the run failed: see the message")
+
+    def _stop_run(self) -> None:
+        if self._cancel is not None:
+            self._cancel.cancel()
+        self._run += 1  # whatever the stopped run posts from now on is stale
+
+    def action_cancel_run(self) -> None:
+        self._stop_run()
+        self.show_pane("options")
+        self._say("cancelled: change the settings and run again (r)")
+
+    # ------------------------------------------------------------------ moving around
+
+    def action_back(self) -> None:
+        previous = {"data": "method", "options": "data", "report": "options"}
+        self.show_pane(previous.get(self.pane, "method"))
+
+    def action_restart(self) -> None:
+        self.show_pane("method")
+
+    def action_model_screen(self) -> None:
+        self.papp.action_show("model")
+
+    # ------------------------------------------------------------------ save and use
+
+    def _default_path(self) -> Path:
+        finished, opened = self._finished, self._opened
+        if finished is None or opened is None:
+            return Path("quantized.onnx")
+        config = finished.result.config
+        return opened.loaded.path.with_name(
+            f"{opened.loaded.path.stem}.{config.method}{weight_bits(config)}.onnx")
+
+    def action_save(self) -> None:
+        finished = self._finished
+        if finished is None:
+            return
+
+        def answered(path: str | None) -> None:
+            if path:
+                self._write(finished.result.model, Path(path).expanduser())
+
+        self.app.push_screen(PromptModal("Save the quantized model to", "model.onnx",
+                                         str(self._default_path())), answered)
+
+    @work(thread=True, exclusive=True, group="save")
+    def _write(self, model: onnx.ModelProto, path: Path) -> None:
+        try:
+            save_model(model, path)
+        except Exception as exc:
+            self.report_failure(exc)
+            return
+        self.post_message(QuantizedModelSaved(path))
+
+    def on_quantized_model_saved(self, message: QuantizedModelSaved) -> None:
+        self._saved = message.path
+        self._say(f"saved to {message.path}")
+
+    def action_use(self) -> None:
+        finished = self._finished
+        if finished is None:
+            return
+        if self._saved is not None and self._saved.is_file():
+            path, write = self._saved, False
+        else:
+            if self._scratch is None:  # removed when the app exits
+                self._scratch = tempfile.TemporaryDirectory(prefix="periphery-quantized-")
+            path, write = Path(self._scratch.name) / self._default_path().name, True
+        self._used = path
+        self._say(f"opening the quantized model {path.name}…")
+        self._open_quantized(finished.result.model, path, write)
+
+    @work(thread=True, exclusive=True, group="use")
+    def _open_quantized(self, model: onnx.ModelProto, path: Path, write: bool) -> None:
+        try:
+            if write:
+                save_model(model, path)
+            opened = open_model(path)
+        except Exception as exc:
+            self.report_failure(exc)
+            return
+        self.post_message(ModelOpened(opened))  # the app makes it the current model

@@ -1,0 +1,183 @@
+"""The Quantize wizard, driven with Pilot on real models: method -> data -> options -> run ->
+report -> save and use; a cancelled run; a method whose optional extra is missing; no model."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from textual.content import Content
+from textual.widgets import ProgressBar, Static
+
+from periphery_app.app import PeripheryApp
+from periphery_app.sample import DEMO_MODEL, until
+from periphery_app.screens.modals import ErrorModal, PromptModal
+from periphery_app.screens.model import ModelScreen
+from periphery_app.screens.quantize import Choices, QuantizeScreen, build_config
+from periphery_app.screens.shards import ShardsScreen
+from periphery_core.model import load_model
+from periphery_core.quantize.config import METHODS, IncRtn, StaticInt8, WeightOnly4Bit
+from tests.conftest import MODELS, SHARED_DATA, require_shared
+
+SIZE = (100, 32)
+MNIST_MODEL = MODELS / "mnist-8.onnx"
+MNIST_IMAGES = SHARED_DATA / "datasets" / "mnist" / "t10k-images-idx3-ubyte.gz"
+
+
+@pytest.fixture(autouse=True)
+def config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "config"
+    monkeypatch.setenv("PERIPHERY_CONFIG_DIR", str(folder))
+    return folder
+
+
+@pytest.fixture
+def images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The MNIST test images under a short relative name (Pilot types every character), with
+    their labels beside them under the name the mnist source looks for."""
+    require_shared()
+    monkeypatch.chdir(tmp_path)
+    Path("t10k.gz").symlink_to(MNIST_IMAGES)
+    labels = "t10k-labels-idx1-ubyte.gz"
+    Path(labels).symlink_to(MNIST_IMAGES.with_name(labels))
+    return "t10k.gz"
+
+
+def text_of(app: PeripheryApp, selector: str) -> str:
+    """The plain text a Static shows (markup, Content or a Rich renderable)."""
+    content = app.screen.query_one(selector, Static).content
+    if isinstance(content, str | Content):
+        return str(content)
+    console = Console(width=160, file=io.StringIO(), record=True)
+    console.print(content)
+    return console.export_text()
+
+
+async def open_wizard(app: PeripheryApp, pilot) -> QuantizeScreen:
+    await until(pilot, lambda: app.opened is not None)
+    await pilot.press("6")
+    screen = app.screen
+    assert isinstance(screen, QuantizeScreen)
+    return screen
+
+
+async def choose(pilot, screen: QuantizeScreen, method: str, calib: str = "",
+                 samples: str = "", data: str = "") -> None:
+    """Pick a method, type the data fields (blank keeps the default) and reach the options."""
+    assert screen.pane == "method"
+    await pilot.press(*["down"] * METHODS.index(method), "enter")
+    assert screen.pane == "data"
+    if calib:
+        await pilot.press("ctrl+a", "ctrl+k", *calib)
+    await pilot.press("enter", *samples, "enter", *data, "enter", "enter")
+    assert screen.pane == "options"
+
+
+@pytest.mark.parametrize(("choices", "expected"), [
+    (Choices("static", per_channel=False, calibration="entropy", calib_samples=50),
+     StaticInt8(calibration="entropy", per_channel=False, samples=50)),
+    (Choices("rtn", bits=4, per_channel=True, calibration="entropy"), WeightOnly4Bit("rtn")),
+    (Choices("rtn", bits=2), IncRtn(bits=2)),
+])
+def test_choices_become_the_core_config(choices: Choices, expected: object) -> None:
+    assert build_config(choices) == expected
+
+
+@pytest.mark.asyncio
+async def test_static_int8_on_mnist_reports_saves_and_becomes_the_current_model(
+        images: str) -> None:
+    calib = f"mnist:{images}?range=0:100"
+    data = f"mnist:{images}?range=100:400"
+    app = PeripheryApp(MNIST_MODEL, browse_dir=MNIST_MODEL.parent)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_wizard(app, pilot)
+        assert "Quantize" in {c.title for c in app.get_system_commands(screen)}
+        await choose(pilot, screen, "static", calib=calib, data=data)
+        assert screen.choices.calib_spec == calib and screen.choices.eval_spec == data
+        assert "Run" in {c.title for c in app.get_system_commands(screen)}
+        await pilot.press("r")
+        await until(pilot, lambda: screen.pane != "run", timeout=60)
+        assert screen.pane == "report"
+        report = text_of(app, "#report-body")
+        assert "evaluated on 300 samples" in report
+        assert "top-1 accuracy: fp32 " in report and "quantized " in report
+        assert "size " in report and "fp32: 0." in report  # INT8 weights: smaller than fp32
+        assert "Most sensitive nodes" in report
+        assert {"Save", "Use"} <= {c.title for c in app.get_system_commands(screen)}
+
+        target = Path("int8.onnx")
+        await pilot.press("s")
+        assert isinstance(app.screen, PromptModal)
+        await pilot.press("ctrl+a", "ctrl+k", *str(target), "enter")
+        await until(pilot, target.is_file)
+        saved = load_model(target)
+        assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in saved.proto.graph.node}
+
+        fp32 = app.opened
+        await pilot.press("u")
+        await until(pilot, lambda: app.opened is not fp32)
+        assert app.opened is not None and app.opened.loaded.path == target
+        assert app.opened.analysis.sha256 == saved.sha256
+        assert screen.pane == "report"  # using the result keeps its report on screen
+        await pilot.press("3")  # the Shards screen plans the quantized model
+        assert isinstance(app.screen, ShardsScreen)
+        await until(pilot, lambda: app.plan is not None
+                    and app.plan.model_sha256 == saved.sha256)
+    app.session.close()
+
+
+@pytest.mark.asyncio
+async def test_cancelling_a_run_returns_to_the_options_and_stops_the_thread(
+        images: str) -> None:
+    app = PeripheryApp(MNIST_MODEL, browse_dir=MNIST_MODEL.parent)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_wizard(app, pilot)
+        # all 10,000 test images: calibration alone takes several seconds
+        await choose(pilot, screen, "static", calib=f"mnist:{images}", samples="10000")
+        await pilot.press("r")
+        assert screen.pane == "run"
+        bar = screen.query_one("#run-progress", ProgressBar)
+        await until(pilot, lambda: (bar.progress or 0) > 0)  # calibrating
+        await pilot.press("escape")
+        assert screen.pane == "options"
+        await until(pilot, lambda: screen.cancelled_runs == 1, timeout=10)
+        await pilot.pause(0.2)
+        assert screen.pane == "options"  # the stopped run posted nothing that changed it
+        assert not isinstance(app.screen, ErrorModal)
+        await pilot.press("1")  # still alive
+        assert isinstance(app.screen, ModelScreen)
+    app.session.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.skipif(importlib.util.find_spec("onnx_neural_compressor") is not None,
+                    reason="Intel Neural Compressor is installed: awq would run")
+async def test_a_method_whose_extra_is_missing_shows_the_install_hint() -> None:
+    app = PeripheryApp(DEMO_MODEL, browse_dir=DEMO_MODEL.parent)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_wizard(app, pilot)
+        await choose(pilot, screen, "awq")
+        await pilot.press("r")
+        await until(pilot, lambda: isinstance(app.screen, ErrorModal))
+        message = text_of(app, "#message")
+        assert "pip install 'periphery[inc]'" in message and "\n" not in message.strip()
+        await pilot.press("escape")
+        assert app.screen is screen and screen.pane == "options"
+    app.session.close()
+
+
+@pytest.mark.asyncio
+async def test_without_a_model_the_wizard_says_so_and_offers_the_model_screen(
+        tmp_path: Path) -> None:
+    app = PeripheryApp(browse_dir=tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("6")
+        screen = app.screen
+        assert isinstance(screen, QuantizeScreen) and screen.pane == "no-model"
+        assert "No model open" in text_of(app, "#no-model-text")
+        await pilot.press("m")
+        assert isinstance(app.screen, ModelScreen)
+    app.session.close()

@@ -6,7 +6,7 @@
    cores, so the ideal is min(K, C) x.
 2. Per-hop cost: a cheap model (16 Relu over a 1 MiB tensor) run in-process, then through
    1, 2, 4 stages: (latency(K) - latency(1)) / (K - 1) is what one extra hop adds, one request
-   at a time.
+   at a time, with CurveZMQ keys (the default) and with --insecure, side by side.
 
 Run: `python benchmarks/pipeline.py [--requests 120] [--json out.json]`. Medians throughout.
 """
@@ -81,6 +81,7 @@ def throughput(requests: int, inflight: int) -> list[dict]:
 
 
 def hops(repeat: int) -> list[dict]:
+    """Per-hop latency with keys and with --insecure, requests interleaved between the two."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = relu_chain(Path(tmp) / "hops.onnx")
@@ -93,23 +94,29 @@ def hops(repeat: int) -> list[dict]:
             t0 = time.perf_counter()
             chain.run(feeds)
             local_times.append(time.perf_counter() - t0)
-        rows.append({"where": "in process", "k": 0, "latency_s": statistics.median(local_times)})
-        with LocalCluster(4, threads=1) as local, local.master() as master:
-            handles = list(master.nodes.values())
+        rows.append({"where": "in process", "k": 0,
+                     "keys_s": statistics.median(local_times),
+                     "insecure_s": statistics.median(local_times)})
+        with LocalCluster(4, threads=1) as safe, safe.master() as m_safe, \
+                LocalCluster(4, threads=1, secure=False) as open_, open_.master() as m_open:
             for k in (1, 2, 4):
-                deployed(master, handles, path, k)
-                for _ in range(5):
-                    master.submit(feeds).result()
-                times = []
+                masters = {"keys_s": m_safe, "insecure_s": m_open}
+                for master in masters.values():
+                    deployed(master, list(master.nodes.values()), path, k)
+                    for _ in range(5):
+                        master.submit(feeds).result()
+                times: dict[str, list[float]] = {name: [] for name in masters}
                 for _ in range(repeat):
-                    t0 = time.perf_counter()
-                    master.submit(feeds).result()
-                    times.append(time.perf_counter() - t0)
+                    for name, master in masters.items():
+                        t0 = time.perf_counter()
+                        master.submit(feeds).result()
+                        times[name].append(time.perf_counter() - t0)
                 rows.append({"where": f"{k} node{'s' if k > 1 else ''}", "k": k,
-                             "latency_s": statistics.median(times)})
-    one = next(r["latency_s"] for r in rows if r["k"] == 1)
+                             **{name: statistics.median(v) for name, v in times.items()}})
+    one = next(r for r in rows if r["k"] == 1)
     for r in rows:
-        r["per_hop_s"] = (r["latency_s"] - one) / (r["k"] - 1) if r["k"] > 1 else None
+        for name in ("keys_s", "insecure_s"):
+            r[f"hop_{name}"] = (r[name] - one[name]) / (r["k"] - 1) if r["k"] > 1 else None
     return rows
 
 
@@ -130,12 +137,18 @@ def main() -> int:
         t.add_row(str(r["k"]), f"{r['rps']:.1f}", f"{r['speedup']:.2f}x")
     console.print(t)
     hop = hops(args.repeat)
-    t = Table(title="per-hop cost, 1 MiB activation, one request at a time", title_justify="left")
-    for col in ("path", "latency", "per extra hop"):
+    t = Table(title="per-hop cost, 1 MiB activation, one request at a time (interleaved)",
+              title_justify="left")
+    for col in ("path", "latency, keys", "per extra hop, keys", "latency, --insecure",
+                "per extra hop, --insecure"):
         t.add_column(col, justify="right")
+
+    def ms(v: float | None) -> str:
+        return f"{v * 1e3:.2f} ms" if v is not None else "-"
+
     for r in hop:
-        t.add_row(r["where"], f"{r['latency_s'] * 1e3:.2f} ms",
-                  f"{r['per_hop_s'] * 1e3:.2f} ms" if r["per_hop_s"] is not None else "-")
+        t.add_row(r["where"], ms(r["keys_s"]), ms(r["hop_keys_s"]), ms(r["insecure_s"]),
+                  ms(r["hop_insecure_s"]))
     console.print(t)
     if args.json:
         args.json.write_text(json.dumps({"throughput": tput, "hops": hop}, indent=1))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import gzip
 import struct
-import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,7 +25,7 @@ import numpy as np
 
 from periphery_core.errors import FeedError, PeripheryError
 from periphery_core.model.shapes import InputSpec
-from periphery_core.runtime.feeds import random_feeds
+from periphery_core.runtime.feeds import random_feeds, read_named_arrays
 
 Feeds = dict[str, np.ndarray]
 
@@ -326,24 +325,18 @@ class ArrayFolderSource(_SampleSource):
 
     def sample(self, index: int) -> Feeds:
         path = self.files[index]
-        try:
-            if self.kind == "npy":
-                arrays = {self.inputs[0].name: np.load(path, allow_pickle=False)}
-            else:
-                with np.load(path, allow_pickle=False) as data:
-                    arrays = {k: np.asarray(data[k]) for k in data.files}
-        except (OSError, ValueError, zipfile.BadZipFile):
-            raise DataError(f"{path} is not a readable .{self.kind} file of arrays (write it "
-                            f"with numpy.{'save' if self.kind == 'npy' else 'savez'})") from None
         names = [s.name for s in self.inputs]
-        missing = [n for n in names if n not in arrays]
-        if missing:
-            raise DataError(f"{path} has no array named '{missing[0]}' (model inputs: "
-                            f"{', '.join(names)})")
-        extra = [n for n in arrays if n not in names]
-        if extra:
-            raise DataError(f"{path} has an array '{extra[0]}' that is not a model input "
-                            f"(model inputs: {', '.join(names)})")
+        if self.kind == "npy":
+            try:
+                arrays = {names[0]: np.load(path, allow_pickle=False)}
+            except (OSError, ValueError):
+                raise DataError(f"{path} is not a readable .npy file of an array (write it "
+                                "with numpy.save)") from None
+        else:
+            try:
+                arrays = read_named_arrays(path, names)
+            except FeedError as exc:
+                raise DataError(exc.message) from None
         return {s.name: _fit_sample(arrays[s.name], s, str(path)) for s in self.inputs}
 
 

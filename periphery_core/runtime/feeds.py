@@ -46,27 +46,37 @@ def random_feeds(specs: Sequence[InputSpec], seed: int = 0) -> Feeds:
     return feeds
 
 
+def read_named_arrays(path: Path, names: Sequence[str]) -> Feeds:
+    """The arrays of a `.npz` (pickles refused), which must be exactly `names`.
+
+    Raises:
+        FeedError: unreadable, or an array missing or extra, said in one line.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: np.asarray(data[k]) for k in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile):
+        raise FeedError(
+            f"{path} is not a .npz archive of arrays (make one with numpy.savez)"
+        ) from None
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise FeedError(f"{path} has no array named '{missing[0]}' (model inputs: "
+                        f"{', '.join(names)})")
+    extra = [n for n in arrays if n not in names]
+    if extra:
+        raise FeedError(f"{path} has an array '{extra[0]}' that is not a model input "
+                        f"(model inputs: {', '.join(names)})")
+    return arrays
+
+
 def load_npz(path: str | Path, specs: Sequence[InputSpec]) -> Feeds:
-    """Read a `.npz` of input tensors (pickles refused) and check names, dtypes and ranks."""
+    """Read a `.npz` of input tensors and check names, dtypes and ranks."""
     p = Path(path)
     if not p.is_file():
         raise FeedError(f"inputs file not found: {p}")
-    try:
-        with np.load(p, allow_pickle=False) as data:
-            feeds = {k: np.asarray(data[k]) for k in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile):
-        raise FeedError(
-            f"{p} is not a .npz archive of arrays (make one with numpy.savez)"
-        ) from None
     expected = {s.name: s for s in specs}
-    missing = [n for n in expected if n not in feeds]
-    if missing:
-        raise FeedError(f"{p} has no array named '{missing[0]}' (model inputs: "
-                        f"{', '.join(expected)})")
-    extra = [n for n in feeds if n not in expected]
-    if extra:
-        raise FeedError(f"{p} has an array '{extra[0]}' that is not a model input "
-                        f"(model inputs: {', '.join(expected)})")
+    feeds = read_named_arrays(p, list(expected))
     for name, spec in expected.items():
         arr = feeds[name]
         if arr.dtype != spec.dtype:

@@ -404,3 +404,29 @@ def test_ten_thousand_hostile_messages_leave_the_node_serving_with_bounded_memor
     growth = proc.memory_info().rss - rss_before
     print(f"node RSS grew by {growth / 2**20:.1f} MiB over 10,300 hostile messages")
     assert growth < 200 * 2**20
+
+
+def test_a_restarted_master_keeps_the_shards_nodes_hold() -> None:
+    with LocalCluster(2) as local:
+        loaded, analysis = _prepared(DEMO)
+        plan = make_plan(analysis, 2)
+        shards = extract_shards(loaded, analysis, plan)
+        blobs = [s.SerializeToString() for s in shards]
+        chain = LocalChain(shards, SessionConfig(exact=True, threads=1))
+        feeds = random_feeds(analysis.inputs, 4)
+        with local.master() as first:
+            first.deploy(blobs, [a.node_id for a in local.addresses])
+            _assert_same(chain.run(feeds), first.submit(feeds).result(timeout=60), "first")
+        time.sleep(4)  # the master is gone: nodes notice the silence
+        with local.master() as second:  # the master restarts
+            handles = _handles(local, second)
+            assert all(h.master_silent_s > 3 for h in handles)
+            assert [h.holds[0] for h in handles] == [0, 1]  # re-registered with their shards
+            uploads: list[ev.ShardProgress] = []
+            second.bus.subscribe(lambda e: uploads.append(e)
+                                 if isinstance(e, ev.ShardProgress) else None)
+            second.deploy(blobs, [h.node_id for h in handles])
+            assert uploads == []  # kept, only rewired
+            _assert_same(chain.run(feeds), second.submit(feeds).result(timeout=60), "second")
+            second.deploy(blobs, [h.node_id for h in handles], exact=False)
+            assert uploads  # another session option: uploaded and rebuilt

@@ -69,6 +69,8 @@ class NodeHandle:
     lost: bool = False
     stage: int | None = None
     key: bytes | None = None  # the node's CurveZMQ public key (None: insecure)
+    holds: tuple[int, str, bool] | None = None  # (stage, sha256, exact) the node already runs
+    master_silent_s: float = 0.0  # how long the node had heard from no master, at hello
     socket: Any = None
     waiters: dict[str, list[Future]] = field(default_factory=dict)
 
@@ -327,6 +329,10 @@ class Master:
             handle.device, handle.data_endpoint = str(f["device"]), str(f["data"])
             handle.cores, handle.memory = int(f["cores"]), int(f["memory"])
             handle.free_memory = int(f.get("free", 0) or 0)
+            held = (f.get("stage"), f.get("sha256"))
+            handle.holds = (int(held[0]), str(held[1]), bool(f.get("exact", True))) \
+                if isinstance(held[0], int) and held[0] >= 0 and held[1] else None
+            handle.master_silent_s = float(f.get("master_silent_s", 0.0) or 0.0)
             handle.speed = float(f.get("speed", 0.0) or 0.0)
             if handle.lost:
                 handle.lost = False
@@ -393,6 +399,7 @@ class Master:
                                                  stage=i, reason=exc.message))
                 raise
             handle.stage = i
+            handle.holds = (i, hashlib.sha256(shards[i]).hexdigest(), exact)
             self.bus.publish(ev.StageReady(t=time.time(), node_id=handle.node_id, stage=i,
                                            provider=str(info.get("provider", "?"))))
         self._stage_nodes = list(assignment)
@@ -415,6 +422,9 @@ class Master:
         ready: Future = Future()
         digest = hashlib.sha256(shard).hexdigest()
         chunks = [(off, shard[off:off + CHUNK_BYTES]) for off in range(0, len(shard), CHUNK_BYTES)]
+        # A node that already runs this very shard (a restarted master found it) keeps it:
+        # it is only rewired, nothing is uploaded again.
+        reuse = handle.holds == (stage, digest, exact)
 
         def begin() -> None:
             handle.waiters.setdefault("ready", []).append(ready)
@@ -423,8 +433,10 @@ class Master:
                 "inputs": [], "outputs": [], "next": nxt, "results": self.results_endpoint,
                 "exact": exact, "epoch": self.epoch, "next_key": (nxt_key or b"").decode(),
                 "results_key": (self.guard.ring.public if self.guard.ring else b"").decode(),
+                "reuse": reuse,
             }))
-            self._commands.put(lambda: send_chunks(0))
+            if not reuse:
+                self._commands.put(lambda: send_chunks(0))
 
         def send_chunks(i: int) -> None:
             # A few chunks per loop turn, so heartbeats keep flowing during big uploads.

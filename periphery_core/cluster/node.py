@@ -41,6 +41,7 @@ from periphery_core.wire import PROTOCOL_VERSION, Limits, Message, WireError, de
 log = logging.getLogger("periphery.node")
 
 CHUNK_BYTES = 1 << 20
+MASTER_LOST_S = 3.0
 POLL_MS = 100
 
 
@@ -83,6 +84,8 @@ class _Deployment:
     next_key: bytes | None = None
     results_key: bytes | None = None
     epoch: int = 0
+    sha256: str = ""
+    exact: bool = True
 
 
 def device_description() -> str:
@@ -176,6 +179,8 @@ class NodeDaemon:
         self._upload: _Upload | None = None
         self._deployment: _Deployment | None = None
         self._master: bytes | None = None
+        self._master_seen = time.time()  # last ping or hello from a master
+        self._master_lost = False
         # Set by a new deployment: the sender drops what it holds for the old pipeline (whose
         # next stage may be unreachable: the master replays those requests) and rewires.
         self._rewire = threading.Event()
@@ -314,6 +319,12 @@ class NodeDaemon:
 
     def _handle(self, ident: bytes, msg: Message) -> None:
         kind = msg.kind
+        silent = time.time() - self._master_seen
+        if kind in ("ping", "hello"):
+            self._master_seen = time.time()
+            if self._master_lost:
+                self._master_lost = False
+                log.info("a master is back")
         if kind == "ping":
             self._reply(ident, "pong", {"t": msg.fields["t"]})
         elif kind == "hello":
@@ -326,6 +337,9 @@ class NodeDaemon:
                 "speed": self.speed or 0.0,
                 "key": self.config.keys.public.decode() if self.config.keys else "",
                 "stage": self._deployment.stage if self._deployment else -1,
+                "sha256": self._deployment.sha256 if self._deployment else "",
+                "exact": self._deployment.exact if self._deployment else True,
+                "master_silent_s": round(silent, 3),
             })
         elif kind == "deploy_begin":
             self._begin_upload(ident, msg)
@@ -351,8 +365,22 @@ class NodeDaemon:
             for key in ("next_key", "results_key"):
                 if not isinstance(f.get(key), str) or not f[key]:
                     raise WireError(f"deploy_begin needs '{key}' on a secure cluster")
+        if f.get("reuse") is True:
+            self._reuse(ident, f)
+            return
         self._upload = _Upload(f["stage"], f["stages"], f["sha256"], bytearray(size), 0, dict(f))
         log.info("receiving shard for stage %d (%d bytes)", f["stage"], size)
+
+    def _reuse(self, ident: bytes, f: dict[str, Any]) -> None:
+        """Keep the shard already loaded (a restarted master found it here); only rewire."""
+        dep = self._deployment
+        if (dep is None or dep.sha256 != f["sha256"] or dep.stage != f["stage"]
+                or dep.exact != bool(f.get("exact", True))):
+            self._reply(ident, "error", {"reason": f"stage {f['stage']}: this node does not "
+                                         "hold that shard any more", "stage": f["stage"]})
+            return
+        self._activate(ident, dep.stage, dep.runner, dep.provider, f, dep.sha256)
+        log.info("stage %d kept; rewired for a new master", dep.stage)
 
     def _chunk(self, ident: bytes, msg: Message) -> None:
         up = self._upload
@@ -397,15 +425,19 @@ class NodeDaemon:
                                          "stage": up.stage})
             return
         _warm_up(runner)
-        keys = {k: str(up.fields.get(k) or "").encode() or None
-                for k in ("next_key", "results_key")}
-        self._deployment = _Deployment(up.stage, runner, up.fields["next"],
-                                       up.fields["results"], provider, keys["next_key"],
-                                       keys["results_key"], int(up.fields.get("epoch", 0) or 0))
+        self._activate(ident, up.stage, runner, provider, up.fields, up.sha256)
+        log.info("stage %d ready on %s", up.stage, provider)
+
+    def _activate(self, ident: bytes, stage: int, runner: StageRunner, provider: str,
+                  f: dict[str, Any], sha256: str) -> None:
+        keys = {k: str(f.get(k) or "").encode() or None for k in ("next_key", "results_key")}
+        self._deployment = _Deployment(stage, runner, f["next"], f["results"], provider,
+                                       keys["next_key"], keys["results_key"],
+                                       int(f.get("epoch", 0) or 0), sha256,
+                                       bool(f.get("exact", True)))
         self._rewire.set()
         self._outq.put(("rewire", self._deployment))
-        log.info("stage %d ready on %s", up.stage, provider)
-        self._reply(ident, "ready", {"stage": up.stage, "provider": provider})
+        self._reply(ident, "ready", {"stage": stage, "provider": provider})
 
     # ------------------------------------------------------------------ data path
 
@@ -551,6 +583,12 @@ class NodeDaemon:
         while not self._stop.wait(self.config.stats_interval_s):
             if self._master is None:
                 continue
+            silent = time.time() - self._master_seen
+            if silent > MASTER_LOST_S and not self._master_lost:
+                self._master_lost = True
+                stage = self._deployment.stage if self._deployment else None
+                log.warning("master silent for %.1f s: keeping stage %s and waiting for a "
+                            "master to come back", silent, stage)
             self._outbox.put((self._master, encode("stats", {
                 "node": self.node_id, "cpu": proc.cpu_percent(None),
                 "rss": int(proc.memory_info().rss),

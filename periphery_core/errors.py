@@ -71,6 +71,54 @@ class FeedError(PeripheryError):
     title = "Bad inputs"
 
 
+class QuantizeError(PeripheryError):
+    """A model cannot be quantized as asked (bad settings, missing extra, failed method)."""
+
+    title = "Cannot quantize"
+
+
+class DataError(PeripheryError):
+    """A data spec, folder or file cannot give feeds that fit the model."""
+
+    title = "Bad data"
+
+
+class EvaluationError(PeripheryError):
+    """Two models cannot be compared on the data given."""
+
+    title = "Cannot evaluate"
+
+
+class DiscoveryError(PeripheryError):
+    """A peer address or advertisement setting given by the user is unusable."""
+
+    title = "Discovery"
+
+
+class ClusterError(PeripheryError):
+    """A node cannot be reached, refuses a shard, or the pipeline cannot run."""
+
+    title = "Cluster"
+
+
+class RequestFailed(PeripheryError):
+    """One request did not complete (a stage failed on it, or its node was lost)."""
+
+    title = "Request failed"
+
+
+class ClusterBusy(PeripheryError):
+    """More requests are in flight than the master accepts."""
+
+    title = "Busy"
+
+
+class KeysError(PeripheryError):
+    """Cluster keys are missing, malformed, or untrusted."""
+
+    title = "Keys"
+
+
 class Cancelled(PeripheryError):
     """A long operation was cancelled by the user."""
 

@@ -209,7 +209,7 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
     from periphery_core.model import load_model
     from periphery_core.model.shapes import parse_input_shapes, resolve_input_shapes
     from periphery_core.partition.extract import extract_shards
-    from periphery_core.partition.plan import load_plan
+    from periphery_core.partition.plan import load_plan, require_plan_for
     from periphery_core.partition.verify import compare
     from periphery_core.runtime.feeds import load_npz, random_feeds
     from periphery_core.runtime.session import SessionConfig, make_session
@@ -218,9 +218,7 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
         raise PeripheryError("--requests and --inflight must be at least 1")
     plan = load_plan(plan_path)
     loaded = load_model(model)
-    if plan.model_sha256 != loaded.sha256:
-        raise PeripheryError(f"{plan_path} was made for another model than {model.name}: "
-                             "re-plan with 'periphery plan'")
+    require_plan_for(plan, loaded.sha256, model.name, str(plan_path))
     shapes = {**plan.input_shapes, **parse_input_shapes(input_shapes)}
     _, analysis = _analysis(loaded, shapes)
     shards = [s.SerializeToString() for s in extract_shards(loaded, analysis, plan)]

@@ -171,7 +171,7 @@ def shard(model: Path, plan_path: Path | None, shards: int | None, strategy: str
     from periphery_core.cli.render import print_json
     from periphery_core.model.shapes import parse_input_shapes
     from periphery_core.partition.extract import extract_shards, write_shards
-    from periphery_core.partition.plan import load_plan
+    from periphery_core.partition.plan import load_plan, require_plan_for
 
     if (plan_path is None) == (shards is None):
         raise PlanError("give exactly one of --plan PLAN.json or --shards K")
@@ -180,11 +180,7 @@ def shard(model: Path, plan_path: Path | None, shards: int | None, strategy: str
 
         shard_plan = load_plan(plan_path)
         loaded = load_model(model)
-        if shard_plan.model_sha256 != loaded.sha256:
-            raise PlanError(
-                f"{plan_path} was made for another model (sha256 {shard_plan.model_sha256[:12]}…, "
-                f"{model.name} is {loaded.sha256[:12]}…): re-plan with 'periphery plan'"
-            )
+        require_plan_for(shard_plan, loaded.sha256, model.name, str(plan_path))
         shapes = {**shard_plan.input_shapes, **parse_input_shapes(input_shapes)}
         loaded, analysis = _analysis(loaded, shapes)
     else:
@@ -220,7 +216,7 @@ def verify(model: Path, shard_dir: Path, exact: bool, inputs_path: Path | None, 
     from periphery_core.model import load_model
     from periphery_core.model.shapes import parse_input_shapes, resolve_input_shapes
     from periphery_core.partition.extract import PLAN_FILE, shard_paths
-    from periphery_core.partition.plan import load_plan
+    from periphery_core.partition.plan import load_plan, require_plan_for
     from periphery_core.partition.verify import verify_chain
     from periphery_core.runtime.feeds import load_npz, random_feeds
 
@@ -229,9 +225,7 @@ def verify(model: Path, shard_dir: Path, exact: bool, inputs_path: Path | None, 
     planned: dict[str, tuple[int, ...]] = {}
     if (shard_dir / PLAN_FILE).is_file():
         shard_plan = load_plan(shard_dir / PLAN_FILE)
-        if shard_plan.model_sha256 != loaded.sha256:
-            raise PlanError(f"the shards in {shard_dir} were made from another model than "
-                            f"{model.name} (sha256 differs)")
+        require_plan_for(shard_plan, loaded.sha256, model.name, f"the shards in {shard_dir}")
         planned = dict(shard_plan.input_shapes)
     specs, _ = resolve_input_shapes(loaded.proto, {**planned, **parse_input_shapes(input_shapes)})
     feeds = load_npz(inputs_path, specs) if inputs_path else random_feeds(specs, seed)

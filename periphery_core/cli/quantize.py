@@ -71,11 +71,10 @@ def quantize(model: Path, method: str, bits: int | None, engine: str, calib: str
     shapes: dict[str, tuple[int, ...]] = {}
     plan = None
     if plan_path is not None:
-        from periphery_core.partition.plan import load_plan
+        from periphery_core.partition.plan import load_plan, require_plan_for
 
         plan = load_plan(plan_path)
-        if plan.model_sha256 != loaded.sha256:
-            raise PeripheryError(f"{plan_path} was made for another model than {model.name}")
+        require_plan_for(plan, loaded.sha256, model.name, str(plan_path))
         shapes = dict(plan.input_shapes)
     shapes.update(parse_input_shapes(input_shapes))
     _, analysis = _analysis(loaded, shapes)

@@ -26,7 +26,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from periphery_core.errors import PeripheryError
+from periphery_core.errors import KeysError
 
 log = logging.getLogger("periphery.keys")
 
@@ -35,8 +35,6 @@ INSECURE_WARNING = ("INSECURE: no CurveZMQ keys; anyone who can reach this host 
                     "submit requests and read activations. Use --keys (see 'periphery keys init').")
 
 
-class KeysError(PeripheryError):
-    title = "Keys"
 
 
 @dataclass(frozen=True)

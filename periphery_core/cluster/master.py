@@ -29,7 +29,7 @@ import zmq
 from periphery_core.cluster import events as ev
 from periphery_core.cluster.keys import Guard, KeyRing
 from periphery_core.discovery import NodeAddress
-from periphery_core.errors import PeripheryError
+from periphery_core.errors import ClusterBusy, ClusterError, RequestFailed
 from periphery_core.partition.plan import DEFAULT_BANDWIDTH, DeviceSpec
 from periphery_core.wire import Limits, Message, WireError, decode, encode
 
@@ -38,16 +38,10 @@ log = logging.getLogger("periphery.master")
 CHUNK_BYTES = 1 << 20
 
 
-class ClusterError(PeripheryError):
-    title = "Cluster"
 
 
-class RequestFailed(PeripheryError):
-    title = "Request failed"
 
 
-class ClusterBusy(PeripheryError):
-    title = "Busy"
 
 
 @dataclass

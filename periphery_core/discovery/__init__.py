@@ -13,15 +13,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from periphery_core.errors import PeripheryError
+from periphery_core.errors import DiscoveryError
 
 SERVICE_TYPE = "_periphery._tcp.local."
 
 
-class DiscoveryError(PeripheryError):
-    """A peer address or advertisement setting given by the user is unusable."""
-
-    title = "Discovery"
 
 
 @dataclass(frozen=True, slots=True)

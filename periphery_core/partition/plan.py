@@ -149,6 +149,19 @@ class ShardPlan:
         return p
 
 
+def require_plan_for(plan: ShardPlan, sha256: str, model_name: str, plan_source: str) -> None:
+    """Refuse to apply a plan to a model other than the one it was made for.
+
+    Raises:
+        PlanError: the model's sha256 is not the plan's.
+    """
+    if plan.model_sha256 != sha256:
+        raise PlanError(
+            f"{plan_source} was made for another model (sha256 {plan.model_sha256[:12]}…, "
+            f"{model_name} is {sha256[:12]}…): re-plan with 'periphery plan'"
+        )
+
+
 def _device_dict(d: DeviceSpec) -> dict[str, Any]:
     out: dict[str, Any] = {"name": d.name, "speed": d.speed, "bandwidth": d.bandwidth}
     if d.memory_bytes is not None:

@@ -28,14 +28,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Union
 
-from periphery_core.errors import PeripheryError
-
-
-class QuantizeError(PeripheryError):
-    """A model cannot be quantized as asked (bad settings, missing extra, failed method)."""
-
-    title = "Cannot quantize"
-
+from periphery_core.errors import QuantizeError
 
 CalibrationMethod = Literal["minmax", "entropy", "percentile"]
 IntType = Literal["int8", "uint8"]

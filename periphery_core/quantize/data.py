@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from periphery_core.errors import FeedError, PeripheryError
+from periphery_core.errors import DataError, FeedError
 from periphery_core.model.shapes import InputSpec
 from periphery_core.runtime.feeds import random_feeds, read_named_arrays
 
@@ -35,10 +35,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-class DataError(PeripheryError):
-    """A data spec, folder or file cannot give feeds that fit the model."""
-
-    title = "Bad data"
 
 
 class DataSource(Protocol):

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from periphery_core.errors import PeripheryError
+from periphery_core.errors import EvaluationError
 from periphery_core.model import loading
 from periphery_core.progress import CancelToken, ProgressFn, check, report
 from periphery_core.quantize.data import DataSource, Feeds, StsbSource
@@ -38,10 +38,6 @@ ModelLike = Path | str | onnx.ModelProto
 TASKS = ("classification", "sts")
 
 
-class EvaluationError(PeripheryError):
-    """Two models cannot be compared on the data given."""
-
-    title = "Cannot evaluate"
 
 
 @dataclass(frozen=True, slots=True)

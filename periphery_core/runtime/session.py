@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 
@@ -80,6 +81,13 @@ def _short(exc: BaseException) -> str:
 
 
 def run_session(sess: ort.InferenceSession, feeds: dict, outputs: list[str] | None = None) -> list:
+    """Run a session; numpy scalars among the feeds are passed as 0-d arrays.
+
+    A scalar value (a 0-d tensor indexed with `[()]`, a user's `np.float32(1.0)`) is a numpy
+    scalar, not an array, and ONNX Runtime 1.32 refuses those; every value that crosses a shard
+    boundary or the wire reaches ONNX Runtime through here.
+    """
+    feeds = {n: np.asarray(v) if isinstance(v, np.generic) else v for n, v in feeds.items()}
     try:
         return sess.run(outputs, feeds)
     except Exception as exc:

@@ -2,8 +2,11 @@
 
 Design choice: every method here may block (loading, analysing, connecting, deploying), so the
 app calls them only from thread workers and hears back through messages. The session owns the
-`Master`, an optional `LocalCluster` and the `StateTracker` that folds the master's events; the
-app reads the folded `ClusterState` on a timer. `close()` is idempotent and safe from any thread.
+`Master`, an optional `LocalCluster`, the `StateTracker` that folds the master's events, and
+the core's `Pipeline`, the one serving object: the app deploys and streams through it, so a
+lost node is re-planned around and its requests replayed exactly as `periphery run` does. The
+app reads the folded `ClusterState` on a timer. `close()` is idempotent and safe from any
+thread.
 """
 
 from __future__ import annotations
@@ -19,12 +22,12 @@ from pathlib import Path
 from periphery_core.cluster.keys import KeyRing, keyring_or_insecure
 from periphery_core.cluster.local import LocalCluster
 from periphery_core.cluster.master import Master, NodeHandle
+from periphery_core.cluster.pipeline import Pipeline
 from periphery_core.cluster.tracker import StateTracker
 from periphery_core.discovery import NodeAddress
 from periphery_core.discovery.static import parse_peer
 from periphery_core.errors import PeripheryError
 from periphery_core.model import LoadedModel, ModelAnalysis, analyze, load_model
-from periphery_core.partition.extract import extract_shards
 from periphery_core.partition.plan import ShardPlan
 from periphery_core.progress import CancelToken, ProgressFn
 from periphery_core.runtime.feeds import Feeds, random_feeds
@@ -65,6 +68,7 @@ class Session:
         self._master: Master | None = None
         self.tracker: StateTracker | None = None
         self.local: LocalCluster | None = None
+        self.pipeline: Pipeline | None = None
         self._closed = False
 
     @property
@@ -132,14 +136,23 @@ class Session:
         assignment: Sequence[str],
         progress: ProgressFn | None = None,
     ) -> None:
-        """Extract the plan's shards and deploy them, stage i to node `assignment[i]`.
+        """Deploy the plan, stage i to node `assignment[i]`, through the serving pipeline.
+
+        A pipeline of the same model is redeployed in place: requests in flight are replayed
+        on the new stages, so a load that streams meanwhile loses nothing.
 
         Raises:
             PeripheryError: extraction failed, a node is unknown or lost, or a node refused.
         """
-        shards = extract_shards(opened.loaded, opened.analysis, plan, progress=progress)
-        blobs = [s.SerializeToString() for s in shards]
-        self.master.deploy(blobs, list(assignment))
+        master = self.master
+        with self._lock:
+            pipeline = self.pipeline
+            if pipeline is None or pipeline.loaded is not opened.loaded:
+                if pipeline is not None:
+                    pipeline.close()
+                pipeline = self.pipeline = Pipeline(master, opened.loaded, opened.analysis,
+                                                    plan=plan)
+        pipeline.deploy(list(assignment), plan=plan, progress=progress)
 
     def close(self) -> None:
         """Close the master and stop local nodes; safe to call twice and from any thread."""
@@ -148,10 +161,13 @@ class Session:
             master, self._master = self._master, None
             local, self.local = self.local, None
             tracker, self.tracker = self.tracker, None
+            pipeline, self.pipeline = self.pipeline, None
         if tracker is not None:
             tracker.close()
-        if master is not None:
+        if master is not None:  # first: it wakes a deploy or recovery waiting on a node
             master.close()
+        if pipeline is not None:
+            pipeline.close()
         if local is not None:
             local.stop()
 
@@ -168,7 +184,7 @@ class LoadFigures:
 
 
 def run_load(
-    master: Master,
+    submit: Callable[[Feeds], Future],
     feeds_pool: Sequence[Feeds],
     *,
     stop: Callable[[], bool],
@@ -184,7 +200,7 @@ def run_load(
     i = 0
     while not stop():
         while len(window) < max(1, figures.inflight) and not stop():
-            window.append(master.submit(feeds_pool[i % len(feeds_pool)]))
+            window.append(submit(feeds_pool[i % len(feeds_pool)]))
             figures.submitted += 1
             i += 1
         if not window:

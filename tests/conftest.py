@@ -39,3 +39,22 @@ def require_shared() -> None:
     if not MODELS.is_dir():
         pytest.skip(f"shared test data not found at {SHARED_DATA}: it sits beside the project "
                     "in CI")
+
+
+@pytest.fixture(autouse=True)
+def _close_app_sessions(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """Every app session a test creates is closed when the test ends, pass or fail, so no
+    master thread, port or local node process outlives a failing app test."""
+    from periphery_app.session import Session
+
+    created: list[Session] = []
+    original = Session.__init__
+
+    def tracking_init(self: Session, *args: object, **kwargs: object) -> None:
+        original(self, *args, **kwargs)  # type: ignore[arg-type]
+        created.append(self)
+
+    monkeypatch.setattr(Session, "__init__", tracking_init)
+    yield
+    for session in created:
+        session.close()

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 from textual.content import Content
+from textual.css.query import NoMatches
 from textual.widgets import DataTable, Static
 
 from periphery_app.app import PeripheryApp
@@ -237,15 +239,52 @@ async def test_whole_loop_against_real_local_nodes() -> None:
         cluster.stop()
 
 
-async def test_demo_runs_the_whole_loop_with_one_command() -> None:
-    app = PeripheryApp(DEMO_MODEL, demo=True, demo_nodes=2, browse_dir=DEMO_MODEL.parent)
+def _p50_shown(app: PeripheryApp) -> bool:
+    if app.current_mode != "dashboard":
+        return False
+    try:
+        label = text_of(app, "#label-p50")
+    except NoMatches:  # the dashboard is still being mounted
+        return False
+    return re.search(r"p50 latency\s+\S*\d+(\.\d+)? (ms|s|µs)", label) is not None
+
+
+async def test_demo_streams_on_its_own() -> None:
+    """`periphery-app --demo` (3 nodes, as the README runs it) shows a p50 with no key press."""
+    app = PeripheryApp(DEMO_MODEL, demo=True, browse_dir=DEMO_MODEL.parent)
     try:
         async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: app.cluster_state.requests_completed > 0, timeout=90)
-            assert app.current_mode == "dashboard"
-            assert app.plan is not None and app.plan.k == 2
+            await until(pilot, lambda: _p50_shown(app), timeout=120)
+            assert app.plan is not None and app.plan.k == 3
+            assert not any(isinstance(s, ErrorModal) for s in app.screen_stack)
             await pilot.press("q")
         assert app.session.local is None  # quitting stopped the local nodes
+    finally:
+        app.session.close()
+
+
+async def test_demo_recovers_from_a_killed_node() -> None:
+    """Streaming, one node SIGKILLed: nothing fails and requests complete again within 10 s
+    of the loss being declared, on a pipeline re-planned onto the two survivors."""
+    app = PeripheryApp(DEMO_MODEL, demo=True, browse_dir=DEMO_MODEL.parent)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.cluster_state.requests_completed > 10, timeout=120)
+            local = app.session.local
+            assert local is not None
+            local.kill(1)
+            await until(pilot, lambda: app.cluster_state.recoveries == 1, timeout=30)
+            after = app.cluster_state.requests_completed
+            await until(pilot, lambda: app.cluster_state.requests_completed > after + 5,
+                        timeout=10)
+            state = app.cluster_state
+            assert state.requests_failed == 0
+            assert len(state.assignment) == 2
+            assert any("recovered" in line for line in state.recent)
+            await pilot.pause(0.3)
+            load = text_of(app, "#load")
+            assert "failed 0" in load and "recovered 1x" in load and "running" in load
+            await pilot.press("q")
     finally:
         app.session.close()
 

@@ -29,6 +29,9 @@ from periphery_core.cluster.events import (
     NodeJoined,
     NodeLost,
     NodeStats,
+    Recovered,
+    RecoveryFailed,
+    RecoveryStarted,
     RequestCompleted,
     RequestFailed,
     ShardProgress,
@@ -225,6 +228,23 @@ def test_deploy_failure() -> None:
     assert state.deploy_status == "failed"
     assert (state.deploy[1].status, state.deploy[1].error) == ("failed", "out of memory")
     assert state.nodes["b"].state == "ready"  # alive, just not serving
+
+
+def test_recovery_flow() -> None:
+    before = [joined("a", 1), joined("b", 1), deploy(2, "a", "b"), DeployFinished(t=3),
+              lost("b", 5), RecoveryStarted(("b",), inflight=4, t=5.1)]
+    state = fold(before)
+    assert state.recovering and state.recoveries == 0
+    assert "recovering: lost b" in state.recent[-1]
+    state = fold([deploy(5.2, "a"), DeployFinished(t=5.3),
+                  Recovered(("b",), ("a",), detected_s=2.6, recovered_s=0.2, replayed=4, t=5.3)],
+                 state)
+    assert not state.recovering and state.recoveries == 1
+    assert state.deploy_status == "deployed" and state.assignment == ("a",)
+    assert "4 requests replayed" in state.recent[-1]
+    failed = fold([RecoveryFailed("no node is left", t=6)], fold(before))
+    assert not failed.recovering and failed.deploy_status == "failed"
+    assert failed.recent[-1].endswith("recovery failed: no node is left")
 
 
 def test_redeploy_moves_stages_and_resets_stage_timings() -> None:
@@ -477,6 +497,11 @@ EVENT_STRATEGIES: dict[type, st.SearchStrategy[Any]] = {
         times,
     ),
     RequestFailed: st.builds(RequestFailed, texts, st.none() | st.integers(0, 3), texts, times),
+    RecoveryStarted: st.builds(RecoveryStarted, st.tuples(node_ids), st.integers(0, 64), times),
+    Recovered: st.builds(Recovered, st.tuples(node_ids), st.tuples(node_ids, node_ids),
+                         st.none() | st.floats(0, 10), st.floats(0, 10), st.integers(0, 64),
+                         times),
+    RecoveryFailed: st.builds(RecoveryFailed, texts, times),
 }
 any_event = st.one_of(*EVENT_STRATEGIES.values())
 
@@ -525,6 +550,14 @@ def test_event_dict_round_trip(event: Event) -> None:
     data = json.loads(json.dumps(event_to_dict(event)))
     assert data["type"] == type(event).__name__
     assert event_from_dict(data) == event
+
+
+def test_a_record_from_before_a_field_was_added_still_reads() -> None:
+    old = {"type": "NodeStats", "node_id": "a", "cpu_percent": 5.0, "rss_bytes": 1,
+           "memory_percent": 2.0, "gpu_percent": None, "t": 1.0}
+    assert event_from_dict(old) == NodeStats("a", 5.0, 1, 2.0, None, t=1.0)
+    with pytest.raises(ValueError, match="missing field"):
+        event_from_dict({k: v for k, v in old.items() if k != "rss_bytes"})
 
 
 def test_ints_are_accepted_where_floats_are_expected() -> None:

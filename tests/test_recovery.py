@@ -87,7 +87,8 @@ def test_a_killed_node_costs_no_request(tmp_path: Path, victim: int) -> None:
         detect = lost_at[0] - t_kill
         print(f"\nkilled stage {victim}: lost after {detect:.2f} s, serving again "
               f"{rec.recovered_s:.2f} s later on {rec.stages} stages, {rec.replayed} replayed")
-        assert rec.lost_node == victim_id and rec.stages == 2
+        assert rec.lost_nodes == (f"local{victim}",) and rec.stages == 2
+        assert victim_id not in pipeline.assignment
     assert all(r == 1 for r in resolved)
     assert len(completions) == total and set(completions.values()) == {1}
     for i, got in enumerate(results):

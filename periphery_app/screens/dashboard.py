@@ -26,7 +26,7 @@ from periphery_app.messages import LoadStopped
 from periphery_app.screens.base import PeripheryScreen, screen_bar
 from periphery_app.session import LoadFigures, feeds_for, run_load
 from periphery_app.units import bar, human_bytes, human_seconds
-from periphery_core.cluster.master import Master
+from periphery_core.cluster.pipeline import Pipeline
 from periphery_core.cluster.state import ClusterState
 from periphery_core.errors import PeripheryError
 from periphery_core.runtime.feeds import Feeds
@@ -155,8 +155,14 @@ class DashboardScreen(PeripheryScreen):
             text.append(f" running, {f.inflight} in flight ", style="bold green")
         else:
             text.append(" stopped ", style="dim")
+        if state.recovering:
+            text.append(" recovering: re-planning onto the nodes still alive ",
+                        style="bold yellow")
         text.append(f" · completed {state.requests_completed:,} · failed "
-                    f"{state.requests_failed:,} · space starts/stops, +/- in flight")
+                    f"{state.requests_failed:,}")
+        if state.recoveries:
+            text.append(f" · recovered {state.recoveries}x")
+        text.append(" · space starts/stops, +/- in flight")
         if f.last_error:
             text.append(f"\n last error: {f.last_error}", style="red")
         self.query_one("#load", Static).update(text)
@@ -169,8 +175,10 @@ class DashboardScreen(PeripheryScreen):
         opened = self.papp.opened
         if self.load_running:
             return
-        if opened is None or not session.has_master or \
-                self.papp.cluster_state.deploy_status != "deployed":
+        # The session's pipeline says whether a deploy finished: the folded cluster state is
+        # sampled on a timer and may not have seen the "deploy finished" event yet.
+        pipeline = session.pipeline
+        if opened is None or pipeline is None or not pipeline.deployed:
             self.report_failure(PeripheryError(
                 "nothing is deployed: plan and deploy on the Shards screen (3) first",
                 title="No pipeline"))
@@ -178,7 +186,7 @@ class DashboardScreen(PeripheryScreen):
         self.load_running = True
         self._stop.clear()
         self.figures.last_error = ""
-        self._run_load(session.master, feeds_for(opened.analysis), self.figures)
+        self._run_load(pipeline, feeds_for(opened.analysis), self.figures)
         self._draw_load(self.papp.cluster_state)
 
     def stop_load(self) -> None:
@@ -188,10 +196,10 @@ class DashboardScreen(PeripheryScreen):
         self._draw_load(self.papp.cluster_state)
 
     @work(thread=True, exclusive=True, group="load")
-    def _run_load(self, master: Master, pool: list[Feeds], figures: LoadFigures) -> None:
+    def _run_load(self, pipeline: Pipeline, pool: list[Feeds], figures: LoadFigures) -> None:
         worker = get_current_worker()
         try:
-            run_load(master, pool, stop=lambda: worker.is_cancelled or self._stop.is_set(),
+            run_load(pipeline.submit, pool, stop=lambda: worker.is_cancelled or self._stop.is_set(),
                      figures=figures)
         except Exception as exc:
             figures.last_error = str(exc)

@@ -152,7 +152,8 @@ def cluster_ls(peers: tuple[str, ...], mdns: bool, interfaces: tuple[str, ...], 
             t.add_row("?", r["address"], f"[red]{r['error']}[/]", "", "", "", "", "")
             continue
         t.add_row(r["name"], r["address"], r["device"][:32], str(r["cores"]),
-                  human_bytes(r["memory"]), f"{r['speed']:.2f}x",
+                  human_bytes(r["memory"]),
+                  f"{r['speed']:.2f}x" if r["speed"] is not None else "unknown",
                   human_seconds(r["rtt_s"] or 0),
                   f"{human_bytes(r['bandwidth'])}/s" if r["bandwidth"] else "?")
     console.print(t)
@@ -202,13 +203,13 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
         insecure: bool, input_shapes: tuple[str, ...], as_json: bool) -> None:
     """Deploy a plan to nodes, stream requests through the pipeline, report latency."""
     from periphery_core.cli.main import _analysis
-    from periphery_core.cli.render import console, print_json
+    from periphery_core.cli.render import console, err_console, print_json
     from periphery_core.cluster import events as ev
     from periphery_core.cluster.local import LocalCluster
     from periphery_core.cluster.master import Master
+    from periphery_core.cluster.pipeline import Pipeline
     from periphery_core.model import load_model
     from periphery_core.model.shapes import parse_input_shapes, resolve_input_shapes
-    from periphery_core.partition.extract import extract_shards
     from periphery_core.partition.plan import load_plan, require_plan_for
     from periphery_core.partition.verify import compare
     from periphery_core.runtime.feeds import load_npz, random_feeds
@@ -221,7 +222,6 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
     require_plan_for(plan, loaded.sha256, model.name, str(plan_path))
     shapes = {**plan.input_shapes, **parse_input_shapes(input_shapes)}
     _, analysis = _analysis(loaded, shapes)
-    shards = [s.SerializeToString() for s in extract_shards(loaded, analysis, plan)]
     specs, _ = resolve_input_shapes(loaded.proto, shapes)
     if inputs_path is not None:
         requests = [load_npz(inputs_path, specs)] * count
@@ -230,6 +230,7 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
         requests = [pool[i % len(pool)] for i in range(count)]
     exact = not optimize
     completed: list[ev.RequestCompleted] = []
+    recoveries: list[ev.Recovered] = []
     from periphery_core.cluster.keys import keyring_or_insecure
 
     cluster_ctx = LocalCluster(plan.k, secure=not insecure) if local else None
@@ -240,15 +241,20 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
             cluster_ctx.start()
             ring = cluster_ctx.master_keys
         with Master(keys=ring) as master:
-            master.bus.subscribe(lambda e: completed.append(e)
-                                 if isinstance(e, ev.RequestCompleted) else None)
+            def on_event(e: ev.Event) -> None:
+                if isinstance(e, ev.RequestCompleted):
+                    completed.append(e)
+                elif isinstance(e, ev.Recovered):
+                    recoveries.append(e)
+                if isinstance(e, (ev.RecoveryStarted, ev.Recovered)):  # the loss is logged
+                    err_console.print(ev.describe(e), soft_wrap=True, highlight=False)
+
+            master.bus.subscribe(on_event)
             if metrics_port is not None:
                 from periphery_core.cluster.tracker import MetricsServer, StateTracker
 
                 server = MetricsServer(StateTracker(master.bus), metrics_port)
                 stack.callback(server.close)
-                from periphery_core.cli.render import err_console
-
                 err_console.print(f"metrics on http://127.0.0.1:{server.port}/metrics")
             addresses = list(cluster_ctx.addresses) if cluster_ctx else []
             if len(addresses) < plan.k:
@@ -265,12 +271,15 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
             by_name = {h.name: h for h in handles}
             names = [d.name for d in plan.devices]
             chosen = [by_name[n] for n in names] if all(n in by_name for n in names) else handles
-            master.deploy(shards, [h.node_id for h in chosen], exact=exact)
+            # The one serving path: a lost node is re-planned around and its requests replayed.
+            pipeline = Pipeline(master, loaded, analysis, plan=plan, exact=exact)
+            stack.callback(pipeline.close)
+            pipeline.deploy([h.node_id for h in chosen])
             t0 = time.perf_counter()
             if micro_batch:
-                results = [master.submit_batch(r, micro_batch).result() for r in requests]
+                results = [pipeline.submit_batch(r, micro_batch).result() for r in requests]
             else:
-                results = list(master.run_many(requests, inflight=inflight))
+                results = list(pipeline.run_many(requests, inflight=inflight))
             wall = time.perf_counter() - t0
     finally:
         stack.close()
@@ -294,6 +303,9 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
                         console.print(f"[red]request {i} output {name} differs: max abs "
                                       f"{c.max_abs:.3g}[/]", soft_wrap=True)
     summary = _summary(completed, wall, count, plan.k)
+    summary["recoveries"] = [
+        {"lost": list(r.lost), "detected_s": r.detected_s, "recovered_s": r.recovered_s,
+         "replayed": r.replayed, "stages": list(r.assignment)} for r in recoveries]
     summary["check"] = None if not check else {
         "mismatches": mismatches, "bit_identical_outputs": identical, "passed": mismatches == 0,
     }
@@ -342,6 +354,11 @@ def _render_run(summary: dict[str, Any]) -> None:
         t.add_row(str(s["stage"]), *(human_seconds(s[k]) if s[k] is not None else "-"
                                      for k in ("queue_s", "compute_s", "transfer_s")))
     console.print(t)
+    for r in summary.get("recoveries", []):
+        detected = "" if r["detected_s"] is None else f"detected after {r['detected_s']:.2f} s, "
+        console.print(f"recovered from losing {', '.join(r['lost'])}: {detected}serving again "
+                      f"{r['recovered_s']:.2f} s later on {len(r['stages'])} stages, "
+                      f"{r['replayed']} requests replayed")
     if summary["check"] is not None:
         c = summary["check"]
         console.print(f"[bold green]check: every result matches the unsharded model "

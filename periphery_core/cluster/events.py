@@ -65,7 +65,8 @@ class NodeDiscovered:
 
 @dataclass(frozen=True, slots=True)
 class NodeJoined:
-    """A node answered hello; `speed` is its measured speed relative to the reference."""
+    """A node answered hello; `speed` is its measured speed relative to the reference (None:
+    not measured yet; a later `NodeStats` carries it)."""
 
     node_id: str
     name: str
@@ -74,7 +75,7 @@ class NodeJoined:
     device: str
     cores: int
     memory_bytes: int
-    speed: float
+    speed: float | None
     rtt_s: float | None
     bandwidth: float | None
     t: float
@@ -91,7 +92,7 @@ class NodeLost:
 
 @dataclass(frozen=True, slots=True)
 class NodeStats:
-    """A node reported its utilisation."""
+    """A node reported its utilisation, and its speed once measured (None: no news)."""
 
     node_id: str
     cpu_percent: float
@@ -99,6 +100,7 @@ class NodeStats:
     memory_percent: float
     gpu_percent: float | None
     t: float
+    speed: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +170,39 @@ class RequestFailed:
     t: float
 
 
+@dataclass(frozen=True, slots=True)
+class RecoveryStarted:
+    """Nodes of the running pipeline were lost: new requests wait while it is re-planned."""
+
+    lost: tuple[str, ...]  # node ids
+    inflight: int  # requests waiting for a result, to be replayed
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    """The pipeline serves again on the nodes still alive, and in-flight requests were replayed.
+
+    `detected_s` runs from the lost node's last sign of life to its loss being declared (None
+    when unknown), `recovered_s` from that declaration to the new pipeline serving.
+    """
+
+    lost: tuple[str, ...]
+    assignment: tuple[str, ...]
+    detected_s: float | None
+    recovered_s: float
+    replayed: int
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryFailed:
+    """The pipeline could not be rebuilt (no node left, or every deploy failed)."""
+
+    reason: str
+    t: float
+
+
 Event: TypeAlias = (
     NodeDiscovered
     | NodeJoined
@@ -180,6 +215,9 @@ Event: TypeAlias = (
     | DeployFinished
     | RequestCompleted
     | RequestFailed
+    | RecoveryStarted
+    | Recovered
+    | RecoveryFailed
 )
 
 EVENT_TYPES: tuple[type[Event], ...] = (
@@ -194,6 +232,9 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     DeployFinished,
     RequestCompleted,
     RequestFailed,
+    RecoveryStarted,
+    Recovered,
+    RecoveryFailed,
 )
 """Every event class, in a stable order."""
 
@@ -280,15 +321,18 @@ def _hints(cls: type) -> dict[str, Any]:
 def _decode_fields(cls: type, data: Any, where: str, skip: frozenset[str] = frozenset()) -> Any:
     if not isinstance(data, Mapping):
         raise ValueError(f"{where}: expected an object, got {_type_name(data)}")
-    names = [f.name for f in dataclasses.fields(cls)]
-    missing = [n for n in names if n not in data]
+    fields = dataclasses.fields(cls)
+    names = [f.name for f in fields]
+    # A field with a default (added in a later version) may be absent from older records.
+    optional = {f.name for f in fields if f.default is not dataclasses.MISSING}
+    missing = [n for n in names if n not in data and n not in optional]
     if missing:
         raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
     extra = sorted(str(k) for k in data if k not in names and k not in skip)
     if extra:
         raise ValueError(f"{where}: unknown field(s) {', '.join(extra)}")
     hints = _hints(cls)
-    kwargs = {n: _decode(data[n], hints[n], f"{where}.{n}") for n in names}
+    kwargs = {n: _decode(data[n], hints[n], f"{where}.{n}") for n in names if n in data}
     return cls(**kwargs)
 
 
@@ -343,7 +387,8 @@ def describe(event: Event) -> str:
         case NodeJoined():
             return (
                 f"node {event.name} joined ({event.device}, {event.cores} cores, "
-                f"{_bytes(event.memory_bytes)}, {event.speed:.2f}x)"
+                f"{_bytes(event.memory_bytes)}, "
+                f"{'speed unknown' if event.speed is None else f'{event.speed:.2f}x'})"
             )
         case NodeLost():
             return f"node {event.node_id} lost: {event.reason}"
@@ -367,6 +412,16 @@ def describe(event: Event) -> str:
         case RequestFailed():
             where = "" if event.stage is None else f" at stage {event.stage}"
             return f"request {event.request_id} failed{where}: {event.reason}"
+        case RecoveryStarted():
+            return (f"recovering: lost {', '.join(event.lost)}; re-planning onto the nodes "
+                    f"still alive, {event.inflight} requests to replay")
+        case Recovered():
+            detected = "" if event.detected_s is None else f"detected in {event.detected_s:.2f} s, "
+            return (f"recovered: {detected}serving again after {event.recovered_s:.2f} s on "
+                    f"{len(event.assignment)} stages ({', '.join(event.assignment)}), "
+                    f"{event.replayed} requests replayed")
+        case RecoveryFailed():
+            return f"recovery failed: {event.reason}"
     raise TypeError(f"not a cluster event: {event!r}")
 
 

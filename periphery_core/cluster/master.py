@@ -10,6 +10,7 @@ as typed events on an `EventBus` (see `events.py`), which the CLI and the app fo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import itertools
@@ -19,7 +20,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,7 @@ import zmq
 
 from periphery_core.cluster import events as ev
 from periphery_core.cluster.keys import Guard, KeyRing
+from periphery_core.cluster.speeds import NodeSpeed, parse_speed, planning_speeds
 from periphery_core.discovery import NodeAddress
 from periphery_core.errors import ClusterBusy, ClusterError, RequestFailed
 from periphery_core.partition.plan import DEFAULT_BANDWIDTH, DeviceSpec
@@ -38,10 +40,15 @@ log = logging.getLogger("periphery.master")
 CHUNK_BYTES = 1 << 20
 
 
-
-
-
-
+def _settle(future: Future, value: Any) -> None:
+    """Resolve a future unless it is already done (a caller may have cancelled it)."""
+    if future.done():
+        return
+    with contextlib.suppress(InvalidStateError):  # cancelled between the check and here
+        if isinstance(value, BaseException):
+            future.set_exception(value)
+        else:
+            future.set_result(value)
 
 
 @dataclass
@@ -56,7 +63,7 @@ class NodeHandle:
     cores: int = 0
     memory: int = 0
     free_memory: int = 0
-    speed: float = 0.0
+    speed: float | None = None  # None: not measured yet
     rtt_s: float | None = None
     bandwidth: float | None = None
     last_seen: float = 0.0
@@ -117,13 +124,18 @@ class Master:
         self._open = threading.Event()
         self._open.set()
         self._handles_by_socket: dict[Any, NodeHandle] = {}  # owned by the control thread
+        # Set when a thread of the master died despite its guards: every later call says so
+        # instead of waiting on a loop that no longer runs.
+        self.failure: str | None = None
         self.results = self.guard.server(self.ctx.socket(zmq.PULL))
         self.results.setsockopt(zmq.LINGER, 0)
         port = self.results.bind_to_random_port(f"tcp://{host}")
         self.results_endpoint = f"tcp://{host}:{port}"
         self._threads = [
-            threading.Thread(target=self._control_loop, name="master-control", daemon=True),
-            threading.Thread(target=self._results_loop, name="master-results", daemon=True),
+            threading.Thread(target=self._guarded, args=(self._control_loop, "control"),
+                             name="master-control", daemon=True),
+            threading.Thread(target=self._guarded, args=(self._results_loop, "results"),
+                             name="master-results", daemon=True),
         ]
         for t in self._threads:
             t.start()
@@ -139,8 +151,11 @@ class Master:
         with self._pending_lock:
             pending, self._pending = self._pending, {}
         for p in pending.values():
-            if not p.future.done():
-                p.future.set_exception(RequestFailed("the master was closed"))
+            _settle(p.future, RequestFailed("the master was closed"))
+        for handle in list(self.nodes.values()) + list(self._handles_by_socket.values()):
+            for waiters in handle.waiters.values():  # a deploy or ping waiting: wake it now
+                for f in waiters:
+                    _settle(f, ClusterError("the master was closed"))
         self.guard.close()
         self.ctx.destroy(linger=0)
 
@@ -150,18 +165,38 @@ class Master:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, fn: Callable[[], Any]) -> Any:
-        """Run `fn` on the control thread and wait for its result."""
-        done: Future = Future()
+    def _guarded(self, loop: Callable[[], None], name: str) -> None:
+        """Run a thread's loop; if it dies anyway, say so and fail what waits on it."""
+        try:
+            loop()
+        except BaseException as exc:
+            self.failure = f"the master's {name} thread stopped: {type(exc).__name__}: {exc}"
+            log.error("%s", self.failure, exc_info=True)
+            self.fail_pending(self.failure)
 
-        def command() -> None:
-            try:
-                done.set_result(fn())
-            except BaseException as exc:
-                done.set_exception(exc)
+    def _check_alive(self) -> None:
+        if self.failure is not None:
+            raise ClusterError(f"{self.failure}; restart the master")
+        if self._stop.is_set():
+            raise ClusterError("the master was closed")
 
-        self._commands.put(command)
-        return done.result(timeout=30)
+    def alive_nodes(self) -> list[NodeHandle]:
+        """The connected nodes not lost, in the order they joined (a snapshot)."""
+        return [h for h in list(self.nodes.values()) if not h.lost]
+
+    @staticmethod
+    def _control_send(handle: NodeHandle, frames: list) -> bool:
+        """Send to a node without ever blocking the control thread.
+
+        False when the node's queue is full (a hung or dead node) or its socket failed: the
+        caller decides; heartbeats just skip a beat, and silence marks the node lost.
+        """
+        try:
+            handle.socket.send_multipart(frames, zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:
+            log.debug("send to node %s failed: %s", handle.name or handle.address.host, exc)
+            return False
 
     # ------------------------------------------------------------------ nodes
 
@@ -187,7 +222,7 @@ class Master:
                 handle.waiters.setdefault("info", []).append(reply)
                 self._handles_by_socket[sock] = handle
                 tried.append(handle)
-                sock.send_multipart(encode("hello", {"master": self.results_endpoint}))
+                self._control_send(handle, encode("hello", {"master": self.results_endpoint}))
 
         def forget_others(keep: NodeHandle | None) -> None:
             for h in tried:
@@ -195,6 +230,7 @@ class Master:
                     self._handles_by_socket.pop(h.socket, None)
                     h.socket.close(linger=0)
 
+        self._check_alive()
         self._commands.put(start)
         try:
             handle: NodeHandle = reply.result(timeout=timeout)
@@ -207,13 +243,16 @@ class Master:
                                ) from None
         self._commands.put(lambda: forget_others(handle))
         self._measure_link(handle)
-        self.bus.publish(ev.NodeJoined(
-            t=time.time(), node_id=handle.node_id, name=handle.name, host=address.host,
-            port=address.port, device=handle.device, cores=handle.cores,
-            memory_bytes=handle.memory, speed=handle.speed, rtt_s=handle.rtt_s,
-            bandwidth=handle.bandwidth,
-        ))
+        self.bus.publish(self._joined(handle))
         return handle
+
+    @staticmethod
+    def _joined(handle: NodeHandle) -> ev.NodeJoined:
+        a = handle.address
+        return ev.NodeJoined(
+            t=time.time(), node_id=handle.node_id, name=handle.name, host=a.host, port=a.port,
+            device=handle.device, cores=handle.cores, memory_bytes=handle.memory,
+            speed=handle.speed, rtt_s=handle.rtt_s, bandwidth=handle.bandwidth)
 
     def _measure_link(self, handle: NodeHandle, probes: int = 5) -> None:
         """Round-trip time (small pings) and bandwidth (a 1 MiB ping) to a node."""
@@ -229,7 +268,9 @@ class Master:
 
         def send() -> None:
             handle.waiters.setdefault("pong", []).append(reply)
-            handle.socket.send_multipart(encode("ping", {"t": time.time()}, payload=payload))
+            if not self._control_send(handle, encode("ping", {"t": time.time()},
+                                                     payload=payload)):
+                _settle(reply, ClusterError(f"node {handle.name} takes no messages"))
 
         self._commands.put(send)
         reply.result(timeout=5)
@@ -240,42 +281,55 @@ class Master:
     def _control_loop(self) -> None:
         next_beat = time.time()
         while not self._stop.is_set():
-            while True:
-                try:
-                    self._commands.get_nowait()()
-                except queue.Empty:
-                    break
-            socks = list(self._handles_by_socket)
-            if not socks:
-                time.sleep(0.005)
-            else:
-                poller = zmq.Poller()
-                for s in socks:
-                    poller.register(s, zmq.POLLIN)
-                for sock, _ in poller.poll(5):
-                    handle = self._handles_by_socket[sock]
-                    while True:
-                        try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        try:
-                            self._on_control(handle, decode(frames, self.limits))
-                        except WireError as exc:
-                            log.warning("bad message from node %s: %s", handle.name, exc)
-            now = time.time()
-            if now >= next_beat:
-                next_beat = now + self.heartbeat_s
-                self._heartbeat(now)
+            try:
+                next_beat = self._control_turn(next_beat)
+            except Exception:  # one failing send, receive or command never ends the loop
+                log.exception("master control loop")
+                time.sleep(0.01)
         for sock in self._handles_by_socket:
             sock.close(linger=0)
 
+    def _control_turn(self, next_beat: float) -> float:
+        """One turn of the control loop: commands, then node messages, then heartbeats."""
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                command()
+            except Exception:
+                log.exception("master control command")
+        socks = list(self._handles_by_socket)
+        if not socks:
+            time.sleep(0.005)
+        else:
+            poller = zmq.Poller()
+            for s in socks:
+                poller.register(s, zmq.POLLIN)
+            for sock, _ in poller.poll(5):
+                handle = self._handles_by_socket.get(sock)
+                while handle is not None:
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    try:
+                        self._on_control(handle, decode(frames, self.limits))
+                    except (WireError, KeyError, TypeError, ValueError) as exc:
+                        log.warning("bad message from node %s: %s", handle.name, exc)
+        now = time.time()
+        if now >= next_beat:
+            next_beat = now + self.heartbeat_s
+            self._heartbeat(now)
+        return next_beat
+
     def _heartbeat(self, now: float) -> None:
-        for handle in self._handles_by_socket.values():
+        for handle in list(self._handles_by_socket.values()):
             if not handle.node_id:
                 continue
-            if handle.lost:
-                handle.socket.send_multipart(encode("ping", {"t": now}), zmq.NOBLOCK)
+            if handle.lost:  # keep asking: a node that answers again can rejoin
+                self._control_send(handle, encode("ping", {"t": now}))
                 continue
             if now - handle.last_seen > self.lost_after_s:
                 handle.lost = True
@@ -284,25 +338,20 @@ class Master:
                 self.bus.publish(ev.NodeLost(t=now, node_id=handle.node_id, reason=reason))
                 for waiters in handle.waiters.values():
                     for f in waiters:
-                        if not f.done():
-                            f.set_exception(ClusterError(f"node {handle.name} was lost"))
+                        _settle(f, ClusterError(f"node {handle.name} was lost"))
                 handle.waiters.clear()
                 if handle.node_id in self._stage_nodes and not self.keep_on_loss:
                     self.fail_pending(f"node {handle.name} (stage "
                                    f"{self._stage_nodes.index(handle.node_id)}) was lost")
                 continue
-            handle.socket.send_multipart(encode("ping", {"t": now}))
+            self._control_send(handle, encode("ping", {"t": now}))
 
     def _resolve(self, handle: NodeHandle, kind: str, value: Any) -> bool:
         waiters = handle.waiters.get(kind)
         while waiters and waiters[0].done():  # shared by several candidate connections
             waiters.pop(0)
         if waiters:
-            f = waiters.pop(0)
-            if isinstance(value, BaseException):
-                f.set_exception(value)
-            else:
-                f.set_result(value)
+            _settle(waiters.pop(0), value)
             return True
         return False
 
@@ -312,12 +361,7 @@ class Master:
         if handle.lost and handle.node_id and msg.kind in ("pong", "stats"):
             handle.lost = False  # it answers again: usable by the next plan
             log.info("node %s is back", handle.name)
-            a = handle.address
-            self.bus.publish(ev.NodeJoined(
-                t=time.time(), node_id=handle.node_id, name=handle.name, host=a.host,
-                port=a.port, device=handle.device, cores=handle.cores,
-                memory_bytes=handle.memory, speed=handle.speed, rtt_s=handle.rtt_s,
-                bandwidth=handle.bandwidth))
+            self.bus.publish(self._joined(handle))
         if msg.kind == "info":
             handle.node_id, handle.name = str(f["node"]), str(f.get("name", f["node"]))
             handle.device, handle.data_endpoint = str(f["device"]), str(f["data"])
@@ -327,7 +371,7 @@ class Master:
             handle.holds = (int(held[0]), str(held[1]), bool(f.get("exact", True))) \
                 if isinstance(held[0], int) and held[0] >= 0 and held[1] else None
             handle.master_silent_s = float(f.get("master_silent_s", 0.0) or 0.0)
-            handle.speed = float(f.get("speed", 0.0) or 0.0)
+            handle.speed = parse_speed(f.get("speed"))
             if handle.lost:
                 handle.lost = False
             self.nodes[handle.node_id] = handle
@@ -341,10 +385,15 @@ class Master:
             if not self._resolve(handle, "ready", ClusterError(f"{handle.name}: {reason}")):
                 log.warning("node %s reports: %s", handle.name, reason)
         elif msg.kind == "stats":
+            speed = parse_speed(f.get("speed"))  # measured (again) since the node joined
+            if speed is not None and speed != handle.speed:
+                log.info("node %s speed %s -> %.2fx", handle.name,
+                         "unknown" if handle.speed is None else f"{handle.speed:.2f}x", speed)
+                handle.speed = speed
             self.bus.publish(ev.NodeStats(
                 t=time.time(), node_id=handle.node_id, cpu_percent=float(f["cpu"]),
                 rss_bytes=int(f["rss"]), memory_percent=float(f.get("mem", 0.0)),
-                gpu_percent=None,
+                gpu_percent=None, speed=speed,
             ))
 
     # ------------------------------------------------------------------ deploy
@@ -366,6 +415,7 @@ class Master:
             raise ClusterError(f"{len(shards)} shards but {len(assignment)} nodes assigned")
         if len(set(assignment)) != len(assignment):
             raise ClusterError("each stage needs a node of its own")
+        self._check_alive()
         handles = []
         for node_id in assignment:
             handle = self.nodes.get(node_id)
@@ -374,7 +424,8 @@ class Master:
             handles.append(handle)
         self.bus.publish(ev.DeployStarted(t=time.time(), plan_stages=len(shards),
                                           assignment=tuple(assignment)))
-        self.epoch += 1
+        with self._pending_lock:
+            self.epoch += 1
         readies: list[Future] = []
         own = self.guard.ring.public if self.guard.ring else None
         for i, (shard, handle) in enumerate(zip(shards, handles, strict=True)):
@@ -382,21 +433,31 @@ class Master:
             nxt = self.results_endpoint if last else handles[i + 1].data_endpoint
             nxt_key = own if last else handles[i + 1].key
             readies.append(self._upload(handle, i, len(shards), shard, nxt, nxt_key, exact))
+        deadline = time.time() + timeout
         for i, (ready, handle) in enumerate(zip(readies, handles, strict=True)):
             try:
-                info = ready.result(timeout=timeout)
+                info = ready.result(timeout=max(0.0, deadline - time.time()))
             except TimeoutError:
-                raise ClusterError(f"stage {i} on {handle.name} was not ready within "
-                                   f"{timeout:.0f} s") from None
+                error = ClusterError(f"stage {i} on {handle.name} was not ready within "
+                                     f"{timeout:.0f} s")
+                self.bus.publish(ev.DeployFailed(t=time.time(), node_id=handle.node_id,
+                                                 stage=i, reason=error.message))
+                raise error from None
             except ClusterError as exc:
                 self.bus.publish(ev.DeployFailed(t=time.time(), node_id=handle.node_id,
                                                  stage=i, reason=exc.message))
                 raise
-            handle.stage = i
-            handle.holds = (i, hashlib.sha256(shards[i]).hexdigest(), exact)
             self.bus.publish(ev.StageReady(t=time.time(), node_id=handle.node_id, stage=i,
                                            provider=str(info.get("provider", "?"))))
-        self._stage_nodes = list(assignment)
+        digests = [hashlib.sha256(shard).hexdigest() for shard in shards]
+
+        def record() -> None:  # node handles are written by the control thread only
+            for i, handle in enumerate(handles):
+                handle.stage = i
+                handle.holds = (i, digests[i], exact)
+            self._stage_nodes = list(assignment)
+
+        self._commands.put(record)
 
         def connect_first() -> zmq.Socket:
             sock = self.guard.client(self.ctx.socket(zmq.PUSH), handles[0].key)
@@ -420,27 +481,31 @@ class Master:
         # it is only rewired, nothing is uploaded again.
         reuse = handle.holds == (stage, digest, exact)
 
+        def refused() -> None:
+            _settle(ready, ClusterError(f"node {handle.name} takes no messages (is it hung?)"))
+
         def begin() -> None:
             handle.waiters.setdefault("ready", []).append(ready)
-            handle.socket.send_multipart(encode("deploy_begin", {
+            if not self._control_send(handle, encode("deploy_begin", {
                 "stage": stage, "stages": stages, "sha256": digest, "size": len(shard),
                 "inputs": [], "outputs": [], "next": nxt, "results": self.results_endpoint,
                 "exact": exact, "epoch": self.epoch, "next_key": (nxt_key or b"").decode(),
                 "results_key": (self.guard.ring.public if self.guard.ring else b"").decode(),
                 "reuse": reuse,
-            }))
-            if not reuse:
+            })):
+                refused()
+            elif not reuse:
                 self._commands.put(lambda: send_chunks(0))
 
         def send_chunks(i: int) -> None:
-            # A few chunks per loop turn, so heartbeats keep flowing during big uploads.
+            if ready.done():  # the node was lost or refused: stop uploading
+                return
+            # A few chunks per loop turn, so heartbeats keep flowing during big uploads; a
+            # full queue is retried on a later turn.
             for j in range(i, min(i + 4, len(chunks))):
                 off, data = chunks[j]
-                try:
-                    handle.socket.send_multipart(
-                        encode("deploy_chunk", {"offset": off}, payload=data), zmq.NOBLOCK
-                    )
-                except zmq.Again:
+                if not self._control_send(
+                        handle, encode("deploy_chunk", {"offset": off}, payload=data)):
                     self._commands.put(functools.partial(send_chunks, j))
                     return
                 self.bus.publish(ev.ShardProgress(
@@ -449,7 +514,12 @@ class Master:
             if i + 4 < len(chunks):
                 self._commands.put(lambda: send_chunks(i + 4))
             else:
-                handle.socket.send_multipart(encode("deploy_end", {"sha256": digest}))
+                end()
+
+        def end() -> None:
+            if not ready.done() and not self._control_send(
+                    handle, encode("deploy_end", {"sha256": digest})):
+                self._commands.put(end)
 
         self._commands.put(begin)
         return ready
@@ -458,6 +528,7 @@ class Master:
 
     def submit(self, feeds: Mapping[str, np.ndarray]) -> Future:
         """Send one request into the pipeline; the future resolves to its outputs by name."""
+        self._check_alive()
         if self._first is None:
             raise ClusterError("nothing is deployed: deploy a plan first")
         future: Future = Future()
@@ -470,7 +541,7 @@ class Master:
                                   f"limit is {self.max_pending}); wait for results first")
             rid = next(self._ids)
             self._pending[rid] = _Pending(future, time.time(), feeds)
-        epoch = self.epoch
+            epoch = self.epoch
         self._send(rid, feeds, lambda: not self._open.is_set() or self.epoch != epoch)
         future.request_id = rid  # type: ignore[attr-defined]
         return future
@@ -485,7 +556,8 @@ class Master:
         """
         with self._send_lock:
             frames = encode("activation", {"id": rid, "times": [], "epoch": self.epoch}, feeds)
-            assert self._first is not None
+            if self._first is None:
+                raise ClusterError("nothing is deployed: deploy a plan first")
             while not self._stop.is_set():
                 if self._first.poll(100, zmq.POLLOUT):
                     self._first.send_multipart(frames, copy=False)
@@ -494,6 +566,11 @@ class Master:
                     waiting = rid in self._pending
                 if not waiting or abandon():
                     return
+
+    def pending_count(self) -> int:
+        """Requests sent and still waiting for their result."""
+        with self._pending_lock:
+            return len(self._pending)
 
     def hold(self) -> None:
         """Hold new submissions back (a recovery is starting)."""
@@ -546,11 +623,15 @@ class Master:
         """The planner's description of connected nodes: measured speed, free memory, link."""
         chosen = [self.nodes[i] for i in node_ids] if node_ids else [
             h for h in self.nodes.values() if not h.lost]
+        # Measured speeds only when none is unknown and identical machines agree (speeds.py).
+        trusted = planning_speeds([NodeSpeed(h.name, h.device, h.cores, h.speed) for h in chosen])
+        if trusted.warning:
+            log.warning("%s", trusted.warning)
         return [
-            DeviceSpec(name=h.name, speed=h.speed if h.speed > 0 else 1.0,
+            DeviceSpec(name=h.name, speed=speed,
                        memory_bytes=int(h.free_memory * 0.8) if h.free_memory else None,
                        bandwidth=h.bandwidth if h.bandwidth else DEFAULT_BANDWIDTH)
-            for h in chosen
+            for h, speed in zip(chosen, trusted.speeds, strict=True)
         ]
 
     def run_many(
@@ -582,22 +663,22 @@ class Master:
                 log.warning("bad result message: %s", exc)
                 continue
             rid = msg.fields.get("id")
-            if msg.fields.get("epoch", self.epoch) != self.epoch:
-                continue  # from a pipeline replaced since: the request was replayed
             with self._pending_lock:
+                if msg.fields.get("epoch", self.epoch) != self.epoch:
+                    continue  # from a pipeline replaced since: the request was replayed
                 pending = self._pending.pop(rid, None) if isinstance(rid, int) else None
             if pending is None:
                 log.warning("result for unknown request %r dropped", rid)
                 continue
             if msg.kind == "result":
                 timings = stage_timings(msg.fields["times"], pending.t_submit, t_done)
-                pending.future.set_result(dict(msg.tensors))
+                _settle(pending.future, dict(msg.tensors))
                 self.bus.publish(ev.RequestCompleted(
                     t=t_done, request_id=str(rid), latency_s=t_done - pending.t_submit,
                     stages=timings))
             else:
                 reason = str(msg.fields.get("reason", "failed"))
-                pending.future.set_exception(RequestFailed(reason))
+                _settle(pending.future, RequestFailed(reason))
                 stage = msg.fields.get("stage")
                 self.bus.publish(ev.RequestFailed(
                     t=t_done, request_id=str(rid), reason=reason,
@@ -608,7 +689,7 @@ class Master:
             pending, self._pending = self._pending, {}
         for rid, p in pending.items():
             if not p.future.done():
-                p.future.set_exception(RequestFailed(reason))
+                _settle(p.future, RequestFailed(reason))
                 self.bus.publish(ev.RequestFailed(t=time.time(), request_id=str(rid), stage=None,
                                                   reason=reason))
 

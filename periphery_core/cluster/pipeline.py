@@ -1,10 +1,21 @@
-"""A model served by the cluster: plan, deploy, stream, and recover from a lost node unaided.
+"""The serving core: a model kept deployed on the cluster, planned, streamed and recovered.
 
-When a node of the current pipeline is lost, the pipeline holds new submissions back, plans
-the model again onto the nodes still alive (their measured speed and free memory, so the plan
-fits them), deploys it as a new epoch and replays every request still in flight. Results of the
-old epoch that arrive late are dropped by the master, so each request completes exactly once,
-with the result the unsharded model gives. A node that comes back is used by the next plan.
+`Pipeline` is the one way anything runs a model on the cluster: `periphery run`, the app, the
+benchmarks and every later entry point are thin faces over it. It plans (or takes a plan from
+a file), extracts and deploys the shards, streams requests, and recovers from a lost node by
+itself.
+
+Design choice: every change of what runs where goes through one lock and one recipe: hold new
+submissions, deploy a new epoch, replay every request still in flight, release. A user's
+redeploy and a recovery after a loss are the same operation, so neither loses a request, and
+results of an older epoch that arrive late are dropped by the master: each request completes
+exactly once, with the result the unsharded model gives.
+
+Recovery runs on one thread of its own, so two nodes lost close together give one recovery
+onto the survivors rather than two deploys racing. Candidates are the nodes heard from
+recently (a node that stopped answering a moment ago is not chosen even before its loss is
+declared). A plan given from a file is re-planned onto the survivors on a loss, and the
+`Recovered` event says so.
 """
 
 from __future__ import annotations
@@ -12,7 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -25,15 +36,19 @@ from periphery_core.model.loading import LoadedModel
 from periphery_core.partition.costs import make_plan
 from periphery_core.partition.extract import extract_shards
 from periphery_core.partition.plan import ShardPlan
+from periphery_core.progress import ProgressFn
 
 log = logging.getLogger("periphery.pipeline")
+
+# A recovery retries when a deploy fails because another node went quiet meanwhile.
+RECOVERY_ATTEMPTS = 4
 
 
 @dataclass(frozen=True, slots=True)
 class Recovery:
     """How one recovery went (seconds from the loss to detection, and to serving again)."""
 
-    lost_node: str
+    lost_nodes: tuple[str, ...]  # names
     detected_s: float | None  # from the node's last sign of life to its loss being declared
     recovered_s: float  # from the loss being declared to the new pipeline serving
     stages: int
@@ -41,7 +56,7 @@ class Recovery:
 
 
 class Pipeline:
-    """Keep a model deployed on the master's nodes."""
+    """Keep one model deployed on a master's nodes and stream requests through it."""
 
     def __init__(
         self,
@@ -49,95 +64,246 @@ class Pipeline:
         loaded: LoadedModel,
         analysis: ModelAnalysis,
         *,
-        k: int,
+        k: int | None = None,
+        plan: ShardPlan | None = None,
         strategy: str = "balanced",
         exact: bool = True,
         recover: bool = True,
     ) -> None:
+        """Args:
+            master: The master whose connected nodes run the stages.
+            loaded, analysis: The model.
+            k: Stages to plan (at most; fewer when fewer nodes are alive). Defaults to the
+                plan's K, or 2.
+            plan: A fixed plan (from a file, or edited by hand) for the first deploy; after a
+                loss the model is planned again onto the survivors.
+            strategy: The planner's strategy when the pipeline plans.
+            exact: Graph optimizations off on the nodes (results bit-identical).
+            recover: Re-plan, redeploy and replay on its own when a node of it is lost.
+        """
+        if k is None:
+            k = plan.k if plan is not None else 2
+        if k < 1:
+            raise ClusterError("a pipeline needs at least one stage")
         self.master = master
         self.loaded = loaded
         self.analysis = analysis
         self.k = k
         self.strategy = strategy
         self.exact = exact
+        self.fixed_plan = plan
         self.plan: ShardPlan | None = None
         self.assignment: tuple[str, ...] = ()
         self.recoveries: list[Recovery] = []
         self.failed: str | None = None
-        self._lock = threading.Lock()
-        self._recovering = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._deploy_lock = threading.RLock()  # one deploy at a time, user's or recovery's
+        self._lost: dict[str, ev.NodeLost] = {}  # lost nodes of the pipeline, to recover from
+        self._lost_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closing = threading.Event()
+        self._recoverer: threading.Thread | None = None
         if recover:
             master.keep_on_loss = True
             self._unsubscribe = master.bus.subscribe(self._on_event)
+            self._recoverer = threading.Thread(target=self._recovery_loop, daemon=True,
+                                               name="pipeline-recover")
+            self._recoverer.start()
         else:
             self._unsubscribe = lambda: None
 
-    def deploy(self, node_ids: Sequence[str] | None = None) -> ShardPlan:
-        """Plan K stages (fewer if fewer nodes are alive) onto the nodes and deploy them."""
-        alive = [h.node_id for h in self.master.nodes.values() if not h.lost]
+    # ------------------------------------------------------------------ deploy
+
+    @property
+    def deployed(self) -> bool:
+        """True once a deploy has finished (the pipeline takes requests)."""
+        return self.plan is not None and self.failed is None
+
+    def deploy(
+        self,
+        node_ids: Sequence[str] | None = None,
+        *,
+        plan: ShardPlan | None = None,
+        progress: ProgressFn | None = None,
+    ) -> ShardPlan:
+        """Deploy onto the nodes (stage i to `node_ids[i]`); requests in flight are replayed.
+
+        Args:
+            node_ids: The nodes to use, in stage order (default: every live node). With a
+                plan, exactly its K nodes; without, the pipeline plans min(K, nodes) stages.
+            plan: Deploy this plan instead of planning (default: the fixed plan given at
+                construction, on the first deploy).
+            progress: Reports shard extraction.
+
+        Raises:
+            ClusterError: no live node, a plan/node count mismatch, or a deploy that failed.
+        """
+        with self._deploy_lock:
+            if plan is None and self.plan is None:
+                plan = self.fixed_plan
+            self.master.hold()
+            try:
+                chosen = self._deploy_now(node_ids, plan, progress)
+                self.master.replay()
+            finally:
+                self.master.release()
+            return chosen
+
+    def _deploy_now(self, node_ids: Sequence[str] | None, plan: ShardPlan | None,
+                    progress: ProgressFn | None = None) -> ShardPlan:
+        """Plan if needed, extract and deploy (the caller holds submissions back)."""
+        alive = [h.node_id for h in self.master.alive_nodes()]
         chosen = list(node_ids) if node_ids else alive
         if not chosen:
-            raise ClusterError("no live node to deploy to")
-        k = min(self.k, len(chosen), len(self.analysis.nodes))
-        chosen = chosen[:k]
-        devices = self.master.devices(chosen)
-        plan = make_plan(self.analysis, k, strategy=self.strategy, devices=devices)
-        shards = extract_shards(self.loaded, self.analysis, plan)
+            raise ClusterError("no live node to deploy to: start periphery-node on a host "
+                               "and connect it")
+        if plan is not None:
+            if len(chosen) < plan.k:
+                raise ClusterError(f"the plan has {plan.k} stages but {len(chosen)} nodes are "
+                                   "available")
+            chosen = chosen[:plan.k]
+        else:
+            k = min(self.k, len(chosen), len(self.analysis.nodes))
+            chosen = chosen[:k]
+            plan = make_plan(self.analysis, k, strategy=self.strategy,
+                             devices=self.master.devices(chosen))
+        shards = extract_shards(self.loaded, self.analysis, plan, progress=progress)
         self.master.deploy([s.SerializeToString() for s in shards], chosen, exact=self.exact)
-        with self._lock:
-            self.plan, self.assignment = plan, tuple(chosen)
+        self.plan, self.assignment, self.failed = plan, tuple(chosen), None
+        with self._lost_lock:  # losses of nodes no longer in the pipeline need no recovery
+            self._lost = {n: e for n, e in self._lost.items() if n in self.assignment}
         return plan
 
+    # ------------------------------------------------------------------ requests
+
     def submit(self, feeds: Mapping[str, np.ndarray]) -> Future:
+        """Send one request; the future resolves to its outputs by name.
+
+        While a recovery or a redeploy runs this waits for the new pipeline.
+
+        Raises:
+            ClusterError: nothing is deployed, or the recovery failed.
+            ClusterBusy: too many requests in flight.
+        """
+        if self.failed is not None:
+            raise ClusterError(self.failed)
+        if self.plan is None:
+            raise ClusterError("nothing is deployed: deploy a plan first")
         return self.master.submit(feeds)
 
-    def wait_recovered(self, timeout: float) -> bool:
-        """Block while a recovery is running; False if it did not finish in time."""
-        deadline = time.time() + timeout
-        while self._recovering.is_set():
-            if time.time() > deadline:
-                return False
-            time.sleep(0.05)
-        return True
+    def submit_batch(self, feeds: Mapping[str, np.ndarray], micro_batch: int) -> Future:
+        """Split a batch into micro-batches that follow each other down the pipeline."""
+        if self.plan is None:
+            raise ClusterError("nothing is deployed: deploy a plan first")
+        return self.master.submit_batch(feeds, micro_batch)
+
+    def run_many(
+        self, requests: Iterable[Mapping[str, np.ndarray]], inflight: int = 4
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Stream requests with at most `inflight` outstanding; yield results in order."""
+        window: list[Future] = []
+        for feeds in requests:
+            window.append(self.submit(feeds))
+            if len(window) >= inflight:
+                yield window.pop(0).result()
+        for f in window:
+            yield f.result()
 
     def close(self) -> None:
+        """Stop recovering (the master and its nodes stay as they are)."""
         self._unsubscribe()
-        for t in self._threads:
-            t.join(timeout=30)
+        self._closing.set()
+        self._wake.set()
+        if self._recoverer is not None and self._recoverer is not threading.current_thread():
+            self._recoverer.join(timeout=30)
 
     # ------------------------------------------------------------------ recovery
 
     def _on_event(self, event: ev.Event) -> None:
-        # Bus callbacks must not block: recovery runs in its own thread.
-        if isinstance(event, ev.NodeLost) and event.node_id in self.assignment:
-            self._recovering.set()
+        # Bus callbacks must not block: the recovery thread does the work.
+        if isinstance(event, ev.NodeLost) and event.node_id in self.assignment \
+                and not self._closing.is_set():
             self.master.hold()
-            t = threading.Thread(target=self._recover, args=(event,), daemon=True,
-                                 name="pipeline-recover")
-            self._threads.append(t)
-            t.start()
+            with self._lost_lock:
+                self._lost.setdefault(event.node_id, event)
+            self._wake.set()
 
-    def _recover(self, lost: ev.NodeLost) -> None:
-        t0 = time.time()
-        handle = self.master.nodes.get(lost.node_id)
-        detected = lost.t - handle.last_seen if handle is not None else None
-        try:
-            with self._lock:
-                survivors = [n for n in self.assignment if n != lost.node_id]
-            others = [h.node_id for h in self.master.nodes.values()
-                      if not h.lost and h.node_id not in survivors]
-            plan = self.deploy([n for n in survivors + others
-                                if not self.master.nodes[n].lost])
-            replayed = self.master.replay()
-            self.recoveries.append(Recovery(lost.node_id, detected, time.time() - t0, plan.k,
-                                            replayed))
-            log.info("recovered from losing %s in %.2f s: %d stages, %d requests replayed",
-                     lost.node_id[:8], time.time() - t0, plan.k, replayed)
-        except Exception as exc:  # nothing left to run on: fail what is waiting, clearly
-            self.failed = f"recovery failed: {exc}"
-            log.error("%s", self.failed)
-            self.master.fail_pending(self.failed)
-        finally:
-            self.master.release()
-            self._recovering.clear()
+    def _recovery_loop(self) -> None:
+        while not self._closing.is_set():
+            if not self._wake.wait(0.5):
+                continue
+            self._wake.clear()
+            if self._closing.is_set():
+                break
+            with self._lost_lock:
+                lost = dict(self._lost)
+            if not lost:
+                continue
+            try:
+                self._recover(lost)
+            except Exception as exc:  # never let the recovery thread die silently
+                log.exception("recovery")
+                self._fail(str(exc))
+            finally:
+                self.master.release()
+
+    def _candidates(self, lost: Mapping[str, ev.NodeLost]) -> list[str]:
+        """Survivors of the pipeline first (in stage order), then other live nodes.
+
+        Only nodes heard from within a couple of heartbeats: one that went quiet a moment ago
+        is probably lost too, even before the master says so.
+        """
+        now = time.time()
+        fresh_s = 2 * self.master.heartbeat_s + 0.5
+        alive = {h.node_id: h for h in self.master.alive_nodes() if h.node_id not in lost}
+        order = [n for n in self.assignment if n in alive]
+        order += [n for n in alive if n not in order]
+        fresh = [n for n in order if now - alive[n].last_seen <= fresh_s]
+        return fresh or order
+
+    def _recover(self, lost: Mapping[str, ev.NodeLost]) -> None:
+        first = min(lost.values(), key=lambda e: e.t)
+        handle = self.master.nodes.get(first.node_id)
+        detected = first.t - handle.last_seen if handle is not None else None
+        names = tuple(self._name(n) for n in lost)
+        self.master.bus.publish(ev.RecoveryStarted(
+            t=time.time(), lost=names, inflight=self.master.pending_count()))
+        with self._deploy_lock:
+            self.master.hold()  # again: a user's deploy may have released meanwhile
+            error: ClusterError | None = None
+            for _ in range(RECOVERY_ATTEMPTS):
+                with self._lost_lock:
+                    lost = dict(self._lost)
+                candidates = self._candidates(lost)
+                if not candidates:
+                    error = ClusterError(
+                        f"no node is left to run the model (lost: {', '.join(names)}): start "
+                        "periphery-node on a host and run again")
+                    break
+                try:
+                    plan = self._deploy_now(candidates, None)
+                except ClusterError as exc:  # another node went quiet meanwhile: plan again
+                    error = exc
+                    log.warning("recovery deploy failed (%s); trying the nodes still alive",
+                                exc.message)
+                    time.sleep(self.master.heartbeat_s)
+                    continue
+                replayed = self.master.replay()
+                recovered_s = time.time() - first.t
+                self.recoveries.append(Recovery(names, detected, recovered_s, plan.k, replayed))
+                self.master.bus.publish(ev.Recovered(
+                    t=time.time(), lost=names,
+                    assignment=tuple(self._name(n) for n in self.assignment),
+                    detected_s=detected, recovered_s=recovered_s, replayed=replayed))
+                log.info("recovered from losing %s in %.2f s: %d stages, %d replayed",
+                         ", ".join(names), recovered_s, plan.k, replayed)
+                return
+        self._fail(error.message if error else "no node left")
+
+    def _fail(self, reason: str) -> None:
+        self.failed = f"recovery failed: {reason}"
+        self.master.bus.publish(ev.RecoveryFailed(t=time.time(), reason=reason))
+        self.master.fail_pending(self.failed)
+
+    def _name(self, node_id: str) -> str:
+        handle = self.master.nodes.get(node_id)
+        return handle.name if handle is not None and handle.name else node_id[:12]

@@ -36,6 +36,9 @@ from periphery_core.cluster.events import (
     NodeJoined,
     NodeLost,
     NodeStats,
+    Recovered,
+    RecoveryFailed,
+    RecoveryStarted,
     RequestCompleted,
     RequestFailed,
     ShardProgress,
@@ -210,6 +213,8 @@ class ClusterState:
             stats, shard progress and completed requests are counted, not logged).
         last_request: Per node id, when a request through one of its stages last completed.
         clock: Latest event time seen, None before the first event.
+        recovering: A lost node's pipeline is being rebuilt (new requests wait).
+        recoveries: Recoveries that completed since the start.
     """
 
     nodes: FrozenMap[str, NodeView] = field(default_factory=FrozenMap)
@@ -224,6 +229,8 @@ class ClusterState:
     recent: tuple[str, ...] = ()
     last_request: FrozenMap[str, float] = field(default_factory=FrozenMap)
     clock: float | None = None
+    recovering: bool = False
+    recoveries: int = 0
 
     @classmethod
     def empty(cls, window_s: float = 30.0, stage_samples: int = 256) -> ClusterState:
@@ -364,7 +371,7 @@ def _apply_node_event(state: ClusterState, event: Event) -> FrozenMap[str, NodeV
                 device=event.device,
                 cores=event.cores,
                 memory_bytes=event.memory_bytes,
-                speed=event.speed,
+                speed=event.speed if event.speed is not None else old.speed,
                 rtt_s=event.rtt_s,
                 bandwidth=event.bandwidth,
                 state=joined,
@@ -386,6 +393,7 @@ def _apply_node_event(state: ClusterState, event: Event) -> FrozenMap[str, NodeV
                         rss_bytes=event.rss_bytes,
                         memory_percent=event.memory_percent,
                         gpu_percent=event.gpu_percent,
+                        speed=event.speed if event.speed is not None else old.speed,
                         last_seen=max(old.last_seen, event.t),
                     ),
                 )
@@ -400,13 +408,15 @@ def apply(state: ClusterState, event: Event) -> ClusterState:
     Semantics: `NodeDiscovered` adds a "discovered" node unless the id is known. `NodeJoined`
     makes a node "ready" with its figures (a lost node that joins again is ready again; a
     "joining" or "busy" node keeps that state). `NodeLost` makes it "lost", keeping figures and
-    stage. `NodeStats` updates utilisation and `last_seen`. `DeployStarted` resets deploy
-    progress and stage timings, assigns stages and makes assigned nodes "joining" (lost nodes stay
-    lost). `ShardProgress` records bytes sent. `StageReady` marks the stage ready and its node
-    "ready". `DeployFailed` marks the stage failed and the deploy "failed". `DeployFinished`
-    ends the deploy. `RequestCompleted` counts the request, records its latency and stage
-    timings and makes the nodes of its stages "busy" for `BUSY_S`. `RequestFailed` counts a
-    failure. Events about unknown nodes change no node.
+    stage. `NodeStats` updates utilisation, `last_seen` and the speed if it carries one.
+    `DeployStarted` resets deploy progress and stage timings, assigns stages and makes assigned
+    nodes "joining" (lost nodes stay lost). `ShardProgress` records bytes sent. `StageReady`
+    marks the stage ready and its node "ready". `DeployFailed` marks the stage failed and the
+    deploy "failed". `DeployFinished` ends the deploy. `RequestCompleted` counts the request,
+    records its latency and stage timings and makes the nodes of its stages "busy" for
+    `BUSY_S`. `RequestFailed` counts a failure. `RecoveryStarted` sets `recovering`;
+    `Recovered` clears it and counts the recovery; `RecoveryFailed` clears it and marks the
+    deploy "failed". Events about unknown nodes change no node.
 
     Args:
         state: The state so far.
@@ -536,6 +546,15 @@ def apply(state: ClusterState, event: Event) -> ClusterState:
 
         case RequestFailed():
             changes["requests_failed"] = state.requests_failed + 1
+
+        case RecoveryStarted():
+            changes["recovering"] = True
+
+        case Recovered():
+            changes.update(recovering=False, recoveries=state.recoveries + 1)
+
+        case RecoveryFailed():
+            changes.update(recovering=False, deploy_status="failed")
 
     nodes = _settle_busy(nodes, last_request, clock)
     if nodes is not state.nodes:

@@ -281,17 +281,44 @@ def _onnx_types(model: onnx.ModelProto) -> TypeMap:
 def _symbolic_types(model: onnx.ModelProto) -> TypeMap:
     types: TypeMap = {}
     try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-        inferred = SymbolicShapeInference.infer_shapes(
-            model, auto_merge=True, guess_output_rank=True
-        )
+        inferred = _symbolic_infer(model)
     except Exception as exc:
         log.debug("symbolic shape inference failed: %s", exc)
         return types
     if inferred is not None:
         _collect_types(inferred.graph, types)
     return types
+
+
+def _symbolic_infer(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """ONNX Runtime's `SymbolicShapeInference.infer_shapes(auto_merge, guess_output_rank)`,
+    without its debugging dump.
+
+    Where inference is incomplete, ORT's `infer_shapes` saves the partial model as
+    `sym_shape_infer_temp.onnx` (weights in uuid-named files beside it) in the current
+    directory, the user's, before it raises; no option turns that off or moves it, and changing
+    directory would move every thread of the process. So this takes the same steps itself and
+    raises without saving. Should those steps (private to ORT) change, it falls back to
+    `infer_shapes`; tests/test_no_stray_files.py then fails.
+    """
+    from onnxruntime.tools import symbolic_shape_infer as ssi
+
+    cls = ssi.SymbolicShapeInference
+    if not all(hasattr(cls, a) for a in ("_preprocess", "_infer_impl", "_update_output_from_vi")):
+        return cls.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+    opset = ssi.get_opset(model)
+    if not opset or opset < 7:
+        return None
+    inference = cls(2**31 - 1, True, True, 0)
+    inference._preprocess(model)
+    complete = False
+    while inference.run_:
+        complete = inference._infer_impl()
+    inference._update_output_from_vi()
+    if not complete:
+        raise AnalysisError("incomplete symbolic shape inference")
+    out: onnx.ModelProto = inference.out_mp_
+    return out
 
 
 def _recorded_types(

@@ -1,0 +1,175 @@
+"""`periphery run` as a user runs it against a `periphery cluster up`, with a node killed.
+
+Everything is a real process: the cluster, its nodes, the run. The kill lands mid-stream: the
+test reads the run's own Prometheus endpoint and kills the node running stage 1 once some
+requests have completed, then expects exit 0, every request checked against the unsharded
+model, and the recovery reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.test_recovery import _mlp
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def _cli(*args: object) -> list[str]:
+    return [sys.executable, "-m", "periphery_core.cli.main", *map(str, args)]
+
+
+def _wait(condition, timeout: float, what: str, poll: float = 0.1):  # type: ignore[no-untyped-def]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    for p in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    proc.wait(10)
+
+
+@pytest.fixture
+def cluster_up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, list[str], str]]:
+    """`periphery cluster up --nodes 3` with keys: (process, peers in order, master keys)."""
+    log = open(tmp_path / "cluster-up.log", "w+")  # noqa: SIM115
+    proc = subprocess.Popen(_cli("cluster", "up", "--nodes", 3, "--no-advertise"),
+                            stdout=log, stderr=subprocess.STDOUT, env=ENV, cwd=tmp_path)
+    try:
+        def started() -> str | None:
+            text = (tmp_path / "cluster-up.log").read_text()
+            if proc.poll() is not None:
+                raise AssertionError(f"cluster up exited {proc.returncode}: {text}")
+            return text if "nodes up" in text else None
+
+        text = _wait(started, 60, "cluster up to start its nodes")
+        peers = re.findall(r"--peer (\S+)", text)
+        keys = re.search(r"--keys (\S+)", text)
+        assert len(peers) == 3 and keys is not None, text
+        yield proc, peers, keys.group(1)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+        if proc.poll() is None:
+            _kill_tree(proc)
+        log.close()
+
+
+def _node_process(cluster: subprocess.Popen, name: str) -> psutil.Process:
+    for child in psutil.Process(cluster.pid).children(recursive=True):
+        if name in child.cmdline():
+            return child
+    raise AssertionError(f"no node process named {name}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _completed(port: int) -> float:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            text = r.read().decode()
+    except OSError:
+        return 0.0
+    m = re.search(r"^periphery_requests_total(?:\{\})? (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_run_recovers_from_a_node_killed_mid_stream(tmp_path: Path, cluster_up) -> None:
+    cluster, peers, keys = cluster_up
+    model = _mlp(tmp_path / "mlp.onnx")
+    plan = tmp_path / "plan.json"
+    subprocess.run(_cli("plan", model, "--shards", 3, "-o", plan), check=True, env=ENV,
+                   capture_output=True, cwd=tmp_path)
+    port = _free_port()  # for the run's metrics endpoint
+    args = ["run", model, "--plan", plan, "--keys", keys, "--no-mdns", "--requests", 1500,
+            "--inflight", 8, "--check", "--json", "--metrics-port", port]
+    for p in peers:
+        args += ["--peer", p]
+    run = subprocess.Popen(_cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env=ENV, cwd=tmp_path)
+    try:
+        _wait(lambda: run.poll() is not None or _completed(port) >= 100, 120,
+              "the run to complete 100 requests")
+        assert run.poll() is None, "the run ended before the node could be killed"
+        victim = _node_process(cluster, "local1")
+        victim.kill()
+        out, err = run.communicate(timeout=180)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 0, err
+    assert "Traceback" not in err
+    summary = json.loads(out)
+    assert summary["completed"] == 1500
+    assert summary["check"]["passed"] and summary["check"]["mismatches"] == 0
+    assert summary["check"]["bit_identical_outputs"] == 1500
+    (rec,) = summary["recoveries"]
+    assert rec["lost"] == ["local1"] and rec["stages"] == ["local0", "local2"]
+    assert "recovered" in err and "local1" in err
+    # the cluster itself lives on with its two other nodes
+    assert cluster.poll() is None
+    print(f"\nperiphery run: loss detected after {rec['detected_s']:.2f} s, serving again "
+          f"{rec['recovered_s']:.2f} s later, {rec['replayed']} requests replayed")
+
+
+def test_run_with_no_node_left_is_one_clear_line(tmp_path: Path) -> None:
+    model = _mlp(tmp_path / "mlp.onnx")
+    plan = tmp_path / "plan.json"
+    subprocess.run(_cli("plan", model, "--shards", 1, "-o", plan), check=True, env=ENV,
+                   capture_output=True, cwd=tmp_path)
+    # --local starts one node; killing it mid-stream leaves nothing to recover onto
+    port = _free_port()
+    run = subprocess.Popen(_cli("run", model, "--plan", plan, "--local", "--requests", 100000,
+                                "--inflight", 4, "--metrics-port", port),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                           cwd=tmp_path)
+    try:
+        def node() -> psutil.Process | None:
+            for child in psutil.Process(run.pid).children(recursive=True):
+                if "periphery_core.cli.node" in " ".join(child.cmdline()):
+                    return child
+            return None
+
+        victim = _wait(node, 60, "the local node to start")
+        _wait(lambda: _completed(port) >= 20, 60, "the run to stream")
+        victim.kill()
+        out, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            _kill_tree(run)
+    assert run.returncode == 2, (out, err)
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error:") and "no node is left" in last, err

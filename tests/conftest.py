@@ -19,10 +19,24 @@ CORPUS_SHAPES: dict[str, dict[str, tuple[int, ...]]] = {
         **{f"past_{i}": (2, 2, 4, 4, 8) for i in range(5)},
     },
     "stories260K.onnx": {"tokens": (1, 16)},
-    "model.onnx": {"input_ids": (2, 12), "attention_mask": (2, 12), "token_type_ids": (2, 12)},
+    "all-MiniLM-L6-v2/model.onnx": {
+        "input_ids": (2, 12), "attention_mask": (2, 12), "token_type_ids": (2, 12),
+    },
+    # a prompt of 5 tokens with no cache yet; the cache's head size is a symbolic dimension
+    # ('kv_cache_dim') that no default can guess
+    "smollm2-135m-instruct-int4/model.onnx": {
+        "input_ids": (1, 5), "attention_mask": (1, 5),
+        **{f"past_key_values.{i}.{kv}": (1, 3, 0, 64)
+           for i in range(30) for kv in ("key", "value")},
+    },
     "super-resolution.onnx": {"input": (2, 1, 224, 224)},
     "image-classifier32.onnx": {"modelInput": (3, 3, 32, 32)},
 }
+
+
+def corpus_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
+    """The input shapes a corpus model is tested with (None: its defaults)."""
+    return CORPUS_SHAPES.get(path.name) or CORPUS_SHAPES.get(f"{path.parent.name}/{path.name}")
 
 
 def corpus_models() -> list[Path]:

@@ -28,7 +28,7 @@ from periphery_core.runtime.chain import LocalChain
 from periphery_core.runtime.feeds import random_feeds
 from periphery_core.runtime.session import SessionConfig
 from periphery_core.wire import decode, encode
-from tests.conftest import CORPUS_SHAPES, ROOT, corpus_models, require_shared
+from tests.conftest import ROOT, corpus_models, corpus_shapes, require_shared
 
 DEMO = ROOT / "assets" / "demo-resnet.onnx"
 
@@ -60,7 +60,7 @@ def _socket(local: LocalCluster, kind: int, handle: NodeHandle, data: bool = Fal
 @lru_cache(maxsize=2)
 def _prepared(path: Path) -> tuple[LoadedModel, ModelAnalysis]:
     loaded = load_model(path)
-    return loaded, analyze(loaded, CORPUS_SHAPES.get(path.name))
+    return loaded, analyze(loaded, corpus_shapes(path))
 
 
 def _deploy(master: Master, handles: list[NodeHandle], path: Path, k: int) -> LocalChain:

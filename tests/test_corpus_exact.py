@@ -14,7 +14,7 @@ from periphery_core.partition.costs import make_plan
 from periphery_core.partition.extract import extract_shards
 from periphery_core.partition.verify import verify_chain
 from periphery_core.runtime.feeds import random_feeds
-from tests.conftest import CORPUS_SHAPES, corpus_models, light_models, require_shared
+from tests.conftest import corpus_models, corpus_shapes, light_models, require_shared
 
 KS = (2, 3, 4, 8)
 
@@ -22,7 +22,7 @@ KS = (2, 3, 4, 8)
 @lru_cache(maxsize=2)
 def _prepared(path: Path) -> tuple[LoadedModel, ModelAnalysis]:
     loaded = load_model(path)
-    return loaded, analyze(loaded, CORPUS_SHAPES.get(path.name))
+    return loaded, analyze(loaded, corpus_shapes(path))
 
 
 def _check(path: Path, k: int, strategy: str = "balanced") -> None:

@@ -30,9 +30,9 @@ from rich.table import Table
 
 from periphery_core.cluster.local import LocalCluster
 from periphery_core.cluster.master import Master
+from periphery_core.cluster.pipeline import Pipeline
 from periphery_core.model import analyze, load_model
 from periphery_core.partition.costs import make_plan
-from periphery_core.partition.extract import extract_shards
 from periphery_core.runtime.chain import LocalChain
 from periphery_core.runtime.feeds import random_feeds
 from periphery_core.runtime.session import SessionConfig
@@ -53,26 +53,26 @@ def relu_chain(path: Path, n: int = 16, width: int = 256 * 1024) -> Path:
     return path
 
 
-def deployed(master: Master, handles, path: Path, k: int):
+def deployed(master: Master, path: Path, k: int) -> Pipeline:
+    """The model planned into k stages (reference devices) on the first k nodes."""
     loaded = load_model(path)
     analysis = analyze(loaded)
-    plan = make_plan(analysis, k)
-    shards = extract_shards(loaded, analysis, plan)
-    master.deploy([s.SerializeToString() for s in shards], [h.node_id for h in handles[:k]])
-    return analysis, shards
+    pipeline = Pipeline(master, loaded, analysis, plan=make_plan(analysis, k))
+    pipeline.deploy([h.node_id for h in master.alive_nodes()][:k])
+    return pipeline
 
 
 def throughput(requests: int, inflight: int) -> list[dict]:
     rows = []
     with LocalCluster(3, threads=1) as local, local.master() as master:
-        handles = list(master.nodes.values())
         for k in (1, 2, 3):
-            analysis, _ = deployed(master, handles, DEMO, k)
-            feeds = [random_feeds(analysis.inputs, i) for i in range(8)]
-            list(master.run_many(feeds, inflight=inflight))  # warm-up
+            pipeline = deployed(master, DEMO, k)
+            feeds = [random_feeds(pipeline.analysis.inputs, i) for i in range(8)]
+            list(pipeline.run_many(feeds, inflight=inflight))  # warm-up
             t0 = time.perf_counter()
-            list(master.run_many((feeds[i % 8] for i in range(requests)), inflight=inflight))
+            list(pipeline.run_many((feeds[i % 8] for i in range(requests)), inflight=inflight))
             wall = time.perf_counter() - t0
+            pipeline.close()
             rows.append({"k": k, "rps": requests / wall})
     base = rows[0]["rps"]
     for r in rows:
@@ -100,17 +100,19 @@ def hops(repeat: int) -> list[dict]:
         with LocalCluster(4, threads=1) as safe, safe.master() as m_safe, \
                 LocalCluster(4, threads=1, secure=False) as open_, open_.master() as m_open:
             for k in (1, 2, 4):
-                masters = {"keys_s": m_safe, "insecure_s": m_open}
-                for master in masters.values():
-                    deployed(master, list(master.nodes.values()), path, k)
+                pipelines = {"keys_s": deployed(m_safe, path, k),
+                             "insecure_s": deployed(m_open, path, k)}
+                for pipeline in pipelines.values():
                     for _ in range(5):
-                        master.submit(feeds).result()
-                times: dict[str, list[float]] = {name: [] for name in masters}
+                        pipeline.submit(feeds).result()
+                times: dict[str, list[float]] = {name: [] for name in pipelines}
                 for _ in range(repeat):
-                    for name, master in masters.items():
+                    for name, pipeline in pipelines.items():
                         t0 = time.perf_counter()
-                        master.submit(feeds).result()
+                        pipeline.submit(feeds).result()
                         times[name].append(time.perf_counter() - t0)
+                for pipeline in pipelines.values():
+                    pipeline.close()
                 rows.append({"where": f"{k} node{'s' if k > 1 else ''}", "k": k,
                              **{name: statistics.median(v) for name, v in times.items()}})
     one = next(r for r in rows if r["k"] == 1)

@@ -28,9 +28,9 @@ from rich.table import Table
 
 from periphery_core.cluster import events as ev
 from periphery_core.cluster.local import LocalCluster
+from periphery_core.cluster.pipeline import Pipeline
 from periphery_core.model import analyze, load_model
 from periphery_core.partition.costs import make_plan
-from periphery_core.partition.extract import extract_shards
 
 
 def slow_middle_mlp(path: Path, batch: int = 8) -> Path:
@@ -65,11 +65,11 @@ def main() -> int:
         loaded = load_model(path)
         analysis = analyze(loaded)
         plan = make_plan(analysis, 3, strategy="even")
-        shards = [s.SerializeToString() for s in extract_shards(loaded, analysis, plan)]
         with LocalCluster(3, threads=1) as local, local.master(max_pending=256) as master:
             master.bus.subscribe(lambda e: latencies.append(e.latency_s)
                                  if isinstance(e, ev.RequestCompleted) else None)
-            master.deploy(shards, [a.node_id for a in local.addresses])
+            pipeline = Pipeline(master, loaded, analysis, plan=plan)
+            pipeline.deploy([a.node_id for a in local.addresses])
             procs = {f"node {i} (stage {i})": psutil.Process(n.process.pid)
                      for i, n in enumerate(local.nodes)}
             procs["master"] = psutil.Process(os.getpid())
@@ -81,7 +81,7 @@ def main() -> int:
             for i in range(args.requests):
                 if len(window) >= args.inflight:
                     window.pop(0).result(timeout=120)
-                window.append(master.submit(pool[i % len(pool)]))
+                window.append(pipeline.submit(pool[i % len(pool)]))
                 if i == args.warmup:
                     t_warm = time.perf_counter()
                 if i % 500 == 0:
@@ -90,6 +90,7 @@ def main() -> int:
             for f in window:
                 f.result(timeout=120)
             wall = time.perf_counter() - t_warm
+            pipeline.close()
     measured = latencies[args.warmup:]
     rows = []
     for name, points in samples.items():

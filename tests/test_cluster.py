@@ -104,7 +104,8 @@ def test_many_in_flight_come_back_in_order_with_timings(cluster) -> None:
         lambda e: done.append(e) if isinstance(e, ev.RequestCompleted) else None)
     try:
         requests = [random_feeds(_prepared(DEMO)[1].inputs, seed) for seed in range(12)]
-        results = list(master.run_many(requests, inflight=6))
+        futures = [master.submit(r) for r in requests]  # all 12 in flight at once
+        results = [f.result(timeout=120) for f in futures]
     finally:
         unsubscribe()
     for i, (feeds, got) in enumerate(zip(requests, results, strict=True)):
@@ -286,7 +287,8 @@ def test_metrics_endpoint_serves_the_folded_state(cluster) -> None:
     server = MetricsServer(tracker, 0)
     try:
         inputs = _prepared(DEMO)[1].inputs
-        list(master.run_many((random_feeds(inputs, i) for i in range(4)), inflight=2))
+        for f in [master.submit(random_feeds(inputs, i)) for i in range(4)]:
+            f.result(timeout=120)
         with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=10) as r:
             text = r.read().decode()
     finally:

@@ -19,7 +19,7 @@ import queue
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
@@ -633,18 +633,6 @@ class Master:
                        bandwidth=h.bandwidth if h.bandwidth else DEFAULT_BANDWIDTH)
             for h, speed in zip(chosen, trusted.speeds, strict=True)
         ]
-
-    def run_many(
-        self, requests: Iterable[Mapping[str, np.ndarray]], inflight: int = 4
-    ) -> Iterator[dict[str, np.ndarray]]:
-        """Stream requests with at most `inflight` outstanding; yield results in order."""
-        window: list[Future] = []
-        for feeds in requests:
-            window.append(self.submit(feeds))
-            if len(window) >= inflight:
-                yield window.pop(0).result()
-        for f in window:
-            yield f.result()
 
     def _results_loop(self) -> None:
         poller = zmq.Poller()

@@ -280,7 +280,9 @@ async def test_demo_recovers_from_a_killed_node() -> None:
             state = app.cluster_state
             assert state.requests_failed == 0
             assert len(state.assignment) == 2
-            assert any("recovered" in line for line in state.recent)
+            recovered = [line for line in state.recent if "recovered:" in line]
+            assert recovered
+            print(f"\napp: {recovered[-1]}")
             await pilot.pause(0.3)
             load = text_of(app, "#load")
             assert "failed 0" in load and "recovered 1x" in load and "running" in load

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import statistics
 import sys
 import time
@@ -29,28 +30,46 @@ def cluster() -> None:
 @click.option("--insecure", is_flag=True, help="Start the nodes without keys.")
 @handle_errors
 def cluster_up(nodes: int, advertise: bool, threads: int, insecure: bool) -> None:
-    """Start N periphery-node processes on this machine; Ctrl-C stops them cleanly.
+    """Start N periphery-node processes on this machine; Ctrl-C or SIGTERM stops them cleanly.
 
     Unless --insecure, the nodes get fresh keys; the master's key folder is printed, for
-    'periphery run --keys' and 'periphery cluster ls --keys' while the cluster is up.
+    'periphery run --keys' and 'periphery cluster ls --keys' while the cluster is up. The nodes
+    never outlive this command, however it ends; a node that dies is reported and the others
+    keep serving.
     """
-    from periphery_core.cli.render import console
+    from periphery_core.cli.render import console, err_console
     from periphery_core.cluster.local import LocalCluster
 
-    with LocalCluster(nodes, advertise=advertise, threads=threads,
-                      secure=not insecure) as local:
-        for n in local.nodes:
-            console.print(f"{n.address.name}  --peer {n.address.host}:{n.address.port}  "
-                          f"id {n.address.node_id[:12]}")
-        if local.keys_dir is not None:
-            console.print(f"master keys: --keys {local.keys_dir / 'master'}")
-        console.print(f"{nodes} nodes up; Ctrl-C stops them")
-        try:
-            while all(n.process.poll() is None for n in local.nodes):
-                time.sleep(0.5)
-            raise PeripheryError("a local node exited unexpectedly")
-        except KeyboardInterrupt:
-            console.print("stopping")
+    def on_term(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # leave the with-block below: the nodes stop cleanly
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        with LocalCluster(nodes, advertise=advertise, threads=threads,
+                          secure=not insecure) as local:
+            for n in local.nodes:
+                console.print(f"{n.address.name}  --peer {n.address.host}:{n.address.port}  "
+                              f"id {n.address.node_id[:12]}")
+            if local.keys_dir is not None:
+                console.print(f"master keys: --keys {local.keys_dir / 'master'}")
+            console.print(f"{nodes} nodes up; Ctrl-C stops them")
+            reported: set[str] = set()
+            try:
+                while True:
+                    ended = local.exited()
+                    for name, code in ended:
+                        if name not in reported:
+                            reported.add(name)
+                            how = f"signal {-code}" if code < 0 else f"exit code {code}"
+                            err_console.print(f"node {name} exited ({how}); "
+                                              f"{nodes - len(ended)} nodes still serving")
+                    if len(ended) == nodes:
+                        raise PeripheryError("every local node has exited")
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                console.print("stopping")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _gather(peers: tuple[str, ...], mdns: bool, timeout: float, interfaces: tuple[str, ...]):

@@ -2,14 +2,22 @@
 
 Prints one line per event; the first stdout line, `periphery-node ready control=... data=...`,
 tells a launcher (the local cluster) where the node listens.
+
+A launcher passes `--parent-pid` so that its nodes never outlive it, however it ends (SIGKILL
+included): a watchdog thread sees the node re-parented (its parent pid changes) within a
+quarter of a second and stops the node cleanly. Linux's PR_SET_PDEATHSIG is not used because it
+fires when the launching *thread* exits, and the app starts local nodes from a worker thread
+that ends long before the app does.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -33,14 +41,22 @@ from periphery_core.cli.main import handle_errors, run_click
                    "$PERIPHERY_KEYS or ~/.config/periphery/keys).")
 @click.option("--insecure", is_flag=True,
               help="Run without authentication or encryption (trusted networks only).")
+@click.option("--parent-pid", type=int, default=None,
+              help="Exit when this process (the launcher) exits.")
 @handle_errors
 def node(name: str | None, host: str, port: int, data_port: int, device: str, threads: int,
          no_advertise: bool, mdns_interfaces: tuple[str, ...], keys: Path | None,
-         insecure: bool) -> None:
+         insecure: bool, parent_pid: int | None) -> None:
     """Run a Periphery node: receive a shard, run it, stream activations to the next stage."""
     from periphery_core.cluster.keys import keyring_or_insecure
     from periphery_core.cluster.node import NodeConfig, NodeDaemon
 
+    stop = threading.Event()  # set by a signal or by the parent watchdog
+    if parent_pid is not None:
+        if os.getppid() != parent_pid:  # the launcher died before this node started
+            sys.exit(1)
+        threading.Thread(target=_watch_parent, args=(parent_pid, stop), daemon=True,
+                         name="parent-watchdog").start()
     ring = keyring_or_insecure(keys, insecure)
 
     if not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
@@ -55,6 +71,8 @@ def node(name: str | None, host: str, port: int, data_port: int, device: str, th
         mdns_interfaces=mdns_interfaces or None, keys=ring,
     ))
     try:
+        if stop.is_set():
+            return
         daemon.start()
     except Exception as exc:  # most often: the port is taken
         from periphery_core.errors import PeripheryError
@@ -62,16 +80,31 @@ def node(name: str | None, host: str, port: int, data_port: int, device: str, th
         raise PeripheryError(f"cannot listen on {host}:{port}: {exc}") from None
 
     def on_signal(signum: int, _frame: object) -> None:
-        daemon._stop.set()
+        stop.set()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+
+    def relay() -> None:  # a signal or the watchdog ends serve_forever
+        stop.wait()
+        daemon._stop.set()
+
+    threading.Thread(target=relay, daemon=True, name="stop-relay").start()
     print(f"periphery-node ready id={daemon.node_id} control={daemon.control_endpoint} "
           f"data={daemon.data_endpoint}", flush=True)
     try:
         daemon.serve_forever()
     finally:
         daemon.stop()
+
+
+def _watch_parent(parent_pid: int, stop: threading.Event) -> None:
+    while not stop.wait(0.25):
+        if os.getppid() != parent_pid:
+            logging.getLogger("periphery.node").warning(
+                "the process that started this node (pid %d) is gone: stopping", parent_pid)
+            stop.set()
+            return
 
 
 def main() -> None:

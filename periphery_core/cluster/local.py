@@ -1,7 +1,9 @@
 """A local cluster: N `periphery-node` processes on loopback, started and stopped cleanly.
 
 This is the embedded default the README's main command and the app's demo use. Each node is a
-real process; its first stdout line says where it listens.
+real process; its first stdout line says where it listens. Each is started with
+`--parent-pid`, so it stops by itself when the process that started it ends, however that
+ends (SIGKILL included): local nodes never outlive their launcher.
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ class LocalCluster:
             self.master_keys = load_keyring(self.keys_dir / "master")
         for i in range(self.n):
             cmd = [sys.executable, "-m", "periphery_core.cli.node", "--name", f"local{i}",
-                   "--host", "127.0.0.1", "--port", "0", "--threads", str(self.threads)]
+                   "--host", "127.0.0.1", "--port", "0", "--threads", str(self.threads),
+                   "--parent-pid", str(os.getpid())]
             if self.keys_dir is not None:
                 cmd += ["--keys", str(self.keys_dir / f"local{i}")]
             else:
@@ -117,6 +120,11 @@ class LocalCluster:
     @property
     def addresses(self) -> list[NodeAddress]:
         return [n.address for n in self.nodes]
+
+    def exited(self) -> list[tuple[str, int]]:
+        """(name, exit code) of every node process that has ended (negative: a signal)."""
+        return [(n.address.name, code) for n in self.nodes
+                if (code := n.process.poll()) is not None]
 
     def kill(self, i: int) -> None:
         """SIGKILL node i (for failure tests)."""

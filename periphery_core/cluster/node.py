@@ -186,6 +186,7 @@ class NodeDaemon:
         self.node_id = uuid.uuid4().hex
         self.ctx = zmq.Context()
         self._stop = threading.Event()
+        self._stopped = False
         self._outbox: queue.Queue[tuple[bytes, list[Any]]] = queue.Queue()
         self._inbox: queue.Queue[tuple[Message, float] | None] = queue.Queue(config.queue_depth)
         self._outq: queue.Queue[tuple[str, Any]] = queue.Queue(config.queue_depth)
@@ -265,9 +266,10 @@ class NodeDaemon:
 
     def stop(self) -> None:
         """Stop serving: unregister from mDNS, fail queued work explicitly, close sockets."""
-        if self._stop.is_set():
+        if self._stopped:
             return
-        self._stop.set()
+        self._stopped = True
+        self._stop.set()  # (already set when a signal ended serve_forever)
         if self._advertiser is not None:
             self._advertiser.stop()
         for t in self._threads:

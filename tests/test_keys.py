@@ -17,28 +17,45 @@ from periphery_core.cluster.keys import (
 )
 
 
-def test_init_writes_one_folder_per_host_each_trusting_all(tmp_path: Path) -> None:
-    folders = init_cluster_keys(tmp_path / "k", ["master", "node1", "node2"])
+def test_init_writes_one_folder_per_host_trusting_each_by_role(tmp_path: Path) -> None:
+    folders = init_cluster_keys(tmp_path / "k", ["master"], ["node1", "node2"])
     rings = [load_keyring(f) for f in folders]
-    publics = {r.public for r in rings}
-    assert len(publics) == 3
+    publics = [r.public for r in rings]
+    assert len(set(publics)) == 3
     for r in rings:
-        assert r.allowed == publics
+        assert r.masters == {publics[0]} and r.nodes == set(publics[1:])
         assert len(r.secret) == 40 and r.secret != r.public
-    secret = folders[0] / "master.key_secret"
-    assert oct(secret.stat().st_mode & 0o777) == "0o600"
+    for folder in folders:
+        secret = folder / f"{folder.name}.key_secret"
+        assert oct(secret.stat().st_mode & 0o777) == "0o600"
+        assert oct(folder.stat().st_mode & 0o777) == "0o700"
 
 
-@pytest.mark.parametrize("names", [[], ["a", "a"], ["../x"], [".hidden"]])
-def test_bad_host_names_are_refused(tmp_path: Path, names: list[str]) -> None:
+@pytest.mark.parametrize("masters,nodes", [([], ["n"]), (["m"], []), (["a"], ["a"]),
+                                           (["m"], ["../x"]), (["m"], [".hidden"])])
+def test_bad_host_names_are_refused(tmp_path: Path, masters: list[str], nodes: list[str]) -> None:
     with pytest.raises(KeysError):
-        init_cluster_keys(tmp_path / "k", names)
+        init_cluster_keys(tmp_path / "k", masters, nodes)
 
 
 def test_existing_folders_are_not_overwritten(tmp_path: Path) -> None:
-    init_cluster_keys(tmp_path, ["node1"])
+    init_cluster_keys(tmp_path, ["m"], ["node1"])
     with pytest.raises(KeysError, match="exists already"):
-        init_cluster_keys(tmp_path, ["node1"])
+        init_cluster_keys(tmp_path, ["m2"], ["node1"])
+
+
+def test_a_secret_key_others_can_read_is_refused(tmp_path: Path) -> None:
+    folder = init_cluster_keys(tmp_path / "k", ["m"], ["n"])[1]
+    (folder / "n.key_secret").chmod(0o644)
+    with pytest.raises(KeysError, match="chmod 600"):
+        load_keyring(folder)
+
+
+def test_a_key_folder_from_before_roles_says_to_make_new_ones(tmp_path: Path) -> None:
+    folder = init_cluster_keys(tmp_path / "k", ["m"], ["n"])[1]
+    (folder / "masters").rename(folder / "allowed")
+    with pytest.raises(KeysError, match="before roles"):
+        load_keyring(folder)
 
 
 def test_load_errors_are_one_line(tmp_path: Path) -> None:
@@ -47,10 +64,10 @@ def test_load_errors_are_one_line(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(KeysError, match="exactly one"):
         load_keyring(tmp_path / "empty")
-    folder = init_cluster_keys(tmp_path / "k", ["n"])[0]
-    for cert in (folder / "allowed").iterdir():
+    folder = init_cluster_keys(tmp_path / "k", ["m"], ["n"])[1]
+    for cert in [*(folder / "masters").iterdir(), *(folder / "nodes").iterdir()]:
         cert.unlink()
-    with pytest.raises(KeysError, match="no allowed"):
+    with pytest.raises(KeysError, match="trusts no master and no node"):
         load_keyring(folder)
 
 
@@ -60,7 +77,7 @@ def test_keys_or_insecure_must_be_explicit(tmp_path: Path, monkeypatch: pytest.M
     with pytest.raises(KeysError, match="--insecure"):
         keyring_or_insecure(None, False)
     assert keyring_or_insecure(None, True) is None
-    folder = init_cluster_keys(tmp_path / "k", ["m"])[0]
+    folder = init_cluster_keys(tmp_path / "k", ["m"], ["n"])[0]
     with pytest.raises(KeysError, match="not both"):
         keyring_or_insecure(folder, True)
     monkeypatch.setenv("PERIPHERY_KEYS", str(folder))
@@ -72,7 +89,7 @@ def test_cli_keys_init_and_a_node_refusing_to_start_without_keys(tmp_path: Path)
     env = {k: v for k, v in os.environ.items() if k != "PERIPHERY_KEYS"}
     env["HOME"] = str(tmp_path)
     out = subprocess.run([sys.executable, "-m", "periphery_core.cli.main", "keys", "init",
-                          str(tmp_path / "keys"), "--name", "master", "--name", "node1"],
+                          str(tmp_path / "keys"), "--master", "master", "--node", "node1"],
                          capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "keys" / "node1" / "node1.key_secret").is_file()

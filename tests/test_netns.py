@@ -113,7 +113,7 @@ def test_no_plaintext_tensor_bytes_on_the_wire(veth, tmp_path: Path, secure: boo
     ns, host_if, host_ip, ns_ip = veth
     payload = np.frombuffer(CANARY * 64, dtype=np.float32).copy()
     model = _identity_model(tmp_path / "canary.onnx", payload.size)
-    keys = init_cluster_keys(tmp_path / "keys", ["master", "nsnode"]) if secure else None
+    keys = init_cluster_keys(tmp_path / "keys", ["master"], ["nsnode"]) if secure else None
     proc, port = _start_node(ns, ns_ip, keys[1] if keys else None)
     capture = None
     try:
@@ -196,7 +196,7 @@ def test_a_link_down_mid_stream_costs_no_request_and_the_node_rejoins(
 
     master_ip, hosts = bridged_hosts
     names = [f"node{i}" for i in range(3)]
-    keys = init_cluster_keys(tmp_path / "keys", ["master", *names])
+    keys = init_cluster_keys(tmp_path / "keys", ["master"], names)
     procs = []
     try:
         addresses = []

@@ -108,17 +108,21 @@ def keys() -> None:
 
 @keys.command("init")
 @click.argument("folder", type=click.Path(path_type=Path))
-@click.option("--name", "names", multiple=True, required=True,
-              help="A host of the cluster (repeat for the master and every node).")
+@click.option("--master", "masters", multiple=True, required=True,
+              help="A master host: may deploy to and control the nodes (repeatable).")
+@click.option("--node", "nodes", multiple=True, required=True,
+              help="A node host: may only send activations to other nodes and results to "
+                   "masters (repeatable).")
 @handle_errors
-def keys_init(folder: Path, names: tuple[str, ...]) -> None:
-    """Write one key folder per host into FOLDER, each trusting all the others.
+def keys_init(folder: Path, masters: tuple[str, ...], nodes: tuple[str, ...]) -> None:
+    """Write one key folder per host into FOLDER, trusting the others by role.
 
-    Copy FOLDER/<host> to each host and pass it with --keys (or set PERIPHERY_KEYS).
+    Copy FOLDER/<host> to each host and pass it with --keys (or set PERIPHERY_KEYS). Each
+    secret key is readable by its owner only; keep it so.
     """
     from periphery_core.cluster.keys import init_cluster_keys
 
-    for path in init_cluster_keys(folder, names):
+    for path in init_cluster_keys(folder, masters, nodes):
         click.echo(f"wrote {path}  (secret: {path / (path.name + '.key_secret')})")
 
 
@@ -142,7 +146,7 @@ def cluster_ls(peers: tuple[str, ...], mdns: bool, interfaces: tuple[str, ...], 
 
     from periphery_core.cli.render import console, human_bytes, human_seconds, print_json
     from periphery_core.cluster.keys import keyring_or_insecure
-    from periphery_core.cluster.master import ClusterError, Master
+    from periphery_core.cluster.master import Master
 
     ring = keyring_or_insecure(keys, insecure)
     addresses = _gather(peers, mdns, timeout, interfaces)
@@ -151,7 +155,7 @@ def cluster_ls(peers: tuple[str, ...], mdns: bool, interfaces: tuple[str, ...], 
         for a in addresses:
             try:
                 h = master.connect(a)
-            except ClusterError as exc:
+            except PeripheryError as exc:  # unreachable, or a key not trusted: list, go on
                 rows.append({"address": f"{a.host}:{a.port}", "error": exc.message})
                 continue
             rows.append({"name": h.name, "id": h.node_id, "address": f"{a.host}:{a.port}",
@@ -282,7 +286,11 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
             for a in addresses:
                 if len(handles) == plan.k:
                     break
-                handles.append(master.connect(a))
+                try:
+                    handles.append(master.connect(a))
+                except PeripheryError as exc:  # one bad candidate must not end the run
+                    err_console.print(f"skipping node {a.host}:{a.port}: {exc.message}",
+                                      soft_wrap=True)
             if len(handles) < plan.k:
                 raise PeripheryError(
                     f"the plan has {plan.k} stages but {len(handles)} nodes were found: start "

@@ -40,6 +40,10 @@ def handle_errors(fn: F) -> F:
             _fail("interrupted", 130)
         except MemoryError:
             _fail("out of memory: try smaller input shapes or fewer in flight")
+        except OSError as exc:  # a path of the user's that cannot be read or written
+            where = f"{exc.filename}: " if exc.filename else ""
+            _fail(f"{where}{exc.strerror or exc}: check that the path exists and that you "
+                  "may read or write it")
         except Exception as exc:  # a bug of ours: one line, traceback on request
             if os.environ.get("PERIPHERY_DEBUG"):
                 raise

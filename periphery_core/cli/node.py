@@ -15,14 +15,20 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from periphery_core.cli.main import handle_errors, run_click
+
+if TYPE_CHECKING:
+    from periphery_core.cluster.node import NodeConfig
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -43,13 +49,16 @@ from periphery_core.cli.main import handle_errors, run_click
               help="Run without authentication or encryption (trusted networks only).")
 @click.option("--parent-pid", type=int, default=None,
               help="Exit when this process (the launcher) exits.")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None,
+              help="The node's own working folder, made private (0700) (default: a fresh "
+                   "private temporary folder, removed on exit).")
 @handle_errors
 def node(name: str | None, host: str, port: int, data_port: int, device: str, threads: int,
          no_advertise: bool, mdns_interfaces: tuple[str, ...], keys: Path | None,
-         insecure: bool, parent_pid: int | None) -> None:
+         insecure: bool, parent_pid: int | None, state_dir: Path | None) -> None:
     """Run a Periphery node: receive a shard, run it, stream activations to the next stage."""
     from periphery_core.cluster.keys import keyring_or_insecure
-    from periphery_core.cluster.node import NodeConfig, NodeDaemon
+    from periphery_core.cluster.node import NodeConfig
 
     stop = threading.Event()  # set by a signal or by the parent watchdog
     if parent_pid is not None:
@@ -58,18 +67,31 @@ def node(name: str | None, host: str, port: int, data_port: int, device: str, th
         threading.Thread(target=_watch_parent, args=(parent_pid, stop), daemon=True,
                          name="parent-watchdog").start()
     ring = keyring_or_insecure(keys, insecure)
-
     if not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
         from periphery_core.errors import PeripheryError
 
         raise PeripheryError(f"device '{device}' is not cpu, cuda or cuda:N")
+    # Work in a private folder of the node's own, never where it was started: nothing a shard
+    # or ONNX Runtime might resolve against the working folder can reach the user's files.
+    own = _enter_state_dir(state_dir)
+    try:
+        _serve(NodeConfig(
+            name=name or platform.node(), host=host, port=port, data_port=data_port,
+            device=device, threads=threads, advertise=not no_advertise,
+            mdns_interfaces=mdns_interfaces or None, keys=ring,
+        ), stop)
+    finally:
+        if own is not None:
+            os.chdir("/")
+            shutil.rmtree(own, ignore_errors=True)
+
+
+def _serve(config: NodeConfig, stop: threading.Event) -> None:
+    from periphery_core.cluster.node import NodeDaemon
+
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    daemon = NodeDaemon(NodeConfig(
-        name=name or platform.node(), host=host, port=port, data_port=data_port,
-        device=device, threads=threads, advertise=not no_advertise,
-        mdns_interfaces=mdns_interfaces or None, keys=ring,
-    ))
+    daemon = NodeDaemon(config)
     try:
         if stop.is_set():
             return
@@ -77,7 +99,7 @@ def node(name: str | None, host: str, port: int, data_port: int, device: str, th
     except Exception as exc:  # most often: the port is taken
         from periphery_core.errors import PeripheryError
 
-        raise PeripheryError(f"cannot listen on {host}:{port}: {exc}") from None
+        raise PeripheryError(f"cannot listen on {config.host}:{config.port}: {exc}") from None
 
     def on_signal(signum: int, _frame: object) -> None:
         stop.set()
@@ -96,6 +118,26 @@ def node(name: str | None, host: str, port: int, data_port: int, device: str, th
         daemon.serve_forever()
     finally:
         daemon.stop()
+
+
+def _enter_state_dir(state_dir: Path | None) -> Path | None:
+    """chdir into the node's private folder; returns it when it is temporary (to remove)."""
+    from periphery_core.errors import PeripheryError
+
+    try:
+        if state_dir is None:
+            folder = Path(tempfile.mkdtemp(prefix="periphery-node-"))  # made 0700
+            temporary = True
+        else:
+            folder = state_dir.resolve()
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            folder.chmod(0o700)
+            temporary = False
+        os.chdir(folder)
+    except OSError as exc:
+        raise PeripheryError(f"cannot use {state_dir} as the node's state folder: "
+                             f"{exc.strerror}") from None
+    return folder if temporary else None
 
 
 def _watch_parent(parent_pid: int, stop: threading.Event) -> None:

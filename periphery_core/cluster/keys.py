@@ -1,15 +1,19 @@
 """Cluster keys and CurveZMQ: who may talk to whom.
 
 Every master and node has a CurveZMQ keypair. A host's key folder holds its own keypair
-(`<name>.key` public, `<name>.key_secret` secret, ZeroMQ's certificate format) and `allowed/`,
-the public keys of every party it trusts. Every listening socket is a CURVE server whose ZAP
-handler admits only allowed keys; every connecting socket is a CURVE client that must know the
-server's public key, so a master never talks to a node it does not trust either. Traffic is
-encrypted and authenticated per message (CurveZMQ's nonces also defeat replays).
+(`<name>.key` public, `<name>.key_secret` secret, ZeroMQ's certificate format, the secret
+readable by its owner only) and the public keys it trusts by role: `masters/` and `nodes/`.
 
-`periphery keys init DIR --name master --name node1 ...` writes one such folder per host, each
-allowing all the others. Running without keys needs an explicit `--insecure`, which is logged
-loudly on every start.
+Trust is by role, not flat. A node's control socket admits master keys only, so only a master
+deploys shards or rewires a node; its data socket admits masters (requests into the first
+stage) and nodes (activations from the stage before); a master's results socket admits nodes.
+A node sends activations only to an endpoint whose key it trusts as a node, or results to one
+it trusts as a master. Every connecting socket is a CURVE client that must know the server's
+public key, so a master never talks to a node it does not trust either. Traffic is encrypted
+and authenticated per message (CurveZMQ's nonces also defeat replays).
+
+`periphery keys init DIR --master master --node node1 ...` writes one such folder per host.
+Running without keys needs an explicit `--insecure`, which is logged loudly on every start.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import stat
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import zmq
 import zmq.auth
@@ -35,19 +41,27 @@ INSECURE_WARNING = ("INSECURE: no CurveZMQ keys; anyone who can reach this host 
                     "submit requests and read activations. Use --keys (see 'periphery keys init').")
 
 
+Role = Literal["masters", "nodes", "any"]
 
 
 @dataclass(frozen=True)
 class KeyRing:
-    """This party's keypair and the public keys it trusts (Z85 bytes)."""
+    """This party's keypair and the public keys it trusts, by role (Z85 bytes)."""
 
     name: str
     public: bytes
     secret: bytes
-    allowed: frozenset[bytes]
+    masters: frozenset[bytes]
+    nodes: frozenset[bytes]
 
-    def trusts(self, key: bytes) -> bool:
-        return key in self.allowed
+    @property
+    def allowed(self) -> frozenset[bytes]:
+        """Every key trusted in some role."""
+        return self.masters | self.nodes
+
+    def trusted_as(self, role: Role) -> frozenset[bytes]:
+        return self.masters if role == "masters" else self.nodes if role == "nodes" \
+            else self.allowed
 
 
 def default_keys_dir() -> Path | None:
@@ -70,34 +84,51 @@ def load_keyring(folder: str | os.PathLike[str]) -> KeyRing:
     secrets = sorted(d.glob("*.key_secret"))
     if len(secrets) != 1:
         raise KeysError(f"{d} must hold exactly one *.key_secret file, found {len(secrets)}")
+    mode = secrets[0].stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeysError(f"{secrets[0]} is readable by other users (mode {mode & 0o777:o}): "
+                        f"run 'chmod 600 {secrets[0]}'")
     try:
         public, secret = zmq.auth.load_certificate(secrets[0])
     except (OSError, ValueError) as exc:
         raise KeysError(f"cannot read {secrets[0]}: {exc}") from None
     if secret is None:
         raise KeysError(f"{secrets[0]} holds no secret key")
-    allowed_dir = d / "allowed"
-    allowed = set()
-    for cert in sorted(allowed_dir.glob("*.key")) if allowed_dir.is_dir() else []:
+    if (d / "allowed").is_dir() and not (d / "masters").is_dir():
+        raise KeysError(f"{d} is a key folder from before roles (one 'allowed' list): make new "
+                        "ones with 'periphery keys init DIR --master NAME --node NAME ...'")
+    masters, nodes = _read_keys(d / "masters"), _read_keys(d / "nodes")
+    if not masters and not nodes:
+        raise KeysError(f"{d} trusts no master and no node key: nobody could connect")
+    return KeyRing(secrets[0].name.removesuffix(".key_secret"), public, secret, masters, nodes)
+
+
+def _read_keys(folder: Path) -> frozenset[bytes]:
+    keys = set()
+    for cert in sorted(folder.glob("*.key")) if folder.is_dir() else []:
         try:
-            allowed.add(zmq.auth.load_certificate(cert)[0])
+            keys.add(zmq.auth.load_certificate(cert)[0])
         except (OSError, ValueError) as exc:
-            raise KeysError(f"cannot read allowed key {cert}: {exc}") from None
-    if not allowed:
-        raise KeysError(f"{allowed_dir} lists no allowed public keys: nobody could connect")
-    return KeyRing(secrets[0].name.removesuffix(".key_secret"), public, secret,
-                   frozenset(allowed))
+            raise KeysError(f"cannot read trusted key {cert}: {exc}") from None
+    return frozenset(keys)
 
 
-def init_cluster_keys(folder: str | os.PathLike[str], names: Sequence[str]) -> list[Path]:
-    """Create one key folder per name under `folder`, each allowing every name's public key.
+def init_cluster_keys(folder: str | os.PathLike[str], masters: Sequence[str],
+                      nodes: Sequence[str]) -> list[Path]:
+    """Create one key folder per host under `folder` (masters first, then nodes).
+
+    Each folder trusts every master's public key as a master and every node's as a node.
 
     Raises:
-        KeysError: a name is repeated or not a plain file name, or the folder exists.
+        KeysError: no master or no node, a name repeated or not a plain file name, or a
+            host's folder exists already.
     """
     root = Path(folder)
-    if len(set(names)) != len(names) or not names:
-        raise KeysError("give each host a distinct --name (at least one)")
+    names = [*masters, *nodes]
+    if not masters or not nodes:
+        raise KeysError("name at least one master (--master) and one node (--node)")
+    if len(set(names)) != len(names):
+        raise KeysError("give each host a distinct name")
     for n in names:
         if not n or "/" in n or n.startswith("."):
             raise KeysError(f"'{n}' is not a usable host name for a key file")
@@ -105,19 +136,25 @@ def init_cluster_keys(folder: str | os.PathLike[str], names: Sequence[str]) -> l
     if taken:
         raise KeysError(f"{root / taken[0]} exists already: choose another folder or remove it")
     root.mkdir(parents=True, exist_ok=True)
-    publics = []
+    publics: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         for n in names:
             public_file, secret_file = zmq.auth.create_certificates(tmp, n)
-            publics.append(Path(public_file))
+            publics[n] = Path(public_file)
             host = root / n
-            (host / "allowed").mkdir(parents=True)
-            shutil.copy(secret_file, host / f"{n}.key_secret")
+            host.mkdir(parents=True, mode=0o700)
+            for role in ("masters", "nodes"):
+                (host / role).mkdir()
             shutil.copy(public_file, host / f"{n}.key")
-            os.chmod(host / f"{n}.key_secret", 0o600)
+            secret = host / f"{n}.key_secret"
+            # created owner-only before any secret byte is written
+            fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as out, open(secret_file, "rb") as src:
+                out.write(src.read())
         for n in names:
-            for cert in publics:
-                shutil.copy(cert, root / n / "allowed" / cert.name)
+            for role, members in (("masters", masters), ("nodes", nodes)):
+                for m in members:
+                    shutil.copy(publics[m], root / n / role / publics[m].name)
     return [root / n for n in names]
 
 
@@ -146,36 +183,45 @@ class Guard:
             return
         self._auth = ThreadAuthenticator(ctx, log=logging.getLogger("periphery.zap"))
         self._auth.start()
-        allowed = ring.allowed
 
         class Provider:
+            """Admits the keys trusted in one role (the ZAP domain a server socket names)."""
+
+            def __init__(self, role: Role, keys: frozenset[bytes]) -> None:
+                self.role, self.keys = role, keys
+
             def callback(self, domain: str, key: bytes) -> bool:
-                ok = key in allowed
+                ok = key in self.keys
                 if not ok:
-                    log.warning("refused a connection from an unknown key")
+                    log.warning("refused a connection from a key not trusted as %s",
+                                "master or node" if self.role == "any" else self.role[:-1])
                 return ok
 
-        self._auth.configure_curve_callback("*", credentials_provider=Provider())
+        for role in ("masters", "nodes", "any"):
+            self._auth.configure_curve_callback(
+                role, credentials_provider=Provider(role, ring.trusted_as(role)))
 
     @property
     def secure(self) -> bool:
         return self.ring is not None
 
-    def server(self, sock: zmq.Socket) -> zmq.Socket:
-        """Make `sock` a CURVE server (before bind)."""
+    def server(self, sock: zmq.Socket, admit: Role) -> zmq.Socket:
+        """Make `sock` a CURVE server admitting keys trusted as `admit` (before bind)."""
         if self.ring is not None:
             sock.curve_secretkey = self.ring.secret
             sock.curve_publickey = self.ring.public
             sock.curve_server = True
+            sock.zap_domain = admit.encode()
         return sock
 
-    def client(self, sock: zmq.Socket, server_key: bytes | None) -> zmq.Socket:
-        """Make `sock` a CURVE client of the server with `server_key` (before connect)."""
+    def client(self, sock: zmq.Socket, server_key: bytes | None, role: Role) -> zmq.Socket:
+        """Make `sock` a CURVE client of a server whose key is trusted as `role`."""
         if self.ring is not None:
             if not server_key:
                 raise KeysError("the peer's public key is unknown: cannot connect securely")
-            if server_key not in self.ring.allowed:
-                raise KeysError("the peer's public key is not in this host's allow list")
+            if server_key not in self.ring.trusted_as(role):
+                raise KeysError(f"the peer's public key is not trusted as "
+                                f"{'master or node' if role == 'any' else role[:-1]} here")
             sock.curve_secretkey = self.ring.secret
             sock.curve_publickey = self.ring.public
             sock.curve_serverkey = server_key
@@ -187,16 +233,13 @@ class Guard:
             return [None]
         if advertised:
             key = advertised.encode()
-            if key not in self.ring.allowed:
-                raise KeysError("the node advertises a key that is not in the allow list")
+            if key not in self.ring.nodes:
+                raise KeysError("the node advertises a key not trusted as a node here")
             return [key]
-        return [k for k in sorted(self.ring.allowed) if k != self.ring.public]
+        return [k for k in sorted(self.ring.nodes) if k != self.ring.public]
 
     def close(self) -> None:
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
 
-
-def public_keys(rings: Iterable[KeyRing]) -> list[str]:
-    return [r.public.decode() for r in rings]

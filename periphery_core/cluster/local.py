@@ -72,7 +72,7 @@ class LocalCluster:
         procs = []
         if self.secure:
             self.keys_dir = Path(tempfile.mkdtemp(prefix="periphery-keys-"))
-            init_cluster_keys(self.keys_dir, ["master", *(f"local{i}" for i in range(self.n))])
+            init_cluster_keys(self.keys_dir, ["master"], [f"local{i}" for i in range(self.n)])
             self.master_keys = load_keyring(self.keys_dir / "master")
         for i in range(self.n):
             cmd = [sys.executable, "-m", "periphery_core.cli.node", "--name", f"local{i}",

@@ -127,7 +127,7 @@ class Master:
         # Set when a thread of the master died despite its guards: every later call says so
         # instead of waiting on a loop that no longer runs.
         self.failure: str | None = None
-        self.results = self.guard.server(self.ctx.socket(zmq.PULL))
+        self.results = self.guard.server(self.ctx.socket(zmq.PULL), admit="nodes")
         self.results.setsockopt(zmq.LINGER, 0)
         port = self.results.bind_to_random_port(f"tcp://{host}")
         self.results_endpoint = f"tcp://{host}:{port}"
@@ -214,7 +214,7 @@ class Master:
 
         def start() -> None:
             for key in candidates:
-                sock = self.guard.client(self.ctx.socket(zmq.DEALER), key)
+                sock = self.guard.client(self.ctx.socket(zmq.DEALER), key, "nodes")
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.SNDHWM, 64)
                 sock.connect(f"tcp://{address.host}:{address.port}")
@@ -460,7 +460,7 @@ class Master:
         self._commands.put(record)
 
         def connect_first() -> zmq.Socket:
-            sock = self.guard.client(self.ctx.socket(zmq.PUSH), handles[0].key)
+            sock = self.guard.client(self.ctx.socket(zmq.PUSH), handles[0].key, "nodes")
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 8)
             sock.connect(handles[0].data_endpoint)

@@ -33,7 +33,8 @@ import onnx
 import psutil
 import zmq
 
-from periphery_core.cluster.keys import Guard, KeyRing
+from periphery_core.cluster.keys import Guard, KeyRing, Role
+from periphery_core.cluster.shard_policy import require_self_contained
 from periphery_core.errors import PeripheryError
 from periphery_core.runtime.chain import StageRunner
 from periphery_core.runtime.session import SessionConfig
@@ -211,12 +212,12 @@ class NodeDaemon:
     def start(self) -> None:
         cfg = self.config
         self.guard = Guard(self.ctx, cfg.keys, f"node {cfg.name}")
-        self.control = self.guard.server(self.ctx.socket(zmq.ROUTER))
+        self.control = self.guard.server(self.ctx.socket(zmq.ROUTER), admit="masters")
         self.control.setsockopt(zmq.LINGER, 0)
         self.control.setsockopt(zmq.MAXMSGSIZE, cfg.limits.max_chunk_bytes + (1 << 20))
         port = self._bind(self.control, cfg.port)
         self.control_endpoint = f"tcp://{cfg.host}:{port}"
-        self.pull = self.guard.server(self.ctx.socket(zmq.PULL))
+        self.pull = self.guard.server(self.ctx.socket(zmq.PULL), admit="any")
         self.pull.setsockopt(zmq.LINGER, 0)
         self.pull.setsockopt(zmq.RCVHWM, cfg.queue_depth)
         self.pull.setsockopt(zmq.MAXMSGSIZE, cfg.limits.max_total_bytes + (1 << 20))
@@ -295,7 +296,7 @@ class NodeDaemon:
         dep = self._deployment
         if not ids or dep is None:
             return
-        sock = self._push(dep.results_endpoint, dep.results_key)
+        sock = self._push(dep.results_endpoint, dep.results_key, "masters")
         for rid in ids:
             sock.send_multipart(encode("failure", {
                 "id": rid, "stage": dep.stage, "epoch": dep.epoch,
@@ -377,10 +378,18 @@ class NodeDaemon:
         for key in ("next", "results"):
             if not isinstance(f.get(key), str) or not str(f[key]).startswith("tcp://"):
                 raise WireError(f"deploy_begin needs a tcp:// endpoint in '{key}'")
-        if self.guard.secure:
+        if ring := self.guard.ring:
             for key in ("next_key", "results_key"):
                 if not isinstance(f.get(key), str) or not f[key]:
                     raise WireError(f"deploy_begin needs '{key}' on a secure cluster")
+            # activations go only to a trusted node, results only to a trusted master
+            last = f["next"] == f["results"]
+            if f["next_key"].encode() not in (ring.masters if last else ring.nodes):
+                raise WireError("deploy_begin names a next stage whose key is not trusted as "
+                                f"{'a master' if last else 'a node'} here")
+            if f["results_key"].encode() not in ring.masters:
+                raise WireError("deploy_begin names a results endpoint whose key is not "
+                                "trusted as a master here")
         if f.get("reuse") is True:
             self._reuse(ident, f)
             return
@@ -424,6 +433,7 @@ class NodeDaemon:
     def _build(self, ident: bytes, up: _Upload) -> None:
         try:
             model = onnx.load_model_from_string(bytes(up.buffer))
+            require_self_contained(model)  # no reading of this host's files (shard_policy.py)
             providers: tuple[str, ...] = ("CPUExecutionProvider",)
             if self.config.device.startswith("cuda"):
                 providers = ("CUDAExecutionProvider", "CPUExecutionProvider")
@@ -538,8 +548,10 @@ class NodeDaemon:
                 dep = payload
                 assert dep is not None
                 try:
-                    nxt = self._push(dep.next_endpoint, dep.next_key)
-                    results = self._push(dep.results_endpoint, dep.results_key) \
+                    last = dep.next_endpoint == dep.results_endpoint
+                    nxt = self._push(dep.next_endpoint, dep.next_key,
+                                     "masters" if last else "nodes")
+                    results = self._push(dep.results_endpoint, dep.results_key, "masters") \
                         if dep.results_endpoint != dep.next_endpoint else nxt
                 except PeripheryError as exc:
                     log.warning("cannot wire stage %d: %s", dep.stage, exc.message)
@@ -568,8 +580,8 @@ class NodeDaemon:
             if sock is not None:
                 sock.close(linger=0)
 
-    def _push(self, endpoint: str, server_key: bytes | None) -> zmq.Socket:
-        sock = self.guard.client(self.ctx.socket(zmq.PUSH), server_key)
+    def _push(self, endpoint: str, server_key: bytes | None, role: Role) -> zmq.Socket:
+        sock = self.guard.client(self.ctx.socket(zmq.PUSH), server_key, role)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, self.config.queue_depth)
         sock.connect(endpoint)

@@ -372,11 +372,12 @@ def _bytes(n: float) -> str:
     return f"{n / 1024:.1f} GiB"
 
 
-def describe(event: Event) -> str:
+def describe(event: Event, name: Callable[[str], str] = str) -> str:
     """Say what an event means in one short line for an event log (no time stamp).
 
     Args:
         event: Any cluster event.
+        name: Turns a node id into what the log shows (its name, where known).
 
     Returns:
         A human-readable summary such as ``"node gpu-1 joined (cuda, 16 cores, 1.80x)"``.
@@ -391,20 +392,21 @@ def describe(event: Event) -> str:
                 f"{'speed unknown' if event.speed is None else f'{event.speed:.2f}x'})"
             )
         case NodeLost():
-            return f"node {event.node_id} lost: {event.reason}"
+            return f"node {name(event.node_id)} lost: {event.reason}"
         case NodeStats():
-            return f"node {event.node_id} cpu {event.cpu_percent:.0f}%"
+            return f"node {name(event.node_id)} cpu {event.cpu_percent:.0f}%"
         case DeployStarted():
-            return f"deploy started: {event.plan_stages} stages on {', '.join(event.assignment)}"
+            return (f"deploy started: {event.plan_stages} stages on "
+                    f"{', '.join(name(n) for n in event.assignment)}")
         case ShardProgress():
             return (
-                f"stage {event.stage} → {event.node_id}: "
+                f"stage {event.stage} → {name(event.node_id)}: "
                 f"{_bytes(event.sent_bytes)} of {_bytes(event.total_bytes)}"
             )
         case StageReady():
-            return f"stage {event.stage} ready on {event.node_id} ({event.provider})"
+            return f"stage {event.stage} ready on {name(event.node_id)} ({event.provider})"
         case DeployFailed():
-            return f"stage {event.stage} failed on {event.node_id}: {event.reason}"
+            return f"stage {event.stage} failed on {name(event.node_id)}: {event.reason}"
         case DeployFinished():
             return "deploy finished"
         case RequestCompleted():

@@ -560,7 +560,11 @@ def apply(state: ClusterState, event: Event) -> ClusterState:
     if nodes is not state.nodes:
         changes["nodes"] = nodes
     if not isinstance(event, _NOT_LOGGED):
-        line = _one_line(f"{_stamp(event.t)} {describe(event)}")
+        def name(node_id: str) -> str:
+            node = nodes.get(node_id)
+            return node.name if node is not None and node.name else node_id
+
+        line = _one_line(f"{_stamp(event.t)} {describe(event, name)}")
         changes["recent"] = (*state.recent[-(RECENT_EVENTS - 1) :], line)
     return dataclasses.replace(state, clock=clock, **changes)  # type: ignore[arg-type]
 

@@ -283,9 +283,9 @@ async def test_demo_recovers_from_a_killed_node() -> None:
             recovered = [line for line in state.recent if "recovered:" in line]
             assert recovered
             print(f"\napp: {recovered[-1]}")
-            await pilot.pause(0.3)
+            await until(pilot, lambda: "recovered 1x" in text_of(app, "#load"), timeout=10)
             load = text_of(app, "#load")
-            assert "failed 0" in load and "recovered 1x" in load and "running" in load
+            assert "failed 0" in load and "running" in load
             await pilot.press("q")
     finally:
         app.session.close()

@@ -33,9 +33,10 @@ def test_graph_folded_with_details(snap_compare) -> None:
     async def run_before(pilot) -> None:
         await show_sample_screen(pilot, "graph")
         await pilot.press("f")
-        await pilot.pause(0.5)
+        await pilot.app.workers.wait_for_complete()  # the folded layout is made in a worker
+        await pilot.pause()  # and shown when its message is handled
         await pilot.press("down", "down", "enter")
-        await pilot.pause(0.2)
+        await pilot.pause()
 
     app = sample_app()
     try:

@@ -408,8 +408,8 @@ def test_ten_thousand_hostile_messages_leave_the_node_serving_with_bounded_memor
     assert growth < 200 * 2**20
 
 
-def test_a_restarted_master_keeps_the_shards_nodes_hold() -> None:
-    with LocalCluster(2) as local:
+def test_a_restarted_master_keeps_the_shards_nodes_hold(tmp_path: Path) -> None:
+    with LocalCluster(2, log_dir=tmp_path) as local:
         loaded, analysis = _prepared(DEMO)
         plan = make_plan(analysis, 2)
         shards = extract_shards(loaded, analysis, plan)
@@ -419,7 +419,12 @@ def test_a_restarted_master_keeps_the_shards_nodes_hold() -> None:
         with local.master() as first:
             first.deploy(blobs, [a.node_id for a in local.addresses])
             _assert_same(chain.run(feeds), first.submit(feeds).result(timeout=60), "first")
-        time.sleep(4)  # the master is gone: nodes notice the silence
+        # the master is gone: wait until every node has said it noticed the silence
+        deadline = time.time() + 30
+        while not all("master silent" in (tmp_path / f"node{i}.log").read_text()
+                      for i in range(2)):
+            assert time.time() < deadline, "the nodes did not notice the master was gone"
+            time.sleep(0.1)
         with local.master() as second:  # the master restarts
             handles = _handles(local, second)
             assert all(h.master_silent_s > 3 for h in handles)

@@ -278,13 +278,19 @@ def test_malformed_txt_does_not_crash_the_browser(
     advertise(good_id, name="good")
 
     recorder.wait_for("added", lambda a: a.node_id == good_id)
-    time.sleep(0.5)  # let the worker also chew on any re-announcement of the hostile record
 
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if evil in r.getMessage()]
+
+    # The hostile record was processed (and warned about), not merely not seen yet.
+    deadline = time.time() + 10
+    while not warnings():
+        assert time.time() < deadline, "the browser never processed the malformed record"
+        time.sleep(0.05)
     assert [n.node_id for n in ours(browser.nodes(), good_id, evil_id)] == [good_id]
     assert not [e for e in recorder.events if e[1].node_id == evil_id]
-    warnings = [r.getMessage() for r in caplog.records if evil in r.getMessage()]
-    assert len(warnings) == 1
-    assert "not UTF-8" in warnings[0]
+    assert len(warnings()) == 1
+    assert "not UTF-8" in warnings()[0]
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,9 @@
 
 `periphery cluster up` runs as a user runs it (a subprocess); it is ended with SIGTERM, with
 SIGKILL, and one of its nodes is killed while it runs. A `LocalCluster` inside a Python
-process that is SIGKILLed takes its nodes with it too.
+process that is SIGKILLed takes its nodes with it too, started from the main thread (parent-death
+signal and watchdog) or from a worker thread (watchdog alone; the thread ending must not stop
+the nodes). Each process a test starts is killed by pid at the end, whatever happened.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from periphery_core.cluster.local import LocalCluster
 from periphery_core.cluster.master import Master
 from periphery_core.discovery import NodeAddress
+from periphery_core.errors import PeripheryError
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
@@ -108,7 +112,8 @@ def cluster_up(launch: Callable[..., Launcher], n: int) -> Launcher:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_cluster_up_takes_its_nodes_with_it(launch, sig: signal.Signals) -> None:  # type: ignore[no-untyped-def]
+def test_cluster_up_takes_its_nodes_with_it(launch: Callable[..., Launcher],
+                                            sig: signal.Signals) -> None:
     up = cluster_up(launch, 2)
     up.proc.send_signal(sig)
     _wait(lambda: not _alive(up.nodes), 5, f"the nodes to exit after {sig.name}")
@@ -117,7 +122,8 @@ def test_cluster_up_takes_its_nodes_with_it(launch, sig: signal.Signals) -> None
         assert up.proc.returncode == 0 and "stopping" in up.text()
 
 
-def test_one_dead_node_is_reported_and_the_others_keep_serving(launch) -> None:  # type: ignore[no-untyped-def]
+def test_one_dead_node_is_reported_and_the_others_keep_serving(
+        launch: Callable[..., Launcher]) -> None:
     up = cluster_up(launch, 3)
     peers = re.findall(r"(local\d)\s+--peer 127\.0\.0\.1:(\d+)", up.text())
     victim = next(p for p in up.nodes if "local1" in p.cmdline())
@@ -136,16 +142,75 @@ def test_one_dead_node_is_reported_and_the_others_keep_serving(launch) -> None: 
     _wait(lambda: not _alive(up.nodes), 5, "the nodes to stop")
 
 
-def test_a_killed_python_process_takes_its_local_cluster_with_it(launch) -> None:  # type: ignore[no-untyped-def]
-    script = textwrap.dedent("""
-        import time
+@pytest.mark.parametrize("thread", ["main", "worker"])
+def test_a_killed_python_process_takes_its_local_cluster_with_it(
+        launch: Callable[..., Launcher], thread: str) -> None:
+    script = textwrap.dedent(f"""
+        import threading, time
         from periphery_core.cluster.local import LocalCluster
         cluster = LocalCluster(2, secure=False)
-        cluster.start()
+        if {thread == "worker"}:  # as the app does; the thread ends at once
+            worker = threading.Thread(target=cluster.start)
+            worker.start()
+            worker.join()
+        else:
+            cluster.start()
         print("started", flush=True)
         time.sleep(600)
     """)
     owner = launch(sys.executable, "-c", script)
     owner.wait_for("started", 2)
+    if thread == "worker":  # the starting thread is gone, the nodes must not be
+        time.sleep(1.0)
+        assert len(_alive(owner.nodes)) == 2, "the nodes stopped when their starting thread ended"
     owner.proc.kill()
     _wait(lambda: not _alive(owner.nodes), 5, "the nodes to exit after their owner's SIGKILL")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_node_arms_the_parent_death_signal_when_asked(launch: Callable[..., Launcher]) -> None:
+    """The signal, not the watchdog, stops it: its launcher lives on, only the thread ends."""
+    script = textwrap.dedent("""
+        import os, subprocess, sys, threading, time
+        def start():
+            node = subprocess.Popen(
+                [sys.executable, "-m", "periphery_core.cli.node", "--name", "n", "--port", "0",
+                 "--insecure", "--no-advertise", "--parent-pid", str(os.getpid())],
+                stdout=subprocess.PIPE, text=True,
+                env={**os.environ, "PERIPHERY_NODE_PDEATHSIG": "1"})
+            node.stdout.readline()  # ready: the signal is armed
+        worker = threading.Thread(target=start)
+        worker.start()
+        worker.join()
+        print("thread ended", flush=True)
+        time.sleep(600)
+    """)
+    owner = launch(sys.executable, "-c", script)
+    owner.wait_for("thread ended", 1)
+    _wait(lambda: not _alive(owner.nodes), 5, "the parent-death signal to stop the node")
+    assert owner.proc.poll() is None
+
+
+def test_a_node_whose_launcher_is_gone_does_not_start() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "periphery_core.cli.node", "--port", "0", "--insecure",
+         "--no-advertise", "--parent-pid", "1"],  # not this node's parent: as if it had died
+        capture_output=True, text=True, env=ENV, timeout=60)
+    assert result.returncode == 1 and "ready" not in result.stdout
+
+
+def test_a_local_cluster_that_fails_to_start_leaves_nothing_behind() -> None:
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    cluster = LocalCluster(2, start_timeout=0.01)  # no node is ready that fast
+    try:
+        with pytest.raises(PeripheryError, match="did not start"):
+            cluster.start()
+        assert cluster.keys_dir is None and cluster.nodes == []
+        left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+        assert not _alive(left)
+    finally:
+        cluster.stop()
+        for p in psutil.Process().children(recursive=True):
+            if p.pid not in before:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.kill()

@@ -37,13 +37,17 @@ def cluster_up(nodes: int, advertise: bool, threads: int, insecure: bool) -> Non
     never outlive this command, however it ends; a node that dies is reported and the others
     keep serving.
     """
+    # Ctrl-C, SIGTERM and SIGHUP (unless ignored, as under nohup) stop the nodes, remove the
+    # keys and exit 0 after "stopping". SIGKILL cannot be caught: the nodes' parent watchdog
+    # and parent-death signal stop them then (see periphery_core.cli.node).
     from periphery_core.cli.render import console, err_console
     from periphery_core.cluster.local import LocalCluster
 
     def on_term(_signum: int, _frame: object) -> None:
         raise KeyboardInterrupt  # leave the with-block below: the nodes stop cleanly
 
-    previous = signal.signal(signal.SIGTERM, on_term)
+    previous = {sig: signal.signal(sig, on_term) for sig in (signal.SIGTERM, signal.SIGHUP)
+                if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         with LocalCluster(nodes, advertise=advertise, threads=threads,
                           secure=not insecure) as local:
@@ -69,7 +73,8 @@ def cluster_up(nodes: int, advertise: bool, threads: int, insecure: bool) -> Non
             except KeyboardInterrupt:
                 console.print("stopping")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _gather(peers: tuple[str, ...], mdns: bool, timeout: float, interfaces: tuple[str, ...]):

@@ -4,10 +4,19 @@ Prints one line per event; the first stdout line, `periphery-node ready control=
 tells a launcher (the local cluster) where the node listens.
 
 A launcher passes `--parent-pid` so that its nodes never outlive it, however it ends (SIGKILL
-included): a watchdog thread sees the node re-parented (its parent pid changes) within a
-quarter of a second and stops the node cleanly. Linux's PR_SET_PDEATHSIG is not used because it
-fires when the launching *thread* exits, and the app starts local nodes from a worker thread
-that ends long before the app does.
+included). Two mechanisms, both ending in the same clean stop (the SIGTERM path):
+
+- the watchdog, everywhere: a thread sees the node re-parented (os.getppid() no longer the
+  launcher's pid; a dead parent's pid is never anyone's parent again) within a quarter of a
+  second and stops the node. Should the clean stop stall (a long inference, a hung mDNS
+  unregister), it ends the process outright `_HARD_EXIT_AFTER` seconds later.
+- Linux's parent-death signal, when the launcher asks for it with PERIPHERY_NODE_PDEATHSIG=1:
+  prctl(PR_SET_PDEATHSIG, SIGTERM), then os.getppid() checked against --parent-pid, for a
+  launcher that died before prctl ran. The kernel sends it when the *thread* that started the
+  node ends, not the process, so a launcher sets the variable only from its main thread (the
+  app starts local nodes from worker threads that end long before it does).
+
+A node whose launcher is already gone when it starts exits at once (code 1).
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -62,10 +72,7 @@ def node(name: str | None, host: str, port: int, data_port: int, device: str, th
 
     stop = threading.Event()  # set by a signal or by the parent watchdog
     if parent_pid is not None:
-        if os.getppid() != parent_pid:  # the launcher died before this node started
-            sys.exit(1)
-        threading.Thread(target=_watch_parent, args=(parent_pid, stop), daemon=True,
-                         name="parent-watchdog").start()
+        _guard_parent(parent_pid, stop)
     ring = keyring_or_insecure(keys, insecure)
     if not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
         from periphery_core.errors import PeripheryError
@@ -140,13 +147,33 @@ def _enter_state_dir(state_dir: Path | None) -> Path | None:
     return folder if temporary else None
 
 
+_HARD_EXIT_AFTER = 3.0  # seconds a node whose launcher is gone gets to stop cleanly
+
+
+def _guard_parent(parent_pid: int, stop: threading.Event) -> None:
+    """Arm the parent-death signal (if asked) and the watchdog; exit if the parent is gone."""
+    if os.environ.get("PERIPHERY_NODE_PDEATHSIG") == "1" and sys.platform.startswith("linux"):
+        import contextlib
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        with contextlib.suppress(OSError, AttributeError):  # no prctl: the watchdog alone
+            ctypes.CDLL(None).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != parent_pid:  # the launcher died before this node started
+        sys.exit(1)
+    threading.Thread(target=_watch_parent, args=(parent_pid, stop), daemon=True,
+                     name="parent-watchdog").start()
+
+
 def _watch_parent(parent_pid: int, stop: threading.Event) -> None:
-    while not stop.wait(0.25):
-        if os.getppid() != parent_pid:
-            logging.getLogger("periphery.node").warning(
-                "the process that started this node (pid %d) is gone: stopping", parent_pid)
-            stop.set()
-            return
+    while os.getppid() == parent_pid:  # (not stop: a signal may be the parent-death one)
+        time.sleep(0.25)
+    logging.getLogger("periphery.node").warning(
+        "the process that started this node (pid %d) is gone: stopping", parent_pid)
+    stop.set()
+    time.sleep(_HARD_EXIT_AFTER)
+    logging.getLogger("periphery.node").warning("the node did not stop in time: exiting")
+    os._exit(1)
 
 
 def main() -> None:

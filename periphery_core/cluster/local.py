@@ -3,7 +3,11 @@
 This is the embedded default the README's main command and the app's demo use. Each node is a
 real process; its first stdout line says where it listens. Each is started with
 `--parent-pid`, so it stops by itself when the process that started it ends, however that
-ends (SIGKILL included): local nodes never outlive their launcher.
+ends (SIGKILL included): local nodes never outlive their launcher. Started from the main
+thread, the nodes also get Linux's parent-death signal (PERIPHERY_NODE_PDEATHSIG=1, armed by
+the node itself: no preexec_fn, which is unsafe in a threaded process); from any other thread
+they rely on the watchdog alone, since that signal fires when the starting *thread* ends. See
+`periphery_core.cli.node` for both mechanisms.
 """
 
 from __future__ import annotations
@@ -69,11 +73,32 @@ class LocalCluster:
         self.stop()
 
     def start(self) -> list[NodeAddress]:
-        procs = []
+        """Start the nodes and wait until each listens; on any failure none is left running."""
+        procs: list[subprocess.Popen] = []
+        try:
+            self._start(procs)
+            for i, proc in enumerate(procs):
+                self.nodes.append(self._await_ready(i, proc))
+        except BaseException:
+            for proc in procs:
+                proc.kill()
+            for proc in procs:
+                proc.wait()
+                if proc.stdout is not None:
+                    proc.stdout.close()
+            self.nodes = []
+            self._remove_keys()
+            raise
+        return [n.address for n in self.nodes]
+
+    def _start(self, procs: list[subprocess.Popen]) -> None:
         if self.secure:
             self.keys_dir = Path(tempfile.mkdtemp(prefix="periphery-keys-"))
             init_cluster_keys(self.keys_dir, ["master"], [f"local{i}" for i in range(self.n)])
             self.master_keys = load_keyring(self.keys_dir / "master")
+        on_main_thread = threading.current_thread() is threading.main_thread()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1",
+               "PERIPHERY_NODE_PDEATHSIG": "1" if on_main_thread else "0"}
         for i in range(self.n):
             cmd = [sys.executable, "-m", "periphery_core.cli.node", "--name", f"local{i}",
                    "--host", "127.0.0.1", "--port", "0", "--threads", str(self.threads),
@@ -86,19 +111,13 @@ class LocalCluster:
                 cmd += ["--mdns-interface", "127.0.0.1"]
             else:
                 cmd.append("--no-advertise")
-            stderr = (open(self.log_dir / f"node{i}.log", "w")  # noqa: SIM115
-                      if self.log_dir else subprocess.DEVNULL)
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True,
-                                          env=env))
-        try:
-            for i, proc in enumerate(procs):
-                self.nodes.append(self._await_ready(i, proc))
-        except BaseException:
-            for proc in procs:
-                proc.kill()
-            raise
-        return [n.address for n in self.nodes]
+            if self.log_dir is None:
+                procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                              stderr=subprocess.DEVNULL, text=True, env=env))
+            else:
+                with open(self.log_dir / f"node{i}.log", "w") as log:  # the node keeps its copy
+                    procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log,
+                                                  text=True, env=env))
 
     def _await_ready(self, i: int, proc: subprocess.Popen) -> LocalNode:
         line: list[str] = []
@@ -144,6 +163,9 @@ class LocalCluster:
             if node.process.stdout is not None:
                 node.process.stdout.close()
         self.nodes = []
+        self._remove_keys()
+
+    def _remove_keys(self) -> None:
         if self.keys_dir is not None:
             shutil.rmtree(self.keys_dir, ignore_errors=True)
             self.keys_dir = None

@@ -29,9 +29,10 @@ from rich.console import Console
 from rich.table import Table
 
 from periphery_core.model import analyze, load_model
-from periphery_core.partition.costs import make_plan, planning_graph
+from periphery_core.partition.costs import planning_graph
 from periphery_core.partition.extract import extract_shards
 from periphery_core.partition.plan import DeviceSpec
+from periphery_core.partition.planner import make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT.parent / "shared" / "data" / "models"

@@ -32,7 +32,7 @@ from periphery_core.cluster.local import LocalCluster
 from periphery_core.cluster.master import Master
 from periphery_core.cluster.pipeline import Pipeline
 from periphery_core.model import analyze, load_model
-from periphery_core.partition.costs import make_plan
+from periphery_core.partition.planner import make_plan
 from periphery_core.runtime.chain import LocalChain
 from periphery_core.runtime.feeds import random_feeds
 from periphery_core.runtime.session import SessionConfig

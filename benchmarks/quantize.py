@@ -27,9 +27,10 @@ from periphery_core.errors import PeripheryError
 from periphery_core.model import analyze, load_model
 from periphery_core.model.loading import save_model
 from periphery_core.quantize.config import method_config
-from periphery_core.quantize.data import open_source
 from periphery_core.quantize.evaluate import evaluate
-from periphery_core.quantize.methods import matmul_weight_ratio, quantize
+from periphery_core.quantize.methods import quantize
+from periphery_core.quantize.sizes import matmul_weight_ratio
+from periphery_core.quantize.sources import open_source
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

@@ -30,7 +30,7 @@ from periphery_core.cluster import events as ev
 from periphery_core.cluster.local import LocalCluster
 from periphery_core.cluster.pipeline import Pipeline
 from periphery_core.model import analyze, load_model
-from periphery_core.partition.costs import make_plan
+from periphery_core.partition.planner import make_plan
 
 
 def slow_middle_mlp(path: Path, batch: int = 8) -> Path:

@@ -44,8 +44,8 @@ from periphery_app.session import OpenedModel, Session, open_model
 from periphery_app.widgets.graph_view import GraphView
 from periphery_app.widgets.stage_chart import StageChart
 from periphery_core.cluster.state import ClusterState
-from periphery_core.partition.costs import make_plan
 from periphery_core.partition.plan import ShardPlan
+from periphery_core.partition.planner import make_plan
 
 SCREENS_IN_ORDER = (
     ("model", "Model", ModelScreen),

@@ -30,8 +30,8 @@ from onnxruntime.backend.backend import OnnxRuntimeBackend
 from periphery_core.model.analysis import ModelAnalysis, analyze
 from periphery_core.model.loading import LoadedModel
 from periphery_core.model.shapes import graph_inputs
-from periphery_core.partition.costs import make_plan
 from periphery_core.partition.extract import extract_shards
+from periphery_core.partition.planner import make_plan
 from periphery_core.runtime.chain import LocalChain
 from periphery_core.runtime.session import SessionConfig
 

@@ -16,7 +16,7 @@ from periphery_app.sample import END, sample_history, sample_state
 from periphery_app.screens.shards import cuts_of, moved
 from periphery_core.model import analyze, load_model
 from periphery_core.model.analysis import NodeInfo
-from periphery_core.partition.costs import make_plan
+from periphery_core.partition.planner import make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "assets" / "demo-resnet.onnx"

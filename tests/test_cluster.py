@@ -21,8 +21,8 @@ from periphery_core.cluster.master import ClusterError, Master, NodeHandle, Requ
 from periphery_core.model import analyze, load_model
 from periphery_core.model.analysis import ModelAnalysis
 from periphery_core.model.loading import LoadedModel
-from periphery_core.partition.costs import make_plan
 from periphery_core.partition.extract import extract_shards
+from periphery_core.partition.planner import make_plan
 from periphery_core.partition.verify import bit_identical
 from periphery_core.runtime.chain import LocalChain
 from periphery_core.runtime.feeds import random_feeds

@@ -10,8 +10,8 @@ import pytest
 from periphery_core.model import analyze, load_model
 from periphery_core.model.analysis import ModelAnalysis
 from periphery_core.model.loading import LoadedModel
-from periphery_core.partition.costs import make_plan
 from periphery_core.partition.extract import extract_shards
+from periphery_core.partition.planner import make_plan
 from periphery_core.partition.verify import verify_chain
 from periphery_core.runtime.feeds import random_feeds
 from tests.conftest import corpus_models, corpus_shapes, light_models, require_shared

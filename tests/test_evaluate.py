@@ -13,7 +13,6 @@ from onnx import numpy_helper
 from periphery_core.errors import Cancelled
 from periphery_core.model.shapes import resolve_input_shapes
 from periphery_core.progress import CancelToken, Progress
-from periphery_core.quantize.data import StsbSource, open_source
 from periphery_core.quantize.evaluate import (
     EvalReport,
     EvaluationError,
@@ -23,6 +22,7 @@ from periphery_core.quantize.evaluate import (
     spearman_sts,
     sqnr_db,
 )
+from periphery_core.quantize.sources import StsbSource, open_source
 from tests.conftest import MODELS, SHARED_DATA, require_shared
 
 MNIST = MODELS / "mnist-8.onnx"

@@ -16,9 +16,9 @@ from periphery_core.model import analyze, load_model, loading
 from periphery_core.model.analysis import ModelAnalysis
 from periphery_core.model.loading import LoadedModel
 from periphery_core.model.shapes import parse_input_shape, resolve_input_shapes
-from periphery_core.partition.costs import make_plan
 from periphery_core.partition.extract import extract_shards, write_shards
 from periphery_core.partition.plan import DeviceSpec, ShardPlan, load_devices, load_plan
+from periphery_core.partition.planner import make_plan
 from periphery_core.partition.verify import verify_chain
 from periphery_core.runtime.feeds import random_feeds
 from tests import models

@@ -11,14 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from periphery_core.errors import PlanError
+from periphery_core.partition.cost_model import PlanningGraph, PlanNode, stages_from_cuts
+from periphery_core.partition.order import choose_order
 from periphery_core.partition.plan import Boundary, DeviceSpec, Stage
-from periphery_core.partition.planner import (
-    PlanningGraph,
-    PlanNode,
-    choose_order,
-    plan_stages,
-    stages_from_cuts,
-)
+from periphery_core.partition.planner import plan_stages
 
 # ---------------------------------------------------------------------------------------------
 # Building graphs.

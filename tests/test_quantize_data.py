@@ -8,8 +8,9 @@ import numpy as np
 import onnx
 import pytest
 
+from periphery_core.errors import DataError
 from periphery_core.model.shapes import InputSpec, resolve_input_shapes
-from periphery_core.quantize.data import DataError, StsbSource, open_source
+from periphery_core.quantize.sources import StsbSource, open_source
 from periphery_core.runtime.session import SessionConfig, make_session
 from tests.conftest import MODELS, SHARED_DATA, require_shared
 

@@ -20,8 +20,8 @@ import pytest
 from periphery_core.errors import Cancelled, PeripheryError
 from periphery_core.model.analysis import analyze
 from periphery_core.model.loading import LoadedModel, load_model
-from periphery_core.partition.costs import make_plan
 from periphery_core.partition.extract import extract_shards
+from periphery_core.partition.planner import make_plan
 from periphery_core.progress import CancelToken, Progress
 from periphery_core.quantize.config import (
     DynamicInt8,
@@ -33,13 +33,10 @@ from periphery_core.quantize.config import (
     WeightOnly4Bit,
     method_config,
 )
-from periphery_core.quantize.methods import (
-    matmul_weight_ratio,
-    quantize,
-    quantize_within_tolerance,
-    weight_bytes,
-)
+from periphery_core.quantize.methods import quantize
 from periphery_core.quantize.pershard import quantize_plan, quantize_stages
+from periphery_core.quantize.sizes import matmul_weight_ratio, weight_bytes
+from periphery_core.quantize.tolerance import quantize_within_tolerance
 from periphery_core.runtime.chain import LocalChain
 from periphery_core.runtime.session import SessionConfig
 from tests.conftest import MODELS, SHARED_DATA, require_shared

@@ -52,13 +52,13 @@ from periphery_app.screens.modals import PromptModal
 from periphery_app.session import OpenedModel, open_model
 from periphery_app.units import human_bytes, human_seconds
 from periphery_app.widgets.screen_bar import ScreenBar
-from periphery_core.errors import Cancelled
+from periphery_core.errors import Cancelled, DataError
 from periphery_core.model.loading import save_model
 from periphery_core.progress import CancelToken, Progress
 from periphery_core.quantize.config import METHODS, QuantConfig, method_config
-from periphery_core.quantize.data import DataError, open_source
 from periphery_core.quantize.evaluate import EvalReport, evaluate
 from periphery_core.quantize.methods import QuantResult, quantize
+from periphery_core.quantize.sources import open_source
 
 STEPS = (("method", "Method"), ("data", "Data"), ("options", "Options"), ("run", "Run"),
          ("report", "Report"))

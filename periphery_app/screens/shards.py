@@ -27,8 +27,8 @@ from periphery_app.units import human_bytes, human_seconds
 from periphery_app.widgets.stage_chart import StageChart
 from periphery_core.cluster.state import ClusterState
 from periphery_core.errors import PlanError
-from periphery_core.partition.costs import make_plan, replan_with_cuts
 from periphery_core.partition.plan import STRATEGIES, DeviceSpec, ShardPlan, load_plan
+from periphery_core.partition.planner import make_plan, replan_with_cuts
 from periphery_core.progress import Progress
 
 

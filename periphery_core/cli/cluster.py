@@ -13,7 +13,7 @@ from typing import Any
 import click
 import numpy as np
 
-from periphery_core.cli.main import F, cli, handle_errors, input_shape_option, json_option
+from periphery_core.cli.common import F, cli, handle_errors, input_shape_option, json_option
 from periphery_core.errors import PeripheryError
 
 
@@ -230,7 +230,7 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
         check: bool, metrics_port: int | None, optimize: bool, keys: Path | None,
         insecure: bool, input_shapes: tuple[str, ...], as_json: bool) -> None:
     """Deploy a plan to nodes, stream requests through the pipeline, report latency."""
-    from periphery_core.cli.main import _analysis
+    from periphery_core.cli.common import load_and_analyze
     from periphery_core.cli.render import console, err_console, print_json
     from periphery_core.cluster import events as ev
     from periphery_core.cluster.local import LocalCluster
@@ -249,7 +249,7 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
     loaded = load_model(model)
     require_plan_for(plan, loaded.sha256, model.name, str(plan_path))
     shapes = {**plan.input_shapes, **parse_input_shapes(input_shapes)}
-    _, analysis = _analysis(loaded, shapes)
+    _, analysis = load_and_analyze(loaded, shapes)
     specs, _ = resolve_input_shapes(loaded.proto, shapes)
     if inputs_path is not None:
         requests = [load_npz(inputs_path, specs)] * count

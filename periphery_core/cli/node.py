@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from periphery_core.cli.main import handle_errors, run_click
+from periphery_core.cli.common import handle_errors, run_click
 
 if TYPE_CHECKING:
     from periphery_core.cluster.node import NodeConfig

@@ -8,7 +8,7 @@ from typing import Any
 import click
 import numpy as np
 
-from periphery_core.cli.main import cli, handle_errors, input_shape_option, json_option
+from periphery_core.cli.common import cli, handle_errors, input_shape_option, json_option
 from periphery_core.errors import PeripheryError
 
 METHODS = ("dynamic", "static", "rtn", "gptq", "hqq", "awq", "smoothquant")
@@ -16,8 +16,8 @@ METHODS = ("dynamic", "static", "rtn", "gptq", "hqq", "awq", "smoothquant")
 
 def _metric_fn(source: Any, task: str | None) -> tuple[str, Any]:
     """A score for the tolerance search: accuracy, Spearman, or mean output cosine x 100."""
-    from periphery_core.quantize.data import StsbSource
     from periphery_core.quantize.evaluate import accuracy, spearman_sts
+    from periphery_core.quantize.sources import StsbSource
 
     if isinstance(source, StsbSource):
         return "Spearman x100", lambda m: spearman_sts(m, source)
@@ -57,15 +57,15 @@ def quantize(model: Path, method: str, bits: int | None, engine: str, calib: str
              plan_path: Path | None, stages: tuple[int, ...], input_shapes: tuple[str, ...],
              output: Path, as_json: bool) -> None:
     """Quantize a model (or the shards of a plan) and write the result."""
-    from periphery_core.cli.main import _analysis
+    from periphery_core.cli.common import load_and_analyze
     from periphery_core.cli.render import console, human_bytes, print_json
     from periphery_core.model import load_model
     from periphery_core.model.loading import save_model
     from periphery_core.model.shapes import parse_input_shapes
     from periphery_core.quantize.config import method_config
-    from periphery_core.quantize.data import open_source
     from periphery_core.quantize.methods import quantize as run_quantize
-    from periphery_core.quantize.methods import quantize_within_tolerance
+    from periphery_core.quantize.sources import open_source
+    from periphery_core.quantize.tolerance import quantize_within_tolerance
 
     loaded = load_model(model)
     shapes: dict[str, tuple[int, ...]] = {}
@@ -77,7 +77,7 @@ def quantize(model: Path, method: str, bits: int | None, engine: str, calib: str
         require_plan_for(plan, loaded.sha256, model.name, str(plan_path))
         shapes = dict(plan.input_shapes)
     shapes.update(parse_input_shapes(input_shapes))
-    _, analysis = _analysis(loaded, shapes)
+    _, analysis = load_and_analyze(loaded, shapes)
     config = method_config(method, bits, engine=engine)  # type: ignore[arg-type]
     source = None
     if config.calibrated or calib is not None:
@@ -149,13 +149,13 @@ def quantize(model: Path, method: str, bits: int | None, engine: str, calib: str
 def evaluate(fp32: Path, quantized: Path, data: str, labels: Path | None, samples: int | None,
              batch_size: int, input_shapes: tuple[str, ...], as_json: bool) -> None:
     """Compare a quantized model with its fp32 original: accuracy, size, latency, SQNR."""
-    from periphery_core.cli.main import _analysis
+    from periphery_core.cli.common import load_and_analyze
     from periphery_core.cli.render import print_json
     from periphery_core.model import load_model
-    from periphery_core.quantize.data import open_source
     from periphery_core.quantize.evaluate import evaluate as run_evaluate
+    from periphery_core.quantize.sources import open_source
 
-    loaded, analysis = _analysis(fp32, input_shapes)
+    loaded, analysis = load_and_analyze(fp32, input_shapes)
     load_model(quantized)  # one clear line if the quantized file is bad
     source = open_source(data, analysis.inputs, samples=samples)
     if labels is not None:

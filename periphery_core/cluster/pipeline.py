@@ -33,9 +33,9 @@ from periphery_core.cluster import events as ev
 from periphery_core.cluster.master import ClusterError, Master
 from periphery_core.model.analysis import ModelAnalysis
 from periphery_core.model.loading import LoadedModel
-from periphery_core.partition.costs import make_plan
 from periphery_core.partition.extract import extract_shards
 from periphery_core.partition.plan import ShardPlan
+from periphery_core.partition.planner import make_plan
 from periphery_core.progress import ProgressFn
 
 log = logging.getLogger("periphery.pipeline")

@@ -31,7 +31,7 @@ import onnxruntime as ort
 from periphery_core.errors import EvaluationError
 from periphery_core.model import loading
 from periphery_core.progress import CancelToken, ProgressFn, check, report
-from periphery_core.quantize.data import DataSource, Feeds, StsbSource
+from periphery_core.quantize.sources import DataSource, Feeds, StsbSource
 from periphery_core.runtime.session import SessionConfig, make_session, run_session
 
 ModelLike = Path | str | onnx.ModelProto

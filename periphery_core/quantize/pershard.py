@@ -26,7 +26,8 @@ from periphery_core.partition.extract import extract_shards
 from periphery_core.partition.plan import ShardPlan
 from periphery_core.progress import CancelToken, ProgressFn, check, report
 from periphery_core.quantize.config import CONFIG_TYPES, QuantConfig, QuantizeError
-from periphery_core.quantize.methods import FeedSource, QuantResult, quantize
+from periphery_core.quantize.engine import FeedSource
+from periphery_core.quantize.methods import QuantResult, quantize
 from periphery_core.runtime.chain import StageRunner
 from periphery_core.runtime.session import SessionConfig
 

@@ -1,0 +1,171 @@
+"""`periphery analyze`, `plan`, `shard` and `verify`: from a model to checked shards."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+
+from periphery_core.cli.common import (
+    cli,
+    handle_errors,
+    input_shape_option,
+    json_option,
+    load_and_analyze,
+    model_argument,
+)
+from periphery_core.errors import PlanError
+
+
+@cli.command()
+@model_argument
+@input_shape_option
+@click.option("--profile", is_flag=True, help="Measure each node's time in ONNX Runtime.")
+@click.option("--top", default=20, show_default=True, help="How many costly nodes to list.")
+@json_option
+@handle_errors
+def analyze(model: Path, input_shapes: tuple[str, ...], profile: bool, top: int,
+            as_json: bool) -> None:
+    """Show a model's inputs, outputs, op histogram and per-node costs."""
+    from periphery_core.cli.render import analysis_dict, print_json, render_analysis
+
+    _, analysis = load_and_analyze(model, input_shapes, profile)
+    if as_json:
+        print_json(analysis_dict(analysis))
+    else:
+        render_analysis(analysis, top)
+
+
+def _make_plan(model: Path, shards: int, strategy: str, devices: Path | None,
+               profile: bool, input_shapes: Sequence[str]):
+    from periphery_core.partition.plan import load_devices
+    from periphery_core.partition.planner import make_plan
+
+    loaded, analysis = load_and_analyze(model, input_shapes, profile)
+    devs = load_devices(devices) if devices is not None else None
+    plan = make_plan(analysis, shards, strategy=strategy, devices=devs, use_profile=profile)
+    return loaded, analysis, plan
+
+
+strategy_option = click.option(
+    "--strategy", type=click.Choice(["balanced", "even", "spectral"]), default="balanced",
+    show_default=True, help="balanced: optimal bottleneck; even: equal node counts; "
+    "spectral: spectral clustering repaired into contiguous stages.",
+)
+devices_option = click.option(
+    "--devices", type=click.Path(path_type=Path), default=None,
+    help="TOML/JSON file of [[device]] tables (name, speed, memory, bandwidth), in order.",
+)
+
+
+@cli.command()
+@model_argument
+@click.option("--shards", "-k", type=int, required=True, help="Number of pipeline stages.")
+@strategy_option
+@devices_option
+@click.option("--profile", is_flag=True, help="Plan with measured node times, not FLOPs.")
+@input_shape_option
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Plan file to write (.json or .toml).")
+@json_option
+@handle_errors
+def plan(model: Path, shards: int, strategy: str, devices: Path | None, profile: bool,
+         input_shapes: tuple[str, ...], output: Path, as_json: bool) -> None:
+    """Plan K pipeline stages and write the plan file."""
+    from periphery_core.cli.render import plan_summary, print_json, render_plan
+
+    _, _, shard_plan = _make_plan(model, shards, strategy, devices, profile, input_shapes)
+    shard_plan.save(output)
+    if as_json:
+        print_json(plan_summary(shard_plan))
+    else:
+        render_plan(shard_plan)
+        click.echo(f"wrote {output}")
+
+
+@cli.command()
+@model_argument
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None,
+              help="A plan file from 'periphery plan' or the app.")
+@click.option("--shards", "-k", type=int, default=None, help="Plan K stages on the fly.")
+@strategy_option
+@devices_option
+@input_shape_option
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Folder for stage-<i>.onnx files and plan.json.")
+@json_option
+@handle_errors
+def shard(model: Path, plan_path: Path | None, shards: int | None, strategy: str,
+          devices: Path | None, input_shapes: tuple[str, ...], output: Path,
+          as_json: bool) -> None:
+    """Write one standalone .onnx per stage, and the plan, into a folder."""
+    from periphery_core.cli.render import print_json
+    from periphery_core.model.shapes import parse_input_shapes
+    from periphery_core.partition.extract import extract_shards, write_shards
+    from periphery_core.partition.plan import load_plan, require_plan_for
+
+    if (plan_path is None) == (shards is None):
+        raise PlanError("give exactly one of --plan PLAN.json or --shards K")
+    if plan_path is not None:
+        from periphery_core.model import load_model
+
+        shard_plan = load_plan(plan_path)
+        loaded = load_model(model)
+        require_plan_for(shard_plan, loaded.sha256, model.name, str(plan_path))
+        shapes = {**shard_plan.input_shapes, **parse_input_shapes(input_shapes)}
+        loaded, analysis = load_and_analyze(loaded, shapes)
+    else:
+        assert shards is not None
+        loaded, analysis, shard_plan = _make_plan(model, shards, strategy, devices, False,
+                                                  input_shapes)
+    paths = write_shards(extract_shards(loaded, analysis, shard_plan), shard_plan, output)
+    if as_json:
+        print_json({"stages": [str(p) for p in paths], "plan": str(output / "plan.json")})
+    else:
+        for p in paths:
+            click.echo(f"wrote {p}")
+
+
+@cli.command()
+@model_argument
+@click.argument("shard_dir", type=click.Path(path_type=Path))
+@click.option("--exact", is_flag=True,
+              help="Graph optimizations off on both sides; outputs must be bit-identical.")
+@click.option("--inputs", "inputs_path", type=click.Path(path_type=Path), default=None,
+              help="A .npz with one array per model input (default: seeded random data).")
+@click.option("--seed", default=0, show_default=True, help="Seed for random inputs.")
+@input_shape_option
+@json_option
+@handle_errors
+def verify(model: Path, shard_dir: Path, exact: bool, inputs_path: Path | None, seed: int,
+           input_shapes: tuple[str, ...], as_json: bool) -> None:
+    """Run the whole model and the chain of shards on the same inputs and compare.
+
+    Exit 0 when equal (bit-identical with --exact), 1 when not, 2 on bad input.
+    """
+    from periphery_core.cli.render import print_json, render_verify, verify_dict
+    from periphery_core.model import load_model
+    from periphery_core.model.shapes import parse_input_shapes, resolve_input_shapes
+    from periphery_core.partition.extract import PLAN_FILE, shard_paths
+    from periphery_core.partition.plan import load_plan, require_plan_for
+    from periphery_core.partition.verify import verify_chain
+    from periphery_core.runtime.feeds import load_npz, random_feeds
+
+    paths = shard_paths(shard_dir)
+    loaded = load_model(model)
+    planned: dict[str, tuple[int, ...]] = {}
+    if (shard_dir / PLAN_FILE).is_file():
+        shard_plan = load_plan(shard_dir / PLAN_FILE)
+        require_plan_for(shard_plan, loaded.sha256, model.name, f"the shards in {shard_dir}")
+        planned = dict(shard_plan.input_shapes)
+    specs, _ = resolve_input_shapes(loaded.proto, {**planned, **parse_input_shapes(input_shapes)})
+    feeds = load_npz(inputs_path, specs) if inputs_path else random_feeds(specs, seed)
+    report = verify_chain(model if loaded.has_external_data else loaded.proto, paths, feeds,
+                          exact=exact)
+    if as_json:
+        print_json(verify_dict(report))
+    else:
+        render_verify(report, len(paths))
+    sys.exit(0 if report.passed else 1)

@@ -27,19 +27,9 @@ from periphery_core.cluster.local import LocalCluster
 from periphery_core.cluster.master import Master
 from periphery_core.discovery import NodeAddress
 from periphery_core.errors import PeripheryError
+from tests.waiting import wait_for
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
-
-
-def _wait(condition: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.time() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.time() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def _nodes_of(pid: int) -> list[psutil.Process]:
@@ -75,7 +65,7 @@ class Launcher:
                 raise AssertionError(f"exited {self.proc.returncode}: {self.text()}")
             return self.text() if marker in self.text() else None
 
-        text = str(_wait(ready, timeout, marker))
+        text = str(wait_for(ready, timeout, marker))
         self.nodes = _nodes_of(self.proc.pid)
         assert len(self.nodes) == n_nodes, text
         return text
@@ -116,7 +106,7 @@ def test_cluster_up_takes_its_nodes_with_it(launch: Callable[..., Launcher],
                                             sig: signal.Signals) -> None:
     up = cluster_up(launch, 2)
     up.proc.send_signal(sig)
-    _wait(lambda: not _alive(up.nodes), 5, f"the nodes to exit after {sig.name}")
+    wait_for(lambda: not _alive(up.nodes), 5, f"the nodes to exit after {sig.name}")
     up.proc.wait(10)
     if sig == signal.SIGTERM:
         assert up.proc.returncode == 0 and "stopping" in up.text()
@@ -128,7 +118,7 @@ def test_one_dead_node_is_reported_and_the_others_keep_serving(
     peers = re.findall(r"(local\d)\s+--peer 127\.0\.0\.1:(\d+)", up.text())
     victim = next(p for p in up.nodes if "local1" in p.cmdline())
     victim.kill()
-    _wait(lambda: "node local1 exited (signal 9)" in up.text(), 10, "the death to be reported")
+    wait_for(lambda: "node local1 exited (signal 9)" in up.text(), 10, "the death to be reported")
     assert up.proc.poll() is None, up.text()  # cluster up carries on
     assert len(_alive(up.nodes)) == 2
     with Master() as master:  # the survivors still answer
@@ -139,7 +129,7 @@ def test_one_dead_node_is_reported_and_the_others_keep_serving(
                 assert handle.name == name
     up.proc.send_signal(signal.SIGINT)
     up.proc.wait(15)
-    _wait(lambda: not _alive(up.nodes), 5, "the nodes to stop")
+    wait_for(lambda: not _alive(up.nodes), 5, "the nodes to stop")
 
 
 @pytest.mark.parametrize("thread", ["main", "worker"])
@@ -164,7 +154,7 @@ def test_a_killed_python_process_takes_its_local_cluster_with_it(
         time.sleep(1.0)
         assert len(_alive(owner.nodes)) == 2, "the nodes stopped when their starting thread ended"
     owner.proc.kill()
-    _wait(lambda: not _alive(owner.nodes), 5, "the nodes to exit after their owner's SIGKILL")
+    wait_for(lambda: not _alive(owner.nodes), 5, "the nodes to exit after their owner's SIGKILL")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
@@ -187,7 +177,7 @@ def test_a_node_arms_the_parent_death_signal_when_asked(launch: Callable[..., La
     """)
     owner = launch(sys.executable, "-c", script)
     owner.wait_for("thread ended", 1)
-    _wait(lambda: not _alive(owner.nodes), 5, "the parent-death signal to stop the node")
+    wait_for(lambda: not _alive(owner.nodes), 5, "the parent-death signal to stop the node")
     assert owner.proc.poll() is None
 
 

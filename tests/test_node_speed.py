@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,18 +22,7 @@ from periphery_core.cluster.speeds import (
 )
 from periphery_core.cluster.state import ClusterState, fold
 from periphery_core.discovery import NodeAddress
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
-
+from tests.waiting import wait_for
 
 # ------------------------------------------------------------------ the pure decision
 

@@ -25,16 +25,9 @@ from periphery_core.partition.verify import bit_identical
 from periphery_core.runtime.chain import LocalChain
 from periphery_core.runtime.session import SessionConfig
 from tests.test_recovery import LAYERS, WIDTH, _mlp
+from tests.waiting import wait_for
 
 OUT = f"h{LAYERS - 1}"
-
-
-def _wait(condition: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +154,7 @@ def test_the_master_outlives_a_dead_node_and_a_hung_one(model) -> None:  # type:
             pipeline.deploy([ids[0]])
             local.kill(1)
             os.kill(hung, signal.SIGSTOP)
-            _wait(lambda: master.nodes[ids[1]].lost and master.nodes[ids[2]].lost, 15,
+            wait_for(lambda: master.nodes[ids[1]].lost and master.nodes[ids[2]].lost, 15,
                   "both nodes to be declared lost")
             t_end = time.time() + 125
             next_deploy, deploys = time.time() + 25, 0

@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ import psutil
 import pytest
 
 from tests.test_recovery import _mlp
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -32,16 +32,6 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 def _cli(*args: object) -> list[str]:
     return [sys.executable, "-m", "periphery_core.cli.main", *map(str, args)]
-
-
-def _wait(condition, timeout: float, what: str, poll: float = 0.1):  # type: ignore[no-untyped-def]
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
@@ -68,7 +58,7 @@ def cluster_up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, list[str], st
                 raise AssertionError(f"cluster up exited {proc.returncode}: {text}")
             return text if "nodes up" in text else None
 
-        text = _wait(started, 60, "cluster up to start its nodes")
+        text = wait_for(started, 60, "cluster up to start its nodes")
         peers = re.findall(r"--peer (\S+)", text)
         keys = re.search(r"--keys (\S+)", text)
         assert len(peers) == 3 and keys is not None, text
@@ -119,7 +109,7 @@ def test_run_recovers_from_a_node_killed_mid_stream(tmp_path: Path, cluster_up) 
     run = subprocess.Popen(_cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, env=ENV, cwd=tmp_path)
     try:
-        _wait(lambda: run.poll() is not None or _completed(port) >= 100, 120,
+        wait_for(lambda: run.poll() is not None or _completed(port) >= 100, 120,
               "the run to complete 100 requests")
         assert run.poll() is None, "the run ended before the node could be killed"
         victim = _node_process(cluster, "local1")
@@ -162,8 +152,8 @@ def test_run_with_no_node_left_is_one_clear_line(tmp_path: Path) -> None:
                     return child
             return None
 
-        victim = _wait(node, 60, "the local node to start")
-        _wait(lambda: _completed(port) >= 20, 60, "the run to stream")
+        victim = wait_for(node, 60, "the local node to start")
+        wait_for(lambda: _completed(port) >= 20, 60, "the run to stream")
         victim.kill()
         out, err = run.communicate(timeout=60)
     finally:

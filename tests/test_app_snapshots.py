@@ -32,9 +32,11 @@ def test_screen(snap_compare, screen: str) -> None:
 def test_graph_folded_with_details(snap_compare) -> None:
     async def run_before(pilot) -> None:
         await show_sample_screen(pilot, "graph")
+        screen = pilot.app.screen
+        shown = screen.layout_ready_count
         await pilot.press("f")
-        await pilot.app.workers.wait_for_complete()  # the folded layout is made in a worker
-        await pilot.pause()  # and shown when its message is handled
+        # the folded layout is made in a worker and shown when its message is handled
+        await until(pilot, lambda: screen.layout_ready_count > shown, timeout=30)
         await pilot.press("down", "down", "enter")
         await pilot.pause()
 

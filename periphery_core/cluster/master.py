@@ -38,6 +38,7 @@ from periphery_core.wire import Limits, Message, WireError, decode, encode
 log = logging.getLogger("periphery.master")
 
 CHUNK_BYTES = 1 << 20
+_FROM_NODES = frozenset({"info", "pong", "ready", "error", "stats"})  # on the control socket
 
 
 def _settle(future: Future, value: Any) -> None:
@@ -315,9 +316,17 @@ class Master:
                     except zmq.Again:
                         break
                     try:
-                        self._on_control(handle, decode(frames, self.limits))
-                    except (WireError, KeyError, TypeError, ValueError) as exc:
-                        log.warning("bad message from node %s: %s", handle.name, exc)
+                        msg = decode(frames, self.limits)  # checks every field it reads
+                        if msg.kind not in _FROM_NODES:
+                            raise WireError(f"'{msg.kind}' is not a message nodes send")
+                    except WireError as exc:  # rejected whole: nothing of it is kept
+                        log.warning("rejected message from node %s: %s",
+                                    handle.name or handle.address.host, exc)
+                        continue
+                    try:
+                        self._on_control(handle, msg)
+                    except Exception:  # a bug with one message: drop it, read the next
+                        log.exception("message from node %s dropped", handle.name)
         now = time.time()
         if now >= next_beat:
             next_beat = now + self.heartbeat_s
@@ -356,6 +365,8 @@ class Master:
         return False
 
     def _on_control(self, handle: NodeHandle, msg: Message) -> None:
+        """Act on one message from a node. `decode` has checked the type and range of every
+        field read here (wire/protocol.py), so none of these conversions can fail half-way."""
         handle.last_seen = time.time()
         f = msg.fields
         if handle.lost and handle.node_id and msg.kind in ("pong", "stats"):
@@ -647,6 +658,8 @@ class Master:
             t_done = time.time()
             try:
                 msg = decode(frames, self.limits)
+                if msg.kind not in ("result", "failure"):
+                    raise WireError(f"'{msg.kind}' is not a result")
             except WireError as exc:
                 log.warning("bad result message: %s", exc)
                 continue

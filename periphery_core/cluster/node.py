@@ -11,7 +11,8 @@ Threads, each owning its own sockets (ZeroMQ sockets are not thread-safe):
 
 Bounded queues between them and ZeroMQ high-water marks on the sockets give backpressure: a
 slow stage slows its upstream instead of growing memory. A frame that does not parse is
-logged and dropped; the node keeps serving.
+logged and dropped; the node keeps serving. A thread that dies anyway stops the whole node,
+loudly (see `NodeDaemon._guarded`): a node is never left half-alive.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +37,7 @@ import zmq
 
 from periphery_core.cluster.keys import Guard, KeyRing, Role
 from periphery_core.cluster.shard_policy import require_self_contained
-from periphery_core.errors import PeripheryError
+from periphery_core.errors import ClusterError, PeripheryError
 from periphery_core.runtime.chain import StageRunner
 from periphery_core.runtime.session import SessionConfig
 from periphery_core.wire import PROTOCOL_VERSION, Limits, Message, WireError, decode, encode
@@ -74,9 +76,24 @@ class _Upload:
     stage: int
     stages: int
     sha256: str
-    buffer: bytearray
-    received: int = 0
-    fields: dict[str, Any] = field(default_factory=dict)
+    size: int  # as declared: the buffer grows to it only as chunks arrive, in order
+    fields: dict[str, Any]
+    buffer: bytearray = field(default_factory=bytearray)
+
+
+@dataclass
+class _Wiring:
+    """The sender thread's sockets to the next stage and the master (that thread's alone)."""
+
+    dep: _Deployment | None = None
+    nxt: zmq.Socket | None = None
+    results: zmq.Socket | None = None  # the same socket as `nxt` for the last stage
+
+    def close(self) -> None:
+        for sock in (self.nxt, self.results):
+            if sock is not None:
+                sock.close(linger=0)
+        self.nxt = self.results = None
 
 
 @dataclass
@@ -203,6 +220,7 @@ class NodeDaemon:
         self._advertiser: Any = None
         self.speed: float | None = None
         self.rejected = 0
+        self.failure: str | None = None  # why a thread died, stopping the node
         self.control_endpoint = ""
         self.data_endpoint = ""
         self._warned_cuda = False
@@ -226,7 +244,8 @@ class NodeDaemon:
         self._measure()  # before serving: a master's first hello already gets a speed
         for target in (self._receive_loop, self._compute_loop, self._send_loop,
                        self._stats_loop, self._calibrate):
-            t = threading.Thread(target=target, name=f"node-{target.__name__}", daemon=True)
+            t = threading.Thread(target=self._guarded, args=(target,),
+                                 name=f"node-{target.__name__}", daemon=True)
             t.start()
             self._threads.append(t)
         if cfg.advertise:
@@ -304,9 +323,41 @@ class NodeDaemon:
         sock.close(linger=500)
         log.info("node stopping: %d queued requests failed explicitly", len(ids))
 
+    def _guarded(self, loop: Callable[[], None]) -> None:
+        """Run one of the node's loops; if it dies anyway, stop the whole node, loudly.
+
+        Each loop logs and drops a message it cannot handle, so a loop that dies is a bug. A
+        node missing a thread would be half-alive: answering heartbeats, so the master keeps
+        it, but never computing again. Restarting the thread is not safe either (its sockets
+        and the item it held are in an unknown state). So the node stops: `serve_forever`
+        raises, the process exits non-zero, and the master sees the node lost and recovers
+        the pipeline on the others.
+        """
+        try:
+            loop()
+        except BaseException as exc:
+            if self._stop.is_set() and self.failure is None:  # torn down under it: no bug
+                log.warning("node thread %s ended while stopping: %s", loop.__name__, exc)
+                return
+            self.failure = self.failure or (
+                f"its {loop.__name__.strip('_')} thread died: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}")
+            log.critical("node %s stopping: %s", self.config.name, self.failure, exc_info=True)
+            self._stop.set()
+
     # ------------------------------------------------------------------ control
 
     def serve_forever(self) -> None:
+        """Serve the master until stopped.
+
+        Raises:
+            ClusterError: a thread of the node died despite its guards, so the node stopped.
+        """
+        self._guarded(self._control_loop)
+        if self.failure is not None:
+            raise ClusterError(f"node {self.config.name} stopped: {self.failure}")
+
+    def _control_loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self.control, zmq.POLLIN)
         while not self._stop.is_set():
@@ -324,12 +375,17 @@ class NodeDaemon:
                 continue
             ident = bytes(first.buffer)
             try:
-                msg = decode(frames, self.config.limits)
+                msg = decode(frames, self.config.limits)  # checks every field (wire/protocol)
                 self._handle(ident, msg)
             except WireError as exc:
                 self.rejected += 1
                 log.warning("rejected control message: %s", exc)
                 self._reply(ident, "error", {"reason": f"rejected: {exc}"})
+            except Exception as exc:  # a bug with one message: drop it, say so, keep serving
+                self.rejected += 1
+                log.exception("control message dropped")
+                self._reply(ident, "error", {"reason": f"the node failed to handle it: "
+                                             f"{type(exc).__name__}"})
 
     def _reply(self, ident: bytes, kind: str, fields: dict[str, Any]) -> None:
         self._outbox.put((ident, encode(kind, fields)))
@@ -371,10 +427,13 @@ class NodeDaemon:
             raise WireError(f"'{kind}' is not a control message")
 
     def _begin_upload(self, ident: bytes, msg: Message) -> None:
-        f = msg.fields
+        f = msg.fields  # types and ranges already checked by decode (wire/protocol.py)
+        self._upload = None  # a new deploy abandons any upload still in progress
         size = f["size"]
         if not 0 < size <= self.config.max_shard_bytes:
             raise WireError(f"shard of {size} bytes is outside 1..{self.config.max_shard_bytes}")
+        if f["stage"] >= f["stages"]:
+            raise WireError(f"deploy_begin names stage {f['stage']} of {f['stages']}")
         for key in ("next", "results"):
             if not isinstance(f.get(key), str) or not str(f[key]).startswith("tcp://"):
                 raise WireError(f"deploy_begin needs a tcp:// endpoint in '{key}'")
@@ -393,7 +452,18 @@ class NodeDaemon:
         if f.get("reuse") is True:
             self._reuse(ident, f)
             return
-        self._upload = _Upload(f["stage"], f["stages"], f["sha256"], bytearray(size), 0, dict(f))
+        # Nothing is allocated for the declared size: the buffer grows as chunks arrive (so a
+        # small message cannot make the node zero-fill gigabytes), and a shard that cannot fit
+        # in the memory free here is refused now, not when it is half uploaded.
+        free = int(psutil.virtual_memory().available)
+        if size > free:
+            log.warning("refused shard for stage %d: %d MiB, %d MiB free", f["stage"],
+                        size >> 20, free >> 20)
+            self._reply(ident, "error", {
+                "reason": f"stage {f['stage']}: a shard of {size >> 20} MiB does not fit in the "
+                          f"{free >> 20} MiB of memory free on this node", "stage": f["stage"]})
+            return
+        self._upload = _Upload(f["stage"], f["stages"], f["sha256"], size, dict(f))
         log.info("receiving shard for stage %d (%d bytes)", f["stage"], size)
 
     def _reuse(self, ident: bytes, f: dict[str, Any]) -> None:
@@ -411,18 +481,18 @@ class NodeDaemon:
         up = self._upload
         if up is None or msg.payload is None:
             raise WireError("shard chunk without an upload in progress")
-        offset = msg.fields["offset"]
-        if offset != up.received or offset + len(msg.payload) > len(up.buffer):
-            raise WireError(f"shard chunk at {offset} does not follow {up.received}")
-        up.buffer[offset:offset + len(msg.payload)] = msg.payload
-        up.received += len(msg.payload)
+        offset, received = msg.fields["offset"], len(up.buffer)
+        if offset != received or offset + len(msg.payload) > up.size:
+            raise WireError(f"shard chunk at {offset} does not follow {received} "
+                            f"(of {up.size} bytes)")
+        up.buffer += msg.payload
 
     def _end_upload(self, ident: bytes, msg: Message) -> None:
         up, self._upload = self._upload, None
         if up is None:
             raise WireError("deploy_end without an upload")
         digest = hashlib.sha256(up.buffer).hexdigest()
-        if up.received != len(up.buffer) or digest != up.sha256 or msg.fields["sha256"] != digest:
+        if len(up.buffer) != up.size or digest != up.sha256 or msg.fields["sha256"] != digest:
             log.warning("refused shard for stage %d: sha256 mismatch", up.stage)
             self._reply(ident, "error", {"reason": f"stage {up.stage}: shard bytes do not match "
                                          "their sha256", "stage": up.stage})
@@ -450,8 +520,14 @@ class NodeDaemon:
             self._reply(ident, "error", {"reason": f"stage {up.stage} failed to load: {exc}",
                                          "stage": up.stage})
             return
-        _warm_up(runner)
-        self._activate(ident, up.stage, runner, provider, up.fields, up.sha256)
+        try:
+            _warm_up(runner)
+            self._activate(ident, up.stage, runner, provider, up.fields, up.sha256)
+        except Exception as exc:  # a bug: the master must hear of it, not wait out its timeout
+            log.exception("stage %d failed to start", up.stage)
+            self._reply(ident, "error", {"reason": f"stage {up.stage} failed to start: "
+                                         f"{type(exc).__name__}: {exc}", "stage": up.stage})
+            return
         log.info("stage %d ready on %s", up.stage, provider)
 
     def _activate(self, ident: bytes, stage: int, runner: StageRunner, provider: str,
@@ -459,7 +535,7 @@ class NodeDaemon:
         keys = {k: str(f.get(k) or "").encode() or None for k in ("next_key", "results_key")}
         self._deployment = _Deployment(stage, runner, f["next"], f["results"], provider,
                                        keys["next_key"], keys["results_key"],
-                                       int(f.get("epoch", 0) or 0), sha256,
+                                       int(f.get("epoch", 0)), sha256,
                                        bool(f.get("exact", True)))
         self._rewire.set()
         self._outq.put(("rewire", self._deployment))
@@ -479,7 +555,7 @@ class NodeDaemon:
                 continue
             t_recv = time.time()
             try:
-                msg = decode(frames, self.config.limits)
+                msg = decode(frames, self.config.limits)  # raises WireError and nothing else
                 if msg.kind != "activation":
                     raise WireError(f"'{msg.kind}' is not a data message")
             except WireError as exc:
@@ -502,24 +578,34 @@ class NodeDaemon:
             if item is None:
                 continue
             msg, t_recv = item
-            dep = self._deployment
-            rid = msg.fields["id"]
-            if dep is None:
-                self._put_out(("failure", {"id": rid, "reason": "no shard deployed", "stage": -1}))
-                continue
-            epoch = msg.fields.get("epoch", 0)
-            if epoch != dep.epoch:
-                continue  # sent to a pipeline that has been replaced; the master replays it
-            t_start = time.time()
             try:
-                outputs = dep.runner.run(msg.tensors)
-            except Exception as exc:  # a bad request fails alone; the node keeps serving
-                self._put_out(("failure", {"id": rid, "stage": dep.stage, "epoch": epoch,
-                                           "reason": f"stage {dep.stage}: {exc}"}))
-                continue
-            t_end = time.time()
-            times = [*msg.fields.get("times", []), [dep.stage, t_recv, t_start, t_end]]
-            self._put_out(("activation", ({"id": rid, "times": times, "epoch": epoch}, outputs)))
+                self._compute(msg, t_recv)
+            except Exception as exc:  # a bug with one request: fail it alone, keep serving
+                log.exception("request %s dropped", msg.fields.get("id"))
+                self._put_out(("failure", {"id": msg.fields["id"], "stage": -1,
+                                           "epoch": msg.fields.get("epoch", 0),
+                                           "reason": f"the node failed on it: "
+                                                     f"{type(exc).__name__}"}))
+
+    def _compute(self, msg: Message, t_recv: float) -> None:
+        dep = self._deployment
+        rid = msg.fields["id"]
+        if dep is None:
+            self._put_out(("failure", {"id": rid, "reason": "no shard deployed", "stage": -1}))
+            return
+        epoch = msg.fields.get("epoch", 0)
+        if epoch != dep.epoch:
+            return  # sent to a pipeline that has been replaced; the master replays it
+        t_start = time.time()
+        try:
+            outputs = dep.runner.run(msg.tensors)
+        except Exception as exc:  # a bad request fails alone; the node keeps serving
+            self._put_out(("failure", {"id": rid, "stage": dep.stage, "epoch": epoch,
+                                       "reason": f"stage {dep.stage}: {exc}"}))
+            return
+        t_end = time.time()
+        times = [*msg.fields.get("times", []), [dep.stage, t_recv, t_start, t_end]]
+        self._put_out(("activation", ({"id": rid, "times": times, "epoch": epoch}, outputs)))
 
     def _put_out(self, item: tuple[str, Any]) -> None:
         while not self._stop.is_set():
@@ -530,61 +616,68 @@ class NodeDaemon:
                 continue
 
     def _send_loop(self) -> None:
-        nxt: zmq.Socket | None = None
-        results: zmq.Socket | None = None
-        dep: _Deployment | None = None
-        while not self._stop.is_set():
-            try:
-                kind, payload = self._outq.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if self._rewire.is_set() and kind != "rewire":
-                continue  # belongs to the pipeline being replaced
-            if kind == "rewire":
-                self._rewire.clear()
-                for sock in (nxt, results):
-                    if sock is not None:
-                        sock.close(linger=0)
-                dep = payload
-                assert dep is not None
+        wiring = _Wiring()
+        try:
+            while not self._stop.is_set():
                 try:
-                    last = dep.next_endpoint == dep.results_endpoint
-                    nxt = self._push(dep.next_endpoint, dep.next_key,
-                                     "masters" if last else "nodes")
-                    results = self._push(dep.results_endpoint, dep.results_key, "masters") \
-                        if dep.results_endpoint != dep.next_endpoint else nxt
-                except PeripheryError as exc:
-                    log.warning("cannot wire stage %d: %s", dep.stage, exc.message)
-                    nxt = results = None
-                continue
-            if kind == "failure":
-                if results is not None:
-                    results.send_multipart(encode("failure", payload), copy=False)
-                else:
-                    log.warning("request %s failed before any deployment: %s", payload["id"],
-                                payload["reason"])
-                continue
-            fields, outputs = payload
-            if nxt is None or dep is None:
-                continue
-            fields["times"][-1].append(time.time())
-            last = dep.next_endpoint == dep.results_endpoint
+                    kind, payload = self._outq.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if self._rewire.is_set() and kind != "rewire":
+                    continue  # belongs to the pipeline being replaced
+                try:
+                    self._send(wiring, kind, payload)
+                except Exception:  # one item that cannot go is dropped; the rest still go
+                    log.exception("outgoing %s dropped", kind)
+        finally:
+            wiring.close()
+
+    def _send(self, wiring: _Wiring, kind: str, payload: Any) -> None:
+        if kind == "rewire":
+            self._rewire.clear()
+            wiring.close()
+            wiring.dep = dep = payload
             try:
-                frames = encode("result" if last else "activation", fields, outputs)
-            except WireError as exc:
-                frames = encode("failure", {"id": fields["id"], "stage": dep.stage,
-                                            "epoch": fields.get("epoch", 0),
-                                            "reason": f"stage {dep.stage}: {exc}"})
-            self._send_blocking(nxt, frames)
-        for sock in (nxt, results):
-            if sock is not None:
-                sock.close(linger=0)
+                last = dep.next_endpoint == dep.results_endpoint
+                wiring.nxt = self._push(dep.next_endpoint, dep.next_key,
+                                        "masters" if last else "nodes")
+                wiring.results = wiring.nxt if last else \
+                    self._push(dep.results_endpoint, dep.results_key, "masters")
+            except (PeripheryError, zmq.ZMQError) as exc:
+                log.warning("cannot wire stage %d: %s", dep.stage, exc)
+                wiring.close()
+            return
+        if kind == "failure":
+            if wiring.results is not None:
+                wiring.results.send_multipart(encode("failure", payload), copy=False)
+            else:
+                log.warning("request %s failed before any deployment: %s", payload["id"],
+                            payload["reason"])
+            return
+        fields, outputs = payload
+        dep = wiring.dep
+        if wiring.nxt is None or dep is None:
+            return
+        fields["times"][-1].append(time.time())
+        last = dep.next_endpoint == dep.results_endpoint
+        try:
+            frames = encode("result" if last else "activation", fields, outputs)
+        except WireError as exc:
+            frames = encode("failure", {"id": fields["id"], "stage": dep.stage,
+                                        "epoch": fields.get("epoch", 0),
+                                        "reason": f"stage {dep.stage}: {exc}"})
+        self._send_blocking(wiring.nxt, frames)
 
     def _push(self, endpoint: str, server_key: bytes | None, role: Role) -> zmq.Socket:
-        sock = self.guard.client(self.ctx.socket(zmq.PUSH), server_key, role)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, self.config.queue_depth)
-        sock.connect(endpoint)
+        sock = self.ctx.socket(zmq.PUSH)
+        try:
+            self.guard.client(sock, server_key, role)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, self.config.queue_depth)
+            sock.connect(endpoint)
+        except BaseException:
+            sock.close(linger=0)
+            raise
         return sock
 
     def _send_blocking(self, sock: zmq.Socket, frames: list[Any]) -> None:
@@ -637,20 +730,26 @@ class NodeDaemon:
         proc = psutil.Process()
         proc.cpu_percent(None)
         while not self._stop.wait(self.config.stats_interval_s):
-            if self._master is None:
-                continue
-            silent = time.time() - self._master_seen
-            if silent > MASTER_LOST_S and not self._master_lost:
-                self._master_lost = True
-                stage = self._deployment.stage if self._deployment else None
-                log.warning("master silent for %.1f s: keeping stage %s and waiting for a "
-                            "master to come back", silent, stage)
-            self._outbox.put((self._master, encode("stats", {
-                "node": self.node_id, "cpu": proc.cpu_percent(None),
-                "rss": int(proc.memory_info().rss),
-                "mem": float(psutil.virtual_memory().percent),
-                "rejected": self.rejected,
-                **({"speed": self.speed} if self.speed is not None else {}),
-            })))
-            if self._advertiser is not None:
-                self._advertiser.update(self._txt())
+            try:
+                self._send_stats(proc)
+            except Exception:  # one missed report is no reason to stop reporting
+                log.exception("stats not sent")
+
+    def _send_stats(self, proc: psutil.Process) -> None:
+        if self._master is None:
+            return
+        silent = time.time() - self._master_seen
+        if silent > MASTER_LOST_S and not self._master_lost:
+            self._master_lost = True
+            stage = self._deployment.stage if self._deployment else None
+            log.warning("master silent for %.1f s: keeping stage %s and waiting for a "
+                        "master to come back", silent, stage)
+        self._outbox.put((self._master, encode("stats", {
+            "node": self.node_id, "cpu": proc.cpu_percent(None),
+            "rss": int(proc.memory_info().rss),
+            "mem": float(psutil.virtual_memory().percent),
+            "rejected": self.rejected,
+            **({"speed": self.speed} if self.speed is not None else {}),
+        })))
+        if self._advertiser is not None:
+            self._advertiser.update(self._txt())

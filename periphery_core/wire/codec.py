@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,7 +11,14 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from periphery_core.wire.protocol import DEFAULT_LIMITS, DTYPES, KINDS, PROTOCOL_VERSION, Limits
+from periphery_core.wire.protocol import (
+    DEFAULT_LIMITS,
+    DTYPES,
+    KINDS,
+    PROTOCOL_VERSION,
+    Field,
+    Limits,
+)
 
 
 class WireError(Exception):
@@ -70,11 +79,20 @@ def _frame_bytes(frame: Any) -> memoryview:
 
 
 def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
-    """Parse and validate a message.
+    """Parse and validate a message: its frames, tensor descriptors and header fields.
 
     Raises:
-        WireError: anything malformed: the reason says what.
+        WireError: anything malformed (and nothing else): the reason says what.
     """
+    try:
+        return _decode(frames, limits)
+    except WireError:
+        raise
+    except Exception as exc:  # a check missed below must still be a rejected message
+        raise WireError(f"malformed message ({type(exc).__name__})") from None
+
+
+def _decode(frames: Sequence[Any], limits: Limits) -> Message:
     if not frames:
         raise WireError("empty message")
     head = _frame_bytes(frames[0])
@@ -89,15 +107,17 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
         raise WireError("header is not a map")
     version = header.get("v")
     if version != PROTOCOL_VERSION:
-        raise WireError(f"protocol version {version!r} is not {PROTOCOL_VERSION}")
+        raise WireError(f"protocol version {version!r:.20} is not {PROTOCOL_VERSION}")
     kind = header.get("kind")
     if not isinstance(kind, str) or kind not in KINDS:
-        raise WireError(f"unknown message kind {kind!r}")
-    for key, types in KINDS[kind].items():
-        value = header.get(key)
-        if not isinstance(value, types) or isinstance(value, bool):
-            raise WireError(f"'{kind}' needs field '{key}' of type "
-                            f"{'/'.join(t.__name__ for t in types)}")
+        raise WireError(f"unknown message kind {kind!r:.60}")
+    for key, spec in KINDS[kind].items():
+        if key not in header:
+            if spec.required:
+                raise WireError(f"'{kind}' needs field '{key}' ({spec.describe()})")
+        elif not _valid(spec, header[key]):
+            raise WireError(f"'{kind}' field '{key}' must be {spec.describe()} "
+                            f"(got {type(header[key]).__name__})")
     metas = header.pop("tensors", [])
     payload_len = header.pop("payload", None)
     expected = 1 + (len(metas) if isinstance(metas, list) else 0) + (payload_len is not None)
@@ -111,12 +131,15 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
         name, dtype, shape = _check_meta(meta, i, limits)
         if name in tensors:
             raise WireError(f"tensor '{name}' appears twice")
-        count = 1
+        itemsize = np.dtype(dtype).itemsize
+        count = extent = 1
         for d in shape:
             count *= d
-        nbytes = count * np.dtype(dtype).itemsize
-        if nbytes > limits.max_tensor_bytes:
-            raise WireError(f"tensor '{name}' declares {nbytes} bytes, over the limit")
+            extent *= max(d, 1)  # an empty tensor's other dims still size its array
+        nbytes = count * itemsize
+        if extent * itemsize > limits.max_tensor_bytes:
+            raise WireError(f"tensor '{name}' declares {extent * itemsize} bytes, "
+                            "over the limit")
         total += nbytes
         if total > limits.max_total_bytes:
             raise WireError("message declares more tensor bytes than allowed")
@@ -129,7 +152,8 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
     payload = None
     if payload_len is not None:
         raw = _frame_bytes(frames[-1])
-        if not isinstance(payload_len, int) or payload_len != len(raw):
+        if (not isinstance(payload_len, int) or isinstance(payload_len, bool)
+                or payload_len != len(raw)):
             raise WireError("payload length does not match its frame")
         if len(raw) > limits.max_chunk_bytes:
             raise WireError(f"payload of {len(raw)} bytes exceeds {limits.max_chunk_bytes}")
@@ -146,9 +170,27 @@ def _check_meta(meta: Any, i: int, limits: Limits) -> tuple[str, str, tuple[int,
     if not isinstance(name, str) or not name or len(name) > 1024:
         raise WireError(f"tensor descriptor {i} has a bad name")
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise WireError(f"tensor '{name}' has unsupported dtype {dtype!r}")
+        raise WireError(f"tensor '{name}' has unsupported dtype {dtype!r:.40}")
     if (not isinstance(shape, list) or len(shape) > limits.max_rank
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40
                        for d in shape)):
-        raise WireError(f"tensor '{name}' has a bad shape {shape!r}")
+        raise WireError(f"tensor '{name}' has a bad shape {shape!r:.80}")
     return name, dtype, tuple(shape)
+
+
+def _valid(spec: Field, value: Any) -> bool:
+    """Whether a header value fits its field's schema (see `protocol.Field`)."""
+    if spec.type == "bool":
+        return isinstance(value, bool)
+    if isinstance(value, bool):  # (a bool is an int to Python, never to the protocol)
+        return False
+    if spec.type == "int":
+        return isinstance(value, int) and spec.lo <= value <= spec.hi
+    if spec.type == "number":
+        return (isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+                ) and spec.lo <= value <= spec.hi
+    if spec.type == "str":
+        return (isinstance(value, str) and len(value) <= spec.max_len
+                and (not spec.pattern or re.fullmatch(spec.pattern, value) is not None))
+    return (isinstance(value, list) and len(value) <= spec.max_len
+            and (spec.items is None or all(_valid(spec.items, v) for v in value)))

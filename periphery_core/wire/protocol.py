@@ -1,37 +1,115 @@
-"""Protocol version, message kinds with the header fields each requires, and size limits."""
+"""Protocol version, message kinds with the schema of each one's header fields, and size limits.
+
+Every field a peer reads is declared here, with its type, whether it must be present and the
+values it may take; `decode` checks a header against its kind's schema before anyone reads it,
+so a node and a master never convert an unchecked value (one bad value is a rejected message,
+never a dead thread). Fields beyond these are allowed (forward compatibility within a version)
+but nothing reads them.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Literal
 
 PROTOCOL_VERSION = 1
 
-# kind -> {field: accepted Python types}. Fields beyond these are allowed (forward
-# compatibility within a version) but never trusted without their own check.
-_INT = (int,)
-_STR = (str,)
-_FLOAT = (int, float)
-_LIST = (list,)
-_MAP = (dict,)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
-KINDS: dict[str, dict[str, tuple[type, ...]]] = {
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    """One header field: its type, whether it must be present, and the values it may take.
+
+    `lo`/`hi` bound a number (ints are int64 unless told otherwise; floats must be finite);
+    `max_len` bounds a string or a list; `pattern` is a regular expression a string must match
+    whole, described by `what`; `items` is the schema of each item of a list.
+    """
+
+    type: Literal["int", "number", "str", "bool", "list"]
+    required: bool = True
+    lo: float = INT64_MIN
+    hi: float = INT64_MAX
+    max_len: int = 4096
+    pattern: str = ""
+    what: str = ""
+    items: Field | None = None
+
+    def describe(self) -> str:
+        """What the field must be, for a one-line reason."""
+        if self.what:
+            return self.what
+        if self.type in ("int", "number"):
+            what = "an integer" if self.type == "int" else "a finite number"
+            lo = "" if self.lo == INT64_MIN else self._bound(self.lo)
+            hi = "" if self.hi == INT64_MAX else self._bound(self.hi)
+            return f"{what} in {lo}..{hi}" if lo or hi else what
+        if self.type == "str":
+            return f"a string of at most {self.max_len} characters"
+        if self.type == "list":
+            return f"a list of at most {self.max_len} items"
+        return "a boolean"
+
+    def _bound(self, x: float) -> str:
+        return str(int(x)) if self.type == "int" else f"{x:g}"
+
+
+def optional(f: Field) -> Field:
+    """The same field, allowed to be absent."""
+    return replace(f, required=False)
+
+
+# A ZeroMQ TCP endpoint a peer may connect to (a name, an IPv4 or a bracketed IPv6 address).
+_ENDPOINT = Field("str", max_len=256, what="a tcp://host:port endpoint",
+                  pattern=r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}")
+_SHA256 = Field("str", pattern="[0-9a-f]{64}", what="a sha256 in 64 lowercase hex digits")
+_NAME = Field("str", max_len=256)
+_KEY = Field("str", max_len=64)  # a Z85 CurveZMQ public key (40), or empty when insecure
+_REASON = Field("str", max_len=1 << 16)  # (the header limit bounds it anyway)
+_STAGE = Field("int", lo=0, hi=65535)
+_COUNT = Field("int", lo=0)
+_BYTES = Field("int", lo=0)
+_TIME = Field("number")
+# One stage's stamps: [stage, received, started, finished(, sent)]; one per stage so far.
+_TIMES = Field("list", max_len=1024, items=Field("list", max_len=8, items=Field("number")))
+_EPOCH = optional(Field("int", lo=0))
+_SPEED = optional(Field("number", lo=0.0, hi=1e6))  # 0: older nodes' "not measured yet"
+
+KINDS: dict[str, dict[str, Field]] = {
     # control: master <-> node
-    "hello": {"master": _STR},
-    "info": {"node": _STR, "device": _STR, "data": _STR, "cores": _INT, "memory": _INT},
-    "ping": {"t": _FLOAT},
-    "pong": {"t": _FLOAT},
-    "deploy_begin": {"stage": _INT, "stages": _INT, "sha256": _STR, "size": _INT,
-                     "inputs": _LIST, "outputs": _LIST, "next": _STR, "results": _STR},
-    "deploy_chunk": {"offset": _INT},
-    "deploy_end": {"sha256": _STR},
-    "ready": {"stage": _INT, "provider": _STR},
-    "error": {"reason": _STR},
-    "stats": {"node": _STR, "cpu": _FLOAT, "rss": _INT},
+    "hello": {"master": _ENDPOINT},
+    "info": {
+        "node": _NAME, "name": optional(_NAME), "device": _NAME, "data": _ENDPOINT,
+        "cores": Field("int", lo=1, hi=1 << 20), "memory": _BYTES, "free": optional(_BYTES),
+        "speed": _SPEED, "key": optional(_KEY), "stage": optional(Field("int", lo=-1, hi=65535)),
+        "sha256": optional(Field("str", pattern="([0-9a-f]{64})?",
+                                 what="a sha256 in 64 lowercase hex digits, or empty")),
+        "exact": optional(Field("bool")), "master_silent_s": optional(Field("number")),
+    },
+    "ping": {"t": _TIME},
+    "pong": {"t": _TIME},
+    "deploy_begin": {
+        "stage": _STAGE, "stages": Field("int", lo=1, hi=65536), "sha256": _SHA256,
+        "size": _BYTES, "inputs": Field("list", items=_NAME),
+        "outputs": Field("list", items=_NAME), "next": _ENDPOINT, "results": _ENDPOINT,
+        "exact": optional(Field("bool")), "epoch": _EPOCH, "next_key": optional(_KEY),
+        "results_key": optional(_KEY), "reuse": optional(Field("bool")),
+    },
+    "deploy_chunk": {"offset": _BYTES},
+    "deploy_end": {"sha256": _SHA256},
+    "ready": {"stage": _STAGE, "provider": _NAME},
+    "error": {"reason": _REASON, "stage": optional(Field("int", lo=-1, hi=65535))},
+    "stats": {
+        "node": _NAME, "cpu": Field("number", lo=0.0, hi=1e5), "rss": _BYTES,
+        "mem": optional(Field("number", lo=0.0, hi=100.0)), "rejected": optional(_COUNT),
+        "speed": _SPEED,
+    },
     "shutdown": {},
     # data: stage -> stage, last stage -> master
-    "activation": {"id": _INT, "times": _LIST},
-    "result": {"id": _INT, "times": _LIST},
-    "failure": {"id": _INT, "reason": _STR, "stage": _INT},
+    "activation": {"id": Field("int"), "times": _TIMES, "epoch": _EPOCH},
+    "result": {"id": Field("int"), "times": _TIMES, "epoch": _EPOCH},
+    "failure": {"id": Field("int"), "reason": _REASON, "stage": Field("int", lo=-1, hi=65535),
+                "epoch": _EPOCH},
 }
 
 # Only plain numeric and boolean dtypes travel; object and string arrays never do.

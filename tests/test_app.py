@@ -3,12 +3,17 @@ local node processes (model -> plan K=2 -> move a boundary -> assign -> deploy -
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 import re
 import shutil
+import signal
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 from rich.console import Console
 from textual.content import Content
@@ -288,6 +293,44 @@ async def test_demo_recovers_from_a_killed_node() -> None:
             assert "failed 0" in load and "running" in load
             await pilot.press("q")
     finally:
+        app.session.close()
+
+
+async def test_a_redeploy_onto_a_hung_node_fails_cleanly_and_quit_is_prompt() -> None:
+    """Streaming; a node is stopped (SIGSTOP, hung not dead) and the user redeploys from the
+    Shards screen: the deploy fails with a modal, the pipeline recovers onto the two other
+    nodes without failing a request, and `q` then quits at once, leaving no node process."""
+    app = PeripheryApp(DEMO_MODEL, demo=True, browse_dir=DEMO_MODEL.parent)
+    local = None
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.cluster_state.requests_completed > 10, timeout=120)
+            local = app.session.local
+            assert local is not None
+            pids = [n.process.pid for n in local.nodes]
+            os.kill(pids[2], signal.SIGSTOP)
+            await pilot.press("3")
+            await until(pilot, lambda: isinstance(app.screen, ShardsScreen))
+            await pilot.press("d")
+            await until(pilot, lambda: isinstance(app.screen, ErrorModal), timeout=30)
+            await pilot.press("escape")
+            await until(pilot, lambda: app.cluster_state.recoveries == 1, timeout=30)
+            after = app.cluster_state.requests_completed
+            await until(pilot, lambda: app.cluster_state.requests_completed > after + 5,
+                        timeout=15)
+            assert app.cluster_state.requests_failed == 0
+            t0 = time.monotonic()
+            await pilot.press("q")
+        quit_s = time.monotonic() - t0
+        assert quit_s < 10, f"quitting took {quit_s:.1f} s"
+        print(f"\nquit after a failed redeploy onto a hung node: {quit_s:.1f} s")
+        for pid in pids:  # the hung node too (it is killed when it does not stop in time)
+            assert not psutil.pid_exists(pid), f"node process {pid} outlived the app"
+    finally:
+        if local is not None:
+            for n in local.nodes:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(n.process.pid, signal.SIGCONT)
         app.session.close()
 
 

@@ -18,10 +18,11 @@ import pytest
 from rich.console import Console
 from textual.content import Content
 from textual.css.query import NoMatches
-from textual.widgets import DataTable, Static
+from textual.widgets import DataTable, Log, Static
 
 from periphery_app.app import PeripheryApp
 from periphery_app.sample import DEMO_MODEL, sample_app, show_sample_screen, until
+from periphery_app.screens.cluster import ClusterScreen
 from periphery_app.screens.dashboard import DashboardScreen
 from periphery_app.screens.graph import GraphScreen
 from periphery_app.screens.modals import ChoiceModal, DetailsModal, ErrorModal, PromptModal
@@ -331,6 +332,31 @@ async def test_a_redeploy_onto_a_hung_node_fails_cleanly_and_quit_is_prompt() ->
             for n in local.nodes:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(n.process.pid, signal.SIGCONT)
+        app.session.close()
+
+
+async def test_the_event_log_tails_new_events_unless_scrolled_up() -> None:
+    app = PeripheryApp(DEMO_MODEL, demo=True, browse_dir=DEMO_MODEL.parent)
+    try:
+        async with app.run_test(size=(100, 20)) as pilot:
+            await until(pilot, lambda: app.cluster_state.requests_completed > 0, timeout=120)
+            await pilot.press("4")
+            await until(pilot, lambda: isinstance(app.screen, ClusterScreen))
+            log = app.screen.query_one(Log)
+            local = app.session.local
+            assert local is not None
+            local.kill(2)  # new events: the loss, the recovery, the new deploy
+            await until(pilot, lambda: "recovered:" in log.lines[-1], timeout=30)
+            assert log.max_scroll_y > 0  # more lines than fit: following them means scrolling
+            assert log.is_vertical_scroll_end and log.lines[-1] == app.cluster_state.recent[-1]
+            log.scroll_home(animate=False, immediate=True)  # the user scrolls up to read
+            shown = log.line_count
+            local.kill(1)  # more events
+            await until(pilot, lambda: log.line_count > shown, timeout=30)
+            await pilot.pause()
+            assert log.scroll_y == 0  # it stayed where the user is reading
+            await pilot.press("q")
+    finally:
         app.session.close()
 
 

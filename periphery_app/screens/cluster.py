@@ -83,9 +83,14 @@ class ClusterScreen(PeripheryScreen):
             f" {len(state.nodes)} nodes: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
             + f" · deploy {state.deploy_status} · events (newest last)")
         if state.recent != self._shown_recent:
+            # Append only what is new: the log then tails while the user is at its end and
+            # stays put when they have scrolled up to read (Textual's Log does that on write).
             log = self.query_one(Log)
-            log.clear()
-            log.write_lines(state.recent[-200:])
+            new = _new_lines(self._shown_recent, state.recent)
+            if new is None:
+                log.clear()
+                new = state.recent[-200:]
+            log.write_lines(new)
             self._shown_recent = state.recent
 
     # ------------------------------------------------------------------ actions
@@ -119,3 +124,14 @@ class ClusterScreen(PeripheryScreen):
             self.report_failure(exc)
             return
         self.post_message(NodesConnected([h.name for h in handles]))
+
+
+def _new_lines(shown: tuple[str, ...], recent: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The lines of `recent` after those already `shown`, where `recent` is `shown` with old
+    lines dropped from the front and new ones appended; None when they share nothing."""
+    if not shown:
+        return recent
+    for k in range(min(len(shown), len(recent)), 0, -1):
+        if shown[-k:] == recent[:k]:
+            return recent[k:]
+    return None

@@ -439,11 +439,13 @@ class Master:
             self.epoch += 1
         readies: list[Future] = []
         own = self.guard.ring.public if self.guard.ring else None
+        digests = [hashlib.sha256(shard).hexdigest() for shard in shards]
         for i, (shard, handle) in enumerate(zip(shards, handles, strict=True)):
             last = i + 1 == len(handles)
             nxt = self.results_endpoint if last else handles[i + 1].data_endpoint
             nxt_key = own if last else handles[i + 1].key
-            readies.append(self._upload(handle, i, len(shards), shard, nxt, nxt_key, exact))
+            readies.append(self._upload(handle, i, len(shards), shard, digests[i], nxt,
+                                        nxt_key, exact))
         deadline = time.time() + timeout
         for i, (ready, handle) in enumerate(zip(readies, handles, strict=True)):
             try:
@@ -460,8 +462,6 @@ class Master:
                 raise
             self.bus.publish(ev.StageReady(t=time.time(), node_id=handle.node_id, stage=i,
                                            provider=str(info.get("provider", "?"))))
-        digests = [hashlib.sha256(shard).hexdigest() for shard in shards]
-
         def record() -> None:  # node handles are written by the control thread only
             for i, handle in enumerate(handles):
                 handle.stage = i
@@ -483,10 +483,9 @@ class Master:
             self._first = connect_first()
         self.bus.publish(ev.DeployFinished(t=time.time()))
 
-    def _upload(self, handle: NodeHandle, stage: int, stages: int, shard: bytes, nxt: str,
-                nxt_key: bytes | None, exact: bool) -> Future:
+    def _upload(self, handle: NodeHandle, stage: int, stages: int, shard: bytes, digest: str,
+                nxt: str, nxt_key: bytes | None, exact: bool) -> Future:
         ready: Future = Future()
-        digest = hashlib.sha256(shard).hexdigest()
         chunks = [(off, shard[off:off + CHUNK_BYTES]) for off in range(0, len(shard), CHUNK_BYTES)]
         # A node that already runs this very shard (a restarted master found it) keeps it:
         # it is only rewired, nothing is uploaded again.

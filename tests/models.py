@@ -143,3 +143,94 @@ def early_output_late_input(width: int = 16) -> onnx.ModelProto:
         inits,
     )
     return _model(graph)
+
+
+# --------------------------------------------------------------------------- export styles
+# Small models with the traits of other exporters' files (issue: real-world models).
+
+
+def symbolic_spatial(channels: int = 4) -> onnx.ModelProto:
+    """A detector-like input `[batch, 3, height, width]` whose graph fails at 1x1: a pooled
+    branch is upsampled and concatenated with the full-size one (the pool of a 1x1 map is
+    empty)."""
+    x = helper.make_tensor_value_info("images", FLOAT, ["batch", 3, "height", "width"])
+    y = helper.make_tensor_value_info("y", FLOAT, ["batch", 2, "height", "width"])
+    nodes = [
+        helper.make_node("Conv", ["images", "w0"], ["c0"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c0"], ["r0"]),
+        helper.make_node("MaxPool", ["r0"], ["p0"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p0", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Resize", ["c1", "", "scales"], ["u1"], mode="nearest"),
+        helper.make_node("Concat", ["r0", "u1"], ["cat"], axis=1),
+        helper.make_node("Conv", ["cat", "w2"], ["y"]),
+    ]
+    inits = [
+        _weight("w0", (channels, 3, 3, 3), 1),
+        _weight("w1", (channels, channels, 3, 3), 2),
+        _weight("w2", (2, 2 * channels, 1, 1), 3),
+        numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+    ]
+    return _model(helper.make_graph(nodes, "symbolic_spatial", [x], [y], inits))
+
+
+def paddle_style() -> onnx.ModelProto:
+    """What paddle2onnx writes: `dim_value: -1` for dynamic dims, a `?` name elsewhere, and
+    weights as `Constant` nodes (one reached only through a Transpose) instead of
+    initializers."""
+    x = helper.make_tensor_value_info("x", FLOAT, [1, 3, 8, 16])
+    for i in (0, 2, 3):
+        dim = x.type.tensor_type.shape.dim[i]
+        dim.Clear()
+        dim.dim_value = -1
+    y = helper.make_tensor_value_info("y", FLOAT, ["?", 6])
+    rng = np.random.default_rng(7)
+
+    def const(name: str, value: np.ndarray) -> onnx.NodeProto:
+        return helper.make_node("Constant", [], [name],
+                                value=numpy_helper.from_array(value, name + "_value"))
+
+    nodes = [
+        const("conv_w", rng.standard_normal((8, 3, 3, 3)).astype(np.float32)),
+        const("conv_b", rng.standard_normal(8).astype(np.float32)),
+        helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        const("fc_wt", rng.standard_normal((6, 8)).astype(np.float32)),
+        helper.make_node("Transpose", ["fc_wt"], ["fc_w"], perm=[1, 0]),
+        helper.make_node("MatMul", ["f", "fc_w"], ["y"]),
+    ]
+    return _model(helper.make_graph(nodes, "paddle_style", [x], [y]))
+
+
+def if_on_sample_rate(frame: int = 1600) -> onnx.ModelProto:
+    """A VAD-like model that branches on a scalar `sr` input: at 16 kHz it cuts the signal into
+    10 ms windows of 160 samples; otherwise into `sr / 100`-sample windows, which fails for the
+    small random integers a typing run would feed."""
+    x = helper.make_tensor_value_info("x", FLOAT, [frame])
+    sr = helper.make_tensor_value_info("sr", TensorProto.INT64, [])
+    y = helper.make_tensor_value_info("y", FLOAT, [])
+
+    def branch(name: str, nodes: list[onnx.NodeProto], inits: list[TensorProto]) -> onnx.GraphProto:
+        out = helper.make_tensor_value_info(name + "_out", FLOAT, ["frames", "window"])
+        return helper.make_graph(nodes, name, [], [out], inits)
+
+    then = branch("at16k", [helper.make_node("Reshape", ["x", "shape16"], ["at16k_out"])],
+                  [numpy_helper.from_array(np.array([-1, 160], np.int64), "shape16")])
+    other = branch("other", [
+        helper.make_node("Div", ["sr", "hundred"], ["win"]),
+        helper.make_node("Unsqueeze", ["win", "zero"], ["win1"]),
+        helper.make_node("Concat", ["minus1", "win1"], ["shape_o"], axis=0),
+        helper.make_node("Reshape", ["x", "shape_o"], ["other_out"]),
+    ], [numpy_helper.from_array(np.array(100, np.int64), "hundred"),
+        numpy_helper.from_array(np.array([0], np.int64), "zero"),
+        numpy_helper.from_array(np.array([-1], np.int64), "minus1")])
+    nodes = [
+        helper.make_node("Equal", ["sr", "k16"], ["is16k"]),
+        helper.make_node("If", ["is16k"], ["frames"], then_branch=then, else_branch=other),
+        helper.make_node("MatMul", ["frames", "w"], ["h"]),
+        helper.make_node("Tanh", ["h"], ["t"]),
+        helper.make_node("ReduceMean", ["t"], ["y"], keepdims=0),
+    ]
+    inits = [numpy_helper.from_array(np.array(16000, np.int64), "k16"), _weight("w", (160, 8), 4)]
+    return _model(helper.make_graph(nodes, "if_on_sample_rate", [x, sr], [y], inits))

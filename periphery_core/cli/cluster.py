@@ -237,7 +237,10 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
     from periphery_core.cluster.master import Master
     from periphery_core.cluster.pipeline import Pipeline
     from periphery_core.model import load_model
-    from periphery_core.model.shapes import parse_input_shapes, resolve_input_shapes
+    from periphery_core.model.shapes import (
+        overlay_shapes,
+        parse_input_shapes,
+    )
     from periphery_core.partition.plan import load_plan, require_plan_for
     from periphery_core.partition.verify import compare
     from periphery_core.runtime.feeds import load_npz, random_feeds
@@ -247,10 +250,10 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
         raise PeripheryError("--requests and --inflight must be at least 1")
     plan = load_plan(plan_path)
     loaded = load_model(model)
-    require_plan_for(plan, loaded.sha256, model.name, str(plan_path))
-    shapes = {**plan.input_shapes, **parse_input_shapes(input_shapes)}
-    _, analysis = load_and_analyze(loaded, shapes)
-    specs, _ = resolve_input_shapes(loaded.proto, shapes)
+    require_plan_for(plan, loaded.sha256, loaded.name, str(plan_path))
+    shapes = overlay_shapes(loaded, plan.input_shapes, parse_input_shapes(input_shapes))
+    _, analysis = load_and_analyze(loaded, shapes, inputs=inputs_path)
+    specs = list(analysis.inputs)
     if inputs_path is not None:
         requests = [load_npz(inputs_path, specs)] * count
     else:

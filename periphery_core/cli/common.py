@@ -66,8 +66,10 @@ def input_shape_option(fn: F) -> F:
     """The repeatable `--input-shape NAME=DIMS` option."""
     return click.option(
         "--input-shape", "input_shapes", multiple=True, metavar="NAME=DIMS",
-        help="Concrete shape of an input, e.g. tokens=1x128 (repeatable). Symbolic dims "
-             "not given default to 1.",
+        help="Concrete shape of an input, e.g. tokens=1x128, or the size of a symbolic "
+             "dimension, e.g. past_sequence_length=16 (repeatable). Dims neither given nor "
+             "declared by the model (genai_config.json, config.json, metadata) default to 1 "
+             "(cache lengths to 0).",
     )(fn)
 
 
@@ -76,27 +78,63 @@ def json_option(fn: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(fn)
 
 
+def inputs_option(fn: F) -> F:
+    """The `--inputs FEEDS.npz` option: real input values, one array per model input."""
+    return click.option(
+        "--inputs", "inputs_path", type=click.Path(path_type=Path), default=None,
+        metavar="FEEDS.npz",
+        help="A .npz with one array per model input. Shapes come from it, and where the graph "
+             "can only be typed by running it (control flow on input values) it runs on these "
+             "(default: seeded random data).",
+    )(fn)
+
+
+def input_specs(loaded: LoadedModel, input_shapes: Sequence[str] | dict,
+                inputs: Path | None = None):
+    """The model's inputs at the given shapes (or those of the `.npz` of feeds), and the feeds.
+
+    For commands that need the inputs but not a typed graph (quantize, evaluate): nothing runs.
+    """
+    from periphery_core.model.shapes import parse_input_shapes, resolve_input_shapes
+    from periphery_core.runtime.feeds import load_npz
+
+    shapes = input_shapes if isinstance(input_shapes, dict) else parse_input_shapes(input_shapes)
+    specs, _ = resolve_input_shapes(loaded, shapes)
+    if inputs is None:
+        return specs, None
+    feeds = load_npz(inputs, specs)
+    shapes = {**shapes, **{n: tuple(v.shape) for n, v in feeds.items()}}
+    return resolve_input_shapes(loaded, shapes)[0], feeds
+
+
 def load_and_analyze(model: Path | LoadedModel, input_shapes: Sequence[str] | dict,
-                     profile: bool = False):
+                     profile: bool = False, inputs: Path | None = None):
     """Load a model (unless given loaded) and analyse it at the given input shapes.
 
     Args:
-        model: an .onnx path or an already loaded model.
+        model: an .onnx path (or a model folder) or an already loaded model.
         input_shapes: `NAME=DIMS` strings from the command line, or a name -> shape dict.
         profile: also measure each node's time in ONNX Runtime.
+        inputs: a `.npz` of real input values; the analysis takes its shapes from them and
+            types the graph by running on them.
 
     Returns:
         (the loaded model, its analysis).
     """
     from periphery_core.model import analyze, load_model
     from periphery_core.model.profile import profile_model
-    from periphery_core.model.shapes import parse_input_shapes
+    from periphery_core.model.shapes import parse_input_shapes, resolve_input_shapes
+    from periphery_core.runtime.feeds import load_npz
 
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     shapes = input_shapes if isinstance(input_shapes, dict) else parse_input_shapes(input_shapes)
-    analysis = analyze(loaded, shapes)
+    feeds = None
+    if inputs is not None:
+        specs, _ = resolve_input_shapes(loaded, shapes)
+        feeds = load_npz(inputs, specs)
+    analysis = analyze(loaded, shapes, feeds=feeds)
     if profile:
-        analysis = profile_model(loaded, analysis)
+        analysis = profile_model(loaded, analysis, feeds=feeds)
     return loaded, analysis
 
 

@@ -12,6 +12,7 @@ from periphery_core.cli.common import (
     cli,
     handle_errors,
     input_shape_option,
+    inputs_option,
     json_option,
     load_and_analyze,
     model_argument,
@@ -22,16 +23,17 @@ from periphery_core.errors import PlanError
 @cli.command()
 @model_argument
 @input_shape_option
+@inputs_option
 @click.option("--profile", is_flag=True, help="Measure each node's time in ONNX Runtime.")
 @click.option("--top", default=20, show_default=True, help="How many costly nodes to list.")
 @json_option
 @handle_errors
-def analyze(model: Path, input_shapes: tuple[str, ...], profile: bool, top: int,
-            as_json: bool) -> None:
+def analyze(model: Path, input_shapes: tuple[str, ...], inputs_path: Path | None, profile: bool,
+            top: int, as_json: bool) -> None:
     """Show a model's inputs, outputs, op histogram and per-node costs."""
     from periphery_core.cli.render import analysis_dict, print_json, render_analysis
 
-    _, analysis = load_and_analyze(model, input_shapes, profile)
+    _, analysis = load_and_analyze(model, input_shapes, profile, inputs_path)
     if as_json:
         print_json(analysis_dict(analysis))
     else:
@@ -39,11 +41,11 @@ def analyze(model: Path, input_shapes: tuple[str, ...], profile: bool, top: int,
 
 
 def _make_plan(model: Path, shards: int, strategy: str, devices: Path | None,
-               profile: bool, input_shapes: Sequence[str]):
+               profile: bool, input_shapes: Sequence[str], inputs: Path | None):
     from periphery_core.partition.plan import load_devices
     from periphery_core.partition.planner import make_plan
 
-    loaded, analysis = load_and_analyze(model, input_shapes, profile)
+    loaded, analysis = load_and_analyze(model, input_shapes, profile, inputs)
     devs = load_devices(devices) if devices is not None else None
     plan = make_plan(analysis, shards, strategy=strategy, devices=devs, use_profile=profile)
     return loaded, analysis, plan
@@ -67,16 +69,19 @@ devices_option = click.option(
 @devices_option
 @click.option("--profile", is_flag=True, help="Plan with measured node times, not FLOPs.")
 @input_shape_option
+@inputs_option
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="Plan file to write (.json or .toml).")
 @json_option
 @handle_errors
 def plan(model: Path, shards: int, strategy: str, devices: Path | None, profile: bool,
-         input_shapes: tuple[str, ...], output: Path, as_json: bool) -> None:
+         input_shapes: tuple[str, ...], inputs_path: Path | None, output: Path,
+         as_json: bool) -> None:
     """Plan K pipeline stages and write the plan file."""
     from periphery_core.cli.render import plan_summary, print_json, render_plan
 
-    _, _, shard_plan = _make_plan(model, shards, strategy, devices, profile, input_shapes)
+    _, _, shard_plan = _make_plan(model, shards, strategy, devices, profile, input_shapes,
+                                  inputs_path)
     shard_plan.save(output)
     if as_json:
         print_json(plan_summary(shard_plan))
@@ -93,16 +98,17 @@ def plan(model: Path, shards: int, strategy: str, devices: Path | None, profile:
 @strategy_option
 @devices_option
 @input_shape_option
+@inputs_option
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="Folder for stage-<i>.onnx files and plan.json.")
 @json_option
 @handle_errors
 def shard(model: Path, plan_path: Path | None, shards: int | None, strategy: str,
-          devices: Path | None, input_shapes: tuple[str, ...], output: Path,
-          as_json: bool) -> None:
+          devices: Path | None, input_shapes: tuple[str, ...], inputs_path: Path | None,
+          output: Path, as_json: bool) -> None:
     """Write one standalone .onnx per stage, and the plan, into a folder."""
     from periphery_core.cli.render import print_json
-    from periphery_core.model.shapes import parse_input_shapes
+    from periphery_core.model.shapes import overlay_shapes, parse_input_shapes
     from periphery_core.partition.extract import extract_shards, write_shards
     from periphery_core.partition.plan import load_plan, require_plan_for
 
@@ -113,13 +119,13 @@ def shard(model: Path, plan_path: Path | None, shards: int | None, strategy: str
 
         shard_plan = load_plan(plan_path)
         loaded = load_model(model)
-        require_plan_for(shard_plan, loaded.sha256, model.name, str(plan_path))
-        shapes = {**shard_plan.input_shapes, **parse_input_shapes(input_shapes)}
-        loaded, analysis = load_and_analyze(loaded, shapes)
+        require_plan_for(shard_plan, loaded.sha256, loaded.name, str(plan_path))
+        shapes = overlay_shapes(loaded, shard_plan.input_shapes, parse_input_shapes(input_shapes))
+        loaded, analysis = load_and_analyze(loaded, shapes, inputs=inputs_path)
     else:
         assert shards is not None
         loaded, analysis, shard_plan = _make_plan(model, shards, strategy, devices, False,
-                                                  input_shapes)
+                                                  input_shapes, inputs_path)
     paths = write_shards(extract_shards(loaded, analysis, shard_plan), shard_plan, output)
     if as_json:
         print_json({"stages": [str(p) for p in paths], "plan": str(output / "plan.json")})
@@ -133,8 +139,7 @@ def shard(model: Path, plan_path: Path | None, shards: int | None, strategy: str
 @click.argument("shard_dir", type=click.Path(path_type=Path))
 @click.option("--exact", is_flag=True,
               help="Graph optimizations off on both sides; outputs must be bit-identical.")
-@click.option("--inputs", "inputs_path", type=click.Path(path_type=Path), default=None,
-              help="A .npz with one array per model input (default: seeded random data).")
+@inputs_option
 @click.option("--seed", default=0, show_default=True, help="Seed for random inputs.")
 @input_shape_option
 @json_option
@@ -147,7 +152,11 @@ def verify(model: Path, shard_dir: Path, exact: bool, inputs_path: Path | None, 
     """
     from periphery_core.cli.render import print_json, render_verify, verify_dict
     from periphery_core.model import load_model
-    from periphery_core.model.shapes import parse_input_shapes, resolve_input_shapes
+    from periphery_core.model.shapes import (
+        overlay_shapes,
+        parse_input_shapes,
+        resolve_input_shapes,
+    )
     from periphery_core.partition.extract import PLAN_FILE, shard_paths
     from periphery_core.partition.plan import load_plan, require_plan_for
     from periphery_core.partition.verify import verify_chain
@@ -158,11 +167,12 @@ def verify(model: Path, shard_dir: Path, exact: bool, inputs_path: Path | None, 
     planned: dict[str, tuple[int, ...]] = {}
     if (shard_dir / PLAN_FILE).is_file():
         shard_plan = load_plan(shard_dir / PLAN_FILE)
-        require_plan_for(shard_plan, loaded.sha256, model.name, f"the shards in {shard_dir}")
+        require_plan_for(shard_plan, loaded.sha256, loaded.name, f"the shards in {shard_dir}")
         planned = dict(shard_plan.input_shapes)
-    specs, _ = resolve_input_shapes(loaded.proto, {**planned, **parse_input_shapes(input_shapes)})
+    specs, _ = resolve_input_shapes(
+        loaded, overlay_shapes(loaded, planned, parse_input_shapes(input_shapes)))
     feeds = load_npz(inputs_path, specs) if inputs_path else random_feeds(specs, seed)
-    report = verify_chain(model if loaded.has_external_data else loaded.proto, paths, feeds,
+    report = verify_chain(loaded.path if loaded.has_external_data else loaded.proto, paths, feeds,
                           exact=exact)
     if as_json:
         print_json(verify_dict(report))

@@ -22,10 +22,17 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from periphery_core.errors import AnalysisError, PeripheryError
+from periphery_core.errors import AnalysisError, InputShapeError, PeripheryError
 from periphery_core.model.flops import node_flops
 from periphery_core.model.loading import LoadedModel, skeleton
-from periphery_core.model.shapes import InputSpec, elem_dtype, resolve_input_shapes
+from periphery_core.model.shapes import (
+    InputSpec,
+    elem_dtype,
+    is_fixed,
+    resolve_input_shapes,
+    shape_template,
+    unpinned_dims,
+)
 from periphery_core.progress import CancelToken, ProgressFn, check, report
 
 log = logging.getLogger(__name__)
@@ -94,7 +101,10 @@ class ModelAnalysis:
 
     @property
     def total_param_bytes(self) -> int:
-        return sum(self.initializers.values())
+        """Weights' bytes: initializers, and `Constant` nodes (some exporters store every
+        weight as one)."""
+        return sum(self.initializers.values()) + sum(
+            n.param_bytes for n in self.nodes if n.op_type == "Constant")
 
     @property
     def parameter_count(self) -> int:
@@ -229,7 +239,7 @@ def _type_of(tp: onnx.TypeProto) -> _Type | None:
     tt = tp.tensor_type
     shape: tuple[int | None, ...] | None = None
     if tt.HasField("shape") and kind == "tensor":
-        shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+        shape = tuple(d.dim_value if is_fixed(d) else None for d in tt.shape.dim)
     try:
         return _Type(elem_dtype(tt.elem_type), shape, kind)
     except (KeyError, TypeError, ValueError):
@@ -389,7 +399,10 @@ def analyze(
             **(input_shapes or {}),
             **{n: tuple(np.shape(v)) for n, v in feeds.items() if isinstance(v, np.ndarray)},
         }
-    specs, notes = resolve_input_shapes(model, input_shapes)
+    specs, notes = resolve_input_shapes(loaded, input_shapes)
+    if loaded.declared.source:
+        notes.append(f"dimensions {', '.join(f'{k}={v}' for k, v in loaded.declared.dims.items())}"
+                     f" come from {loaded.declared.source}")
     steps = 4
     report(progress, "analyze", 0, steps, "shape inference")
     fixed = _fix_inputs(skeleton(model), specs)
@@ -423,9 +436,16 @@ def analyze(
         try:
             recorded = _recorded_types(_fix_inputs(model, specs), gaps, specs, feeds)
         except PeripheryError as exc:
+            _raise_if_unpinned(loaded, input_shapes, feeds, exc)
+            if feeds is None:
+                raise AnalysisError(
+                    f"{len(gaps)} tensors (first: '{gaps[0]}') can only be typed by running the "
+                    f"model, and it fails on random inputs ({exc.message}): give real ones "
+                    "with --inputs FEEDS.npz (one array per input)"
+                ) from None
             raise AnalysisError(
                 f"{len(gaps)} tensors (first: '{gaps[0]}') could not be typed, and running the "
-                f"model to record them failed: {exc.message}"
+                f"model on the given inputs to record them failed: {exc.message}"
             ) from None
         for name, value in recorded.items():
             types[name] = value
@@ -527,9 +547,28 @@ def analyze(
     )
     object.__setattr__(
         result, "_param_count",
-        sum(int(np.prod(constants[k].dims, dtype=np.int64)) for k in init_bytes),
+        sum(int(np.prod(t.dims, dtype=np.int64)) for t in constants.values()),
     )
     return result
+
+
+def _raise_if_unpinned(loaded: LoadedModel, input_shapes: Mapping[str, Sequence[int]] | None,
+                       feeds: Mapping[str, Any] | None, exc: PeripheryError) -> None:
+    """A model that fails at its defaulted sizes: name the input and dims to give, one line."""
+    if feeds is not None:
+        return
+    unpinned = unpinned_dims(loaded, input_shapes)
+    if not unpinned:
+        return
+    name, dims = next(iter(unpinned.items()))
+    cause = exc.message.split(": ", 1)[-1][:160]
+    labels = [d if not d.startswith(f"{name}:") else f"#{d.rsplit(':', 1)[1]} (unnamed)"
+              for d in dims]
+    raise InputShapeError(
+        f"input '{name}' has symbolic dimensions {', '.join(labels)} that the model does not "
+        f"pin; at the default of 1 it does not run ({cause}). Give its shape: "
+        f"--input-shape {name}={shape_template(loaded, name)}"
+    ) from None
 
 
 def with_measurements(analysis: ModelAnalysis, measured: Mapping[str, float]) -> ModelAnalysis:

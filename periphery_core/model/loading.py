@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
 
 from periphery_core.errors import ModelLoadError
+from periphery_core.model.declared import DeclaredDims, declared_dims, model_file
 
 # Protobuf cannot serialize a message of 2 GiB or more; above this, shards and temporary copies
 # are written with external data.
@@ -32,6 +33,8 @@ class LoadedModel:
     sha256: str
     has_external_data: bool
     checker_ok: bool  # passes onnx.checker's full check; shards are then held to it too
+    # Symbolic dimensions the files beside the model or its metadata pin (model.declared).
+    declared: DeclaredDims = field(default_factory=DeclaredDims)
 
     @property
     def name(self) -> str:
@@ -55,6 +58,9 @@ def _uses_external_data(model: onnx.ModelProto) -> bool:
 def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     """Load an ONNX model with its external data.
 
+    `path` may be a folder: an ONNX Runtime GenAI or Hugging Face export folder, or one holding
+    a single model (see `declared.model_file`).
+
     Raises:
         ModelLoadError: the file is missing, not ONNX, truncated, or its external data is missing.
     """
@@ -62,7 +68,7 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     if not p.exists():
         raise ModelLoadError(f"model file not found: {p}")
     if p.is_dir():
-        raise ModelLoadError(f"{p} is a directory, not an .onnx file")
+        p = model_file(p)
     if p.stat().st_size == 0:
         raise ModelLoadError(f"{p} is empty: expected an ONNX model")
     try:
@@ -80,7 +86,7 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     _check_structure(proto, p)
     return LoadedModel(
         path=p, proto=proto, sha256=file_sha256(p), has_external_data=external,
-        checker_ok=passes_checker(proto),
+        checker_ok=passes_checker(proto), declared=declared_dims(p, proto),
     )
 
 

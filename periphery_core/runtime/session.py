@@ -76,8 +76,20 @@ def make_session(
 
 
 def _short(exc: BaseException) -> str:
+    """ONNX Runtime's message, first line; of a chain of nested node failures (an If running a
+    Reshape), the innermost, which says what went wrong."""
     text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
+    line = text[0] if text else type(exc).__name__
+    if line.count("Status Message:") > 1:
+        outer, _, inner = line.rpartition("Status Message:")
+        node = outer.rpartition("running ")[2].rstrip(". ")
+        line = f"{node}: {inner.strip()}"
+    return line[:300]
+
+
+# Failures reach the caller as one RuntimeFailure; ONNX Runtime need not also print them.
+_QUIET_RUN = ort.RunOptions()
+_QUIET_RUN.log_severity_level = 4
 
 
 def run_session(sess: ort.InferenceSession, feeds: dict, outputs: list[str] | None = None) -> list:
@@ -89,6 +101,6 @@ def run_session(sess: ort.InferenceSession, feeds: dict, outputs: list[str] | No
     """
     feeds = {n: np.asarray(v) if isinstance(v, np.generic) else v for n, v in feeds.items()}
     try:
-        return sess.run(outputs, feeds)
+        return sess.run(outputs, feeds, _QUIET_RUN)
     except Exception as exc:
         raise RuntimeFailure(f"ONNX Runtime failed while running: {_short(exc)}") from None

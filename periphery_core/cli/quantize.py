@@ -8,7 +8,13 @@ from typing import Any
 import click
 import numpy as np
 
-from periphery_core.cli.common import cli, handle_errors, input_shape_option, json_option
+from periphery_core.cli.common import (
+    cli,
+    handle_errors,
+    input_shape_option,
+    inputs_option,
+    json_option,
+)
 from periphery_core.errors import PeripheryError
 
 METHODS = ("dynamic", "static", "rtn", "gptq", "hqq", "awq", "smoothquant")
@@ -36,8 +42,9 @@ def _metric_fn(source: Any, task: str | None) -> tuple[str, Any]:
 @click.option("--engine", type=click.Choice(["auto", "ort", "inc"]), default="auto",
               show_default=True, help="auto: ONNX Runtime where it has the method.")
 @click.option("--calib", default=None, metavar="SOURCE",
-              help="Calibration data: random, npz:DIR, npy:DIR, images:DIR?..., mnist:IDX?..., "
-                   "text:FILE?tokenizer=..., stsb:TSV?tokenizer=... (default: random).")
+              help="Calibration data: random, npz:DIR, npz:FILE, npy:DIR, images:DIR?..., "
+                   "mnist:IDX?..., text:FILE?tokenizer=..., stsb:TSV?tokenizer=... (default: "
+                   "--inputs if given, else random).")
 @click.option("--samples", type=int, default=None, help="Calibration samples to use.")
 @click.option("--tolerance", type=float, default=None,
               help="Keep the most sensitive nodes in float until the metric on --data drops "
@@ -49,19 +56,20 @@ def _metric_fn(source: Any, task: str | None) -> tuple[str, Any]:
 @click.option("--stage", "stages", type=int, multiple=True,
               help="With --plan: the stages to quantize (default: all); others stay fp32.")
 @input_shape_option
+@inputs_option
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
 @json_option
 @handle_errors
 def quantize(model: Path, method: str, bits: int | None, engine: str, calib: str | None,
              samples: int | None, tolerance: float | None, data: str | None,
              plan_path: Path | None, stages: tuple[int, ...], input_shapes: tuple[str, ...],
-             output: Path, as_json: bool) -> None:
+             inputs_path: Path | None, output: Path, as_json: bool) -> None:
     """Quantize a model (or the shards of a plan) and write the result."""
-    from periphery_core.cli.common import load_and_analyze
+    from periphery_core.cli.common import input_specs, load_and_analyze
     from periphery_core.cli.render import console, human_bytes, print_json
     from periphery_core.model import load_model
     from periphery_core.model.loading import save_model
-    from periphery_core.model.shapes import parse_input_shapes
+    from periphery_core.model.shapes import overlay_shapes, parse_input_shapes
     from periphery_core.quantize.config import method_config
     from periphery_core.quantize.methods import quantize as run_quantize
     from periphery_core.quantize.sources import open_source
@@ -74,14 +82,17 @@ def quantize(model: Path, method: str, bits: int | None, engine: str, calib: str
         from periphery_core.partition.plan import load_plan, require_plan_for
 
         plan = load_plan(plan_path)
-        require_plan_for(plan, loaded.sha256, model.name, str(plan_path))
+        require_plan_for(plan, loaded.sha256, loaded.name, str(plan_path))
         shapes = dict(plan.input_shapes)
-    shapes.update(parse_input_shapes(input_shapes))
-    _, analysis = load_and_analyze(loaded, shapes)
+    shapes = overlay_shapes(loaded, shapes, parse_input_shapes(input_shapes))
+    # Per-shard quantization needs the typed graph; a whole model only its inputs.
+    analysis = None if plan is None else load_and_analyze(loaded, shapes, inputs=inputs_path)[1]
+    inputs = input_specs(loaded, shapes, inputs_path)[0] if analysis is None else analysis.inputs
     config = method_config(method, bits, engine=engine)  # type: ignore[arg-type]
+    calib = calib or (f"npz:{inputs_path}" if inputs_path is not None else None)
     source = None
     if config.calibrated or calib is not None:
-        source = open_source(calib or "random", analysis.inputs, samples=samples)
+        source = open_source(calib or "random", inputs, samples=samples)
     fp32_bytes = loaded.path.stat().st_size
     summary: dict[str, Any] = {"method": method, "engine": config.engine, "output": str(output)}
     if plan is not None:
@@ -92,6 +103,7 @@ def quantize(model: Path, method: str, bits: int | None, engine: str, calib: str
         bad = [s for s in chosen if not 0 <= s < plan.k]
         if bad:
             raise PeripheryError(f"--stage {bad[0]}: the plan has stages 0..{plan.k - 1}")
+        assert analysis is not None
         done = quantize_stages(loaded, analysis, plan, {s: config for s in chosen}, source)
         paths = write_shards([d.model for d in done], plan, output)
         summary["stages"] = [{"stage": i, "quantized": i in chosen, "file": str(p),
@@ -104,8 +116,7 @@ def quantize(model: Path, method: str, bits: int | None, engine: str, calib: str
         if tolerance is not None:
             from periphery_core.quantize.evaluate import evaluate
 
-            eval_source = open_source(data or calib or "random", analysis.inputs,
-                                      samples=samples)
+            eval_source = open_source(data or calib or "random", inputs, samples=samples)
             name, score = _metric_fn(eval_source, None)
             first = run_quantize(loaded, config, source)
             report = evaluate(loaded.path, first.model, eval_source, per_node=64)
@@ -127,6 +138,8 @@ def quantize(model: Path, method: str, bits: int | None, engine: str, calib: str
                           f"{human_bytes(summary['bytes'])} = {summary['size_ratio']:.2f}x fp32")
             if result.excluded:
                 console.print(f"kept in float: {', '.join(result.excluded)}")
+            for note in result.notes:
+                console.print(f"note: {note}", style="dim")
             if "metric" in summary:
                 console.print(f"{summary['metric']}: fp32 {summary['fp32']:.2f}, quantized "
                               f"{summary['quantized']:.2f}")
@@ -149,15 +162,15 @@ def quantize(model: Path, method: str, bits: int | None, engine: str, calib: str
 def evaluate(fp32: Path, quantized: Path, data: str, labels: Path | None, samples: int | None,
              batch_size: int, input_shapes: tuple[str, ...], as_json: bool) -> None:
     """Compare a quantized model with its fp32 original: accuracy, size, latency, SQNR."""
-    from periphery_core.cli.common import load_and_analyze
+    from periphery_core.cli.common import input_specs
     from periphery_core.cli.render import print_json
     from periphery_core.model import load_model
     from periphery_core.quantize.evaluate import evaluate as run_evaluate
     from periphery_core.quantize.sources import open_source
 
-    loaded, analysis = load_and_analyze(fp32, input_shapes)
+    loaded = load_model(fp32)
     load_model(quantized)  # one clear line if the quantized file is bad
-    source = open_source(data, analysis.inputs, samples=samples)
+    source = open_source(data, input_specs(loaded, input_shapes)[0], samples=samples)
     if labels is not None:
         source = _Labelled(source, _read_labels(labels, len(source)))
     report = run_evaluate(loaded.path, quantized, source, batch_size=batch_size)

@@ -182,16 +182,26 @@ def opset_of(model: onnx.ModelProto) -> int:
 
 @contextlib.contextmanager
 def quiet_root_logging() -> Iterator[None]:
-    """ORT's MatMulNBits module calls `logging.basicConfig(level=INFO)` on import: undo that."""
+    """ORT's MatMulNBits module calls `logging.basicConfig(level=INFO)` on import: undo that.
+    Its quantizers also warn on the root logger to "consider pre-processing", advice for their
+    own scripts that a Periphery user cannot act on: drop it."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    advice = _DropAdvice()
+    root.addFilter(advice)
     try:
         yield
     finally:
+        root.removeFilter(advice)
         for h in list(root.handlers):
             if h not in handlers:
                 root.removeHandler(h)
         root.setLevel(level)
+
+
+class _DropAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
 
 
 def prepared_model(

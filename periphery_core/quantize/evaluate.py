@@ -557,7 +557,7 @@ def evaluate(
                 comparison.add(ref, got)
                 if resolved == "sts":
                     embeddings.append((_embed(ref, feeds), _embed(got, feeds)))
-            count = _count(group[0])
+            count = min(bs, total - seen)  # samples in this batch (inputs may have no batch axis)
             if labels is not None:
                 expected = labels[seen:seen + count]
                 correct[0] += int(np.sum(_top1(ref) == expected))
@@ -584,7 +584,7 @@ def evaluate(
     sensitive: list[NodeSensitivity] = []
     if per_node > 0:
         wanted = max(1, node_samples)
-        batches = _limited(source.batches(bs), wanted, progress, cancel)
+        batches = _limited(source.batches(bs), bs, wanted, progress, cancel)
         sensitive = node_sqnr(fp32, quant, batches, per_node, threads=threads, cancel=cancel)
     return EvalReport(
         outputs=tuple(comparison.sums[n].metrics(n) for n in names),
@@ -599,21 +599,18 @@ def evaluate(
     )
 
 
-def _count(feeds: Feeds) -> int:
-    """Samples in a batch: the leading dimension of its first non-scalar input."""
-    return next((len(v) for v in feeds.values() if np.ndim(v) > 0), 1)
-
-
-def _limited(batches: Iterator[Feeds], samples: int, progress: ProgressFn | None,
+def _limited(batches: Iterator[Feeds], bs: int, samples: int, progress: ProgressFn | None,
              cancel: CancelToken | None) -> Iterator[Feeds]:
-    """The first `samples` samples of a batch stream (the last batch cut to fit)."""
+    """The first `samples` samples of a stream of batches of `bs` (the last batch cut to fit;
+    a model whose inputs have no batch axis is fed one sample a batch, never cut)."""
     done = 0
     for feeds in batches:
         check(cancel)
-        count = _count(feeds)
+        count = bs
         if done + count > samples:
-            feeds = {k: v[:samples - done] for k, v in feeds.items()}
             count = samples - done
+            feeds = {k: v[:count] if np.ndim(v) > 0 and len(v) == bs else v
+                     for k, v in feeds.items()}
         yield feeds
         done += count
         report(progress, "Per-node SQNR", done, samples)

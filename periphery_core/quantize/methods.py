@@ -38,6 +38,7 @@ from periphery_core.quantize.config import (
 from periphery_core.quantize.engine import FeedSource, Runner
 from periphery_core.quantize.inc_engine import run_inc_smoothquant, run_inc_weight_only
 from periphery_core.quantize.ort_engine import run_dynamic, run_static, run_weight_only
+from periphery_core.quantize.prepare import lift_weights, survey
 
 ModelInput = LoadedModel | onnx.ModelProto | str | os.PathLike[str]
 
@@ -93,13 +94,17 @@ def quantize(
         raise QuantizeError(f"method {config.method} needs calibration data: "
                             "give a calibration source")
     check(cancel)
+    notes = _already_quantized(proto)
+    proto, lifted = lift_weights(proto)
+    notes += lifted
     work, renamed = _named(proto)
     names = {n.name for n in work.graph.node}
     unknown = [n for n in config.exclude if n not in names]
     if unknown:
         raise QuantizeError(f"cannot exclude node '{unknown[0]}': the model has no node of "
                             "that name")
-    notes = ["unnamed or duplicate nodes were named by position"] if renamed else []
+    if renamed:
+        notes.append("unnamed or duplicate nodes were named by position")
     report(progress, "quantize", 0, 1, config.method)
     with tempfile.TemporaryDirectory(prefix="periphery-quant-") as tmp:
         tmp_dir = Path(tmp)
@@ -110,6 +115,21 @@ def quantize(
         model=out, method=config.method, config=config, excluded=tuple(config.exclude),
         notes=(*notes, *more_notes), calibrated_on=fed,
     )
+
+
+def _already_quantized(model: onnx.ModelProto) -> list[str]:
+    """Refuse a model with nothing left in float; note one that is partly quantized."""
+    found = survey(model)
+    if not found.quantized:
+        return []
+    left = len(found.float_weights) + len(found.constant_weights)
+    if not left:
+        raise QuantizeError(
+            f"the model is already quantized ({found.quantized_summary}) and has no float "
+            "MatMul, Gemm or Conv weights left: nothing to do; use it as it is"
+        )
+    return [f"the model was already partly quantized ({found.quantized_summary}); the {left} "
+            "float MatMul/Gemm/Conv weights left were quantized"]
 
 
 def _proto(model: ModelInput) -> onnx.ModelProto:

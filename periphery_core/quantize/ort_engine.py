@@ -73,15 +73,16 @@ def run_dynamic(
     check(cancel)
     out = tmp / "quant.onnx"
     try:
-        quantize_dynamic(
-            str(src), str(out),
-            op_types_to_quantize=list(config.op_types) if config.op_types else None,
-            per_channel=config.per_channel,
-            reduce_range=config.reduce_range,
-            weight_type=QuantType.QInt8 if config.weight_type == "int8" else QuantType.QUInt8,
-            nodes_to_exclude=list(config.exclude),
-            use_external_data_format=is_large(model),
-        )
+        with quiet_root_logging():
+            quantize_dynamic(
+                str(src), str(out),
+                op_types_to_quantize=list(config.op_types) if config.op_types else None,
+                per_channel=config.per_channel,
+                reduce_range=config.reduce_range,
+                weight_type=QuantType.QInt8 if config.weight_type == "int8" else QuantType.QUInt8,
+                nodes_to_exclude=list(config.exclude),
+                use_external_data_format=is_large(model),
+            )
     except PeripheryError:
         raise
     except Exception as exc:

@@ -1,7 +1,9 @@
 """Calibration and evaluation data: one spec string opens a source of model feeds.
 
 A spec is `SCHEME:PATH?key=value&key=value` (the CLI's `--calib` and `--data`): `random`,
-`npz:DIR`, `npy:DIR`, `images:DIR`, `mnist:IDX_GZ`, `text:FILE` and `stsb:TSV`. Every source
+`npz:DIR` (one sample a file) or `npz:FILE` (named arrays, a leading sample axis for
+several; a bare `FILE.npz` too), `npy:DIR`, `images:DIR`, `mnist:IDX_GZ`, `text:FILE` and
+`stsb:TSV`. Every source
 is shaped by the model's inputs, so what it yields always fits the model: right names, dtypes and
 ranks, with the batch dimension first. Anything that does not fit is a `DataError` raised when the
 source is opened (the first sample is checked eagerly), never a crash inside ONNX Runtime.
@@ -18,10 +20,11 @@ Each scheme's source lives in its own module (`random_data`, `arrays`, `images`,
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from periphery_core.errors import DataError
 from periphery_core.model.shapes import InputSpec
-from periphery_core.quantize.sources.arrays import ArrayFolderSource
+from periphery_core.quantize.sources.arrays import ArrayFileSource, ArrayFolderSource
 from periphery_core.quantize.sources.images import ImageFolderSource, ImageOptions
 from periphery_core.quantize.sources.mnist import MnistSource
 from periphery_core.quantize.sources.options import existing_dir, existing_file
@@ -33,6 +36,7 @@ from periphery_core.quantize.sources.text import TextSource, text_encoder
 __all__ = [
     "DEFAULT_RANDOM_SAMPLES",
     "SCHEMES",
+    "ArrayFileSource",
     "ArrayFolderSource",
     "DataSource",
     "Feeds",
@@ -44,7 +48,8 @@ __all__ = [
     "open_source",
 ]
 
-SCHEMES = ("random", "npz:DIR", "npy:DIR", "images:DIR", "mnist:IDX_GZ", "text:FILE", "stsb:TSV")
+SCHEMES = ("random", "npz:DIR", "npz:FILE", "npy:DIR", "images:DIR", "mnist:IDX_GZ",
+           "text:FILE", "stsb:TSV")
 DEFAULT_RANDOM_SAMPLES = 32
 
 
@@ -54,7 +59,8 @@ def open_source(
     """Open the data source a spec string names, shaped for a model's inputs.
 
     Args:
-        spec: `random`, `npz:DIR`, `npy:DIR`, `images:DIR?...`, `mnist:FILE?...`,
+        spec: `random`, `npz:DIR`, `npz:FILE` (or a bare `FILE.npz`), `npy:DIR`,
+            `images:DIR?...`, `mnist:FILE?...`,
             `text:FILE?...` or `stsb:TSV?...` (see the module docstring).
         inputs: the model's inputs with concrete shapes (batch dimension first).
         samples: use at most this many samples (pairs for `stsb`); None: all of them
@@ -67,6 +73,8 @@ def open_source(
     """
     if samples is not None and samples <= 0:
         raise DataError(f"the number of samples must be positive, not {samples}")
+    if spec.strip().lower().endswith(".npz") and ":" not in spec:
+        spec = f"npz:{spec.strip()}"  # a bare file of feeds, as --inputs takes
     head, qmark, query = spec.partition("?")
     scheme, sep, path = head.partition(":")
     scheme = scheme.strip().lower()
@@ -75,7 +83,10 @@ def open_source(
     params = _parse_query(spec, query)
     openers: dict[str, Callable[[], DataSource]] = {
         "random": lambda: RandomSource(inputs, samples or DEFAULT_RANDOM_SAMPLES, seed),
-        "npz": lambda: ArrayFolderSource(existing_dir(spec, path), inputs, "npz", samples),
+        "npz": lambda: (
+            ArrayFileSource(existing_file(spec, path), inputs, samples)
+            if Path(path).expanduser().is_file()
+            else ArrayFolderSource(existing_dir(spec, path), inputs, "npz", samples)),
         "npy": lambda: ArrayFolderSource(existing_dir(spec, path), inputs, "npy", samples),
         "images": lambda: ImageFolderSource(
             existing_dir(spec, path), inputs, ImageOptions.parse(spec, params), samples),

@@ -67,3 +67,82 @@ def _load_labels_npy(path: Path, count: int) -> np.ndarray | None:
         raise DataError(f"{path} must hold one label per sample file: {count} values, found "
                         f"shape {labels.shape}")
     return labels
+
+
+class ArrayFileSource(SampleSource):
+    """`npz:FILE`: one `.npz` of named arrays, the same file `--inputs` takes.
+
+    An array with the input's rank (batch dimension first) holds one sample per batch row, and
+    one with a leading extra axis holds one sample per entry of it; so a file of model feeds is
+    one sample, and stacking N of them gives N. A scalar input may stay one value for every
+    sample. An array named `labels`, if present, holds one label per sample.
+    """
+
+    def __init__(self, path: Path, inputs: Sequence[InputSpec],
+                 samples: int | None = None) -> None:
+        names = [s.name for s in inputs]
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {k: np.asarray(data[k]) for k in data.files}
+        except (OSError, ValueError, EOFError):
+            raise DataError(f"{path} is not a .npz archive of arrays (make one with "
+                            "numpy.savez)") from None
+        labels = arrays.pop("labels", None)
+        try:
+            read = {n: arrays[n] for n in names}
+        except KeyError as exc:
+            raise DataError(f"{path} has no array named '{exc.args[0]}' (model inputs: "
+                            f"{', '.join(names)})") from None
+        extra = [k for k in arrays if k not in names]
+        if extra:
+            raise DataError(f"{path} has an array '{extra[0]}' that is not a model input "
+                            f"(model inputs: {', '.join(names)})")
+        self._per_sample: dict[str, np.ndarray] = {}  # name -> array indexed by sample
+        self._shared: dict[str, np.ndarray] = {}  # scalars given once for every sample
+        counts: dict[str, int] = {}
+        for spec in inputs:
+            arr, rank = read[spec.name], len(spec.shape)
+            batched = rank > 0 and spec.shape[0] == 1  # a batch dimension to stack samples on
+            if arr.ndim == rank + 1:
+                self._per_sample[spec.name] = arr
+            elif arr.ndim == rank and batched:
+                self._per_sample[spec.name] = arr[:, np.newaxis]
+            elif arr.ndim == rank or (batched and arr.ndim == rank - 1):
+                if rank == 0:
+                    self._shared[spec.name] = _fit(arr, spec, path)
+                    continue
+                self._per_sample[spec.name] = arr[np.newaxis]
+            else:
+                raise DataError(f"'{spec.name}' in {path} has rank {arr.ndim}; the model "
+                                f"expects rank {rank} (or {rank + 1} with a leading sample axis)")
+            counts[spec.name] = len(self._per_sample[spec.name])
+        if len(set(counts.values())) > 1:
+            listed = ", ".join(f"{n}: {c}" for n, c in counts.items())
+            raise DataError(f"the arrays in {path} hold different numbers of samples ({listed})")
+        count = next(iter(counts.values()), 1)
+        if labels is not None and labels.ndim != 1:
+            raise DataError(f"'labels' in {path} must be one label per sample")
+        if samples is not None:
+            count = min(count, samples)
+            labels = None if labels is None else labels[:count]
+        self.path = path
+        self.description = f"{count} sample{'s' if count != 1 else ''} from {path}"
+        super().__init__(inputs, count, labels)
+        self.sample(0)
+
+    def sample(self, index: int) -> Feeds:
+        feeds = dict(self._shared)
+        for spec in self.inputs:
+            if spec.name in self._per_sample:
+                feeds[spec.name] = _fit(self._per_sample[spec.name][index], spec, self.path)
+        return feeds
+
+
+def _fit(arr: np.ndarray, spec: InputSpec, path: Path) -> np.ndarray:
+    """One sample for an input; an input without a batch dimension of 1 takes it as it is."""
+    if arr.ndim == len(spec.shape) and (not spec.shape or spec.shape[0] != 1):
+        if arr.dtype != spec.dtype:
+            raise DataError(f"'{spec.name}' in {path} is {arr.dtype}; the model expects "
+                            f"{spec.dtype} (save it with .astype(np.{spec.dtype.name}))")
+        return arr
+    return fit_sample(arr, spec, str(path))

@@ -234,3 +234,36 @@ def if_on_sample_rate(frame: int = 1600) -> onnx.ModelProto:
     ]
     inits = [numpy_helper.from_array(np.array(16000, np.int64), "k16"), _weight("w", (160, 8), 4)]
     return _model(helper.make_graph(nodes, "if_on_sample_rate", [x, sr], [y], inits))
+
+
+def initializers_as_inputs() -> onnx.ModelProto:
+    """An MLP whose weights are also listed as graph inputs, as older exporters wrote (IR 4+
+    allows it; ONNX Runtime then treats them as overridable)."""
+    model = mlp(width=16, layers=3)
+    for init in model.graph.initializer:
+        model.graph.input.append(
+            helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    return model
+
+
+def classifier_with_zipmap() -> onnx.ModelProto:
+    """A scikit-learn-style classifier: ai.onnx.ml LinearClassifier, then ZipMap, whose output
+    is a sequence of maps, not a tensor."""
+    x = helper.make_tensor_value_info("x", FLOAT, [1, 4])
+    label = helper.make_tensor_value_info("label", TensorProto.INT64, [1])
+    probs = helper.make_value_info(
+        "probabilities", helper.make_sequence_type_proto(
+            helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(
+                FLOAT, []))))
+    rng = np.random.default_rng(5)
+    nodes = [
+        helper.make_node("Mul", ["x", "scale"], ["xs"]),
+        helper.make_node("LinearClassifier", ["xs"], ["label", "scores"], domain="ai.onnx.ml",
+                         coefficients=rng.standard_normal(12).tolist(), intercepts=[0.1, 0.2, 0.3],
+                         classlabels_ints=[0, 1, 2], post_transform="SOFTMAX"),
+        helper.make_node("ZipMap", ["scores"], ["probabilities"], domain="ai.onnx.ml",
+                         classlabels_int64s=[0, 1, 2]),
+    ]
+    scale = numpy_helper.from_array(np.full((1, 4), 0.5, np.float32), "scale")
+    graph = helper.make_graph(nodes, "classifier", [x], [label, probs], [scale])
+    return _model(graph, extra_opsets={"ai.onnx.ml": 3})

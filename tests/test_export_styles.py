@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import pytest
 from onnx import helper
 
 from periphery_core.model import analyze, load_model
@@ -208,3 +207,25 @@ def test_folder_with_several_models_says_which_to_pass(tmp_path: Path) -> None:
     for name in ("encoder.onnx", "decoder.onnx"):
         _save(models.mlp(), tmp_path / name)
     _one_line_error(cli("analyze", tmp_path), "several .onnx models", "decoder.onnx")
+
+
+# --------------------------------------------------------------------- older and non-NN exports
+
+
+def test_initializers_listed_as_inputs_stay_so_in_the_shards(tmp_path: Path) -> None:
+    path = _save(models.initializers_as_inputs(), tmp_path / "ir4.onnx")
+    ok("shard", path, "--shards", "3", "-o", tmp_path / "s")
+    for stage in sorted((tmp_path / "s").glob("stage-*.onnx")):
+        shard = onnx.load(str(stage))
+        listed = {i.name for i in shard.graph.input}
+        assert {i.name for i in shard.graph.initializer} <= listed, stage.name
+    assert "PASS" in ok("verify", path, tmp_path / "s", "--exact").stdout
+
+
+def test_classifier_with_map_outputs_shards_and_has_nothing_to_quantize(tmp_path: Path) -> None:
+    path = _save(models.classifier_with_zipmap(), tmp_path / "clf.onnx")
+    ok("shard", path, "--shards", "2", "-o", tmp_path / "s")
+    assert "PASS" in ok("verify", path, tmp_path / "s", "--exact").stdout
+    _one_line_error(cli("quantize", path, "--method", "dynamic", "-o", tmp_path / "q.onnx"),
+                    "nothing to quantize", "use it as it is")
+    assert not (tmp_path / "q.onnx").exists()

@@ -153,6 +153,8 @@ def extract_shards(
         for o in graph.node[i].output if o
     }
     types = _inferred_types(model)
+    model_outputs = {o.name: o for o in graph.output}
+    listed_inputs = {i.name: i for i in graph.input if i.name in inits}
     shards: list[onnx.ModelProto] = []
     for stage in plan.stages:
         check(cancel)
@@ -184,17 +186,21 @@ def extract_shards(
                 raise PlanError(
                     f"stage {stage.index} must output '{b.name}' but cannot reach it"
                 )
-            sub.output.append(_value_info(b.name, types, analysis))
+            # A model output keeps the model's own declaration: it may be no tensor at all
+            # (ZipMap's sequence of maps), which neither inference nor the analysis types.
+            sub.output.append(model_outputs[b.name] if b.name in model_outputs
+                              else _value_info(b.name, types, analysis))
         own_inits = [n for n in reads if n in inits and n not in set(boundary_in)]
         sub.initializer.extend(inits[n] for n in own_inits)
         sub.sparse_initializer.extend(sparse[n] for n in reads if n in sparse)
-        if model.ir_version < 4:
-            # IR 3 requires every initializer to be listed among the graph inputs too.
-            for n in own_inits:
-                vi = onnx.helper.make_tensor_value_info(
-                    n, inits[n].data_type, list(inits[n].dims)
-                )
-                sub.input.append(vi)
+        # IR 3 requires every initializer to be listed among the graph inputs too, and an
+        # initializer the model lists as an input (IR 4+ allows it) is one ONNX Runtime treats
+        # as overridable, not constant, and computes with other kernels: keep it so, or the
+        # stage's results differ from the whole model's in the last bits.
+        for n in own_inits:
+            if model.ir_version < 4 or n in listed_inputs:
+                sub.input.append(listed_inputs.get(n) or onnx.helper.make_tensor_value_info(
+                    n, inits[n].data_type, list(inits[n].dims)))
         io_names = set(boundary_in) | {b.name for b in stage.outputs}
         sub.value_info.extend(
             value_infos[n] for n in produced if n in value_infos and n not in io_names

@@ -117,17 +117,29 @@ def quantize(
     )
 
 
+class NothingToQuantize(QuantizeError):
+    """The model has no float MatMul, Gemm or Conv weight that a quantizer would change."""
+
+
 def _already_quantized(model: onnx.ModelProto) -> list[str]:
-    """Refuse a model with nothing left in float; note one that is partly quantized."""
+    """Refuse a model with nothing (left) in float to quantize; note one partly quantized."""
     found = survey(model)
-    if not found.quantized:
-        return []
     left = len(found.float_weights) + len(found.constant_weights)
-    if not left:
-        raise QuantizeError(
+    if not left and found.quantized:
+        raise NothingToQuantize(
             f"the model is already quantized ({found.quantized_summary}) and has no float "
             "MatMul, Gemm or Conv weights left: nothing to do; use it as it is"
         )
+    if not left:
+        inside = (f"; its {found.branch_weights} weight ops are inside If/Loop/Scan "
+                  "branches, which ONNX Runtime's quantizers do not reach"
+                  if found.branch_weights else "")
+        raise NothingToQuantize(
+            "nothing to quantize: the model has no MatMul, Gemm or Conv with a float weight "
+            f"at its top level{inside}; use it as it is"
+        )
+    if not found.quantized:
+        return []
     return [f"the model was already partly quantized ({found.quantized_summary}); the {left} "
             "float MatMul/Gemm/Conv weights left were quantized"]
 

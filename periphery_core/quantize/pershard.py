@@ -27,7 +27,7 @@ from periphery_core.partition.plan import ShardPlan
 from periphery_core.progress import CancelToken, ProgressFn, check, report
 from periphery_core.quantize.config import CONFIG_TYPES, QuantConfig, QuantizeError
 from periphery_core.quantize.engine import FeedSource
-from periphery_core.quantize.methods import QuantResult, quantize
+from periphery_core.quantize.methods import NothingToQuantize, QuantResult, quantize
 from periphery_core.runtime.chain import StageRunner
 from periphery_core.runtime.session import SessionConfig
 
@@ -151,8 +151,12 @@ def quantize_stages(
         result: QuantResult | None = None
         if stage_config is not None:
             _named_like_model(shard, keys_by_output)
-            result = quantize(shard, stage_config, source if stage_config.calibrated else None,
-                              progress=progress, cancel=cancel)
+            try:
+                result = quantize(shard, stage_config,
+                                  source if stage_config.calibrated else None,
+                                  progress=progress, cancel=cancel)
+            except NothingToQuantize:
+                result = None  # a stage without weights stays as it is
         if i < last and source is not None:
             source = _next_activations(shard, source, samples, batch, exact, i, progress, cancel)
         out.append(StageQuantized(i, result.model if result else shard, result))

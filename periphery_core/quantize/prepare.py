@@ -42,6 +42,7 @@ class WeightSurvey:
     quantized: Counter[str] = field(default_factory=Counter)
     float_weights: tuple[str, ...] = ()  # nodes of WEIGHT_OPS with a float initializer weight
     constant_weights: tuple[str, ...] = ()  # such nodes whose weight is not an initializer
+    branch_weights: int = 0  # WEIGHT_OPS inside subgraphs (If/Loop/Scan bodies)
 
     @property
     def quantized_summary(self) -> str:
@@ -78,7 +79,18 @@ def survey(model: onnx.ModelProto) -> WeightSurvey:
                     float_weights.append(label)
             elif weight in constant_valued and _is_float_constant(producers.get(weight)):
                 constant_weights.append(label)
-    return WeightSurvey(quantized, tuple(float_weights), tuple(constant_weights))
+    branch = sum(_weight_ops_in(sub) for node in graph.node for sub in _subgraphs(node))
+    return WeightSurvey(quantized, tuple(float_weights), tuple(constant_weights), branch)
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH] + [
+        g for a in node.attribute if a.type == onnx.AttributeProto.GRAPHS for g in a.graphs]
+
+
+def _weight_ops_in(graph: onnx.GraphProto) -> int:
+    return sum(node.op_type in WEIGHT_OPS for node in graph.node) + sum(
+        _weight_ops_in(sub) for node in graph.node for sub in _subgraphs(node))
 
 
 def _is_float_constant(node: onnx.NodeProto | None) -> bool:

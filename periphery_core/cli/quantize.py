@@ -150,17 +150,19 @@ def quantize(model: Path, method: str, bits: int | None, engine: str, calib: str
 @cli.command()
 @click.argument("fp32", type=click.Path(path_type=Path))
 @click.argument("quantized", type=click.Path(path_type=Path))
-@click.option("--data", required=True, metavar="SOURCE",
-              help="Evaluation data (same forms as quantize --calib).")
+@click.option("--data", default=None, metavar="SOURCE",
+              help="Evaluation data (same forms as quantize --calib; default: --inputs).")
 @click.option("--labels", type=click.Path(path_type=Path), default=None,
               help="Labels for unlabelled --data: a .npy, or a text file with one per line.")
 @click.option("--samples", type=int, default=None, help="Evaluate on at most N samples.")
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @input_shape_option
+@inputs_option
 @json_option
 @handle_errors
-def evaluate(fp32: Path, quantized: Path, data: str, labels: Path | None, samples: int | None,
-             batch_size: int, input_shapes: tuple[str, ...], as_json: bool) -> None:
+def evaluate(fp32: Path, quantized: Path, data: str | None, labels: Path | None,
+             samples: int | None, batch_size: int, input_shapes: tuple[str, ...],
+             inputs_path: Path | None, as_json: bool) -> None:
     """Compare a quantized model with its fp32 original: accuracy, size, latency, SQNR."""
     from periphery_core.cli.common import input_specs
     from periphery_core.cli.render import print_json
@@ -168,9 +170,12 @@ def evaluate(fp32: Path, quantized: Path, data: str, labels: Path | None, sample
     from periphery_core.quantize.evaluate import evaluate as run_evaluate
     from periphery_core.quantize.sources import open_source
 
+    if data is None and inputs_path is None:
+        raise PeripheryError("give the evaluation data: --data SOURCE or --inputs FEEDS.npz")
     loaded = load_model(fp32)
     load_model(quantized)  # one clear line if the quantized file is bad
-    source = open_source(data, input_specs(loaded, input_shapes)[0], samples=samples)
+    specs = input_specs(loaded, input_shapes, inputs_path)[0]
+    source = open_source(data or f"npz:{inputs_path}", specs, samples=samples)
     if labels is not None:
         source = _Labelled(source, _read_labels(labels, len(source)))
     report = run_evaluate(loaded.path, quantized, source, batch_size=batch_size)

@@ -73,7 +73,8 @@ def _evaluate(result: ModelResult) -> str:
 def row(entry: dict[str, Any], result: ModelResult) -> list[str]:
     ratio = "ok" if result.size_ratio is None else f"{result.size_ratio:.2f}x fp32"
     return [
-        entry["name"], f"{entry['package']}=={entry['version']}", entry["producer"],
+        entry["name"], (f"{entry['package']}=={entry['version']}" if "shared" not in entry
+                         else f"../shared/data/{entry['shared']}"), entry["producer"],
         _exact(result), _step(result.nofeeds, "ok"), _step(result.quantize, ratio),
         _evaluate(result),
     ]

@@ -7,6 +7,7 @@ import signal
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +201,33 @@ def _write_devices(path: Path, devices: list) -> None:
                     else json.dumps(table, indent=1) + "\n")
 
 
+def connect_nodes(master: Any, cluster_ctx: Any, peers: tuple[str, ...], mdns: bool, k: int,
+                  names: Sequence[str] = ()) -> list[Any]:
+    """Connect K nodes for the stages: the local cluster's, then --peer, then mDNS; in the
+    order of `names` (a plan's devices) when every one is found."""
+    from periphery_core.cli.render import err_console
+
+    addresses = list(cluster_ctx.addresses) if cluster_ctx else []
+    if len(addresses) < k:
+        addresses += _gather(peers, mdns and len(peers) < k, 2.0, ())
+    handles: list[Any] = []
+    for a in addresses:
+        if len(handles) == k:
+            break
+        try:
+            handles.append(master.connect(a))
+        except PeripheryError as exc:  # one bad candidate must not end the run
+            err_console.print(f"skipping node {a.host}:{a.port}: {exc.message}",
+                              soft_wrap=True)
+    if len(handles) < k:
+        raise PeripheryError(
+            f"the plan has {k} stages but {len(handles)} nodes were found: start "
+            "nodes with 'periphery-node', pass --peer HOST:PORT, or use --local")
+    by_name = {h.name: h for h in handles}
+    return [by_name[n] for n in names] if names and all(n in by_name for n in names) \
+        else handles
+
+
 @cli.command("run")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path), required=True,
@@ -287,25 +315,8 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
                 server = MetricsServer(StateTracker(master.bus), metrics_port)
                 stack.callback(server.close)
                 err_console.print(f"metrics on http://127.0.0.1:{server.port}/metrics")
-            addresses = list(cluster_ctx.addresses) if cluster_ctx else []
-            if len(addresses) < plan.k:
-                addresses += _gather(peers, mdns and len(peers) < plan.k, 2.0, ())
-            handles: list[Any] = []
-            for a in addresses:
-                if len(handles) == plan.k:
-                    break
-                try:
-                    handles.append(master.connect(a))
-                except PeripheryError as exc:  # one bad candidate must not end the run
-                    err_console.print(f"skipping node {a.host}:{a.port}: {exc.message}",
-                                      soft_wrap=True)
-            if len(handles) < plan.k:
-                raise PeripheryError(
-                    f"the plan has {plan.k} stages but {len(handles)} nodes were found: start "
-                    "nodes with 'periphery-node', pass --peer HOST:PORT, or use --local")
-            by_name = {h.name: h for h in handles}
-            names = [d.name for d in plan.devices]
-            chosen = [by_name[n] for n in names] if all(n in by_name for n in names) else handles
+            chosen = connect_nodes(master, cluster_ctx, peers, mdns, plan.k,
+                                   [d.name for d in plan.devices])
             # The one serving path: a lost node is re-planned around and its requests replayed.
             pipeline = Pipeline(master, loaded, analysis, plan=plan, exact=exact)
             stack.callback(pipeline.close)

@@ -9,7 +9,12 @@ them all, so `periphery` (and `python -m periphery_core.cli.main`) sees every co
 
 from __future__ import annotations
 
-from periphery_core.cli import cluster, partition, quantize  # noqa: F401  (register commands)
+from periphery_core.cli import (  # noqa: F401  (register commands)
+    cluster,
+    generate,
+    partition,
+    quantize,
+)
 from periphery_core.cli.common import cli, run_click
 
 

@@ -82,6 +82,7 @@ class _Pending:
     future: Future
     t_submit: float
     feeds: Mapping[str, np.ndarray]  # kept until the result arrives, to replay after a loss
+    step: Mapping[str, int] | None = None  # a decoder step: seq, pos, new
 
 
 class Master:
@@ -536,8 +537,12 @@ class Master:
 
     # ------------------------------------------------------------------ requests
 
-    def submit(self, feeds: Mapping[str, np.ndarray]) -> Future:
-        """Send one request into the pipeline; the future resolves to its outputs by name."""
+    def submit(self, feeds: Mapping[str, np.ndarray],
+               step: Mapping[str, int] | None = None) -> Future:
+        """Send one request into the pipeline; the future resolves to its outputs by name.
+
+        `step` ({"seq", "pos", "new"}) makes it one step of a decoder's sequence, for stages
+        that keep KV caches (generate.stateful)."""
         self._check_alive()
         if self._first is None:
             raise ClusterError("nothing is deployed: deploy a plan first")
@@ -550,14 +555,14 @@ class Master:
                 raise ClusterBusy(f"busy: {len(self._pending)} requests are in flight (the "
                                   f"limit is {self.max_pending}); wait for results first")
             rid = next(self._ids)
-            self._pending[rid] = _Pending(future, time.time(), feeds)
+            self._pending[rid] = _Pending(future, time.time(), feeds, step)
             epoch = self.epoch
-        self._send(rid, feeds, lambda: not self._open.is_set() or self.epoch != epoch)
+        self._send(rid, feeds, lambda: not self._open.is_set() or self.epoch != epoch, step)
         future.request_id = rid  # type: ignore[attr-defined]
         return future
 
     def _send(self, rid: int, feeds: Mapping[str, np.ndarray],
-              abandon: Callable[[], bool]) -> None:
+              abandon: Callable[[], bool], step: Mapping[str, int] | None = None) -> None:
         """Send one request to the first stage, waiting while it is full (backpressure).
 
         Gives up, leaving the request pending, when `abandon()` says a recovery has begun or
@@ -565,7 +570,8 @@ class Master:
         (it failed): a send to a dead first stage must never hold the lock a redeploy needs.
         """
         with self._send_lock:
-            frames = encode("activation", {"id": rid, "times": [], "epoch": self.epoch}, feeds)
+            frames = encode("activation", {"id": rid, "times": [], "epoch": self.epoch,
+                                           **(step or {})}, feeds)
             if self._first is None:
                 raise ClusterError("nothing is deployed: deploy a plan first")
             while not self._stop.is_set():
@@ -576,6 +582,19 @@ class Master:
                     waiting = rid in self._pending
                 if not waiting or abandon():
                     return
+
+    def release_sequences(self, seqs: Sequence[int]) -> None:
+        """Tell every stage that these decoder sequences ended: their caches may go."""
+        if not seqs:
+            return
+        frames = encode("release", {"seqs": [int(s) for s in seqs]})
+
+        def send() -> None:  # control sockets belong to the control thread
+            for handle in self.alive_nodes():
+                if handle.stage is not None and handle.stage >= 0:
+                    self._control_send(handle, list(frames))
+
+        self._commands.put(send)
 
     def pending_count(self) -> int:
         """Requests sent and still waiting for their result."""
@@ -592,10 +611,11 @@ class Master:
     def replay(self) -> int:
         """Send every request still waiting for its result into the current pipeline again."""
         with self._pending_lock:
-            waiting = sorted((rid, p.feeds) for rid, p in self._pending.items())
+            waiting = sorted(((rid, p.feeds, p.step) for rid, p in self._pending.items()),
+                             key=lambda w: w[0])
         epoch = self.epoch
-        for rid, feeds in waiting:
-            self._send(rid, feeds, lambda: self.epoch != epoch)
+        for rid, feeds, step in waiting:
+            self._send(rid, feeds, lambda: self.epoch != epoch, step)
         return len(waiting)
 
     def submit_batch(self, feeds: Mapping[str, np.ndarray], micro_batch: int) -> Future:
@@ -672,6 +692,9 @@ class Master:
                 continue
             if msg.kind == "result":
                 timings = stage_timings(msg.fields["times"], pending.t_submit, t_done)
+                # Bytes each stage sent on (the last stage's to us), where the nodes said.
+                pending.future.stage_bytes = tuple(  # type: ignore[attr-defined]
+                    int(t[5]) for t in msg.fields["times"] if len(t) > 5)
                 _settle(pending.future, dict(msg.tensors))
                 self.bus.publish(ev.RequestCompleted(
                     t=t_done, request_id=str(rid), latency_s=t_done - pending.t_submit,
@@ -702,8 +725,8 @@ def stage_timings(times: Any, t_submit: float, t_done: float) -> tuple[ev.StageT
     """
     out = []
     try:
-        stamps = [tuple(float(x) for x in s) for s in times]
-        for i, (stage, t_recv, t_start, t_end, t_send) in enumerate(stamps):
+        stamps = [tuple(float(x) for x in s) for s in times]  # (bytes sent may follow)
+        for i, (stage, t_recv, t_start, t_end, t_send) in enumerate(s[:5] for s in stamps):
             t_next = stamps[i + 1][1] if i + 1 < len(stamps) else t_done
             out.append(ev.StageTiming(stage=int(stage), queue_s=max(0.0, t_start - t_recv),
                                       compute_s=max(0.0, t_end - t_start),

@@ -37,7 +37,8 @@ import zmq
 
 from periphery_core.cluster.keys import Guard, KeyRing, Role
 from periphery_core.cluster.shard_policy import require_self_contained
-from periphery_core.errors import ClusterError, PeripheryError
+from periphery_core.errors import ClusterError, PeripheryError, RuntimeFailure
+from periphery_core.generate.stateful import StatefulStage, stage_state
 from periphery_core.runtime.chain import StageRunner
 from periphery_core.runtime.session import SessionConfig
 from periphery_core.wire import PROTOCOL_VERSION, Limits, Message, WireError, decode, encode
@@ -69,6 +70,7 @@ class NodeConfig:
     max_shard_bytes: int = 8 << 30
     stats_interval_s: float = 1.0
     keys: KeyRing | None = None  # None: insecure (logged loudly)
+    kv_budget: int = 0  # bytes of KV cache a decoder stage may hold; 0: a quarter of memory
 
 
 @dataclass
@@ -99,7 +101,7 @@ class _Wiring:
 @dataclass
 class _Deployment:
     stage: int
-    runner: StageRunner
+    runner: StageRunner | StatefulStage
     next_endpoint: str
     results_endpoint: str
     provider: str
@@ -420,6 +422,10 @@ class NodeDaemon:
             self._chunk(ident, msg)
         elif kind == "deploy_end":
             self._end_upload(ident, msg)
+        elif kind == "release":
+            dep = self._deployment
+            if dep is not None and isinstance(dep.runner, StatefulStage):
+                dep.runner.release(msg.fields["seqs"])
         elif kind == "shutdown":
             log.info("shutdown requested by the master")
             self._stop.set()
@@ -521,8 +527,13 @@ class NodeDaemon:
                                          "stage": up.stage})
             return
         try:
-            _warm_up(runner)
-            self._activate(ident, up.stage, runner, provider, up.fields, up.sha256)
+            state = stage_state(model)
+            if state is None:
+                _warm_up(runner)
+            budget = self.config.kv_budget or psutil.virtual_memory().total // 4
+            stage: StageRunner | StatefulStage = runner if state is None \
+                else StatefulStage(runner, state, budget)
+            self._activate(ident, up.stage, stage, provider, up.fields, up.sha256)
         except Exception as exc:  # a bug: the master must hear of it, not wait out its timeout
             log.exception("stage %d failed to start", up.stage)
             self._reply(ident, "error", {"reason": f"stage {up.stage} failed to start: "
@@ -530,7 +541,8 @@ class NodeDaemon:
             return
         log.info("stage %d ready on %s", up.stage, provider)
 
-    def _activate(self, ident: bytes, stage: int, runner: StageRunner, provider: str,
+    def _activate(self, ident: bytes, stage: int, runner: StageRunner | StatefulStage,
+                  provider: str,
                   f: dict[str, Any], sha256: str) -> None:
         keys = {k: str(f.get(k) or "").encode() or None for k in ("next_key", "results_key")}
         self._deployment = _Deployment(stage, runner, f["next"], f["results"], provider,
@@ -597,15 +609,25 @@ class NodeDaemon:
         if epoch != dep.epoch:
             return  # sent to a pipeline that has been replaced; the master replays it
         t_start = time.time()
+        step: dict[str, int] = {k: msg.fields[k] for k in ("seq", "pos", "new")
+                                if k in msg.fields}
         try:
-            outputs = dep.runner.run(msg.tensors)
+            if isinstance(dep.runner, StatefulStage):
+                if len(step) != 3:
+                    raise RuntimeFailure("this stage keeps a decoder's KV caches: a request "
+                                         "must name its sequence, cached and new tokens")
+                outputs = dep.runner.run(msg.tensors, step["seq"], step["pos"], step["new"])
+            else:
+                outputs = dep.runner.run(msg.tensors)
         except Exception as exc:  # a bad request fails alone; the node keeps serving
+            reason = exc.message if isinstance(exc, PeripheryError) else str(exc)
             self._put_out(("failure", {"id": rid, "stage": dep.stage, "epoch": epoch,
-                                       "reason": f"stage {dep.stage}: {exc}"}))
+                                       "reason": f"stage {dep.stage}: {reason}"}))
             return
         t_end = time.time()
         times = [*msg.fields.get("times", []), [dep.stage, t_recv, t_start, t_end]]
-        self._put_out(("activation", ({"id": rid, "times": times, "epoch": epoch}, outputs)))
+        self._put_out(("activation", ({"id": rid, "times": times, "epoch": epoch, **step},
+                                      outputs)))
 
     def _put_out(self, item: tuple[str, Any]) -> None:
         while not self._stop.is_set():
@@ -658,7 +680,7 @@ class NodeDaemon:
         dep = wiring.dep
         if wiring.nxt is None or dep is None:
             return
-        fields["times"][-1].append(time.time())
+        fields["times"][-1].extend((time.time(), sum(int(v.nbytes) for v in outputs.values())))
         last = dep.next_endpoint == dep.results_endpoint
         try:
             frames = encode("result" if last else "activation", fields, outputs)

@@ -31,6 +31,8 @@ import numpy as np
 
 from periphery_core.cluster import events as ev
 from periphery_core.cluster.master import ClusterError, Master
+from periphery_core.generate.decoder import DecoderSpec
+from periphery_core.generate.stateful import make_stateful
 from periphery_core.model.analysis import ModelAnalysis
 from periphery_core.model.loading import LoadedModel
 from periphery_core.partition.extract import extract_shards
@@ -69,6 +71,7 @@ class Pipeline:
         strategy: str = "balanced",
         exact: bool = True,
         recover: bool = True,
+        decoder: DecoderSpec | None = None,
     ) -> None:
         """Args:
             master: The master whose connected nodes run the stages.
@@ -80,6 +83,8 @@ class Pipeline:
             strategy: The planner's strategy when the pipeline plans.
             exact: Graph optimizations off on the nodes (results bit-identical).
             recover: Re-plan, redeploy and replay on its own when a node of it is lost.
+            decoder: Deploy a decoder LLM's shards as stateful stages that keep their own KV
+                caches (generate.stateful); requests are then steps of sequences.
         """
         if k is None:
             k = plan.k if plan is not None else 2
@@ -91,6 +96,7 @@ class Pipeline:
         self.k = k
         self.strategy = strategy
         self.exact = exact
+        self.decoder = decoder
         self.fixed_plan = plan
         self.plan: ShardPlan | None = None
         self.assignment: tuple[str, ...] = ()
@@ -167,6 +173,8 @@ class Pipeline:
             plan = make_plan(self.analysis, k, strategy=self.strategy,
                              devices=self.master.devices(chosen))
         shards = extract_shards(self.loaded, self.analysis, plan, progress=progress)
+        if self.decoder is not None:
+            shards = make_stateful(shards, self.decoder)
         self.master.deploy([s.SerializeToString() for s in shards], chosen, exact=self.exact)
         self.plan, self.assignment, self.failed = plan, tuple(chosen), None
         with self._lost_lock:  # losses of nodes no longer in the pipeline need no recovery
@@ -175,8 +183,10 @@ class Pipeline:
 
     # ------------------------------------------------------------------ requests
 
-    def submit(self, feeds: Mapping[str, np.ndarray]) -> Future:
-        """Send one request; the future resolves to its outputs by name.
+    def submit(self, feeds: Mapping[str, np.ndarray],
+               step: Mapping[str, int] | None = None) -> Future:
+        """Send one request; the future resolves to its outputs by name. `step` makes it a
+        step of a decoder's sequence (see `Master.submit`).
 
         While a recovery or a redeploy runs this waits for the new pipeline.
 
@@ -188,7 +198,7 @@ class Pipeline:
             raise ClusterError(self.failed)
         if self.plan is None:
             raise ClusterError("nothing is deployed: deploy a plan first")
-        return self.master.submit(feeds)
+        return self.master.submit(feeds, step)
 
     def submit_batch(self, feeds: Mapping[str, np.ndarray], micro_batch: int) -> Future:
         """Split a batch into micro-batches that follow each other down the pipeline."""

@@ -75,6 +75,11 @@ _TIMES = Field("list", max_len=1024, items=Field("list", max_len=8, items=Field(
 _EPOCH = optional(Field("int", lo=0))
 _SPEED = optional(Field("number", lo=0.0, hi=1e6))  # 0: older nodes' "not measured yet"
 
+# A step of a decoder's sequence (stateful stages): its id, the tokens cached, the new ones.
+_SEQ = Field("int", lo=0)
+_STEP = {"seq": optional(_SEQ), "pos": optional(Field("int", lo=0, hi=1 << 24)),
+         "new": optional(Field("int", lo=1, hi=1 << 24))}
+
 KINDS: dict[str, dict[str, Field]] = {
     # control: master <-> node
     "hello": {"master": _ENDPOINT},
@@ -105,9 +110,11 @@ KINDS: dict[str, dict[str, Field]] = {
         "speed": _SPEED,
     },
     "shutdown": {},
+    # a decoder's sequences ended: their KV caches may go
+    "release": {"seqs": Field("list", max_len=1 << 16, items=_SEQ)},
     # data: stage -> stage, last stage -> master
-    "activation": {"id": Field("int"), "times": _TIMES, "epoch": _EPOCH},
-    "result": {"id": Field("int"), "times": _TIMES, "epoch": _EPOCH},
+    "activation": {"id": Field("int"), "times": _TIMES, "epoch": _EPOCH, **_STEP},
+    "result": {"id": Field("int"), "times": _TIMES, "epoch": _EPOCH, **_STEP},
     "failure": {"id": Field("int"), "reason": _REASON, "stage": Field("int", lo=-1, hi=65535),
                 "epoch": _EPOCH},
 }

@@ -1,0 +1,155 @@
+"""Recognising a decoder language model: which inputs are its KV cache, and how to feed it.
+
+Three layouts are recognised, by the names of the graph's inputs and outputs:
+
+- ONNX Runtime GenAI folders: names from `genai_config.json` (`past_key_values.%d.key` ->
+  `present.%d.key` by default), end-of-sequence ids from it too;
+- Hugging Face / optimum exports: `past_key_values.N.key/value` -> `present.N.key/value`, with
+  `position_ids` where present, ids from `config.json` / `generation_config.json`;
+- GPT-2 style stacked caches: `past_N` -> `present_N`.
+
+`DecoderSpec` names the cache pairs, the token input, the logits, the inputs each stage can
+make for itself (the attention mask and the positions, from the sequence's length) and the
+empty cache of each layer (batch 1, length 0).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from periphery_core.model.declared import GENAI_CONFIG, HF_CONFIG
+from periphery_core.model.loading import LoadedModel
+from periphery_core.model.shapes import graph_inputs, resolve_input_shapes
+
+
+@dataclass(frozen=True)
+class CacheSlot:
+    """One KV-cache tensor of one layer: fed as `past`, returned as `present`."""
+
+    past: str
+    present: str
+    empty_shape: tuple[int, ...]  # batch 1, length 0
+    dtype: str
+    axis: int  # the sequence axis
+
+    def nbytes_per_token(self) -> int:
+        per = int(np.prod([d for i, d in enumerate(self.empty_shape) if i != self.axis]))
+        return per * np.dtype(self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """How to drive a decoder LLM one step at a time."""
+
+    format: str  # "onnxruntime-genai", "hugging-face" or "gpt-2 stacked cache"
+    input_ids: str
+    ids_dtype: str
+    logits: str
+    slots: tuple[CacheSlot, ...]
+    mask: str | None  # attention mask input, made from the sequence length
+    mask_dtype: str
+    positions: str | None  # position ids input, made from the sequence length
+    positions_dtype: str
+    eos_ids: tuple[int, ...]
+    context: int  # the longest sequence the model was made for (0: unknown)
+    folder: Path  # where the tokenizer and chat template are looked for
+
+    @property
+    def layers(self) -> int:
+        return len({re.sub(r"\D", "", s.past) or s.past for s in self.slots})
+
+    def cache_bytes_per_token(self) -> int:
+        return sum(s.nbytes_per_token() for s in self.slots)
+
+    def describe(self) -> str:
+        return (f"{self.format} decoder, {self.layers} layers, KV cache "
+                f"{self.cache_bytes_per_token() / 1024:.1f} KiB per token"
+                + (f", context {self.context}" if self.context else ""))
+
+
+_PATTERNS = (
+    ("hugging-face", re.compile(r"^past_key_values\.(\d+)\.(key|value)$"),
+     "present.{0}.{1}"),
+    ("gpt-2 stacked cache", re.compile(r"^past_(\d+)$"), "present_{0}"),
+)
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _ids(value: Any) -> tuple[int, ...]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,)
+    if isinstance(value, list):
+        return tuple(v for v in value if isinstance(v, int) and not isinstance(v, bool))
+    return ()
+
+
+def recognize(loaded: LoadedModel) -> DecoderSpec | None:
+    """The model's decoder layout, or None if it is not a decoder with a KV cache."""
+    proto = loaded.proto
+    folder = loaded.path.parent
+    inputs = {vi.name: vi for vi in graph_inputs(proto)}
+    outputs = {o.name for o in proto.graph.output}
+    genai = _json(folder / GENAI_CONFIG).get("model", {})
+    decoder = genai.get("decoder", {}) if isinstance(genai, dict) else {}
+    pairs: list[tuple[str, str]] = []
+    fmt = ""
+    if isinstance(decoder, dict) and decoder.get("inputs"):
+        names_in, names_out = decoder.get("inputs", {}), decoder.get("outputs", {})
+        for kind in ("key", "value"):
+            pin = str(names_in.get(f"past_{kind}_names", ""))
+            pout = str(names_out.get(f"present_{kind}_names", ""))
+            for layer in range(int(decoder.get("num_hidden_layers", 0) or 0)):
+                if pin % layer in inputs and pout % layer in outputs:
+                    pairs.append((pin % layer, pout % layer))
+        fmt = "onnxruntime-genai"
+    if not pairs:
+        for name, pattern, present in _PATTERNS:
+            found = [(n, present.format(*m.groups())) for n in inputs
+                     if (m := pattern.match(n))]
+            found = [(p, q) for p, q in found if q in outputs]
+            if found:
+                pairs, fmt = found, name
+                break
+    ids_name = str(decoder.get("inputs", {}).get("input_ids", "input_ids")) if decoder \
+        else "input_ids"
+    logits = str(decoder.get("outputs", {}).get("logits", "logits")) if decoder else "logits"
+    if not pairs or ids_name not in inputs or logits not in outputs:
+        return None
+    specs, _ = resolve_input_shapes(loaded)  # batch 1, caches of length 0
+    shapes = {s.name: s for s in specs}
+    slots = []
+    for past, present in pairs:
+        spec = shapes[past]
+        zero = [i for i, d in enumerate(spec.shape) if d == 0]
+        if len(zero) != 1:
+            return None
+        slots.append(CacheSlot(past, present, spec.shape, spec.dtype.name, zero[0]))
+    mask = "attention_mask" if "attention_mask" in inputs else None
+    positions = "position_ids" if "position_ids" in inputs else None
+    hf = _json(folder / HF_CONFIG)
+    eos = _ids(genai.get("eos_token_id")) if isinstance(genai, dict) else ()
+    eos = eos or _ids(_json(folder / "generation_config.json").get("eos_token_id")) \
+        or _ids(hf.get("eos_token_id"))
+    context = int(genai.get("context_length", 0) or 0) if isinstance(genai, dict) else 0
+    context = context or int(hf.get("max_position_embeddings", 0) or 0)
+    return DecoderSpec(
+        format=fmt, input_ids=ids_name, ids_dtype=shapes[ids_name].dtype.name, logits=logits,
+        slots=tuple(slots), mask=mask,
+        mask_dtype=shapes[mask].dtype.name if mask else "int64",
+        positions=positions,
+        positions_dtype=shapes[positions].dtype.name if positions else "int64",
+        eos_ids=eos, context=context, folder=folder,
+    )

@@ -1,0 +1,186 @@
+"""Text generation across stages that keep their own KV caches.
+
+The reference is a greedy loop over the whole model in one process (`whole_model_step`), which
+reproduces onnxruntime-genai's tokens on SmolLM2 (shared/FACTS.md). Split runs go through real
+node processes (LocalCluster) and the CLI as a user runs it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from periphery_core.cluster.local import LocalCluster
+from periphery_core.cluster.master import Master
+from periphery_core.cluster.pipeline import Pipeline
+from periphery_core.errors import ClusterBusy
+from periphery_core.generate.decoder import recognize
+from periphery_core.generate.engine import (
+    Sampling,
+    TextCodec,
+    generate,
+    pipeline_step,
+    whole_model_step,
+)
+from periphery_core.generate.stateful import StatefulStage, make_stateful, stage_state
+from periphery_core.model import analyze, load_model
+from periphery_core.partition.extract import extract_shards
+from periphery_core.partition.planner import make_plan
+from periphery_core.runtime.chain import StageRunner
+from tests.conftest import MODELS, require_shared
+from tests.test_cli import ok
+
+SMOLLM = MODELS / "smollm2-135m-instruct-int4"
+GPT2 = MODELS / "tiny-random-gpt2-past.onnx"
+PROMPTS = [
+    "What is the capital of France?", "Name three colours.", "Write a haiku about the sea.",
+    "How many legs does a spider have?", "Say hello in Spanish.", "What is 12 times 12?",
+    "Give me a word that rhymes with cat.", "Why is the sky blue?",
+    "List two planets.", "What do bees make?",
+]
+
+
+def _greedy(step, spec, ids: list[int], n: int) -> list[int]:  # type: ignore[no-untyped-def]
+    return generate(step, spec, ids, Sampling(max_new_tokens=n)).ids
+
+
+def test_decoders_are_recognised() -> None:
+    require_shared()
+    genai = recognize(load_model(SMOLLM))
+    assert genai is not None and genai.format == "onnxruntime-genai"
+    assert genai.layers == 30 and len(genai.slots) == 60 and genai.eos_ids == (2,)
+    assert genai.slots[0].empty_shape == (1, 3, 0, 64) and genai.mask == "attention_mask"
+    gpt2 = recognize(load_model(GPT2))
+    assert gpt2 is not None and gpt2.format == "gpt-2 stacked cache"
+    assert gpt2.slots[0].axis == 3 and gpt2.positions == "position_ids"
+    assert recognize(load_model(MODELS / "mnist-8.onnx")) is None
+
+
+@pytest.mark.parametrize(("path", "k"), [(SMOLLM, 3), (GPT2, 2)], ids=["smollm2", "gpt2"])
+def test_stateful_shards_keep_caches_and_match_the_whole_model(path: Path, k: int) -> None:
+    require_shared()
+    loaded = load_model(path)
+    spec = recognize(loaded)
+    assert spec is not None
+    analysis = analyze(loaded)
+    shards = make_stateful(extract_shards(loaded, analysis, make_plan(analysis, k)), spec)
+    pasts = {s.past for s in spec.slots} | {s.present for s in spec.slots}
+    stages = []
+    for shard in shards:
+        state = stage_state(shard)
+        assert state is not None
+        stage = StatefulStage(StageRunner(shard), state, 1 << 30)
+        # No cache and no mask crosses a boundary: only what the stage cannot make itself.
+        assert not (set(stage.input_names) | set(stage.output_names)) & pasts
+        assert spec.mask not in stage.input_names
+        stages.append(stage)
+    assert sum(len(s.state.slots) for s in stages) == len(spec.slots)
+
+    def chain_step(ids: np.ndarray, seq: int, pos: int):  # type: ignore[no-untyped-def]
+        values = {spec.input_ids: ids}
+        for stage in stages:
+            values = stage.run(values, seq, pos, int(ids.shape[1]))
+        return values[spec.logits], ()
+
+    prompt = [1, 504, 3365, 314, 260, 3575, 282] if path == SMOLLM else [5, 17, 300, 42]
+    reference = _greedy(whole_model_step(loaded, spec, exact=True), spec, prompt, 24)
+    assert _greedy(chain_step, spec, prompt, 24) == reference
+    assert all(s.sequences == 1 for s in stages)
+    for s in stages:
+        s.release([1, 2, 3, *range(1, 1000)])
+    assert all(s.sequences == 0 and s.cache_bytes == 0 for s in stages)
+
+
+def test_a_full_cache_budget_is_a_busy_error_not_a_crash() -> None:
+    require_shared()
+    loaded = load_model(GPT2)
+    spec = recognize(loaded)
+    assert spec is not None
+    (shard,) = make_stateful(extract_shards(loaded, analyze(loaded),
+                                            make_plan(analyze(loaded), 1)), spec)
+    state = stage_state(shard)
+    assert state is not None
+    per_token = spec.cache_bytes_per_token()
+    stage = StatefulStage(StageRunner(shard), state, budget_bytes=per_token * 6)
+    ids = np.array([[1, 2, 3, 4]], dtype=spec.ids_dtype)
+    stage.run({spec.input_ids: ids}, seq=1, pos=0, new=4)
+    with pytest.raises(ClusterBusy, match="busy: the KV cache budget"):
+        stage.run({spec.input_ids: ids}, seq=2, pos=0, new=4)
+    assert stage.sequences == 1  # the refused sequence left nothing behind
+    stage.release([1])
+    stage.run({spec.input_ids: ids}, seq=2, pos=0, new=4)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_generation_over_node_processes_is_token_identical(k: int) -> None:
+    require_shared()
+    loaded = load_model(SMOLLM)
+    spec = recognize(loaded)
+    assert spec is not None
+    codec = TextCodec(spec.folder)
+    prompts = [codec.encode(codec.prompt(p)) for p in PROMPTS]
+    reference = whole_model_step(loaded, spec, exact=False)
+    expected = [_greedy(reference, spec, ids, 32) for ids in prompts]
+    with LocalCluster(k) as cluster, Master(keys=cluster.master_keys) as master:
+        handles = [master.connect(a) for a in cluster.addresses]
+        pipeline = Pipeline(master, loaded, analyze(loaded), k=k, exact=False, decoder=spec,
+                            recover=False)
+        try:
+            pipeline.deploy([h.node_id for h in handles])
+            step = pipeline_step(pipeline, spec)
+            got = [generate(step, spec, ids, Sampling(max_new_tokens=32),
+                            release=lambda s: master.release_sequences([s])).ids
+                   for ids in prompts]
+        finally:
+            pipeline.close()
+    assert got == expected
+
+
+def test_bytes_per_hop_do_not_grow_with_the_context() -> None:
+    require_shared()
+    loaded = load_model(SMOLLM)
+    spec = recognize(loaded)
+    assert spec is not None
+    short = list(range(100, 116))
+    long = list(range(100, 612))
+    with LocalCluster(3) as cluster, Master(keys=cluster.master_keys) as master:
+        handles = [master.connect(a) for a in cluster.addresses]
+        pipeline = Pipeline(master, loaded, analyze(loaded), k=3, exact=False, decoder=spec,
+                            recover=False)
+        try:
+            pipeline.deploy([h.node_id for h in handles])
+            step = pipeline_step(pipeline, spec)
+            at16 = generate(step, spec, short, Sampling(max_new_tokens=6))
+            at512 = generate(step, spec, long, Sampling(max_new_tokens=6))
+        finally:
+            pipeline.close()
+    assert at16.decode_bytes_per_token_per_hop > 0
+    ratio = at512.decode_bytes_per_token_per_hop / at16.decode_bytes_per_token_per_hop
+    assert ratio <= 1.1, (at16.decode_bytes_per_token_per_hop,
+                          at512.decode_bytes_per_token_per_hop)
+    # What crosses a boundary is the hidden state (and a residual), not 30 layers of cache.
+    assert at512.decode_bytes_per_token_per_hop < spec.cache_bytes_per_token() / 4
+
+
+def test_generate_cli_streams_and_reports(tmp_path: Path) -> None:
+    require_shared()
+    loaded = load_model(SMOLLM)
+    spec = recognize(loaded)
+    assert spec is not None
+    codec = TextCodec(spec.folder)
+    prompt = "What is the capital of France?"
+    expected = _greedy(whole_model_step(loaded, spec), spec,
+                       codec.encode(codec.prompt(prompt)), 12)
+    out = json.loads(ok("generate", SMOLLM, "--local", "--shards", "2", "--prompt", prompt,
+                        "--max-new-tokens", "12", "--json").stdout)
+    assert out["ids"] == expected and "Paris" in out["text"]
+    assert out["new_tokens"] == 12 and out["prompt_tokens"] > 10
+    assert out["tokens_per_s"] > 0 and out["ttft_s"] > 0
+    assert 0 < out["decode_bytes_per_token_per_hop"] < 10_000
+    streamed = ok("generate", SMOLLM, "--local", "-k", "1", "--prompt", prompt,
+                  "--max-new-tokens", "12")
+    assert streamed.stdout.strip() == out["text"].strip()
+    assert "tokens/s" in streamed.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,9 @@ def generate(model: Path, plan_path: Path | None, shards: int | None, peers: tup
     codec = TextCodec(spec.folder)
     prompt_ids = codec.encode(codec.prompt(prompt, system, chat=not no_chat))
     analysis = analyze(loaded)
-    cluster_ctx = LocalCluster(k, secure=not insecure) if local else None
+    # Local nodes share this machine's cores evenly.
+    threads = max(1, (os.cpu_count() or 1) // k)
+    cluster_ctx = LocalCluster(k, secure=not insecure, threads=threads) if local else None
     ring = None if local else keyring_or_insecure(keys, insecure)
     stack = contextlib.ExitStack()
 

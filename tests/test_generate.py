@@ -205,3 +205,56 @@ def test_generate_cli_streams_and_reports(tmp_path: Path) -> None:
                   "--max-new-tokens", "12")
     assert streamed.stdout.strip() == out["text"].strip()
     assert "tokens/s" in streamed.stderr
+
+
+def test_a_node_lost_mid_generation_costs_no_sequence() -> None:
+    """8 sequences at once over 3 node processes; one node SIGKILLed mid-generation. The
+    pipeline re-plans onto the 2 survivors, each sequence's caches are rebuilt, and every
+    sequence ends exactly as an undisturbed run does."""
+    require_shared()
+    import threading
+    import time
+
+    from periphery_core.cluster import events as ev
+
+    loaded = load_model(SMOLLM)
+    spec = recognize(loaded)
+    assert spec is not None
+    codec = TextCodec(spec.folder)
+    prompts = [codec.encode(codec.prompt(p)) for p in PROMPTS[:8]]
+    n = 48
+    expected = _genai_greedy(SMOLLM, prompts, n, spec.eos_ids)
+    results: list[object] = [None] * len(prompts)
+    with LocalCluster(3) as cluster, Master(keys=cluster.master_keys) as master:
+        handles = [master.connect(a) for a in cluster.addresses]
+        lost: list[ev.NodeLost] = []
+        master.bus.subscribe(lambda e: lost.append(e) if isinstance(e, ev.NodeLost) else None)
+        pipeline = Pipeline(master, loaded, analyze(loaded), k=3, exact=False, decoder=spec)
+        try:
+            pipeline.deploy([h.node_id for h in handles])
+            step = pipeline_step(pipeline, spec)
+
+            def run(i: int) -> None:
+                try:
+                    results[i] = generate(step, spec, prompts[i], Sampling(max_new_tokens=n),
+                                          release=lambda s: master.release_sequences([s]))
+                except Exception as exc:  # recorded, asserted below
+                    results[i] = exc
+
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+            for t in threads:
+                t.start()
+            time.sleep(0.8)
+            cluster.kill(1)
+            for t in threads:
+                t.join(timeout=180)
+            assert not any(t.is_alive() for t in threads)
+            assert pipeline.failed is None and len(pipeline.recoveries) == 1
+            assert pipeline.recoveries[0].stages == 2 and lost
+        finally:
+            pipeline.close()
+    failed = [r for r in results if isinstance(r, Exception)]
+    assert not failed, failed
+    got = [r.ids for r in results]  # type: ignore[attr-defined]
+    assert got == expected
+    assert sum(r.rebuilt for r in results) >= 1  # type: ignore[attr-defined]

@@ -101,7 +101,7 @@ def generate(model: Path, plan_path: Path | None, shards: int | None, peers: tup
         names = [d.name for d in plan.devices] if plan is not None else []
         chosen = connect_nodes(master, cluster_ctx, peers, mdns, k, names)
         pipeline = Pipeline(master, loaded, analysis, k=k, plan=plan, exact=not optimize,
-                            decoder=spec, recover=False)
+                            decoder=spec)
         stack.callback(pipeline.close)
         pipeline.deploy([h.node_id for h in chosen])
         result = run_generate(pipeline_step(pipeline, spec), spec, prompt_ids, sampling, codec,

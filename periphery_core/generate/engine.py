@@ -23,6 +23,7 @@ import numpy as np
 
 from periphery_core.errors import PeripheryError
 from periphery_core.generate.decoder import DecoderSpec
+from periphery_core.generate.stateful import CACHE_LOST
 
 
 class GenerationError(PeripheryError):
@@ -144,6 +145,7 @@ class Generation:
     ttft_s: float
     decode_s: float
     hop_bytes: list[tuple[int, ...]] = field(default_factory=list)  # per decode step
+    rebuilt: int = 0  # times the caches were rebuilt after a lost node
 
     @property
     def new_tokens(self) -> int:
@@ -172,17 +174,61 @@ def generate(step: Step, spec: DecoderSpec, prompt_ids: Sequence[int], sampling:
              release: Callable[[int], None] | None = None) -> Generation:
     """Prefill the prompt in one step, then decode one token a step until a stop; then
     `release(seq)` lets the stages free the sequence's caches."""
-    seq = next(_SEQ_IDS)
+    stepper = _Resilient(step, spec, prompt_ids, release)
     try:
-        return _generate(step, spec, prompt_ids, sampling, codec, on_text, seq)
+        return _generate(stepper, spec, prompt_ids, sampling, codec, on_text)
     finally:
-        if release is not None:
-            release(seq)
+        stepper.release()
 
 
-def _generate(step: Step, spec: DecoderSpec, prompt_ids: Sequence[int], sampling: Sampling,
-              codec: TextCodec | None, on_text: Callable[[str], None] | None,
-              seq: int) -> Generation:
+class _Resilient:
+    """Steps of one sequence that survive a redeploy: when a stage says the sequence's cache
+    was lost (a node was lost and the pipeline re-planned onto the survivors), the caches are
+    rebuilt under a new sequence id by running the same steps again (the prompt, then each
+    token fed so far, one a step: the same arithmetic as before), and the step is retried."""
+
+    def __init__(self, step: Step, spec: DecoderSpec, prompt: Sequence[int],
+                 release: Callable[[int], None] | None, attempts: int = 3) -> None:
+        self.inner, self.spec, self.prompt = step, spec, list(prompt)
+        self._release, self.attempts = release, attempts
+        self.seq = next(_SEQ_IDS)
+        self.fed: list[int] = []  # tokens fed after the prompt, in order
+        self.rebuilt = 0
+
+    def __call__(self, ids: np.ndarray, pos: int) -> tuple[np.ndarray, tuple[int, ...]]:
+        for attempt in range(self.attempts + 1):
+            try:
+                out = self.inner(ids, self.seq, pos)
+                break
+            except PeripheryError as exc:
+                if CACHE_LOST not in exc.message or attempt == self.attempts:
+                    raise
+                self._rebuild(pos)
+        if pos:
+            self.fed.extend(int(t) for t in ids[0])
+        return out
+
+    def _rebuild(self, pos: int) -> None:
+        self.release()
+        self.seq = next(_SEQ_IDS)
+        self.rebuilt += 1
+        if pos == 0:
+            return  # the failed step was the prefill itself: just run it again
+        dtype = self.spec.ids_dtype
+        self.inner(np.asarray([self.prompt], dtype=dtype), self.seq, 0)
+        at = len(self.prompt)
+        for token in self.fed:
+            self.inner(np.asarray([[token]], dtype=dtype), self.seq, at)
+            at += 1
+
+    def release(self) -> None:
+        if self._release is not None:
+            self._release(self.seq)
+
+
+def _generate(stepper: _Resilient, spec: DecoderSpec, prompt_ids: Sequence[int],
+              sampling: Sampling, codec: TextCodec | None,
+              on_text: Callable[[str], None] | None) -> Generation:
     sampling.check()
     if not prompt_ids:
         raise GenerationError("the prompt is empty")
@@ -201,7 +247,7 @@ def _generate(step: Step, spec: DecoderSpec, prompt_ids: Sequence[int], sampling
     finish = "length"
     pos = 0
     while len(out) < sampling.max_new_tokens:
-        logits, sent = step(ids, seq, pos)
+        logits, sent = stepper(ids, pos)
         if out:
             hop_bytes.append(sent)
         pos += ids.shape[1]
@@ -229,7 +275,8 @@ def _generate(step: Step, spec: DecoderSpec, prompt_ids: Sequence[int], sampling
     if on_text is not None and codec is not None and len(text) > len(shown) \
             and text.startswith(shown):
         on_text(text[len(shown):])
-    return Generation(out, text, len(prompt_ids), finish, ttft, decode_s, hop_bytes)
+    return Generation(out, text, len(prompt_ids), finish, ttft, decode_s, hop_bytes,
+                      stepper.rebuilt)
 
 
 def pipeline_step(pipeline: Any, spec: DecoderSpec, timeout: float = 120.0) -> Step:

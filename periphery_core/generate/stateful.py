@@ -30,6 +30,9 @@ from periphery_core.model.analysis import node_inputs
 from periphery_core.runtime.chain import StageRunner
 
 STATE_KEY = "periphery.state"
+# Said by a stage asked to continue a sequence it holds no cache for (a redeployed pipeline):
+# the generation loop then rebuilds the sequence's caches and goes on.
+CACHE_LOST = "its cache was lost"
 
 
 @dataclass(frozen=True)
@@ -152,7 +155,7 @@ class StatefulStage:
         if length != pos:
             raise RuntimeFailure(
                 f"sequence {seq} holds {length} cached tokens here but the step says {pos}: "
-                "its cache was lost (a node restarted?); start the sequence again")
+                f"{CACHE_LOST} (a node restarted?); start the sequence again")
         feeds: dict[str, Any] = dict(values)
         for past, _, shape, dtype, _axis in self.state.slots:
             feeds[past] = current.cache[past] if current is not None \

@@ -32,6 +32,7 @@ from periphery_app.messages import (
 )
 from periphery_app.recent import remember
 from periphery_app.screens.base import as_user_error
+from periphery_app.screens.chat import ChatScreen
 from periphery_app.screens.cluster import ClusterScreen
 from periphery_app.screens.dashboard import DashboardScreen
 from periphery_app.screens.graph import GraphScreen
@@ -54,6 +55,7 @@ SCREENS_IN_ORDER = (
     ("cluster", "Cluster", ClusterScreen),
     ("dashboard", "Dashboard", DashboardScreen),
     ("quantize", "Quantize", QuantizeScreen),
+    ("chat", "Chat", ChatScreen),
 )
 
 
@@ -202,6 +204,9 @@ class PeripheryApp(App[None]):
         if self.demo:
             self.demo = False
             self._mode_history.append(self.current_mode)
+            if self.opened is not None and self.opened.decoder is not None:
+                await self.switch_mode("chat")  # a language model: talk to it
+                return
             await self.switch_mode("dashboard")
             screen = self.screen
             if isinstance(screen, DashboardScreen):

@@ -27,6 +27,7 @@ from periphery_core.cluster.tracker import StateTracker
 from periphery_core.discovery import NodeAddress
 from periphery_core.discovery.static import parse_peer
 from periphery_core.errors import PeripheryError
+from periphery_core.generate.decoder import DecoderSpec, recognize
 from periphery_core.model import LoadedModel, ModelAnalysis, analyze, load_model
 from periphery_core.partition.plan import ShardPlan
 from periphery_core.progress import CancelToken, ProgressFn
@@ -39,6 +40,7 @@ class OpenedModel:
 
     loaded: LoadedModel
     analysis: ModelAnalysis
+    decoder: DecoderSpec | None = None  # a decoder LLM with a KV cache, recognised
 
 
 def open_model(
@@ -50,7 +52,8 @@ def open_model(
         PeripheryError: the file is not a usable model.
     """
     loaded = load_model(path)
-    return OpenedModel(loaded, analyze(loaded, progress=progress, cancel=cancel))
+    return OpenedModel(loaded, analyze(loaded, progress=progress, cancel=cancel),
+                       recognize(loaded))
 
 
 class Session:
@@ -150,8 +153,9 @@ class Session:
             if pipeline is None or pipeline.loaded is not opened.loaded:
                 if pipeline is not None:
                     pipeline.close()
+                # A language model's stages keep their own KV caches (generate.stateful).
                 pipeline = self.pipeline = Pipeline(master, opened.loaded, opened.analysis,
-                                                    plan=plan)
+                                                    plan=plan, decoder=opened.decoder)
         pipeline.deploy(list(assignment), plan=plan, progress=progress)
 
     def close(self) -> None:

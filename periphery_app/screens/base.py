@@ -24,7 +24,7 @@ def as_user_error(exc: BaseException) -> PeripheryError:
 
 
 SCREENS = (("model", "Model"), ("graph", "Graph"), ("shards", "Shards"), ("cluster", "Cluster"),
-           ("dashboard", "Dashboard"), ("quantize", "Quantize"))
+           ("dashboard", "Dashboard"), ("quantize", "Quantize"), ("chat", "Chat"))
 
 
 def screen_bar(screen: Screen) -> ScreenBar:

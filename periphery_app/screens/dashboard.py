@@ -183,6 +183,12 @@ class DashboardScreen(PeripheryScreen):
                 "nothing is deployed: plan and deploy on the Shards screen (3) first",
                 title="No pipeline"))
             return
+        if opened.decoder is not None:
+            self.report_failure(PeripheryError(
+                "a language model is deployed: its stages keep KV caches per sequence, so "
+                "random requests do not apply; generate on the Chat screen (7)",
+                title="Language model"))
+            return
         self.load_running = True
         self._stop.clear()
         self.figures.last_error = ""

@@ -77,7 +77,7 @@ class ModelScreen(PeripheryScreen):
         loaded = opened.loaded
         size = loaded.path.stat().st_size if loaded.path.exists() else 0
         self.query_one("#summary", Static).update(
-            model_summary(opened.analysis, loaded.name, size))
+            model_summary(opened.analysis, loaded.name, size, opened.decoder))
         self._fill_recent()
 
     # ------------------------------------------------------------------ opening

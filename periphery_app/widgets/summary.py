@@ -11,11 +11,14 @@ from rich.table import Table
 from rich.text import Text
 
 from periphery_app.units import bar, human_bytes, human_count, shape_text
+from periphery_core.generate.decoder import DecoderSpec
 from periphery_core.model import ModelAnalysis
 
 
-def model_summary(analysis: ModelAnalysis, name: str, file_bytes: int) -> RenderableType:
-    """Figures, inputs/outputs and the op histogram of a model."""
+def model_summary(analysis: ModelAnalysis, name: str, file_bytes: int,
+                  decoder: DecoderSpec | None = None) -> RenderableType:
+    """Figures, inputs/outputs and the op histogram of a model, and what it was recognised
+    as when it is a decoder LLM."""
     facts = Table.grid(padding=(0, 2))
     facts.add_column(style="bold")
     facts.add_column()
@@ -27,6 +30,9 @@ def model_summary(analysis: ModelAnalysis, name: str, file_bytes: int) -> Render
     facts.add_row("Parameters", f"{human_count(analysis.parameter_count)} "
                                 f"({human_bytes(analysis.total_param_bytes)})")
     facts.add_row("Total FLOPs", human_count(analysis.total_flops, "FLOP"))
+    if decoder is not None:
+        facts.add_row("Recognised", decoder.describe())
+        facts.add_row("Generate", "periphery generate MODEL --prompt ...")
 
     io = Table(title="Inputs and outputs", title_justify="left", expand=False,
                header_style="bold", padding=(0, 1), box=box.SIMPLE_HEAD)

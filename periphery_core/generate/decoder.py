@@ -68,9 +68,11 @@ class DecoderSpec:
         return sum(s.nbytes_per_token() for s in self.slots)
 
     def describe(self) -> str:
-        return (f"{self.format} decoder, {self.layers} layers, KV cache "
-                f"{self.cache_bytes_per_token() / 1024:.1f} KiB per token"
-                + (f", context {self.context}" if self.context else ""))
+        first = self.slots[0]
+        heads = first.empty_shape[first.axis - 1] if first.axis >= 1 else 0
+        return (f"{self.format} decoder, {self.layers} layers, {heads} KV heads of "
+                f"{first.empty_shape[-1]}, KV cache {self.cache_bytes_per_token() / 1024:.1f} "
+                "KiB per token" + (f", context {self.context}" if self.context else ""))
 
 
 _PATTERNS = (

@@ -24,6 +24,7 @@ import numpy as np
 from periphery_core.errors import PeripheryError
 from periphery_core.generate.decoder import DecoderSpec
 from periphery_core.generate.stateful import CACHE_LOST
+from periphery_core.progress import CancelToken, check
 
 
 class GenerationError(PeripheryError):
@@ -171,12 +172,18 @@ _SEQ_IDS = itertools.count(1)
 def generate(step: Step, spec: DecoderSpec, prompt_ids: Sequence[int], sampling: Sampling,
              codec: TextCodec | None = None,
              on_text: Callable[[str], None] | None = None,
-             release: Callable[[int], None] | None = None) -> Generation:
+             release: Callable[[int], None] | None = None,
+             cancel: CancelToken | None = None) -> Generation:
     """Prefill the prompt in one step, then decode one token a step until a stop; then
-    `release(seq)` lets the stages free the sequence's caches."""
+    `release(seq)` lets the stages free the sequence's caches.
+
+    Raises:
+        Cancelled: `cancel` was set (checked before every step).
+        GenerationError: bad sampling options, an empty or too long prompt.
+    """
     stepper = _Resilient(step, spec, prompt_ids, release)
     try:
-        return _generate(stepper, spec, prompt_ids, sampling, codec, on_text)
+        return _generate(stepper, spec, prompt_ids, sampling, codec, on_text, cancel)
     finally:
         stepper.release()
 
@@ -228,7 +235,8 @@ class _Resilient:
 
 def _generate(stepper: _Resilient, spec: DecoderSpec, prompt_ids: Sequence[int],
               sampling: Sampling, codec: TextCodec | None,
-              on_text: Callable[[str], None] | None) -> Generation:
+              on_text: Callable[[str], None] | None,
+              cancel: CancelToken | None = None) -> Generation:
     sampling.check()
     if not prompt_ids:
         raise GenerationError("the prompt is empty")
@@ -247,6 +255,7 @@ def _generate(stepper: _Resilient, spec: DecoderSpec, prompt_ids: Sequence[int],
     finish = "length"
     pos = 0
     while len(out) < sampling.max_new_tokens:
+        check(cancel)
         logits, sent = stepper(ids, pos)
         if out:
             hop_bytes.append(sent)

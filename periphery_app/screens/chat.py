@@ -1,0 +1,180 @@
+"""The Chat screen: talk to a decoder LLM deployed on the cluster, tokens streaming in.
+
+A decoder LLM (recognised when it is opened) is planned and deployed like any model, its stages
+keeping their own KV caches; this screen renders the prompt with the model's chat template,
+generates in a thread worker through the session's pipeline and streams the text as it comes,
+with time to first token, tokens/s, bytes per token per hop and each stage's time per token.
+Escape stops a generation.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import ClassVar
+
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import VerticalScroll
+from textual.widgets import Footer, Input, Static
+
+from periphery_app.screens.base import PeripheryScreen, screen_bar
+from periphery_core.cluster import events as ev
+from periphery_core.errors import Cancelled
+from periphery_core.generate.engine import (
+    Generation,
+    Sampling,
+    TextCodec,
+    generate,
+    pipeline_step,
+)
+from periphery_core.progress import CancelToken
+
+HINT = ("Open a language model folder (an ONNX Runtime GenAI or Hugging Face export with its "
+        "tokenizer) on the Model screen (1), plan and deploy it on the Shards screen (3), then "
+        "type here. Or: periphery-app --demo MODEL_FOLDER --nodes 2")
+
+
+class ChatScreen(PeripheryScreen):
+    """Prompt in, streamed text out, with the figures of each reply."""
+
+    CSS_PATH = "chat.tcss"
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape", "stop", "Stop generating", show=True),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__(name="chat")
+        self.transcript: list[tuple[str, str]] = []  # (who, text), the reply growing last
+        self.last: Generation | None = None
+        self.generating = False
+        self._cancel: CancelToken | None = None
+        self.max_new_tokens = 128
+
+    def compose(self) -> ComposeResult:
+        yield screen_bar(self)
+        with VerticalScroll(id="conversation"):
+            yield Static(HINT, id="transcript")
+        yield Static("", id="figures")
+        yield Input(placeholder="Ask something and press enter", id="prompt")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = "Chat"
+
+    def on_screen_resume(self) -> None:
+        self.query_one("#prompt", Input).focus()
+        self._draw()
+
+    def _ready(self) -> str | None:
+        """Why the screen cannot generate now, or None."""
+        opened = self.papp.opened
+        if opened is None:
+            return "no model is open. " + HINT
+        if opened.decoder is None:
+            return (f"{opened.loaded.name} is not a language model Periphery recognises (no KV "
+                    "cache inputs). " + HINT)
+        pipeline = self.papp.session.pipeline
+        if pipeline is None or not pipeline.deployed or pipeline.loaded is not opened.loaded:
+            return "the model is not deployed yet: plan and deploy it on the Shards screen (3)."
+        return None
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        text = event.value.strip()
+        if not text or self.generating:
+            return
+        why = self._ready()
+        if why is not None:
+            self.query_one("#figures", Static).update(f"[b]Cannot chat:[/] {why}")
+            return
+        event.input.value = ""
+        self.transcript += [("you", text), ("model", "")]
+        self.generating = True
+        self._cancel = CancelToken()
+        self._draw()
+        self._generate(text, self._cancel)
+
+    def action_stop(self) -> None:
+        """Stop the reply being generated; with none, escape goes back as everywhere."""
+        if self._cancel is not None:
+            self._cancel.cancel()
+        else:
+            self.papp.action_go_back()
+
+    @work(thread=True, exclusive=True, group="chat")
+    def _generate(self, text: str, cancel: CancelToken) -> None:
+        opened = self.papp.opened
+        session = self.papp.session
+        pipeline = session.pipeline
+        assert opened is not None and opened.decoder is not None and pipeline is not None
+        spec = opened.decoder
+        per_stage: dict[int, list[float]] = {}
+
+        def on_event(e: ev.Event) -> None:
+            if isinstance(e, ev.RequestCompleted):
+                for t in e.stages:
+                    per_stage.setdefault(t.stage, []).append(t.compute_s)
+
+        unsubscribe = session.master.bus.subscribe(on_event)
+        try:
+            codec = TextCodec(spec.folder)
+            ids = codec.encode(codec.prompt(text))
+            result = generate(
+                pipeline_step(pipeline, spec), spec, ids,
+                Sampling(max_new_tokens=self.max_new_tokens), codec,
+                on_text=lambda piece: self.app.call_from_thread(self._append, piece),
+                release=lambda seq: session.master.release_sequences([seq]),
+                cancel=cancel)
+        except Cancelled:
+            self.app.call_from_thread(self._finish, None, {}, "stopped")
+            return
+        except Exception as exc:
+            self.app.call_from_thread(self._finish, None, {}, "failed")
+            self.report_failure(exc)
+            return
+        finally:
+            unsubscribe()
+        stages = {s: statistics.median(v) for s, v in sorted(per_stage.items()) if v}
+        self.app.call_from_thread(self._finish, result, stages, result.finish)
+
+    def _append(self, piece: str) -> None:
+        who, text = self.transcript[-1]
+        self.transcript[-1] = (who, text + piece)
+        self._draw()
+
+    def _finish(self, result: Generation | None, stages: dict[int, float], why: str) -> None:
+        self.generating = False
+        self._cancel = None
+        figures = self.query_one("#figures", Static)
+        if result is None:
+            figures.update(f"generation {why}")
+            return
+        self.last = result
+        if result.text and self.transcript and not self.transcript[-1][1].strip():
+            self.transcript[-1] = ("model", result.text)
+        per_stage = "  ".join(f"stage {s} {t * 1000:.1f} ms" for s, t in stages.items())
+        figures.update(
+            f"{result.new_tokens} tokens ({result.finish}) · first after "
+            f"{result.ttft_s * 1000:.0f} ms · {result.tokens_per_s:.1f} tokens/s · "
+            f"{result.decode_bytes_per_token_per_hop:.0f} B per token per hop"
+            + (f"\nper token: {per_stage}" if per_stage else ""))
+        self._draw()
+
+    def _draw(self) -> None:
+        box = self.query_one("#transcript", Static)
+        if not self.transcript:
+            why = self._ready()
+            box.update(why or "Deployed: type a prompt below and press enter.")
+            return
+        lines = []
+        for who, text in self.transcript:
+            style = "bold cyan" if who == "you" else "bold green"
+            lines.append(f"[{style}]{who}:[/] {_escape(text)}")
+        box.update("\n\n".join(lines) + (" ▌" if self.generating else ""))
+        self.query_one("#conversation", VerticalScroll).scroll_end(animate=False)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)

@@ -1,0 +1,94 @@
+"""The Chat screen driven by Pilot against real node processes: a language model opened,
+planned and deployed by `--demo`, a prompt typed, the reply streamed and its figures shown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from textual.widgets import Input
+
+from periphery_app.app import PeripheryApp
+from periphery_app.sample import DEMO_MODEL, until
+from periphery_app.screens.chat import ChatScreen
+from periphery_app.screens.modals import ErrorModal
+from periphery_core.generate.decoder import recognize
+from periphery_core.generate.engine import Sampling, TextCodec, generate, whole_model_step
+from periphery_core.model import load_model
+from tests.conftest import MODELS, require_shared
+from tests.test_app import SIZE, text_of
+
+SMOLLM = MODELS / "smollm2-135m-instruct-int4"
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture(autouse=True)
+def config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "config"
+    monkeypatch.setenv("PERIPHERY_CONFIG_DIR", str(folder))
+    return folder
+
+
+def _expected(prompt: str, n: int) -> str:
+    loaded = load_model(SMOLLM)
+    spec = recognize(loaded)
+    assert spec is not None
+    codec = TextCodec(spec.folder)
+    ids = codec.encode(codec.prompt(prompt))
+    return generate(whole_model_step(loaded, spec), spec, ids, Sampling(max_new_tokens=n),
+                    codec).text
+
+
+async def test_chat_streams_a_reply_from_the_deployed_language_model() -> None:
+    require_shared()
+    prompt = "What is the capital of France?"
+    expected = _expected(prompt, 16)
+    app = PeripheryApp(SMOLLM, demo=True, demo_nodes=2, browse_dir=SMOLLM)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: isinstance(app.screen, ChatScreen), timeout=120)
+            screen = app.screen
+            assert isinstance(screen, ChatScreen)
+            assert "Recognised" not in text_of(app, "#transcript")
+            screen.max_new_tokens = 16
+            box = screen.query_one("#prompt", Input)
+            box.focus()
+            box.value = prompt
+            await pilot.press("enter")
+            await until(pilot, lambda: screen.last is not None, timeout=60)
+            assert screen.last is not None and screen.last.text == expected
+            assert "Paris" in text_of(app, "#transcript")
+            figures = text_of(app, "#figures")
+            assert "tokens/s" in figures and "stage 0" in figures and "stage 1" in figures
+            # A long reply stopped with escape: the screen says so and takes the next prompt.
+            screen.max_new_tokens = 400
+            box.value = "Tell me a long story."
+            await pilot.press("enter")
+            await until(pilot, lambda: screen.generating, timeout=10)
+            await pilot.press("escape")
+            await until(pilot, lambda: not screen.generating, timeout=30)
+            assert "stopped" in text_of(app, "#figures")
+            assert not any(isinstance(s, ErrorModal) for s in app.screen_stack)
+            await pilot.press("escape")  # nothing generating: back, out of the prompt box
+            await until(pilot, lambda: not isinstance(app.screen, ChatScreen))
+            await pilot.press("1")  # the Model screen says what it recognised
+            await pilot.pause()
+            summary = " ".join(text_of(app, "#summary").split())
+            assert "Recognised onnxruntime-genai decoder, 30 layers, 3 KV heads of 64" in summary
+            await pilot.press("q")
+        assert app.session.local is None
+    finally:
+        app.session.close()
+
+
+async def test_chat_says_what_to_do_for_a_model_that_is_not_a_language_model() -> None:
+    app = PeripheryApp(DEMO_MODEL, browse_dir=DEMO_MODEL.parent)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.opened is not None)
+        await pilot.press("7")
+        await until(pilot, lambda: isinstance(app.screen, ChatScreen))
+        assert "not a language model" in text_of(app, "#transcript")
+        app.screen.query_one("#prompt", Input).value = "hi"
+        await pilot.press("enter")
+        await pilot.pause()
+        assert "Cannot chat" in text_of(app, "#figures")

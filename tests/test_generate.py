@@ -258,3 +258,44 @@ def test_a_node_lost_mid_generation_costs_no_sequence() -> None:
     got = [r.ids for r in results]  # type: ignore[attr-defined]
     assert got == expected
     assert sum(r.rebuilt for r in results) >= 1  # type: ignore[attr-defined]
+
+
+def test_nodes_report_the_caches_they_hold_and_free_them_on_release() -> None:
+    require_shared()
+    import time
+
+    from periphery_core.cluster import events as ev
+
+    loaded = load_model(GPT2)
+    spec = recognize(loaded)
+    assert spec is not None
+    held: dict[str, tuple[int | None, int | None]] = {}
+    with LocalCluster(2) as cluster, Master(keys=cluster.master_keys) as master:
+        handles = [master.connect(a) for a in cluster.addresses]
+        master.bus.subscribe(lambda e: held.__setitem__(e.node_id, (e.kv_bytes, e.sequences))
+                             if isinstance(e, ev.NodeStats) else None)
+        pipeline = Pipeline(master, loaded, analyze(loaded), k=2, decoder=spec, recover=False)
+        try:
+            pipeline.deploy([h.node_id for h in handles])
+            step = pipeline_step(pipeline, spec)
+            prompt = [5, 17, 300, 42]
+            ended: list[int] = []  # the sequence ends, but its caches are not released yet
+            result = generate(step, spec, prompt, Sampling(max_new_tokens=6),
+                              release=ended.append)
+            cached = (len(prompt) + result.new_tokens - 1) * spec.cache_bytes_per_token()
+
+            def total() -> tuple[int, int]:
+                return (sum(kv or 0 for kv, _ in held.values()),
+                        max((n or 0 for _, n in held.values()), default=0))
+
+            deadline = time.time() + 10
+            while total() != (cached, 1) and time.time() < deadline:
+                time.sleep(0.1)
+            assert total() == (cached, 1)
+            master.release_sequences(ended)
+            deadline = time.time() + 10
+            while total() != (0, 0) and time.time() < deadline:
+                time.sleep(0.1)
+            assert total() == (0, 0)
+        finally:
+            pipeline.close()

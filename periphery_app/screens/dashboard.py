@@ -132,7 +132,8 @@ class DashboardScreen(PeripheryScreen):
     def _node_table(self, state: ClusterState) -> Table:
         table = Table(title="Per node", title_justify="left", header_style="bold", expand=True,
                       padding=(0, 1), box=box.SIMPLE_HEAD)
-        for col in ("node", "state", "cpu", "", "rss", "stage"):
+        caches = any(n.kv_bytes is not None for n in state.nodes.values())
+        for col in ("node", "state", "cpu", "", "rss", "stage", *(("KV cache",) if caches else ())):
             table.add_column(col, no_wrap=True, ratio=1 if col == "" else None)
         now = self.papp.now()
         for node in sorted(state.nodes.values(), key=lambda n: n.name):
@@ -144,6 +145,8 @@ class DashboardScreen(PeripheryScreen):
                 Text(bar((cpu or 0.0) / 100.0, 20), style="cyan"),
                 human_bytes(node.rss_bytes),
                 str(node.stage) if node.stage is not None else "-",
+                *((f"{human_bytes(node.kv_bytes)} ({node.sequences} seq)"
+                   if node.kv_bytes is not None else "-",) if caches else ()),
             )
         return table
 

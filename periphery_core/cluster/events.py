@@ -101,6 +101,8 @@ class NodeStats:
     gpu_percent: float | None
     t: float
     speed: float | None = None
+    kv_bytes: int | None = None  # a language model's stage: KV cache held, and for how many
+    sequences: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

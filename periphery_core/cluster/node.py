@@ -757,6 +757,13 @@ class NodeDaemon:
             except Exception:  # one missed report is no reason to stop reporting
                 log.exception("stats not sent")
 
+    def _cache_stats(self) -> dict[str, int]:
+        """KV cache bytes and sequences held, for a stage of a language model."""
+        dep = self._deployment
+        if dep is None or not isinstance(dep.runner, StatefulStage):
+            return {}
+        return {"kv": dep.runner.cache_bytes, "seqs": dep.runner.sequences}
+
     def _send_stats(self, proc: psutil.Process) -> None:
         if self._master is None:
             return
@@ -772,6 +779,7 @@ class NodeDaemon:
             "mem": float(psutil.virtual_memory().percent),
             "rejected": self.rejected,
             **({"speed": self.speed} if self.speed is not None else {}),
+            **self._cache_stats(),
         })))
         if self._advertiser is not None:
             self._advertiser.update(self._txt())

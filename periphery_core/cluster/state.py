@@ -159,6 +159,8 @@ class NodeView:
     rss_bytes: int | None = None
     memory_percent: float | None = None
     gpu_percent: float | None = None
+    kv_bytes: int | None = None  # a language model's stage: KV cache held
+    sequences: int | None = None  # ... for this many sequences
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,6 +396,7 @@ def _apply_node_event(state: ClusterState, event: Event) -> FrozenMap[str, NodeV
                         memory_percent=event.memory_percent,
                         gpu_percent=event.gpu_percent,
                         speed=event.speed if event.speed is not None else old.speed,
+                        kv_bytes=event.kv_bytes, sequences=event.sequences,
                         last_seen=max(old.last_seen, event.t),
                     ),
                 )

@@ -299,3 +299,26 @@ def test_nodes_report_the_caches_they_hold_and_free_them_on_release() -> None:
             assert total() == (0, 0)
         finally:
             pipeline.close()
+
+
+def test_the_planner_counts_each_stage_s_caches_and_sends_none() -> None:
+    require_shared()
+    from periphery_core.errors import PlanError
+    from periphery_core.partition.plan import DeviceSpec
+
+    loaded = load_model(SMOLLM)
+    spec = recognize(loaded)
+    assert spec is not None
+    analysis = analyze(loaded)
+    plain = make_plan(analysis, 2)
+    state = spec.state_bytes(1024, 4)
+    planned = make_plan(analysis, 2, state=state)
+    total_cache = sum(size for _, size in state.values())
+    assert sum(s.memory_bytes for s in planned.stages) >= \
+        sum(s.memory_bytes for s in plain.stages) + total_cache * 0.99
+    crossing = {b.name for s in planned.stages for b in (*s.inputs, *s.outputs)}
+    assert not crossing & ({s.past for s in spec.slots} | {s.present for s in spec.slots})
+    tight = [DeviceSpec(name=n, memory_bytes=planned.stages[0].memory_bytes // 2)
+             for n in ("a", "b")]
+    with pytest.raises(PlanError, match="memory cap"):
+        make_plan(analysis, 2, state=state, devices=tight)

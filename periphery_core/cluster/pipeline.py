@@ -170,8 +170,9 @@ class Pipeline:
         else:
             k = min(self.k, len(chosen), len(self.analysis.nodes))
             chosen = chosen[:k]
+            state = None if self.decoder is None else self.decoder.planned_state()
             plan = make_plan(self.analysis, k, strategy=self.strategy,
-                             devices=self.master.devices(chosen))
+                             devices=self.master.devices(chosen), state=state)
         shards = extract_shards(self.loaded, self.analysis, plan, progress=progress)
         if self.decoder is not None:
             shards = make_stateful(shards, self.decoder)

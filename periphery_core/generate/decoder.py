@@ -27,6 +27,9 @@ from periphery_core.model.declared import GENAI_CONFIG, HF_CONFIG
 from periphery_core.model.loading import LoadedModel
 from periphery_core.model.shapes import graph_inputs, resolve_input_shapes
 
+# A language model's stages are planned to hold the caches of this many sequences at once.
+PLANNED_SEQUENCES = 4
+
 
 @dataclass(frozen=True)
 class CacheSlot:
@@ -66,6 +69,17 @@ class DecoderSpec:
 
     def cache_bytes_per_token(self) -> int:
         return sum(s.nbytes_per_token() for s in self.slots)
+
+    def state_bytes(self, context: int, sequences: int) -> dict[str, tuple[str, int]]:
+        """Per cache input: its output and the bytes it holds at `context` tokens for
+        `sequences` sequences (what the planner counts against a stage's memory)."""
+        return {s.past: (s.present, s.nbytes_per_token() * context * sequences)
+                for s in self.slots}
+
+    def planned_state(self) -> dict[str, tuple[str, int]]:
+        """`state_bytes` at what the planner sizes caches for: the model's context (at most
+        4,096 tokens) for `PLANNED_SEQUENCES` sequences at once."""
+        return self.state_bytes(min(self.context or 2048, 4096), PLANNED_SEQUENCES)
 
     def describe(self) -> str:
         first = self.slots[0]

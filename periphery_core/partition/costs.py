@@ -7,6 +7,8 @@ use the measured seconds instead. Devices' `speed` is relative to that reference
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from periphery_core.model.analysis import ModelAnalysis
 from periphery_core.partition.cost_model import PlanningGraph, PlanNode
 from periphery_core.partition.plan import Boundary
@@ -40,14 +42,21 @@ def constant_closure(analysis: ModelAnalysis) -> dict[str, tuple[tuple[str, int]
     return closure
 
 
-def planning_graph(analysis: ModelAnalysis, use_profile: bool = False) -> PlanningGraph:
+def planning_graph(analysis: ModelAnalysis, use_profile: bool = False,
+                   state: Mapping[str, tuple[str, int]] | None = None) -> PlanningGraph:
     """The planner's view of a model: activations only, costs in seconds.
 
     Constant-foldable nodes are recomputed by every stage that reads them (extraction copies
     them), so they cost nothing where the plan lists them and their outputs count as the
     parameters of their readers, never as boundary tensors.
+
+    `state` maps a decoder's cache inputs to (their cache output, the bytes the cache may
+    grow to): a stage keeps the caches its nodes read (generate.stateful), so they count as
+    its parameters, and neither they nor the cache outputs ever cross a boundary.
     """
-    inits = analysis.initializers
+    state = dict(state or {})
+    kept = set(state) | {present for present, _ in state.values()}
+    inits = {**analysis.initializers, **{p: size for p, (_, size) in state.items()}}
     consts = constant_closure(analysis)
     nodes = []
     for n in analysis.nodes:
@@ -80,6 +89,6 @@ def planning_graph(analysis: ModelAnalysis, use_profile: bool = False) -> Planni
     return PlanningGraph(
         nodes=tuple(nodes),
         tensors=tensors,
-        graph_inputs=tuple(s.name for s in analysis.inputs),
-        graph_outputs=tuple(o for o in analysis.outputs if o in tensors),
+        graph_inputs=tuple(s.name for s in analysis.inputs if s.name not in kept),
+        graph_outputs=tuple(o for o in analysis.outputs if o in tensors and o not in kept),
     )

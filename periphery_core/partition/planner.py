@@ -12,7 +12,7 @@ model in `cost_model`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from periphery_core.errors import PlanError
 from periphery_core.model.analysis import ModelAnalysis
@@ -41,15 +41,19 @@ def make_plan(
     strategy: str = "balanced",
     devices: Sequence[DeviceSpec] | None = None,
     use_profile: bool = False,
+    state: Mapping[str, tuple[str, int]] | None = None,
 ) -> ShardPlan:
     """Plan `k` shards of an analysed model (pure: no I/O).
+
+    `state`: a decoder's cache inputs -> (cache output, bytes it may grow to), counted in the
+    memory of the stage that reads them (`DecoderSpec.state_bytes`).
 
     Raises:
         PlanError: k does not fit the model, the strategy is unknown, or memory caps cannot
             be met.
     """
     devs = devices_for(k, devices)
-    graph = planning_graph(analysis, use_profile)
+    graph = planning_graph(analysis, use_profile, state)
     stages = plan_stages(graph, k, devs, strategy)
     return _plan(analysis, graph, stages, devs, strategy, use_profile)
 

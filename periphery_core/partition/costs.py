@@ -52,11 +52,13 @@ def planning_graph(analysis: ModelAnalysis, use_profile: bool = False,
 
     `state` maps a decoder's cache inputs to (their cache output, the bytes the cache may
     grow to): a stage keeps the caches its nodes read (generate.stateful), so they count as
-    its parameters, and neither they nor the cache outputs ever cross a boundary.
+    its parameters (as `NAME#cache`), and the cache tensors cost nothing at a boundary (the
+    plan still lists them where they would pass, so its stages stay complete; the stateful
+    rewrite drops them).
     """
     state = dict(state or {})
     kept = set(state) | {present for present, _ in state.values()}
-    inits = {**analysis.initializers, **{p: size for p, (_, size) in state.items()}}
+    inits = analysis.initializers
     consts = constant_closure(analysis)
     nodes = []
     for n in analysis.nodes:
@@ -69,6 +71,7 @@ def planning_graph(analysis: ModelAnalysis, use_profile: bool = False,
         else:
             cost = n.flops / REFERENCE_FLOPS + NODE_OVERHEAD_S
         params = {x: inits[x] for x in n.inputs if x in inits}
+        params.update({f"{x}#cache": state[x][1] for x in n.inputs if x in state})
         for x in n.inputs:
             params.update(consts.get(x, ()))
         nodes.append(
@@ -83,12 +86,12 @@ def planning_graph(analysis: ModelAnalysis, use_profile: bool = False,
         )
     tensors = {
         name: Boundary(name, t.dtype if t.kind == "tensor" else f"{t.kind}({t.dtype})", t.shape,
-                       t.nbytes)
+                       0 if name in kept else t.nbytes)
         for name, t in analysis.tensors.items()
     }
     return PlanningGraph(
         nodes=tuple(nodes),
         tensors=tensors,
-        graph_inputs=tuple(s.name for s in analysis.inputs if s.name not in kept),
-        graph_outputs=tuple(o for o in analysis.outputs if o in tensors and o not in kept),
+        graph_inputs=tuple(s.name for s in analysis.inputs),
+        graph_outputs=tuple(o for o in analysis.outputs if o in tensors),
     )

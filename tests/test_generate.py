@@ -324,3 +324,61 @@ def test_the_planner_counts_each_stage_s_caches_and_sends_none() -> None:
              for n in ("a", "b")]
     with pytest.raises(PlanError, match="memory cap"):
         make_plan(analysis, 2, state=state, devices=tight)
+
+
+def test_sampling_is_seeded_and_chunked_prefill_matches_one_step() -> None:
+    require_shared()
+    from periphery_core.generate.engine import pick
+
+    loaded = load_model(GPT2)
+    spec = recognize(loaded)
+    assert spec is not None
+    step = whole_model_step(loaded, spec, exact=True)
+    prompt = [5, 17, 300, 42, 7, 99, 512, 3, 8, 64, 21]
+    whole = generate(step, spec, prompt, Sampling(max_new_tokens=12)).ids
+    chunked = generate(step, spec, prompt, Sampling(max_new_tokens=12, prefill_chunk=3)).ids
+    assert chunked == whole
+    warm = Sampling(max_new_tokens=12, temperature=1.5, top_k=50, top_p=0.9, seed=7)
+    first = generate(step, spec, prompt, warm).ids
+    assert generate(step, spec, prompt, warm).ids == first  # a seed repeats a run
+    assert first != whole  # and sampling is not greedy
+    logits = np.array([0.0, 5.0, 4.9, -1.0])
+    rng = np.random.default_rng(0)
+    assert pick(logits, [], Sampling(), rng) == 1
+    assert pick(logits, [1], Sampling(repetition_penalty=2.0), rng) == 2
+    assert {pick(logits, [], Sampling(temperature=1.0, top_k=2), rng) for _ in range(50)} \
+        == {1, 2}
+
+
+def test_hugging_face_cache_names_are_recognised(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    def vi(name: str, dtype: int, dims: list) -> onnx.ValueInfoProto:  # type: ignore[type-arg]
+        return helper.make_tensor_value_info(name, dtype, dims)
+
+    cache = ["batch_size", 2, "past_sequence_length", 4]
+    inputs = [vi("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+              vi("attention_mask", TensorProto.INT64,
+                 ["batch_size", "past_sequence_length + 1"]),
+              vi("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+              vi("past_key_values.0.key", TensorProto.FLOAT, cache),
+              vi("past_key_values.0.value", TensorProto.FLOAT, cache)]
+    outputs = [vi("logits", TensorProto.FLOAT, ["batch_size", "sequence_length"]),
+               vi("present.0.key", TensorProto.FLOAT, cache),
+               vi("present.0.value", TensorProto.FLOAT, cache)]
+    nodes = [helper.make_node("Cast", ["input_ids"], ["logits"], to=TensorProto.FLOAT),
+             helper.make_node("Identity", ["past_key_values.0.key"], ["present.0.key"]),
+             helper.make_node("Identity", ["past_key_values.0.value"], ["present.0.value"])]
+    model = helper.make_model(helper.make_graph(nodes, "hf", inputs, outputs),
+                              opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 16,
+         "eos_token_id": [0, 7], "max_position_embeddings": 256}))
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    spec = recognize(load_model(tmp_path))
+    assert spec is not None and spec.format == "hugging-face"
+    assert spec.positions == "position_ids" and spec.mask == "attention_mask"
+    assert [s.present for s in spec.slots] == ["present.0.key", "present.0.value"]
+    assert spec.slots[0].empty_shape == (1, 2, 0, 4) and spec.slots[0].axis == 2
+    assert spec.eos_ids == (0, 7) and spec.context == 256

@@ -45,6 +45,7 @@ class Sampling:
     repetition_penalty: float = 1.0
     seed: int = 0
     stop: tuple[str, ...] = ()
+    prefill_chunk: int = 512  # a longer prompt is prefilled this many tokens a step
 
     def check(self) -> None:
         if self.max_new_tokens < 1:
@@ -181,7 +182,7 @@ def generate(step: Step, spec: DecoderSpec, prompt_ids: Sequence[int], sampling:
         Cancelled: `cancel` was set (checked before every step).
         GenerationError: bad sampling options, an empty or too long prompt.
     """
-    stepper = _Resilient(step, spec, prompt_ids, release)
+    stepper = _Resilient(step, release)
     try:
         return _generate(stepper, spec, prompt_ids, sampling, codec, on_text, cancel)
     finally:
@@ -191,15 +192,15 @@ def generate(step: Step, spec: DecoderSpec, prompt_ids: Sequence[int], sampling:
 class _Resilient:
     """Steps of one sequence that survive a redeploy: when a stage says the sequence's cache
     was lost (a node was lost and the pipeline re-planned onto the survivors), the caches are
-    rebuilt under a new sequence id by running the same steps again (the prompt, then each
-    token fed so far, one a step: the same arithmetic as before), and the step is retried."""
+    rebuilt under a new sequence id by running the same steps again (every chunk of the
+    prompt, then each token fed so far, one a step: the same arithmetic as before), and the
+    step is retried."""
 
-    def __init__(self, step: Step, spec: DecoderSpec, prompt: Sequence[int],
-                 release: Callable[[int], None] | None, attempts: int = 3) -> None:
-        self.inner, self.spec, self.prompt = step, spec, list(prompt)
-        self._release, self.attempts = release, attempts
+    def __init__(self, step: Step, release: Callable[[int], None] | None,
+                 attempts: int = 3) -> None:
+        self.inner, self._release, self.attempts = step, release, attempts
         self.seq = next(_SEQ_IDS)
-        self.fed: list[int] = []  # tokens fed after the prompt, in order
+        self.history: list[np.ndarray] = []  # the ids of every step that went through
         self.rebuilt = 0
 
     def __call__(self, ids: np.ndarray, pos: int) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -210,23 +211,18 @@ class _Resilient:
             except PeripheryError as exc:
                 if CACHE_LOST not in exc.message or attempt == self.attempts:
                     raise
-                self._rebuild(pos)
-        if pos:
-            self.fed.extend(int(t) for t in ids[0])
+                self._rebuild()
+        self.history.append(ids)
         return out
 
-    def _rebuild(self, pos: int) -> None:
+    def _rebuild(self) -> None:
         self.release()
         self.seq = next(_SEQ_IDS)
         self.rebuilt += 1
-        if pos == 0:
-            return  # the failed step was the prefill itself: just run it again
-        dtype = self.spec.ids_dtype
-        self.inner(np.asarray([self.prompt], dtype=dtype), self.seq, 0)
-        at = len(self.prompt)
-        for token in self.fed:
-            self.inner(np.asarray([[token]], dtype=dtype), self.seq, at)
-            at += 1
+        at = 0
+        for ids in self.history:
+            self.inner(ids, self.seq, at)
+            at += int(ids.shape[1])
 
     def release(self) -> None:
         if self._release is not None:
@@ -246,7 +242,7 @@ def _generate(stepper: _Resilient, spec: DecoderSpec, prompt_ids: Sequence[int],
                               f"{spec.context} tokens")
     rng = np.random.default_rng(sampling.seed)
     eos = set(spec.eos_ids) | set(codec.eos_ids() if codec else ())
-    ids = np.asarray([list(prompt_ids)], dtype=spec.ids_dtype)
+    prompt = np.asarray([list(prompt_ids)], dtype=spec.ids_dtype)
     out: list[int] = []
     shown = ""
     hop_bytes: list[tuple[int, ...]] = []
@@ -254,6 +250,12 @@ def _generate(stepper: _Resilient, spec: DecoderSpec, prompt_ids: Sequence[int],
     ttft = 0.0
     finish = "length"
     pos = 0
+    chunk = max(1, sampling.prefill_chunk)
+    while prompt.shape[1] - pos > chunk:  # a long prompt goes in chunks: bounded activations
+        check(cancel)
+        stepper(prompt[:, pos:pos + chunk], pos)
+        pos += chunk
+    ids = prompt[:, pos:]
     while len(out) < sampling.max_new_tokens:
         check(cancel)
         logits, sent = stepper(ids, pos)

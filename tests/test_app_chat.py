@@ -3,8 +3,6 @@ planned and deployed by `--demo`, a prompt typed, the reply streamed and its fig
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from textual.widgets import Input
 
@@ -16,17 +14,10 @@ from periphery_core.generate.decoder import recognize
 from periphery_core.generate.engine import Sampling, TextCodec, generate, whole_model_step
 from periphery_core.model import load_model
 from tests.conftest import MODELS, require_shared
-from tests.test_app import SIZE, text_of
+from tests.test_app import SIZE, config_dir, text_of  # noqa: F401  (autouse fixture)
 
 SMOLLM = MODELS / "smollm2-135m-instruct-int4"
 pytestmark = pytest.mark.asyncio
-
-
-@pytest.fixture(autouse=True)
-def config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    folder = tmp_path / "config"
-    monkeypatch.setenv("PERIPHERY_CONFIG_DIR", str(folder))
-    return folder
 
 
 def _expected(prompt: str, n: int) -> str:

@@ -7,6 +7,7 @@ through real node processes (LocalCluster) and the CLI as a user runs it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -41,6 +42,20 @@ PROMPTS = [
     "Give me a word that rhymes with cat.", "Why is the sky blue?",
     "List two planets.", "What do bees make?",
 ]
+
+
+@contextlib.contextmanager
+def _deployed(loaded, spec, k: int, recover: bool = False):  # type: ignore[no-untyped-def]
+    """K local node processes with the decoder deployed as stateful stages."""
+    with LocalCluster(k) as cluster, Master(keys=cluster.master_keys) as master:
+        handles = [master.connect(a) for a in cluster.addresses]
+        pipeline = Pipeline(master, loaded, analyze(loaded), k=k, exact=False, decoder=spec,
+                            recover=recover)
+        try:
+            pipeline.deploy([h.node_id for h in handles])
+            yield cluster, master, pipeline
+        finally:
+            pipeline.close()
 
 
 def _greedy(step, spec, ids: list[int], n: int) -> list[int]:  # type: ignore[no-untyped-def]
@@ -145,18 +160,11 @@ def test_generation_over_node_processes_is_token_identical(k: int) -> None:
     if k == 1:  # the in-process baseline agrees with onnxruntime-genai too
         reference = whole_model_step(loaded, spec, exact=False)
         assert [_greedy(reference, spec, ids, 32) for ids in prompts] == expected
-    with LocalCluster(k) as cluster, Master(keys=cluster.master_keys) as master:
-        handles = [master.connect(a) for a in cluster.addresses]
-        pipeline = Pipeline(master, loaded, analyze(loaded), k=k, exact=False, decoder=spec,
-                            recover=False)
-        try:
-            pipeline.deploy([h.node_id for h in handles])
-            step = pipeline_step(pipeline, spec)
-            got = [generate(step, spec, ids, Sampling(max_new_tokens=32),
-                            release=lambda s: master.release_sequences([s])).ids
-                   for ids in prompts]
-        finally:
-            pipeline.close()
+    with _deployed(loaded, spec, k) as (_, master, pipeline):
+        step = pipeline_step(pipeline, spec)
+        got = [generate(step, spec, ids, Sampling(max_new_tokens=32),
+                        release=lambda s: master.release_sequences([s])).ids
+               for ids in prompts]
     assert got == expected
 
 
@@ -167,17 +175,10 @@ def test_bytes_per_hop_do_not_grow_with_the_context() -> None:
     assert spec is not None
     short = list(range(100, 116))
     long = list(range(100, 612))
-    with LocalCluster(3) as cluster, Master(keys=cluster.master_keys) as master:
-        handles = [master.connect(a) for a in cluster.addresses]
-        pipeline = Pipeline(master, loaded, analyze(loaded), k=3, exact=False, decoder=spec,
-                            recover=False)
-        try:
-            pipeline.deploy([h.node_id for h in handles])
-            step = pipeline_step(pipeline, spec)
-            at16 = generate(step, spec, short, Sampling(max_new_tokens=6))
-            at512 = generate(step, spec, long, Sampling(max_new_tokens=6))
-        finally:
-            pipeline.close()
+    with _deployed(loaded, spec, 3) as (_, _, pipeline):
+        step = pipeline_step(pipeline, spec)
+        at16 = generate(step, spec, short, Sampling(max_new_tokens=6))
+        at512 = generate(step, spec, long, Sampling(max_new_tokens=6))
     assert at16.decode_bytes_per_token_per_hop > 0
     ratio = at512.decode_bytes_per_token_per_hop / at16.decode_bytes_per_token_per_hop
     assert ratio <= 1.1, (at16.decode_bytes_per_token_per_hop,

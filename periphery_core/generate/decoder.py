@@ -15,7 +15,6 @@ empty cache of each layer (batch 1, length 0).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from periphery_core.model.declared import GENAI_CONFIG, HF_CONFIG
+from periphery_core.model.declared import GENAI_CONFIG, HF_CONFIG, read_json
 from periphery_core.model.loading import LoadedModel
 from periphery_core.model.shapes import graph_inputs, resolve_input_shapes
 
@@ -96,14 +95,6 @@ _PATTERNS = (
 )
 
 
-def _json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _ids(value: Any) -> tuple[int, ...]:
     if isinstance(value, int) and not isinstance(value, bool):
         return (value,)
@@ -118,7 +109,7 @@ def recognize(loaded: LoadedModel) -> DecoderSpec | None:
     folder = loaded.path.parent
     inputs = {vi.name: vi for vi in graph_inputs(proto)}
     outputs = {o.name for o in proto.graph.output}
-    genai = _json(folder / GENAI_CONFIG).get("model", {})
+    genai = read_json(folder / GENAI_CONFIG).get("model", {})
     decoder = genai.get("decoder", {}) if isinstance(genai, dict) else {}
     pairs: list[tuple[str, str]] = []
     fmt = ""
@@ -155,9 +146,9 @@ def recognize(loaded: LoadedModel) -> DecoderSpec | None:
         slots.append(CacheSlot(past, present, spec.shape, spec.dtype.name, zero[0]))
     mask = "attention_mask" if "attention_mask" in inputs else None
     positions = "position_ids" if "position_ids" in inputs else None
-    hf = _json(folder / HF_CONFIG)
+    hf = read_json(folder / HF_CONFIG)
     eos = _ids(genai.get("eos_token_id")) if isinstance(genai, dict) else ()
-    eos = eos or _ids(_json(folder / "generation_config.json").get("eos_token_id")) \
+    eos = eos or _ids(read_json(folder / "generation_config.json").get("eos_token_id")) \
         or _ids(hf.get("eos_token_id"))
     context = int(genai.get("context_length", 0) or 0) if isinstance(genai, dict) else 0
     context = context or int(hf.get("max_position_embeddings", 0) or 0)

@@ -24,6 +24,7 @@ import numpy as np
 from periphery_core.errors import PeripheryError
 from periphery_core.generate.decoder import DecoderSpec
 from periphery_core.generate.stateful import CACHE_LOST
+from periphery_core.model.declared import read_json
 from periphery_core.progress import CancelToken, check
 
 
@@ -94,7 +95,7 @@ class TextCodec:
             raise GenerationError(f"no tokenizer.json in {folder}: generation needs the "
                                   "model's tokenizer beside it")
         self.tokenizer = Tokenizer.from_file(str(path))
-        config = _json(folder / "tokenizer_config.json")
+        config = read_json(folder / "tokenizer_config.json")
         template = config.get("chat_template")
         if (folder / "chat_template.jinja").is_file():
             template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
@@ -124,16 +125,6 @@ class TextCodec:
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
-
-
-def _json(path: Path) -> dict[str, Any]:
-    import json
-
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 @dataclass

@@ -50,7 +50,7 @@ def model_file(folder: Path) -> Path:
     """
     config = folder / GENAI_CONFIG
     if config.is_file():
-        name = _json(config).get("model", {}).get("decoder", {}).get("filename", "")
+        name = read_json(config).get("model", {}).get("decoder", {}).get("filename", "")
         if isinstance(name, str) and name and (folder / name).is_file():
             return folder / name
     if (folder / "model.onnx").is_file():
@@ -73,7 +73,8 @@ def declared_dims(path: Path, proto: onnx.ModelProto) -> DeclaredDims:
     return DeclaredDims()
 
 
-def _json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a file beside a model; {} if it is missing or not an object."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -107,7 +108,7 @@ def _genai_dims(path: Path, proto: onnx.ModelProto) -> DeclaredDims:
     config = path.parent / GENAI_CONFIG
     if not config.is_file():
         return DeclaredDims()
-    decoder = _json(config).get("model", {}).get("decoder", {})
+    decoder = read_json(config).get("model", {}).get("decoder", {})
     if not isinstance(decoder, dict):
         return DeclaredDims()
     inputs = decoder.get("inputs", {}) if isinstance(decoder.get("inputs"), dict) else {}
@@ -132,7 +133,7 @@ def _hf_dims(path: Path, proto: onnx.ModelProto) -> DeclaredDims:
     config = path.parent / HF_CONFIG
     if not config.is_file():
         return DeclaredDims()
-    cfg = _json(config)
+    cfg = read_json(config)
     heads = _int(cfg.get("num_attention_heads"))
     hidden = _int(cfg.get("hidden_size"))
     head_size = _int(cfg.get("head_dim")) or (hidden // heads if hidden and heads else None)

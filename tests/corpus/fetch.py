@@ -95,11 +95,9 @@ def wheel_path(entry: dict[str, Any]) -> Path:
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from periphery_core.model.loading import file_sha256
+
+    return file_sha256(path)
 
 
 def _pip_download_args(entry: dict[str, Any], dest: Path) -> list[str]:

@@ -58,10 +58,13 @@ VALID: dict[str, dict[str, Any]] = {  # one valid header per kind, every optiona
     "deploy_end": {"sha256": SHA},
     "ready": {"stage": 0, "provider": "CPUExecutionProvider"},
     "error": {"reason": "no", "stage": -1},
-    "stats": {"node": "n1", "cpu": 150.0, "rss": 1, "mem": 50, "rejected": 0, "speed": 2},
+    "stats": {"node": "n1", "cpu": 150.0, "rss": 1, "mem": 50, "rejected": 0, "speed": 2,
+              "kv": 1 << 20, "seqs": 2},
     "shutdown": {},
-    "activation": {"id": 1, "times": [[0, 1.0, 2.0, 3.0, 4.0]], "epoch": 0},
-    "result": {"id": 1, "times": [], "epoch": 2},
+    "release": {"seqs": [1, 2]},
+    "activation": {"id": 1, "times": [[0, 1.0, 2.0, 3.0, 4.0, 2304]], "epoch": 0, "seq": 7,
+                   "pos": 12, "new": 1},
+    "result": {"id": 1, "times": [], "epoch": 2, "seq": 7, "pos": 0, "new": 16},
     "failure": {"id": 1, "reason": "r", "stage": -1, "epoch": 0},
 }
 WRONG_TYPE = {"int": "1", "number": "1.0", "str": 1, "bool": 1, "list": "[]"}

@@ -62,6 +62,9 @@ async def test_chat_streams_a_reply_from_the_deployed_language_model() -> None:
             assert not any(isinstance(s, ErrorModal) for s in app.screen_stack)
             await pilot.press("escape")  # nothing generating: back, out of the prompt box
             await until(pilot, lambda: not isinstance(app.screen, ChatScreen))
+            await pilot.press("5")  # the dashboard counts tokens and shows the nodes' caches
+            await until(pilot, lambda: "KV cache" in text_of(app, "#utilisation"), timeout=10)
+            assert "tokens/s" in text_of(app, "#label-rps")
             await pilot.press("1")  # the Model screen says what it recognised
             await pilot.pause()
             summary = " ".join(text_of(app, "#summary").split())

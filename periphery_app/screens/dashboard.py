@@ -85,12 +85,17 @@ class DashboardScreen(PeripheryScreen):
             return
         self.refreshes += 1
         last = history[-1] if history else None
+        opened = self.papp.opened
+        # A language model's requests are decode steps: one token each (prefills aside).
+        tokens = opened is not None and opened.decoder is not None
         for key, title in METRICS:
             self.query_one(f"#spark-{key}", Sparkline).data = _series(history, key)
+            if key == "p50" and tokens:
+                title = "p50 per token"
             if last is None:
                 value = "-"
             elif key == "rps":
-                value = f"{last.throughput:.1f} req/s"
+                value = f"{last.throughput:.1f} {'tokens' if tokens else 'req'}/s"
             else:
                 value = human_seconds(last.p50_s if key == "p50" else last.p99_s)
             self.query_one(f"#label-{key}", Label).update(f"{title}  [b]{value}[/b]")

@@ -11,6 +11,7 @@ thread.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ from periphery_core.cluster.master import Master, NodeHandle
 from periphery_core.cluster.pipeline import Pipeline
 from periphery_core.cluster.tracker import StateTracker
 from periphery_core.discovery import NodeAddress
+from periphery_core.discovery.mdns import MdnsBrowser
 from periphery_core.discovery.static import parse_peer
 from periphery_core.errors import PeripheryError
 from periphery_core.generate.decoder import DecoderSpec, recognize
@@ -71,6 +73,7 @@ class Session:
         self._master: Master | None = None
         self.tracker: StateTracker | None = None
         self.local: LocalCluster | None = None
+        self._browser: MdnsBrowser | None = None  # mDNS, from the Cluster screen's first look
         self.pipeline: Pipeline | None = None
         self._closed = False
 
@@ -120,6 +123,26 @@ class Session:
             cluster.stop()
             raise
 
+    def start_discovery(self) -> None:
+        """Browse mDNS for nodes, from now until `close` (idempotent). Interfaces come from
+        $PERIPHERY_MDNS_INTERFACES (comma-separated addresses), else every interface."""
+        with self._lock:
+            if self._browser is not None or self._closed:
+                return
+            raw = os.environ.get("PERIPHERY_MDNS_INTERFACES", "")
+            interfaces = [a.strip() for a in raw.split(",") if a.strip()] or None
+            self._browser = MdnsBrowser(interfaces=interfaces)
+        self._browser.start()
+
+    def discovered(self) -> list[NodeAddress]:
+        """Nodes advertised over mDNS now (none before `start_discovery`)."""
+        browser = self._browser
+        return browser.nodes() if browser is not None else []
+
+    def connect_address(self, address: NodeAddress) -> NodeHandle:
+        """Connect to a discovered node (blocking)."""
+        return self.master.connect(address)
+
     def connect(self, spec: str) -> NodeHandle:
         """Connect to a node given as HOST:PORT (blocking).
 
@@ -166,6 +189,9 @@ class Session:
             local, self.local = self.local, None
             tracker, self.tracker = self.tracker, None
             pipeline, self.pipeline = self.pipeline, None
+            browser, self._browser = self._browser, None
+        if browser is not None:
+            browser.stop()
         if tracker is not None:
             tracker.close()
         if master is not None:  # first: it wakes a deploy or recovery waiting on a node

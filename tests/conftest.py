@@ -69,6 +69,9 @@ def _close_app_sessions(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-unt
         created.append(self)
 
     monkeypatch.setattr(Session, "__init__", tracking_init)
+    # The app browses mDNS from its Cluster screen: in tests, on loopback only (no multicast
+    # onto this machine's real networks).
+    monkeypatch.setenv("PERIPHERY_MDNS_INTERFACES", "127.0.0.1")
     yield
     for session in created:
         session.close()

@@ -389,3 +389,37 @@ async def test_help_lists_keys_and_the_palette_offers_every_action() -> None:
         titles = {c.title for c in app.get_system_commands(app.screen)}
         assert {"Search", "Fold", "Dashboard", "Shards", "Keys"} <= titles
     app.session.close()
+
+
+async def test_the_cluster_screen_finds_nodes_over_mdns_and_connects_one() -> None:
+    """With no nodes the screen says what to do; nodes advertised over mDNS (on loopback here)
+    appear as `discovered`, `c` joins the selected one, and one that stops goes away."""
+    app = PeripheryApp(browse_dir=DEMO_MODEL.parent, insecure=True)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("4")
+            await until(pilot, lambda: isinstance(app.screen, ClusterScreen))
+            summary = " ".join(text_of_label(app, "#summary").split())
+            assert "no nodes yet" in summary and "press l" in summary and "a to add" in summary
+            with LocalCluster(2, advertise=True, secure=False) as cluster:
+                table = app.screen.query_one(DataTable)
+                await until(pilot, lambda: table.row_count == 2, timeout=20)
+                assert "2 discovered" in text_of_label(app, "#summary")
+                table.move_cursor(row=0)
+                await pilot.press("c")
+                await until(pilot, lambda: len(app.cluster_state.nodes) == 1, timeout=20)
+                joined = next(iter(app.cluster_state.nodes.values()))
+                assert joined.name in {"local0", "local1"}
+                await until(pilot, lambda: "1 discovered" in text_of_label(app, "#summary"))
+                other = 1 if joined.name == "local0" else 0
+                cluster.nodes[other].process.terminate()  # a clean stop says goodbye over mDNS
+                await until(pilot, lambda: table.row_count == 1, timeout=20)
+                assert "discovered" not in text_of_label(app, "#summary")
+    finally:
+        app.session.close()
+
+
+def text_of_label(app: PeripheryApp, selector: str) -> str:
+    from textual.widgets import Label
+
+    return str(app.screen.query_one(selector, Label).content)

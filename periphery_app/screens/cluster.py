@@ -1,7 +1,9 @@
 """The Cluster screen: the nodes as the master's events describe them, and the event log.
 
-The table is a view of the app's folded `ClusterState`; adding a node by address or starting
-local nodes runs in a thread worker, and what happens shows up as events (NodeJoined, ...).
+The table is a view of the app's folded `ClusterState`, plus the nodes advertised over mDNS
+that the master has not joined yet (the session browses from the screen's first look on,
+rows appear and go as nodes do); `c` connects the selected one. Adding a node by address or
+starting local nodes runs in a thread worker, and what happens shows up as events.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from periphery_app.screens.modals import PromptModal
 from periphery_app.session import Session
 from periphery_app.units import human_bytes
 from periphery_core.cluster.state import ClusterState
+from periphery_core.discovery import NodeAddress
 
 COLUMNS = ("name", "address", "device", "speed", "memory", "cpu", "rss", "stage", "state")
 STATE_STYLE = {"ready": "green", "busy": "bold cyan", "joining": "yellow", "lost": "bold red",
@@ -30,6 +33,7 @@ class ClusterScreen(PeripheryScreen):
 
     CSS_PATH = "cluster.tcss"
     BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("c", "connect_selected", "Connect"),
         Binding("a", "add_node", "Add node"),
         Binding("l", "start_local", "Local nodes"),
     ]
@@ -37,6 +41,7 @@ class ClusterScreen(PeripheryScreen):
     def __init__(self) -> None:
         super().__init__(name="cluster")
         self._shown_recent: tuple[str, ...] = ()
+        self._discovered: dict[str, NodeAddress] = {}  # advertised, not joined: by node id
 
     def compose(self) -> ComposeResult:
         yield screen_bar(self)
@@ -51,13 +56,26 @@ class ClusterScreen(PeripheryScreen):
         for col in COLUMNS:
             table.add_column(col, key=col)
         self.watch(self.papp, "cluster_state", self._state_changed)
+        self.papp.session.start_discovery()
+        self.set_interval(1.0, self._poll_discovery)
+
+    def _poll_discovery(self) -> None:
+        """Nodes advertised now and not joined: redraw when that set changes."""
+        joined = self.papp.cluster_state.nodes
+        found = {a.node_id: a for a in self.papp.session.discovered() if a.node_id not in joined}
+        if found.keys() != self._discovered.keys():
+            self._discovered = found
+            self._draw(self.papp.cluster_state)
 
     def on_screen_resume(self) -> None:
         self._state_changed(self.papp.cluster_state)
 
-    def _state_changed(self, state: ClusterState) -> None:
+    def _state_changed(self, state: ClusterState) -> None:  # (one parameter: Textual's watch)
         if not self.is_current and self._shown_recent:
             return  # redrawn on resume
+        self._draw(state)
+
+    def _draw(self, state: ClusterState) -> None:
         now = self.papp.now()
         table = self.query_one(DataTable)
         row = table.cursor_row
@@ -76,12 +94,15 @@ class ClusterScreen(PeripheryScreen):
                 f"[{STATE_STYLE.get(status, '')}]{status}[/]",
                 key=node.id,
             )
-        if state.nodes:
-            table.move_cursor(row=min(row, len(state.nodes) - 1))
+        waiting = [a for i, a in self._discovered.items() if i not in state.nodes]
+        for address in sorted(waiting, key=lambda a: a.name):
+            table.add_row(address.name, f"{address.host}:{address.port}", "-", "-", "-", "-",
+                          "-", "-", "[dim]discovered[/]", key=address.node_id)
+        rows = len(state.nodes) + len(waiting)
+        if rows:
+            table.move_cursor(row=min(row, rows - 1))
         counts = {s: len(state.nodes_in(s, now)) for s in ("ready", "busy", "joining", "lost")}
-        self.query_one("#summary", Label).update(
-            f" {len(state.nodes)} nodes: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
-            + f" · deploy {state.deploy_status} · events (newest last)")
+        self.query_one("#summary", Label).update(self._summary(state, counts, len(waiting)))
         if state.recent != self._shown_recent:
             # Append only what is new: the log then tails while the user is at its end and
             # stays put when they have scrolled up to read (Textual's Log does that on write).
@@ -93,7 +114,42 @@ class ClusterScreen(PeripheryScreen):
             log.write_lines(new)
             self._shown_recent = state.recent
 
+    @staticmethod
+    def _summary(state: ClusterState, counts: dict[str, int], waiting: int) -> str:
+        """One line: the nodes and the deploy, and what to do when there is nothing yet."""
+        if not state.nodes and not waiting:
+            return (" no nodes yet · looking for nodes on the network (mDNS): start "
+                    "periphery-node on a host, press l for local nodes, or a to add one by "
+                    "address where multicast is blocked")
+        parts = [f"{v} {k}" for k, v in counts.items() if v]
+        if waiting:
+            parts.append(f"{waiting} discovered (select one, c connects)")
+        return (f" {len(state.nodes)} nodes: {', '.join(parts)} · deploy {state.deploy_status}"
+                " · events (newest last)")
+
     # ------------------------------------------------------------------ actions
+
+    def action_connect_selected(self) -> None:
+        """Connect to the discovered node under the cursor."""
+        table = self.query_one(DataTable)
+        if not table.row_count:
+            return
+        key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        address = self._discovered.get(str(key))
+        if address is None:
+            self.notify("that node is already connected: c connects a discovered one")
+            return
+        self.notify(f"connecting to {address.name}…")
+        self._connect_address(self.papp.session, address)
+
+    @work(thread=True, group="connect")
+    def _connect_address(self, session: Session, address: NodeAddress) -> None:
+        try:
+            handle = session.connect_address(address)
+        except Exception as exc:
+            self.report_failure(exc)
+            return
+        self.post_message(NodesConnected([handle.name]))
 
     def action_add_node(self) -> None:
         def answered(spec: str | None) -> None:

@@ -78,7 +78,10 @@ def cluster_up(nodes: int, advertise: bool, threads: int, insecure: bool) -> Non
             signal.signal(sig, handler)
 
 
-def _gather(peers: tuple[str, ...], mdns: bool, timeout: float, interfaces: tuple[str, ...]):
+def _gather(peers: tuple[str, ...], mdns: bool, timeout: float, interfaces: tuple[str, ...],
+            want: int = 0):
+    """Static peers, then nodes found over mDNS: all found within `timeout`, or as soon as
+    `want` nodes are known in all."""
     from periphery_core.discovery.static import StaticPeers
 
     addresses = list(StaticPeers(peers).nodes())
@@ -88,8 +91,11 @@ def _gather(peers: tuple[str, ...], mdns: bool, timeout: float, interfaces: tupl
         browser = MdnsBrowser(interfaces=list(interfaces) or None)
         browser.start()
         try:
-            time.sleep(timeout)
-            addresses += browser.nodes()
+            if want:
+                addresses += browser.wait_for(max(0, want - len(addresses)), timeout)
+            else:
+                time.sleep(timeout)
+                addresses += browser.nodes()
         finally:
             browser.stop()
     return addresses
@@ -209,7 +215,7 @@ def connect_nodes(master: Any, cluster_ctx: Any, peers: tuple[str, ...], mdns: b
 
     addresses = list(cluster_ctx.addresses) if cluster_ctx else []
     if len(addresses) < k:
-        addresses += _gather(peers, mdns and len(peers) < k, 2.0, ())
+        addresses += _gather(peers, mdns and len(peers) < k, 2.0, (), want=k - len(addresses))
     handles: list[Any] = []
     for a in addresses:
         if len(handles) == k:

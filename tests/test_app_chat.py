@@ -30,6 +30,11 @@ def _expected(prompt: str, n: int) -> str:
                     codec).text
 
 
+def _chat_shown(app: PeripheryApp) -> bool:
+    """The Chat screen is current and composed (its widgets can be queried)."""
+    return isinstance(app.screen, ChatScreen) and bool(app.screen.query("#transcript"))
+
+
 async def test_chat_streams_a_reply_from_the_deployed_language_model() -> None:
     require_shared()
     prompt = "What is the capital of France?"
@@ -37,7 +42,7 @@ async def test_chat_streams_a_reply_from_the_deployed_language_model() -> None:
     app = PeripheryApp(SMOLLM, demo=True, demo_nodes=2, browse_dir=SMOLLM)
     try:
         async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: isinstance(app.screen, ChatScreen), timeout=120)
+            await until(pilot, lambda: _chat_shown(app), timeout=120)
             screen = app.screen
             assert isinstance(screen, ChatScreen)
             assert "Recognised" not in text_of(app, "#transcript")
@@ -65,6 +70,8 @@ async def test_chat_streams_a_reply_from_the_deployed_language_model() -> None:
             await pilot.press("5")  # the dashboard counts tokens and shows the nodes' caches
             await until(pilot, lambda: "KV cache" in text_of(app, "#utilisation"), timeout=10)
             assert "tokens/s" in text_of(app, "#label-rps")
+            # It names what it serves: the folder's name says which model.onnx this is.
+            assert "smollm2-135m-instruct-int4/model.onnx" in text_of(app, "#load")
             await pilot.press("1")  # the Model screen says what it recognised
             await pilot.pause()
             summary = " ".join(text_of(app, "#summary").split())
@@ -80,7 +87,7 @@ async def test_chat_says_what_to_do_for_a_model_that_is_not_a_language_model() -
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: app.opened is not None)
         await pilot.press("7")
-        await until(pilot, lambda: isinstance(app.screen, ChatScreen))
+        await until(pilot, lambda: _chat_shown(app))
         assert "not a language model" in text_of(app, "#transcript")
         app.screen.query_one("#prompt", Input).value = "hi"
         await pilot.press("enter")

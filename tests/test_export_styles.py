@@ -188,6 +188,7 @@ def test_genai_folder_shards_and_verifies_prefill_and_decode(tmp_path: Path) -> 
     require_shared()
     loaded = load_model(SMOLLM)
     assert loaded.path == SMOLLM / "model.onnx"
+    assert loaded.name == "smollm2-135m-instruct-int4/model.onnx"
     assert loaded.declared.dims == {"past_sequence_length": 0, "kv_cache_dim": 64}
     specs, _ = resolve_input_shapes(loaded, {"past_sequence_length": (6,)})
     shapes = {s.name: s.shape for s in specs}

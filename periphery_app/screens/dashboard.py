@@ -159,6 +159,13 @@ class DashboardScreen(PeripheryScreen):
         f = self.figures
         text = Text(no_wrap=True, overflow="ellipsis")
         text.append(" load ", style="bold reverse")
+        pipeline = self.papp.session.pipeline
+        opened = self.papp.opened
+        if pipeline is not None:
+            text.append(f" {pipeline.loaded.name} ", style="bold")
+            if opened is not None and opened.loaded is not pipeline.loaded:
+                text.append(f"(not the open {opened.loaded.name}: deploy that on Shards) ",
+                            style="yellow")
         if self.load_running:
             text.append(f" running, {f.inflight} in flight ", style="bold green")
         else:

@@ -21,6 +21,7 @@ from periphery_app.screens.modals import PromptModal
 from periphery_app.session import OpenedModel, open_model
 from periphery_app.widgets.onnx_tree import OnnxTree
 from periphery_app.widgets.summary import model_summary
+from periphery_core.model.loading import display_name
 from periphery_core.progress import CancelToken, Progress
 
 
@@ -67,7 +68,7 @@ class ModelScreen(PeripheryScreen):
         recent = self.query_one("#recent", OptionList)
         recent.clear_options()
         paths = load_recent()
-        recent.add_options(Option(p.name, id=str(p)) for p in paths)
+        recent.add_options(Option(display_name(p), id=str(p)) for p in paths)
         if not paths:
             recent.add_option(Option("(none yet)", id="", disabled=True))
 

@@ -38,7 +38,16 @@ class LoadedModel:
 
     @property
     def name(self) -> str:
-        return self.path.name
+        """The file's name; with its folder for a generic `model.onnx` (an export folder's
+        name says which model it is: `all-MiniLM-L6-v2/model.onnx`)."""
+        return display_name(self.path)
+
+
+def display_name(path: Path) -> str:
+    """A model file's name for people: `folder/model.onnx` where the file name says nothing."""
+    if path.name == "model.onnx" and path.parent.name:
+        return f"{path.parent.name}/{path.name}"
+    return path.name
 
 
 def file_sha256(path: Path) -> str:

@@ -127,6 +127,14 @@ async def test_graph_screen_navigates_searches_shows_details_and_folds() -> None
         assert "Relu" in details or "Conv" in details
         assert "FLOP" in details and "float32" in details
         await pilot.press("escape")
+        # A weight shows its dtype, shape and size, not "? ? ?".
+        conv = next(i for i, n in enumerate(app.opened.analysis.nodes)  # type: ignore[union-attr]
+                    if n.op_type == "Conv")
+        console = Console(width=160, file=io.StringIO(), record=True)
+        console.print(screen.details((conv,)))
+        rows = [ln for ln in console.export_text().splitlines() if "(weight)" in ln]
+        assert rows and all(re.search(r"float32\s+\d+(x\d+)*\s+\d", r) for r in rows), rows
+        assert any("48x3x3x3" in r for r in rows)
         await pilot.press("slash", *"block2.add", "enter")
         chosen = app.opened.analysis.nodes[layout.vertices[view.selected].members[0]]  # type: ignore[union-attr]
         assert chosen.key == "block2.add"

@@ -28,6 +28,7 @@ from periphery_app.screens.modals import DetailsModal
 from periphery_app.session import OpenedModel
 from periphery_app.units import human_bytes, human_count, human_seconds, shape_text
 from periphery_app.widgets.graph_view import GraphView, heat
+from periphery_core.model.shapes import elem_dtype
 from periphery_core.partition.plan import ShardPlan
 
 
@@ -66,6 +67,8 @@ class GraphScreen(PeripheryScreen):
         self.fold = False
         self._matches: list[int] = []
         self._opened: OpenedModel | None = None
+        self._weight_types: tuple[OpenedModel, dict[str, tuple[str, tuple[int, ...]]]] | None \
+            = None
         self._stage_of_node: dict[int, int] = {}
         self.layout_ready_count = 0  # for tests and benchmarks: layouts shown so far
 
@@ -200,6 +203,22 @@ class GraphScreen(PeripheryScreen):
         v = layout.vertices[event.vertex]
         self.app.push_screen(DetailsModal(v.label.lstrip("▸ "), self.details(v.members), wide=True))
 
+    def _weights(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Each initializer's dtype and shape (read once per model, without its data)."""
+        assert self._opened is not None
+        cached = self._weight_types
+        if cached is not None and cached[0] is self._opened:
+            return cached[1]
+        found: dict[str, tuple[str, tuple[int, ...]]] = {}
+        for init in self._opened.loaded.proto.graph.initializer:
+            try:
+                dtype = str(elem_dtype(init.data_type))
+            except (KeyError, TypeError, ValueError):
+                dtype = "?"
+            found[init.name] = (dtype, tuple(int(d) for d in init.dims))
+        self._weight_types = (self._opened, found)
+        return found
+
     def details(self, members: tuple[int, ...]) -> RenderableType:
         """What a node (or a folded group) is: op, tensors with shapes, costs, stage."""
         assert self._opened is not None
@@ -230,9 +249,15 @@ class GraphScreen(PeripheryScreen):
         tensors = Table(header_style="bold", padding=(0, 1), expand=False, box=box.SIMPLE_HEAD)
         for col in ("", "tensor", "dtype", "shape", "bytes"):
             tensors.add_column(col)
+        weights = self._weights()
         for kind, names in (("in", n.inputs), ("out", n.outputs)):
             for name in names:
                 info = analysis.tensors.get(name)
+                if info is None and name in weights:  # a weight: its declared type and size
+                    dtype, dims = weights[name]
+                    tensors.add_row(kind, f"{name} (weight)", dtype, shape_text(dims),
+                                    human_bytes(analysis.initializers.get(name, 0)))
+                    continue
                 weight = " (weight)" if name in analysis.initializers else ""
                 tensors.add_row(kind, name + weight, info.dtype if info else "?",
                                 shape_text(info.shape) if info else "?",

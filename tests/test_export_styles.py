@@ -230,3 +230,9 @@ def test_classifier_with_map_outputs_shards_and_has_nothing_to_quantize(tmp_path
     _one_line_error(cli("quantize", path, "--method", "dynamic", "-o", tmp_path / "q.onnx"),
                     "nothing to quantize", "use it as it is")
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_a_plan_file_named_onnx_is_said_to_be_json(tmp_path: Path) -> None:
+    plan = tmp_path / "plan.onnx"
+    plan.write_text('{"version": 1, "stages": []}')
+    _one_line_error(cli("analyze", plan), "is JSON, not an ONNX model", "plan file")

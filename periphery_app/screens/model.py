@@ -141,7 +141,12 @@ class ModelScreen(PeripheryScreen):
 
     def action_open_path(self) -> None:
         def opened(answer: str | None) -> None:
-            if answer:
-                self.open(Path(answer).expanduser())
+            if answer is None:
+                return  # dismissed
+            if not answer.strip():
+                self.notify("no path given: type the path of an .onnx file or a model folder",
+                            severity="warning")
+                return
+            self.open(Path(answer.strip()).expanduser())
 
         self.app.push_screen(PromptModal("Open model", "path/to/model.onnx"), opened)

@@ -80,6 +80,7 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
         p = model_file(p)
     if p.stat().st_size == 0:
         raise ModelLoadError(f"{p} is empty: expected an ONNX model")
+    _refuse_text(p)
     try:
         proto = onnx.load(str(p), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as exc:
@@ -97,6 +98,21 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
         path=p, proto=proto, sha256=file_sha256(p), has_external_data=external,
         checker_ok=passes_checker(proto), declared=declared_dims(p, proto),
     )
+
+
+def _refuse_text(path: Path) -> None:
+    """A file that is text, whatever its name (a plan, a config), is said to be so."""
+    with path.open("rb") as handle:
+        raw = handle.read(256)
+    try:
+        head = raw.decode("utf-8").lstrip().encode()
+    except UnicodeDecodeError:
+        return  # binary, as an ONNX model is
+    if head[:1] in (b"{", b"["):
+        raise ModelLoadError(f"{path} is JSON, not an ONNX model (a plan file? open it on the "
+                             "Shards screen, or pass it to --plan)")
+    if head.startswith((b"#", b"version", b"model")) and b"\0" not in head:
+        raise ModelLoadError(f"{path} is a text file (TOML?), not an ONNX model")
 
 
 SKELETON_KEEP_BYTES = 4096

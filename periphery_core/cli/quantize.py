@@ -156,13 +156,15 @@ def quantize(model: Path, method: str, bits: int | None, engine: str, calib: str
               help="Labels for unlabelled --data: a .npy, or a text file with one per line.")
 @click.option("--samples", type=int, default=None, help="Evaluate on at most N samples.")
 @click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--latency-runs", type=int, default=20, show_default=True,
+              help="Timed runs of one batch per model for the latency figures.")
 @input_shape_option
 @inputs_option
 @json_option
 @handle_errors
 def evaluate(fp32: Path, quantized: Path, data: str | None, labels: Path | None,
-             samples: int | None, batch_size: int, input_shapes: tuple[str, ...],
-             inputs_path: Path | None, as_json: bool) -> None:
+             samples: int | None, batch_size: int, latency_runs: int,
+             input_shapes: tuple[str, ...], inputs_path: Path | None, as_json: bool) -> None:
     """Compare a quantized model with its fp32 original: accuracy, size, latency, SQNR."""
     from periphery_core.cli.common import input_specs
     from periphery_core.cli.render import print_json
@@ -178,7 +180,8 @@ def evaluate(fp32: Path, quantized: Path, data: str | None, labels: Path | None,
     source = open_source(data or f"npz:{inputs_path}", specs, samples=samples)
     if labels is not None:
         source = _Labelled(source, _read_labels(labels, len(source)))
-    report = run_evaluate(loaded.path, quantized, source, batch_size=batch_size)
+    report = run_evaluate(loaded.path, quantized, source, batch_size=batch_size,
+                          latency_runs=latency_runs)
     data_out = _report_dict(report)
     if as_json:
         print_json(data_out)

@@ -166,7 +166,8 @@ def check_model(entry: dict[str, Any], workdir: Path, run: Runner) -> ModelResul
     if result.quantize.status != "pass":
         return result
 
-    code, text = run(["evaluate", model, quantized, "--inputs", feeds, "--json"])
+    code, text = run(["evaluate", model, quantized, "--inputs", feeds, "--latency-runs", "3",
+                      "--json"])
     try:
         if code != 0 or _bad(text):
             raise ValueError(f"exit {code}: {_error_line(text)}")

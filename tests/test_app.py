@@ -431,3 +431,33 @@ def text_of_label(app: PeripheryApp, selector: str) -> str:
     from textual.widgets import Label
 
     return str(app.screen.query_one(selector, Label).content)
+
+
+async def test_the_shards_screen_shows_deploy_state_only_for_the_plan_that_runs() -> None:
+    """After the demo deploys, the Shards screen shows its stages ready; a cut moved by hand
+    makes another plan, which was never deployed and says it is manual."""
+    from periphery_app.widgets.stage_chart import StageChart
+
+    app = PeripheryApp(DEMO_MODEL, demo=True, browse_dir=DEMO_MODEL.parent)
+
+    def chart_text() -> str:
+        console = Console(width=160, file=io.StringIO(), record=True)
+        console.print(app.screen.query_one(StageChart).render())
+        return console.export_text()
+
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.cluster_state.deploy_status == "deployed",
+                        timeout=120)
+            await pilot.press("3")
+            await until(pilot, lambda: isinstance(app.screen, ShardsScreen)
+                        and "ready" in chart_text(), timeout=20)
+            assert chart_text().count(" ready ") == 3
+            await pilot.press("right")  # move the selected boundary: a plan made by hand
+            await until(pilot, lambda: app.plan is not None and app.plan.strategy == "manual")
+            await pilot.pause()
+            assert " ready " not in chart_text()
+            assert "this plan: manual" in text_of(app, "#controls")
+            await pilot.press("q")
+    finally:
+        app.session.close()

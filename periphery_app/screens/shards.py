@@ -7,7 +7,8 @@ boundary re-plans with the same node order (`replan_with_cuts`), so the figures 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -25,7 +26,7 @@ from periphery_app.screens.modals import ChoiceModal, PromptModal
 from periphery_app.session import OpenedModel, Session
 from periphery_app.units import human_bytes, human_seconds
 from periphery_app.widgets.stage_chart import StageChart
-from periphery_core.cluster.state import ClusterState
+from periphery_core.cluster.state import ClusterState, StageDeploy
 from periphery_core.errors import PlanError
 from periphery_core.partition.plan import STRATEGIES, DeviceSpec, ShardPlan, load_plan
 from periphery_core.partition.planner import make_plan, replan_with_cuts
@@ -126,6 +127,26 @@ class ShardsScreen(PeripheryScreen):
     def on_screen_resume(self) -> None:
         self._redraw()
 
+    def _deploy_shown(self, plan: ShardPlan | None,
+                      state: ClusterState) -> Mapping[int, StageDeploy]:
+        """Deploy progress for the plan on screen only if it is the plan the cluster runs (or
+        is deploying), and a stage whose node was lost says so."""
+        if plan is None or tuple(self.assignment) != state.assignment:
+            return {}
+        pipeline = self.papp.session.pipeline
+        if state.deploy_status == "deployed":
+            running = pipeline.plan if pipeline is not None else None
+            if running is None or [s.nodes for s in running.stages] != \
+                    [s.nodes for s in plan.stages]:
+                return {}  # another plan runs: this one was never deployed
+        shown = dict(state.deploy)
+        for index, d in shown.items():
+            node = state.nodes.get(d.node_id)
+            if node is not None and node.state == "lost":
+                shown[index] = dataclasses.replace(d, status="failed",
+                                                   error=f"node {node.name} lost")
+        return shown
+
     def _names(self) -> list[str | None]:
         nodes = self.papp.cluster_state.nodes
         return [nodes[a].name if a and a in nodes else None for a in self.assignment]
@@ -133,13 +154,16 @@ class ShardsScreen(PeripheryScreen):
     def _redraw(self) -> None:
         plan = self.papp.plan
         state = self.papp.cluster_state
-        deploy = state.deploy if tuple(self.assignment) == state.assignment else {}
-        self.query_one(StageChart).set_data(plan, self._names(), deploy)
+        self.query_one(StageChart).set_data(plan, self._names(), self._deploy_shown(plan, state))
         controls = Text(no_wrap=True, overflow="ellipsis")
         controls.append(f" K = {self.k} ", style="bold reverse")
         controls.append(" (+/-)   strategy ")
         controls.append(f" {self.strategy} ", style="bold reverse")
         controls.append(" (t)")
+        if plan is not None and plan.strategy != self.strategy:
+            controls.append(f"  this plan: {plan.strategy}", style="yellow")
+            if plan.strategy == "manual":
+                controls.append(" (cut by hand; b re-balances)", style="yellow")
         if plan is not None:
             controls.append(f"\n bottleneck stage {plan.bottleneck_stage}: "
                             f"{human_seconds(plan.bottleneck_s)} per request · balance "

@@ -458,6 +458,12 @@ async def test_the_shards_screen_shows_deploy_state_only_for_the_plan_that_runs(
             await pilot.pause()
             assert " ready " not in chart_text()
             assert "this plan: manual" in text_of(app, "#controls")
+            await pilot.press("plus")  # K = 4 on 3 nodes: the fourth stage has none
+            await until(pilot, lambda: app.plan is not None and app.plan.k == 4)
+            await pilot.pause()
+            controls = " ".join(text_of(app, "#controls").split())
+            assert "stage 3 has no node (K = 4 > 3 nodes)" in controls, controls
+            assert "reference devices" in controls
             await pilot.press("q")
     finally:
         app.session.close()

@@ -169,6 +169,15 @@ class ShardsScreen(PeripheryScreen):
                             f"{human_seconds(plan.bottleneck_s)} per request · balance "
                             f"{plan.balance_ratio:.2f}x ideal · boundaries "
                             f"{human_bytes(plan.boundary_bytes)} · {plan.strategy}")
+            free = [i for i in range(plan.k)
+                    if i >= len(self.assignment) or not self.assignment[i]]
+            if free:
+                alive = sum(1 for n in state.nodes.values() if n.state != "lost")
+                more = f" (K = {plan.k} > {alive} nodes)" if plan.k > alive else ""
+                controls.append(
+                    f"\n stage{'s' if len(free) > 1 else ''} {', '.join(map(str, free))} "
+                    f"ha{'ve' if len(free) > 1 else 's'} no node{more}: the figures assume "
+                    "reference devices; a assigns a node", style="yellow")
         self.query_one("#controls", Static).update(controls)
         self.query_one("#status", Static).update(self.status)
 

@@ -464,6 +464,13 @@ async def test_the_shards_screen_shows_deploy_state_only_for_the_plan_that_runs(
             controls = " ".join(text_of(app, "#controls").split())
             assert "stage 3 has no node (K = 4 > 3 nodes)" in controls, controls
             assert "reference devices" in controls
+            # Assignments follow K: down to 1 and back up to 3, every stage is on a node again
+            # (not on a reference "device2"), the same nodes as before.
+            await pilot.press("minus", "minus", "minus")
+            await until(pilot, lambda: app.plan is not None and app.plan.k == 1)
+            await pilot.press("plus", "plus")
+            await until(pilot, lambda: app.plan is not None and app.plan.k == 3)
+            assert [s.device for s in app.plan.stages] == ["local0", "local1", "local2"]
             await pilot.press("q")
     finally:
         app.session.close()

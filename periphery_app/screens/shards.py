@@ -241,7 +241,13 @@ class ShardsScreen(PeripheryScreen):
         k = max(1, min(len(self._opened.analysis.nodes), self.k + step))
         if k != self.k:
             self.k = k
-            self.assignment = (self.assignment + [None] * k)[:k]
+            # Assignments follow K: new stages take connected nodes no stage uses yet, so
+            # going back to a K gives that K's plan again on the same nodes.
+            taken = {a for a in self.assignment[:k] if a}
+            free = [i for i, _ in self._candidates() if i not in taken]
+            grown = [a if a else (free.pop(0) if free else None)
+                     for a in (self.assignment + [None] * k)[:k]]
+            self.assignment = grown
             self._plan(self._opened, k, self.strategy, self._devices(k))
             self._redraw()
 

@@ -97,6 +97,12 @@ class Session:
             return self._master
 
     @property
+    def master_failure(self) -> str | None:
+        """Why the master stopped working (a thread of it died), or None."""
+        master = self._master
+        return master.failure if master is not None else None
+
+    @property
     def has_master(self) -> bool:
         return self._master is not None
 

@@ -474,3 +474,35 @@ async def test_the_shards_screen_shows_deploy_state_only_for_the_plan_that_runs(
             await pilot.press("q")
     finally:
         app.session.close()
+
+
+async def test_the_cluster_screen_says_when_the_master_stops_and_its_figures_go_stale(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two nodes connected; the master's control thread dies (injected). The screen says the
+    master is not responding, and rows whose events stopped say how long they have been
+    silent instead of showing `ready` as if live."""
+    from periphery_core.cluster.master import Master
+
+    app = PeripheryApp(browse_dir=DEMO_MODEL.parent)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("4")
+            await until(pilot, lambda: isinstance(app.screen, ClusterScreen))
+            app.session.start_local(2)
+            await until(pilot, lambda: len(app.cluster_state.nodes) == 2, timeout=20)
+            table = app.screen.query_one(DataTable)
+            await until(pilot, lambda: "ready" in str(table.get_row_at(0)[-1]))
+
+            class Fatal(BaseException):  # what the loop's per-turn guard does not catch
+                pass
+
+            def broken(self: Master, next_beat: float) -> float:
+                raise Fatal("injected failure")
+
+            monkeypatch.setattr(Master, "_control_turn", broken)
+            await until(pilot, lambda: "master not responding" in
+                        text_of_label(app, "#summary"), timeout=10)
+            assert "injected failure" in text_of_label(app, "#summary")
+            await until(pilot, lambda: "silent" in str(table.get_row_at(0)[-1]), timeout=15)
+    finally:
+        app.session.close()

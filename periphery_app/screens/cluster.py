@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from rich.markup import escape
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -24,6 +25,8 @@ from periphery_core.cluster.state import ClusterState
 from periphery_core.discovery import NodeAddress
 
 COLUMNS = ("name", "address", "device", "speed", "memory", "cpu", "rss", "stage", "state")
+# A live node reports every second: silent longer than this, what the row shows may be old.
+STALE_S = 5.0
 STATE_STYLE = {"ready": "green", "busy": "bold cyan", "joining": "yellow", "lost": "bold red",
                "discovered": "dim"}
 
@@ -63,7 +66,9 @@ class ClusterScreen(PeripheryScreen):
         """Nodes advertised now and not joined: redraw when that set changes."""
         joined = self.papp.cluster_state.nodes
         found = {a.node_id: a for a in self.papp.session.discovered() if a.node_id not in joined}
-        if found.keys() != self._discovered.keys():
+        # Redraw on a change, and while nodes are connected: a silence shows even when no
+        # event arrives to say so.
+        if found.keys() != self._discovered.keys() or (joined and self.is_current):
             self._discovered = found
             self._draw(self.papp.cluster_state)
 
@@ -82,6 +87,9 @@ class ClusterScreen(PeripheryScreen):
         table.clear()
         for node in sorted(state.nodes.values(), key=lambda n: n.name):
             status = state.node_state(node.id, now)
+            silent = now - node.last_seen
+            shown = (f"[{STATE_STYLE.get(status, '')}]{status}[/]" if status == "lost"
+                     or silent <= STALE_S else f"[yellow]{status}? silent {silent:.0f} s[/]")
             table.add_row(
                 node.name,
                 f"{node.host}:{node.port}",
@@ -91,7 +99,7 @@ class ClusterScreen(PeripheryScreen):
                 f"{node.cpu_percent:.0f}%" if node.cpu_percent is not None else "-",
                 human_bytes(node.rss_bytes),
                 str(node.stage) if node.stage is not None else "-",
-                f"[{STATE_STYLE.get(status, '')}]{status}[/]",
+                shown,
                 key=node.id,
             )
         waiting = [a for i, a in self._discovered.items() if i not in state.nodes]
@@ -102,7 +110,12 @@ class ClusterScreen(PeripheryScreen):
         if rows:
             table.move_cursor(row=min(row, rows - 1))
         counts = {s: len(state.nodes_in(s, now)) for s in ("ready", "busy", "joining", "lost")}
-        self.query_one("#summary", Label).update(self._summary(state, counts, len(waiting)))
+        summary = self._summary(state, counts, len(waiting))
+        failure = self.papp.session.master_failure
+        if failure is not None:
+            summary = (f" [b red]master not responding[/]: {escape(failure)}; what is shown "
+                       "may be old: restart the app")
+        self.query_one("#summary", Label).update(summary)
         if state.recent != self._shown_recent:
             # Append only what is new: the log then tails while the user is at its end and
             # stays put when they have scrolled up to read (Textual's Log does that on write).

@@ -134,8 +134,8 @@ class ShardsScreen(PeripheryScreen):
         if plan is None or tuple(self.assignment) != state.assignment:
             return {}
         pipeline = self.papp.session.pipeline
-        if state.deploy_status == "deployed":
-            running = pipeline.plan if pipeline is not None else None
+        if state.deploy_status == "deployed" and pipeline is not None:
+            running = pipeline.plan  # (without a pipeline of ours, the state is all we know)
             if running is None or [s.nodes for s in running.stages] != \
                     [s.nodes for s in plan.stages]:
                 return {}  # another plan runs: this one was never deployed

@@ -374,7 +374,7 @@ async def test_cluster_and_dashboard_show_a_fixed_fold() -> None:
         await show_sample_screen(pilot, "cluster")
         table = app.screen.query_one(DataTable)
         assert table.row_count == 4
-        states = [str(table.get_row_at(i)[-1]) for i in range(4)]
+        states = [str(table.get_row_at(i)[1]) for i in range(4)]  # state: 2nd column
         assert "lost" in " ".join(states) and "busy" in " ".join(states)
         await pilot.press("5")
         await pilot.pause()
@@ -491,7 +491,7 @@ async def test_the_cluster_screen_says_when_the_master_stops_and_its_figures_go_
             app.session.start_local(2)
             await until(pilot, lambda: len(app.cluster_state.nodes) == 2, timeout=20)
             table = app.screen.query_one(DataTable)
-            await until(pilot, lambda: "ready" in str(table.get_row_at(0)[-1]))
+            await until(pilot, lambda: "ready" in str(table.get_row_at(0)[1]))
 
             class Fatal(BaseException):  # what the loop's per-turn guard does not catch
                 pass
@@ -503,6 +503,20 @@ async def test_the_cluster_screen_says_when_the_master_stops_and_its_figures_go_
             await until(pilot, lambda: "master not responding" in
                         text_of_label(app, "#summary"), timeout=10)
             assert "injected failure" in text_of_label(app, "#summary")
-            await until(pilot, lambda: "silent" in str(table.get_row_at(0)[-1]), timeout=15)
+            await until(pilot, lambda: "silent" in str(table.get_row_at(0)[1]), timeout=15)
     finally:
         app.session.close()
+
+
+async def test_a_narrow_cluster_table_keeps_the_state_column_whole() -> None:
+    """The state column comes right after the name, so a narrow terminal cuts others first."""
+    app = sample_app()
+    async with app.run_test(size=(60, 24)) as pilot:
+        await show_sample_screen(pilot, "cluster")
+        table = app.screen.query_one(DataTable)
+        edge = 0  # where the state column ends, in cells from the table's left
+        for column in table.ordered_columns:
+            edge += column.get_render_width(table)
+            if str(column.key.value) == "state":
+                break
+        assert edge <= table.size.width, (edge, table.size.width)

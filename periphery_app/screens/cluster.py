@@ -24,7 +24,8 @@ from periphery_app.units import human_bytes
 from periphery_core.cluster.state import ClusterState
 from periphery_core.discovery import NodeAddress
 
-COLUMNS = ("name", "address", "device", "speed", "memory", "cpu", "rss", "stage", "state")
+# Most important first: on a narrow terminal the last columns are the ones cut.
+COLUMNS = ("name", "state", "stage", "address", "speed", "cpu", "device", "memory", "rss")
 # A live node reports every second: silent longer than this, what the row shows may be old.
 STALE_S = 5.0
 STATE_STYLE = {"ready": "green", "busy": "bold cyan", "joining": "yellow", "lost": "bold red",
@@ -92,20 +93,21 @@ class ClusterScreen(PeripheryScreen):
                      or silent <= STALE_S else f"[yellow]{status}? silent {silent:.0f} s[/]")
             table.add_row(
                 node.name,
-                f"{node.host}:{node.port}",
-                (node.device or "?")[:12],
-                f"{node.speed:.2f}x" if node.speed is not None else "-",
-                human_bytes(node.memory_bytes),
-                f"{node.cpu_percent:.0f}%" if node.cpu_percent is not None else "-",
-                human_bytes(node.rss_bytes),
-                str(node.stage) if node.stage is not None else "-",
                 shown,
+                str(node.stage) if node.stage is not None else "-",
+                f"{node.host}:{node.port}",
+                f"{node.speed:.2f}x" if node.speed is not None else "-",
+                f"{node.cpu_percent:.0f}%" if node.cpu_percent is not None else "-",
+                (node.device or "?")[:12],
+                human_bytes(node.memory_bytes),
+                human_bytes(node.rss_bytes),
                 key=node.id,
             )
         waiting = [a for i, a in self._discovered.items() if i not in state.nodes]
         for address in sorted(waiting, key=lambda a: a.name):
-            table.add_row(address.name, f"{address.host}:{address.port}", "-", "-", "-", "-",
-                          "-", "-", "[dim]discovered[/]", key=address.node_id)
+            table.add_row(address.name, "[dim]discovered[/]", "-",
+                          f"{address.host}:{address.port}", "-", "-", "-", "-", "-",
+                          key=address.node_id)
         rows = len(state.nodes) + len(waiting)
         if rows:
             table.move_cursor(row=min(row, rows - 1))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -46,15 +46,16 @@ class OpenedModel:
 
 
 def open_model(
-    path: Path, progress: ProgressFn | None = None, cancel: CancelToken | None = None
+    path: Path, progress: ProgressFn | None = None, cancel: CancelToken | None = None,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> OpenedModel:
-    """Load and analyse a model (blocking).
+    """Load and analyse a model (blocking), at the given input shapes (or dimension sizes).
 
     Raises:
-        PeripheryError: the file is not a usable model.
+        PeripheryError: the file is not a usable model, or a shape does not fit it.
     """
     loaded = load_model(path)
-    return OpenedModel(loaded, analyze(loaded, progress=progress, cancel=cancel),
+    return OpenedModel(loaded, analyze(loaded, shapes, progress=progress, cancel=cancel),
                        recognize(loaded))
 
 

@@ -18,7 +18,7 @@ import pytest
 from rich.console import Console
 from textual.content import Content
 from textual.css.query import NoMatches
-from textual.widgets import DataTable, Log, Static
+from textual.widgets import DataTable, Input, Log, Static
 
 from periphery_app.app import PeripheryApp
 from periphery_app.sample import DEMO_MODEL, sample_app, show_sample_screen, until
@@ -29,6 +29,7 @@ from periphery_app.screens.modals import ChoiceModal, DetailsModal, ErrorModal, 
 from periphery_app.screens.shards import ShardsScreen, cuts_of
 from periphery_app.widgets.graph_view import GraphView
 from periphery_core.cluster.local import LocalCluster
+from tests.conftest import MODELS, require_shared
 
 pytestmark = pytest.mark.asyncio
 
@@ -520,3 +521,29 @@ async def test_a_narrow_cluster_table_keeps_the_state_column_whole() -> None:
             if str(column.key.value) == "state":
                 break
         assert edge <= table.size.width, (edge, table.size.width)
+
+
+async def test_the_model_screen_sets_input_shapes_and_recomputes() -> None:
+    """stories260K's symbolic [batch, seq] defaults to 1x1; `i` sets 1x64 and the analysis,
+    FLOPs included, follows. The notes say how in the app's terms, not the CLI's flag."""
+    require_shared()
+    app = PeripheryApp(MODELS / "stories260K.onnx", browse_dir=MODELS)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.opened is not None)
+        assert app.opened is not None
+        before = app.opened.analysis
+        assert before.input_shapes["tokens"] == (1, 1)
+        summary = " ".join(text_of(app, "#summary").split())
+        assert "press i to set input shapes" in summary and "--input-shape" not in summary
+        await pilot.press("i")
+        assert isinstance(app.screen, PromptModal)
+        app.screen.query_one(Input).value = "tokens=1x64"
+        await pilot.press("enter")
+        await until(pilot, lambda: app.opened is not None
+                    and app.opened.analysis.input_shapes["tokens"] == (1, 64), timeout=30)
+        assert app.opened.analysis.total_flops > 30 * before.total_flops
+        await pilot.press("i")
+        app.screen.query_one(Input).value = "tokens=1x2x3"
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, ErrorModal))
+        assert "rank" in text_of(app, "#message")

@@ -21,7 +21,9 @@ from periphery_app.screens.modals import PromptModal
 from periphery_app.session import OpenedModel, open_model
 from periphery_app.widgets.onnx_tree import OnnxTree
 from periphery_app.widgets.summary import model_summary
+from periphery_core.errors import PeripheryError
 from periphery_core.model.loading import display_name
+from periphery_core.model.shapes import parse_input_shapes
 from periphery_core.progress import CancelToken, Progress
 
 
@@ -33,6 +35,7 @@ class ModelScreen(PeripheryScreen):
         Binding("o", "focus_tree", "Files"),
         Binding("r", "focus_recent", "Recent"),
         Binding("p", "open_path", "Open path"),
+        Binding("i", "input_shapes", "Input shapes"),
     ]
 
     def __init__(self) -> None:
@@ -83,15 +86,38 @@ class ModelScreen(PeripheryScreen):
 
     # ------------------------------------------------------------------ opening
 
-    def open(self, path: Path) -> None:
-        """Load and analyse `path` in a worker."""
+    def open(self, path: Path, shapes: dict[str, tuple[int, ...]] | None = None) -> None:
+        """Load and analyse `path` in a worker, at `shapes` (input shapes or dimension sizes)."""
         self.query_one("#busy").display = True
         self.query_one("#status", Label).update(f"Opening {path.name}…")
         self.query_one("#progress", ProgressBar).update(total=1, progress=0)
-        self._open(path)
+        self._open(path, shapes)
+
+    def action_input_shapes(self) -> None:
+        """Analyse the open model again at input shapes the user types (as --input-shape)."""
+        opened = self.papp.opened
+        if opened is None:
+            self.notify("open a model first", severity="warning")
+            return
+        current = " ".join(f"{s.name}={'x'.join(map(str, s.shape))}"
+                           for s in opened.analysis.inputs if s.kind == "tensor")
+
+        def answered(answer: str | None) -> None:
+            if answer is None or not answer.strip():
+                return
+            try:
+                shapes = parse_input_shapes(answer.split())
+            except PeripheryError as exc:
+                self.report_failure(exc)
+                return
+            self.open(opened.loaded.path, shapes)
+
+        self.app.push_screen(PromptModal(
+            "Input shapes: NAME=DIMS per input, or a dimension's size (past_sequence_length=16)",
+            "tokens=1x128", current), answered)
 
     @work(thread=True, exclusive=True, group="open")
-    def _open(self, path: Path) -> None:
+    def _open(self, path: Path, shapes: dict[str, tuple[int, ...]] | None = None) -> None:
         worker = get_current_worker()
         cancel = CancelToken()
 
@@ -101,7 +127,7 @@ class ModelScreen(PeripheryScreen):
             self.post_message(ProgressReported(p))
 
         try:
-            opened = open_model(path, progress=progress, cancel=cancel)
+            opened = open_model(path, progress=progress, cancel=cancel, shapes=shapes)
         except Exception as exc:
             self.post_message(ProgressReported(Progress("analyze", 1, 1, "failed")))
             self.report_failure(exc)

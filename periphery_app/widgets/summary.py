@@ -5,6 +5,8 @@ Plain functions of a `ModelAnalysis`, so the Model screen, the help and the test
 
 from __future__ import annotations
 
+import re
+
 from rich import box
 from rich.console import Group, RenderableType
 from rich.table import Table
@@ -50,8 +52,13 @@ def model_summary(analysis: ModelAnalysis, name: str, file_bytes: int,
     parts: list[RenderableType] = [facts, Text(""), io, Text(""), op_histogram(analysis)]
     if analysis.notes:
         parts += [Text(""), Text("Notes", style="bold")]
-        parts += [Text(f"• {note}", style="dim") for note in analysis.notes]
+        parts += [Text(f"• {_app_hint(note)}", style="dim") for note in analysis.notes]
     return Group(*parts)
+
+
+def _app_hint(note: str) -> str:
+    """A note's CLI hint in the app's terms (the Model screen's `i` sets input shapes)."""
+    return re.sub(r"set it with --input-shape \S+", "press i to set input shapes", note)
 
 
 def op_histogram(analysis: ModelAnalysis, top: int = 12, width: int = 28) -> RenderableType:

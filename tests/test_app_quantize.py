@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 from textual.content import Content
-from textual.widgets import ProgressBar, Static
+from textual.widgets import OptionList, ProgressBar, Static
 
 from periphery_app.app import PeripheryApp
 from periphery_app.sample import DEMO_MODEL, until
@@ -159,6 +159,11 @@ async def test_a_method_whose_extra_is_missing_shows_the_install_hint() -> None:
     app = PeripheryApp(DEMO_MODEL, browse_dir=DEMO_MODEL.parent)
     async with app.run_test(size=SIZE) as pilot:
         screen = await open_wizard(app, pilot)
+        methods = screen.query_one("#methods", OptionList)
+        # said in the list, before the user picks it
+        assert "not installed: pip install 'periphery[inc]'" in str(
+            methods.get_option("awq").prompt)
+        assert "not installed" not in str(methods.get_option("dynamic").prompt)
         await choose(pilot, screen, "awq")
         await pilot.press("r")
         await until(pilot, lambda: isinstance(app.screen, ErrorModal))

@@ -55,7 +55,7 @@ from periphery_app.widgets.screen_bar import ScreenBar
 from periphery_core.errors import Cancelled, DataError
 from periphery_core.model.loading import save_model
 from periphery_core.progress import CancelToken, Progress
-from periphery_core.quantize.config import METHODS, QuantConfig, method_config
+from periphery_core.quantize.config import METHODS, QuantConfig, method_config, missing_extra
 from periphery_core.quantize.evaluate import EvalReport, evaluate
 from periphery_core.quantize.methods import QuantResult, quantize
 from periphery_core.quantize.sources import open_source
@@ -321,7 +321,11 @@ class QuantizeScreen(PeripheryScreen):
         text = Text(no_wrap=True, overflow="ellipsis")
         text.append(f"{method:<12}", style="bold")
         text.append(f"{what:<48}")
-        text.append(needs, style="dim")
+        extra = missing_extra(method)
+        if extra is not None:  # said before the user picks it, not after
+            text.append(f"not installed: pip install 'periphery[{extra}]'", style="yellow")
+        else:
+            text.append(needs, style="dim")
         return text
 
     def on_mount(self) -> None:

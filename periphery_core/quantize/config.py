@@ -256,6 +256,20 @@ CONFIG_TYPES: tuple[type, ...] = (
     DynamicInt8, StaticInt8, WeightOnly4Bit, IncRtn, IncGptq, IncAwq, IncSmoothQuant
 )
 METHODS = ("dynamic", "static", "rtn", "gptq", "hqq", "awq", "smoothquant")
+# The package a method needs beyond the base install, and the extra that brings it.
+_NEEDS = {"gptq": ("torch", "quantize-gptq"), "hqq": ("torch", "quantize-gptq"),
+          "awq": ("onnx_neural_compressor", "inc"),
+          "smoothquant": ("onnx_neural_compressor", "inc")}
+
+
+def missing_extra(method: str) -> str | None:
+    """The extra to install before `method` can run here (by its default engine), or None."""
+    import importlib.util
+
+    need = _NEEDS.get(method)
+    if need is None or importlib.util.find_spec(need[0]) is not None:
+        return None
+    return need[1]
 
 
 def with_exclude(config: QuantConfig, nodes: tuple[str, ...]) -> QuantConfig:

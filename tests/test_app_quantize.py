@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 from textual.content import Content
-from textual.widgets import OptionList, ProgressBar, Static
+from textual.widgets import Input, OptionList, ProgressBar, Static
 
 from periphery_app.app import PeripheryApp
 from periphery_app.sample import DEMO_MODEL, until
@@ -111,6 +111,9 @@ async def test_static_int8_on_mnist_reports_saves_and_becomes_the_current_model(
         target = Path("int8.onnx")
         await pilot.press("s")
         assert isinstance(app.screen, PromptModal)
+        # The model lies in the read-only shared data: the default is not beside it.
+        offered = Path(app.screen.query_one(Input).value)
+        assert offered == Path.cwd() / "periphery-output" / "mnist-8.static8.onnx", offered
         await pilot.press("ctrl+a", "ctrl+k", *str(target), "enter")
         await until(pilot, target.is_file)
         saved = load_model(target)

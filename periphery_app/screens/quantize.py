@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -620,8 +621,14 @@ class QuantizeScreen(PeripheryScreen):
         if finished is None or opened is None:
             return Path("quantized.onnx")
         config = finished.result.config
-        return opened.loaded.path.with_name(
-            f"{opened.loaded.path.stem}.{config.method}{weight_bits(config)}.onnx")
+        source = opened.loaded.path
+        name = f"{source.parent.name + '-' if source.name == 'model.onnx' else ''}" \
+               f"{source.stem}.{config.method}{weight_bits(config)}.onnx"
+        # Beside the model when that folder is ours to write; never into a read-only or shared
+        # data folder: then a `periphery-output` folder in the working directory.
+        if os.access(source.parent, os.W_OK) and "shared" not in source.parts:
+            return source.with_name(name)
+        return Path.cwd() / "periphery-output" / name
 
     def action_save(self) -> None:
         finished = self._finished

@@ -189,3 +189,18 @@ async def test_without_a_model_the_wizard_says_so_and_offers_the_model_screen(
         await pilot.press("m")
         assert isinstance(app.screen, ModelScreen)
     app.session.close()
+
+
+@pytest.mark.asyncio
+async def test_the_data_step_offers_the_sources_that_fit_the_model() -> None:
+    app = PeripheryApp(MNIST_MODEL, browse_dir=MNIST_MODEL.parent)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_wizard(app, pilot)
+        await pilot.press("enter")  # dynamic
+        assert screen.pane == "data"
+        hints = text_of(app, "#schemes")
+        for spec in ("random", "npz:FEEDS.npz", "mnist:IMAGES.idx.gz?range=0:200",
+                     "images:DIR?size=28x28"):
+            assert spec in hints, hints
+        assert "tokenizer" not in hints  # no tokenizer beside mnist-8
+    app.session.close()

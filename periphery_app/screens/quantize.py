@@ -64,6 +64,27 @@ from periphery_core.quantize.sources import open_source
 STEPS = (("method", "Method"), ("data", "Data"), ("options", "Options"), ("run", "Run"),
          ("report", "Report"))
 
+def data_hints(opened: OpenedModel) -> list[tuple[str, str]]:
+    """Data source specs that fit the open model, with what each is (the schemes of
+    `quantize.sources`, filled in where the model says how: image size, tokenizer)."""
+    hints = [("random", "seeded random inputs (a smoke test, not accuracy)"),
+             ("npz:FEEDS.npz", "named arrays, as --inputs; a leading axis for several"),
+             ("npz:DIR  or  npy:DIR", "one sample per file")]
+    tensors = [s for s in opened.analysis.inputs if s.kind == "tensor"]
+    folder = opened.loaded.path.parent
+    if len(tensors) == 1 and len(tensors[0].shape) == 4 and tensors[0].dtype.kind == "f":
+        _, channels, height, width = tensors[0].shape
+        if (channels, height, width) == (1, 28, 28):
+            hints.append(("mnist:IMAGES.idx.gz?range=0:200", "MNIST digits (labels beside)"))
+        hints.append((f"images:DIR?size={height}x{width}", f"photos, resized to "
+                      f"{height}x{width}; labels.txt gives accuracy"))
+    if (folder / "tokenizer.json").is_file():
+        hints.append((f"text:FILE?tokenizer={folder / 'tokenizer.json'}", "one sentence a line"))
+        hints.append((f"stsb:TSV?tokenizer={folder / 'tokenizer.json'}",
+                      "STS-B pairs with gold scores"))
+    return hints
+
+
 # What each method does and what it needs; fixed text, so the pane looks the same everywhere.
 METHOD_NOTES: dict[str, tuple[str, str]] = {
     "dynamic": ("INT8 weights, activations quantized at run time", "ONNX Runtime"),
@@ -291,6 +312,7 @@ class QuantizeScreen(PeripheryScreen):
                             placeholder="random, mnist:FILE?range=0:200, npz:DIR, images:DIR…")
                 yield Input(type="integer", id="calib-samples",
                             placeholder="samples (blank: the method's default)")
+                yield Static("", id="schemes", classes="note")
                 yield Label("Evaluation data", classes="section")
                 yield Input(id="eval", placeholder="blank: the calibration data")
                 yield Input(type="integer", id="eval-samples",
@@ -411,6 +433,10 @@ class QuantizeScreen(PeripheryScreen):
             f"{method} calibrates on these samples" if calibrated else
             f"{method} needs no calibration: these data are only evaluated on unless you "
             "give evaluation data below")
+        if self._opened is not None:
+            self.query_one("#schemes", Static).update(Text(
+                "Data sources for this model:\n" + "\n".join(
+                    f"  {spec:<44} {what}" for spec, what in data_hints(self._opened))))
         self.show_pane("data")
 
     @on(Input.Submitted)

@@ -70,6 +70,7 @@ class Vertex:
     layer: int
     x: int
     width: int
+    constants: int = 0  # members that are constants drawn inside the box of their reader
 
     @property
     def center(self) -> int:
@@ -77,7 +78,7 @@ class Vertex:
 
     @property
     def folded(self) -> bool:
-        return len(self.members) > 1
+        return len(self.members) - self.constants > 1
 
 
 @dataclass
@@ -125,7 +126,8 @@ def _clip(text: str, limit: int = MAX_LABEL) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _edges_between(nodes: Sequence[NodeInfo], vertex_of: list[int]) -> list[tuple[int, int]]:
+def _edges_between(nodes: Sequence[NodeInfo], vertex_of: list[int],
+                   absorb: frozenset[int] = frozenset()) -> list[tuple[int, int]]:
     producer: dict[str, int] = {}
     for i, n in enumerate(nodes):
         for o in n.outputs:
@@ -134,7 +136,7 @@ def _edges_between(nodes: Sequence[NodeInfo], vertex_of: list[int]) -> list[tupl
     for i, n in enumerate(nodes):
         for name in n.inputs:
             p = producer.get(name)
-            if p is None:
+            if p is None or p in absorb:  # a constant is drawn in its readers' boxes
                 continue
             a, b = vertex_of[p], vertex_of[i]
             if a != b:
@@ -161,12 +163,40 @@ def _topological(count: int, edges: Sequence[tuple[int, int]]) -> tuple[list[int
     return order, {v for v in range(count) if indeg[v] > 0}
 
 
+def _absorb_into_readers(nodes: Sequence[NodeInfo], absorb: frozenset[int],
+                         vertex_of: list[int], members: list[list[int]]) -> None:
+    """Put each absorbed node (a constant) in the vertex of its first reader that is drawn,
+    following chains of constants; one that nothing drawn reads keeps its own vertex."""
+    readers: dict[str, list[int]] = {}
+    for i, n in enumerate(nodes):
+        for name in n.inputs:
+            readers.setdefault(name, []).append(i)
+
+    def home(i: int, depth: int = 0) -> int | None:
+        for reader in sorted(r for o in nodes[i].outputs for r in readers.get(o, ())):
+            if reader not in absorb:
+                return vertex_of[reader]
+            if depth < 16:
+                found = home(reader, depth + 1)
+                if found is not None:
+                    return found
+        return None
+
+    for i in sorted(absorb):
+        target = home(i)
+        if target is not None and target != vertex_of[i]:
+            members[vertex_of[i]].remove(i)
+            vertex_of[i] = target
+            members[target].append(i)
+
+
 def _grouping(
-    nodes: Sequence[NodeInfo], fold: bool
+    nodes: Sequence[NodeInfo], fold: bool, absorb: frozenset[int] = frozenset()
 ) -> tuple[list[int], list[list[int]], list[str]]:
     """Which vertex each node belongs to, the members of each vertex, and notes."""
     notes: list[str] = []
-    keys: list[str | None] = [fold_group(n.key) if fold else None for n in nodes]
+    keys: list[str | None] = [fold_group(n.key) if fold and i not in absorb else None
+                              for i, n in enumerate(nodes)]
     if fold:
         sizes = Counter(k for k in keys if k is not None)
         keys = [k if k is not None and sizes[k] > 1 else None for k in keys]
@@ -196,19 +226,28 @@ def _grouping(
     return list(range(len(nodes))), [[i] for i in range(len(nodes))], notes
 
 
-def layout_graph(nodes: Sequence[NodeInfo], *, fold: bool = False) -> GraphLayout:
+def layout_graph(nodes: Sequence[NodeInfo], *, fold: bool = False,
+                 absorb: frozenset[int] = frozenset()) -> GraphLayout:
     """Lay out a model's nodes (in the model's topological order) as a layered drawing.
 
     Args:
         nodes: The analysis' nodes.
         fold: Collapse numbered name groups into one vertex each.
+        absorb: Nodes drawn inside the box of the node that reads them, not as boxes of their
+            own: constants (a `Constant`, a weight's Transpose), which are the weights' plumbing.
 
     Returns:
         The drawing.
     """
-    vertex_of, members, notes = _grouping(nodes, fold)
+    vertex_of, members, notes = _grouping(nodes, fold, absorb)
+    if absorb:
+        _absorb_into_readers(nodes, absorb, vertex_of, members)
+        kept = [m for m in members if m]  # vertices left empty go; renumber the rest
+        renumber = {id(m): v for v, m in enumerate(kept)}
+        vertex_of = [renumber[id(members[vertex_of[i]])] for i in range(len(nodes))]
+        members = kept
     count = len(members)
-    edges = _edges_between(nodes, vertex_of)
+    edges = _edges_between(nodes, vertex_of, absorb)
     preds: list[list[int]] = [[] for _ in range(count)]
     succs: list[list[int]] = [[] for _ in range(count)]
     for a, b in edges:
@@ -228,11 +267,12 @@ def layout_graph(nodes: Sequence[NodeInfo], *, fold: bool = False) -> GraphLayou
 
     labels: list[str] = []
     for mem in members:
-        if len(mem) > 1:
-            group = fold_group(nodes[mem[0]].key) or nodes[mem[0]].key
-            labels.append(_clip(f"▸ {group} ×{len(mem)}"))
+        drawn = [i for i in mem if i not in absorb] or mem
+        if len(drawn) > 1:
+            group = fold_group(nodes[drawn[0]].key) or nodes[drawn[0]].key
+            labels.append(_clip(f"▸ {group} ×{len(drawn)}"))
         else:
-            labels.append(_clip(_short_name(nodes[mem[0]])))
+            labels.append(_clip(_short_name(nodes[drawn[0]])))
 
     # Positions per layer: real vertices (id >= 0) and dummies (-1 - chain index).
     slots: list[list[int]] = [[] for _ in range(depth)]
@@ -283,7 +323,8 @@ def layout_graph(nodes: Sequence[NodeInfo], *, fold: bool = False) -> GraphLayou
         canvas_width = max(canvas_width, cursor)
 
     vertices = [
-        Vertex(v, tuple(members[v]), labels[v], layer[v], x_of[v], width_of[v])
+        Vertex(v, tuple(members[v]), labels[v], layer[v], x_of[v], width_of[v],
+               sum(1 for i in members[v] if i in absorb))
         for v in range(count)
     ]
     edge_cells: dict[int, dict[int, tuple[int, tuple[int, ...]]]] = defaultdict(dict)

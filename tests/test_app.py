@@ -547,3 +547,32 @@ async def test_the_model_screen_sets_input_shapes_and_recomputes() -> None:
         await pilot.press("enter")
         await until(pilot, lambda: isinstance(app.screen, ErrorModal))
         assert "rank" in text_of(app, "#message")
+
+
+async def test_the_graph_of_a_transformer_reads_like_the_model() -> None:
+    """stories260K (1,580 nodes, 564 of them constants): no Constant box by default, and
+    folded it is the embedding, one box per layer, and the head."""
+    require_shared()
+    app = PeripheryApp(MODELS / "stories260K.onnx", browse_dir=MODELS)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.opened is not None)
+        await pilot.press("2")
+        screen = app.screen
+        assert isinstance(screen, GraphScreen)
+        await until(pilot, lambda: screen.layout_ready_count == 1, timeout=30)
+        layout = screen.query_one(GraphView).graph_layout
+        assert layout is not None
+        ops = [v.label.split()[0] for v in layout.vertices]
+        assert "Constant" not in ops
+        assert len(layout.vertices) < 1580 - 500
+        holder = next(v for v in layout.vertices if v.constants and not v.folded)
+        console = Console(width=160, file=io.StringIO(), record=True)
+        console.print(screen.details(holder.members))  # the box's details name its constants
+        assert "drawn in this box" in console.export_text()
+        await pilot.press("f")
+        await until(pilot, lambda: screen.layout_ready_count == 2)
+        folded = screen.query_one(GraphView).graph_layout
+        assert folded is not None
+        layers = [v.label for v in folded.vertices if "/layers." in v.label]
+        assert len(layers) == 5 and len(set(layers)) == 5, layers
+        assert len(folded.vertices) < 30

@@ -28,8 +28,15 @@ from periphery_app.screens.modals import DetailsModal
 from periphery_app.session import OpenedModel
 from periphery_app.units import human_bytes, human_count, human_seconds, shape_text
 from periphery_app.widgets.graph_view import GraphView, heat
+from periphery_core.model import ModelAnalysis
 from periphery_core.model.shapes import elem_dtype
 from periphery_core.partition.plan import ShardPlan
+
+
+def constant_indices(analysis: ModelAnalysis) -> frozenset[int]:
+    """The nodes drawn inside their readers' boxes: constants (a `Constant`, a weight's
+    Transpose or Reshape), which are plumbing of the weights, not steps of the model."""
+    return frozenset(n.index for n in analysis.nodes if n.key in analysis.constant_nodes)
 
 
 def stage_colours(plan: ShardPlan) -> list[Color]:
@@ -100,7 +107,8 @@ class GraphScreen(PeripheryScreen):
     @work(thread=True, exclusive=True, group="layout")
     def _compute_layout(self, opened: OpenedModel, fold: bool, selected_node: int) -> None:
         try:
-            layout = layout_graph(opened.analysis.nodes, fold=fold)
+            layout = layout_graph(opened.analysis.nodes, fold=fold,
+                                  absorb=constant_indices(opened.analysis))
         except Exception as exc:
             self.report_failure(exc)
             return
@@ -223,7 +231,10 @@ class GraphScreen(PeripheryScreen):
         """What a node (or a folded group) is: op, tensors with shapes, costs, stage."""
         assert self._opened is not None
         analysis = self._opened.analysis
-        nodes = [analysis.nodes[i] for i in members]
+        constants = [analysis.nodes[i] for i in members if analysis.nodes[i].key in
+                     analysis.constant_nodes]
+        nodes = [analysis.nodes[i] for i in members if analysis.nodes[i] not in constants] \
+            or constants
         if len(nodes) > 1:
             ops = Counter(n.op_type for n in nodes).most_common()
             facts = Table.grid(padding=(0, 2))
@@ -243,9 +254,13 @@ class GraphScreen(PeripheryScreen):
         facts.add_row("FLOPs", human_count(n.flops, "FLOP"))
         facts.add_row("Params", human_bytes(n.param_bytes))
         facts.add_row("Activations", human_bytes(n.output_bytes))
-        stage = self._stage_of_node.get(members[0])
+        stage = self._stage_of_node.get(nodes[0].index)
         if stage is not None:
             facts.add_row("Stage", str(stage))
+        if constants and nodes[0] not in constants:
+            facts.add_row("Constants", f"{len(constants)} drawn in this box: "
+                          + ", ".join(c.key for c in constants[:3])
+                          + (" …" if len(constants) > 3 else ""))
         tensors = Table(header_style="bold", padding=(0, 1), expand=False, box=box.SIMPLE_HEAD)
         for col in ("", "tensor", "dtype", "shape", "bytes"):
             tensors.add_column(col)

@@ -127,7 +127,8 @@ async def show_sample_screen(pilot: Pilot, mode: str) -> None:
     await pilot.press("3")  # the Shards screen makes the plan every other screen overlays
     await until(pilot, lambda: app.plan is not None and app.plan.k == len(NODES))
     if mode != "shards":
-        await pilot.press({"model": "1", "graph": "2", "cluster": "4", "dashboard": "5"}[mode])
+        await pilot.press({"model": "1", "graph": "2", "cluster": "4", "dashboard": "5",
+                           "quantize": "6", "chat": "7"}[mode])
     if mode == "graph":
         screen = app.screen
         await until(pilot, lambda: isinstance(screen, GraphScreen)

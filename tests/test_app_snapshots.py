@@ -33,6 +33,19 @@ def test_screen(snap_compare, screen: str) -> None:
         app.session.close()
 
 
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=["80x24", "120x40"])
+@pytest.mark.parametrize("screen", ["model", "graph", "shards", "cluster", "dashboard",
+                                    "quantize", "chat"])
+def test_screen_at(snap_compare, screen: str, size: tuple[int, int]) -> None:
+    """Every screen at the smallest size the app supports and at a common larger one."""
+    app = sample_app()
+    try:
+        assert snap_compare(app, terminal_size=size,
+                            run_before=lambda pilot: show_sample_screen(pilot, screen))
+    finally:
+        app.session.close()
+
+
 def test_graph_folded_with_details(snap_compare) -> None:
     async def run_before(pilot) -> None:
         await show_sample_screen(pilot, "graph")

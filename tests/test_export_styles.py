@@ -236,3 +236,13 @@ def test_a_plan_file_named_onnx_is_said_to_be_json(tmp_path: Path) -> None:
     plan = tmp_path / "plan.onnx"
     plan.write_text('{"version": 1, "stages": []}')
     _one_line_error(cli("analyze", plan), "is JSON, not an ONNX model", "plan file")
+
+
+def test_a_method_that_quantizes_nothing_says_so_and_writes_nothing(tmp_path: Path) -> None:
+    """RTN takes MatMul weights only: on mnist-8 (Conv, and a MatMul whose weight is computed
+    by a Reshape in opset 8) it changes nothing, and says so instead of writing a copy."""
+    require_shared()
+    out = tmp_path / "rtn.onnx"
+    _one_line_error(cli("quantize", MODELS / "mnist-8.onnx", "--method", "rtn", "-o", out),
+                    "rtn quantized nothing", "MatMul weights only", "--method dynamic")
+    assert not out.exists()

@@ -111,10 +111,20 @@ def quantize(
         run = _RUNNERS[type(config)]
         out, more_notes, fed = run(work, config, calib, tmp_dir, progress, cancel)
     report(progress, "quantize", 1, 1, config.method)
+    if not config.exclude and sum(survey(out).quantized.values()) <= \
+            sum(survey(work).quantized.values()):
+        raise NothingToQuantize(
+            f"{config.method} quantized nothing in this model: "
+            + ("it takes MatMul weights only, and none here fits"
+               if config.method in WEIGHT_ONLY else "no weight it handles was found")
+            + "; try --method dynamic or static")
     return QuantResult(
         model=out, method=config.method, config=config, excluded=tuple(config.exclude),
         notes=(*notes, *more_notes), calibrated_on=fed,
     )
+
+
+WEIGHT_ONLY = ("rtn", "gptq", "hqq", "awq")
 
 
 class NothingToQuantize(QuantizeError):

@@ -120,8 +120,8 @@ def lift_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(work)
     RemoveUnusedNodesPass()(work)
     lifted = ir.serde.serialize_model(work)
-    after = survey(lifted)
-    notes = [f"{len(found.constant_weights) - len(after.constant_weights)} weights held in "
-             "Constant nodes were lifted to initializers (constant subgraphs folded) so the "
-             "quantizer sees them"]
-    return lifted, notes
+    done = len(found.constant_weights) - len(survey(lifted).constant_weights)
+    if done <= 0:  # nothing the folder could compute (an old opset, say): keep the model
+        return model, []
+    return lifted, [f"{done} weights held in Constant nodes were lifted to initializers "
+                    "(constant subgraphs folded) so the quantizer sees them"]

@@ -58,6 +58,15 @@ def _deployed(loaded, spec, k: int, recover: bool = False):  # type: ignore[no-u
             pipeline.close()
 
 
+def _smollm():  # type: ignore[no-untyped-def]
+    """SmolLM2 (from ../shared) and its decoder layout."""
+    require_shared()
+    loaded = load_model(SMOLLM)
+    spec = recognize(loaded)
+    assert spec is not None
+    return loaded, spec
+
+
 def _greedy(step, spec, ids: list[int], n: int) -> list[int]:  # type: ignore[no-untyped-def]
     return generate(step, spec, ids, Sampling(max_new_tokens=n)).ids
 
@@ -151,9 +160,7 @@ def test_a_full_cache_budget_is_a_busy_error_not_a_crash() -> None:
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_generation_over_node_processes_is_token_identical(k: int) -> None:
     require_shared()
-    loaded = load_model(SMOLLM)
-    spec = recognize(loaded)
-    assert spec is not None
+    loaded, spec = _smollm()
     codec = TextCodec(spec.folder)
     prompts = [codec.encode(codec.prompt(p)) for p in PROMPTS]
     expected = _genai_greedy(SMOLLM, prompts, 32, spec.eos_ids)
@@ -170,9 +177,7 @@ def test_generation_over_node_processes_is_token_identical(k: int) -> None:
 
 def test_bytes_per_hop_do_not_grow_with_the_context() -> None:
     require_shared()
-    loaded = load_model(SMOLLM)
-    spec = recognize(loaded)
-    assert spec is not None
+    loaded, spec = _smollm()
     short = list(range(100, 116))
     long = list(range(100, 612))
     with _deployed(loaded, spec, 3) as (_, _, pipeline):
@@ -189,9 +194,7 @@ def test_bytes_per_hop_do_not_grow_with_the_context() -> None:
 
 def test_generate_cli_streams_and_reports(tmp_path: Path) -> None:
     require_shared()
-    loaded = load_model(SMOLLM)
-    spec = recognize(loaded)
-    assert spec is not None
+    loaded, spec = _smollm()
     codec = TextCodec(spec.folder)
     prompt = "What is the capital of France?"
     expected = _greedy(whole_model_step(loaded, spec), spec,
@@ -219,9 +222,7 @@ def test_a_node_lost_mid_generation_costs_no_sequence() -> None:
 
     from periphery_core.cluster import events as ev
 
-    loaded = load_model(SMOLLM)
-    spec = recognize(loaded)
-    assert spec is not None
+    loaded, spec = _smollm()
     codec = TextCodec(spec.folder)
     prompts = [codec.encode(codec.prompt(p)) for p in PROMPTS[:8]]
     n = 48
@@ -308,9 +309,7 @@ def test_the_planner_counts_each_stage_s_caches_and_sends_none() -> None:
     from periphery_core.errors import PlanError
     from periphery_core.partition.plan import DeviceSpec
 
-    loaded = load_model(SMOLLM)
-    spec = recognize(loaded)
-    assert spec is not None
+    loaded, spec = _smollm()
     analysis = analyze(loaded)
     plain = make_plan(analysis, 2)
     state = spec.state_bytes(1024, 4)

@@ -54,7 +54,7 @@ from periphery_app.session import OpenedModel, open_model
 from periphery_app.units import human_bytes, human_seconds
 from periphery_app.widgets.screen_bar import ScreenBar
 from periphery_core.errors import Cancelled, DataError
-from periphery_core.model.loading import save_model
+from periphery_core.model.loading import display_name, save_model
 from periphery_core.progress import CancelToken, Progress
 from periphery_core.quantize.config import METHODS, QuantConfig, method_config, missing_extra
 from periphery_core.quantize.evaluate import EvalReport, evaluate
@@ -648,8 +648,8 @@ class QuantizeScreen(PeripheryScreen):
             return Path("quantized.onnx")
         config = finished.result.config
         source = opened.loaded.path
-        name = f"{source.parent.name + '-' if source.name == 'model.onnx' else ''}" \
-               f"{source.stem}.{config.method}{weight_bits(config)}.onnx"
+        stem = display_name(source).removesuffix(".onnx").replace("/", "-")
+        name = f"{stem}.{config.method}{weight_bits(config)}.onnx"
         # Beside the model when that folder is ours to write; never into a read-only or shared
         # data folder: then a `periphery-output` folder in the working directory.
         if os.access(source.parent, os.W_OK) and "shared" not in source.parts:

@@ -123,15 +123,11 @@ def load_and_analyze(model: Path | LoadedModel, input_shapes: Sequence[str] | di
     """
     from periphery_core.model import analyze, load_model
     from periphery_core.model.profile import profile_model
-    from periphery_core.model.shapes import parse_input_shapes, resolve_input_shapes
-    from periphery_core.runtime.feeds import load_npz
+    from periphery_core.model.shapes import parse_input_shapes
 
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     shapes = input_shapes if isinstance(input_shapes, dict) else parse_input_shapes(input_shapes)
-    feeds = None
-    if inputs is not None:
-        specs, _ = resolve_input_shapes(loaded, shapes)
-        feeds = load_npz(inputs, specs)
+    _, feeds = input_specs(loaded, shapes, inputs)  # (the analysis takes shapes from feeds)
     analysis = analyze(loaded, shapes, feeds=feeds)
     if profile:
         analysis = profile_model(loaded, analysis, feeds=feeds)

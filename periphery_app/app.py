@@ -45,8 +45,8 @@ from periphery_app.session import OpenedModel, Session, open_model
 from periphery_app.widgets.graph_view import GraphView
 from periphery_app.widgets.stage_chart import StageChart
 from periphery_core.cluster.state import ClusterState
+from periphery_core.generate.planning import plan_model
 from periphery_core.partition.plan import ShardPlan
-from periphery_core.partition.planner import make_plan
 
 SCREENS_IN_ORDER = (
     ("model", "Model", ModelScreen),
@@ -228,8 +228,8 @@ class PeripheryApp(App[None]):
             opened = open_model(path)
             self.post_message(ModelOpened(opened))
             ids = [h.node_id for h in handles]
-            plan = make_plan(opened.analysis, self.demo_nodes,
-                             devices=session.master.devices(ids))
+            plan = plan_model(opened.loaded, opened.analysis, self.demo_nodes,
+                              devices=session.master.devices(ids), decoder=opened.decoder)
             self.post_message(PlanChanged(plan))
             session.deploy(opened, plan, ids)
         except Exception as exc:

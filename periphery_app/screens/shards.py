@@ -2,7 +2,7 @@
 save or load the plan, and deploy it.
 
 Planning runs in a thread worker (a big graph takes a tenth of a second per re-plan); a moved
-boundary re-plans with the same node order (`replan_with_cuts`), so the figures follow the keys.
+boundary re-plans with the same node order (`replan_model`), so the figures follow the keys.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from periphery_app.units import human_bytes, human_seconds
 from periphery_app.widgets.stage_chart import StageChart
 from periphery_core.cluster.state import ClusterState, StageDeploy
 from periphery_core.errors import PlanError
+from periphery_core.generate.planning import plan_model, replan_model
 from periphery_core.partition.plan import STRATEGIES, DeviceSpec, ShardPlan, load_plan
-from periphery_core.partition.planner import make_plan, replan_with_cuts
 from periphery_core.progress import Progress
 
 
@@ -203,7 +203,8 @@ class ShardsScreen(PeripheryScreen):
               devices: list[DeviceSpec] | None) -> None:
         worker = get_current_worker()
         try:
-            plan = make_plan(opened.analysis, k, strategy=strategy, devices=devices)
+            plan = plan_model(opened.loaded, opened.analysis, k, strategy=strategy,
+                              devices=devices, decoder=opened.decoder)
         except Exception as exc:
             self.report_failure(exc)
             return
@@ -215,7 +216,8 @@ class ShardsScreen(PeripheryScreen):
                 devices: list[DeviceSpec] | None) -> None:
         worker = get_current_worker()
         try:
-            new = replan_with_cuts(opened.analysis, plan, cuts, devices)
+            new = replan_model(opened.loaded, opened.analysis, plan, cuts, devices,
+                               opened.decoder)
         except Exception as exc:
             self.report_failure(exc)
             return

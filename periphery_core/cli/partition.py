@@ -43,14 +43,14 @@ def analyze(model: Path, input_shapes: tuple[str, ...], inputs_path: Path | None
 def _make_plan(model: Path, shards: int, strategy: str, devices: Path | None,
                profile: bool, input_shapes: Sequence[str], inputs: Path | None):
     from periphery_core.generate.decoder import recognize
+    from periphery_core.generate.planning import plan_model
     from periphery_core.partition.plan import load_devices
-    from periphery_core.partition.planner import make_plan
 
     loaded, analysis = load_and_analyze(model, input_shapes, profile, inputs)
     devs = load_devices(devices) if devices is not None else None
-    decoder = recognize(loaded)  # a language model's stages hold their layers' KV caches
-    plan = make_plan(analysis, shards, strategy=strategy, devices=devs, use_profile=profile,
-                     state=decoder.planned_state() if decoder is not None else None)
+    # A language model is balanced on a measured decode step, its stages' caches counted.
+    plan = plan_model(loaded, analysis, shards, strategy=strategy, devices=devs,
+                      decoder=recognize(loaded), use_profile=profile)
     return loaded, analysis, plan
 
 

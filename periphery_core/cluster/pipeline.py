@@ -26,18 +26,19 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from periphery_core.cluster import events as ev
 from periphery_core.cluster.master import ClusterError, Master
 from periphery_core.generate.decoder import DecoderSpec
+from periphery_core.generate.planning import plan_model
 from periphery_core.generate.stateful import make_stateful
 from periphery_core.model.analysis import ModelAnalysis
 from periphery_core.model.loading import LoadedModel
 from periphery_core.partition.extract import extract_shards
 from periphery_core.partition.plan import ShardPlan
-from periphery_core.partition.planner import make_plan
 from periphery_core.progress import ProgressFn
 
 log = logging.getLogger("periphery.pipeline")
@@ -170,9 +171,8 @@ class Pipeline:
         else:
             k = min(self.k, len(chosen), len(self.analysis.nodes))
             chosen = chosen[:k]
-            state = None if self.decoder is None else self.decoder.planned_state()
-            plan = make_plan(self.analysis, k, strategy=self.strategy,
-                             devices=self.master.devices(chosen), state=state)
+            plan = plan_model(self.loaded, self.analysis, k, strategy=self.strategy,
+                              devices=self.master.devices(chosen), decoder=self.decoder)
         shards = extract_shards(self.loaded, self.analysis, plan, progress=progress)
         if self.decoder is not None:
             shards = make_stateful(shards, self.decoder)
@@ -185,7 +185,7 @@ class Pipeline:
     # ------------------------------------------------------------------ requests
 
     def submit(self, feeds: Mapping[str, np.ndarray],
-               step: Mapping[str, int] | None = None) -> Future:
+               step: Mapping[str, Any] | None = None) -> Future:
         """Send one request; the future resolves to its outputs by name. `step` makes it a
         step of a decoder's sequence (see `Master.submit`).
 

@@ -63,10 +63,12 @@ def replan_with_cuts(
     plan: ShardPlan,
     cuts: Sequence[int],
     devices: Sequence[DeviceSpec] | None = None,
+    state: Mapping[str, tuple[str, int]] | None = None,
 ) -> ShardPlan:
-    """The same node order as `plan`, cut at new positions (how the app moves a boundary)."""
+    """The same node order as `plan`, cut at new positions (how the app moves a boundary);
+    `state` as in `make_plan`."""
     use_profile = plan.cost_basis == "profile"
-    graph = planning_graph(analysis, use_profile)
+    graph = planning_graph(analysis, use_profile, state)
     index = {n.key: i for i, n in enumerate(graph.nodes)}
     order = [index[key] for s in plan.stages for key in s.nodes]
     devs = tuple(devices) if devices is not None else plan.devices

@@ -1,0 +1,101 @@
+"""Planning a language model: balanced on a measured decode step, caches counted.
+
+FLOP estimates mislead most on a quantized decoder: on SmolLM2 (int4 MatMulNBits) the FLOPs put
+a fifth of the work in the vocabulary projection and the node speed check (an fp32 GEMM) makes
+the compute look about 5x cheaper than it is against the logits the last stage sends, so the
+estimate-balanced K = 2 plan ran 8.8 ms against 1.9 ms per token. A decoder is therefore
+planned on each node's measured time in one decode step (ONNX Runtime's profiler, one thread,
+`PROFILE_CONTEXT` cached tokens), with the nodes' speeds taken relative to each other (the
+measurement is in this machine's seconds, not in the speed check's units), and each stage's
+caches counted against its memory (`DecoderSpec.planned_state`).
+
+`plan_model` is the one planner entry for every face (the pipeline, the CLI, the app); a model
+that is not a decoder is planned as before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+
+from periphery_core.generate.decoder import DecoderSpec
+from periphery_core.model.analysis import ModelAnalysis
+from periphery_core.model.loading import LoadedModel
+from periphery_core.model.profile import profile_model
+from periphery_core.partition.plan import DeviceSpec, ShardPlan
+from periphery_core.partition.planner import make_plan, replan_with_cuts
+
+PROFILE_CONTEXT = 64  # cached tokens in the decode step the plan is balanced on
+
+_measured: dict[tuple[str, str, int], ModelAnalysis] = {}
+_lock = threading.Lock()
+
+
+def decode_feeds(spec: DecoderSpec, context: int = PROFILE_CONTEXT) -> dict[str, np.ndarray]:
+    """Inputs of one decode step of a sequence with `context` cached tokens."""
+    feeds: dict[str, np.ndarray] = {spec.input_ids: np.zeros((1, 1), dtype=spec.ids_dtype)}
+    for slot in spec.slots:
+        shape = list(slot.empty_shape)
+        shape[slot.axis] = context
+        feeds[slot.past] = np.zeros(shape, dtype=slot.dtype)
+    if spec.mask:
+        feeds[spec.mask] = np.ones((1, context + 1), dtype=spec.mask_dtype)
+    if spec.positions:
+        feeds[spec.positions] = np.full((1, 1), context, dtype=spec.positions_dtype)
+    return feeds
+
+
+def planning_analysis(loaded: LoadedModel, analysis: ModelAnalysis,
+                      decoder: DecoderSpec | None) -> ModelAnalysis:
+    """The analysis a plan of this model is balanced on: for a decoder, with each node's
+    measured time in one decode step (measured once per model and kept); else as it is."""
+    if decoder is None:
+        return analysis
+    key = (analysis.path, analysis.sha256, id(loaded))
+    with _lock:
+        found = _measured.get(key)
+    if found is None:
+        found = profile_model(loaded, analysis, runs=5, threads=1, feeds=decode_feeds(decoder))
+        with _lock:
+            if len(_measured) >= 4:
+                _measured.pop(next(iter(_measured)))
+            _measured[key] = found
+    return found
+
+
+def relative_speeds(devices: Sequence[DeviceSpec] | None) -> list[DeviceSpec] | None:
+    """The devices with speeds relative to their median (measured costs are seconds on this
+    machine; what the nodes' speeds add is how much faster one is than another)."""
+    if not devices:
+        return None
+    middle = statistics.median(d.speed for d in devices) or 1.0
+    return [dataclasses.replace(d, speed=d.speed / middle) for d in devices]
+
+
+def plan_model(loaded: LoadedModel, analysis: ModelAnalysis, k: int, *,
+               strategy: str = "balanced", devices: Sequence[DeviceSpec] | None = None,
+               decoder: DecoderSpec | None = None, use_profile: bool = False) -> ShardPlan:
+    """Plan `k` stages: a decoder on a measured decode step with its caches counted (see the
+    module docstring), any other model by `make_plan` (`use_profile`: on `analysis`'s own
+    measured times)."""
+    if decoder is None:
+        return make_plan(analysis, k, strategy=strategy, devices=devices,
+                         use_profile=use_profile)
+    return make_plan(planning_analysis(loaded, analysis, decoder), k, strategy=strategy,
+                     devices=relative_speeds(devices), use_profile=True,
+                     state=decoder.planned_state())
+
+
+def replan_model(loaded: LoadedModel, analysis: ModelAnalysis, plan: ShardPlan,
+                 cuts: Sequence[int], devices: Sequence[DeviceSpec] | None = None,
+                 decoder: DecoderSpec | None = None) -> ShardPlan:
+    """`plan`'s node order cut at `cuts` (a boundary moved by hand), costed as `plan_model`
+    costs it."""
+    if decoder is None:
+        return replan_with_cuts(analysis, plan, cuts, devices)
+    return replan_with_cuts(planning_analysis(loaded, analysis, decoder), plan, cuts,
+                            relative_speeds(devices), state=decoder.planned_state())

@@ -5,10 +5,15 @@ in one run on this machine:
 
 1. Single stream: time to first token and decode tokens/s for onnxruntime-genai in one process
    (its default threads: every core), the unsplit model in this process through Periphery's own
-   loop (`whole_model_step`, every core), and Periphery over K = 1, 2, 3 node processes
-   (cores split evenly between the nodes; with K > cores they share). Medians over the prompts.
-2. Concurrency: aggregate tokens/s with 1, 2, 4, 8 sequences generating at once at K = 2 (each
-   sequence in its own thread; the stages' caches hold them all).
+   loop (`whole_model_step`, every core), and Periphery over K = 1, 2, 3 node processes with
+   the cores split evenly between the nodes (the same total threads; with K > cores they
+   share), and at K = 2, 3 with every node given every core, as nodes on machines of their own
+   have (one stage computes at a time in a single stream; idle stages stop spinning). Medians
+   over the prompts.
+2. Concurrency: aggregate tokens/s (new tokens over wall time, prefills included) with 1, 2,
+   4, 8 sequences generating at once at K = 2, cores split evenly, each sequence in its own
+   thread; their decode steps batched into shared runs of each stage (generate.batching), and,
+   for comparison, 4 and 8 sequences with every step on its own.
 3. Bytes that cross one stage boundary per decoded token against the context length, at K = 3.
 
 Run: `python benchmarks/generate.py [--tokens 32] [--prompts 5]`. Needs the dev extra
@@ -85,7 +90,8 @@ def periphery_single(step: Step, spec: DecoderSpec, prompts: list[list[int]],
                      tokens: int) -> tuple[float, float]:
     runs = []
     for ids in prompts:
-        g = generate(step, spec, ids, Sampling(max_new_tokens=tokens))
+        g = generate(step, spec, ids, Sampling(max_new_tokens=tokens),
+                     release=getattr(step, "release", None))
         runs.append((g.ttft_s, g.tokens_per_s))
     return _stats(runs)
 
@@ -93,9 +99,10 @@ def periphery_single(step: Step, spec: DecoderSpec, prompts: list[list[int]],
 class _Deployed:
     """A LocalCluster of K nodes with the model deployed as stateful stages."""
 
-    def __init__(self, loaded: LoadedModel, spec: DecoderSpec, k: int) -> None:
-        threads = max(1, (os.cpu_count() or 1) // k)
-        self.cluster = LocalCluster(k, threads=threads)
+    def __init__(self, loaded: LoadedModel, spec: DecoderSpec, k: int,
+                 every_core: bool = False) -> None:
+        cores = os.cpu_count() or 1
+        self.cluster = LocalCluster(k, threads=cores if every_core else max(1, cores // k))
         self.cluster.start()
         self.master = Master(keys=self.cluster.master_keys)
         handles = [self.master.connect(a) for a in self.cluster.addresses]
@@ -103,34 +110,40 @@ class _Deployed:
                                  decoder=spec, recover=False)
         self.pipeline.deploy([h.node_id for h in handles])
         self.step = pipeline_step(self.pipeline, spec)
+        self.single = pipeline_step(self.pipeline, spec, batch=False)
 
     def release(self, seq: int) -> None:
-        self.master.release_sequences([seq])
+        self.step.release(seq)
 
     def close(self) -> None:
+        self.step.close()
         self.pipeline.close()
         self.master.close()
         self.cluster.stop()
 
 
 def concurrent(d: _Deployed, spec: DecoderSpec, prompts: list[list[int]], tokens: int,
-               streams: int) -> float:
+               streams: int, batch: bool = True) -> tuple[float, float]:
     done: list[Generation] = []
     lock = threading.Lock()
+    step = d.step if batch else d.single
 
     def one(ids: list[int]) -> None:
-        g = generate(d.step, spec, ids, Sampling(max_new_tokens=tokens), release=d.release)
+        g = generate(step, spec, ids, Sampling(max_new_tokens=tokens), release=step.release)
         with lock:
             done.append(g)
 
     threads = [threading.Thread(target=one, args=(prompts[i % len(prompts)],))
                for i in range(streams)]
+    batches, rows = step.batches, step.rows
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return sum(g.new_tokens for g in done) / (time.perf_counter() - t0)
+    rate = sum(g.new_tokens for g in done) / (time.perf_counter() - t0)
+    sent = step.batches - batches
+    return rate, (step.rows - rows) / sent if sent else 1.0
 
 
 def main() -> int:
@@ -154,18 +167,22 @@ def main() -> int:
     base = rows[0][2]
     k2_single = 0.0
     k1_single = 0.0
-    concurrency: list[tuple[int, float]] = []
-    for k in (1, 2, 3):
-        d = _Deployed(loaded, spec, k)
+    concurrency: list[tuple[str, int, float, float]] = []
+    for k, every in ((1, False), (2, False), (3, False), (2, True), (3, True)):
+        d = _Deployed(loaded, spec, k, every_core=every)
         try:
             ttft, tps = periphery_single(d.step, spec, prompts, args.tokens)
-            rows.append((f"Periphery, K = {k} node processes", ttft, tps))
+            cores = "every core per node" if every else "cores split"
+            rows.append((f"Periphery, K = {k} node processes, {cores}", ttft, tps))
             k1_single = tps if k == 1 else k1_single
-            k2_single = tps if k == 2 else k2_single
-            if k == 2:
-                concurrency = [(c, concurrent(d, spec, prompts, args.tokens, c))
+            k2_single = tps if (k, every) == (2, True) else k2_single
+            if (k, every) == (2, False):
+                concurrency = [("batched", c, *concurrent(d, spec, prompts, args.tokens, c))
                                for c in (1, 2, 4, 8)]
-            if k == 3:
+                concurrency += [("one at a time", c,
+                                 *concurrent(d, spec, prompts, args.tokens, c, batch=False))
+                                for c in (4, 8)]
+            if (k, every) == (3, False):
                 bytes_rows = []
                 for context in (16, 128, 512, 1024):
                     ids = [100 + (i % 40000) for i in range(context)]
@@ -181,11 +198,12 @@ def main() -> int:
     for name, ttft, tps in rows:
         table.add_row(name, f"{ttft * 1000:.0f} ms", f"{tps:.1f}", f"{tps / base:.2f}x")
     console.print(table)
-    conc = Table(title="K = 2: sequences generating at once")
-    for col in ("sequences", "aggregate tokens/s", "vs single stream K = 1"):
+    conc = Table(title="K = 2, cores split: sequences generating at once")
+    for col in ("decode steps", "sequences", "aggregate tokens/s", "vs single stream K = 1",
+                "sequences per step"):
         conc.add_column(col, justify="right")
-    for c, rate in concurrency:
-        conc.add_row(str(c), f"{rate:.1f}", f"{rate / k1_single:.2f}x")
+    for how, c, rate, per_step in concurrency:
+        conc.add_row(how, str(c), f"{rate:.1f}", f"{rate / k1_single:.2f}x", f"{per_step:.1f}")
     console.print(conc)
     hops = Table(title="K = 3: bytes crossing one boundary per decoded token")
     for col in ("context tokens", "bytes per token per hop", "vs 16 tokens"):
@@ -193,8 +211,9 @@ def main() -> int:
     for context, b in bytes_rows:
         hops.add_row(str(context), f"{b:.0f}", f"{b / bytes_rows[0][1]:.2f}x")
     console.print(hops)
-    console.print(f"K = 2 single stream vs K = 1: {k2_single / k1_single:.2f}x; KV cache per "
-                  f"token if it travelled: {spec.cache_bytes_per_token()} B")
+    console.print(f"K = 2 single stream (every core per node) vs K = 1: "
+                  f"{k2_single / k1_single:.2f}x; KV cache per token if it travelled: "
+                  f"{spec.cache_bytes_per_token()} B")
     return 0
 
 

@@ -167,10 +167,9 @@ def test_generation_over_node_processes_is_token_identical(k: int) -> None:
     if k == 1:  # the in-process baseline agrees with onnxruntime-genai too
         reference = whole_model_step(loaded, spec, exact=False)
         assert [_greedy(reference, spec, ids, 32) for ids in prompts] == expected
-    with _deployed(loaded, spec, k) as (_, master, pipeline):
+    with _deployed(loaded, spec, k) as (_, _, pipeline):
         step = pipeline_step(pipeline, spec)
-        got = [generate(step, spec, ids, Sampling(max_new_tokens=32),
-                        release=lambda s: master.release_sequences([s])).ids
+        got = [generate(step, spec, ids, Sampling(max_new_tokens=32), release=step.release).ids
                for ids in prompts]
     assert got == expected
 
@@ -188,8 +187,9 @@ def test_bytes_per_hop_do_not_grow_with_the_context() -> None:
     ratio = at512.decode_bytes_per_token_per_hop / at16.decode_bytes_per_token_per_hop
     assert ratio <= 1.1, (at16.decode_bytes_per_token_per_hop,
                           at512.decode_bytes_per_token_per_hop)
-    # What crosses a boundary is the hidden state (and a residual), not 30 layers of cache.
-    assert at512.decode_bytes_per_token_per_hop < spec.cache_bytes_per_token() / 4
+    # What crosses a boundary is the hidden state (and a residual, or an MLP's projections
+    # where the measured plan cuts inside one), not 30 layers of cache.
+    assert at512.decode_bytes_per_token_per_hop < spec.cache_bytes_per_token() / 2
 
 
 def test_generate_cli_streams_and_reports(tmp_path: Path) -> None:
@@ -204,7 +204,9 @@ def test_generate_cli_streams_and_reports(tmp_path: Path) -> None:
     assert out["ids"] == expected and "Paris" in out["text"]
     assert out["new_tokens"] == 12 and out["prompt_tokens"] > 10
     assert out["tokens_per_s"] > 0 and out["ttft_s"] > 0
-    assert 0 < out["decode_bytes_per_token_per_hop"] < 10_000
+    # a hidden state and a residual (or, cut inside an MLP, its two projections): never the
+    # 45 KiB of cache per token
+    assert 0 < out["decode_bytes_per_token_per_hop"] < spec.cache_bytes_per_token() / 2
     ok("plan", SMOLLM, "--shards", "3", "-o", tmp_path / "plan.json")
     streamed = ok("generate", SMOLLM, "--local", "--plan", tmp_path / "plan.json", "--prompt",
                   prompt, "--max-new-tokens", "12")
@@ -240,7 +242,7 @@ def test_a_node_lost_mid_generation_costs_no_sequence() -> None:
             def run(i: int) -> None:
                 try:
                     results[i] = generate(step, spec, prompts[i], Sampling(max_new_tokens=n),
-                                          release=lambda s: master.release_sequences([s]))
+                                          release=step.release)
                 except Exception as exc:  # recorded, asserted below
                     results[i] = exc
 
@@ -254,6 +256,7 @@ def test_a_node_lost_mid_generation_costs_no_sequence() -> None:
             assert not any(t.is_alive() for t in threads)
             assert pipeline.failed is None and len(pipeline.recoveries) == 1
             assert pipeline.recoveries[0].stages == 2 and lost
+            assert step.mean_batch > 1.2  # the sequences' decode steps shared runs
         finally:
             pipeline.close()
     failed = [r for r in results if isinstance(r, Exception)]

@@ -116,15 +116,14 @@ class ChatScreen(PeripheryScreen):
                     per_stage.setdefault(t.stage, []).append(t.compute_s)
 
         unsubscribe = session.master.bus.subscribe(on_event)
+        step = pipeline_step(pipeline, spec)
         try:
             codec = TextCodec(spec.folder)
             ids = codec.encode(codec.prompt(text))
             result = generate(
-                pipeline_step(pipeline, spec), spec, ids,
-                Sampling(max_new_tokens=self.max_new_tokens), codec,
+                step, spec, ids, Sampling(max_new_tokens=self.max_new_tokens), codec,
                 on_text=lambda piece: self.app.call_from_thread(self._append, piece),
-                release=lambda seq: session.master.release_sequences([seq]),
-                cancel=cancel)
+                release=step.release, cancel=cancel)
         except Cancelled:
             self.app.call_from_thread(self._finish, None, {}, "stopped")
             return
@@ -133,6 +132,7 @@ class ChatScreen(PeripheryScreen):
             self.report_failure(exc)
             return
         finally:
+            step.close()
             unsubscribe()
         stages = {s: statistics.median(v) for s, v in sorted(per_stage.items()) if v}
         self.app.call_from_thread(self._finish, result, stages, result.finish)

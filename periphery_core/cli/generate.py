@@ -24,7 +24,11 @@ from periphery_core.errors import PeripheryError
 @click.option("--local", is_flag=True, help="Start one local node process per stage.")
 @click.option("--mdns/--no-mdns", default=True, show_default=True,
               help="Find nodes over mDNS when --peer and --local give too few.")
-@click.option("--prompt", required=True, help="What to ask (or the text to continue).")
+@click.option("--prompt", "prompts", multiple=True,
+              help="What to ask (or the text to continue). Repeat it, or give --prompts, to "
+                   "generate several at once: their decode steps share each stage's runs.")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
+              help="A text file of prompts, one a line, generated at once.")
 @click.option("--system", default=None, help="A system message for the chat template.")
 @click.option("--no-chat", is_flag=True, help="Feed the prompt as it is, no chat template.")
 @click.option("--max-new-tokens", default=128, show_default=True)
@@ -40,11 +44,15 @@ from periphery_core.errors import PeripheryError
 @json_option
 @handle_errors
 def generate(model: Path, plan_path: Path | None, shards: int | None, peers: tuple[str, ...],
-             local: bool, mdns: bool, prompt: str, system: str | None, no_chat: bool,
+             local: bool, mdns: bool, prompts: tuple[str, ...], prompts_file: Path | None,
+             system: str | None, no_chat: bool,
              max_new_tokens: int, temperature: float, top_k: int, top_p: float,
              repetition_penalty: float, seed: int, stops: tuple[str, ...], optimize: bool,
              keys: Path | None, insecure: bool, as_json: bool) -> None:
-    """Generate text: prefill the prompt, then decode token by token, streaming to stdout."""
+    """Generate text: prefill the prompt, then decode token by token, streaming to stdout.
+
+    Several prompts are generated at once and printed as each ends (with --json, one object
+    with a result per prompt and the aggregate rate)."""
     from periphery_core.cli.render import print_json
     from periphery_core.cluster.keys import keyring_or_insecure
     from periphery_core.cluster.local import LocalCluster
@@ -79,8 +87,12 @@ def generate(model: Path, plan_path: Path | None, shards: int | None, peers: tup
     sampling = Sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
                         stops)
     sampling.check()
+    texts = list(prompts) + _read_prompts(prompts_file)
+    if not texts:
+        raise PeripheryError("give the text to start from: --prompt TEXT (repeatable) or "
+                             "--prompts FILE")
     codec = TextCodec(spec.folder)
-    prompt_ids = codec.encode(codec.prompt(prompt, system, chat=not no_chat))
+    prompt_ids = [codec.encode(codec.prompt(t, system, chat=not no_chat)) for t in texts]
     analysis = analyze(loaded)
     # Local nodes share this machine's cores evenly.
     threads = max(1, (os.cpu_count() or 1) // k)
@@ -104,19 +116,29 @@ def generate(model: Path, plan_path: Path | None, shards: int | None, peers: tup
                             decoder=spec)
         stack.callback(pipeline.close)
         pipeline.deploy([h.node_id for h in chosen])
-        result = run_generate(pipeline_step(pipeline, spec), spec, prompt_ids, sampling, codec,
-                              on_text=stream,
-                              release=lambda seq: master.release_sequences([seq]))
+        step = pipeline_step(pipeline, spec)
+        stack.callback(step.close)
+        if len(prompt_ids) == 1:
+            results = [run_generate(step, spec, prompt_ids[0], sampling, codec, on_text=stream,
+                                    release=step.release)]
+            wall = results[0].ttft_s + results[0].decode_s
+        else:
+            results, wall = _at_once(step, spec, prompt_ids, sampling, codec, as_json)
     finally:
         stack.close()
         if cluster_ctx is not None:
             cluster_ctx.stop()
+    model_line = spec.describe()
+    if len(results) > 1:
+        _report_many(results, wall, step.mean_batch, k, model_line, as_json)
+        return
+    result = results[0]
     summary: dict[str, Any] = {
         "text": result.text, "ids": result.ids, "prompt_tokens": result.prompt_tokens,
         "new_tokens": result.new_tokens, "finish": result.finish,
         "ttft_s": round(result.ttft_s, 4), "tokens_per_s": round(result.tokens_per_s, 2),
         "decode_bytes_per_token_per_hop": round(result.decode_bytes_per_token_per_hop, 1),
-        "stages": k, "model": spec.describe(),
+        "stages": k, "model": model_line,
     }
     if as_json:
         print_json(summary)
@@ -129,3 +151,75 @@ def generate(model: Path, plan_path: Path | None, shards: int | None, peers: tup
             f"{result.ttft_s * 1000:.0f} ms, {result.tokens_per_s:.1f} tokens/s over {k} "
             f"stages, {result.decode_bytes_per_token_per_hop:.0f} B per token per hop",
             highlight=False)
+
+
+def _read_prompts(path: Path | None) -> list[str]:
+    if path is None:
+        return []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PeripheryError(f"cannot read prompts from {path}: {exc}") from None
+    return [line.strip() for line in lines if line.strip()]
+
+
+def _at_once(step: Any, spec: Any, prompt_ids: list[list[int]], sampling: Any, codec: Any,
+             as_json: bool) -> tuple[list[Any], float]:
+    """Generate every prompt at once (a thread each); print each reply as it ends."""
+    import threading
+    import time
+
+    from periphery_core.generate.engine import generate as run_generate
+
+    results: list[Any] = [None] * len(prompt_ids)
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        try:
+            results[i] = run_generate(step, spec, prompt_ids[i], sampling, codec,
+                                      release=step.release)
+        except Exception as exc:
+            results[i] = exc
+            return
+        if not as_json:
+            with lock:
+                sys.stdout.write(f"[{i + 1}] {results[i].text.strip()}\n")
+                sys.stdout.flush()
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True)
+               for i in range(len(prompt_ids))]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    for r in results:
+        if isinstance(r, Exception):
+            raise r
+    return results, wall
+
+
+def _report_many(results: list[Any], wall: float, mean_batch: float, k: int, model: str,
+                 as_json: bool) -> None:
+    from periphery_core.cli.render import err_console, print_json
+
+    tokens = sum(r.new_tokens for r in results)
+    rate = tokens / wall if wall > 0 else 0.0
+    if as_json:
+        print_json({
+            "results": [{
+                "text": r.text, "ids": r.ids, "prompt_tokens": r.prompt_tokens,
+                "new_tokens": r.new_tokens, "finish": r.finish, "ttft_s": round(r.ttft_s, 4),
+                "tokens_per_s": round(r.tokens_per_s, 2),
+                "decode_bytes_per_token_per_hop": round(r.decode_bytes_per_token_per_hop, 1),
+            } for r in results],
+            "sequences": len(results), "new_tokens": tokens, "wall_s": round(wall, 3),
+            "aggregate_tokens_per_s": round(rate, 2),
+            "sequences_per_step": round(mean_batch, 2), "stages": k, "model": model,
+        })
+        return
+    err_console.print(
+        f"{len(results)} sequences, {tokens} tokens in {wall:.2f} s: {rate:.1f} tokens/s "
+        f"together over {k} stages, {mean_batch:.1f} sequences per decode step",
+        highlight=False)

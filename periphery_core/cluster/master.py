@@ -82,7 +82,7 @@ class _Pending:
     future: Future
     t_submit: float
     feeds: Mapping[str, np.ndarray]  # kept until the result arrives, to replay after a loss
-    step: Mapping[str, int] | None = None  # a decoder step: seq, pos, new
+    step: Mapping[str, Any] | None = None  # a decoder step: seq, pos, new (or seqs, poss)
 
 
 class Master:
@@ -538,11 +538,12 @@ class Master:
     # ------------------------------------------------------------------ requests
 
     def submit(self, feeds: Mapping[str, np.ndarray],
-               step: Mapping[str, int] | None = None) -> Future:
+               step: Mapping[str, Any] | None = None) -> Future:
         """Send one request into the pipeline; the future resolves to its outputs by name.
 
         `step` ({"seq", "pos", "new"}) makes it one step of a decoder's sequence, for stages
-        that keep KV caches (generate.stateful)."""
+        that keep KV caches (generate.stateful); {"seqs", "poss"} a decode step of several
+        sequences batched into one run, a row each."""
         self._check_alive()
         if self._first is None:
             raise ClusterError("nothing is deployed: deploy a plan first")
@@ -562,7 +563,7 @@ class Master:
         return future
 
     def _send(self, rid: int, feeds: Mapping[str, np.ndarray],
-              abandon: Callable[[], bool], step: Mapping[str, int] | None = None) -> None:
+              abandon: Callable[[], bool], step: Mapping[str, Any] | None = None) -> None:
         """Send one request to the first stage, waiting while it is full (backpressure).
 
         Gives up, leaving the request pending, when `abandon()` says a recovery has begun or

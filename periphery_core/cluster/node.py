@@ -609,14 +609,18 @@ class NodeDaemon:
         if epoch != dep.epoch:
             return  # sent to a pipeline that has been replaced; the master replays it
         t_start = time.time()
-        step: dict[str, int] = {k: msg.fields[k] for k in ("seq", "pos", "new")
+        step: dict[str, Any] = {k: msg.fields[k] for k in ("seq", "pos", "new", "seqs", "poss")
                                 if k in msg.fields}
         try:
             if isinstance(dep.runner, StatefulStage):
-                if len(step) != 3:
+                if "seqs" in step and "poss" in step:
+                    outputs = dep.runner.run_batch(msg.tensors, step["seqs"], step["poss"])
+                elif all(k in step for k in ("seq", "pos", "new")):
+                    outputs = dep.runner.run(msg.tensors, step["seq"], step["pos"],
+                                             step["new"])
+                else:
                     raise RuntimeFailure("this stage keeps a decoder's KV caches: a request "
                                          "must name its sequence, cached and new tokens")
-                outputs = dep.runner.run(msg.tensors, step["seq"], step["pos"], step["new"])
             else:
                 outputs = dep.runner.run(msg.tensors)
         except Exception as exc:  # a bad request fails alone; the node keeps serving

@@ -39,6 +39,12 @@ class CacheSlot:
     empty_shape: tuple[int, ...]  # batch 1, length 0
     dtype: str
     axis: int  # the sequence axis
+    batch_axis: int = 0
+    # Where a step writes its new tokens when sequences of different lengths share a batch
+    # (their pasts padded to the longest): "packed" right after each sequence's own tokens
+    # (GroupQueryAttention, which reads each row's length from the attention mask), or
+    # "appended" after the padded past (attention that concatenates past and new).
+    layout: str = "appended"
 
     def nbytes_per_token(self) -> int:
         per = int(np.prod([d for i, d in enumerate(self.empty_shape) if i != self.axis]))
@@ -61,6 +67,15 @@ class DecoderSpec:
     eos_ids: tuple[int, ...]
     context: int  # the longest sequence the model was made for (0: unknown)
     folder: Path  # where the tokenizer and chat template are looked for
+
+    @property
+    def batchable(self) -> bool:
+        """Decode steps of sequences of different lengths can share one run: the pasts are
+        padded to the longest and the attention mask hides the padding, which needs the mask,
+        and positions that do not come from the (padded) past length: either given as an input,
+        or, with GroupQueryAttention, taken from the mask."""
+        return self.mask is not None and (
+            self.positions is not None or all(s.layout == "packed" for s in self.slots))
 
     @property
     def layers(self) -> int:
@@ -103,6 +118,11 @@ def _ids(value: Any) -> tuple[int, ...]:
     return ()
 
 
+def _dim_param(vi: Any, axis: int) -> str:
+    dims = vi.type.tensor_type.shape.dim
+    return str(dims[axis].dim_param) if axis < len(dims) else ""
+
+
 def recognize(loaded: LoadedModel) -> DecoderSpec | None:
     """The model's decoder layout, or None if it is not a decoder with a KV cache."""
     proto = loaded.proto
@@ -137,13 +157,19 @@ def recognize(loaded: LoadedModel) -> DecoderSpec | None:
         return None
     specs, _ = resolve_input_shapes(loaded)  # batch 1, caches of length 0
     shapes = {s.name: s for s in specs}
+    batch = _dim_param(inputs[ids_name], 0)
+    producers = {o: n.op_type for n in proto.graph.node for o in n.output}
     slots = []
     for past, present in pairs:
         spec = shapes[past]
         zero = [i for i, d in enumerate(spec.shape) if d == 0]
         if len(zero) != 1:
             return None
-        slots.append(CacheSlot(past, present, spec.shape, spec.dtype.name, zero[0]))
+        axes = [i for i in range(len(spec.shape))
+                if batch and _dim_param(inputs[past], i) == batch]
+        layout = "packed" if producers.get(present) == "GroupQueryAttention" else "appended"
+        slots.append(CacheSlot(past, present, spec.shape, spec.dtype.name, zero[0],
+                               axes[0] if len(axes) == 1 else 0, layout))
     mask = "attention_mask" if "attention_mask" in inputs else None
     positions = "position_ids" if "position_ids" in inputs else None
     hf = read_json(folder / HF_CONFIG)

@@ -3,7 +3,8 @@
 The loop runs on the master. It needs one thing from where the model runs: `step(ids, seq,
 pos)`, which feeds `ids` (the whole prompt at once for the prefill, then one token) to sequence
 `seq` whose first `pos` tokens are cached, and returns the logits and the bytes each stage
-sent on. `pipeline_step` makes that from a deployed `Pipeline` of stateful stages.
+sent on. `pipeline_step` makes that from a deployed `Pipeline` of stateful stages, batching
+the decode steps of sequences that generate at once.
 
 Sampling is greedy by default; temperature, top-k, top-p and a repetition penalty are applied in
 that order, drawn from a seeded generator so that a seed repeats a run. Generation stops at an
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from periphery_core.errors import PeripheryError
+from periphery_core.generate.batching import PipelineSteps
 from periphery_core.generate.decoder import DecoderSpec
 from periphery_core.generate.stateful import CACHE_LOST
 from periphery_core.model.declared import read_json
@@ -281,16 +283,12 @@ def _generate(stepper: _Resilient, spec: DecoderSpec, prompt_ids: Sequence[int],
                       stepper.rebuilt)
 
 
-def pipeline_step(pipeline: Any, spec: DecoderSpec, timeout: float = 120.0) -> Step:
-    """`step` over a deployed pipeline of stateful stages (`Pipeline(decoder=spec)`)."""
-
-    def step(ids: np.ndarray, seq: int, pos: int) -> tuple[np.ndarray, tuple[int, ...]]:
-        future = pipeline.submit({spec.input_ids: ids},
-                                 {"seq": seq, "pos": pos, "new": int(ids.shape[1])})
-        outputs = future.result(timeout=timeout)
-        return outputs[spec.logits], tuple(getattr(future, "stage_bytes", ()))
-
-    return step
+def pipeline_step(pipeline: Any, spec: DecoderSpec, timeout: float = 120.0,
+                  batch: bool = True) -> PipelineSteps:
+    """`step` over a deployed pipeline of stateful stages (`Pipeline(decoder=spec)`); its
+    `release` is the `release` to give `generate`. Concurrent sequences' decode steps are
+    batched (generate.batching)."""
+    return PipelineSteps(pipeline, spec, batch=batch, timeout=timeout)
 
 
 def whole_model_step(loaded: Any, spec: DecoderSpec, exact: bool = False,

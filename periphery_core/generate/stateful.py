@@ -15,6 +15,7 @@ a sequence's cache when told.
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 from collections.abc import Mapping, Sequence
@@ -35,11 +36,16 @@ STATE_KEY = "periphery.state"
 CACHE_LOST = "its cache was lost"
 
 
+Slot = tuple[str, str, tuple[int, ...], str, int, int, str]
+"""One cache slot of a stage: past, present, empty shape, dtype, sequence axis, batch axis,
+layout (`CacheSlot`)."""
+
+
 @dataclass(frozen=True)
 class StageState:
     """What a stateful shard feeds itself: cache slots, and inputs made from the length."""
 
-    slots: tuple[tuple[str, str, tuple[int, ...], str, int], ...]  # past, present, shape, dt, axis
+    slots: tuple[Slot, ...]
     mask: tuple[str, str] | None = None  # (input name, dtype)
     positions: tuple[str, str] | None = None
 
@@ -50,8 +56,9 @@ class StageState:
     @classmethod
     def from_json(cls, text: str) -> StageState:
         data = json.loads(text)
-        slots = tuple((str(p), str(q), tuple(int(d) for d in shape), str(dt), int(axis))
-                      for p, q, shape, dt, axis in data["slots"])
+        slots = tuple((str(s[0]), str(s[1]), tuple(int(d) for d in s[2]), str(s[3]), int(s[4]),
+                       int(s[5]) if len(s) > 5 else 0, str(s[6]) if len(s) > 6 else "appended")
+                      for s in data["slots"])
         mask = tuple(data["mask"]) if data.get("mask") else None
         positions = tuple(data["positions"]) if data.get("positions") else None
         return cls(slots, mask, positions)
@@ -88,7 +95,7 @@ def make_stateful(shards: Sequence[onnx.ModelProto], spec: DecoderSpec) -> list[
         graph.output.extend(keep_out)
         inputs = {vi.name for vi in graph.input}
         state = StageState(
-            slots=tuple((p, s.present, s.empty_shape, s.dtype, s.axis)
+            slots=tuple((p, s.present, s.empty_shape, s.dtype, s.axis, s.batch_axis, s.layout)
                         for p, s in pasts.items() if p in inputs),
             mask=(spec.mask, spec.mask_dtype) if spec.mask and spec.mask in inputs else None,
             positions=(spec.positions, spec.positions_dtype)
@@ -103,6 +110,7 @@ def make_stateful(shards: Sequence[onnx.ModelProto], spec: DecoderSpec) -> list[
 class _Sequence:
     length: int
     cache: dict[str, np.ndarray] = field(default_factory=dict)
+    batch: int = 0  # the batched run whose outputs hold this cache (0: its own run)
 
     @property
     def nbytes(self) -> int:
@@ -125,8 +133,10 @@ class StatefulStage:
         self.budget_bytes = budget_bytes
         self._seqs: dict[int, _Sequence] = {}
         self._lock = threading.Lock()
-        self._presents = {q for _, q, _, _, _ in state.slots}
-        fed = {p for p, _, _, _, _ in state.slots}
+        # (batch, its sequences, its cache outputs): the last batched run, for reuse
+        self._last_batch: tuple[int, tuple[int, ...], dict[str, np.ndarray]] | None = None
+        self._presents = {s[1] for s in state.slots}
+        fed = {s[0] for s in state.slots}
         fed |= {made[0] for made in (state.mask, state.positions) if made is not None}
         self.input_names = [n for n in runner.input_names if n not in fed]
         self.output_names = [n for n in runner.output_names if n not in self._presents]
@@ -145,19 +155,17 @@ class StatefulStage:
         with self._lock:
             for s in seqs:
                 self._seqs.pop(s, None)
+            if self._last_batch is not None and set(seqs) & set(self._last_batch[1]):
+                self._last_batch = None
 
     def run(self, values: Mapping[str, np.ndarray], seq: int, pos: int,
             new: int) -> dict[str, np.ndarray]:
         """One step of sequence `seq`: `pos` tokens are cached, `new` arrive now."""
         with self._lock:
             current = self._seqs.get(seq)
-        length = current.length if current is not None else 0
-        if length != pos:
-            raise RuntimeFailure(
-                f"sequence {seq} holds {length} cached tokens here but the step says {pos}: "
-                f"{CACHE_LOST} (a node restarted?); start the sequence again")
+        self._check_length(seq, pos, current)
         feeds: dict[str, Any] = dict(values)
-        for past, _, shape, dtype, _axis in self.state.slots:
+        for past, _, shape, dtype, *_ in self.state.slots:
             feeds[past] = current.cache[past] if current is not None \
                 else np.zeros(shape, dtype=dtype)
         if self.state.mask is not None:
@@ -167,14 +175,103 @@ class StatefulStage:
             name, dtype = self.state.positions
             feeds[name] = np.arange(pos, pos + new, dtype=dtype)[np.newaxis]
         outputs = self.runner.run(feeds)
-        cache = {p: outputs[q] for p, q, _, _, _ in self.state.slots}
-        needed = sum(int(v.nbytes) for v in cache.values())
+        cache = {s[0]: outputs[s[1]] for s in self.state.slots}
+        self._store({seq: _Sequence(pos + new, cache)})
+        return {k: v for k, v in outputs.items() if k not in self._presents}
+
+    def run_batch(self, values: Mapping[str, np.ndarray], seqs: Sequence[int],
+                  poss: Sequence[int]) -> dict[str, np.ndarray]:
+        """One decode step (one new token each) of several sequences in one run.
+
+        `values` hold the sequences' rows in the order of `seqs`; `poss` are their cached
+        lengths. The pasts are padded to the longest and stacked on the batch axis, the mask
+        hides the padding and each row's positions start at its own length; afterwards each
+        sequence keeps its own rows. When the batch is the same sequences as the last one and
+        every cache is "packed" (its new token lands right after its own), the last run's
+        outputs are already this run's padded pasts, and nothing is copied.
+        """
+        if len(set(seqs)) != len(seqs) or len(seqs) != len(poss) or not seqs:
+            raise RuntimeFailure("a batched step must name distinct sequences, one position "
+                                 "each")
         with self._lock:
-            others = sum(s.nbytes for k, s in self._seqs.items() if k != seq)
+            current = [self._seqs.get(s) for s in seqs]
+        for seq, pos, cur in zip(seqs, poss, current, strict=True):
+            self._check_length(seq, pos, cur)
+        rows, longest = len(seqs), max(poss)
+        feeds: dict[str, Any] = dict(values)
+        last = self._last_batch
+        packed = all(s[6] == "packed" for s in self.state.slots)
+        reuse = (packed and last is not None and last[1] == tuple(seqs)
+                 and all(c is not None and c.batch == last[0] for c in current)
+                 and all(int(a.shape[s[4]]) == longest
+                         for s, a in zip(self.state.slots, last[2].values(), strict=True)))
+        for past, _, shape, dtype, axis, baxis, _ in self.state.slots:
+            if reuse and last is not None:
+                feeds[past] = last[2][past]
+                continue
+            full = list(shape)
+            full[baxis], full[axis] = rows, longest
+            padded = np.zeros(full, dtype=dtype)
+            for row, (pos, cur) in enumerate(zip(poss, current, strict=True)):
+                if pos and cur is not None:
+                    padded[_at(len(full), baxis, slice(row, row + 1), axis, slice(0, pos))] = \
+                        cur.cache[past]
+            feeds[past] = padded
+        if self.state.mask is not None:
+            name, dtype = self.state.mask
+            mask = np.zeros((rows, longest + 1), dtype=dtype)
+            for row, pos in enumerate(poss):
+                mask[row, :pos] = 1
+            mask[:, longest] = 1
+            feeds[name] = mask
+        if self.state.positions is not None:
+            name, dtype = self.state.positions
+            feeds[name] = np.asarray(poss, dtype=dtype)[:, np.newaxis]
+        outputs = self.runner.run(feeds)
+        batch = next(_BATCHES)
+        kept: dict[int, _Sequence] = {}
+        for row, (seq, pos) in enumerate(zip(seqs, poss, strict=True)):
+            cache = {}
+            for past, present, _, _, axis, baxis, layout in self.state.slots:
+                out = outputs[present]
+                n = len(out.shape)
+                if layout == "packed" or pos == longest:
+                    cache[past] = out[_at(n, baxis, slice(row, row + 1), axis, slice(0, pos + 1))]
+                else:  # the new token sits after the padding
+                    own = out[_at(n, baxis, slice(row, row + 1), axis, slice(0, pos))]
+                    new = out[_at(n, baxis, slice(row, row + 1), axis,
+                                  slice(longest, longest + 1))]
+                    cache[past] = np.concatenate([own, new], axis=axis)
+            kept[seq] = _Sequence(pos + 1, cache, batch)
+        self._store(kept)
+        self._last_batch = (batch, tuple(seqs),
+                            {s[0]: outputs[s[1]] for s in self.state.slots}) if packed else None
+        return {k: v for k, v in outputs.items() if k not in self._presents}
+
+    def _check_length(self, seq: int, pos: int, current: _Sequence | None) -> None:
+        length = current.length if current is not None else 0
+        if length != pos:
+            raise RuntimeFailure(
+                f"sequence {seq} holds {length} cached tokens here but the step says {pos}: "
+                f"{CACHE_LOST} (a node restarted?); start the sequence again")
+
+    def _store(self, kept: Mapping[int, _Sequence]) -> None:
+        needed = sum(s.nbytes for s in kept.values())
+        with self._lock:
+            others = sum(s.nbytes for k, s in self._seqs.items() if k not in kept)
             if others + needed > self.budget_bytes:
                 raise ClusterBusy(
                     f"busy: the KV cache budget ({self.budget_bytes / 2**20:.0f} MiB) is full "
                     f"with {len(self._seqs)} sequences; retry when one ends, or give the node "
                     "a larger --kv-budget")
-            self._seqs[seq] = _Sequence(pos + new, cache)
-        return {k: v for k, v in outputs.items() if k not in self._presents}
+            self._seqs.update(kept)
+
+
+_BATCHES = itertools.count(1)
+
+
+def _at(n: int, baxis: int, row: slice, axis: int, span: slice) -> tuple[slice, ...]:
+    """An index of `n` axes taking `row` on the batch axis and `span` on the sequence axis."""
+    index = [slice(None)] * n
+    index[baxis], index[axis] = row, span
+    return tuple(index)

@@ -75,10 +75,16 @@ _TIMES = Field("list", max_len=1024, items=Field("list", max_len=8, items=Field(
 _EPOCH = optional(Field("int", lo=0))
 _SPEED = optional(Field("number", lo=0.0, hi=1e6))  # 0: older nodes' "not measured yet"
 
-# A step of a decoder's sequence (stateful stages): its id, the tokens cached, the new ones.
+# A step of a decoder's sequence (stateful stages): its id, the tokens cached, the new ones;
+# or a decode step of several sequences batched into one run (one new token each, rows in the
+# order of `seqs`, `poss` their cached lengths).
 _SEQ = Field("int", lo=0)
-_STEP = {"seq": optional(_SEQ), "pos": optional(Field("int", lo=0, hi=1 << 24)),
-         "new": optional(Field("int", lo=1, hi=1 << 24))}
+_POS = Field("int", lo=0, hi=1 << 24)
+MAX_BATCH = 256
+_STEP = {"seq": optional(_SEQ), "pos": optional(_POS),
+         "new": optional(Field("int", lo=1, hi=1 << 24)),
+         "seqs": optional(Field("list", max_len=MAX_BATCH, items=_SEQ)),
+         "poss": optional(Field("list", max_len=MAX_BATCH, items=_POS))}
 
 KINDS: dict[str, dict[str, Field]] = {
     # control: master <-> node

@@ -1,0 +1,183 @@
+"""Steps of many sequences over a deployed pipeline, their decode steps batched.
+
+`PipelineSteps` is the `Step` that `generate` takes when the model runs on the cluster. A
+prefill goes down the pipeline on its own. A decode step waits for a dispatcher thread that
+sends the waiting steps of several sequences as one batched step: every stage runs them in one
+run (`StatefulStage.run_batch`), which on a CPU costs little more than one of them.
+
+How the batches form:
+- at most `depth` batches are in flight, one per stage, so every stage has work and none
+  waits for a batch to come back while others queue;
+- a batch takes at most its share of the sequences decoding (all of them over the stages), so
+  that the stages' batches stay even;
+- sequences whose last step just came back are waited for a moment (`grace_s`: they are
+  picking their next token), so a batch that came back together leaves together instead of
+  one step at a time.
+
+Only models whose steps can share a run (`DecoderSpec.batchable`) are batched; for others, and
+with `batch=False`, every step goes on its own.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from periphery_core.generate.decoder import DecoderSpec
+from periphery_core.wire.protocol import MAX_BATCH
+
+IDLE_S = 0.1
+
+
+@dataclass
+class _Waiting:
+    ids: np.ndarray
+    seq: int
+    pos: int
+    since: float = field(default_factory=time.perf_counter)
+    future: Future = field(default_factory=Future)
+
+
+class PipelineSteps:
+    """The `Step` of a deployed pipeline of stateful stages (`Pipeline(decoder=spec)`).
+
+    Args:
+        pipeline: the deployed pipeline.
+        spec: the decoder it runs.
+        batch: batch concurrent sequences' decode steps (when the model allows it).
+        max_batch: the most sequences in one batched step.
+        grace_s: how long a dispatch waits for sequences whose last step just came back.
+        timeout: how long one step may take before it fails.
+    """
+
+    def __init__(self, pipeline: Any, spec: DecoderSpec, *, batch: bool = True,
+                 max_batch: int = 32, grace_s: float = 0.003, timeout: float = 120.0) -> None:
+        self.pipeline = pipeline
+        self.spec = spec
+        self.batching = batch and spec.batchable
+        self.max_batch = max(1, min(max_batch, MAX_BATCH))
+        self.grace_s = grace_s
+        self.timeout = timeout
+        self.batches = 0  # batched steps sent, and the rows they carried (figures)
+        self.rows = 0
+        self._cond = threading.Condition()
+        self._waiting: list[_Waiting] = []
+        # sequences decoding through the dispatcher, and when each last asked for a step (one
+        # that ends without `release` is forgotten after `IDLE_S`)
+        self._active: dict[int, float] = {}
+        self._inflight: list[set[int]] = []  # the sequences of each batch in flight
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def __call__(self, ids: np.ndarray, seq: int, pos: int) -> tuple[np.ndarray, tuple[int, ...]]:
+        if not self.batching or ids.shape[0] != 1 or ids.shape[1] != 1:
+            future = self.pipeline.submit({self.spec.input_ids: ids},
+                                          {"seq": seq, "pos": pos, "new": int(ids.shape[1])})
+            outputs = future.result(timeout=self.timeout)
+            return outputs[self.spec.logits], tuple(getattr(future, "stage_bytes", ()))
+        waiting = _Waiting(ids, seq, pos)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the pipeline's steps were closed")
+            self._active[seq] = waiting.since
+            self._waiting.append(waiting)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._dispatch_loop, daemon=True,
+                                                name="decode-batches")
+                self._thread.start()
+            self._cond.notify_all()
+        return waiting.future.result(timeout=self.timeout)
+
+    def release(self, seq: int) -> None:
+        """Sequence `seq` ended: the stages free its caches, and no batch waits for it."""
+        with self._cond:
+            self._active.pop(seq, None)
+            self._cond.notify_all()
+        self.pipeline.master.release_sequences([seq])
+
+    @property
+    def mean_batch(self) -> float:
+        """Rows per batched step so far (0 before the first)."""
+        return self.rows / self.batches if self.batches else 0.0
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _depth(self) -> int:
+        plan = getattr(self.pipeline, "plan", None)
+        return max(1, len(plan.stages)) if plan is not None else 1
+
+    def _take(self) -> tuple[list[_Waiting] | None, float | None]:
+        """The next batch to send, or None and how long to wait (None: until woken)."""
+        depth = self._depth()
+        if not self._waiting or len(self._inflight) >= depth:
+            return None, None
+        busy = {w.seq for w in self._waiting}.union(*self._inflight)
+        now = time.perf_counter()
+        for seq in [s for s, t in self._active.items() if s not in busy and now - t > IDLE_S]:
+            del self._active[seq]
+        if self._active.keys() - busy:  # some just got their step back and will soon be here
+            left = self.grace_s - (now - self._waiting[0].since)
+            if left > 0:
+                return None, left
+        size = min(self.max_batch, max(1, math.ceil(len(self._active) / depth)))
+        take, self._waiting = self._waiting[:size], self._waiting[size:]
+        return take, None
+
+    def _dispatch_loop(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._closed:
+                        for w in self._waiting:
+                            w.future.set_exception(RuntimeError("the pipeline's steps closed"))
+                        self._waiting.clear()
+                        return
+                    take, wait = self._take()
+                    if take is not None:
+                        break
+                    self._cond.wait(wait)
+                rows = {w.seq for w in take}
+                self._inflight.append(rows)
+            self._send(take, rows)
+
+    def _send(self, take: list[_Waiting], rows: set[int]) -> None:
+        try:
+            ids = np.concatenate([w.ids for w in take], axis=0)
+            future = self.pipeline.submit(
+                {self.spec.input_ids: ids},
+                {"seqs": [w.seq for w in take], "poss": [w.pos for w in take]})
+        except Exception as exc:
+            self._finish(take, rows, None, exc)
+            return
+        self.batches += 1
+        self.rows += len(take)
+        future.add_done_callback(lambda f: self._finish(take, rows, f, f.exception()))
+
+    def _finish(self, take: list[_Waiting], rows: set[int], future: Future | None,
+                error: BaseException | None) -> None:
+        with self._cond:
+            if rows in self._inflight:
+                self._inflight.remove(rows)
+            self._cond.notify_all()
+        if error is not None or future is None:
+            for w in take:
+                w.future.set_exception(error or RuntimeError("the batch was not sent"))
+            return
+        logits = future.result()[self.spec.logits]
+        sent = tuple(getattr(future, "stage_bytes", ()))
+        per_row = tuple(round(b / len(take)) for b in sent)
+        for row, w in enumerate(take):
+            w.future.set_result((logits[row:row + 1], per_row))

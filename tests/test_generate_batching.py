@@ -1,0 +1,194 @@
+"""Decode steps of several sequences batched into one run of each stage.
+
+The stages are real ONNX Runtime sessions of real decoders from ../shared: SmolLM2
+(GroupQueryAttention, "packed" caches, where batching is bit-exact) and the GPT-2 stacked-cache
+model (com.microsoft Attention, "appended" caches, position ids given). Batched runs are
+compared with the same steps run one sequence at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+
+import numpy as np
+import pytest
+
+from periphery_core.errors import RuntimeFailure
+from periphery_core.generate.decoder import recognize
+from periphery_core.generate.engine import Sampling, TextCodec, generate, pipeline_step
+from periphery_core.generate.planning import plan_model
+from periphery_core.generate.stateful import CACHE_LOST, StatefulStage, make_stateful, stage_state
+from periphery_core.model import analyze, load_model
+from periphery_core.partition.extract import extract_shards
+from periphery_core.partition.plan import DeviceSpec
+from periphery_core.partition.planner import make_plan
+from periphery_core.runtime.chain import StageRunner
+from periphery_core.runtime.session import SessionConfig
+from tests.conftest import require_shared
+from tests.test_cli import assert_bad_input, cli, ok
+from tests.test_generate import GPT2, PROMPTS, SMOLLM, _deployed, _genai_greedy, _smollm
+
+
+def _chain(path, k: int):  # type: ignore[no-untyped-def]
+    """The decoder at `path` split into `k` stateful stages, twice (two independent chains)."""
+    require_shared()
+    loaded = load_model(path)
+    spec = recognize(loaded)
+    assert spec is not None and spec.batchable
+    analysis = analyze(loaded)
+    shards = make_stateful(extract_shards(loaded, analysis, make_plan(analysis, k)), spec)
+
+    def stages() -> list[StatefulStage]:
+        out = []
+        for shard in shards:
+            state = stage_state(shard)
+            assert state is not None
+            out.append(StatefulStage(StageRunner(shard, SessionConfig(exact=False)), state,
+                                     1 << 30))
+        return out
+
+    return spec, stages(), stages()
+
+
+def _single(stages, spec, ids, seq, pos):  # type: ignore[no-untyped-def]
+    values = {spec.input_ids: np.asarray(ids, dtype=spec.ids_dtype)}
+    for stage in stages:
+        values = stage.run(values, seq, pos, len(ids[0]))
+    return values[spec.logits]
+
+
+def _batched(stages, spec, tokens, seqs, poss):  # type: ignore[no-untyped-def]
+    values = {spec.input_ids: np.asarray([[t] for t in tokens], dtype=spec.ids_dtype)}
+    for stage in stages:
+        values = stage.run_batch(values, seqs, poss)
+    return values[spec.logits]
+
+
+@pytest.mark.parametrize(("path", "exact"), [(SMOLLM, True), (GPT2, False)],
+                         ids=["smollm2-packed", "gpt2-appended"])
+def test_batched_decode_steps_equal_steps_one_sequence_at_a_time(path, exact: bool) -> None:
+    """Sequences of different lengths share each run of a 2-stage chain (what crosses the
+    boundary is batched too); the batch changes as sequences join and its order changes.
+    Every row's logits and every cache kept afterwards equal the one-at-a-time run's: bit for
+    bit on SmolLM2, within float rounding on GPT-2's fp32 MatMuls."""
+    spec, one, many = _chain(path, 2)
+    rng = np.random.default_rng(7)
+    lengths = {1: 5, 2: 11, 3: 3, 4: 8}
+    last: dict[int, int] = {}
+    for seq, n in lengths.items():
+        ids = rng.integers(3, 900, (1, n)).tolist()
+        a = _single(one, spec, ids, seq, 0)
+        b = _single(many, spec, ids, seq, 0)
+        assert np.array_equal(a, b)
+        last[seq] = int(a[0, -1].argmax())
+    pos = dict(lengths)
+    # the same batch three times (its outputs are reused as the next pasts where "packed"),
+    # then a reordered batch, then a sequence joins (both copy the pasts into a new batch)
+    for seqs in ([1, 2, 3], [1, 2, 3], [1, 2, 3], [3, 1, 2], [3, 1, 2, 4], [2, 4]):
+        single = [_single(one, spec, [[last[s]]], s, pos[s])[0, -1] for s in seqs]
+        batched = _batched(many, spec, [last[s] for s in seqs], seqs, [pos[s] for s in seqs])
+        assert batched.shape[0] == len(seqs)
+        for row, s in enumerate(seqs):
+            if exact:
+                assert np.array_equal(batched[row, -1], single[row]), (seqs, s)
+            else:
+                np.testing.assert_allclose(batched[row, -1], single[row], atol=1e-5)
+            last[s] = int(single[row].argmax())
+            pos[s] += 1
+    for a, b in zip(one, many, strict=True):
+        assert a.sequences == b.sequences == 4 and a.cache_bytes == b.cache_bytes
+        for seq in lengths:
+            for name, value in a._seqs[seq].cache.items():
+                kept = b._seqs[seq].cache[name]
+                assert kept.shape == value.shape
+                if exact:
+                    assert np.array_equal(kept, value)
+                else:
+                    np.testing.assert_allclose(kept, value, atol=1e-5)
+
+
+def test_a_bad_batch_fails_alone_and_says_why() -> None:
+    spec, stages, _ = _chain(GPT2, 1)
+    (stage,) = stages
+    ids = np.asarray([[5, 17, 300]], dtype=spec.ids_dtype)
+    stage.run({spec.input_ids: ids}, seq=1, pos=0, new=3)
+    stage.run({spec.input_ids: ids}, seq=2, pos=0, new=3)
+    step = {spec.input_ids: np.asarray([[4], [4]], dtype=spec.ids_dtype)}
+    with pytest.raises(RuntimeFailure, match=CACHE_LOST):  # sequence 2 holds 3, not 2
+        stage.run_batch(step, [1, 2], [3, 2])
+    with pytest.raises(RuntimeFailure, match="distinct sequences"):
+        stage.run_batch(step, [1, 1], [3, 3])
+    with pytest.raises(RuntimeFailure, match="one position each"):
+        stage.run_batch(step, [1, 2], [3])
+    out = stage.run_batch(step, [1, 2], [3, 3])  # nothing was spoiled by the refusals
+    assert out[spec.logits].shape[0] == 2 and stage.sequences == 2
+
+
+def test_concurrent_sequences_share_batched_steps_over_node_processes() -> None:
+    """4 sequences at once over 2 node processes: their decode steps travel batched (more
+    than one sequence per step on average) and every sequence's greedy tokens are exactly
+    onnxruntime-genai's."""
+    loaded, spec = _smollm()
+    codec = TextCodec(spec.folder)
+    prompts = [codec.encode(codec.prompt(p)) for p in PROMPTS[:4]]
+    expected = _genai_greedy(SMOLLM, prompts, 24, spec.eos_ids)
+    got: list[object] = [None] * len(prompts)
+    with _deployed(loaded, spec, 2) as (_, _, pipeline):
+        step = pipeline_step(pipeline, spec)
+
+        def run(i: int) -> None:
+            try:
+                got[i] = generate(step, spec, prompts[i], Sampling(max_new_tokens=24),
+                                  release=step.release).ids
+            except Exception as exc:  # asserted below
+                got[i] = exc
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert step.batches > 0 and step.mean_batch > 1.2, step.mean_batch
+        step.close()
+    assert got == expected
+
+
+def test_a_decoder_is_planned_on_measured_decode_costs() -> None:
+    """On nodes whose speed check says 20x (what local nodes here report), FLOP estimates
+    made SmolLM2's compute look cheap next to the logits the last stage sends, and the plan
+    left that stage no layer at all; planned on a measured decode step, K = 2 gives each stage
+    a fair share of the 30 layers and says its costs are measured."""
+    loaded, spec = _smollm()
+    nodes = [DeviceSpec(name=f"node{i}", speed=20.0, bandwidth=1.25e8) for i in range(2)]
+    plan = plan_model(loaded, analyze(loaded), 2, devices=nodes, decoder=spec)
+    assert plan.cost_basis == "profile"
+    layers = [len({n.split("/")[2] for n in s.nodes if n.startswith("/model/layers.")})
+              for s in plan.stages]
+    assert min(layers) >= 10, layers
+    fast, slow = sorted(s.compute_s for s in plan.stages)
+    assert slow <= 1.5 * fast
+
+
+def test_generate_cli_runs_several_prompts_at_once(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The user's path: `periphery generate` with several prompts over 2 local node processes
+    gives each prompt the tokens it gets alone, with steps shared between them."""
+    _, spec = _smollm()
+    codec = TextCodec(spec.folder)
+    asked = PROMPTS[:3]
+    expected = _genai_greedy(SMOLLM, [codec.encode(codec.prompt(p)) for p in asked], 12,
+                             spec.eos_ids)
+    listed = tmp_path / "prompts.txt"
+    listed.write_text("\n".join(asked[1:]) + "\n\n", encoding="utf-8")
+    out = json.loads(ok("generate", SMOLLM, "--local", "--shards", "2", "--prompt", asked[0],
+                        "--prompts", listed, "--max-new-tokens", "12", "--json").stdout)
+    assert [r["ids"] for r in out["results"]] == expected
+    assert out["sequences"] == 3 and out["aggregate_tokens_per_s"] > 0
+    assert out["sequences_per_step"] > 1.0
+    text = ok("generate", SMOLLM, "--local", "--shards", "1", "--prompt", asked[0],
+              "--prompt", asked[2], "--max-new-tokens", "6")
+    assert sorted(re.findall(r"^\[(\d)\] ", text.stdout, re.MULTILINE)) == ["1", "2"]
+    assert "2 sequences" in text.stderr and "tokens/s together" in text.stderr
+    assert_bad_input(cli("generate", SMOLLM, "--local", "--max-new-tokens", "4"),
+                     r"--prompt TEXT .*--prompts FILE")

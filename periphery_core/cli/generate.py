@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,37 +54,9 @@ def generate(model: Path, plan_path: Path | None, shards: int | None, peers: tup
 
     Several prompts are generated at once and printed as each ends (with --json, one object
     with a result per prompt and the aggregate rate)."""
-    from periphery_core.cli.render import print_json
-    from periphery_core.cluster.keys import keyring_or_insecure
-    from periphery_core.cluster.local import LocalCluster
-    from periphery_core.cluster.master import Master
-    from periphery_core.cluster.pipeline import Pipeline
-    from periphery_core.generate.decoder import recognize
-    from periphery_core.generate.engine import (
-        Sampling,
-        TextCodec,
-        pipeline_step,
-    )
-    from periphery_core.generate.engine import (
-        generate as run_generate,
-    )
-    from periphery_core.model import analyze, load_model
-    from periphery_core.partition.plan import load_plan, require_plan_for
+    from periphery_core.generate.engine import Sampling, TextCodec, pipeline_step
+    from periphery_core.generate.engine import generate as run_generate
 
-    loaded = load_model(model)
-    spec = recognize(loaded)
-    if spec is None:
-        raise PeripheryError(f"{loaded.name} is not a decoder with a KV cache that Periphery "
-                             "recognises (GenAI folder, past_key_values.N.key/value, or "
-                             "past_N): use 'periphery run' for other models")
-    if plan_path is not None and shards is not None:
-        raise PeripheryError("give --plan or --shards, not both")
-    plan = load_plan(plan_path) if plan_path is not None else None
-    if plan is not None:
-        require_plan_for(plan, loaded.sha256, loaded.name, str(plan_path))
-    k = plan.k if plan is not None else (shards or 2)
-    if k < 1:
-        raise PeripheryError("--shards must be at least 1")
     sampling = Sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
                         stops)
     sampling.check()
@@ -91,44 +64,30 @@ def generate(model: Path, plan_path: Path | None, shards: int | None, peers: tup
     if not texts:
         raise PeripheryError("give the text to start from: --prompt TEXT (repeatable) or "
                              "--prompts FILE")
-    codec = TextCodec(spec.folder)
-    prompt_ids = [codec.encode(codec.prompt(t, system, chat=not no_chat)) for t in texts]
-    analysis = analyze(loaded)
-    # Local nodes share this machine's cores evenly.
-    threads = max(1, (os.cpu_count() or 1) // k)
-    cluster_ctx = LocalCluster(k, secure=not insecure, threads=threads) if local else None
-    ring = None if local else keyring_or_insecure(keys, insecure)
-    stack = contextlib.ExitStack()
 
     def stream(piece: str) -> None:
         if not as_json:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-    try:
-        if cluster_ctx is not None:
-            cluster_ctx.start()
-            ring = cluster_ctx.master_keys
-        master = stack.enter_context(Master(keys=ring))
-        names = [d.name for d in plan.devices] if plan is not None else []
-        chosen = connect_nodes(master, cluster_ctx, peers, mdns, k, names)
-        pipeline = Pipeline(master, loaded, analysis, k=k, plan=plan, exact=not optimize,
-                            decoder=spec)
-        stack.callback(pipeline.close)
-        pipeline.deploy([h.node_id for h in chosen])
+    loaded, spec = open_decoder(model)
+    codec = TextCodec(spec.folder)
+    prompt_ids = [codec.encode(codec.prompt(t, system, chat=not no_chat)) for t in texts]
+    with deployed_decoder(loaded, spec, plan_path, shards, peers, local, mdns, optimize, keys,
+                          insecure) as (pipeline, k):
         step = pipeline_step(pipeline, spec)
-        stack.callback(step.close)
-        if len(prompt_ids) == 1:
-            results = [run_generate(step, spec, prompt_ids[0], sampling, codec, on_text=stream,
-                                    release=step.release)]
-            wall = results[0].ttft_s + results[0].decode_s
-        else:
-            results, wall = _at_once(step, spec, prompt_ids, sampling, codec, as_json)
-    finally:
-        stack.close()
-        if cluster_ctx is not None:
-            cluster_ctx.stop()
+        try:
+            if len(prompt_ids) == 1:
+                results = [run_generate(step, spec, prompt_ids[0], sampling, codec,
+                                        on_text=stream, release=step.release)]
+                wall = results[0].ttft_s + results[0].decode_s
+            else:
+                results, wall = _at_once(step, spec, prompt_ids, sampling, codec, as_json)
+        finally:
+            step.close()
     model_line = spec.describe()
+    from periphery_core.cli.render import print_json
+
     if len(results) > 1:
         _report_many(results, wall, step.mean_batch, k, model_line, as_json)
         return
@@ -223,3 +182,59 @@ def _report_many(results: list[Any], wall: float, mean_batch: float, k: int, mod
         f"{len(results)} sequences, {tokens} tokens in {wall:.2f} s: {rate:.1f} tokens/s "
         f"together over {k} stages, {mean_batch:.1f} sequences per decode step",
         highlight=False)
+
+
+def open_decoder(model: Path) -> tuple[Any, Any]:
+    """The model and its DecoderSpec; one line if it is not a decoder Periphery knows."""
+    from periphery_core.generate.decoder import recognize
+    from periphery_core.model import load_model
+
+    loaded = load_model(model)
+    spec = recognize(loaded)
+    if spec is None:
+        raise PeripheryError(f"{loaded.name} is not a decoder with a KV cache that Periphery "
+                             "recognises (GenAI folder, past_key_values.N.key/value, or "
+                             "past_N): use 'periphery run' for other models")
+    return loaded, spec
+
+
+@contextlib.contextmanager
+def deployed_decoder(loaded: Any, spec: Any, plan_path: Path | None, shards: int | None,
+                     peers: tuple[str, ...], local: bool, mdns: bool, optimize: bool,
+                     keys: Path | None, insecure: bool) -> Iterator[tuple[Any, int]]:
+    """A decoder LLM planned and deployed as stateful stages (on local node processes, or on
+    the nodes given or found); yields (the Pipeline, K), and stops what it started on the way
+    out."""
+    from periphery_core.cluster.keys import keyring_or_insecure
+    from periphery_core.cluster.local import LocalCluster
+    from periphery_core.cluster.master import Master
+    from periphery_core.cluster.pipeline import Pipeline
+    from periphery_core.model import analyze
+    from periphery_core.partition.plan import load_plan, require_plan_for
+
+    if plan_path is not None and shards is not None:
+        raise PeripheryError("give --plan or --shards, not both")
+    plan = load_plan(plan_path) if plan_path is not None else None
+    if plan is not None:
+        require_plan_for(plan, loaded.sha256, loaded.name, str(plan_path))
+    k = plan.k if plan is not None else (shards or 2)
+    if k < 1:
+        raise PeripheryError("--shards must be at least 1")
+    analysis = analyze(loaded)
+    # Local nodes share this machine's cores evenly.
+    threads = max(1, (os.cpu_count() or 1) // k)
+    cluster_ctx = LocalCluster(k, secure=not insecure, threads=threads) if local else None
+    ring = None if local else keyring_or_insecure(keys, insecure)
+    with contextlib.ExitStack() as stack:
+        if cluster_ctx is not None:
+            stack.callback(cluster_ctx.stop)
+            cluster_ctx.start()
+            ring = cluster_ctx.master_keys
+        master = stack.enter_context(Master(keys=ring))
+        names = [d.name for d in plan.devices] if plan is not None else []
+        chosen = connect_nodes(master, cluster_ctx, peers, mdns, k, names)
+        pipeline = Pipeline(master, loaded, analysis, k=k, plan=plan, exact=not optimize,
+                            decoder=spec)
+        stack.callback(pipeline.close)
+        pipeline.deploy([h.node_id for h in chosen])
+        yield pipeline, k

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,13 +114,26 @@ class TextCodec:
         """The text the model sees: the chat template applied, or the text as it is."""
         if not chat or self.template is None:
             return user if system is None else f"{system}\n{user}"
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": user}]
+        return self.chat(messages)
+
+    def chat(self, messages: Sequence[Mapping[str, str]]) -> str:
+        """A conversation (role and content per message) as the model sees it, ready for the
+        assistant's turn; without a chat template, the contents one a line."""
+        if self.template is None:
+            return "\n".join(m["content"] for m in messages)
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        return env.from_string(self.template).render(
-            messages=messages, add_generation_prompt=True, **self.specials)
+        try:
+            return env.from_string(self.template).render(
+                messages=[dict(m) for m in messages], add_generation_prompt=True,
+                **self.specials)
+        except TemplateError as exc:  # a template's raise_exception, or one it cannot render
+            raise GenerationError(f"the model's chat template refused the messages: "
+                                  f"{exc}") from None
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)

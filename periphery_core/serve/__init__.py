@@ -1,0 +1,1 @@
+"""`periphery serve`: an OpenAI-compatible HTTP endpoint for a language model on the cluster."""

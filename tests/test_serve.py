@@ -1,0 +1,251 @@
+"""`periphery serve` as a user runs it: a real server process over 2 local node processes of
+SmolLM2, reached with the official `openai` client and with raw HTTP."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from periphery_core.generate.engine import TextCodec
+from tests.conftest import MODELS, require_shared
+from tests.test_cli import ROOT, assert_bad_input, cli
+from tests.test_generate import SMOLLM, _genai_greedy
+
+KEY = "test-key-0123456789"
+PROMPT = "What is the capital of France?"
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen[str], port: int) -> None:
+        self.proc, self.port = proc, port
+        self.base = f"http://127.0.0.1:{port}/v1"
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                key: str | None = KEY, conn: http.client.HTTPConnection | None = None
+                ) -> tuple[int, bytes]:
+        c = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        headers = {"Content-Type": "application/json"}
+        if key is not None:
+            headers["Authorization"] = f"Bearer {key}"
+        c.request(method, path, body=body, headers=headers)
+        response = c.getresponse()
+        data = response.read()
+        if conn is None:
+            c.close()
+        return response.status, data
+
+    def metrics(self) -> str:
+        status, data = self.request("GET", "/metrics")
+        assert status == 200
+        return data.decode()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    require_shared()
+    env = {**os.environ, "COLUMNS": "400"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "periphery_core.cli.main", "serve", str(SMOLLM), "--local",
+         "--shards", "2", "--port", "0", "--api-key", KEY, "--max-concurrent", "8"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = ""
+        deadline = time.time() + 180
+        assert proc.stderr is not None
+        while time.time() < deadline:
+            line = proc.stderr.readline()
+            if not line and proc.poll() is not None:
+                pytest.fail(f"periphery serve exited {proc.returncode}: {seen}")
+            seen += line
+            found = re.search(r"http://127\.0\.0\.1:(\d+)/v1", seen)
+            if found:
+                break
+        else:
+            pytest.fail(f"periphery serve did not start: {seen}")
+        # keep reading its stderr, so that it never blocks on a full pipe
+        threading.Thread(target=proc.stderr.read, daemon=True).start()
+        yield Server(proc, int(found.group(1)))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _client(server: Server, key: str = KEY):  # type: ignore[no-untyped-def]
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=server.base, api_key=key, max_retries=0, timeout=120)
+
+
+def _expected(n: int, prompt: str = PROMPT) -> str:
+    spec_codec = TextCodec(SMOLLM)
+    ids = spec_codec.encode(spec_codec.prompt(prompt))
+    (tokens,) = _genai_greedy(SMOLLM, [ids], n, (2,))
+    return spec_codec.decode(tokens)
+
+
+def test_the_openai_client_streams_the_greedy_reply(server: Server) -> None:
+    client = _client(server)
+    assert [m.id for m in client.models.list().data] == ["smollm2-135m-instruct-int4"]
+    stream = client.chat.completions.create(
+        model="smollm2-135m-instruct-int4", messages=[{"role": "user", "content": PROMPT}],
+        max_tokens=16, temperature=0, stream=True)
+    pieces, finish = [], None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+    expected = _expected(16)
+    assert "".join(pieces) == expected and "Paris" in expected
+    assert len(pieces) > 3 and finish == "length"
+    whole = client.chat.completions.create(
+        model="x", messages=[{"role": "system", "content": "Answer briefly."},
+                             {"role": "user", "content": PROMPT}], max_tokens=8)
+    assert whole.choices[0].message.content and whole.usage is not None
+    assert whole.usage.completion_tokens == 8 and whole.usage.prompt_tokens > 10
+    text = client.completions.create(model="x", prompt="The sky is", max_tokens=6)
+    assert text.choices[0].text and text.usage is not None
+    assert text.usage.completion_tokens == 6
+
+
+def test_eight_clients_stream_at_once_and_a_ninth_is_told_busy(server: Server) -> None:
+    openai = pytest.importorskip("openai")
+    client = _client(server)
+    started = threading.Barrier(9, timeout=120)
+    done: list[object] = [None] * 8
+
+    def one(i: int) -> None:
+        try:
+            stream = client.chat.completions.create(
+                model="x", messages=[{"role": "user", "content": f"Count to {i + 3}."}],
+                max_tokens=40, stream=True)
+            text, first = "", True
+            for chunk in stream:
+                if first:
+                    first = False
+                    started.wait()
+                if chunk.choices and chunk.choices[0].delta.content:
+                    text += chunk.choices[0].delta.content
+            done[i] = text
+        except Exception as exc:  # asserted below
+            done[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    started.wait()  # all 8 hold a slot now
+    with pytest.raises(openai.RateLimitError, match="busy"):
+        client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=4)
+    for t in threads:
+        t.join(timeout=180)
+    assert all(isinstance(d, str) and d for d in done), done
+    figures = server.metrics()
+    assert re.search(r'periphery_sequences_total\{outcome="rejected"\} [1-9]', figures)
+    per_step = re.search(r"^periphery_sequences_per_step (\S+)$", figures, re.MULTILINE)
+    assert per_step and float(per_step[1]) > 1.0
+
+
+def test_a_client_gone_mid_stream_leaves_no_cache_on_any_node(server: Server) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    body = json.dumps({"messages": [{"role": "user", "content": "Tell me a long story."}],
+                       "max_tokens": 400, "stream": True}).encode()
+    conn.request("POST", "/v1/chat/completions", body=body,
+                 headers={"Authorization": f"Bearer {KEY}",
+                          "Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    got = b""
+    while got.count(b"data:") < 6:
+        got += response.read1(4096)
+    conn.sock.close()  # the client goes away mid-stream
+    conn.close()
+    deadline = time.time() + 30
+    held = None
+    while time.time() < deadline:
+        figures = server.metrics()
+        held = [int(float(v)) for v in re.findall(r"periphery_kv_cache_bytes\{[^}]*\} (\S+)",
+                                                   figures)]
+        cancelled = re.search(r'periphery_sequences_total\{outcome="cancelled"\} (\S+)',
+                              figures)
+        if (len(held) == 2 and not any(held) and cancelled and float(cancelled[1]) >= 1
+                and "periphery_sequences_in_flight 0.0" in figures):
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"caches still held on the nodes: {held}")
+
+
+def test_keys_and_bad_bodies_get_4xx_and_the_server_keeps_serving(server: Server) -> None:
+    chat = json.dumps({"messages": [{"role": "user", "content": "hi"}],
+                       "max_tokens": 2}).encode()
+    assert server.request("POST", "/v1/chat/completions", chat, key=None)[0] == 401
+    status, data = server.request("POST", "/v1/chat/completions", chat, key="wrong-key-xyz")
+    assert status == 401 and json.loads(data)["error"]["code"] == "invalid_api_key"
+    assert server.request("GET", "/v1/models", key=None)[0] == 401
+    bad: list[tuple[str, bytes]] = [
+        ("/v1/chat/completions", b"{not json"),
+        ("/v1/chat/completions", b"[]"),
+        ("/v1/chat/completions", b"{}"),
+        ("/v1/chat/completions", json.dumps({"messages": []}).encode()),
+        ("/v1/chat/completions", json.dumps({"messages": [{"role": "wizard",
+                                                            "content": "x"}]}).encode()),
+        ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": 5}]})
+         .encode()),
+        ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "x"}],
+                                             "temperature": -1}).encode()),
+        ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "x"}],
+                                             "n": 3}).encode()),
+        ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "x"}],
+                                             "max_tokens": 10**9}).encode()),
+        ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "x"}],
+                                             "stop": ["a"] * 40}).encode()),
+        ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "x"}],
+                                             "max_tokens": 9000}).encode()),
+        ("/v1/chat/completions", b'{"messages": "' + b"x" * (2 << 20) + b'"}'),
+        ("/v1/completions", json.dumps({"prompt": ["a", "b"]}).encode()),
+        ("/v1/completions", json.dumps({"prompt": None}).encode()),
+        ("/v1/completions", b"\xff\xfe\x00garbage"),
+    ]
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    statuses: dict[int, int] = {}
+    for i in range(1000):
+        path, body = bad[i % len(bad)]
+        try:
+            status, data = server.request("POST", path, body, conn=conn)
+        except (http.client.HTTPException, OSError):  # the server closed after a 413
+            conn.close()
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+            status, data = server.request("POST", path, body, conn=conn)
+        assert 400 <= status < 500, (path, body[:80], status, data[:200])
+        assert json.loads(data)["error"]["message"], data
+        statuses[status] = statuses.get(status, 0) + 1
+    conn.close()
+    assert set(statuses) == {400, 413}
+    status, data = server.request("POST", "/v1/chat/completions", chat)
+    assert status == 200 and json.loads(data)["choices"][0]["message"]["content"]
+    assert json.loads(server.request("GET", "/health")[1])["status"] == "ok"
+
+
+def test_serve_refuses_what_it_cannot_do_in_one_line() -> None:
+    require_shared()
+    assert_bad_input(cli("serve", SMOLLM, "--local", "--host", "0.0.0.0"),
+                     r"--host 0\.0\.0\.0 .*--api-key")
+    assert_bad_input(cli("serve", MODELS / "mnist-8.onnx", "--local"),
+                     r"not a decoder.*periphery run")
+    assert_bad_input(cli("serve", SMOLLM, "--local", "--api-key", "short"),
+                     r"at least 8 characters")
+

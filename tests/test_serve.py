@@ -3,6 +3,7 @@ SmolLM2, reached with the official `openai` client and with raw HTTP."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -13,7 +14,10 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import msgpack
+import numpy as np
 import pytest
 
 from periphery_core.generate.engine import TextCodec
@@ -50,13 +54,14 @@ class Server:
         return data.decode()
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
+@contextlib.contextmanager
+def _serving(model: Path, *args: str) -> Iterator[Server]:
+    """`periphery serve MODEL --local --port 0 ARGS` as a process, until the block ends."""
     require_shared()
     env = {**os.environ, "COLUMNS": "400"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "periphery_core.cli.main", "serve", str(SMOLLM), "--local",
-         "--shards", "2", "--port", "0", "--api-key", KEY, "--max-concurrent", "8"],
+        [sys.executable, "-m", "periphery_core.cli.main", "serve", str(model), "--local",
+         "--port", "0", *args],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         seen = ""
@@ -82,6 +87,12 @@ def server() -> Iterator[Server]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    with _serving(SMOLLM, "--shards", "2", "--api-key", KEY, "--max-concurrent", "8") as s:
+        yield s
 
 
 def _client(server: Server, key: str = KEY):  # type: ignore[no-untyped-def]
@@ -244,8 +255,53 @@ def test_serve_refuses_what_it_cannot_do_in_one_line() -> None:
     require_shared()
     assert_bad_input(cli("serve", SMOLLM, "--local", "--host", "0.0.0.0"),
                      r"--host 0\.0\.0\.0 .*--api-key")
-    assert_bad_input(cli("serve", MODELS / "mnist-8.onnx", "--local"),
-                     r"not a decoder.*periphery run")
     assert_bad_input(cli("serve", SMOLLM, "--local", "--api-key", "short"),
                      r"at least 8 characters")
 
+
+
+def test_other_models_take_named_tensors_at_v1_infer() -> None:
+    """A model that is not a language model: POST /v1/infer over 2 node processes, in JSON and
+    in msgpack, gives what ONNX Runtime gives on the whole model; wrong inputs are one 400
+    line each, and the chat routes are not there."""
+    import onnxruntime as ort
+
+    model = MODELS / "mnist-8.onnx"
+    image = np.random.default_rng(3).random((1, 1, 28, 28), dtype=np.float32)
+    (expected,) = ort.InferenceSession(str(model)).run(None, {"Input3": image})
+    with _serving(model, "--shards", "2") as srv:
+        body = {"inputs": {"Input3": {"dtype": "float32", "shape": [1, 1, 28, 28],
+                                      "data": image.tolist()}}}
+        status, data = srv.request("POST", "/v1/infer", json.dumps(body).encode(), key=None)
+        assert status == 200, data
+        (out,) = json.loads(data)["outputs"].values()
+        assert out["shape"] == [1, 10] and out["dtype"] == "float32"
+        np.testing.assert_allclose(np.asarray(out["data"], np.float32), expected, atol=1e-4)
+        packed = msgpack.packb({"inputs": {"Input3": {
+            "dtype": "float32", "shape": [1, 1, 28, 28], "data": image.tobytes()}}})
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+        conn.request("POST", "/v1/infer", body=packed,
+                     headers={"Content-Type": "application/msgpack"})
+        reply = conn.getresponse()
+        assert reply.status == 200 and reply.getheader("content-type") == "application/msgpack"
+        (got,) = msgpack.unpackb(reply.read())["outputs"].values()
+        conn.close()
+        got_array = np.frombuffer(got["data"], np.float32).reshape(got["shape"])
+        np.testing.assert_allclose(got_array, expected, atol=1e-4)
+        wrong = [
+            ({"inputs": {"image": body["inputs"]["Input3"]}}, "missing Input3; unknown image"),
+            ({"inputs": {"Input3": {**body["inputs"]["Input3"], "dtype": "float64"}}},
+             "is float32, not float64"),
+            ({"inputs": {"Input3": {**body["inputs"]["Input3"], "shape": [1, 28, 28]}}},
+             "has shape"),
+            ({"inputs": {"Input3": {**body["inputs"]["Input3"], "dtype": "object"}}},
+             "is not one of"),
+            ({"inputs": {"Input3": {**body["inputs"]["Input3"], "data": [1, 2]}}},
+             "2 values for shape"),
+        ]
+        for request, message in wrong:
+            status, data = srv.request("POST", "/v1/infer", json.dumps(request).encode(),
+                                       key=None)
+            assert status == 400 and message in json.loads(data)["error"]["message"], data
+        status, data = srv.request("POST", "/v1/chat/completions", b"{}", key=None)
+        assert status == 404 and "/v1/infer" in json.loads(data)["error"]["message"]

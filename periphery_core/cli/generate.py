@@ -202,9 +202,9 @@ def open_decoder(model: Path) -> tuple[Any, Any]:
 def deployed_decoder(loaded: Any, spec: Any, plan_path: Path | None, shards: int | None,
                      peers: tuple[str, ...], local: bool, mdns: bool, optimize: bool,
                      keys: Path | None, insecure: bool) -> Iterator[tuple[Any, int]]:
-    """A decoder LLM planned and deployed as stateful stages (on local node processes, or on
-    the nodes given or found); yields (the Pipeline, K), and stops what it started on the way
-    out."""
+    """A model planned and deployed (on local node processes, or on the nodes given or
+    found): a decoder LLM (`spec` its DecoderSpec) as stateful stages, any other model (`spec`
+    None) as plain ones; yields (the Pipeline, K), and stops what it started on the way out."""
     from periphery_core.cluster.keys import keyring_or_insecure
     from periphery_core.cluster.local import LocalCluster
     from periphery_core.cluster.master import Master
@@ -220,7 +220,7 @@ def deployed_decoder(loaded: Any, spec: Any, plan_path: Path | None, shards: int
     k = plan.k if plan is not None else (shards or 2)
     if k < 1:
         raise PeripheryError("--shards must be at least 1")
-    analysis = analyze(loaded)
+    analysis = analyze(loaded, plan.input_shapes if plan is not None else None)
     # Local nodes share this machine's cores evenly.
     threads = max(1, (os.cpu_count() or 1) // k)
     cluster_ctx = LocalCluster(k, secure=not insecure, threads=threads) if local else None

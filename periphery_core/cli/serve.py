@@ -15,7 +15,7 @@ import click
 
 from periphery_core.cli.cluster import keys_options, peer_option
 from periphery_core.cli.common import cli, handle_errors
-from periphery_core.cli.generate import deployed_decoder, open_decoder
+from periphery_core.cli.generate import deployed_decoder
 from periphery_core.errors import PeripheryError
 
 
@@ -70,14 +70,18 @@ def serve(model: Path, plan_path: Path | None, shards: int | None, peers: tuple[
           local: bool, mdns: bool, host: str, port: int, api_key: str | None,
           insecure_http: bool, max_concurrent: int, name: str | None, optimize: bool,
           keys: Path | None, insecure: bool) -> None:
-    """Serve a language model: POST /v1/chat/completions and /v1/completions (streamed or
-    not), GET /v1/models, /health and /metrics. Point an OpenAI client's base_url at
-    http://HOST:PORT/v1."""
+    """Serve a model over HTTP. A language model: POST /v1/chat/completions and
+    /v1/completions (streamed or not); point an OpenAI client's base_url at
+    http://HOST:PORT/v1. Any other model: POST /v1/infer with named tensors (JSON, or msgpack
+    for large ones). Both: GET /v1/models, /health and /metrics."""
     import uvicorn
 
     from periphery_core.cli.render import err_console
+    from periphery_core.generate.decoder import recognize
     from periphery_core.generate.service import TextService
+    from periphery_core.model import load_model
     from periphery_core.serve.http import build_app
+    from periphery_core.serve.tensors import TensorService
 
     if not _loopback(host) and not api_key and not insecure_http:
         raise PeripheryError(f"--host {host} lets anyone on the network generate: give "
@@ -91,23 +95,30 @@ def serve(model: Path, plan_path: Path | None, shards: int | None, peers: tuple[
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host.strip("[]"), port))
+        sock.listen(128)  # clients told the address queue until the server accepts them
     except OSError as exc:  # taken, or not an address of this machine
         sock.close()
         raise PeripheryError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") \
             from None
-    loaded, spec = open_decoder(model)
-    label = name or (spec.folder.name if loaded.path.name == "model.onnx" else loaded.path.stem)
+    loaded = load_model(model)
+    spec = recognize(loaded)
+    label = name or (loaded.path.parent.name if loaded.path.name == "model.onnx"
+                     else loaded.path.stem)
     with deployed_decoder(loaded, spec, plan_path, shards, peers, local, mdns, optimize, keys,
                           insecure) as (pipeline, k):
-        service = TextService(pipeline, spec, label, max_concurrent=max_concurrent)
+        service: TextService | TensorService = (
+            TextService(pipeline, spec, label, max_concurrent=max_concurrent)
+            if spec is not None else
+            TensorService(pipeline, loaded, label, max_concurrent=max_concurrent))
         try:
             app = build_app(service, api_key)
             bound = sock.getsockname()
             shown = f"[{bound[0]}]" if family == socket.AF_INET6 else bound[0]
+            what = (f"{spec.describe()}; point an OpenAI client's base_url there"
+                    if spec is not None else "POST /v1/infer takes its inputs by name")
             err_console.print(
-                f"serving {label} ({spec.describe()}) over {k} stages at "
-                f"http://{shown}:{bound[1]}/v1 — point an OpenAI client's base_url there"
-                + ("" if api_key else " (no API key)"), highlight=False)
+                f"serving {label} over {k} stages at http://{shown}:{bound[1]}/v1 ({what})"
+                + ("" if api_key else "; no API key"), highlight=False)
             config = uvicorn.Config(app, log_level=os.environ.get("PERIPHERY_HTTP_LOG",
                                                                   "warning"),
                                     timeout_graceful_shutdown=5)

@@ -37,14 +37,57 @@ class ServiceFigures:
     finished: int = 0
     cancelled: int = 0
     failed: int = 0
-    rejected: int = 0
     prompt_tokens: int = 0
     new_tokens: int = 0
     ttft_s: list[float] = field(default_factory=list)  # the latest, at most 1,000
     tokens_per_s: list[float] = field(default_factory=list)
 
 
-class TextService:
+class Slots:
+    """At most `max_concurrent` requests at once; one more is refused, never queued."""
+
+    def __init__(self, max_concurrent: int) -> None:
+        if max_concurrent < 1:
+            raise GenerationError("--max-concurrent must be at least 1")
+        self.max_concurrent = max_concurrent
+        self.rejected = 0
+        self._slots_lock = threading.Lock()
+        self._active = 0
+
+    @property
+    def in_flight(self) -> int:
+        with self._slots_lock:
+            return self._active
+
+    def take_slot(self) -> None:
+        """A slot for one request; `give_back` returns it.
+
+        Raises:
+            ClusterBusy: `max_concurrent` requests are running already.
+        """
+        with self._slots_lock:
+            if self._active >= self.max_concurrent:
+                self.rejected += 1
+                raise ClusterBusy(f"busy: {self._active} requests are running, the most this "
+                                  f"server takes at once (--max-concurrent "
+                                  f"{self.max_concurrent}); retry when one ends")
+            self._active += 1
+
+    def give_back(self) -> None:
+        with self._slots_lock:
+            self._active -= 1
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        """A slot held for the block (`take_slot`)."""
+        self.take_slot()
+        try:
+            yield
+        finally:
+            self.give_back()
+
+
+class TextService(Slots):
     """Generation requests over a deployed `Pipeline(decoder=spec)`.
 
     Args:
@@ -56,49 +99,14 @@ class TextService:
 
     def __init__(self, pipeline: Any, spec: DecoderSpec, name: str,
                  max_concurrent: int = 8) -> None:
-        if max_concurrent < 1:
-            raise GenerationError("--max-concurrent must be at least 1")
+        super().__init__(max_concurrent)
         self.pipeline = pipeline
         self.spec = spec
         self.name = name
-        self.max_concurrent = max_concurrent
         self.codec = TextCodec(spec.folder)
         self.steps = pipeline_step(pipeline, spec)
         self.figures = ServiceFigures()
         self._lock = threading.Lock()
-        self._active = 0
-
-    @property
-    def in_flight(self) -> int:
-        with self._lock:
-            return self._active
-
-    def take_slot(self) -> None:
-        """A slot for one sequence; `give_back` returns it.
-
-        Raises:
-            ClusterBusy: `max_concurrent` sequences are generating already.
-        """
-        with self._lock:
-            if self._active >= self.max_concurrent:
-                self.figures.rejected += 1
-                raise ClusterBusy(f"busy: {self._active} sequences are generating, the most "
-                                  f"this server takes at once (--max-concurrent "
-                                  f"{self.max_concurrent}); retry when one ends")
-            self._active += 1
-
-    def give_back(self) -> None:
-        with self._lock:
-            self._active -= 1
-
-    @contextlib.contextmanager
-    def admit(self) -> Iterator[None]:
-        """A slot held for the block (`take_slot`)."""
-        self.take_slot()
-        try:
-            yield
-        finally:
-            self.give_back()
 
     def chat_ids(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         """A conversation's prompt tokens, the chat template applied."""

@@ -1,7 +1,9 @@
-"""The OpenAI-compatible HTTP face of a `TextService` (Starlette; uvicorn runs it).
+"""The OpenAI-compatible HTTP face of a `TextService` or a `TensorService` (Starlette; uvicorn
+runs it).
 
-Routes: `POST /v1/chat/completions`, `POST /v1/completions` (with `"stream": true` as
-server-sent events, ending `data: [DONE]`), `GET /v1/models`, `GET /health`, `GET /metrics`.
+Routes: for a language model `POST /v1/chat/completions` and `POST /v1/completions` (with
+`"stream": true` as server-sent events, ending `data: [DONE]`); for any other model `POST
+/v1/infer` (serve.tensors); for both `GET /v1/models`, `GET /health`, `GET /metrics`.
 
 - With an API key, every request carries `Authorization: Bearer KEY` (compared in constant
   time), else 401.
@@ -37,8 +39,10 @@ from periphery_core.generate.service import TextService
 from periphery_core.progress import CancelToken
 from periphery_core.serve.metrics import ServeMetrics
 from periphery_core.serve.schema import ChatRequest, CompletionRequest, first_error
+from periphery_core.serve.tensors import MSGPACK, TensorService, decode_request, encode_reply
 
 MAX_BODY = 1 << 20
+MAX_INFER_BODY = 256 << 20  # tensors: msgpack carries them raw
 log = logging.getLogger(__name__)
 
 
@@ -57,8 +61,9 @@ def _finish(result: Generation) -> str:
     return "length" if result.finish == "length" else "stop"
 
 
-def build_app(service: TextService, api_key: str | None = None) -> Starlette:
+def build_app(service: TextService | TensorService, api_key: str | None = None) -> Starlette:
     """The ASGI app serving `service`."""
+    text = service if isinstance(service, TextService) else None
     metrics = ServeMetrics(service)
     pool = ThreadPoolExecutor(max_workers=service.max_concurrent + 2,
                               thread_name_prefix="serve")
@@ -90,19 +95,23 @@ def build_app(service: TextService, api_key: str | None = None) -> Starlette:
 
         return endpoint
 
-    async def body_of(request: Request, model: type[Any]) -> Any:
+    async def read_body(request: Request, limit: int) -> bytes:
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY:
-            raise _Refused(413, f"the body is over {MAX_BODY} bytes", "invalid_request_error")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _Refused(413, f"the body is over {limit} bytes", "invalid_request_error")
         data = bytearray()
         try:
             async for chunk in request.stream():
                 data += chunk
-                if len(data) > MAX_BODY:
-                    raise _Refused(413, f"the body is over {MAX_BODY} bytes",
+                if len(data) > limit:
+                    raise _Refused(413, f"the body is over {limit} bytes",
                                    "invalid_request_error")
         except ClientDisconnect:
             raise _Refused(400, "the client went away", "invalid_request_error") from None
+        return bytes(data)
+
+    async def body_of(request: Request, model: type[Any]) -> Any:
+        data = await read_body(request, MAX_BODY)
         try:
             parsed = json.loads(data)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -115,7 +124,8 @@ def build_app(service: TextService, api_key: str | None = None) -> Starlette:
 
     def prepared(ids: list[int], sampling: Sampling) -> None:
         try:
-            service.check(ids, sampling)
+            assert text is not None
+            text.check(ids, sampling)
         except PeripheryError as exc:
             raise _Refused(400, exc.message, "invalid_request_error") from None
 
@@ -132,8 +142,9 @@ def build_app(service: TextService, api_key: str | None = None) -> Starlette:
         take_slot()
 
         def work() -> Generation:
+            assert text is not None
             try:
-                return service.generate(ids, sampling, cancel=cancel)
+                return text.generate(ids, sampling, cancel=cancel)
             finally:
                 service.give_back()
 
@@ -154,9 +165,10 @@ def build_app(service: TextService, api_key: str | None = None) -> Starlette:
             loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
 
         def work() -> None:
+            assert text is not None
             try:
-                result = service.generate(ids, sampling, on_text=lambda t: put("text", t),
-                                          cancel=cancel)
+                result = text.generate(ids, sampling, on_text=lambda t: put("text", t),
+                                       cancel=cancel)
             except BaseException as exc:  # the client hears why, in the stream
                 put("error", exc)
             else:
@@ -204,9 +216,10 @@ def build_app(service: TextService, api_key: str | None = None) -> Starlette:
             raise _Refused(500, exc.message, "server_error") from None
 
     async def chat_completions(request: Request) -> Response:
+        assert text is not None
         body: ChatRequest = await body_of(request, ChatRequest)
         try:
-            ids = service.chat_ids(body.conversation())
+            ids = text.chat_ids(body.conversation())
         except PeripheryError as exc:
             raise _Refused(400, exc.message, "invalid_request_error") from None
         sampling = body.sampling()
@@ -232,8 +245,9 @@ def build_app(service: TextService, api_key: str | None = None) -> Starlette:
             "usage": _usage(result)})
 
     async def completions(request: Request) -> Response:
+        assert text is not None
         body: CompletionRequest = await body_of(request, CompletionRequest)
-        ids = service.text_ids(body.text())
+        ids = text.text_ids(body.text())
         sampling = body.sampling()
         prepared(ids, sampling)
         created, cid = int(time.time()), chunk_id("cmpl")
@@ -263,8 +277,33 @@ def build_app(service: TextService, api_key: str | None = None) -> Starlette:
         return JSONResponse({
             "status": "ok" if ok else "unavailable", "model": service.name,
             "stages": len(plan.stages) if plan is not None else 0,
-            "sequences_in_flight": service.in_flight,
+            "in_flight": service.in_flight,
             "reason": pipeline.failed}, status_code=200 if ok else 503)
+
+    async def infer(request: Request) -> Response:
+        assert isinstance(service, TensorService)
+        data = await read_body(request, MAX_INFER_BODY)
+        kind = request.headers.get("content-type", "application/json")
+        try:
+            feeds = decode_request(data, kind)
+            service.check(feeds)
+        except PeripheryError as exc:
+            raise _Refused(400, exc.message, "invalid_request_error") from None
+        take_slot()
+
+        def work() -> dict[str, Any]:
+            try:
+                return service.infer(feeds)
+            finally:
+                service.give_back()
+
+        try:
+            outputs = await asyncio.get_running_loop().run_in_executor(pool, work)
+        except PeripheryError as exc:  # a node failed on it: its one line
+            raise _Refused(500, exc.message, "server_error") from None
+        packed = MSGPACK in (kind + request.headers.get("accept", "")).lower()
+        return Response(encode_reply(outputs, packed),
+                        media_type=MSGPACK if packed else "application/json")
 
     async def metrics_text(request: Request) -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
@@ -275,13 +314,27 @@ def build_app(service: TextService, api_key: str | None = None) -> Starlette:
         metrics.close()
         pool.shutdown(wait=False, cancel_futures=True)
 
-    return Starlette(lifespan=lifespan, routes=[
-        Route("/v1/chat/completions", guarded(chat_completions), methods=["POST"]),
-        Route("/v1/completions", guarded(completions), methods=["POST"]),
+    async def not_found(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 404)
+        if status == 405:
+            return _error(405, f"{request.method} is not served at {request.url.path}",
+                          "invalid_request_error")
+        what = ("/v1/chat/completions, /v1/completions" if text is not None else "/v1/infer")
+        return _error(404, f"nothing at {request.url.path}: this server answers {what}, "
+                           "/v1/models, /health and /metrics", "invalid_request_error")
+
+    routes = [
         Route("/v1/models", guarded(models), methods=["GET"]),
         Route("/health", guarded(health), methods=["GET"]),
         Route("/metrics", guarded(metrics_text), methods=["GET"]),
-    ])
+    ]
+    if text is not None:
+        routes += [Route("/v1/chat/completions", guarded(chat_completions), methods=["POST"]),
+                   Route("/v1/completions", guarded(completions), methods=["POST"])]
+    else:
+        routes.append(Route("/v1/infer", guarded(infer), methods=["POST"]))
+    return Starlette(lifespan=lifespan, routes=routes,
+                     exception_handlers={404: not_found, 405: not_found})
 
 
 def _usage(result: Generation) -> dict[str, int]:

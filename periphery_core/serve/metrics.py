@@ -18,13 +18,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from periphery_core.cluster import events as ev
-from periphery_core.generate.service import TextService
+from periphery_core.generate.service import Slots, TextService
 
 
 class ServeMetrics(Collector):
-    """Figures of one `TextService` and its cluster, as Prometheus metrics."""
+    """Figures of one service (a `TextService`, or a `TensorService`) and its cluster, as
+    Prometheus metrics."""
 
-    def __init__(self, service: TextService) -> None:
+    def __init__(self, service: Any) -> None:
         self.service = service
         self.http: dict[tuple[str, int], int] = defaultdict(int)  # (path, status) -> count
         self._kv: dict[str, tuple[int, int]] = {}  # node name -> (cache bytes, sequences)
@@ -62,8 +63,7 @@ class ServeMetrics(Collector):
         self._unsubscribe()
 
     def collect(self) -> Iterator[Metric]:
-        s = self.service
-        f = s.figures
+        s: Slots = self.service
         with self._lock:
             http = dict(self.http)
             kv = dict(self._kv)
@@ -73,10 +73,35 @@ class ServeMetrics(Collector):
         for (path, status), n in sorted(http.items()):
             requests.add_metric([path, str(status)], n)
         yield requests
+        yield CounterMetricFamily("periphery_rejected_busy", "Requests refused with 429",
+                                  value=s.rejected)
+        yield GaugeMetricFamily("periphery_requests_in_flight", "Requests running now",
+                                value=s.in_flight)
+        if isinstance(s, TextService):
+            yield from self._text(s)
+        stage = GaugeMetricFamily("periphery_stage_compute_seconds",
+                                  "Median compute time of a stage's latest steps",
+                                  labels=["stage"])
+        for k, values in sorted(stages.items()):
+            if values:
+                stage.add_metric([str(k)], statistics.median(values))
+        yield stage
+        cache = GaugeMetricFamily("periphery_kv_cache_bytes", "KV cache a node holds",
+                                  labels=["node"])
+        held = GaugeMetricFamily("periphery_kv_cache_sequences",
+                                 "Sequences whose KV cache a node holds", labels=["node"])
+        for name, (nbytes, n) in sorted(kv.items()):
+            cache.add_metric([name], nbytes)
+            held.add_metric([name], n)
+        yield cache
+        yield held
+
+    def _text(self, s: TextService) -> Iterator[Metric]:
+        f = s.figures
         seqs = CounterMetricFamily("periphery_sequences", "Sequences by how they ended",
                                    labels=["outcome"])
         for outcome, n in (("finished", f.finished), ("cancelled", f.cancelled),
-                           ("failed", f.failed), ("rejected", f.rejected)):
+                           ("failed", f.failed), ("rejected", s.rejected)):
             seqs.add_metric([outcome], n)
         yield seqs
         yield CounterMetricFamily("periphery_prompt_tokens", "Prompt tokens prefilled",
@@ -95,19 +120,3 @@ class ServeMetrics(Collector):
         yield GaugeMetricFamily("periphery_sequences_per_step",
                                 "Sequences per batched decode step so far",
                                 value=s.steps.mean_batch)
-        cache = GaugeMetricFamily("periphery_kv_cache_bytes", "KV cache a node holds",
-                                  labels=["node"])
-        held = GaugeMetricFamily("periphery_kv_cache_sequences",
-                                 "Sequences whose KV cache a node holds", labels=["node"])
-        for name, (nbytes, n) in sorted(kv.items()):
-            cache.add_metric([name], nbytes)
-            held.add_metric([name], n)
-        yield cache
-        yield held
-        stage = GaugeMetricFamily("periphery_stage_compute_seconds",
-                                  "Median compute time of a stage's latest steps",
-                                  labels=["stage"])
-        for k, values in sorted(stages.items()):
-            if values:
-                stage.add_metric([str(k)], statistics.median(values))
-        yield stage

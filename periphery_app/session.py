@@ -19,6 +19,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from periphery_core.cluster.keys import KeyRing, keyring_or_insecure
 from periphery_core.cluster.local import LocalCluster
@@ -34,6 +35,9 @@ from periphery_core.model import LoadedModel, ModelAnalysis, analyze, load_model
 from periphery_core.partition.plan import ShardPlan
 from periphery_core.progress import CancelToken, ProgressFn
 from periphery_core.runtime.feeds import Feeds, random_feeds
+
+if TYPE_CHECKING:  # the HTTP stack loads when an endpoint starts, not with the app
+    from periphery_core.serve.endpoint import Endpoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +80,7 @@ class Session:
         self.local: LocalCluster | None = None
         self._browser: MdnsBrowser | None = None  # mDNS, from the Cluster screen's first look
         self.pipeline: Pipeline | None = None
+        self.endpoint: Endpoint | None = None  # the deployed model over HTTP, when started
         self._closed = False
 
     @property
@@ -178,6 +183,9 @@ class Session:
             PeripheryError: extraction failed, a node is unknown or lost, or a node refused.
         """
         master = self.master
+        endpoint = self.endpoint
+        if endpoint is not None and endpoint.service.pipeline.loaded is not opened.loaded:
+            self.stop_endpoint()  # it served the model being replaced
         with self._lock:
             pipeline = self.pipeline
             if pipeline is None or pipeline.loaded is not opened.loaded:
@@ -188,8 +196,48 @@ class Session:
                                                     plan=plan, decoder=opened.decoder)
         pipeline.deploy(list(assignment), plan=plan, progress=progress)
 
+    def start_endpoint(self, opened: OpenedModel, port: int = 8000,
+                       api_key: str | None = None) -> Endpoint:
+        """Serve the deployed model over HTTP on 127.0.0.1 (`periphery serve`'s endpoint: a
+        language model OpenAI-compatible, any other at /v1/infer), at `port` or, if that is
+        taken, any free one.
+
+        Raises:
+            PeripheryError: nothing of this model is deployed, or no port can be had.
+        """
+        from periphery_core.generate.service import TextService
+        from periphery_core.serve.endpoint import Endpoint, listen
+        from periphery_core.serve.tensors import TensorService
+
+        pipeline = self.pipeline
+        if pipeline is None or not pipeline.deployed or pipeline.loaded is not opened.loaded:
+            raise PeripheryError("deploy the model first (Shards screen, 3), then serve it")
+        self.stop_endpoint()
+        try:
+            sock = listen("127.0.0.1", port, api_key)
+        except PeripheryError:
+            sock = listen("127.0.0.1", 0, api_key)
+        loaded = opened.loaded
+        name = loaded.path.parent.name if loaded.path.name == "model.onnx" else loaded.path.stem
+        service: TextService | TensorService = (
+            TextService(pipeline, opened.decoder, name) if opened.decoder is not None
+            else TensorService(pipeline, loaded, name))
+        endpoint = Endpoint(service, sock, api_key)
+        endpoint.start()
+        with self._lock:
+            self.endpoint = endpoint
+        return endpoint
+
+    def stop_endpoint(self) -> None:
+        with self._lock:
+            endpoint, self.endpoint = self.endpoint, None
+        if endpoint is not None:
+            endpoint.stop()
+            endpoint.service.close()
+
     def close(self) -> None:
         """Close the master and stop local nodes; safe to call twice and from any thread."""
+        self.stop_endpoint()
         with self._lock:
             self._closed = True
             master, self._master = self._master, None

@@ -2,8 +2,10 @@
 
 The table is a view of the app's folded `ClusterState`, plus the nodes advertised over mDNS
 that the master has not joined yet (the session browses from the screen's first look on,
-rows appear and go as nodes do); `c` connects the selected one. Adding a node by address or
-starting local nodes runs in a thread worker, and what happens shows up as events.
+rows appear and go as nodes do); `c` connects the selected one. `s` serves the deployed model
+over HTTP (as `periphery serve` does) and the summary then names the endpoint and its rate.
+Adding a node by address or starting local nodes runs in a thread worker, and what happens
+shows up as events.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from textual.widgets import DataTable, Footer, Label, Log
 from periphery_app.messages import NodesConnected
 from periphery_app.screens.base import PeripheryScreen, screen_bar
 from periphery_app.screens.modals import PromptModal
-from periphery_app.session import Session
+from periphery_app.session import OpenedModel, Session
 from periphery_app.units import human_bytes
 from periphery_core.cluster.state import ClusterState
 from periphery_core.discovery import NodeAddress
@@ -40,12 +42,14 @@ class ClusterScreen(PeripheryScreen):
         Binding("c", "connect_selected", "Connect"),
         Binding("a", "add_node", "Add node"),
         Binding("l", "start_local", "Local nodes"),
+        Binding("s", "serve", "Serve HTTP"),
     ]
 
     def __init__(self) -> None:
         super().__init__(name="cluster")
         self._shown_recent: tuple[str, ...] = ()
         self._discovered: dict[str, NodeAddress] = {}  # advertised, not joined: by node id
+        self._served: tuple[float, int] | None = None  # (when, requests) at the last draw
 
     def compose(self) -> ComposeResult:
         yield screen_bar(self)
@@ -117,6 +121,7 @@ class ClusterScreen(PeripheryScreen):
         if failure is not None:
             summary = (f" [b red]master not responding[/]: {escape(failure)}; what is shown "
                        "may be old: restart the app")
+        summary += self._endpoint_line()
         self.query_one("#summary", Label).update(summary)
         if state.recent != self._shown_recent:
             # Append only what is new: the log then tails while the user is at its end and
@@ -128,6 +133,23 @@ class ClusterScreen(PeripheryScreen):
                 new = state.recent[-200:]
             log.write_lines(new)
             self._shown_recent = state.recent
+
+    def _endpoint_line(self) -> str:
+        """The HTTP endpoint, if one runs: where, and its requests per second since the last
+        draw."""
+        endpoint = self.papp.session.endpoint
+        if endpoint is None:
+            self._served = None
+            return ""
+        now, total = self.papp.now(), endpoint.requests()
+        rate = 0.0
+        if self._served is not None and now > self._served[0]:
+            rate = (total - self._served[1]) / (now - self._served[0])
+        self._served = (now, total)
+        routes = "OpenAI API" if endpoint.service.__class__.__name__ == "TextService" \
+            else "/v1/infer"
+        return (f"\n endpoint [b]{endpoint.url}[/] ({routes}) · {rate:.1f} requests/s · "
+                f"{total} answered · {endpoint.service.in_flight} in flight · s stops it")
 
     @staticmethod
     def _summary(state: ClusterState, counts: dict[str, int], waiting: int) -> str:
@@ -186,6 +208,30 @@ class ClusterScreen(PeripheryScreen):
     def action_start_local(self) -> None:
         self.notify("starting 3 local node processes…")
         self._start_local(self.papp.session, 3)
+
+    def action_serve(self) -> None:
+        """Serve the deployed model over HTTP on 127.0.0.1, or stop serving."""
+        session = self.papp.session
+        if session.endpoint is not None:
+            session.stop_endpoint()
+            self.notify("the HTTP endpoint is stopped")
+            self._draw(self.papp.cluster_state)
+            return
+        opened = self.papp.opened
+        if opened is None:
+            self.notify("open and deploy a model first (o, then the Shards screen, 3)")
+            return
+        self._serve(session, opened)
+
+    @work(thread=True, exclusive=True, group="serve")
+    def _serve(self, session: Session, opened: OpenedModel) -> None:
+        try:
+            endpoint = session.start_endpoint(opened)
+        except Exception as exc:
+            self.report_failure(exc)
+            return
+        self.app.call_from_thread(self.notify, f"serving at {endpoint.url}")
+        self.app.call_from_thread(self._draw, self.papp.cluster_state)
 
     @work(thread=True, exclusive=True, group="local")
     def _start_local(self, session: Session, n: int) -> None:

@@ -333,8 +333,10 @@ def build_app(service: TextService | TensorService, api_key: str | None = None) 
                    Route("/v1/completions", guarded(completions), methods=["POST"])]
     else:
         routes.append(Route("/v1/infer", guarded(infer), methods=["POST"]))
-    return Starlette(lifespan=lifespan, routes=routes,
-                     exception_handlers={404: not_found, 405: not_found})
+    app = Starlette(lifespan=lifespan, routes=routes,
+                    exception_handlers={404: not_found, 405: not_found})
+    app.state.metrics = metrics
+    return app
 
 
 def _usage(result: Generation) -> dict[str, int]:

@@ -10,14 +10,16 @@ in one run on this machine:
    share), and at K = 2, 3 with every node given every core, as nodes on machines of their own
    have (one stage computes at a time in a single stream; idle stages stop spinning). Medians
    over the prompts.
-2. Concurrency: aggregate tokens/s (new tokens over wall time, prefills included) with 1, 2,
-   4, 8 sequences generating at once at K = 2, cores split evenly, each sequence in its own
-   thread; their decode steps batched into shared runs of each stage (generate.batching), and,
-   for comparison, 4 and 8 sequences with every step on its own.
+2. Concurrency: 1, 2, 4, 8 sequences generating at once at K = 2, cores split evenly, each
+   sequence in its own thread; their decode steps batched into shared runs of each stage
+   (generate.batching), and, for comparison, 4 and 8 sequences with every step on its own.
+   Two rates: all new tokens over the wall time (the prefills included), and the decode rate
+   while every sequence decodes (the steps that come back between the last sequence's first
+   token and the first sequence's last), which compares with a single stream's decode rate.
 3. Bytes that cross one stage boundary per decoded token against the context length, at K = 3.
 
-Run: `python benchmarks/generate.py [--tokens 32] [--prompts 5]`. Needs the dev extra
-(onnxruntime-genai) and ../shared.
+Run: `python benchmarks/generate.py [--tokens 32] [--prompts 5] [--concurrent-tokens 96]`.
+Needs the dev extra (onnxruntime-genai) and ../shared.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -123,15 +126,26 @@ class _Deployed:
 
 
 def concurrent(d: _Deployed, spec: DecoderSpec, prompts: list[list[int]], tokens: int,
-               streams: int, batch: bool = True) -> tuple[float, float]:
+               streams: int, batch: bool = True) -> tuple[float, float, float]:
+    """(new tokens over the wall time, prefills included; decode tokens/s while every
+    sequence decodes; sequences per decode step)."""
     done: list[Generation] = []
+    stamps: list[list[float]] = []  # per sequence: when each of its steps came back
     lock = threading.Lock()
     step = d.step if batch else d.single
 
     def one(ids: list[int]) -> None:
-        g = generate(step, spec, ids, Sampling(max_new_tokens=tokens), release=step.release)
+        mine: list[float] = []
+
+        def timed(x: Any, seq: int, pos: int) -> Any:
+            out = step(x, seq, pos)
+            mine.append(time.perf_counter())
+            return out
+
+        g = generate(timed, spec, ids, Sampling(max_new_tokens=tokens), release=step.release)
         with lock:
             done.append(g)
+            stamps.append(mine)
 
     threads = [threading.Thread(target=one, args=(prompts[i % len(prompts)],))
                for i in range(streams)]
@@ -142,14 +156,21 @@ def concurrent(d: _Deployed, spec: DecoderSpec, prompts: list[list[int]], tokens
     for t in threads:
         t.join()
     rate = sum(g.new_tokens for g in done) / (time.perf_counter() - t0)
+    # The window in which every sequence is past its prefill and not yet done.
+    start = max(s[0] for s in stamps)
+    end = min(s[-1] for s in stamps)
+    inside = sum(1 for s in stamps for t in s if start < t <= end)
+    decode = inside / (end - start) if end > start else 0.0
     sent = step.batches - batches
-    return rate, (step.rows - rows) / sent if sent else 1.0
+    return rate, decode, (step.rows - rows) / sent if sent else 1.0
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--prompts", type=int, default=5)
+    parser.add_argument("--concurrent-tokens", type=int, default=96,
+                        help="new tokens per sequence in the concurrency table")
     args = parser.parse_args()
     if not MODEL.is_dir():
         print(f"needs {MODEL}", file=sys.stderr)
@@ -167,7 +188,7 @@ def main() -> int:
     base = rows[0][2]
     k2_single = 0.0
     k1_single = 0.0
-    concurrency: list[tuple[str, int, float, float]] = []
+    concurrency: list[tuple[str, int, float, float, float]] = []
     for k, every in ((1, False), (2, False), (3, False), (2, True), (3, True)):
         d = _Deployed(loaded, spec, k, every_core=every)
         try:
@@ -177,10 +198,11 @@ def main() -> int:
             k1_single = tps if k == 1 else k1_single
             k2_single = tps if (k, every) == (2, True) else k2_single
             if (k, every) == (2, False):
-                concurrency = [("batched", c, *concurrent(d, spec, prompts, args.tokens, c))
+                n = args.concurrent_tokens
+                concurrency = [("batched", c, *concurrent(d, spec, prompts, n, c))
                                for c in (1, 2, 4, 8)]
                 concurrency += [("one at a time", c,
-                                 *concurrent(d, spec, prompts, args.tokens, c, batch=False))
+                                 *concurrent(d, spec, prompts, n, c, batch=False))
                                 for c in (4, 8)]
             if (k, every) == (3, False):
                 bytes_rows = []
@@ -198,12 +220,15 @@ def main() -> int:
     for name, ttft, tps in rows:
         table.add_row(name, f"{ttft * 1000:.0f} ms", f"{tps:.1f}", f"{tps / base:.2f}x")
     console.print(table)
-    conc = Table(title="K = 2, cores split: sequences generating at once")
-    for col in ("decode steps", "sequences", "aggregate tokens/s", "vs single stream K = 1",
+    conc = Table(title=f"K = 2, cores split: sequences generating at once, "
+                       f"{args.concurrent_tokens} new tokens each")
+    for col in ("decode steps", "sequences", "tokens/s, prefills included",
+                "decode tokens/s, all decoding", "decode vs single stream K = 1",
                 "sequences per step"):
         conc.add_column(col, justify="right")
-    for how, c, rate, per_step in concurrency:
-        conc.add_row(how, str(c), f"{rate:.1f}", f"{rate / k1_single:.2f}x", f"{per_step:.1f}")
+    for how, c, rate, decode, per_step in concurrency:
+        conc.add_row(how, str(c), f"{rate:.1f}", f"{decode:.1f}", f"{decode / k1_single:.2f}x",
+                     f"{per_step:.1f}")
     console.print(conc)
     hops = Table(title="K = 3: bytes crossing one boundary per decoded token")
     for col in ("context tokens", "bytes per token per hop", "vs 16 tokens"):

@@ -57,7 +57,7 @@ class PipelineSteps:
     """
 
     def __init__(self, pipeline: Any, spec: DecoderSpec, *, batch: bool = True,
-                 max_batch: int = 32, grace_s: float = 0.003, timeout: float = 120.0) -> None:
+                 max_batch: int = 32, grace_s: float = 0.01, timeout: float = 120.0) -> None:
         self.pipeline = pipeline
         self.spec = spec
         self.batching = batch and spec.batchable
@@ -133,6 +133,10 @@ class PipelineSteps:
             if left > 0:
                 return None, left
         size = min(self.max_batch, max(1, math.ceil(len(self._active) / depth)))
+        # In sequence order: the same sequences come back as the same batch, in the same rows,
+        # and a stage then runs on its last outputs without copying a cache
+        # (StatefulStage.run_batch).
+        self._waiting.sort(key=lambda w: w.seq)
         take, self._waiting = self._waiting[:size], self._waiting[size:]
         return take, None
 

@@ -28,9 +28,11 @@ from periphery_core.partition.plan import DeviceSpec
 
 
 def balanced_cuts(
-    facts: GraphFacts, graph: PlanningGraph, layout: OrderLayout, devs: Sequence[DeviceSpec]
+    facts: GraphFacts, graph: PlanningGraph, layout: OrderLayout, devs: Sequence[DeviceSpec],
+    slack: float = 0.0,
 ) -> tuple[int, ...]:
-    """The optimal cuts of ``layout.order`` for ``devs``.
+    """The optimal cuts of ``layout.order`` for ``devs`` (with `slack` > 0: the cuts that send
+    the fewest bytes among those whose bottleneck is within that fraction of the optimum).
 
     Stage j covers positions ``[a, b)``. With C the prefix sums of cost and B[b] the bytes that
     cross a cut at b:
@@ -116,7 +118,9 @@ def balanced_cuts(
             else:
                 low = mid
 
-    # Fewest boundary bytes among the splits within the bound.
+    # Fewest boundary bytes among the splits within the bound (and the slack, where costs are
+    # measured and noisy: the cut then stays where little crosses rather than following it).
+    bound *= 1.0 + max(0.0, slack)
     best = np.full(n + 1, np.inf)
     best[0] = 0.0
     parents: list[np.ndarray] = []

@@ -42,11 +42,14 @@ def make_plan(
     devices: Sequence[DeviceSpec] | None = None,
     use_profile: bool = False,
     state: Mapping[str, tuple[str, int]] | None = None,
+    slack: float = 0.0,
 ) -> ShardPlan:
     """Plan `k` shards of an analysed model (pure: no I/O).
 
     `state`: a decoder's cache inputs -> (cache output, bytes it may grow to), counted in the
-    memory of the stage that reads them (`DecoderSpec.state_bytes`).
+    memory of the stage that reads them (`DecoderSpec.state_bytes`). `slack`: the balanced
+    strategy takes the cuts with the fewest boundary bytes within that fraction of the best
+    bottleneck (for measured costs, whose noise should not move a cut).
 
     Raises:
         PlanError: k does not fit the model, the strategy is unknown, or memory caps cannot
@@ -54,7 +57,7 @@ def make_plan(
     """
     devs = devices_for(k, devices)
     graph = planning_graph(analysis, use_profile, state)
-    stages = plan_stages(graph, k, devs, strategy)
+    stages = plan_stages(graph, k, devs, strategy, slack)
     return _plan(analysis, graph, stages, devs, strategy, use_profile)
 
 
@@ -81,6 +84,7 @@ def plan_stages(
     k: int,
     devices: Sequence[DeviceSpec] | None = None,
     strategy: str = "balanced",
+    slack: float = 0.0,
 ) -> tuple[Stage, ...]:
     """Cut the graph into K pipeline stages on K devices.
 
@@ -99,6 +103,8 @@ def plan_stages(
         devices: the devices in pipeline order (at least K; the first K are used); None: K
             reference devices.
         strategy: one of ``plan.STRATEGIES``.
+        slack: balanced only: fewest boundary bytes within this fraction of the best
+            bottleneck.
 
     Returns:
         The K stages, each on its device.
@@ -123,7 +129,7 @@ def plan_stages(
 
     if strategy == "balanced":
         layout = order_layout(facts, graph, order)
-        cuts = balanced_cuts(facts, graph, layout, devs)
+        cuts = balanced_cuts(facts, graph, layout, devs, slack)
         return layout_stages(facts, graph, layout, cuts, devs)
     if strategy == "even":
         cuts = tuple(s * n // k for s in range(1, k))

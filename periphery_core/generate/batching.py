@@ -68,8 +68,8 @@ class PipelineSteps:
         self.rows = 0
         self._cond = threading.Condition()
         self._waiting: list[_Waiting] = []
-        # sequences decoding through the dispatcher, and when each last asked for a step (one
-        # that ends without `release` is forgotten after `IDLE_S`)
+        # sequences decoding through the dispatcher, and when each last asked for a step or got
+        # one back (one that ends without `release` is forgotten `IDLE_S` after that)
         self._active: dict[int, float] = {}
         self._inflight: list[set[int]] = []  # the sequences of each batch in flight
         self._closed = False
@@ -129,7 +129,7 @@ class PipelineSteps:
         for seq in [s for s, t in self._active.items() if s not in busy and now - t > IDLE_S]:
             del self._active[seq]
         if self._active.keys() - busy:  # some just got their step back and will soon be here
-            left = self.grace_s - (now - self._waiting[0].since)
+            left = self.grace_s - (now - min(w.since for w in self._waiting))
             if left > 0:
                 return None, left
         size = min(self.max_batch, max(1, math.ceil(len(self._active) / depth)))
@@ -175,6 +175,10 @@ class PipelineSteps:
         with self._cond:
             if rows in self._inflight:
                 self._inflight.remove(rows)
+            now = time.perf_counter()
+            for seq in rows:  # thinking from now on: `IDLE_S` counts from here
+                if seq in self._active:
+                    self._active[seq] = now
             self._cond.notify_all()
         if error is not None or future is None:
             for w in take:

@@ -82,6 +82,7 @@ def test_batched_decode_steps_equal_steps_one_sequence_at_a_time(path, exact: bo
         a = _single(one, spec, ids, seq, 0)
         b = _single(many, spec, ids, seq, 0)
         assert np.array_equal(a, b)
+        assert a.shape[1] == 1  # of a prompt's logits, only the last position comes back
         last[seq] = int(a[0, -1].argmax())
     pos = dict(lengths)
     # the same batch three times (its outputs are reused as the next pasts where "packed"),

@@ -8,7 +8,8 @@ and which grow with the context, are made by each stage from the sequence's leng
 remains on the wire per decoded token is the hidden state and a few small tensors.
 
 The rewrite is recorded in the shard's metadata (`periphery.state`, JSON), so a node knows
-from the shard alone which inputs it feeds itself. `StatefulStage` runs such a shard: it holds
+from the shard alone which inputs it feeds itself (and, on the last stage, which output is the
+logits: only their last position is sent home). `StatefulStage` runs such a shard: it holds
 each sequence's cache within a byte budget, feeds it, stores what the stage returns, and frees
 a sequence's cache when told.
 """
@@ -48,10 +49,11 @@ class StageState:
     slots: tuple[Slot, ...]
     mask: tuple[str, str] | None = None  # (input name, dtype)
     positions: tuple[str, str] | None = None
+    logits: str | None = None  # the logits, where this stage makes them (the last stage)
 
     def to_json(self) -> str:
         return json.dumps({"slots": [list(s) for s in self.slots], "mask": self.mask,
-                           "positions": self.positions})
+                           "positions": self.positions, "logits": self.logits})
 
     @classmethod
     def from_json(cls, text: str) -> StageState:
@@ -61,7 +63,8 @@ class StageState:
                       for s in data["slots"])
         mask = tuple(data["mask"]) if data.get("mask") else None
         positions = tuple(data["positions"]) if data.get("positions") else None
-        return cls(slots, mask, positions)
+        logits = str(data["logits"]) if data.get("logits") else None
+        return cls(slots, mask, positions, logits)
 
 
 def stage_state(shard: onnx.ModelProto) -> StageState | None:
@@ -100,6 +103,7 @@ def make_stateful(shards: Sequence[onnx.ModelProto], spec: DecoderSpec) -> list[
             mask=(spec.mask, spec.mask_dtype) if spec.mask and spec.mask in inputs else None,
             positions=(spec.positions, spec.positions_dtype)
             if spec.positions and spec.positions in inputs else None,
+            logits=spec.logits if spec.logits in {o.name for o in graph.output} else None,
         )
         new.metadata_props.add(key=STATE_KEY, value=state.to_json())
         out.append(new)
@@ -174,7 +178,7 @@ class StatefulStage:
         if self.state.positions is not None:
             name, dtype = self.state.positions
             feeds[name] = np.arange(pos, pos + new, dtype=dtype)[np.newaxis]
-        outputs = self.runner.run(feeds)
+        outputs = self._last_position(self.runner.run(feeds))
         cache = {s[0]: outputs[s[1]] for s in self.state.slots}
         self._store({seq: _Sequence(pos + new, cache)})
         return {k: v for k, v in outputs.items() if k not in self._presents}
@@ -227,7 +231,7 @@ class StatefulStage:
         if self.state.positions is not None:
             name, dtype = self.state.positions
             feeds[name] = np.asarray(poss, dtype=dtype)[:, np.newaxis]
-        outputs = self.runner.run(feeds)
+        outputs = self._last_position(self.runner.run(feeds))
         batch = next(_BATCHES)
         kept: dict[int, _Sequence] = {}
         for row, (seq, pos) in enumerate(zip(seqs, poss, strict=True)):
@@ -247,6 +251,15 @@ class StatefulStage:
         self._last_batch = (batch, tuple(seqs),
                             {s[0]: outputs[s[1]] for s in self.state.slots}) if packed else None
         return {k: v for k, v in outputs.items() if k not in self._presents}
+
+    def _last_position(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Only the last position's logits go on: the next token is picked from them, and a
+        prompt's other positions would send a whole vocabulary each (7.5 MiB for a 40-token
+        prompt of SmolLM2)."""
+        name = self.state.logits
+        if name is not None and name in outputs and outputs[name].ndim == 3:
+            outputs[name] = np.ascontiguousarray(outputs[name][:, -1:, :])
+        return outputs
 
     def _check_length(self, seq: int, pos: int, current: _Sequence | None) -> None:
         length = current.length if current is not None else 0

@@ -19,7 +19,13 @@ from periphery_core.errors import RuntimeFailure
 from periphery_core.generate.decoder import recognize
 from periphery_core.generate.engine import Sampling, TextCodec, generate, pipeline_step
 from periphery_core.generate.planning import plan_model
-from periphery_core.generate.stateful import CACHE_LOST, StatefulStage, make_stateful, stage_state
+from periphery_core.generate.stateful import (
+    CACHE_LOST,
+    StatefulStage,
+    greedy_name,
+    make_stateful,
+    stage_state,
+)
 from periphery_core.model import analyze, load_model
 from periphery_core.partition.extract import extract_shards
 from periphery_core.partition.plan import DeviceSpec
@@ -193,3 +199,27 @@ def test_generate_cli_runs_several_prompts_at_once(tmp_path) -> None:  # type: i
     assert "2 sequences" in text.stderr and "tokens/s together" in text.stderr
     assert_bad_input(cli("generate", SMOLLM, "--local", "--max-new-tokens", "4"),
                      r"--prompt TEXT .*--prompts FILE")
+
+
+def test_a_greedy_step_brings_home_the_token_not_the_logits() -> None:
+    """With greedy picking, the last stage sends each row's best token instead of 192 KiB of
+    logits; the tokens are the same, and sampling still gets the whole vocabulary."""
+    spec, (stage,), _ = _chain(SMOLLM, 1)
+    ids = np.asarray([[1, 504, 3365, 314]], dtype=spec.ids_dtype)
+    full = stage.run({spec.input_ids: ids}, seq=1, pos=0, new=4)[spec.logits]
+    best = stage.run({spec.input_ids: ids}, seq=2, pos=0, new=4, greedy=True)
+    assert spec.logits not in best
+    assert best[greedy_name(spec.logits)].tolist() == [int(full[0, -1].argmax())]
+    loaded, spec = _smollm()
+    codec = TextCodec(spec.folder)
+    prompt = codec.encode(codec.prompt(PROMPTS[0]))
+    with _deployed(loaded, spec, 2) as (_, _, pipeline):
+        step = pipeline_step(pipeline, spec)
+        greedy = generate(step, spec, prompt, Sampling(max_new_tokens=6), release=step.release)
+        sampled = generate(step, spec, prompt, Sampling(max_new_tokens=6, temperature=0.7,
+                                                        seed=1), release=step.release)
+        step.close()
+    assert greedy.ids == _genai_greedy(SMOLLM, [prompt], 6, spec.eos_ids)[0]
+    home = [b[-1] for b in greedy.hop_bytes]  # what the last stage sent the master per step
+    assert home and max(home) < 1024, home
+    assert min(b[-1] for b in sampled.hop_bytes) >= 4 * 49152  # the whole vocabulary, float32

@@ -609,15 +609,17 @@ class NodeDaemon:
         if epoch != dep.epoch:
             return  # sent to a pipeline that has been replaced; the master replays it
         t_start = time.time()
-        step: dict[str, Any] = {k: msg.fields[k] for k in ("seq", "pos", "new", "seqs", "poss")
-                                if k in msg.fields}
+        step: dict[str, Any] = {k: msg.fields[k] for k in ("seq", "pos", "new", "seqs", "poss",
+                                                           "greedy") if k in msg.fields}
         try:
             if isinstance(dep.runner, StatefulStage):
+                greedy = bool(step.get("greedy", False))
                 if "seqs" in step and "poss" in step:
-                    outputs = dep.runner.run_batch(msg.tensors, step["seqs"], step["poss"])
+                    outputs = dep.runner.run_batch(msg.tensors, step["seqs"], step["poss"],
+                                                   greedy)
                 elif all(k in step for k in ("seq", "pos", "new")):
                     outputs = dep.runner.run(msg.tensors, step["seq"], step["pos"],
-                                             step["new"])
+                                             step["new"], greedy)
                 else:
                     raise RuntimeFailure("this stage keeps a decoder's KV caches: a request "
                                          "must name its sequence, cached and new tokens")

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from periphery_core.generate.decoder import DecoderSpec
+from periphery_core.generate.stateful import greedy_name
 from periphery_core.wire.protocol import MAX_BATCH
 
 IDLE_S = 0.1
@@ -40,6 +41,7 @@ class _Waiting:
     ids: np.ndarray
     seq: int
     pos: int
+    greedy: bool
     since: float = field(default_factory=time.perf_counter)
     future: Future = field(default_factory=Future)
 
@@ -75,13 +77,20 @@ class PipelineSteps:
         self._closed = False
         self._thread: threading.Thread | None = None
 
-    def __call__(self, ids: np.ndarray, seq: int, pos: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    # `generate` may ask for greedy steps: the last stage then sends each row's best token
+    # instead of its logits (see `_logits`).
+    picks_greedy = True
+
+    def __call__(self, ids: np.ndarray, seq: int, pos: int,
+                 greedy: bool = False) -> tuple[np.ndarray, tuple[int, ...]]:
         if not self.batching or ids.shape[0] != 1 or ids.shape[1] != 1:
-            future = self.pipeline.submit({self.spec.input_ids: ids},
-                                          {"seq": seq, "pos": pos, "new": int(ids.shape[1])})
+            step: dict[str, Any] = {"seq": seq, "pos": pos, "new": int(ids.shape[1])}
+            if greedy:
+                step["greedy"] = True
+            future = self.pipeline.submit({self.spec.input_ids: ids}, step)
             outputs = future.result(timeout=self.timeout)
-            return outputs[self.spec.logits], tuple(getattr(future, "stage_bytes", ()))
-        waiting = _Waiting(ids, seq, pos)
+            return self._rows(outputs)[0], tuple(getattr(future, "stage_bytes", ()))
+        waiting = _Waiting(ids, seq, pos, greedy)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the pipeline's steps were closed")
@@ -160,9 +169,11 @@ class PipelineSteps:
     def _send(self, take: list[_Waiting], rows: set[int]) -> None:
         try:
             ids = np.concatenate([w.ids for w in take], axis=0)
-            future = self.pipeline.submit(
-                {self.spec.input_ids: ids},
-                {"seqs": [w.seq for w in take], "poss": [w.pos for w in take]})
+            step: dict[str, Any] = {"seqs": [w.seq for w in take],
+                                    "poss": [w.pos for w in take]}
+            if all(w.greedy for w in take):
+                step["greedy"] = True
+            future = self.pipeline.submit({self.spec.input_ids: ids}, step)
         except Exception as exc:
             self._finish(take, rows, None, exc)
             return
@@ -184,8 +195,24 @@ class PipelineSteps:
             for w in take:
                 w.future.set_exception(error or RuntimeError("the batch was not sent"))
             return
-        logits = future.result()[self.spec.logits]
+        logits = self._rows(future.result())
         sent = tuple(getattr(future, "stage_bytes", ()))
         per_row = tuple(round(b / len(take)) for b in sent)
-        for row, w in enumerate(take):
-            w.future.set_result((logits[row:row + 1], per_row))
+        for row, w in zip(logits, take, strict=True):
+            w.future.set_result((row, per_row))
+
+    def _rows(self, outputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Each row's logits of the last position, [1, 1, vocabulary]. A greedy step brought
+        back only each row's best token: its row is a stand-in whose argmax is that token
+        (every other entry -inf), which `pick` reads as the logits it would have chosen it
+        from."""
+        best = outputs.get(greedy_name(self.spec.logits))
+        if best is None:
+            logits = outputs[self.spec.logits]
+            return [logits[r:r + 1] for r in range(logits.shape[0])]
+        rows = []
+        for token in np.asarray(best).reshape(-1):
+            row = np.full((1, 1, int(token) + 1), -np.inf, dtype=np.float32)
+            row[0, 0, -1] = 0.0
+            rows.append(row)
+        return rows

@@ -209,10 +209,11 @@ class _Resilient:
         self.history: list[np.ndarray] = []  # the ids of every step that went through
         self.rebuilt = 0
 
-    def __call__(self, ids: np.ndarray, pos: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    def __call__(self, ids: np.ndarray, pos: int,
+                 greedy: bool = False) -> tuple[np.ndarray, tuple[int, ...]]:
         for attempt in range(self.attempts + 1):
             try:
-                out = self.inner(ids, self.seq, pos)
+                out = self._step(ids, self.seq, pos, greedy)
                 break
             except PeripheryError as exc:
                 if CACHE_LOST not in exc.message or attempt == self.attempts:
@@ -227,8 +228,15 @@ class _Resilient:
         self.rebuilt += 1
         at = 0
         for ids in self.history:
-            self.inner(ids, self.seq, at)
+            self._step(ids, self.seq, at, True)  # only the caches matter here
             at += int(ids.shape[1])
+
+    def _step(self, ids: np.ndarray, seq: int, pos: int,
+              greedy: bool) -> tuple[np.ndarray, tuple[int, ...]]:
+        """A step; greedy (only the best token comes back) where the step offers it."""
+        if greedy and getattr(self.inner, "picks_greedy", False):
+            return self.inner(ids, seq, pos, greedy=True)  # type: ignore[call-arg]
+        return self.inner(ids, seq, pos)
 
     def release(self) -> None:
         if self._release is not None:
@@ -257,14 +265,17 @@ def _generate(stepper: _Resilient, spec: DecoderSpec, prompt_ids: Sequence[int],
     finish = "length"
     pos = 0
     chunk = max(1, sampling.prefill_chunk)
+    # Greedy picking needs only each step's best token, which a pipeline can send instead of
+    # the logits (`PipelineSteps.picks_greedy`); a chunk of a long prompt needs nothing back.
+    greedy = sampling.temperature == 0.0 and sampling.repetition_penalty == 1.0
     while prompt.shape[1] - pos > chunk:  # a long prompt goes in chunks: bounded activations
         check(cancel)
-        stepper(prompt[:, pos:pos + chunk], pos)
+        stepper(prompt[:, pos:pos + chunk], pos, greedy=True)
         pos += chunk
     ids = prompt[:, pos:]
     while len(out) < sampling.max_new_tokens:
         check(cancel)
-        logits, sent = stepper(ids, pos)
+        logits, sent = stepper(ids, pos, greedy)
         if out:
             hop_bytes.append(sent)
         pos += ids.shape[1]

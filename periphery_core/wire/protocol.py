@@ -84,7 +84,9 @@ MAX_BATCH = 256
 _STEP = {"seq": optional(_SEQ), "pos": optional(_POS),
          "new": optional(Field("int", lo=1, hi=1 << 24)),
          "seqs": optional(Field("list", max_len=MAX_BATCH, items=_SEQ)),
-         "poss": optional(Field("list", max_len=MAX_BATCH, items=_POS))}
+         "poss": optional(Field("list", max_len=MAX_BATCH, items=_POS)),
+         # the caller picks greedily: the last stage sends each row's best token, not logits
+         "greedy": optional(Field("bool"))}
 
 KINDS: dict[str, dict[str, Field]] = {
     # control: master <-> node

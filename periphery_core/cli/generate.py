@@ -12,19 +12,30 @@ from typing import Any
 import click
 
 from periphery_core.cli.cluster import connect_nodes, keys_options, peer_option
-from periphery_core.cli.common import cli, handle_errors, json_option
+from periphery_core.cli.common import F, cli, handle_errors, json_option
 from periphery_core.errors import PeripheryError
 
 
+def deploy_options(fn: F) -> F:
+    """MODEL and where it runs: --plan or --shards, --peer, --local, --mdns (what
+    `deployed_decoder` takes)."""
+    for option in reversed((
+        click.argument("model", type=click.Path(path_type=Path)),
+        click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None,
+                     help="A plan file for the model (default: plan --shards K stages)."),
+        click.option("--shards", "-k", type=int, default=None,
+                     help="Stages to plan (default 2)."),
+        peer_option,
+        click.option("--local", is_flag=True, help="Start one local node process per stage."),
+        click.option("--mdns/--no-mdns", default=True, show_default=True,
+                     help="Find nodes over mDNS when --peer and --local give too few."),
+    )):
+        fn = option(fn)
+    return fn
+
+
 @cli.command()
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None,
-              help="A plan file for the model (default: plan --shards K stages).")
-@click.option("--shards", "-k", type=int, default=None, help="Stages to plan (default 2).")
-@peer_option
-@click.option("--local", is_flag=True, help="Start one local node process per stage.")
-@click.option("--mdns/--no-mdns", default=True, show_default=True,
-              help="Find nodes over mDNS when --peer and --local give too few.")
+@deploy_options
 @click.option("--prompt", "prompts", multiple=True,
               help="What to ask (or the text to continue). Repeat it, or give --prompts, to "
                    "generate several at once: their decode steps share each stage's runs.")

@@ -1,4 +1,5 @@
-"""`periphery serve`: a language model on the cluster behind an OpenAI-compatible endpoint."""
+"""`periphery serve`: a model on the cluster behind an HTTP endpoint (OpenAI-compatible for a
+language model, named tensors at /v1/infer for any other)."""
 
 from __future__ import annotations
 
@@ -8,21 +9,14 @@ from pathlib import Path
 
 import click
 
-from periphery_core.cli.cluster import keys_options, peer_option
+from periphery_core.cli.cluster import keys_options
 from periphery_core.cli.common import cli, handle_errors
-from periphery_core.cli.generate import deployed_decoder
+from periphery_core.cli.generate import deploy_options, deployed_decoder
 from periphery_core.errors import PeripheryError
 
 
 @cli.command()
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None,
-              help="A plan file for the model (default: plan --shards K stages).")
-@click.option("--shards", "-k", type=int, default=None, help="Stages to plan (default 2).")
-@peer_option
-@click.option("--local", is_flag=True, help="Start one local node process per stage.")
-@click.option("--mdns/--no-mdns", default=True, show_default=True,
-              help="Find nodes over mDNS when --peer and --local give too few.")
+@deploy_options
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (another than loopback needs --api-key).")
 @click.option("--port", default=8000, show_default=True, help="Port (0: any free one).")
@@ -33,7 +27,8 @@ from periphery_core.errors import PeripheryError
               help="Listen on a non-loopback address without an API key (--insecure, which "
                    "also drops the nodes' keys, allows it too).")
 @click.option("--max-concurrent", default=8, show_default=True,
-              help="Sequences generating at once; more get HTTP 429.")
+              help="Requests running at once (sequences, for a language model); more get "
+                   "HTTP 429.")
 @click.option("--name", default=None, help="The model's name for clients (default: its "
                                            "folder's).")
 @click.option("--optimize/--exact", default=True, show_default=True,

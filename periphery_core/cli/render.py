@@ -12,40 +12,14 @@ from rich.table import Table
 from periphery_core.model.analysis import ModelAnalysis
 from periphery_core.partition.plan import ShardPlan
 from periphery_core.partition.verify import VerifyReport
+from periphery_core.units import human_bytes, human_count, human_seconds, shape_text
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def human_count(n: float, unit: str = "") -> str:
-    for suffix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {suffix}{unit}"
-    return f"{n:.0f} {unit}".rstrip()
-
-
-def human_seconds(s: float) -> str:
-    if s >= 1:
-        return f"{s:.2f} s"
-    if s >= 1e-3:
-        return f"{s * 1e3:.2f} ms"
-    return f"{s * 1e6:.1f} µs"
-
-
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=1, default=str) + "\n")
-
-
-def shape_str(shape: tuple[int, ...]) -> str:
-    return "x".join(map(str, shape)) if shape else "scalar"
 
 
 def analysis_dict(a: ModelAnalysis, top: int | None = None) -> dict[str, Any]:
@@ -87,11 +61,11 @@ def render_analysis(a: ModelAnalysis, top: int) -> None:
     summary.add_column(style="bold")
     summary.add_column()
     for s in a.inputs:
-        summary.add_row("input", f"{s.name}: {s.dtype} [{shape_str(s.shape)}]")
+        summary.add_row("input", f"{s.name}: {s.dtype} [{shape_text(s.shape)}]")
     for o in a.outputs:
         t = a.tensors.get(o)
         if t is not None:
-            summary.add_row("output", f"{o}: {t.dtype} [{shape_str(t.shape)}]")
+            summary.add_row("output", f"{o}: {t.dtype} [{shape_text(t.shape)}]")
     summary.add_row("opsets", ", ".join(f"{d} {v}" for d, v in a.opsets.items()))
     summary.add_row("nodes", str(len(a.nodes)))
     summary.add_row(
@@ -120,7 +94,7 @@ def render_analysis(a: ModelAnalysis, top: int) -> None:
         costly.add_column("measured", justify="right")
     for n in sorted(a.nodes, key=key)[:top]:
         first = a.tensors.get(n.outputs[0]) if n.outputs else None
-        shape = shape_str(first.shape) if first is not None else ""
+        shape = shape_text(first.shape) if first is not None else ""
         row = [n.key, n.op_type, shape, human_count(n.flops), human_bytes(n.param_bytes),
                human_bytes(n.output_bytes)]
         if a.profiled:
@@ -174,7 +148,7 @@ def render_verify(report: VerifyReport, k: int) -> None:
     for col in ("output", "shape", "max abs diff", "max rel diff", "bit-identical"):
         t.add_column(col, justify="left" if col in ("output", "shape") else "right")
     for o in report.outputs:
-        t.add_row(o.name, shape_str(o.shape), f"{o.max_abs:.3g}", f"{o.max_rel:.3g}",
+        t.add_row(o.name, shape_text(o.shape), f"{o.max_abs:.3g}", f"{o.max_rel:.3g}",
                   "yes" if o.bit_identical else "no")
     console.print(t)
     console.print("[bold green]PASS[/]" if report.passed else "[bold red]FAIL[/]")

@@ -26,6 +26,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias, Union, get_args, get_origin, get_type_hints
 
+from periphery_core.units import human_bytes
+
 log = logging.getLogger(__name__)
 
 
@@ -364,16 +366,6 @@ def event_from_dict(data: Mapping[str, Any]) -> Event:
 # --- one-line summaries -------------------------------------------------------------------------
 
 
-def _bytes(n: float) -> str:
-    if abs(n) < 1024:
-        return f"{n:.0f} B"
-    for unit in ("KiB", "MiB"):
-        n /= 1024
-        if abs(n) < 1024:
-            return f"{n:.1f} {unit}"
-    return f"{n / 1024:.1f} GiB"
-
-
 def describe(event: Event, name: Callable[[str], str] = str) -> str:
     """Say what an event means in one short line for an event log (no time stamp).
 
@@ -390,7 +382,7 @@ def describe(event: Event, name: Callable[[str], str] = str) -> str:
         case NodeJoined():
             return (
                 f"node {event.name} joined ({event.device}, {event.cores} cores, "
-                f"{_bytes(event.memory_bytes)}, "
+                f"{human_bytes(event.memory_bytes)}, "
                 f"{'speed unknown' if event.speed is None else f'{event.speed:.2f}x'})"
             )
         case NodeLost():
@@ -403,7 +395,7 @@ def describe(event: Event, name: Callable[[str], str] = str) -> str:
         case ShardProgress():
             return (
                 f"stage {event.stage} → {name(event.node_id)}: "
-                f"{_bytes(event.sent_bytes)} of {_bytes(event.total_bytes)}"
+                f"{human_bytes(event.sent_bytes)} of {human_bytes(event.total_bytes)}"
             )
         case StageReady():
             return f"stage {event.stage} ready on {name(event.node_id)} ({event.provider})"

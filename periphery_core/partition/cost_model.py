@@ -249,14 +249,6 @@ def check_devices(devices: Sequence[DeviceSpec]) -> None:
             raise PlanError(f"device '{d.name}' has bandwidth {d.bandwidth}: it must be positive")
 
 
-def format_bytes(n: float) -> str:
-    """A byte count for an error message: `1.5 MiB`."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
-
-
 def stages_from_cuts(
     graph: PlanningGraph,
     order: Sequence[int],

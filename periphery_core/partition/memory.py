@@ -13,8 +13,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from periphery_core.partition.cost_model import GraphFacts, OrderLayout, format_bytes
+from periphery_core.partition.cost_model import GraphFacts, OrderLayout
 from periphery_core.partition.plan import DeviceSpec
+from periphery_core.units import human_bytes
 
 
 def memory_starts(facts: GraphFacts, layout: OrderLayout, cap: int | None) -> np.ndarray:
@@ -63,8 +64,8 @@ def segment_memory(facts: GraphFacts, layout: OrderLayout, a: int, b: int) -> in
 
 def memory_message(dev: DeviceSpec, cap: int, stage: int, need: int) -> str:
     """The one-line error for a memory cap that no split meets."""
-    return (f"the memory cap of device '{dev.name}' ({format_bytes(cap)}) cannot be "
-            f"met: in every split, stage {stage} needs at least {format_bytes(need)} (parameters "
+    return (f"the memory cap of device '{dev.name}' ({human_bytes(cap)}) cannot be "
+            f"met: in every split, stage {stage} needs at least {human_bytes(need)} (parameters "
             "+ activations); give it more memory, or use more or other devices")
 
 

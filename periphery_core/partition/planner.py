@@ -20,7 +20,6 @@ from periphery_core.partition.balanced import balanced_cuts
 from periphery_core.partition.cost_model import (
     PlanningGraph,
     check_devices,
-    format_bytes,
     graph_facts,
     layout_stages,
     order_layout,
@@ -30,6 +29,7 @@ from periphery_core.partition.costs import planning_graph
 from periphery_core.partition.order import greedy_order
 from periphery_core.partition.plan import STRATEGIES, DeviceSpec, ShardPlan, Stage, devices_for
 from periphery_core.partition.spectral import spectral_cuts
+from periphery_core.units import human_bytes
 
 __all__ = ["make_plan", "plan_stages", "replan_with_cuts"]
 
@@ -168,7 +168,7 @@ def _require_fit(stages: Sequence[Stage], devices: Sequence[DeviceSpec], strateg
         if dev.memory_bytes is not None and stage.memory_bytes > dev.memory_bytes:
             raise PlanError(
                 f"the {strategy} split does not fit: stage {stage.index} needs "
-                f"{format_bytes(stage.memory_bytes)} but device '{dev.name}' holds "
-                f"{format_bytes(dev.memory_bytes)}; use the 'balanced' strategy, which respects "
+                f"{human_bytes(stage.memory_bytes)} but device '{dev.name}' holds "
+                f"{human_bytes(dev.memory_bytes)}; use the 'balanced' strategy, which respects "
                 "memory caps"
             )

@@ -247,13 +247,7 @@ def _generate(stepper: _Resilient, spec: DecoderSpec, prompt_ids: Sequence[int],
               sampling: Sampling, codec: TextCodec | None,
               on_text: Callable[[str], None] | None,
               cancel: CancelToken | None = None) -> Generation:
-    sampling.check()
-    if not prompt_ids:
-        raise GenerationError("the prompt is empty")
-    if spec.context and len(prompt_ids) + sampling.max_new_tokens > spec.context:
-        raise GenerationError(f"the prompt ({len(prompt_ids)} tokens) and --max-new-tokens "
-                              f"({sampling.max_new_tokens}) exceed the model's context of "
-                              f"{spec.context} tokens")
+    check_request(spec, prompt_ids, sampling)
     rng = np.random.default_rng(sampling.seed)
     eos = set(spec.eos_ids) | set(codec.eos_ids() if codec else ())
     prompt = np.asarray([list(prompt_ids)], dtype=spec.ids_dtype)
@@ -305,6 +299,19 @@ def _generate(stepper: _Resilient, spec: DecoderSpec, prompt_ids: Sequence[int],
         on_text(text[len(shown):])
     return Generation(out, text, len(prompt_ids), finish, ttft, decode_s, hop_bytes,
                       stepper.rebuilt)
+
+
+def check_request(spec: DecoderSpec, prompt_ids: Sequence[int], sampling: Sampling,
+                  limit: str = "--max-new-tokens") -> None:
+    """Refuse what cannot run, in one line: bad sampling options, an empty prompt, or one that
+    with its `limit` of new tokens outgrows the model's context."""
+    sampling.check()
+    if not prompt_ids:
+        raise GenerationError("the prompt is empty")
+    if spec.context and len(prompt_ids) + sampling.max_new_tokens > spec.context:
+        raise GenerationError(f"the prompt ({len(prompt_ids)} tokens) and {limit} "
+                              f"({sampling.max_new_tokens}) exceed the model's context of "
+                              f"{spec.context} tokens")
 
 
 def pipeline_step(pipeline: Any, spec: DecoderSpec, timeout: float = 120.0,

@@ -23,6 +23,7 @@ from periphery_core.generate.engine import (
     GenerationError,
     Sampling,
     TextCodec,
+    check_request,
     generate,
     pipeline_step,
 )
@@ -117,14 +118,7 @@ class TextService(Slots):
 
     def check(self, prompt_ids: Sequence[int], sampling: Sampling) -> None:
         """Refuse a request that cannot run, before anything is sent (one line, why)."""
-        sampling.check()
-        if not prompt_ids:
-            raise GenerationError("the prompt is empty")
-        context = self.spec.context
-        if context and len(prompt_ids) + sampling.max_new_tokens > context:
-            raise GenerationError(
-                f"the prompt ({len(prompt_ids)} tokens) and max_tokens "
-                f"({sampling.max_new_tokens}) exceed the model's context of {context} tokens")
+        check_request(self.spec, prompt_ids, sampling, limit="max_tokens")
 
     def generate(self, prompt_ids: Sequence[int], sampling: Sampling,
                  on_text: Callable[[str], None] | None = None,

@@ -129,26 +129,21 @@ def build_app(service: TextService | TensorService, api_key: str | None = None) 
         except PeripheryError as exc:
             raise _Refused(400, exc.message, "invalid_request_error") from None
 
-    def take_slot() -> None:
-        """A sequence's slot, taken now (a full server answers 429 before anything starts);
-        the worker that generates gives it back."""
+    def in_slot(work: Callable[[], Any]) -> asyncio.Future[Any]:
+        """Run `work` in a worker thread holding one of the service's slots: taken now, so that
+        a full server answers 429 before anything starts, and given back when `work` ends."""
         try:
             service.take_slot()
         except ClusterBusy as exc:
             raise _Refused(429, exc.message, "rate_limit_exceeded", "busy") from None
 
-    async def run(ids: list[int], sampling: Sampling, cancel: CancelToken) -> Generation:
-        """Generate in a worker thread, holding a slot for the whole sequence."""
-        take_slot()
-
-        def work() -> Generation:
-            assert text is not None
+        def held() -> Any:
             try:
-                return text.generate(ids, sampling, cancel=cancel)
+                return work()
             finally:
                 service.give_back()
 
-        return await asyncio.get_running_loop().run_in_executor(pool, work)
+        return asyncio.get_running_loop().run_in_executor(pool, held)
 
     def chunk_id(kind: str) -> str:
         return f"{kind}-{uuid.uuid4().hex[:24]}"
@@ -156,7 +151,6 @@ def build_app(service: TextService | TensorService, api_key: str | None = None) 
     async def stream(request: Request, ids: list[int], sampling: Sampling,
                      shape: Callable[[str | None, str | None], dict[str, Any]]) -> Response:
         """Server-sent events: one chunk per piece of text, then the finish, then [DONE]."""
-        take_slot()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         cancel = CancelToken()
@@ -173,10 +167,8 @@ def build_app(service: TextService | TensorService, api_key: str | None = None) 
                 put("error", exc)
             else:
                 put("done", result)
-            finally:
-                service.give_back()
 
-        pool.submit(work)
+        in_slot(work)
 
         async def events() -> AsyncIterator[str]:
             try:
@@ -204,8 +196,9 @@ def build_app(service: TextService | TensorService, api_key: str | None = None) 
 
     async def complete(request: Request, ids: list[int], sampling: Sampling) -> Generation:
         """Generate without streaming; a client that goes away cancels the sequence."""
+        assert text is not None
         cancel = CancelToken()
-        task = asyncio.ensure_future(run(ids, sampling, cancel))
+        task = in_slot(lambda: text.generate(ids, sampling, cancel=cancel))
         while not task.done():
             await asyncio.wait({task}, timeout=0.25)
             if not task.done() and await request.is_disconnected():
@@ -289,16 +282,8 @@ def build_app(service: TextService | TensorService, api_key: str | None = None) 
             service.check(feeds)
         except PeripheryError as exc:
             raise _Refused(400, exc.message, "invalid_request_error") from None
-        take_slot()
-
-        def work() -> dict[str, Any]:
-            try:
-                return service.infer(feeds)
-            finally:
-                service.give_back()
-
         try:
-            outputs = await asyncio.get_running_loop().run_in_executor(pool, work)
+            outputs = await in_slot(lambda: service.infer(feeds))
         except PeripheryError as exc:  # a node failed on it: its one line
             raise _Refused(500, exc.message, "server_error") from None
         packed = MSGPACK in (kind + request.headers.get("accept", "")).lower()

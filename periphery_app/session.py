@@ -205,9 +205,7 @@ class Session:
         Raises:
             PeripheryError: nothing of this model is deployed, or no port can be had.
         """
-        from periphery_core.generate.service import TextService
-        from periphery_core.serve.endpoint import Endpoint, listen
-        from periphery_core.serve.tensors import TensorService
+        from periphery_core.serve.endpoint import Endpoint, listen, service_for
 
         pipeline = self.pipeline
         if pipeline is None or not pipeline.deployed or pipeline.loaded is not opened.loaded:
@@ -217,12 +215,7 @@ class Session:
             sock = listen("127.0.0.1", port, api_key)
         except PeripheryError:
             sock = listen("127.0.0.1", 0, api_key)
-        loaded = opened.loaded
-        name = loaded.path.parent.name if loaded.path.name == "model.onnx" else loaded.path.stem
-        service: TextService | TensorService = (
-            TextService(pipeline, opened.decoder, name) if opened.decoder is not None
-            else TensorService(pipeline, loaded, name))
-        endpoint = Endpoint(service, sock, api_key)
+        endpoint = Endpoint(service_for(pipeline, opened.loaded, opened.decoder), sock, api_key)
         endpoint.start()
         with self._lock:
             self.endpoint = endpoint

@@ -146,10 +146,9 @@ class ClusterScreen(PeripheryScreen):
         if self._served is not None and now > self._served[0]:
             rate = (total - self._served[1]) / (now - self._served[0])
         self._served = (now, total)
-        routes = "OpenAI API" if endpoint.service.__class__.__name__ == "TextService" \
-            else "/v1/infer"
-        return (f"\n endpoint [b]{endpoint.url}[/] ({routes}) · {rate:.1f} requests/s · "
-                f"{total} answered · {endpoint.service.in_flight} in flight · s stops it")
+        return (f"\n endpoint [b]{endpoint.url}[/] ({endpoint.service.routes}) · "
+                f"{rate:.1f} requests/s · {total} answered · "
+                f"{endpoint.service.in_flight} in flight · s stops it")
 
     @staticmethod
     def _summary(state: ClusterState, counts: dict[str, int], waiting: int) -> str:

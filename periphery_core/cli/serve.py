@@ -45,10 +45,8 @@ def serve(model: Path, plan_path: Path | None, shards: int | None, peers: tuple[
     for large ones). Both: GET /v1/models, /health and /metrics."""
     from periphery_core.cli.render import err_console
     from periphery_core.generate.decoder import recognize
-    from periphery_core.generate.service import TextService
     from periphery_core.model import load_model
-    from periphery_core.serve.endpoint import Endpoint, listen
-    from periphery_core.serve.tensors import TensorService
+    from periphery_core.serve.endpoint import Endpoint, listen, service_for
 
     if max_concurrent < 1:
         raise PeripheryError("--max-concurrent must be at least 1")
@@ -56,19 +54,14 @@ def serve(model: Path, plan_path: Path | None, shards: int | None, peers: tuple[
     sock = listen(host, port, api_key, insecure_http or insecure)
     loaded = load_model(model)
     spec = recognize(loaded)
-    label = name or (loaded.path.parent.name if loaded.path.name == "model.onnx"
-                     else loaded.path.stem)
     with deployed_decoder(loaded, spec, plan_path, shards, peers, local, mdns, optimize, keys,
                           insecure) as (pipeline, k):
-        service: TextService | TensorService = (
-            TextService(pipeline, spec, label, max_concurrent=max_concurrent)
-            if spec is not None else
-            TensorService(pipeline, loaded, label, max_concurrent=max_concurrent))
+        service = service_for(pipeline, loaded, spec, max_concurrent, name)
         try:
             endpoint = Endpoint(service, sock, api_key)
             what = (f"{spec.describe()}; point an OpenAI client's base_url there"
                     if spec is not None else "POST /v1/infer takes its inputs by name")
-            err_console.print(f"serving {label} over {k} stages at {endpoint.url} ({what})"
+            err_console.print(f"serving {service.name} over {k} stages at {endpoint.url} ({what})"
                               + ("" if api_key else "; no API key"), highlight=False)
             stopping = threading.Event()
 

@@ -2,7 +2,7 @@
 
 `TextService` holds what every request shares: the deployed pipeline, its steps (concurrent
 sequences' decode steps batched, generate.batching), the tokenizer and chat template, and a
-limit on the sequences generating at once. A request takes a slot (`admit`, which refuses with
+limit on the sequences generating at once. A request takes a slot (`take_slot`, which refuses with
 `ClusterBusy` when all are taken), generates, and gives the slot back; its caches are freed on
 the nodes when it ends, however it ends (finished, cancelled because its client went away, or
 failed). Figures for /metrics are kept here too.
@@ -10,17 +10,15 @@ failed). Figures for /metrics are kept here too.
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from periphery_core.errors import ClusterBusy
+from periphery_core.errors import ClusterBusy, PeripheryError
 from periphery_core.generate.decoder import DecoderSpec
 from periphery_core.generate.engine import (
     Generation,
-    GenerationError,
     Sampling,
     TextCodec,
     check_request,
@@ -49,7 +47,7 @@ class Slots:
 
     def __init__(self, max_concurrent: int) -> None:
         if max_concurrent < 1:
-            raise GenerationError("--max-concurrent must be at least 1")
+            raise PeripheryError("--max-concurrent must be at least 1")
         self.max_concurrent = max_concurrent
         self.rejected = 0
         self._slots_lock = threading.Lock()
@@ -78,14 +76,6 @@ class Slots:
         with self._slots_lock:
             self._active -= 1
 
-    @contextlib.contextmanager
-    def admit(self) -> Iterator[None]:
-        """A slot held for the block (`take_slot`)."""
-        self.take_slot()
-        try:
-            yield
-        finally:
-            self.give_back()
 
 
 class TextService(Slots):
@@ -97,6 +87,8 @@ class TextService(Slots):
         name: the model's name as clients see it.
         max_concurrent: sequences generating at once; one more is refused.
     """
+
+    routes = "OpenAI API"  # what an endpoint of it answers, in a word
 
     def __init__(self, pipeline: Any, spec: DecoderSpec, name: str,
                  max_concurrent: int = 8) -> None:
@@ -123,7 +115,7 @@ class TextService(Slots):
     def generate(self, prompt_ids: Sequence[int], sampling: Sampling,
                  on_text: Callable[[str], None] | None = None,
                  cancel: CancelToken | None = None) -> Generation:
-        """Generate one sequence (call inside `admit`); its caches are freed when it ends."""
+        """Generate one sequence (holding a slot); its caches are freed when it ends."""
         with self._lock:
             self.figures.started += 1
         try:

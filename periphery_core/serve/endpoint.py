@@ -13,14 +13,27 @@ import contextlib
 import ipaddress
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 from periphery_core.errors import PeripheryError
+from periphery_core.generate.decoder import DecoderSpec
 from periphery_core.generate.service import TextService
+from periphery_core.model.loading import LoadedModel
 from periphery_core.serve.http import build_app
 from periphery_core.serve.tensors import TensorService
+
+
+def service_for(pipeline: Any, loaded: LoadedModel, decoder: DecoderSpec | None,
+                max_concurrent: int = 8, name: str | None = None) -> TextService | TensorService:
+    """What an endpoint serves for a deployed model: a language model's text, or any other
+    model's tensors; named for clients by `name`, else by its file (its folder's, for a
+    generic `model.onnx`)."""
+    path = loaded.path
+    name = name or (path.parent.name if path.name == "model.onnx" else path.stem)
+    if decoder is not None:
+        return TextService(pipeline, decoder, name, max_concurrent=max_concurrent)
+    return TensorService(pipeline, loaded, name, max_concurrent=max_concurrent)
 
 
 def is_loopback(host: str) -> bool:
@@ -72,7 +85,6 @@ class Endpoint:
         self._thread: threading.Thread | None = None
         host, port = sock.getsockname()[:2]
         self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
-        self.started_t = time.time()
 
     @classmethod
     def open(cls, service: TextService | TensorService, host: str = "127.0.0.1",
@@ -102,11 +114,6 @@ class Endpoint:
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
-
-    def wait(self, timeout: float | None = None) -> None:
-        """Until the server stops (`stop`, or it failed)."""
-        if self._thread is not None:
-            self._thread.join(timeout)
 
     def requests(self) -> int:
         """HTTP requests answered so far."""

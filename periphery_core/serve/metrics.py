@@ -52,10 +52,6 @@ class ServeMetrics(Collector):
         with self._lock:
             self.http[(path, status)] += 1
 
-    def cache_bytes(self) -> dict[str, tuple[int, int]]:
-        with self._lock:
-            return dict(self._kv)
-
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -112,6 +112,8 @@ def encode_reply(outputs: Mapping[str, np.ndarray], msgpack_reply: bool) -> byte
 class TensorService(Slots):
     """Requests of named tensors over a deployed (stateless) `Pipeline`."""
 
+    routes = "/v1/infer"  # what an endpoint of it answers, in a word
+
     def __init__(self, pipeline: Any, loaded: LoadedModel, name: str,
                  max_concurrent: int = 8, timeout: float = 120.0) -> None:
         super().__init__(max_concurrent)

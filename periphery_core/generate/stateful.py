@@ -143,8 +143,10 @@ class StatefulStage:
         self.budget_bytes = budget_bytes
         self._seqs: dict[int, _Sequence] = {}
         self._lock = threading.Lock()
-        # (batch, its sequences, its cache outputs): the last batched run, for reuse
-        self._last_batch: tuple[int, tuple[int, ...], dict[str, np.ndarray]] | None = None
+        # batched runs whose outputs still hold some sequence's cache: batch -> (its
+        # sequences, its cache outputs), so the same sequences' next step reuses them (with
+        # several batches in flight, each comes back to a stage in turn)
+        self._batches: dict[int, tuple[tuple[int, ...], dict[str, np.ndarray]]] = {}
         self._presents = {s[1] for s in state.slots}
         fed = {s[0] for s in state.slots}
         fed |= {made[0] for made in (state.mask, state.positions) if made is not None}
@@ -165,8 +167,7 @@ class StatefulStage:
         with self._lock:
             for s in seqs:
                 self._seqs.pop(s, None)
-            if self._last_batch is not None and set(seqs) & set(self._last_batch[1]):
-                self._last_batch = None
+            self._forget_batches()
 
     def run(self, values: Mapping[str, np.ndarray], seq: int, pos: int,
             new: int, greedy: bool = False) -> dict[str, np.ndarray]:
@@ -196,9 +197,9 @@ class StatefulStage:
         `values` hold the sequences' rows in the order of `seqs`; `poss` are their cached
         lengths. The pasts are padded to the longest and stacked on the batch axis, the mask
         hides the padding and each row's positions start at its own length; afterwards each
-        sequence keeps its own rows. When the batch is the same sequences as the last one and
-        every cache is "packed" (its new token lands right after its own), the last run's
-        outputs are already this run's padded pasts, and nothing is copied.
+        sequence keeps its own rows. When the batch is the same sequences as the run that made
+        their caches and every cache is "packed" (its new token lands right after its own),
+        that run's outputs are already this run's padded pasts, and nothing is copied.
         """
         if len(set(seqs)) != len(seqs) or len(seqs) != len(poss) or not seqs:
             raise RuntimeFailure("a batched step must name distinct sequences, one position "
@@ -209,15 +210,15 @@ class StatefulStage:
             self._check_length(seq, pos, cur)
         rows, longest = len(seqs), max(poss)
         feeds: dict[str, Any] = dict(values)
-        last = self._last_batch
         packed = all(s[6] == "packed" for s in self.state.slots)
-        reuse = (packed and last is not None and last[1] == tuple(seqs)
-                 and all(c is not None and c.batch == last[0] for c in current)
-                 and all(int(a.shape[s[4]]) == longest
-                         for s, a in zip(self.state.slots, last[2].values(), strict=True)))
+        with self._lock:
+            last = self._batches.get(current[0].batch) if current[0] is not None else None
+        reuse = (packed and last is not None and last[0] == tuple(seqs)
+                 and all(c is not None and c.batch == current[0].batch for c in current)
+                 and all(int(last[1][s[0]].shape[s[4]]) == longest for s in self.state.slots))
         for past, _, shape, dtype, axis, baxis, _ in self.state.slots:
             if reuse and last is not None:
-                feeds[past] = last[2][past]
+                feeds[past] = last[1][past]
                 continue
             full = list(shape)
             full[baxis], full[axis] = rows, longest
@@ -254,8 +255,11 @@ class StatefulStage:
                     cache[past] = np.concatenate([own, new], axis=axis)
             kept[seq] = _Sequence(pos + 1, cache, batch)
         self._store(kept)
-        self._last_batch = (batch, tuple(seqs),
-                            {s[0]: outputs[s[1]] for s in self.state.slots}) if packed else None
+        with self._lock:
+            if packed:
+                self._batches[batch] = (tuple(seqs),
+                                        {s[0]: outputs[s[1]] for s in self.state.slots})
+            self._forget_batches()
         return {k: v for k, v in outputs.items() if k not in self._presents}
 
     def _last_position(self, outputs: dict[str, np.ndarray],
@@ -274,6 +278,13 @@ class StatefulStage:
         else:
             outputs[name] = np.ascontiguousarray(last[:, np.newaxis, :])
         return outputs
+
+    def _forget_batches(self) -> None:
+        """Drop the outputs of batched runs that no sequence's cache lives in any more
+        (under the lock)."""
+        held = {s.batch for s in self._seqs.values()}
+        for batch in self._batches.keys() - held:
+            del self._batches[batch]
 
     def _check_length(self, seq: int, pos: int, current: _Sequence | None) -> None:
         length = current.length if current is not None else 0

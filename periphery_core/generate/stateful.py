@@ -211,10 +211,10 @@ class StatefulStage:
         rows, longest = len(seqs), max(poss)
         feeds: dict[str, Any] = dict(values)
         packed = all(s[6] == "packed" for s in self.state.slots)
-        with self._lock:
-            last = self._batches.get(current[0].batch) if current[0] is not None else None
+        made_by = {c.batch if c is not None else -1 for c in current}
+        with self._lock:  # the run that made every one of these caches, if one did
+            last = self._batches.get(made_by.pop()) if len(made_by) == 1 else None
         reuse = (packed and last is not None and last[0] == tuple(seqs)
-                 and all(c is not None and c.batch == current[0].batch for c in current)
                  and all(int(last[1][s[0]].shape[s[4]]) == longest for s in self.state.slots))
         for past, _, shape, dtype, axis, baxis, _ in self.state.slots:
             if reuse and last is not None:

@@ -37,7 +37,7 @@ def balanced_cuts(
     Stage j covers positions ``[a, b)``. With C the prefix sums of cost and B[b] the bytes that
     cross a cut at b:
 
-        cost_j(a, b) = (C[b] - C[a]) / speed_j + B[b] / bandwidth_j   (last stage: graph outputs)
+        cost_j(a, b) = max((C[b] - C[a]) / speed_j, B[b] / bandwidth_j)   (last: graph outputs)
         mem(a, b) = distinct initializer bytes of [a, b) + max(live[a:b])
 
     For fixed b both fall as a grows, so the starts a that keep stage j within a bound T and
@@ -80,9 +80,9 @@ def balanced_cuts(
 
     def windows(j: int, bound: float) -> tuple[np.ndarray, np.ndarray]:
         bs = ends[j]
-        floor = cost_prefix[bs] - speed[j] * (bound - sent[j])
+        floor = cost_prefix[bs] - speed[j] * bound
         lo = np.maximum(np.searchsorted(cost_prefix, floor, side="left"), mem_lo[j])
-        return lo, bs - 1
+        return np.where(sent[j] > bound, bs, lo), bs - 1  # a cut that sends too much: none
 
     def reachable(bound: float) -> tuple[int, np.ndarray]:
         """(k, _) if a split within bound exists, else (the stage that cannot be placed, the
@@ -106,7 +106,7 @@ def balanced_cuts(
         bound = 0.0
     else:
         low = 0.0
-        bound = max(cost_prefix[n] / min(speed) + float(s.max()) for s in sent)
+        bound = max(cost_prefix[n] / min(speed), *(float(s.max()) for s in sent))
         while reachable(bound)[0] < k:  # pragma: no cover - only if rounding bites
             bound *= 2.0
         while bound - low > 1e-13 * bound:

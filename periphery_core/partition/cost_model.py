@@ -13,8 +13,10 @@ Cost model (every strategy is judged by it; `stages_from_cuts` is its one implem
   boundary before it; the last stage's outputs are exactly the graph outputs. A tensor made in
   stage 0 and read in stage 3 therefore passes through the boundaries of stages 0, 1 and 2.
 - ``compute_s = sum(node cost_s) / speed``; ``transfer_s = output bytes / bandwidth`` (the
-  last stage sends the graph outputs back to the master). A stage costs compute + transfer and
-  the plan's bottleneck is its costliest stage.
+  last stage sends the graph outputs back to the master). A node sends one request's outputs
+  on its own thread while it computes the next, so in a stream a stage's period is the larger
+  of its compute and its transfer, and the plan's bottleneck is its slowest stage. (One request
+  alone waits for every stage's compute and transfer in turn, wherever the cuts are.)
 - A stage holds the distinct initializers its nodes read plus its peak live activations, where
   ``live(i)`` is the bytes resident while the node at position i runs: tensors made before i
   and still needed at or after i (or graph outputs), plus node i's own outputs. That must fit

@@ -78,7 +78,9 @@ class Stage:
 
     @property
     def cost_s(self) -> float:
-        return self.compute_s + self.transfer_s
+        """The stage's period in a stream: a node sends one request's outputs on its own
+        thread while it computes the next, so the slower of the two sets the pace."""
+        return max(self.compute_s, self.transfer_s)
 
     @property
     def memory_bytes(self) -> int:

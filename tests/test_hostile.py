@@ -305,10 +305,10 @@ def test_a_node_whose_thread_dies_stops_loudly_instead_of_staying_half_alive(
         monkeypatch: pytest.MonkeyPatch) -> None:
     daemon = NodeDaemon(NodeConfig(name="doomed", advertise=False))
 
-    def compute_loop() -> None:
+    def data_loop() -> None:
         raise RuntimeError("injected fault")
 
-    monkeypatch.setattr(daemon, "_compute_loop", compute_loop)
+    monkeypatch.setattr(daemon, "_data_loop", data_loop)
     raised: list[BaseException] = []
 
     def serve() -> None:
@@ -322,9 +322,9 @@ def test_a_node_whose_thread_dies_stops_loudly_instead_of_staying_half_alive(
     serving.start()
     try:
         serving.join(15)
-        assert not serving.is_alive(), "the node kept serving without its compute thread"
+        assert not serving.is_alive(), "the node kept serving without its data thread"
         assert len(raised) == 1 and isinstance(raised[0], ClusterError)
-        assert "compute_loop thread died" in str(raised[0]) and "injected" in str(raised[0])
+        assert "data_loop thread died" in str(raised[0]) and "injected" in str(raised[0])
     finally:
         daemon._stop.set()
         serving.join(5)

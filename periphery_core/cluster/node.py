@@ -85,7 +85,7 @@ class _Upload:
 
 @dataclass
 class _Wiring:
-    """The sender thread's sockets to the next stage and the master (that thread's alone)."""
+    """The data thread's sockets to the next stage and the master (that thread's alone)."""
 
     dep: _Deployment | None = None
     nxt: zmq.Socket | None = None
@@ -208,15 +208,17 @@ class NodeDaemon:
         self._stop = threading.Event()
         self._stopped = False
         self._outbox: queue.Queue[tuple[bytes, list[Any]]] = queue.Queue()
-        self._inbox: queue.Queue[tuple[Message, float] | None] = queue.Queue(config.queue_depth)
-        self._outq: queue.Queue[tuple[str, Any]] = queue.Queue(config.queue_depth)
+        # New deployments for the data thread to wire to (from the control thread).
+        self._rewires: queue.Queue[_Deployment] = queue.Queue()
+        self._busy = False  # the data thread holds a request
         self._upload: _Upload | None = None
         self._deployment: _Deployment | None = None
         self._master: bytes | None = None
         self._master_seen = time.time()  # last ping or hello from a master
         self._master_lost = False
-        # Set by a new deployment: the sender drops what it holds for the old pipeline (whose
-        # next stage may be unreachable: the master replays those requests) and rewires.
+        # Set by a new deployment: the data thread drops what it holds for the old pipeline
+        # (whose next stage may be unreachable: the master replays those requests) and
+        # rewires.
         self._rewire = threading.Event()
         self._threads: list[threading.Thread] = []
         self._advertiser: Any = None
@@ -244,8 +246,7 @@ class NodeDaemon:
         dport = self._bind(self.pull, cfg.data_port)
         self.data_endpoint = f"tcp://{cfg.host}:{dport}"
         self._measure()  # before serving: a master's first hello already gets a speed
-        for target in (self._receive_loop, self._compute_loop, self._send_loop,
-                       self._stats_loop, self._calibrate):
+        for target in (self._data_loop, self._stats_loop, self._calibrate):
             t = threading.Thread(target=self._guarded, args=(target,),
                                  name=f"node-{target.__name__}", daemon=True)
             t.start()
@@ -304,16 +305,15 @@ class NodeDaemon:
     def _fail_queued(self) -> None:
         """Tell the master about every request still queued here, so none hangs."""
         ids = []
-        for q in (self._inbox, self._outq):
-            while True:
-                try:
-                    item = q.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(item, tuple) and isinstance(item[0], Message):
-                    ids.append(item[0].fields["id"])
-                elif isinstance(item, tuple) and item[0] == "activation":
-                    ids.append(item[1][0]["id"])
+        while True:  # what arrived and was not computed (the data thread has stopped)
+            try:
+                frames = self.pull.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError:
+                break
+            try:
+                ids.append(decode(frames, self.config.limits).fields["id"])
+            except (WireError, KeyError):
+                continue
         dep = self._deployment
         if not ids or dep is None:
             return
@@ -550,64 +550,68 @@ class NodeDaemon:
                                        int(f.get("epoch", 0)), sha256,
                                        bool(f.get("exact", True)))
         self._rewire.set()
-        self._outq.put(("rewire", self._deployment))
+        self._rewires.put(self._deployment)
         self._reply(ident, "ready", {"stage": stage, "provider": provider})
 
     # ------------------------------------------------------------------ data path
 
-    def _receive_loop(self) -> None:
+    def _data_loop(self) -> None:
+        """The data path, in one thread: receive a request, compute it, send it on.
+
+        One thread, so a hop wakes one thread on each side: on a host whose cores all compute
+        (pipelined sequences), every hand-off between threads cost about as much as the hop
+        itself. ZeroMQ queues what arrives meanwhile; while the next stage is full this thread
+        waits to send and stops receiving, which holds the stages before it back in turn."""
+        wiring = _Wiring()
         poller = zmq.Poller()
         poller.register(self.pull, zmq.POLLIN)
-        while not self._stop.is_set():
-            if not dict(poller.poll(POLL_MS)):
-                continue
-            try:
-                frames = self.pull.recv_multipart(copy=False)
-            except zmq.ZMQError:
-                continue
-            t_recv = time.time()
-            try:
-                msg = decode(frames, self.config.limits)  # raises WireError and nothing else
-                if msg.kind != "activation":
-                    raise WireError(f"'{msg.kind}' is not a data message")
-            except WireError as exc:
-                self.rejected += 1
-                log.warning("rejected data message: %s", exc)
-                continue
+        try:
             while not self._stop.is_set():
-                try:
-                    self._inbox.put((msg, t_recv), timeout=0.1)
-                    break
-                except queue.Full:
+                self._take_rewires(wiring)
+                if not dict(poller.poll(POLL_MS)):
                     continue
+                try:
+                    frames = self.pull.recv_multipart(copy=False)
+                except zmq.ZMQError:
+                    continue
+                t_recv = time.time()
+                try:
+                    msg = decode(frames, self.config.limits)  # raises WireError and nothing else
+                    if msg.kind != "activation":
+                        raise WireError(f"'{msg.kind}' is not a data message")
+                except WireError as exc:
+                    self.rejected += 1
+                    log.warning("rejected data message: %s", exc)
+                    continue
+                self._busy = True
+                try:
+                    item = self._compute(msg, t_recv)
+                except Exception as exc:  # a bug with one request: fail it alone, keep serving
+                    log.exception("request %s dropped", msg.fields.get("id"))
+                    item = ("failure", {"id": msg.fields["id"], "stage": -1,
+                                        "epoch": msg.fields.get("epoch", 0),
+                                        "reason": f"the node failed on it: "
+                                                  f"{type(exc).__name__}"})
+                if item is not None:
+                    self._take_rewires(wiring)
+                    if not self._rewire.is_set():  # else it belongs to the replaced pipeline
+                        try:
+                            self._send(wiring, *item)
+                        except Exception:  # one that cannot go is dropped; the rest still go
+                            log.exception("outgoing %s dropped", item[0])
+                self._busy = False
+        finally:
+            wiring.close()
 
-    def _compute_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                item = self._inbox.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if item is None:
-                continue
-            msg, t_recv = item
-            try:
-                self._compute(msg, t_recv)
-            except Exception as exc:  # a bug with one request: fail it alone, keep serving
-                log.exception("request %s dropped", msg.fields.get("id"))
-                self._put_out(("failure", {"id": msg.fields["id"], "stage": -1,
-                                           "epoch": msg.fields.get("epoch", 0),
-                                           "reason": f"the node failed on it: "
-                                                     f"{type(exc).__name__}"}))
-
-    def _compute(self, msg: Message, t_recv: float) -> None:
+    def _compute(self, msg: Message, t_recv: float) -> tuple[str, Any] | None:
+        """Run one request; what to send on (None: nothing, it is for a replaced pipeline)."""
         dep = self._deployment
         rid = msg.fields["id"]
         if dep is None:
-            self._put_out(("failure", {"id": rid, "reason": "no shard deployed", "stage": -1}))
-            return
+            return "failure", {"id": rid, "reason": "no shard deployed", "stage": -1}
         epoch = msg.fields.get("epoch", 0)
         if epoch != dep.epoch:
-            return  # sent to a pipeline that has been replaced; the master replays it
+            return None  # sent to a pipeline that has been replaced; the master replays it
         t_start = time.time()
         step: dict[str, Any] = {k: msg.fields[k] for k in ("seq", "pos", "new", "seqs", "poss",
                                                            "greedy") if k in msg.fields}
@@ -627,42 +631,26 @@ class NodeDaemon:
                 outputs = dep.runner.run(msg.tensors)
         except Exception as exc:  # a bad request fails alone; the node keeps serving
             reason = exc.message if isinstance(exc, PeripheryError) else str(exc)
-            self._put_out(("failure", {"id": rid, "stage": dep.stage, "epoch": epoch,
-                                       "reason": f"stage {dep.stage}: {reason}"}))
-            return
+            return "failure", {"id": rid, "stage": dep.stage, "epoch": epoch,
+                               "reason": f"stage {dep.stage}: {reason}"}
         t_end = time.time()
         times = [*msg.fields.get("times", []), [dep.stage, t_recv, t_start, t_end]]
-        self._put_out(("activation", ({"id": rid, "times": times, "epoch": epoch, **step},
-                                      outputs)))
+        return "activation", ({"id": rid, "times": times, "epoch": epoch, **step}, outputs)
 
-    def _put_out(self, item: tuple[str, Any]) -> None:
-        while not self._stop.is_set():
+    def _take_rewires(self, wiring: _Wiring) -> None:
+        """Wire to the newest deployment the control thread made, if it made one."""
+        dep = None
+        while True:
             try:
-                self._outq.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def _send_loop(self) -> None:
-        wiring = _Wiring()
-        try:
-            while not self._stop.is_set():
-                try:
-                    kind, payload = self._outq.get(timeout=0.1)
-                except queue.Empty:
-                    continue
-                if self._rewire.is_set() and kind != "rewire":
-                    continue  # belongs to the pipeline being replaced
-                try:
-                    self._send(wiring, kind, payload)
-                except Exception:  # one item that cannot go is dropped; the rest still go
-                    log.exception("outgoing %s dropped", kind)
-        finally:
-            wiring.close()
+                dep = self._rewires.get_nowait()
+            except queue.Empty:
+                break
+        if dep is not None:
+            self._rewire.clear()
+            self._send(wiring, "rewire", dep)
 
     def _send(self, wiring: _Wiring, kind: str, payload: Any) -> None:
         if kind == "rewire":
-            self._rewire.clear()
             wiring.close()
             wiring.dep = dep = payload
             try:
@@ -747,8 +735,7 @@ class NodeDaemon:
                 if self.speed is not None:
                     return
                 due.append(now + CALIBRATE_RETRY_S)  # still unknown: keep trying now and then
-            idle = (host_cpu < IDLE_CPU_PERCENT and self._inbox.empty() and self._outq.empty()
-                    and self._upload is None)
+            idle = host_cpu < IDLE_CPU_PERCENT and not self._busy and self._upload is None
             if now < due[0] or (self.speed is not None and not idle):
                 continue
             due = [d for d in due if d > now]  # those missed while busy are one

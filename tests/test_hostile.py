@@ -23,6 +23,7 @@ import pytest
 import zmq
 
 from periphery_core.cluster import events as ev
+from periphery_core.cluster.datapath import DataPath
 from periphery_core.cluster.local import LocalCluster
 from periphery_core.cluster.master import Master
 from periphery_core.cluster.node import NodeConfig, NodeDaemon
@@ -305,10 +306,10 @@ def test_a_node_whose_thread_dies_stops_loudly_instead_of_staying_half_alive(
         monkeypatch: pytest.MonkeyPatch) -> None:
     daemon = NodeDaemon(NodeConfig(name="doomed", advertise=False))
 
-    def data_loop() -> None:
+    def data_loop(self: DataPath) -> None:
         raise RuntimeError("injected fault")
 
-    monkeypatch.setattr(daemon, "_data_loop", data_loop)
+    monkeypatch.setattr(DataPath, "run", data_loop)
     raised: list[BaseException] = []
 
     def serve() -> None:
@@ -324,7 +325,7 @@ def test_a_node_whose_thread_dies_stops_loudly_instead_of_staying_half_alive(
         serving.join(15)
         assert not serving.is_alive(), "the node kept serving without its data thread"
         assert len(raised) == 1 and isinstance(raised[0], ClusterError)
-        assert "data_loop thread died" in str(raised[0]) and "injected" in str(raised[0])
+        assert "data thread died" in str(raised[0]) and "injected" in str(raised[0])
     finally:
         daemon._stop.set()
         serving.join(5)

@@ -4,15 +4,14 @@ Threads, each owning its own sockets (ZeroMQ sockets are not thread-safe):
 
 - control (the caller of `serve_forever`): a ROUTER socket for the master: hello, ping,
   shard upload, shutdown. It never blocks on work: building a session runs in its own thread.
-- receiver: a PULL socket for activations; decodes and validates, then queues them.
-- compute: runs the stage in ONNX Runtime (which releases the GIL, so receiving, computing and
-  sending overlap).
-- sender: PUSH sockets to the next stage (or the master) and to the master's result socket.
+- data (`cluster.datapath`): a PULL socket for activations, the stage in ONNX Runtime, and
+  PUSH sockets to the next stage (or the master) and to the master's result socket.
+- stats and calibration: the node's figures to the master, its speed measured again when idle.
 
-Bounded queues between them and ZeroMQ high-water marks on the sockets give backpressure: a
-slow stage slows its upstream instead of growing memory. A frame that does not parse is
-logged and dropped; the node keeps serving. A thread that dies anyway stops the whole node,
-loudly (see `NodeDaemon._guarded`): a node is never left half-alive.
+ZeroMQ high-water marks on the sockets give backpressure: a slow stage slows its upstream
+instead of growing memory. A frame that does not parse is logged and dropped; the node keeps
+serving. A thread that dies anyway stops the whole node, loudly (see `NodeDaemon._guarded`): a
+node is never left half-alive.
 """
 
 from __future__ import annotations
@@ -30,14 +29,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import onnx
 import psutil
 import zmq
 
-from periphery_core.cluster.keys import Guard, KeyRing, Role
+from periphery_core.cluster.datapath import DataPath, Deployment, warm_up
+from periphery_core.cluster.keys import Guard, KeyRing
 from periphery_core.cluster.shard_policy import require_self_contained
-from periphery_core.errors import ClusterError, PeripheryError, RuntimeFailure
+from periphery_core.cluster.speed import device_description, measure_speed
+from periphery_core.errors import ClusterError
 from periphery_core.generate.stateful import StatefulStage, stage_state
 from periphery_core.runtime.chain import StageRunner
 from periphery_core.runtime.session import SessionConfig
@@ -47,7 +47,6 @@ log = logging.getLogger("periphery.node")
 
 CHUNK_BYTES = 1 << 20
 MASTER_LOST_S = 3.0
-POLL_MS = 100
 CALIBRATE_AT_S = (2.0, 6.0, 20.0, 60.0)  # after start: measure the speed again, when idle
 CALIBRATE_RETRY_S = 30.0  # while the speed is unknown (the measurement failed)
 IDLE_CPU_PERCENT = 50.0  # host CPU use under which a node calibrates again
@@ -83,121 +82,6 @@ class _Upload:
     buffer: bytearray = field(default_factory=bytearray)
 
 
-@dataclass
-class _Wiring:
-    """The data thread's sockets to the next stage and the master (that thread's alone)."""
-
-    dep: _Deployment | None = None
-    nxt: zmq.Socket | None = None
-    results: zmq.Socket | None = None  # the same socket as `nxt` for the last stage
-
-    def close(self) -> None:
-        for sock in (self.nxt, self.results):
-            if sock is not None:
-                sock.close(linger=0)
-        self.nxt = self.results = None
-
-
-@dataclass
-class _Deployment:
-    stage: int
-    runner: StageRunner | StatefulStage
-    next_endpoint: str
-    results_endpoint: str
-    provider: str
-    next_key: bytes | None = None
-    results_key: bytes | None = None
-    epoch: int = 0
-    sha256: str = ""
-    exact: bool = True
-
-
-def device_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return cpu
-
-
-def measure_speed(budget_s: float = 0.25, min_runs: int = 10, max_runs: int = 400) -> float:
-    """This machine's speed relative to the planner's reference device (10 GFLOP/s).
-
-    A small standard workload (a chain of 256x256 MatMuls in ONNX Runtime on one thread, about
-    1-2 ms on a current core) run many times for about `budget_s`; the speed comes from the
-    fastest run. Other processes on the same cores (sibling nodes calibrating at the same time,
-    say) only ever make runs slower, so the fastest of many short runs is what the machine does
-    uncontended, where a mean or median measures the contention.
-    """
-    from onnx import TensorProto, helper
-
-    from periphery_core.partition.costs import REFERENCE_FLOPS
-
-    n, depth = 256, 8
-    rng = np.random.default_rng(0)
-    nodes, inits = [], []
-    x = "x"
-    for i in range(depth):
-        w = onnx.numpy_helper.from_array(rng.standard_normal((n, n)).astype(np.float32) * 0.05,
-                                         f"w{i}")
-        inits.append(w)
-        nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"y{i}"]))
-        x = f"y{i}"
-    graph = helper.make_graph(
-        nodes, "bench", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n])],
-        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n])], inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    runner = StageRunner(model, SessionConfig(exact=False, threads=1))
-    feed = {"x": rng.standard_normal((n, n)).astype(np.float32)}
-    runner.run(feed)
-    runner.run(feed)
-    best = float("inf")
-    t_end = time.perf_counter() + budget_s
-    for i in range(max_runs):
-        t0 = time.perf_counter()
-        runner.run(feed)
-        t1 = time.perf_counter()
-        best = min(best, t1 - t0)
-        if i + 1 >= min_runs and t1 >= t_end:
-            break
-    flops = 2.0 * n * n * n * depth
-    return float(flops / best / REFERENCE_FLOPS)
-
-
-_ORT_DTYPES = {
-    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
-}
-
-
-def _warm_up(runner: StageRunner) -> None:
-    """Run the stage once on zeros (symbolic dims as 1) so the first request is not slow.
-
-    Best effort: a stage whose inputs must agree in ways zeros cannot (cache lengths, say) just
-    skips it.
-    """
-    feeds: dict[str, np.ndarray] = {}
-    for i in runner.session.get_inputs():
-        dtype = _ORT_DTYPES.get(i.type)
-        if i.name not in runner.input_names:
-            continue
-        if dtype is None:
-            return
-        shape = [d if isinstance(d, int) and d >= 0 else 1 for d in (i.shape or [])]
-        feeds[i.name] = np.zeros(shape, dtype=dtype)
-    try:
-        runner.run(feeds)
-    except Exception as exc:  # a warm-up that cannot run is no error
-        log.debug("warm-up skipped: %s", exc)
-
-
 class NodeDaemon:
     """One node: binds its sockets on `start`, serves until `stop`."""
 
@@ -208,22 +92,15 @@ class NodeDaemon:
         self._stop = threading.Event()
         self._stopped = False
         self._outbox: queue.Queue[tuple[bytes, list[Any]]] = queue.Queue()
-        # New deployments for the data thread to wire to (from the control thread).
-        self._rewires: queue.Queue[_Deployment] = queue.Queue()
-        self._busy = False  # the data thread holds a request
         self._upload: _Upload | None = None
-        self._deployment: _Deployment | None = None
+        self.data: DataPath | None = None  # made by `start`
         self._master: bytes | None = None
         self._master_seen = time.time()  # last ping or hello from a master
         self._master_lost = False
-        # Set by a new deployment: the data thread drops what it holds for the old pipeline
-        # (whose next stage may be unreachable: the master replays those requests) and
-        # rewires.
-        self._rewire = threading.Event()
         self._threads: list[threading.Thread] = []
         self._advertiser: Any = None
         self.speed: float | None = None
-        self.rejected = 0
+        self.rejected = 0  # control messages that did not parse (the data path counts its own)
         self.failure: str | None = None  # why a thread died, stopping the node
         self.control_endpoint = ""
         self.data_endpoint = ""
@@ -245,10 +122,13 @@ class NodeDaemon:
         self.pull.setsockopt(zmq.MAXMSGSIZE, cfg.limits.max_total_bytes + (1 << 20))
         dport = self._bind(self.pull, cfg.data_port)
         self.data_endpoint = f"tcp://{cfg.host}:{dport}"
+        self.data = DataPath(self.ctx, self.guard, self.pull, cfg.limits, cfg.queue_depth,
+                             self._stop)
         self._measure()  # before serving: a master's first hello already gets a speed
-        for target in (self._data_loop, self._stats_loop, self._calibrate):
-            t = threading.Thread(target=self._guarded, args=(target,),
-                                 name=f"node-{target.__name__}", daemon=True)
+        for name, target in (("data", self.data.run), ("stats", self._stats_loop),
+                             ("calibrate", self._calibrate)):
+            t = threading.Thread(target=self._guarded, args=(name, target),
+                                 name=f"node-{name}", daemon=True)
             t.start()
             self._threads.append(t)
         if cfg.advertise:
@@ -297,35 +177,14 @@ class NodeDaemon:
             self._advertiser.stop()
         for t in self._threads:
             t.join(timeout=2.0)
-        self._fail_queued()
+        failed = self.data.fail_queued(self.config.name) if self.data is not None else 0
+        if failed:
+            log.info("node stopping: %d queued requests failed explicitly", failed)
         self.guard.close()
         self.ctx.destroy(linger=0)
         log.info("node %s stopped", self.config.name)
 
-    def _fail_queued(self) -> None:
-        """Tell the master about every request still queued here, so none hangs."""
-        ids = []
-        while True:  # what arrived and was not computed (the data thread has stopped)
-            try:
-                frames = self.pull.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.ZMQError:
-                break
-            try:
-                ids.append(decode(frames, self.config.limits).fields["id"])
-            except (WireError, KeyError):
-                continue
-        dep = self._deployment
-        if not ids or dep is None:
-            return
-        sock = self._push(dep.results_endpoint, dep.results_key, "masters")
-        for rid in ids:
-            sock.send_multipart(encode("failure", {
-                "id": rid, "stage": dep.stage, "epoch": dep.epoch,
-                "reason": f"node {self.config.name} shut down with the request queued"}))
-        sock.close(linger=500)
-        log.info("node stopping: %d queued requests failed explicitly", len(ids))
-
-    def _guarded(self, loop: Callable[[], None]) -> None:
+    def _guarded(self, name: str, loop: Callable[[], None]) -> None:
         """Run one of the node's loops; if it dies anyway, stop the whole node, loudly.
 
         Each loop logs and drops a message it cannot handle, so a loop that dies is a bug. A
@@ -339,10 +198,10 @@ class NodeDaemon:
             loop()
         except BaseException as exc:
             if self._stop.is_set() and self.failure is None:  # torn down under it: no bug
-                log.warning("node thread %s ended while stopping: %s", loop.__name__, exc)
+                log.warning("node thread %s ended while stopping: %s", name, exc)
                 return
             self.failure = self.failure or (
-                f"its {loop.__name__.strip('_')} thread died: {type(exc).__name__}: "
+                f"its {name} thread died: {type(exc).__name__}: "
                 f"{str(exc).splitlines()[0] if str(exc) else ''}")
             log.critical("node %s stopping: %s", self.config.name, self.failure, exc_info=True)
             self._stop.set()
@@ -355,7 +214,7 @@ class NodeDaemon:
         Raises:
             ClusterError: a thread of the node died despite its guards, so the node stopped.
         """
-        self._guarded(self._control_loop)
+        self._guarded("control", self._control_loop)
         if self.failure is not None:
             raise ClusterError(f"node {self.config.name} stopped: {self.failure}")
 
@@ -405,15 +264,16 @@ class NodeDaemon:
         elif kind == "hello":
             self._master = ident
             mem = psutil.virtual_memory()
+            dep = self._deployed()
             self._reply(ident, "info", {
                 "node": self.node_id, "name": self.config.name, "device": self._device_name(),
                 "data": self.data_endpoint, "cores": os.cpu_count() or 1,
                 "memory": int(mem.total), "free": int(mem.available),
                 **({"speed": self.speed} if self.speed is not None else {}),  # None: unknown
                 "key": self.config.keys.public.decode() if self.config.keys else "",
-                "stage": self._deployment.stage if self._deployment else -1,
-                "sha256": self._deployment.sha256 if self._deployment else "",
-                "exact": self._deployment.exact if self._deployment else True,
+                "stage": dep.stage if dep else -1,
+                "sha256": dep.sha256 if dep else "",
+                "exact": dep.exact if dep else True,
                 "master_silent_s": round(silent, 3),
             })
         elif kind == "deploy_begin":
@@ -423,7 +283,7 @@ class NodeDaemon:
         elif kind == "deploy_end":
             self._end_upload(ident, msg)
         elif kind == "release":
-            dep = self._deployment
+            dep = self._deployed()
             if dep is not None and isinstance(dep.runner, StatefulStage):
                 dep.runner.release(msg.fields["seqs"])
         elif kind == "shutdown":
@@ -474,7 +334,7 @@ class NodeDaemon:
 
     def _reuse(self, ident: bytes, f: dict[str, Any]) -> None:
         """Keep the shard already loaded (a restarted master found it here); only rewire."""
-        dep = self._deployment
+        dep = self._deployed()
         if (dep is None or dep.sha256 != f["sha256"] or dep.stage != f["stage"]
                 or dep.exact != bool(f.get("exact", True))):
             self._reply(ident, "error", {"reason": f"stage {f['stage']}: this node does not "
@@ -529,7 +389,7 @@ class NodeDaemon:
         try:
             state = stage_state(model)
             if state is None:
-                _warm_up(runner)
+                warm_up(runner)
             budget = self.config.kv_budget or psutil.virtual_memory().total // 4
             stage: StageRunner | StatefulStage = runner if state is None \
                 else StatefulStage(runner, state, budget)
@@ -545,164 +405,14 @@ class NodeDaemon:
                   provider: str,
                   f: dict[str, Any], sha256: str) -> None:
         keys = {k: str(f.get(k) or "").encode() or None for k in ("next_key", "results_key")}
-        self._deployment = _Deployment(stage, runner, f["next"], f["results"], provider,
-                                       keys["next_key"], keys["results_key"],
-                                       int(f.get("epoch", 0)), sha256,
-                                       bool(f.get("exact", True)))
-        self._rewire.set()
-        self._rewires.put(self._deployment)
+        assert self.data is not None  # started before any master can deploy
+        self.data.deploy(Deployment(stage, runner, f["next"], f["results"], provider,
+                                    keys["next_key"], keys["results_key"],
+                                    int(f.get("epoch", 0)), sha256, bool(f.get("exact", True))))
         self._reply(ident, "ready", {"stage": stage, "provider": provider})
 
-    # ------------------------------------------------------------------ data path
-
-    def _data_loop(self) -> None:
-        """The data path, in one thread: receive a request, compute it, send it on.
-
-        One thread, so a hop wakes one thread on each side: on a host whose cores all compute
-        (pipelined sequences), every hand-off between threads cost about as much as the hop
-        itself. ZeroMQ queues what arrives meanwhile; while the next stage is full this thread
-        waits to send and stops receiving, which holds the stages before it back in turn."""
-        wiring = _Wiring()
-        poller = zmq.Poller()
-        poller.register(self.pull, zmq.POLLIN)
-        try:
-            while not self._stop.is_set():
-                self._take_rewires(wiring)
-                if not dict(poller.poll(POLL_MS)):
-                    continue
-                try:
-                    frames = self.pull.recv_multipart(copy=False)
-                except zmq.ZMQError:
-                    continue
-                t_recv = time.time()
-                try:
-                    msg = decode(frames, self.config.limits)  # raises WireError and nothing else
-                    if msg.kind != "activation":
-                        raise WireError(f"'{msg.kind}' is not a data message")
-                except WireError as exc:
-                    self.rejected += 1
-                    log.warning("rejected data message: %s", exc)
-                    continue
-                self._busy = True
-                try:
-                    item = self._compute(msg, t_recv)
-                except Exception as exc:  # a bug with one request: fail it alone, keep serving
-                    log.exception("request %s dropped", msg.fields.get("id"))
-                    item = ("failure", {"id": msg.fields["id"], "stage": -1,
-                                        "epoch": msg.fields.get("epoch", 0),
-                                        "reason": f"the node failed on it: "
-                                                  f"{type(exc).__name__}"})
-                if item is not None:
-                    self._take_rewires(wiring)
-                    if not self._rewire.is_set():  # else it belongs to the replaced pipeline
-                        try:
-                            self._send(wiring, *item)
-                        except Exception:  # one that cannot go is dropped; the rest still go
-                            log.exception("outgoing %s dropped", item[0])
-                self._busy = False
-        finally:
-            wiring.close()
-
-    def _compute(self, msg: Message, t_recv: float) -> tuple[str, Any] | None:
-        """Run one request; what to send on (None: nothing, it is for a replaced pipeline)."""
-        dep = self._deployment
-        rid = msg.fields["id"]
-        if dep is None:
-            return "failure", {"id": rid, "reason": "no shard deployed", "stage": -1}
-        epoch = msg.fields.get("epoch", 0)
-        if epoch != dep.epoch:
-            return None  # sent to a pipeline that has been replaced; the master replays it
-        t_start = time.time()
-        step: dict[str, Any] = {k: msg.fields[k] for k in ("seq", "pos", "new", "seqs", "poss",
-                                                           "greedy") if k in msg.fields}
-        try:
-            if isinstance(dep.runner, StatefulStage):
-                greedy = bool(step.get("greedy", False))
-                if "seqs" in step and "poss" in step:
-                    outputs = dep.runner.run_batch(msg.tensors, step["seqs"], step["poss"],
-                                                   greedy)
-                elif all(k in step for k in ("seq", "pos", "new")):
-                    outputs = dep.runner.run(msg.tensors, step["seq"], step["pos"],
-                                             step["new"], greedy)
-                else:
-                    raise RuntimeFailure("this stage keeps a decoder's KV caches: a request "
-                                         "must name its sequence, cached and new tokens")
-            else:
-                outputs = dep.runner.run(msg.tensors)
-        except Exception as exc:  # a bad request fails alone; the node keeps serving
-            reason = exc.message if isinstance(exc, PeripheryError) else str(exc)
-            return "failure", {"id": rid, "stage": dep.stage, "epoch": epoch,
-                               "reason": f"stage {dep.stage}: {reason}"}
-        t_end = time.time()
-        times = [*msg.fields.get("times", []), [dep.stage, t_recv, t_start, t_end]]
-        return "activation", ({"id": rid, "times": times, "epoch": epoch, **step}, outputs)
-
-    def _take_rewires(self, wiring: _Wiring) -> None:
-        """Wire to the newest deployment the control thread made, if it made one."""
-        dep = None
-        while True:
-            try:
-                dep = self._rewires.get_nowait()
-            except queue.Empty:
-                break
-        if dep is not None:
-            self._rewire.clear()
-            self._send(wiring, "rewire", dep)
-
-    def _send(self, wiring: _Wiring, kind: str, payload: Any) -> None:
-        if kind == "rewire":
-            wiring.close()
-            wiring.dep = dep = payload
-            try:
-                last = dep.next_endpoint == dep.results_endpoint
-                wiring.nxt = self._push(dep.next_endpoint, dep.next_key,
-                                        "masters" if last else "nodes")
-                wiring.results = wiring.nxt if last else \
-                    self._push(dep.results_endpoint, dep.results_key, "masters")
-            except (PeripheryError, zmq.ZMQError) as exc:
-                log.warning("cannot wire stage %d: %s", dep.stage, exc)
-                wiring.close()
-            return
-        if kind == "failure":
-            if wiring.results is not None:
-                wiring.results.send_multipart(encode("failure", payload), copy=False)
-            else:
-                log.warning("request %s failed before any deployment: %s", payload["id"],
-                            payload["reason"])
-            return
-        fields, outputs = payload
-        dep = wiring.dep
-        if wiring.nxt is None or dep is None:
-            return
-        fields["times"][-1].extend((time.time(), sum(int(v.nbytes) for v in outputs.values())))
-        last = dep.next_endpoint == dep.results_endpoint
-        try:
-            frames = encode("result" if last else "activation", fields, outputs)
-        except WireError as exc:
-            frames = encode("failure", {"id": fields["id"], "stage": dep.stage,
-                                        "epoch": fields.get("epoch", 0),
-                                        "reason": f"stage {dep.stage}: {exc}"})
-        self._send_blocking(wiring.nxt, frames)
-
-    def _push(self, endpoint: str, server_key: bytes | None, role: Role) -> zmq.Socket:
-        sock = self.ctx.socket(zmq.PUSH)
-        try:
-            self.guard.client(sock, server_key, role)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, self.config.queue_depth)
-            sock.connect(endpoint)
-        except BaseException:
-            sock.close(linger=0)
-            raise
-        return sock
-
-    def _send_blocking(self, sock: zmq.Socket, frames: list[Any]) -> None:
-        # Backpressure: wait while the next stage is full, but stay stoppable, and give up
-        # when a redeploy replaces the pipeline (its next stage may be gone for good).
-        while not self._stop.is_set() and not self._rewire.is_set():
-            if sock.poll(POLL_MS, zmq.POLLOUT):
-                sock.send_multipart(frames, copy=False)
-                return
+    def _deployed(self) -> Deployment | None:
+        return self.data.deployment if self.data is not None else None
 
     # ------------------------------------------------------------------ housekeeping
 
@@ -735,7 +445,8 @@ class NodeDaemon:
                 if self.speed is not None:
                     return
                 due.append(now + CALIBRATE_RETRY_S)  # still unknown: keep trying now and then
-            idle = host_cpu < IDLE_CPU_PERCENT and not self._busy and self._upload is None
+            idle = (host_cpu < IDLE_CPU_PERCENT and self._upload is None
+                    and not (self.data is not None and self.data.busy))
             if now < due[0] or (self.speed is not None and not idle):
                 continue
             due = [d for d in due if d > now]  # those missed while busy are one
@@ -752,7 +463,7 @@ class NodeDaemon:
 
     def _cache_stats(self) -> dict[str, int]:
         """KV cache bytes and sequences held, for a stage of a language model."""
-        dep = self._deployment
+        dep = self._deployed()
         if dep is None or not isinstance(dep.runner, StatefulStage):
             return {}
         return {"kv": dep.runner.cache_bytes, "seqs": dep.runner.sequences}
@@ -763,14 +474,15 @@ class NodeDaemon:
         silent = time.time() - self._master_seen
         if silent > MASTER_LOST_S and not self._master_lost:
             self._master_lost = True
-            stage = self._deployment.stage if self._deployment else None
+            dep = self._deployed()
+            stage = dep.stage if dep else None
             log.warning("master silent for %.1f s: keeping stage %s and waiting for a "
                         "master to come back", silent, stage)
         self._outbox.put((self._master, encode("stats", {
             "node": self.node_id, "cpu": proc.cpu_percent(None),
             "rss": int(proc.memory_info().rss),
             "mem": float(psutil.virtual_memory().percent),
-            "rejected": self.rejected,
+            "rejected": self.rejected + (self.data.rejected if self.data is not None else 0),
             **({"speed": self.speed} if self.speed is not None else {}),
             **self._cache_stats(),
         })))

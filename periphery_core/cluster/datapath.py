@@ -1,0 +1,291 @@
+"""A node's data path: receive a request, run it on the node's stage, send its outputs on.
+
+All of it in one thread (`DataPath.run`), so a hop wakes one thread on each side: with the
+receiving, computing and sending in threads of their own, on a host whose cores all compute
+(pipelined sequences) every hand-off waited for a core, 0.7 ms a step at K = 2 with four
+sequences. ZeroMQ queues what arrives meanwhile; while the next stage is full the thread waits
+to send and stops receiving, which holds the stages before it back in turn (backpressure), and
+a new deployment makes it drop what it holds for the old pipeline (the master replays those).
+A frame that does not parse is counted and dropped; a request that fails, fails alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zmq
+
+from periphery_core.cluster.keys import Guard, Role
+from periphery_core.errors import PeripheryError, RuntimeFailure
+from periphery_core.generate.stateful import StatefulStage
+from periphery_core.runtime.chain import StageRunner
+from periphery_core.wire import Limits, Message, WireError, decode, encode
+
+log = logging.getLogger("periphery.node")
+
+POLL_MS = 100
+
+
+_ORT_DTYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+}
+
+
+def warm_up(runner: StageRunner) -> None:
+    """Run the stage once on zeros (symbolic dims as 1) so the first request is not slow.
+
+    Best effort: a stage whose inputs must agree in ways zeros cannot (cache lengths, say) just
+    skips it.
+    """
+    feeds: dict[str, np.ndarray] = {}
+    for i in runner.session.get_inputs():
+        dtype = _ORT_DTYPES.get(i.type)
+        if i.name not in runner.input_names:
+            continue
+        if dtype is None:
+            return
+        shape = [d if isinstance(d, int) and d >= 0 else 1 for d in (i.shape or [])]
+        feeds[i.name] = np.zeros(shape, dtype=dtype)
+    try:
+        runner.run(feeds)
+    except Exception as exc:  # a warm-up that cannot run is no error
+        log.debug("warm-up skipped: %s", exc)
+
+
+@dataclass
+class _Wiring:
+    """The data thread's sockets to the next stage and the master (that thread's alone)."""
+
+    dep: Deployment | None = None
+    nxt: zmq.Socket | None = None
+    results: zmq.Socket | None = None  # the same socket as `nxt` for the last stage
+
+    def close(self) -> None:
+        for sock in (self.nxt, self.results):
+            if sock is not None:
+                sock.close(linger=0)
+        self.nxt = self.results = None
+
+
+@dataclass
+class Deployment:
+    """The stage a node runs and where its outputs go (made by the control thread)."""
+
+    stage: int
+    runner: StageRunner | StatefulStage
+    next_endpoint: str
+    results_endpoint: str
+    provider: str
+    next_key: bytes | None = None
+    results_key: bytes | None = None
+    epoch: int = 0
+    sha256: str = ""
+    exact: bool = True
+
+
+
+class DataPath:
+    """A node's data socket and the stage it runs.
+
+    Args:
+        ctx: the node's ZeroMQ context.
+        guard: the node's CurveZMQ guard (who may connect, and its keys for connecting).
+        pull: the bound socket requests arrive on.
+        limits: what a message may hold.
+        queue_depth: the high-water mark of the sockets to the next stage.
+        stop: set when the node stops.
+    """
+
+    def __init__(self, ctx: zmq.Context, guard: Guard, pull: zmq.Socket, limits: Limits,
+                 queue_depth: int, stop: threading.Event) -> None:
+        self.ctx, self.guard, self.pull = ctx, guard, pull
+        self._limits, self._queue_depth, self._stop = limits, queue_depth, stop
+        self.deployment: Deployment | None = None
+        self.rejected = 0  # data frames that did not parse
+        self.busy = False  # the thread holds a request
+        # Set by a new deployment until the thread has wired to it: what it holds until then
+        # belongs to the old pipeline, whose next stage may be unreachable.
+        self._rewire = threading.Event()
+        self._rewires: queue.Queue[Deployment] = queue.Queue()
+
+    def deploy(self, dep: Deployment) -> None:
+        """Run `dep` from now on (from the control thread)."""
+        self.deployment = dep
+        self._rewire.set()
+        self._rewires.put(dep)
+
+    def fail_queued(self, node: str) -> int:
+        """Tell the master about every request that arrived and was not computed, so none
+        hangs (once the thread has stopped); how many there were."""
+        ids = []
+        while True:
+            try:
+                frames = self.pull.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError:
+                break
+            try:
+                ids.append(decode(frames, self._limits).fields["id"])
+            except (WireError, KeyError):
+                continue
+        dep = self.deployment
+        if not ids or dep is None:
+            return 0
+        sock = self.push(dep.results_endpoint, dep.results_key, "masters")
+        for rid in ids:
+            sock.send_multipart(encode("failure", {
+                "id": rid, "stage": dep.stage, "epoch": dep.epoch,
+                "reason": f"node {node} shut down with the request queued"}))
+        sock.close(linger=500)
+        return len(ids)
+
+    def run(self) -> None:
+        """The loop of the data thread, until the node stops."""
+        wiring = _Wiring()
+        poller = zmq.Poller()
+        poller.register(self.pull, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                self._take_rewires(wiring)
+                if not dict(poller.poll(POLL_MS)):
+                    continue
+                try:
+                    frames = self.pull.recv_multipart(copy=False)
+                except zmq.ZMQError:
+                    continue
+                t_recv = time.time()
+                try:
+                    msg = decode(frames, self._limits)  # raises WireError and nothing else
+                    if msg.kind != "activation":
+                        raise WireError(f"'{msg.kind}' is not a data message")
+                except WireError as exc:
+                    self.rejected += 1
+                    log.warning("rejected data message: %s", exc)
+                    continue
+                self.busy = True
+                try:
+                    item = self._compute(msg, t_recv)
+                except Exception as exc:  # a bug with one request: fail it alone, keep serving
+                    log.exception("request %s dropped", msg.fields.get("id"))
+                    item = ("failure", {"id": msg.fields["id"], "stage": -1,
+                                        "epoch": msg.fields.get("epoch", 0),
+                                        "reason": f"the node failed on it: "
+                                                  f"{type(exc).__name__}"})
+                if item is not None:
+                    self._take_rewires(wiring)
+                    if not self._rewire.is_set():  # else it belongs to the replaced pipeline
+                        try:
+                            self._send(wiring, *item)
+                        except Exception:  # one that cannot go is dropped; the rest still go
+                            log.exception("outgoing %s dropped", item[0])
+                self.busy = False
+        finally:
+            wiring.close()
+
+    def _compute(self, msg: Message, t_recv: float) -> tuple[str, Any] | None:
+        """Run one request; what to send on (None: nothing, it is for a replaced pipeline)."""
+        dep = self.deployment
+        rid = msg.fields["id"]
+        if dep is None:
+            return "failure", {"id": rid, "reason": "no shard deployed", "stage": -1}
+        epoch = msg.fields.get("epoch", 0)
+        if epoch != dep.epoch:
+            return None  # sent to a pipeline that has been replaced; the master replays it
+        t_start = time.time()
+        step: dict[str, Any] = {k: msg.fields[k] for k in ("seq", "pos", "new", "seqs", "poss",
+                                                           "greedy") if k in msg.fields}
+        try:
+            if isinstance(dep.runner, StatefulStage):
+                greedy = bool(step.get("greedy", False))
+                if "seqs" in step and "poss" in step:
+                    outputs = dep.runner.run_batch(msg.tensors, step["seqs"], step["poss"],
+                                                   greedy)
+                elif all(k in step for k in ("seq", "pos", "new")):
+                    outputs = dep.runner.run(msg.tensors, step["seq"], step["pos"],
+                                             step["new"], greedy)
+                else:
+                    raise RuntimeFailure("this stage keeps a decoder's KV caches: a request "
+                                         "must name its sequence, cached and new tokens")
+            else:
+                outputs = dep.runner.run(msg.tensors)
+        except Exception as exc:  # a bad request fails alone; the node keeps serving
+            reason = exc.message if isinstance(exc, PeripheryError) else str(exc)
+            return "failure", {"id": rid, "stage": dep.stage, "epoch": epoch,
+                               "reason": f"stage {dep.stage}: {reason}"}
+        t_end = time.time()
+        times = [*msg.fields.get("times", []), [dep.stage, t_recv, t_start, t_end]]
+        return "activation", ({"id": rid, "times": times, "epoch": epoch, **step}, outputs)
+
+    def _take_rewires(self, wiring: _Wiring) -> None:
+        """Wire to the newest deployment the control thread made, if it made one."""
+        dep = None
+        while True:
+            try:
+                dep = self._rewires.get_nowait()
+            except queue.Empty:
+                break
+        if dep is not None:
+            self._rewire.clear()
+            self._send(wiring, "rewire", dep)
+
+    def _send(self, wiring: _Wiring, kind: str, payload: Any) -> None:
+        if kind == "rewire":
+            wiring.close()
+            wiring.dep = dep = payload
+            try:
+                last = dep.next_endpoint == dep.results_endpoint
+                wiring.nxt = self.push(dep.next_endpoint, dep.next_key,
+                                        "masters" if last else "nodes")
+                wiring.results = wiring.nxt if last else \
+                    self.push(dep.results_endpoint, dep.results_key, "masters")
+            except (PeripheryError, zmq.ZMQError) as exc:
+                log.warning("cannot wire stage %d: %s", dep.stage, exc)
+                wiring.close()
+            return
+        if kind == "failure":
+            if wiring.results is not None:
+                wiring.results.send_multipart(encode("failure", payload), copy=False)
+            else:
+                log.warning("request %s failed before any deployment: %s", payload["id"],
+                            payload["reason"])
+            return
+        fields, outputs = payload
+        dep = wiring.dep
+        if wiring.nxt is None or dep is None:
+            return
+        fields["times"][-1].extend((time.time(), sum(int(v.nbytes) for v in outputs.values())))
+        last = dep.next_endpoint == dep.results_endpoint
+        try:
+            frames = encode("result" if last else "activation", fields, outputs)
+        except WireError as exc:
+            frames = encode("failure", {"id": fields["id"], "stage": dep.stage,
+                                        "epoch": fields.get("epoch", 0),
+                                        "reason": f"stage {dep.stage}: {exc}"})
+        self._send_blocking(wiring.nxt, frames)
+
+    def push(self, endpoint: str, server_key: bytes | None, role: Role) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.PUSH)
+        try:
+            self.guard.client(sock, server_key, role)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, self._queue_depth)
+            sock.connect(endpoint)
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        return sock
+
+    def _send_blocking(self, sock: zmq.Socket, frames: list[Any]) -> None:
+        # Backpressure: wait while the next stage is full, but stay stoppable, and give up
+        # when a redeploy replaces the pipeline (its next stage may be gone for good).
+        while not self._stop.is_set() and not self._rewire.is_set():
+            if sock.poll(POLL_MS, zmq.POLLOUT):
+                sock.send_multipart(frames, copy=False)
+                return

@@ -18,13 +18,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from periphery_core.cluster.bus import EventBus
 from periphery_core.cluster.events import (
     EVENT_TYPES,
     DeployFailed,
     DeployFinished,
     DeployStarted,
     Event,
-    EventBus,
     NodeDiscovered,
     NodeJoined,
     NodeLost,
@@ -715,7 +715,7 @@ def test_bus_fans_out_and_survives_a_raising_subscriber(caplog: pytest.LogCaptur
     bus.subscribe(explode)
     bus.subscribe(last.append)
     events: list[Event] = [joined("a", 1), lost("a", 2)]
-    with caplog.at_level(logging.ERROR, logger="periphery_core.cluster.events"):
+    with caplog.at_level(logging.ERROR, logger="periphery_core.cluster.bus"):
         for event in events:
             bus.publish(event)
     assert first == events and last == events

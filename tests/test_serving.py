@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from periphery_core.cluster import events as ev
+from periphery_core.cluster.bus import EventBus
 from periphery_core.cluster.local import LocalCluster
 from periphery_core.cluster.pipeline import Pipeline
 from periphery_core.model import analyze, load_model
@@ -55,7 +56,7 @@ def _stream(pipeline: Pipeline, pool: list, total: int, window: int,
     return results
 
 
-def _count_completions(bus: ev.EventBus) -> dict[str, int]:
+def _count_completions(bus: EventBus) -> dict[str, int]:
     counts: dict[str, int] = {}
     bus.subscribe(lambda e: counts.__setitem__(e.request_id, counts.get(e.request_id, 0) + 1)
                   if isinstance(e, ev.RequestCompleted) else None)

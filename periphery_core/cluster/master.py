@@ -5,7 +5,8 @@ stats) and runs every control action as a command in its loop, so no socket is s
 results thread owns the PULL socket the last stage sends to; `submit` sends to the first stage
 under a lock. Requests carry ids end to end; each stage appends its timestamps, from which the
 master derives per-stage queue, compute and transfer times. Everything observable is published
-as typed events on an `EventBus` (see `events.py`), which the CLI and the app fold into state.
+as typed events (see `events.py`) on an `EventBus` (`bus.py`), which the CLI and the app fold
+into state.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 import zmq
 
 from periphery_core.cluster import events as ev
+from periphery_core.cluster.bus import EventBus
 from periphery_core.cluster.keys import Guard, KeyRing
 from periphery_core.cluster.speeds import NodeSpeed, parse_speed, planning_speeds
 from periphery_core.discovery import NodeAddress
@@ -94,7 +96,7 @@ class Master:
         *,
         heartbeat_s: float = 0.5,
         lost_after_s: float = 2.5,  # + one heartbeat period: a lost node is known within 3 s
-        bus: ev.EventBus | None = None,
+        bus: EventBus | None = None,
         limits: Limits | None = None,
         keys: KeyRing | None = None,
         max_pending: int = 1024,
@@ -103,7 +105,7 @@ class Master:
         self.max_pending = max_pending
         self.heartbeat_s = heartbeat_s
         self.lost_after_s = lost_after_s
-        self.bus = bus or ev.EventBus()
+        self.bus = bus or EventBus()
         self.limits = limits or Limits()
         self.ctx = zmq.Context()
         self.guard = Guard(self.ctx, keys, "master")

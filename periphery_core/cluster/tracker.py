@@ -11,7 +11,8 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from periphery_core.cluster.events import Event, EventBus
+from periphery_core.cluster.bus import EventBus
+from periphery_core.cluster.events import Event
 from periphery_core.cluster.metrics import prometheus_text
 from periphery_core.cluster.state import ClusterState, apply
 from periphery_core.errors import PeripheryError

@@ -45,10 +45,10 @@ from periphery_core.cluster.state import (
     BUSY_S,
     RECENT_EVENTS,
     ClusterState,
-    FrozenMap,
     apply,
     fold,
 )
+from periphery_core.cluster.views import FrozenMap
 
 # --- event builders: the figures that do not matter to a test get fixed values ----------------
 
@@ -231,8 +231,9 @@ def test_deploy_failure() -> None:
 
 
 def test_recovery_flow() -> None:
-    before = [joined("a", 1), joined("b", 1), deploy(2, "a", "b"), DeployFinished(t=3),
-              lost("b", 5), RecoveryStarted(("b",), inflight=4, t=5.1)]
+    before: list[Event] = [joined("a", 1), joined("b", 1), deploy(2, "a", "b"),
+                           DeployFinished(t=3), lost("b", 5),
+                           RecoveryStarted(("b",), inflight=4, t=5.1)]
     state = fold(before)
     assert state.recovering and state.recoveries == 0
     assert "recovering: lost b" in state.recent[-1]
@@ -510,18 +511,110 @@ def test_every_event_type_has_a_strategy() -> None:
     assert set(EVENT_STRATEGIES) == set(EVENT_TYPES)
 
 
+# Three nodes and a deploy first, so that the random events after it often fit the deploy (a
+# stage's own node) and are folded in, rather than ignored as out of order.
+DEPLOYED = fold([joined("a", 0), joined("b", 0), joined("c", 0), deploy(0, "a", "b", "c")])
+
+
 @settings(max_examples=80, deadline=None)
-@given(st.lists(any_event, max_size=40))
-def test_apply_is_pure(events: list[Event]) -> None:
-    state = ClusterState.empty()
+@given(st.sampled_from([ClusterState.empty(), DEPLOYED]), st.lists(any_event, max_size=40))
+def test_apply_leaves_every_earlier_state_as_it_was(start: ClusterState,
+                                                    events: list[Event]) -> None:
+    # Each state is compared with a deep copy and a plain snapshot taken when it was made, after
+    # every later event: an `apply` that changed its input, or a part that the new state shares
+    # with an old one (copy-on-write gone wrong), fails here.
+    states = [(start, copy.deepcopy(start), snapshot(start))]
     for event in events:
-        before_snapshot = snapshot(state)
-        before_copy = copy.deepcopy(state)
-        new = apply(state, event)
-        assert snapshot(state) == before_snapshot
-        assert state == before_copy
-        assert new is not state
-        state = new
+        new = apply(states[-1][0], event)
+        states.append((new, copy.deepcopy(new), snapshot(new)))
+        for state, deep_copy, plain in states:
+            assert state == deep_copy
+            assert snapshot(state) == plain
+
+
+def test_the_purity_check_sees_a_change_deep_inside_a_state() -> None:
+    # The check above can fail: a change to a private part of a state (a map's dict, the
+    # latency window's open tail) shows in both of its comparisons.
+    state = fold([joined("a", 1), deploy(2, "a"), done(1, 3, 0.1, (0, 0.1, 0))])
+    for change in (
+        lambda s: s.nodes._data.pop("a"),
+        lambda s: object.__setattr__(s.latency_window, "_tail", ()),
+    ):
+        changed = copy.deepcopy(state)
+        plain = snapshot(changed)
+        change(changed)
+        assert snapshot(changed) != plain
+        assert changed != state
+
+
+def test_apply_returns_a_new_state_and_keeps_the_old_one() -> None:
+    old = fold([joined("a", 1)])
+    new = apply(old, lost("a", 2))
+    assert (old.nodes["a"].state, new.nodes["a"].state) == ("ready", "lost")
+    assert (old.clock, new.clock) == (1, 2) and len(new.recent) == len(old.recent) + 1
+
+
+# --- the order check ---------------------------------------------------------------------------
+
+TWO_STAGES: list[Event] = [joined("a", 1), joined("b", 1), deploy(2, "a", "b")]
+
+
+@pytest.mark.parametrize(
+    ("before", "odd", "reason"),
+    [
+        pytest.param([joined("a", 1)], StageReady("a", 0, "cpu", t=3), "no deploy has started",
+                     id="ready-before-any-deploy"),
+        pytest.param([joined("a", 1)], ShardProgress("a", 0, 10, 100, t=3),
+                     "no deploy has started", id="progress-before-any-deploy"),
+        pytest.param([joined("a", 1)], DeployFailed("a", 0, "boom", t=3),
+                     "no deploy has started", id="failure-before-any-deploy"),
+        pytest.param([], DeployFinished(t=3), "no deploy has started", id="finished-before-any"),
+        pytest.param(TWO_STAGES, StageReady("a", 2, "cpu", t=3),
+                     "stage 2 is not one of the 2 being deployed", id="stage-out-of-range"),
+        pytest.param(TWO_STAGES, StageReady("b", 0, "cpu", t=3),
+                     "stage 0 was assigned to a, not b", id="ready-from-the-wrong-node"),
+        pytest.param(TWO_STAGES, ShardProgress("c", 1, 10, 100, t=3),
+                     "stage 1 was assigned to b, not c", id="progress-of-a-stale-upload"),
+        pytest.param(TWO_STAGES, DeployFailed("c", 1, "late", t=3),
+                     "stage 1 was assigned to b, not c", id="failure-of-a-stale-upload"),
+        pytest.param([joined("a", 1)], DeployStarted(plan_stages=2, assignment=("a",), t=3),
+                     "2 stages but 1 nodes assigned", id="stages-and-assignment-disagree"),
+    ],
+)
+def test_an_event_out_of_order_is_ignored_and_logged_with_why(
+    before: list[Event], odd: Event, reason: str
+) -> None:
+    state = fold(before)
+    after = apply(state, odd)
+    assert after.recent[-1].endswith(f" ignored {type(odd).__name__}: {reason}")
+    # Nothing else changed, the clock included: the odd event's time is not trusted either.
+    assert dataclasses.replace(after, recent=state.recent) == state
+
+
+def test_a_run_of_the_same_ignored_event_is_logged_once() -> None:
+    state = fold(TWO_STAGES)
+    stale: list[Event] = [ShardProgress("c", 1, n, 100, t=3 + n) for n in range(50)]
+    after = fold([*stale, stats("a", 60), *stale], state)
+    assert len(after.recent) == len(state.recent) + 1
+    assert after.recent[-1].endswith("ignored ShardProgress: stage 1 was assigned to b, not c")
+    after = apply(after, lost("a", 70))
+    assert len(fold(stale, after).recent) == len(after.recent) + 1  # a new run, a new line
+
+
+def test_a_stale_failure_does_not_fail_the_deploy_in_progress() -> None:
+    state = fold([*TWO_STAGES, StageReady("a", 0, "cpu", t=3), DeployFailed("c", 1, "old", t=4),
+                  StageReady("b", 1, "cpu", t=5), DeployFinished(t=6)])
+    assert state.deploy_status == "deployed"
+    assert [s.status for s in state.deploy.values()] == ["ready", "ready"]
+
+
+def test_requests_count_before_any_deploy_as_for_a_view_that_joins_a_running_cluster() -> None:
+    # A tracker that subscribes after the deploy still counts what it sees; only the nodes it
+    # cannot place (no assignment known) are not made busy.
+    state = fold([joined("a", 1), done(1, 2, 0.25, (0, 0.2, 0)), RequestFailed("x", 0, "boom", 3)])
+    assert (state.requests_completed, state.requests_failed) == (1, 1)
+    assert state.latency(3)["p50"] == 0.25 and state.stage_stats.stages() == (0,)
+    assert state.nodes["a"].state == "ready"
 
 
 def test_fold_replays_onto_an_initial_state() -> None:

@@ -38,7 +38,6 @@ EXEMPT = frozenset({"periphery_core/model/flops.py"})
 TO_SPLIT = frozenset({
     "periphery_app/screens/quantize.py",
     "periphery_core/cluster/master.py",
-    "periphery_core/cluster/state.py",
     "periphery_core/discovery/mdns.py",
     "periphery_core/model/analysis.py",
     "periphery_core/quantize/evaluate.py",

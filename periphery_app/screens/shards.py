@@ -26,7 +26,8 @@ from periphery_app.screens.modals import ChoiceModal, PromptModal
 from periphery_app.session import OpenedModel, Session
 from periphery_app.units import human_bytes, human_seconds
 from periphery_app.widgets.stage_chart import StageChart
-from periphery_core.cluster.state import ClusterState, StageDeploy
+from periphery_core.cluster.state import ClusterState
+from periphery_core.cluster.views import StageDeploy
 from periphery_core.errors import PlanError
 from periphery_core.generate.planning import plan_model, replan_model
 from periphery_core.partition.plan import STRATEGIES, DeviceSpec, ShardPlan, load_plan

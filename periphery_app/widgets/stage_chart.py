@@ -18,7 +18,7 @@ from textual.reactive import reactive
 from textual.widget import Widget
 
 from periphery_app.units import bar, human_bytes, human_seconds
-from periphery_core.cluster.state import StageDeploy
+from periphery_core.cluster.views import StageDeploy
 from periphery_core.partition.plan import ShardPlan
 
 LINES_PER_STAGE = 5

@@ -12,9 +12,17 @@ is "busy" while a request through its stage completed within `BUSY_S` of that cl
 that want the view at their own wall-clock time pass `now` (`ClusterState.node_state(id, now)`,
 `ClusterState.latency(now)`, `ClusterState.throughput(now)`).
 
-Cost: a completed request is the hot event (one per request). It rebuilds the state record, adds
-to the latency window and stage stats, and updates `last_request` (one small map); a node record
-is rebuilt only when its state changes (ready -> busy -> ready), not per request.
+Shape: one small function per event type (`_on_*`, in the spirit of exo's `apply_*`), found
+in one table, `_RULES`, keyed by the event's type. A rule may also carry an order check that
+says why an event cannot follow the state so far; such an event is ignored, with that reason in
+the log, and the fold stays total (see `apply`). The parts common to every event (the clock,
+busy nodes settling back to ready, the log) are `apply`'s own. The records a state is made of
+are in `periphery_core.cluster.views`.
+
+Cost: a completed request is the hot event (one per request). It rebuilds the state record
+(twice: its own function's change, then the clock), adds to the latency window and stage
+stats, and updates `last_request` (one small map); a node record is rebuilt only when its state
+changes (ready -> busy -> ready), not per request.
 """
 
 from __future__ import annotations
@@ -22,12 +30,11 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import Any, Literal
 
 from periphery_core.cluster.events import (
-    EVENT_TYPES,
     DeployFailed,
     DeployFinished,
     DeployStarted,
@@ -46,12 +53,8 @@ from periphery_core.cluster.events import (
     describe,
 )
 from periphery_core.cluster.metrics import LatencyWindow, StageStats
+from periphery_core.cluster.views import FrozenMap, NodeState, NodeView, StageDeploy
 
-K = TypeVar("K")
-V = TypeVar("V")
-
-NodeState = Literal["discovered", "joining", "ready", "busy", "lost"]
-StageStatus = Literal["pending", "sending", "ready", "failed"]
 DeployStatus = Literal["idle", "deploying", "deployed", "failed"]
 
 BUSY_S = 2.0
@@ -63,136 +66,6 @@ RECENT_EVENTS = 200
 # High-rate events are summarised by counters and gauges; logging each would push the facts a
 # reader looks for (joins, losses, failures) out of the 200-line log within a second.
 _NOT_LOGGED = (NodeStats, ShardProgress, RequestCompleted)
-
-
-class FrozenMap(Mapping[K, V]):
-    """A read-only mapping; `set` returns a new map and leaves this one as it was.
-
-    Equal maps compare equal (to any `Mapping`) and hash alike, so states holding them can be
-    compared and used as keys.
-    """
-
-    __slots__ = ("_data",)
-
-    def __init__(self, items: Mapping[K, V] | Iterable[tuple[K, V]] = ()) -> None:
-        self._data: dict[K, V] = dict(items)
-
-    def __getitem__(self, key: K) -> V:
-        return self._data[key]
-
-    def __iter__(self) -> Iterator[K]:
-        return iter(self._data)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def __hash__(self) -> int:
-        return hash(frozenset(self._data.items()))
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, FrozenMap):
-            return self._data == other._data
-        if isinstance(other, Mapping):
-            return self._data == dict(other.items())
-        return NotImplemented
-
-    def __repr__(self) -> str:
-        return f"FrozenMap({self._data!r})"
-
-    def set(self, key: K, value: V) -> FrozenMap[K, V]:
-        """Return a new map with `key` bound to `value`.
-
-        Args:
-            key: The key.
-            value: Its new value.
-
-        Returns:
-            The new map; this one is unchanged.
-        """
-        data = dict(self._data)
-        data[key] = value
-        return FrozenMap(data)
-
-
-@dataclass(frozen=True, slots=True)
-class NodeView:
-    """What the master knows about one node.
-
-    Figures a node has not reported yet are None. A lost node keeps its last figures and stage.
-
-    Attributes:
-        id: Node id.
-        name: Display name.
-        host: Address the master reaches it at.
-        port: Its port.
-        device: Device kind it runs on (e.g. "cpu", "cuda").
-        cores: CPU cores.
-        memory_bytes: Memory available to it.
-        speed: Measured speed relative to the reference machine.
-        rtt_s: Round-trip time from the master, in seconds.
-        bandwidth: Measured bandwidth from the master, in bytes per second.
-        state: "discovered", "joining", "ready", "busy" or "lost", as of the state's clock.
-        stage: Stage it is assigned, or None.
-        provider: Execution provider serving its stage, once ready.
-        cpu_percent: Last reported CPU use of the node process.
-        rss_bytes: Last reported resident memory.
-        memory_percent: Last reported share of host memory used.
-        gpu_percent: Last reported GPU use, None when it has no GPU.
-        last_seen: Time of the last event from or about this node.
-    """
-
-    id: str
-    name: str
-    host: str
-    port: int
-    state: NodeState
-    last_seen: float
-    device: str | None = None
-    cores: int | None = None
-    memory_bytes: int | None = None
-    speed: float | None = None
-    rtt_s: float | None = None
-    bandwidth: float | None = None
-    stage: int | None = None
-    provider: str | None = None
-    cpu_percent: float | None = None
-    rss_bytes: int | None = None
-    memory_percent: float | None = None
-    gpu_percent: float | None = None
-    kv_bytes: int | None = None  # a language model's stage: KV cache held
-    sequences: int | None = None  # ... for this many sequences
-
-
-@dataclass(frozen=True, slots=True)
-class StageDeploy:
-    """Deployment progress of one stage.
-
-    Attributes:
-        stage: Stage index.
-        node_id: Node the stage is assigned to.
-        status: "pending", "sending", "ready" or "failed".
-        sent_bytes: Shard bytes sent so far.
-        total_bytes: Shard size in bytes (0 until the first progress report).
-        provider: Execution provider once ready.
-        error: Why it failed, once failed.
-    """
-
-    stage: int
-    node_id: str
-    status: StageStatus = "pending"
-    sent_bytes: int = 0
-    total_bytes: int = 0
-    provider: str | None = None
-    error: str | None = None
-
-    @property
-    def fraction(self) -> float:
-        """Share of the shard sent, in [0, 1]; 1.0 once ready."""
-        if self.status == "ready":
-            return 1.0
-        if self.total_bytes <= 0:
-            return 0.0
-        return min(1.0, self.sent_bytes / self.total_bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +85,8 @@ class ClusterState:
         latency_window: Recent end-to-end latencies.
         stage_stats: Recent per-stage timings of the current deployment.
         recent: Summaries of the latest events, oldest first, at most `RECENT_EVENTS` (node
-            stats, shard progress and completed requests are counted, not logged).
+            stats, shard progress and completed requests are counted, not logged; an event
+            ignored as out of order is logged with the reason).
         last_request: Per node id, when a request through one of its stages last completed.
         clock: Latest event time seen, None before the first event.
         recovering: A lost node's pipeline is being rebuilt (new requests wait).
@@ -336,71 +210,198 @@ def _settle_busy(
     return nodes
 
 
-def _apply_node_event(state: ClusterState, event: Event) -> FrozenMap[str, NodeView]:
+# --- one function per event ---------------------------------------------------------------------
+# Each takes the state so far and an event of its type and returns the new state. The clock, the
+# settling of busy nodes and the event log are `apply`'s, the same for every event.
+
+
+def _on_discovered(state: ClusterState, event: NodeDiscovered) -> ClusterState:
+    if event.node_id in state.nodes:  # a known node keeps its state: advertising is no news
+        return state
+    node = NodeView(id=event.node_id, name=event.name, host=event.host, port=event.port,
+                    state="discovered", last_seen=event.t)
+    return dataclasses.replace(state, nodes=state.nodes.set(node.id, node))
+
+
+def _on_joined(state: ClusterState, event: NodeJoined) -> ClusterState:
+    old = state.nodes.get(event.node_id) or NodeView(
+        id=event.node_id, name=event.name, host=event.host, port=event.port, state="ready",
+        last_seen=event.t)
+    # A repeated hello must not hide a deploy in progress or recent work.
+    joined: NodeState = old.state if old.state in ("joining", "busy") else "ready"
+    node = dataclasses.replace(
+        old, name=event.name, host=event.host, port=event.port, device=event.device,
+        cores=event.cores, memory_bytes=event.memory_bytes,
+        speed=event.speed if event.speed is not None else old.speed, rtt_s=event.rtt_s,
+        bandwidth=event.bandwidth, state=joined, last_seen=max(old.last_seen, event.t))
+    return dataclasses.replace(state, nodes=state.nodes.set(node.id, node))
+
+
+def _on_lost(state: ClusterState, event: NodeLost) -> ClusterState:
+    old = state.nodes.get(event.node_id)
+    if old is None:
+        return state
+    return dataclasses.replace(
+        state, nodes=state.nodes.set(old.id, dataclasses.replace(old, state="lost")))
+
+
+def _on_stats(state: ClusterState, event: NodeStats) -> ClusterState:
+    old = state.nodes.get(event.node_id)
+    if old is None:
+        return state
+    node = dataclasses.replace(
+        old, cpu_percent=event.cpu_percent, rss_bytes=event.rss_bytes,
+        memory_percent=event.memory_percent, gpu_percent=event.gpu_percent,
+        speed=event.speed if event.speed is not None else old.speed, kv_bytes=event.kv_bytes,
+        sequences=event.sequences, last_seen=max(old.last_seen, event.t))
+    return dataclasses.replace(state, nodes=state.nodes.set(old.id, node))
+
+
+def _on_deploy_started(state: ClusterState, event: DeployStarted) -> ClusterState:
+    assigned = {node_id: i for i, node_id in reversed(list(enumerate(event.assignment)))}
     nodes = state.nodes
-    match event:
-        case NodeDiscovered():
-            if event.node_id not in nodes:
-                nodes = nodes.set(
-                    event.node_id,
-                    NodeView(
-                        id=event.node_id,
-                        name=event.name,
-                        host=event.host,
-                        port=event.port,
-                        state="discovered",
-                        last_seen=event.t,
-                    ),
-                )
-        case NodeJoined():
-            old = nodes.get(event.node_id)
-            if old is None:
-                old = NodeView(
-                    id=event.node_id,
-                    name=event.name,
-                    host=event.host,
-                    port=event.port,
-                    state="ready",
-                    last_seen=event.t,
-                )
-            # A repeated hello must not hide a deploy in progress or recent work.
-            joined: NodeState = old.state if old.state in ("joining", "busy") else "ready"
-            node = dataclasses.replace(
-                old,
-                name=event.name,
-                host=event.host,
-                port=event.port,
-                device=event.device,
-                cores=event.cores,
-                memory_bytes=event.memory_bytes,
-                speed=event.speed if event.speed is not None else old.speed,
-                rtt_s=event.rtt_s,
-                bandwidth=event.bandwidth,
-                state=joined,
-                last_seen=max(old.last_seen, event.t),
-            )
-            nodes = nodes.set(event.node_id, node)
-        case NodeLost():
-            old = nodes.get(event.node_id)
-            if old is not None:
-                nodes = nodes.set(event.node_id, dataclasses.replace(old, state="lost"))
-        case NodeStats():
-            old = nodes.get(event.node_id)
-            if old is not None:
-                nodes = nodes.set(
-                    event.node_id,
-                    dataclasses.replace(
-                        old,
-                        cpu_percent=event.cpu_percent,
-                        rss_bytes=event.rss_bytes,
-                        memory_percent=event.memory_percent,
-                        gpu_percent=event.gpu_percent,
-                        speed=event.speed if event.speed is not None else old.speed,
-                        kv_bytes=event.kv_bytes, sequences=event.sequences,
-                        last_seen=max(old.last_seen, event.t),
-                    ),
-                )
-    return nodes
+    for node in state.nodes.values():
+        new_state: NodeState
+        if node.id in assigned:
+            new_state = "lost" if node.state == "lost" else "joining"
+        else:  # a node left out of the new plan is idle, whatever it did for the old one
+            new_state = "ready" if node.state in ("joining", "busy") else node.state
+        updated = dataclasses.replace(node, stage=assigned.get(node.id), state=new_state,
+                                      provider=None)
+        if updated != node:
+            nodes = nodes.set(node.id, updated)
+    return dataclasses.replace(
+        state, nodes=nodes, plan_stages=event.plan_stages, assignment=event.assignment,
+        deploy=FrozenMap((i, StageDeploy(stage=i, node_id=node_id))
+                         for i, node_id in enumerate(event.assignment)),
+        deploy_status="deploying",
+        stage_stats=StageStats(max_samples=state.stage_stats.max_samples))
+
+
+def _on_shard_progress(state: ClusterState, event: ShardProgress) -> ClusterState:
+    old = state.deploy[event.stage]
+    stage = dataclasses.replace(
+        old, status="sending" if old.status == "pending" else old.status,
+        sent_bytes=event.sent_bytes, total_bytes=event.total_bytes)
+    return dataclasses.replace(state, deploy=state.deploy.set(event.stage, stage))
+
+
+def _on_stage_ready(state: ClusterState, event: StageReady) -> ClusterState:
+    old = state.deploy[event.stage]
+    stage = dataclasses.replace(old, status="ready", provider=event.provider, error=None,
+                                sent_bytes=max(old.sent_bytes, old.total_bytes))
+    nodes = state.nodes
+    node = nodes.get(event.node_id)
+    if node is not None:
+        nodes = nodes.set(node.id, dataclasses.replace(
+            node, state="lost" if node.state == "lost" else "ready", stage=event.stage,
+            provider=event.provider, last_seen=max(node.last_seen, event.t)))
+    return dataclasses.replace(state, nodes=nodes,
+                               deploy=state.deploy.set(event.stage, stage))
+
+
+def _on_deploy_failed(state: ClusterState, event: DeployFailed) -> ClusterState:
+    stage = dataclasses.replace(state.deploy[event.stage], status="failed", error=event.reason)
+    nodes = state.nodes
+    node = nodes.get(event.node_id)
+    if node is not None and node.state == "joining":  # alive, just not serving
+        nodes = nodes.set(node.id, dataclasses.replace(node, state="ready"))
+    return dataclasses.replace(state, nodes=nodes, deploy_status="failed",
+                               deploy=state.deploy.set(event.stage, stage))
+
+
+def _on_deploy_finished(state: ClusterState, event: DeployFinished) -> ClusterState:
+    failed = state.deploy_status == "failed" or any(
+        s.status == "failed" for s in state.deploy.values())
+    return dataclasses.replace(state, deploy_status="failed" if failed else "deployed")
+
+
+def _on_request_completed(state: ClusterState, event: RequestCompleted) -> ClusterState:
+    nodes = state.nodes
+    latest = dict(state.last_request)
+    for timing in event.stages:  # the nodes of the stages it passed are busy for a while
+        if not 0 <= timing.stage < len(state.assignment):
+            continue
+        node = nodes.get(state.assignment[timing.stage])
+        if node is None or node.state == "lost":
+            continue
+        latest[node.id] = max(latest.get(node.id, event.t), event.t)
+        if node.state != "busy":
+            nodes = nodes.set(node.id, dataclasses.replace(node, state="busy"))
+    return dataclasses.replace(
+        state, nodes=nodes, requests_completed=state.requests_completed + 1,
+        latency_window=state.latency_window.add(event.t, event.latency_s),
+        stage_stats=state.stage_stats.add(event.stages), last_request=FrozenMap(latest))
+
+
+def _on_request_failed(state: ClusterState, event: RequestFailed) -> ClusterState:
+    return dataclasses.replace(state, requests_failed=state.requests_failed + 1)
+
+
+def _on_recovery_started(state: ClusterState, event: RecoveryStarted) -> ClusterState:
+    return dataclasses.replace(state, recovering=True)
+
+
+def _on_recovered(state: ClusterState, event: Recovered) -> ClusterState:
+    return dataclasses.replace(state, recovering=False, recoveries=state.recoveries + 1)
+
+
+def _on_recovery_failed(state: ClusterState, event: RecoveryFailed) -> ClusterState:
+    return dataclasses.replace(state, recovering=False, deploy_status="failed")
+
+
+# --- the order check ----------------------------------------------------------------------------
+# Each says why an event cannot follow the state so far, or returns None when it can.
+
+
+def _stages_match_assignment(state: ClusterState, event: DeployStarted) -> str | None:
+    if event.plan_stages != len(event.assignment):
+        return f"{event.plan_stages} stages but {len(event.assignment)} nodes assigned"
+    return None
+
+
+def _a_deploy_started(state: ClusterState, event: Event) -> str | None:
+    return "no deploy has started" if state.deploy_status == "idle" else None
+
+
+def _a_stage_of_the_deploy(
+    state: ClusterState, event: ShardProgress | StageReady | DeployFailed
+) -> str | None:
+    if state.deploy_status == "idle":
+        return "no deploy has started"
+    stage = state.deploy.get(event.stage)
+    if stage is None:
+        return f"stage {event.stage} is not one of the {len(state.deploy)} being deployed"
+    if stage.node_id != event.node_id:
+        return f"stage {event.stage} was assigned to {stage.node_id}, not {event.node_id}"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    """How one event type is folded: `check` says why it is out of order (None: never), `on`
+    folds it in."""
+
+    on: Callable[[ClusterState, Any], ClusterState]
+    check: Callable[[ClusterState, Any], str | None] | None = None
+
+
+_RULES: dict[type, _Rule] = {
+    NodeDiscovered: _Rule(_on_discovered),
+    NodeJoined: _Rule(_on_joined),
+    NodeLost: _Rule(_on_lost),
+    NodeStats: _Rule(_on_stats),
+    DeployStarted: _Rule(_on_deploy_started, _stages_match_assignment),
+    ShardProgress: _Rule(_on_shard_progress, _a_stage_of_the_deploy),
+    StageReady: _Rule(_on_stage_ready, _a_stage_of_the_deploy),
+    DeployFailed: _Rule(_on_deploy_failed, _a_stage_of_the_deploy),
+    DeployFinished: _Rule(_on_deploy_finished, _a_deploy_started),
+    RequestCompleted: _Rule(_on_request_completed),
+    RequestFailed: _Rule(_on_request_failed),
+    RecoveryStarted: _Rule(_on_recovery_started),
+    Recovered: _Rule(_on_recovered),
+    RecoveryFailed: _Rule(_on_recovery_failed),
+}
 
 
 def apply(state: ClusterState, event: Event) -> ClusterState:
@@ -421,6 +422,16 @@ def apply(state: ClusterState, event: Event) -> ClusterState:
     `Recovered` clears it and counts the recovery; `RecoveryFailed` clears it and marks the
     deploy "failed". Events about unknown nodes change no node.
 
+    Order: the fold is total, so a live view never crashes on an odd event; an event that
+    cannot follow the state so far changes nothing but the log, where it is "ignored" with the
+    reason (a run of identical reasons is logged once, so a stale upload cannot flood the log).
+    Out of order are: a `DeployStarted` whose stage count is not its assignment's length; a
+    `ShardProgress`, `StageReady` or `DeployFailed` before any deploy, for a stage the deploy
+    does not have, or from a node other than the one the stage was assigned to (a stale report
+    from an earlier deploy); and a `DeployFinished` before any deploy. Request and recovery
+    events are facts of their own and always count, so a view that starts watching a running
+    cluster counts requests from then on.
+
     Args:
         state: The state so far.
         event: The next event.
@@ -429,147 +440,37 @@ def apply(state: ClusterState, event: Event) -> ClusterState:
         The new state.
 
     Raises:
-        TypeError: `event` is not a cluster event.
+        TypeError: `event` is not a cluster event (a bug in the caller, not odd data).
     """
-    if not isinstance(event, EVENT_TYPES):
+    rule = _RULES.get(type(event))
+    if rule is None:
         raise TypeError(f"not a cluster event: {event!r}")
+    problem = rule.check(state, event) if rule.check is not None else None
+    if problem is not None:
+        return _ignored(state, event, problem)
     clock = event.t if state.clock is None else max(state.clock, event.t)
-    nodes = state.nodes
-    last_request = state.last_request
-    changes: dict[str, object] = {}
-
-    match event:
-        case NodeDiscovered() | NodeJoined() | NodeLost() | NodeStats():
-            nodes = _apply_node_event(state, event)
-
-        case DeployStarted():
-            assigned = {node_id: i for i, node_id in reversed(list(enumerate(event.assignment)))}
-            node: NodeView | None
-            for node in state.nodes.values():
-                stage = assigned.get(node.id)
-                if node.id in assigned:
-                    new_state: NodeState = "lost" if node.state == "lost" else "joining"
-                elif node.state in ("joining", "busy"):
-                    new_state = "ready"
-                else:
-                    new_state = node.state
-                updated = dataclasses.replace(node, stage=stage, state=new_state, provider=None)
-                if updated != node:
-                    nodes = nodes.set(node.id, updated)
-            changes.update(
-                plan_stages=event.plan_stages,
-                assignment=event.assignment,
-                deploy=FrozenMap(
-                    (i, StageDeploy(stage=i, node_id=node_id))
-                    for i, node_id in enumerate(event.assignment)
-                ),
-                deploy_status="deploying",
-                stage_stats=StageStats(max_samples=state.stage_stats.max_samples),
-            )
-
-        case ShardProgress():
-            old_stage = state.deploy.get(event.stage)
-            base = old_stage or StageDeploy(stage=event.stage, node_id=event.node_id)
-            status: StageStatus = "sending" if base.status == "pending" else base.status
-            changes["deploy"] = state.deploy.set(
-                event.stage,
-                dataclasses.replace(
-                    base,
-                    status=status,
-                    sent_bytes=event.sent_bytes,
-                    total_bytes=event.total_bytes,
-                ),
-            )
-
-        case StageReady():
-            base = state.deploy.get(event.stage) or StageDeploy(
-                stage=event.stage, node_id=event.node_id
-            )
-            changes["deploy"] = state.deploy.set(
-                event.stage,
-                dataclasses.replace(
-                    base,
-                    node_id=event.node_id,
-                    status="ready",
-                    sent_bytes=max(base.sent_bytes, base.total_bytes),
-                    provider=event.provider,
-                    error=None,
-                ),
-            )
-            node = nodes.get(event.node_id)
-            if node is not None:
-                ready: NodeState = "lost" if node.state == "lost" else "ready"
-                nodes = nodes.set(
-                    node.id,
-                    dataclasses.replace(
-                        node,
-                        state=ready,
-                        stage=event.stage,
-                        provider=event.provider,
-                        last_seen=max(node.last_seen, event.t),
-                    ),
-                )
-
-        case DeployFailed():
-            base = state.deploy.get(event.stage) or StageDeploy(
-                stage=event.stage, node_id=event.node_id
-            )
-            changes["deploy"] = state.deploy.set(
-                event.stage, dataclasses.replace(base, status="failed", error=event.reason)
-            )
-            changes["deploy_status"] = "failed"
-            node = nodes.get(event.node_id)
-            if node is not None and node.state == "joining":
-                nodes = nodes.set(node.id, dataclasses.replace(node, state="ready"))
-
-        case DeployFinished():
-            failed = state.deploy_status == "failed" or any(
-                s.status == "failed" for s in state.deploy.values()
-            )
-            changes["deploy_status"] = "failed" if failed else "deployed"
-
-        case RequestCompleted():
-            changes.update(
-                requests_completed=state.requests_completed + 1,
-                latency_window=state.latency_window.add(event.t, event.latency_s),
-                stage_stats=state.stage_stats.add(event.stages),
-            )
-            latest = dict(last_request)
-            for timing in event.stages:
-                if not 0 <= timing.stage < len(state.assignment):
-                    continue
-                node = nodes.get(state.assignment[timing.stage])
-                if node is None or node.state == "lost":
-                    continue
-                latest[node.id] = max(latest.get(node.id, event.t), event.t)
-                if node.state != "busy":
-                    nodes = nodes.set(node.id, dataclasses.replace(node, state="busy"))
-            last_request = FrozenMap(latest)
-            changes["last_request"] = last_request
-
-        case RequestFailed():
-            changes["requests_failed"] = state.requests_failed + 1
-
-        case RecoveryStarted():
-            changes["recovering"] = True
-
-        case Recovered():
-            changes.update(recovering=False, recoveries=state.recoveries + 1)
-
-        case RecoveryFailed():
-            changes.update(recovering=False, deploy_status="failed")
-
-    nodes = _settle_busy(nodes, last_request, clock)
-    if nodes is not state.nodes:
-        changes["nodes"] = nodes
+    new = rule.on(state, event)
+    nodes = _settle_busy(new.nodes, new.last_request, clock)
+    recent = new.recent
     if not isinstance(event, _NOT_LOGGED):
         def name(node_id: str) -> str:
             node = nodes.get(node_id)
             return node.name if node is not None and node.name else node_id
 
-        line = _one_line(f"{_stamp(event.t)} {describe(event, name)}")
-        changes["recent"] = (*state.recent[-(RECENT_EVENTS - 1) :], line)
-    return dataclasses.replace(state, clock=clock, **changes)  # type: ignore[arg-type]
+        recent = _logged(recent, _one_line(f"{_stamp(event.t)} {describe(event, name)}"))
+    return dataclasses.replace(new, clock=clock, nodes=nodes, recent=recent)
+
+
+def _logged(recent: tuple[str, ...], line: str) -> tuple[str, ...]:
+    return (*recent[-(RECENT_EVENTS - 1) :], line)
+
+
+def _ignored(state: ClusterState, event: Event, problem: str) -> ClusterState:
+    """The state with only a log line added saying why `event` was ignored."""
+    what = _one_line(f"ignored {type(event).__name__}: {problem}")
+    if state.recent and state.recent[-1].partition(" ")[2] == what:
+        return state
+    return dataclasses.replace(state, recent=_logged(state.recent, f"{_stamp(event.t)} {what}"))
 
 
 def fold(events: Iterable[Event], initial: ClusterState | None = None) -> ClusterState:

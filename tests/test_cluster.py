@@ -279,7 +279,8 @@ def test_a_node_stopped_with_queued_requests_fails_them_explicitly() -> None:
 def test_metrics_endpoint_serves_the_folded_state(cluster) -> None:
     import urllib.request
 
-    from periphery_core.cluster.tracker import MetricsServer, StateTracker
+    from periphery_core.cluster.exporter import MetricsServer
+    from periphery_core.cluster.tracker import StateTracker
 
     _, master, handles = cluster
     _deploy(master, handles, DEMO, 2)

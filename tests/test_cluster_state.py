@@ -40,7 +40,8 @@ from periphery_core.cluster.events import (
     event_from_dict,
     event_to_dict,
 )
-from periphery_core.cluster.metrics import LatencyWindow, StageStats, prometheus_text
+from periphery_core.cluster.exporter import prometheus_text
+from periphery_core.cluster.metrics import LatencyWindow, StageStats
 from periphery_core.cluster.state import (
     BUSY_S,
     RECENT_EVENTS,

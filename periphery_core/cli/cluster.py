@@ -316,7 +316,8 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
 
             master.bus.subscribe(on_event)
             if metrics_port is not None:
-                from periphery_core.cluster.tracker import MetricsServer, StateTracker
+                from periphery_core.cluster.exporter import MetricsServer
+                from periphery_core.cluster.tracker import StateTracker
 
                 server = MetricsServer(StateTracker(master.bus), metrics_port)
                 stack.callback(server.close)

@@ -1,4 +1,4 @@
-"""Request metrics for the cluster view: latency window, per-stage timings, Prometheus text.
+"""Request metrics for the cluster view: the latency window and per-stage timings.
 
 Design choice: the metric holders are *immutable values*. `LatencyWindow.add` and
 `StageStats.add` return a new holder and leave the old one untouched, so
@@ -9,7 +9,8 @@ references (plus, once per chunk, the tuple of chunk references), and expiry dro
 `StageStats` keeps the last few hundred timings per stage as plain tuples. Reads (percentiles,
 medians) sort what is in the window; they run at a UI's refresh rate, not per request.
 
-No clock is read here: every time is passed in (`t` of the event, `now` of the reader).
+No clock is read here: every time is passed in (`t` of the event, `now` of the reader). How the
+figures are shown to Prometheus is the exporter's business (`periphery_core.cluster.exporter`).
 """
 
 from __future__ import annotations
@@ -18,12 +19,8 @@ import math
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from periphery_core.cluster.events import StageTiming
-
-if TYPE_CHECKING:  # state imports this module; the type is only needed for annotations
-    from periphery_core.cluster.state import ClusterState
 
 QUANTILES: tuple[tuple[str, float], ...] = (("p50", 50.0), ("p90", 90.0), ("p99", 99.0))
 """The percentiles `LatencyWindow.percentiles` reports, by key."""
@@ -297,128 +294,3 @@ class StageStats:
             if best is None or summary.total_median > best.total_median:
                 best = summary
         return None if best is None else best.stage
-
-
-# --- Prometheus ---------------------------------------------------------------------------------
-
-
-def escape_label_value(value: str) -> str:
-    r"""Escape a label value for the Prometheus text format (``\\``, ``\"``, ``\n``)."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def _number(value: float | int) -> str:
-    if isinstance(value, int):
-        return str(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value))
-
-
-class _Exposition:
-    """Collects metric families in order and renders them once."""
-
-    def __init__(self) -> None:
-        self._lines: list[str] = []
-
-    def family(
-        self, name: str, kind: str, help_text: str, samples: Iterable[tuple[dict[str, str], float]]
-    ) -> None:
-        self._lines.append(f"# HELP {name} {_escape_help(help_text)}")
-        self._lines.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            if labels:
-                inner = ",".join(f'{k}="{escape_label_value(v)}"' for k, v in labels.items())
-                self._lines.append(f"{name}{{{inner}}} {_number(value)}")
-            else:
-                self._lines.append(f"{name} {_number(value)}")
-
-    def text(self) -> str:
-        return "\n".join(self._lines) + "\n"
-
-
-NODE_STATES: tuple[str, ...] = ("discovered", "joining", "ready", "busy", "lost")
-"""Every state a node can be in, in display order."""
-
-
-def prometheus_text(state: ClusterState, now: float) -> str:
-    """Render the cluster's metrics in the Prometheus text exposition format 0.0.4.
-
-    Every family has HELP and TYPE lines. Latency quantiles are gauges over the latency window
-    (NaN when it is empty); stage gauges are medians of each stage's recent timings; node gauges
-    cover nodes that are not lost and have reported stats. Label values are escaped.
-
-    Args:
-        state: The folded cluster state.
-        now: The scrape time (seconds, the events' clock), for windowed figures and busy nodes.
-
-    Returns:
-        The exposition text, ending with a newline.
-    """
-    out = _Exposition()
-    counts = dict.fromkeys(NODE_STATES, 0)
-    for node_id in state.nodes:
-        counts[state.node_state(node_id, now)] += 1
-    out.family(
-        "periphery_nodes",
-        "gauge",
-        "Nodes known to the master, by state.",
-        (({"state": s}, n) for s, n in counts.items()),
-    )
-    out.family(
-        "periphery_requests_total",
-        "counter",
-        "Requests completed since the master started.",
-        [({}, state.requests_completed)],
-    )
-    out.family(
-        "periphery_request_failures_total",
-        "counter",
-        "Requests that failed since the master started.",
-        [({}, state.requests_failed)],
-    )
-    pct = state.latency(now)
-    out.family(
-        "periphery_latency_seconds",
-        "gauge",
-        f"End-to-end request latency quantiles over the last {state.latency_window.window_s:g} s.",
-        ((({"quantile": f"{q / 100:g}"}), pct[key]) for key, q in QUANTILES),
-    )
-    out.family(
-        "periphery_throughput_rps",
-        "gauge",
-        f"Completed requests per second over the last {state.latency_window.window_s:g} s.",
-        [({}, state.throughput(now))],
-    )
-    summaries = state.stage_stats.summaries()
-    for name, attr, what in (
-        ("periphery_stage_compute_seconds", "compute_median", "running the shard"),
-        ("periphery_stage_queue_seconds", "queue_median", "waiting in the node's queue"),
-        ("periphery_stage_transfer_seconds", "transfer_median", "moving the activation in"),
-    ):
-        out.family(
-            name,
-            "gauge",
-            f"Median seconds per request spent {what}, over recent requests, by stage.",
-            (({"stage": str(s.stage)}, getattr(s, attr)) for s in summaries),
-        )
-    live = [n for n in state.nodes.values() if n.state != "lost"]
-    out.family(
-        "periphery_node_cpu_percent",
-        "gauge",
-        "CPU use of the node process, in percent.",
-        (({"node": n.id}, n.cpu_percent) for n in live if n.cpu_percent is not None),
-    )
-    out.family(
-        "periphery_node_rss_bytes",
-        "gauge",
-        "Resident memory of the node process, in bytes.",
-        (({"node": n.id}, n.rss_bytes) for n in live if n.rss_bytes is not None),
-    )
-    return out.text()

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
-import statistics
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import numpy as np
 
 from periphery_core.cli.common import F, cli, handle_errors, input_shape_option, json_option
 from periphery_core.errors import PeripheryError
+
+if TYPE_CHECKING:  # imported where used: `periphery --help` stays quick
+    from periphery_core.cluster.state import ClusterState
 
 
 @cli.group()
@@ -270,6 +273,8 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
     from periphery_core.cluster.local import LocalCluster
     from periphery_core.cluster.master import Master
     from periphery_core.cluster.pipeline import Pipeline
+    from periphery_core.cluster.state import ClusterState
+    from periphery_core.cluster.tracker import StateTracker
     from periphery_core.model import load_model
     from periphery_core.model.shapes import (
         overlay_shapes,
@@ -294,7 +299,6 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
         pool = [random_feeds(specs, seed=i) for i in range(min(count, 8))]
         requests = [pool[i % len(pool)] for i in range(count)]
     exact = not optimize
-    completed: list[ev.RequestCompleted] = []
     recoveries: list[ev.Recovered] = []
     from periphery_core.cluster.keys import keyring_or_insecure
 
@@ -306,10 +310,12 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
             cluster_ctx.start()
             ring = cluster_ctx.master_keys
         with Master(keys=ring) as master:
+            # The summary's figures are the fold's, its latency window the whole run.
+            run_view = StateTracker(master.bus, ClusterState.empty(window_s=math.inf))
+            stack.callback(run_view.close)
+
             def on_event(e: ev.Event) -> None:
-                if isinstance(e, ev.RequestCompleted):
-                    completed.append(e)
-                elif isinstance(e, ev.Recovered):
+                if isinstance(e, ev.Recovered):
                     recoveries.append(e)
                 if isinstance(e, (ev.RecoveryStarted, ev.Recovered)):  # the loss is logged
                     err_console.print(ev.describe(e), soft_wrap=True, highlight=False)
@@ -317,7 +323,6 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
             master.bus.subscribe(on_event)
             if metrics_port is not None:
                 from periphery_core.cluster.exporter import MetricsServer
-                from periphery_core.cluster.tracker import StateTracker
 
                 server = MetricsServer(StateTracker(master.bus), metrics_port)
                 stack.callback(server.close)
@@ -355,7 +360,7 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
                     if mismatches <= 3:
                         console.print(f"[red]request {i} output {name} differs: max abs "
                                       f"{c.max_abs:.3g}[/]", soft_wrap=True)
-    summary = _summary(completed, wall, count, plan.k)
+    summary = _summary(run_view.state, wall, count)
     summary["recoveries"] = [
         {"lost": list(r.lost), "detected_s": r.detected_s, "recovered_s": r.recovered_s,
          "replayed": r.replayed, "stages": list(r.assignment)} for r in recoveries]
@@ -370,24 +375,23 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
         sys.exit(1)
 
 
-def _summary(completed: list, wall: float, count: int, k: int) -> dict[str, Any]:
-    lat = sorted(e.latency_s for e in completed)
-
-    def pct(q: float) -> float:
-        return float(np.percentile(lat, q)) if lat else float("nan")
-
+def _summary(state: ClusterState, wall: float, count: int) -> dict[str, Any]:
+    """The run's figures, from the fold of its events (a latency window as long as the run):
+    latency percentiles over its completed requests (the newest `LatencyWindow.max_samples`),
+    and each stage's medians over its recent requests, for the pipeline serving at the end (a
+    recovery re-plans it, and the fold starts its stage timings afresh)."""
     stages = []
-    for s in range(k):
-        per = [t for e in completed for t in e.stages if t.stage == s]
+    for s in range(state.plan_stages):
+        summary = state.stage_stats.summary(s)
         stages.append({
             "stage": s,
-            "queue_s": statistics.median(t.queue_s for t in per) if per else None,
-            "compute_s": statistics.median(t.compute_s for t in per) if per else None,
-            "transfer_s": statistics.median(t.transfer_s for t in per) if per else None,
+            "queue_s": summary.queue_median if summary else None,
+            "compute_s": summary.compute_median if summary else None,
+            "transfer_s": summary.transfer_median if summary else None,
         })
-    return {"requests": count, "completed": len(completed), "wall_s": wall,
+    return {"requests": count, "completed": state.requests_completed, "wall_s": wall,
             "throughput_rps": count / wall if wall > 0 else None,
-            "latency_s": {"p50": pct(50), "p90": pct(90), "p99": pct(99)}, "stages": stages}
+            "latency_s": state.latency(state.clock or 0.0), "stages": stages}
 
 
 def _render_run(summary: dict[str, Any]) -> None:

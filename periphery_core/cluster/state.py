@@ -113,7 +113,8 @@ class ClusterState:
         """The state before any event.
 
         Args:
-            window_s: Width of the latency and throughput window in seconds.
+            window_s: Width of the latency and throughput window in seconds (`math.inf`: the
+                whole run, as a run's final summary wants).
             stage_samples: Recent timings kept per stage.
 
         Returns:

@@ -10,19 +10,14 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from periphery_core.errors import Cancelled
+from periphery_core.errors import Cancelled, EvaluationError
 from periphery_core.model.shapes import resolve_input_shapes
 from periphery_core.progress import CancelToken, Progress
-from periphery_core.quantize.evaluate import (
-    EvalReport,
-    EvaluationError,
-    accuracy,
-    evaluate,
-    node_sqnr,
-    spearman_sts,
-    sqnr_db,
-)
+from periphery_core.quantize.evaluate import EvalReport, evaluate
+from periphery_core.quantize.noise import sqnr_db
+from periphery_core.quantize.sensitivity import node_sqnr
 from periphery_core.quantize.sources import StsbSource, open_source
+from periphery_core.quantize.task_metrics import accuracy, spearman_sts
 from tests.conftest import MODELS, SHARED_DATA, require_shared
 
 MNIST = MODELS / "mnist-8.onnx"
@@ -167,6 +162,7 @@ def test_minilm_stsb_spearman_matches_the_reference(stsb: StsbSource) -> None:
 def test_sts_task_in_the_report(stsb: StsbSource) -> None:
     inputs = resolve_input_shapes(onnx.load(str(MINILM), load_external_data=False))[0]
     subset = open_source(f"stsb:{STSB}?tokenizer={TOKENIZER}", inputs, samples=40)
+    assert isinstance(subset, StsbSource)
     report = evaluate(MINILM, MINILM, subset, batch_size=16, per_node=2, node_samples=4,
                       latency_runs=2)
     assert report.samples == 40

@@ -40,7 +40,6 @@ TO_SPLIT = frozenset({
     "periphery_core/cluster/master.py",
     "periphery_core/discovery/mdns.py",
     "periphery_core/model/analysis.py",
-    "periphery_core/quantize/evaluate.py",
 })
 
 

@@ -12,10 +12,10 @@ from periphery_core.model import analyze, load_model
 from periphery_core.model.shapes import resolve_input_shapes
 from periphery_core.partition.planner import make_plan
 from periphery_core.quantize.config import DynamicInt8
-from periphery_core.quantize.evaluate import spearman_sts, spearman_sts_chain
 from periphery_core.quantize.methods import quantize
 from periphery_core.quantize.pershard import quantize_plan
 from periphery_core.quantize.sources import StsbSource, open_source
+from periphery_core.quantize.task_metrics import spearman_sts, spearman_sts_chain
 from tests.conftest import MODELS, SHARED_DATA, require_shared
 
 FP32_SPEARMAN = 82.03

@@ -22,8 +22,8 @@ METHODS = ("dynamic", "static", "rtn", "gptq", "hqq", "awq", "smoothquant")
 
 def _metric_fn(source: Any, task: str | None) -> tuple[str, Any]:
     """A score for the tolerance search: accuracy, Spearman, or mean output cosine x 100."""
-    from periphery_core.quantize.evaluate import accuracy, spearman_sts
     from periphery_core.quantize.sources import StsbSource
+    from periphery_core.quantize.task_metrics import accuracy, spearman_sts
 
     if isinstance(source, StsbSource):
         return "Spearman x100", lambda m: spearman_sts(m, source)

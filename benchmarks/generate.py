@@ -49,7 +49,8 @@ from periphery_core.generate.engine import (
     pipeline_step,
     whole_model_step,
 )
-from periphery_core.model import analyze, load_model
+from periphery_core.model import load_model
+from periphery_core.model.analysis import analyze
 from periphery_core.model.loading import LoadedModel
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -28,7 +28,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from periphery_core.model import analyze, load_model
+from periphery_core.model import load_model
+from periphery_core.model.analysis import analyze
 from periphery_core.partition.costs import planning_graph
 from periphery_core.partition.extract import extract_shards
 from periphery_core.partition.plan import DeviceSpec

@@ -31,7 +31,8 @@ from rich.table import Table
 from periphery_core.cluster.local import LocalCluster
 from periphery_core.cluster.master import Master
 from periphery_core.cluster.pipeline import Pipeline
-from periphery_core.model import analyze, load_model
+from periphery_core.model import load_model
+from periphery_core.model.analysis import analyze
 from periphery_core.partition.planner import make_plan
 from periphery_core.runtime.chain import LocalChain
 from periphery_core.runtime.feeds import random_feeds

@@ -24,7 +24,8 @@ from rich.console import Console
 from rich.table import Table
 
 from periphery_core.errors import PeripheryError
-from periphery_core.model import analyze, load_model
+from periphery_core.model import load_model
+from periphery_core.model.analysis import analyze
 from periphery_core.model.loading import save_model
 from periphery_core.quantize.config import method_config
 from periphery_core.quantize.evaluate import evaluate

@@ -29,7 +29,8 @@ from rich.table import Table
 from periphery_core.cluster import events as ev
 from periphery_core.cluster.local import LocalCluster
 from periphery_core.cluster.pipeline import Pipeline
-from periphery_core.model import analyze, load_model
+from periphery_core.model import load_model
+from periphery_core.model.analysis import analyze
 from periphery_core.partition.planner import make_plan
 
 

@@ -31,7 +31,8 @@ from periphery_core.discovery.mdns import MdnsBrowser
 from periphery_core.discovery.static import parse_peer
 from periphery_core.errors import PeripheryError
 from periphery_core.generate.decoder import DecoderSpec, recognize
-from periphery_core.model import LoadedModel, ModelAnalysis, analyze, load_model
+from periphery_core.model import LoadedModel, load_model
+from periphery_core.model.analysis import ModelAnalysis, analyze
 from periphery_core.partition.plan import ShardPlan
 from periphery_core.progress import CancelToken, ProgressFn
 from periphery_core.runtime.feeds import Feeds, random_feeds

@@ -14,8 +14,8 @@ from periphery_app.history import Sample, append, sample
 from periphery_app.main import parse_args
 from periphery_app.sample import END, sample_history, sample_state
 from periphery_app.screens.shards import cuts_of, moved
-from periphery_core.model import analyze, load_model
-from periphery_core.model.analysis import NodeInfo
+from periphery_core.model import load_model
+from periphery_core.model.analysis import NodeInfo, analyze
 from periphery_core.partition.planner import make_plan
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,8 +18,8 @@ import zmq
 from periphery_core.cluster import events as ev
 from periphery_core.cluster.local import LocalCluster
 from periphery_core.cluster.master import ClusterError, Master, NodeHandle, RequestFailed
-from periphery_core.model import analyze, load_model
-from periphery_core.model.analysis import ModelAnalysis
+from periphery_core.model import load_model
+from periphery_core.model.analysis import ModelAnalysis, analyze
 from periphery_core.model.loading import LoadedModel
 from periphery_core.partition.extract import extract_shards
 from periphery_core.partition.planner import make_plan

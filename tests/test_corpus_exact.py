@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from periphery_core.model import analyze, load_model
-from periphery_core.model.analysis import ModelAnalysis
+from periphery_core.model import load_model
+from periphery_core.model.analysis import ModelAnalysis, analyze
 from periphery_core.model.loading import LoadedModel
 from periphery_core.partition.extract import extract_shards
 from periphery_core.partition.planner import make_plan

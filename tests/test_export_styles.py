@@ -14,7 +14,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from periphery_core.model import analyze, load_model
+from periphery_core.model import load_model
+from periphery_core.model.analysis import analyze
 from periphery_core.model.shapes import resolve_input_shapes
 from periphery_core.quantize.prepare import survey
 from periphery_core.quantize.sources import open_source

@@ -27,7 +27,8 @@ from periphery_core.generate.engine import (
     whole_model_step,
 )
 from periphery_core.generate.stateful import StatefulStage, make_stateful, stage_state
-from periphery_core.model import analyze, load_model
+from periphery_core.model import load_model
+from periphery_core.model.analysis import analyze
 from periphery_core.partition.extract import extract_shards
 from periphery_core.partition.planner import make_plan
 from periphery_core.runtime.chain import StageRunner

@@ -26,7 +26,8 @@ from periphery_core.generate.stateful import (
     make_stateful,
     stage_state,
 )
-from periphery_core.model import analyze, load_model
+from periphery_core.model import load_model
+from periphery_core.model.analysis import analyze
 from periphery_core.partition.extract import extract_shards
 from periphery_core.partition.plan import DeviceSpec
 from periphery_core.partition.planner import make_plan

@@ -12,8 +12,8 @@ import onnx
 import pytest
 
 from periphery_core.errors import DevicesError, InputShapeError, PlanError
-from periphery_core.model import analyze, load_model, loading
-from periphery_core.model.analysis import ModelAnalysis
+from periphery_core.model import load_model, loading
+from periphery_core.model.analysis import ModelAnalysis, analyze
 from periphery_core.model.loading import LoadedModel
 from periphery_core.model.shapes import parse_input_shape, resolve_input_shapes
 from periphery_core.partition.extract import extract_shards, write_shards

@@ -188,7 +188,8 @@ def test_a_link_down_mid_stream_costs_no_request_and_the_node_rejoins(
 ) -> None:
     from periphery_core.cluster import events as ev
     from periphery_core.cluster.pipeline import Pipeline
-    from periphery_core.model import analyze, load_model
+    from periphery_core.model import load_model
+    from periphery_core.model.analysis import analyze
     from periphery_core.partition.verify import bit_identical
     from periphery_core.runtime.chain import LocalChain
     from periphery_core.runtime.session import SessionConfig

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from periphery_core.model import analyze, load_model
+from periphery_core.model import load_model
+from periphery_core.model.analysis import analyze
 from periphery_core.model.shapes import resolve_input_shapes
 from periphery_core.partition.planner import make_plan
 from periphery_core.quantize.config import DynamicInt8

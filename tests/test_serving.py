@@ -21,7 +21,8 @@ from periphery_core.cluster import events as ev
 from periphery_core.cluster.bus import EventBus
 from periphery_core.cluster.local import LocalCluster
 from periphery_core.cluster.pipeline import Pipeline
-from periphery_core.model import analyze, load_model
+from periphery_core.model import load_model
+from periphery_core.model.analysis import analyze
 from periphery_core.partition.verify import bit_identical
 from periphery_core.runtime.chain import LocalChain
 from periphery_core.runtime.session import SessionConfig

@@ -28,7 +28,7 @@ from periphery_app.screens.modals import DetailsModal
 from periphery_app.session import OpenedModel
 from periphery_app.units import human_bytes, human_count, human_seconds, shape_text
 from periphery_app.widgets.graph_view import GraphView, heat
-from periphery_core.model import ModelAnalysis
+from periphery_core.model.analysis import ModelAnalysis
 from periphery_core.model.shapes import elem_dtype
 from periphery_core.partition.plan import ShardPlan
 

@@ -14,7 +14,7 @@ from rich.text import Text
 
 from periphery_app.units import bar, human_bytes, human_count, shape_text
 from periphery_core.generate.decoder import DecoderSpec
-from periphery_core.model import ModelAnalysis
+from periphery_core.model.analysis import ModelAnalysis
 
 
 def model_summary(analysis: ModelAnalysis, name: str, file_bytes: int,

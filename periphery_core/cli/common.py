@@ -121,7 +121,8 @@ def load_and_analyze(model: Path | LoadedModel, input_shapes: Sequence[str] | di
     Returns:
         (the loaded model, its analysis).
     """
-    from periphery_core.model import analyze, load_model
+    from periphery_core.model import load_model
+    from periphery_core.model.analysis import analyze
     from periphery_core.model.profile import profile_model
     from periphery_core.model.shapes import parse_input_shapes
 

@@ -220,7 +220,7 @@ def deployed_decoder(loaded: Any, spec: Any, plan_path: Path | None, shards: int
     from periphery_core.cluster.local import LocalCluster
     from periphery_core.cluster.master import Master
     from periphery_core.cluster.pipeline import Pipeline
-    from periphery_core.model import analyze
+    from periphery_core.model.analysis import analyze
     from periphery_core.partition.plan import load_plan, require_plan_for
 
     if plan_path is not None and shards is not None:

@@ -29,7 +29,6 @@ TO_SPLIT = frozenset({
     "periphery_app/screens/quantize.py",
     "periphery_core/cluster/master.py",
     "periphery_core/discovery/mdns.py",
-    "periphery_core/model/analysis.py",
 })
 
 

@@ -28,7 +28,7 @@ import onnx
 
 from periphery_core.errors import ClusterBusy, RuntimeFailure
 from periphery_core.generate.decoder import DecoderSpec
-from periphery_core.model.analysis import node_inputs
+from periphery_core.model.graph import node_inputs
 from periphery_core.runtime.chain import StageRunner
 
 STATE_KEY = "periphery.state"

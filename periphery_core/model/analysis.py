@@ -1,22 +1,17 @@
 """What each node of a model costs: FLOPs, parameter bytes, activation bytes, types and shapes.
 
 Every top-level tensor gets a dtype and a concrete shape under the resolved input shapes, even
-where ONNX shape inference gives up (com.microsoft contrib ops, data-dependent shapes). Types
-come from three sources, tried in order and recorded per tensor: ONNX shape inference, ONNX
-Runtime's symbolic shape inference, and one recorded run of the model in ONNX Runtime.
+where ONNX shape inference gives up (com.microsoft contrib ops, data-dependent shapes): see
+`tensor_types` for the three sources tried, whose names are recorded per tensor.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import logging
-import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import onnx
@@ -24,18 +19,24 @@ from onnx import numpy_helper
 
 from periphery_core.errors import AnalysisError, InputShapeError, PeripheryError
 from periphery_core.model.flops import node_flops
+from periphery_core.model.graph import constant_foldable, node_inputs, node_keys, subgraphs
 from periphery_core.model.loading import LoadedModel, skeleton
 from periphery_core.model.shapes import (
     InputSpec,
     elem_dtype,
-    is_fixed,
     resolve_input_shapes,
     shape_template,
     unpinned_dims,
 )
+from periphery_core.model.tensor_types import (
+    ValueType,
+    fix_inputs,
+    is_concrete,
+    onnx_types,
+    recorded_types,
+    symbolic_types,
+)
 from periphery_core.progress import CancelToken, ProgressFn, check, report
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,239 +136,6 @@ class ModelAnalysis:
         return Counter(t.source for t in self.tensors.values())
 
 
-# --------------------------------------------------------------------------- graph walking
-
-
-def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            yield attr.g
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            yield from attr.graphs
-
-
-def outer_scope_names(graph: onnx.GraphProto) -> set[str]:
-    """Names a (sub)graph reads that it does not define itself, recursively."""
-    defined = {i.name for i in graph.input} | {i.name for i in graph.initializer}
-    defined |= {i.name for i in graph.sparse_initializer if i.values.name}
-    used: set[str] = set()
-    for node in graph.node:
-        used.update(n for n in node.input if n)
-        for sub in subgraphs(node):
-            used |= outer_scope_names(sub)
-        defined.update(o for o in node.output if o)
-    used.update(o.name for o in graph.output)
-    return used - defined
-
-
-def node_inputs(node: onnx.NodeProto) -> tuple[str, ...]:
-    """A node's explicit inputs and its subgraphs' outer-scope references, in order, unique."""
-    names = [n for n in node.input if n]
-    for sub in subgraphs(node):
-        names.extend(sorted(outer_scope_names(sub)))
-    return tuple(dict.fromkeys(names))
-
-
-_NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
-                     "Multinomial", "Bernoulli"}
-
-
-def constant_foldable(graph: onnx.GraphProto, keys: Sequence[str]) -> frozenset[str]:
-    """Nodes whose every input is a weight or another such node's output.
-
-    Standard-domain, deterministic, without subgraphs, and not producing a model output: their
-    outputs are functions of the weights alone (a `Constant`, a weight `Reshape` or `Transpose`,
-    a `ConstantOfShape` of a constant shape), so a stage can recompute them locally.
-    """
-    known = {i.name for i in graph.initializer} | {i.values.name for i in graph.sparse_initializer}
-    outputs = {o.name for o in graph.output}
-    found: set[str] = set()
-    for node, key in zip(graph.node, keys, strict=True):
-        if (
-            node.domain in ("", "ai.onnx")
-            and node.op_type not in _NONDETERMINISTIC
-            and not any(True for _ in subgraphs(node))
-            and all(not n or n in known for n in node.input)
-            and not any(o in outputs for o in node.output)
-        ):
-            found.add(key)
-            known.update(o for o in node.output if o)
-    return frozenset(found)
-
-
-def node_keys(graph: onnx.GraphProto) -> list[str]:
-    counts = Counter(n.name for n in graph.node)
-    keys: list[str] = []
-    taken = {n.name for n in graph.node if n.name and counts[n.name] == 1}
-    for i, n in enumerate(graph.node):
-        if n.name and counts[n.name] == 1:
-            keys.append(n.name)
-            continue
-        key = f"{n.op_type}_{i}"
-        while key in taken:
-            key += "_"
-        taken.add(key)
-        keys.append(key)
-    return keys
-
-
-# --------------------------------------------------------------------------- typing
-
-
-class _Type(NamedTuple):
-    """A value's type as far as it is known: a tensor, or a sequence of tensors."""
-
-    dtype: np.dtype
-    shape: tuple[int | None, ...] | None  # None: rank unknown; always None for sequences
-    kind: str = "tensor"
-    nbytes: int | None = None  # sequences: total bytes when a run recorded them
-
-    @property
-    def known(self) -> bool:
-        return self.kind == "sequence" or _concrete(self.shape)
-
-
-TypeMap = dict[str, _Type]
-
-
-def _type_of(tp: onnx.TypeProto) -> _Type | None:
-    kind = "tensor"
-    if tp.HasField("sequence_type") and tp.sequence_type.elem_type.HasField("tensor_type"):
-        tp, kind = tp.sequence_type.elem_type, "sequence"
-    if not tp.HasField("tensor_type") or tp.tensor_type.elem_type == 0:
-        return None
-    tt = tp.tensor_type
-    shape: tuple[int | None, ...] | None = None
-    if tt.HasField("shape") and kind == "tensor":
-        shape = tuple(d.dim_value if is_fixed(d) else None for d in tt.shape.dim)
-    try:
-        return _Type(elem_dtype(tt.elem_type), shape, kind)
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def _collect_types(graph: onnx.GraphProto, into: TypeMap, overwrite: bool = True) -> None:
-    for vi in [*graph.input, *graph.value_info, *graph.output]:
-        t = _type_of(vi.type)
-        if t is not None and (overwrite or vi.name not in into or not into[vi.name].known):
-            into[vi.name] = t
-    for node in graph.node:
-        for sub in subgraphs(node):
-            _collect_types(sub, into, overwrite)
-
-
-def _concrete(shape: tuple[int | None, ...] | None) -> bool:
-    return shape is not None and all(d is not None for d in shape)
-
-
-def _fix_inputs(model: onnx.ModelProto, specs: Sequence[InputSpec]) -> onnx.ModelProto:
-    """A copy with concrete input shapes (a weight-free skeleton unless `model` is one)."""
-    fixed = copy.deepcopy(model)
-    by_name = {s.name: s for s in specs}
-    for vi in fixed.graph.input:
-        spec = by_name.get(vi.name)
-        if spec is None or spec.kind != "tensor":
-            continue
-        shape = vi.type.tensor_type.shape
-        shape.ClearField("dim")
-        for d in spec.shape:
-            shape.dim.add().dim_value = d
-    return fixed
-
-
-def _onnx_types(model: onnx.ModelProto) -> TypeMap:
-    types: TypeMap = {}
-    try:
-        inferred = onnx.shape_inference.infer_shapes(
-            model, check_type=False, strict_mode=False, data_prop=True
-        )
-    except Exception as exc:  # inference is best effort; later sources fill the gaps
-        log.debug("onnx shape inference failed: %s", exc)
-        inferred = model
-    _collect_types(inferred.graph, types)
-    return types
-
-
-def _symbolic_types(model: onnx.ModelProto) -> TypeMap:
-    types: TypeMap = {}
-    try:
-        inferred = _symbolic_infer(model)
-    except Exception as exc:
-        log.debug("symbolic shape inference failed: %s", exc)
-        return types
-    if inferred is not None:
-        _collect_types(inferred.graph, types)
-    return types
-
-
-def _symbolic_infer(model: onnx.ModelProto) -> onnx.ModelProto | None:
-    """ONNX Runtime's `SymbolicShapeInference.infer_shapes(auto_merge, guess_output_rank)`,
-    without its debugging dump.
-
-    Where inference is incomplete, ORT's `infer_shapes` saves the partial model as
-    `sym_shape_infer_temp.onnx` (weights in uuid-named files beside it) in the current
-    directory, the user's, before it raises; no option turns that off or moves it, and changing
-    directory would move every thread of the process. So this takes the same steps itself and
-    raises without saving. Should those steps (private to ORT) change, it falls back to
-    `infer_shapes`; tests/test_no_stray_files.py then fails.
-    """
-    from onnxruntime.tools import symbolic_shape_infer as ssi
-
-    cls = ssi.SymbolicShapeInference
-    if not all(hasattr(cls, a) for a in ("_preprocess", "_infer_impl", "_update_output_from_vi")):
-        return cls.infer_shapes(model, auto_merge=True, guess_output_rank=True)
-    opset = ssi.get_opset(model)
-    if not opset or opset < 7:
-        return None
-    inference = cls(2**31 - 1, True, True, 0)
-    inference._preprocess(model)
-    complete = False
-    while inference.run_:
-        complete = inference._infer_impl()
-    inference._update_output_from_vi()
-    if not complete:
-        raise AnalysisError("incomplete symbolic shape inference")
-    out: onnx.ModelProto = inference.out_mp_
-    return out
-
-
-def _recorded_types(
-    model: onnx.ModelProto,
-    names: Sequence[str],
-    specs: Sequence[InputSpec],
-    feeds: Mapping[str, Any] | None,
-) -> TypeMap:
-    """Run the model once (on `feeds`, else random data) with `names` exposed as outputs."""
-    from periphery_core.runtime.feeds import random_feeds
-    from periphery_core.runtime.session import SessionConfig, make_session, run_session
-
-    probe = copy.deepcopy(model)
-    existing = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in existing:
-            probe.graph.output.append(onnx.ValueInfoProto(name=name))
-    with tempfile.TemporaryDirectory(prefix="periphery-probe-") as tmp:
-        sess = make_session(probe, SessionConfig(exact=True), scratch_dir=Path(tmp))
-        values = run_session(
-            sess, dict(feeds) if feeds is not None else random_feeds(specs), list(names)
-        )
-    return {n: _recorded(n, v) for n, v in zip(names, values, strict=True)}
-
-
-def _recorded(name: str, value: Any) -> _Type:
-    if isinstance(value, list):
-        items = [np.asarray(v) for v in value]
-        dtype = items[0].dtype if items else np.dtype(np.float32)
-        return _Type(dtype, None, "sequence", sum(int(v.nbytes) for v in items))
-    if isinstance(value, np.ndarray):
-        return _Type(value.dtype, tuple(value.shape))
-    raise AnalysisError(f"tensor '{name}' holds a {type(value).__name__}: Periphery handles "
-                        "tensors and sequences of tensors")
-
-
-# --------------------------------------------------------------------------- analysis
-
-
 def analyze(
     loaded: LoadedModel,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
@@ -405,11 +173,11 @@ def analyze(
                      f" come from {loaded.declared.source}")
     steps = 4
     report(progress, "analyze", 0, steps, "shape inference")
-    fixed = _fix_inputs(skeleton(model), specs)
-    types = _onnx_types(fixed)
+    fixed = fix_inputs(skeleton(model), specs)
+    types = onnx_types(fixed)
     for s in specs:
         types[s.name] = (
-            _Type(s.dtype, s.shape) if s.kind == "tensor" else _Type(s.dtype, None, s.kind)
+            ValueType(s.dtype, s.shape) if s.kind == "tensor" else ValueType(s.dtype, None, s.kind)
         )
     sources = {name: "onnx" for name in types}
     for s in specs:
@@ -424,7 +192,7 @@ def analyze(
     check(cancel)
     report(progress, "analyze", 1, steps, "symbolic shape inference")
     if missing():
-        sym = _symbolic_types(fixed)
+        sym = symbolic_types(fixed)
         for name in missing():
             if name in sym and sym[name].known:
                 types[name] = sym[name]
@@ -434,7 +202,7 @@ def analyze(
     gaps = missing()
     if gaps:
         try:
-            recorded = _recorded_types(_fix_inputs(model, specs), gaps, specs, feeds)
+            recorded = recorded_types(fix_inputs(model, specs), gaps, specs, feeds)
         except PeripheryError as exc:
             _raise_if_unpinned(loaded, input_shapes, feeds, exc)
             if feeds is None:
@@ -488,7 +256,7 @@ def analyze(
 
     def shape_of(name: str) -> tuple[int, ...] | None:
         t = types.get(name)
-        if t is None or t.kind != "tensor" or not _concrete(t.shape):
+        if t is None or t.kind != "tensor" or not is_concrete(t.shape):
             init = constants.get(name)
             return tuple(init.dims) if init is not None else None
         return tuple(int(d or 0) for d in t.shape or ())
@@ -601,5 +369,3 @@ def _tensor_nbytes(t: onnx.TensorProto) -> int:
         return (count + 1) // 2
     return count * itemsize
 
-
-ValueOf = Callable[[str], "np.ndarray | None"]

@@ -16,7 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from periphery_core.model.analysis import ModelAnalysis, node_keys, with_measurements
+from periphery_core.model.analysis import ModelAnalysis, with_measurements
+from periphery_core.model.graph import node_keys
 from periphery_core.model.loading import LoadedModel
 from periphery_core.progress import CancelToken, ProgressFn, check, report
 from periphery_core.runtime.feeds import random_feeds

@@ -18,7 +18,8 @@ import numpy as np
 import onnx
 
 from periphery_core.errors import ExtractError, PlanError
-from periphery_core.model.analysis import ModelAnalysis, node_inputs, node_keys, subgraphs
+from periphery_core.model.analysis import ModelAnalysis
+from periphery_core.model.graph import node_inputs, node_keys, subgraphs
 from periphery_core.model.loading import LoadedModel, save_model, skeleton
 from periphery_core.partition.plan import ShardPlan
 from periphery_core.progress import CancelToken, ProgressFn, check, report
@@ -147,7 +148,7 @@ def extract_shards(
     value_infos = {vi.name: vi for vi in graph.value_info}
     functions = {(f.domain, f.name): f for f in model.functions}
     # Constant-foldable nodes are re-materialised in every stage that reads them, wherever the
-    # plan lists them (see analysis.constant_foldable and costs.planning_graph).
+    # plan lists them (see graph.constant_foldable and costs.planning_graph).
     const_producer = {
         o: i for i, k in enumerate(keys) if k in analysis.constant_nodes
         for o in graph.node[i].output if o

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import onnx
 
-from periphery_core.model.analysis import node_keys
+from periphery_core.model.graph import node_keys
 from periphery_core.model.loading import LoadedModel, load_model
 from periphery_core.progress import CancelToken, ProgressFn, check, report
 from periphery_core.quantize.config import (

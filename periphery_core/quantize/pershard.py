@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from periphery_core.model.analysis import ModelAnalysis, node_keys
+from periphery_core.model.analysis import ModelAnalysis
+from periphery_core.model.graph import node_keys
 from periphery_core.model.loading import LoadedModel
 from periphery_core.partition.extract import extract_shards
 from periphery_core.partition.plan import ShardPlan

@@ -30,10 +30,10 @@ from rich.table import Table
 
 from periphery_core.model import load_model
 from periphery_core.model.analysis import analyze
-from periphery_core.partition.costs import planning_graph
 from periphery_core.partition.extract import extract_shards
 from periphery_core.partition.plan import DeviceSpec
 from periphery_core.partition.planner import make_plan
+from periphery_core.partition.planning_graph import planning_graph
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT.parent / "shared" / "data" / "models"

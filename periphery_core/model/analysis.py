@@ -88,7 +88,7 @@ class ModelAnalysis:
     opsets: Mapping[str, int]
     ir_version: int
     notes: tuple[str, ...] = field(default=())
-    # Keys of constant-foldable nodes (see `constant_foldable`): they are re-materialised in
+    # Keys of constant-foldable nodes (see `graph.constant_foldable`): they are re-materialised in
     # every stage that reads them instead of sending their outputs across a boundary.
     constant_nodes: frozenset[str] = field(default=frozenset())
 

@@ -148,7 +148,7 @@ def extract_shards(
     value_infos = {vi.name: vi for vi in graph.value_info}
     functions = {(f.domain, f.name): f for f in model.functions}
     # Constant-foldable nodes are re-materialised in every stage that reads them, wherever the
-    # plan lists them (see graph.constant_foldable and costs.planning_graph).
+    # plan lists them (see graph.constant_foldable and planning_graph).
     const_producer = {
         o: i for i, k in enumerate(keys) if k in analysis.constant_nodes
         for o in graph.node[i].output if o

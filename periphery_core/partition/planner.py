@@ -25,9 +25,9 @@ from periphery_core.partition.cost_model import (
     order_layout,
     stages_from_cuts,
 )
-from periphery_core.partition.costs import planning_graph
 from periphery_core.partition.order import greedy_order
 from periphery_core.partition.plan import STRATEGIES, DeviceSpec, ShardPlan, Stage, devices_for
+from periphery_core.partition.planning_graph import planning_graph
 from periphery_core.partition.spectral import spectral_cuts
 from periphery_core.units import human_bytes
 

@@ -1,4 +1,4 @@
-"""Node costs in seconds, and the planner's view of an analysed model (`planning_graph`).
+"""The planner's view of an analysed model (`planning_graph`), with node costs in seconds.
 
 Estimated costs turn FLOPs into seconds on a reference device (`REFERENCE_FLOPS`) plus a fixed
 per-node dispatch overhead, so long graphs of cheap ops are not treated as free. Profiled costs

@@ -18,9 +18,8 @@ from google.protobuf.message import DecodeError
 from periphery_core.errors import ModelLoadError
 from periphery_core.model.declared import DeclaredDims, declared_dims, model_file
 
-# Protobuf cannot serialize a message of 2 GiB or more; above this, shards and temporary copies
-# are written with external data.
-PROTOBUF_LIMIT = 2**31 - 1
+# Protobuf cannot serialize a message of 2 GiB or more; above this (a margin below that limit),
+# shards and temporary copies are written with external data.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import click
 import numpy as np
@@ -16,8 +16,7 @@ from periphery_core.cli.common import (
     json_option,
 )
 from periphery_core.errors import PeripheryError
-
-METHODS = ("dynamic", "static", "rtn", "gptq", "hqq", "awq", "smoothquant")
+from periphery_core.quantize.config import METHODS, Engine
 
 
 def _metric_fn(source: Any, task: str | None) -> tuple[str, Any]:
@@ -39,7 +38,7 @@ def _metric_fn(source: Any, task: str | None) -> tuple[str, Any]:
               help="dynamic/static: INT8 in ONNX Runtime; rtn/gptq/hqq: 4-bit weight-only "
                    "MatMul; awq/smoothquant: Intel Neural Compressor (extra 'inc').")
 @click.option("--bits", type=int, default=None, help="Weight bits (default 8 or 4 by method).")
-@click.option("--engine", type=click.Choice(["auto", "ort", "inc"]), default="auto",
+@click.option("--engine", type=click.Choice(get_args(Engine)), default="auto",
               show_default=True, help="auto: ONNX Runtime where it has the method.")
 @click.option("--calib", default=None, metavar="SOURCE",
               help="Calibration data: random, npz:DIR, npz:FILE, npy:DIR, images:DIR?..., "

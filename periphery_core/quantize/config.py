@@ -18,7 +18,9 @@ optional extra `inc`), which is imported only when such a config is run.
 | `smoothquant` | 8 (None)  | "auto": `IncSmoothQuant`; "ort" refused | `IncSmoothQuant`  |
 
 So "auto" picks ONNX Runtime wherever it has the method (no extra install needed) and Intel
-Neural Compressor only for AWQ and SmoothQuant, which ONNX Runtime lacks.
+Neural Compressor only for AWQ and SmoothQuant, which ONNX Runtime lacks. `METHOD_LIST` is the
+one list of these names with the widths each engine does: `method_config` checks by it, and the
+CLI's choices and the app's wizard read it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal, Union, get_args
 
 from periphery_core.errors import QuantizeError
 
@@ -36,6 +38,7 @@ WeightOnlyMethod = Literal["rtn", "gptq", "hqq"]
 Scheme = Literal["sym", "asym"]
 Engine = Literal["auto", "ort", "inc"]
 
+CALIBRATION_METHODS: tuple[CalibrationMethod, ...] = get_args(CalibrationMethod)
 INC_BITS = (2, 3, 4, 8)
 
 
@@ -105,7 +108,7 @@ class StaticInt8:
     calibrated: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        _one_of("calibration", self.calibration, ("minmax", "entropy", "percentile"))
+        _one_of("calibration", self.calibration, CALIBRATION_METHODS)
         if not isinstance(self.percentile, int | float) or not (
             math.isfinite(self.percentile) and 50.0 < self.percentile <= 100.0
         ):
@@ -232,7 +235,7 @@ class IncSmoothQuant:
     alpha: float = 0.5
     samples: int = 100
     batch_size: int = 1
-    calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
+    calibration: CalibrationMethod = "minmax"
     per_channel: bool = True
     exclude: tuple[str, ...] = ()
 
@@ -245,7 +248,7 @@ class IncSmoothQuant:
             raise QuantizeError(f"alpha must be between 0 and 1, got {self.alpha!r}")
         _positive_int("samples", self.samples)
         _positive_int("batch size", self.batch_size)
-        _one_of("calibration", self.calibration, ("minmax", "entropy", "percentile"))
+        _one_of("calibration", self.calibration, CALIBRATION_METHODS)
         _names("exclude", self.exclude)
 
 
@@ -255,21 +258,82 @@ QuantConfig = Union[  # noqa: UP007  (a runtime alias, also used in isinstance c
 CONFIG_TYPES: tuple[type, ...] = (
     DynamicInt8, StaticInt8, WeightOnly4Bit, IncRtn, IncGptq, IncAwq, IncSmoothQuant
 )
-METHODS = ("dynamic", "static", "rtn", "gptq", "hqq", "awq", "smoothquant")
-# The package a method needs beyond the base install, and the extra that brings it.
-_NEEDS = {"gptq": ("torch", "quantize-gptq"), "hqq": ("torch", "quantize-gptq"),
-          "awq": ("onnx_neural_compressor", "inc"),
-          "smoothquant": ("onnx_neural_compressor", "inc")}
+
+
+@dataclass(frozen=True, slots=True)
+class Method:
+    """A method name as the CLI and the app offer it: what it does, the weight widths each
+    engine quantizes it to (none: the engine lacks the method), and what it needs beyond the
+    base install."""
+
+    name: str
+    summary: str
+    default_bits: int  # the width when none is asked for, on the engine "auto" picks
+    ort_bits: tuple[int, ...] = ()
+    inc_bits: tuple[int, ...] = ()
+    needs: tuple[str, str] | None = None  # (package, extra) its default engine imports
+
+    @property
+    def bits(self) -> tuple[int, ...]:
+        """Every width some engine quantizes this method to, smallest first."""
+        return tuple(sorted({*self.ort_bits, *self.inc_bits}))
+
+    def engine_for(self, bits: int | None) -> Engine:
+        """The engine to ask for `bits` (None: the default width): "inc" where only Intel
+        Neural Compressor does that width of a method ONNX Runtime also has, else "auto"."""
+        if self.ort_bits and bits not in (None, *self.ort_bits) and bits in self.inc_bits:
+            return "inc"
+        return "auto"
+
+
+METHOD_LIST = (
+    Method("dynamic", "INT8 weights, activations quantized at run time", 8, ort_bits=(8,)),
+    Method("static", "INT8 weights and activations (QDQ), calibrated", 8, ort_bits=(8,)),
+    Method("rtn", "4-bit MatMul weights, round to nearest", 4, ort_bits=(4,),
+           inc_bits=INC_BITS),
+    Method("gptq", "4-bit MatMul weights, calibrated (GPTQ)", 4, ort_bits=(4,),
+           inc_bits=INC_BITS, needs=("torch", "quantize-gptq")),
+    Method("hqq", "4-bit MatMul weights, half-quadratic", 4, ort_bits=(4,),
+           needs=("torch", "quantize-gptq")),
+    Method("awq", "weight-only, activation-aware scaling", 4, inc_bits=INC_BITS,
+           needs=("onnx_neural_compressor", "inc")),
+    Method("smoothquant", "INT8 after smoothing the activations", 8, inc_bits=(8,),
+           needs=("onnx_neural_compressor", "inc")),
+)
+METHODS = tuple(m.name for m in METHOD_LIST)
+_BY_NAME = {m.name: m for m in METHOD_LIST}
+# The config each engine builds for a method; its keys are the methods that engine has.
+_ORT_CONFIGS: dict[str, type] = {"dynamic": DynamicInt8, "static": StaticInt8,
+                                 "rtn": WeightOnly4Bit, "gptq": WeightOnly4Bit,
+                                 "hqq": WeightOnly4Bit}
+_INC_CONFIGS: dict[str, type] = {"rtn": IncRtn, "gptq": IncGptq, "awq": IncAwq,
+                                 "smoothquant": IncSmoothQuant}
+
+
+def method_info(method: str) -> Method:
+    """The entry of `METHOD_LIST` for a method name.
+
+    Raises:
+        QuantizeError: no method of that name.
+    """
+    _one_of("method", method, METHODS)
+    return _BY_NAME[method]
 
 
 def missing_extra(method: str) -> str | None:
     """The extra to install before `method` can run here (by its default engine), or None."""
     import importlib.util
 
-    need = _NEEDS.get(method)
+    need = method_info(method).needs
     if need is None or importlib.util.find_spec(need[0]) is not None:
         return None
     return need[1]
+
+
+def weight_bits(config: QuantConfig) -> int:
+    """The weight width a config quantizes to."""
+    bits = getattr(config, "bits", None)
+    return bits if isinstance(bits, int) else method_info(config.method).default_bits
 
 
 def with_exclude(config: QuantConfig, nodes: tuple[str, ...]) -> QuantConfig:
@@ -293,41 +357,38 @@ def method_config(
         QuantizeError: unknown method or engine, bits the method cannot do, or a field the
             chosen config does not have.
     """
-    _one_of("method", method, METHODS)
-    _one_of("engine", engine, ("auto", "ort", "inc"))
+    info = method_info(method)
+    _one_of("engine", engine, get_args(Engine))
     if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int)):
         raise QuantizeError(f"bits must be a whole number, got {bits!r}")
     if "exclude" in common and isinstance(common["exclude"], list):
         common["exclude"] = tuple(common["exclude"])
-    inc_only = method in ("awq", "smoothquant")
-    ort_only = method in ("dynamic", "static", "hqq")
-    if inc_only and engine == "ort":
+    if not info.ort_bits and engine == "ort":
         raise QuantizeError(f"method {method} exists only in Intel Neural Compressor: "
                             "use engine 'inc' (pip install 'periphery[inc]')")
-    if ort_only and engine == "inc":
+    if not info.inc_bits and engine == "inc":
         raise QuantizeError(f"method {method} runs on ONNX Runtime's quantizer only: "
                             "use engine 'ort' or 'auto'")
-    use_inc = engine == "inc" or inc_only
-    cls: type
-    fields: dict[str, Any] = {}
-    if method in ("dynamic", "static", "smoothquant"):
-        if bits not in (None, 8):
-            raise QuantizeError(f"method {method} quantizes to 8 bits, not {bits}")
-        cls = {"dynamic": DynamicInt8, "static": StaticInt8,
-               "smoothquant": IncSmoothQuant}[method]
-    elif use_inc:
-        cls = {"rtn": IncRtn, "gptq": IncGptq, "awq": IncAwq}[method]
-        fields["bits"] = 4 if bits is None else bits
-        if fields["bits"] not in INC_BITS:
+    use_inc = engine == "inc" or not info.ort_bits
+    widths = info.inc_bits if use_inc else info.ort_bits
+    chosen = info.default_bits if bits is None else bits
+    if chosen not in widths:
+        if len(info.bits) == 1:
+            raise QuantizeError(f"method {method} quantizes to {info.bits[0]} bits, not {bits}")
+        if use_inc:
             raise QuantizeError(f"method {method} (Intel Neural Compressor) takes bits "
-                                f"{', '.join(map(str, INC_BITS))}, not {bits}")
-    else:
-        if bits not in (None, 4):
-            raise QuantizeError(f"method {method} on ONNX Runtime quantizes weights to 4 bits, "
-                                f"not {bits}: use engine 'inc' for other widths")
-        cls = WeightOnly4Bit
+                                f"{', '.join(map(str, widths))}, not {bits}")
+        raise QuantizeError(f"method {method} on ONNX Runtime quantizes weights to "
+                            f"{', '.join(map(str, widths))} bits, not {bits}: use engine 'inc' "
+                            "for other widths")
+    cls = (_INC_CONFIGS if use_inc else _ORT_CONFIGS)[method]
+    names = {f.name for f in dataclasses.fields(cls)}
+    fields: dict[str, Any] = {}
+    if cls is WeightOnly4Bit:  # one config for ONNX Runtime's three weight-only methods
         fields["method"] = method
-    known = {f.name for f in dataclasses.fields(cls)} - set(fields)
+    if "bits" in names:
+        fields["bits"] = chosen
+    known = names - set(fields)
     unknown = sorted(set(common) - known)
     if unknown:
         raise QuantizeError(f"method {method} has no setting '{unknown[0]}' "

@@ -7,12 +7,19 @@ its reactive attributes.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 from textual.message import Message
 
 from periphery_app.session import OpenedModel
 from periphery_core.errors import PeripheryError
 from periphery_core.partition.plan import ShardPlan
 from periphery_core.progress import Progress
+
+if TYPE_CHECKING:  # annotations only: posting these needs no quantizer loaded here
+    from periphery_core.quantize.evaluate import EvalReport
+    from periphery_core.quantize.methods import QuantResult
 
 
 class ModelOpened(Message):
@@ -74,3 +81,32 @@ class LoadStopped(Message):
     def __init__(self, reason: str = "") -> None:
         super().__init__()
         self.reason = reason
+
+
+class QuantizationFinished(Message):
+    """A quantization run quantized the model and evaluated it against fp32."""
+
+    def __init__(self, run: int, result: QuantResult, report: EvalReport) -> None:
+        super().__init__()
+        self.run = run
+        self.result = result
+        self.report = report
+
+
+class QuantizationStopped(Message):
+    """A quantization run ended without a result: cancelled, or failed (the error goes up
+    separately)."""
+
+    def __init__(self, run: int, cancelled: bool, bad_data: bool = False) -> None:
+        super().__init__()
+        self.run = run
+        self.cancelled = cancelled
+        self.bad_data = bad_data
+
+
+class QuantizedModelSaved(Message):
+    """The quantized model was written to a file."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path

@@ -13,10 +13,12 @@ from textual.content import Content
 from textual.widgets import Input, OptionList, ProgressBar, Static
 
 from periphery_app.app import PeripheryApp
+from periphery_app.messages import QuantizationStopped
+from periphery_app.quantize_choices import Choices, build_config
 from periphery_app.sample import DEMO_MODEL, until
 from periphery_app.screens.modals import ErrorModal, PromptModal
 from periphery_app.screens.model import ModelScreen
-from periphery_app.screens.quantize import Choices, QuantizeScreen, build_config
+from periphery_app.screens.quantize import QuantizeScreen
 from periphery_app.screens.shards import ShardsScreen
 from periphery_core.model import load_model
 from periphery_core.quantize.config import METHODS, IncRtn, StaticInt8, WeightOnly4Bit
@@ -135,8 +137,14 @@ async def test_static_int8_on_mnist_reports_saves_and_becomes_the_current_model(
 @pytest.mark.asyncio
 async def test_cancelling_a_run_returns_to_the_options_and_stops_the_thread(
         images: str) -> None:
+    stopped: list[QuantizationStopped] = []  # each as dispatched: to the screen, then the app
+
+    def seen(message: object) -> None:
+        if isinstance(message, QuantizationStopped) and message.cancelled:
+            stopped.append(message)
+
     app = PeripheryApp(MNIST_MODEL, browse_dir=MNIST_MODEL.parent)
-    async with app.run_test(size=SIZE) as pilot:
+    async with app.run_test(size=SIZE, message_hook=seen) as pilot:
         screen = await open_wizard(app, pilot)
         # all 10,000 test images: calibration alone takes several seconds
         await choose(pilot, screen, "static", calib=f"mnist:{images}", samples="10000")
@@ -146,8 +154,10 @@ async def test_cancelling_a_run_returns_to_the_options_and_stops_the_thread(
         await until(pilot, lambda: (bar.progress or 0) > 0)  # calibrating
         await pilot.press("escape")
         assert screen.pane == "options"
-        await until(pilot, lambda: screen.cancelled_runs == 1, timeout=10)
+        # the thread stopped on the cancel token and said so
+        await until(pilot, lambda: bool(stopped), timeout=10)
         await pilot.pause(0.2)
+        assert len({id(m) for m in stopped}) == 1
         assert screen.pane == "options"  # the stopped run posted nothing that changed it
         assert not isinstance(app.screen, ErrorModal)
         await pilot.press("1")  # still alive

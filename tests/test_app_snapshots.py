@@ -18,7 +18,7 @@ from periphery_app.sample import SCREENSHOT_SIZE, sample_app, show_sample_screen
 def config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PERIPHERY_CONFIG_DIR", str(tmp_path / "config"))
     # The same pictures whatever extras this machine has: as on a base install.
-    monkeypatch.setattr("periphery_app.screens.quantize.missing_extra",
+    monkeypatch.setattr("periphery_app.quantize_choices.missing_extra",
                         lambda method: {"gptq": "quantize-gptq", "hqq": "quantize-gptq",
                                         "awq": "inc", "smoothquant": "inc"}.get(method))
 

@@ -8,244 +8,65 @@ Design choice: the wizard only collects `Choices` (frozen data); `build_config` 
 the core's typed config, and one thread worker runs the whole job (open the sources, quantize,
 evaluate) with a `CancelToken`, posting coalesced progress and a final fact back. Cancelling
 returns to the options at once and marks the run stale: whatever its thread posts afterwards is
-ignored, so a late result never overwrites a newer choice.
+ignored, so a late result never overwrites a newer choice. What each step asks and how it words
+a method are in `periphery_app.quantize_choices` (facts about methods come from the core), the
+options step's widgets in `widgets.method_options`, the report in `quantize_report`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import onnx
-from rich import box
-from rich.console import Group, RenderableType
-from rich.table import Table
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.content import Content
-from textual.message import Message
 from textual.widgets import (
     Button,
-    Checkbox,
     ContentSwitcher,
     Footer,
     Input,
     Label,
     OptionList,
     ProgressBar,
-    RadioButton,
     RadioSet,
     Static,
 )
 from textual.widgets.option_list import Option
 
-from periphery_app.messages import ModelOpened, ProgressReported
-from periphery_app.screens.base import SCREENS, PeripheryScreen
+from periphery_app.messages import (
+    ModelOpened,
+    ProgressReported,
+    QuantizationFinished,
+    QuantizationStopped,
+    QuantizedModelSaved,
+)
+from periphery_app.quantize_choices import Choices, build_config, data_hints, method_prompt
+from periphery_app.quantize_report import report_view
+from periphery_app.screens.base import PeripheryScreen, screen_bar
 from periphery_app.screens.modals import PromptModal
 from periphery_app.session import OpenedModel, open_model
-from periphery_app.units import human_bytes, human_seconds
-from periphery_app.widgets.screen_bar import ScreenBar
+from periphery_app.widgets.method_options import MethodOptions
 from periphery_core.errors import Cancelled, DataError
 from periphery_core.model.loading import display_name, save_model
 from periphery_core.progress import CancelToken, Progress
-from periphery_core.quantize.config import METHODS, QuantConfig, method_config, missing_extra
-from periphery_core.quantize.evaluate import EvalReport, evaluate
-from periphery_core.quantize.methods import QuantResult, quantize
+from periphery_core.quantize.config import METHODS, method_info, weight_bits
+from periphery_core.quantize.evaluate import evaluate
+from periphery_core.quantize.methods import quantize
 from periphery_core.quantize.sources import open_source
 
 STEPS = (("method", "Method"), ("data", "Data"), ("options", "Options"), ("run", "Run"),
          ("report", "Report"))
 
-def data_hints(opened: OpenedModel) -> list[tuple[str, str]]:
-    """Data source specs that fit the open model, with what each is (the schemes of
-    `quantize.sources`, filled in where the model says how: image size, tokenizer)."""
-    hints = [("random", "seeded random inputs (a smoke test, not accuracy)"),
-             ("npz:FEEDS.npz", "named arrays, as --inputs; a leading axis for several"),
-             ("npz:DIR  or  npy:DIR", "one sample per file")]
-    tensors = [s for s in opened.analysis.inputs if s.kind == "tensor"]
-    folder = opened.loaded.path.parent
-    if len(tensors) == 1 and len(tensors[0].shape) == 4 and tensors[0].dtype.kind == "f":
-        _, channels, height, width = tensors[0].shape
-        if (channels, height, width) == (1, 28, 28):
-            hints.append(("mnist:IMAGES.idx.gz?range=0:200", "MNIST digits (labels beside)"))
-        hints.append((f"images:DIR?size={height}x{width}", f"photos, resized to "
-                      f"{height}x{width}; labels.txt gives accuracy"))
-    if (folder / "tokenizer.json").is_file():
-        hints.append((f"text:FILE?tokenizer={folder / 'tokenizer.json'}", "one sentence a line"))
-        hints.append((f"stsb:TSV?tokenizer={folder / 'tokenizer.json'}",
-                      "STS-B pairs with gold scores"))
-    return hints
-
-
-# What each method does and what it needs; fixed text, so the pane looks the same everywhere.
-METHOD_NOTES: dict[str, tuple[str, str]] = {
-    "dynamic": ("INT8 weights, activations quantized at run time", "ONNX Runtime"),
-    "static": ("INT8 weights and activations (QDQ), calibrated", "ONNX Runtime"),
-    "rtn": ("4-bit MatMul weights, round to nearest", "ONNX Runtime; 2/3/8 bits: 'inc'"),
-    "gptq": ("4-bit MatMul weights, calibrated (GPTQ)", "torch; 2/3/8 bits: 'inc'"),
-    "hqq": ("4-bit MatMul weights, half-quadratic", "torch"),
-    "awq": ("weight-only, activation-aware scaling", "Neural Compressor ('inc')"),
-    "smoothquant": ("INT8 after smoothing the activations", "Neural Compressor ('inc')"),
-}
-BITS: dict[str, tuple[int, ...]] = {
-    "dynamic": (8,), "static": (8,), "smoothquant": (8,), "hqq": (4,),
-    "rtn": (2, 3, 4, 8), "gptq": (2, 3, 4, 8), "awq": (2, 3, 4, 8),
-}
-DEFAULT_BITS = {"dynamic": 8, "static": 8, "smoothquant": 8}  # the others: 4
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 TASK_NAMES = {"calibrate": "Calibrating", "quantize": "Quantizing", "Evaluating": "Evaluating",
               "Timing": "Timing", "Per-node SQNR": "Per-node SQNR"}
-
-
-@dataclass(frozen=True, slots=True)
-class Choices:
-    """Everything the wizard asks, as typed in; `build_config` validates it."""
-
-    method: str = "static"
-    bits: int | None = None  # None: the method's default
-    calib_spec: str = "random"
-    calib_samples: int | None = None  # None: the method's default
-    eval_spec: str = ""  # blank: the calibration data
-    eval_samples: int | None = None  # None: all of them (32 for random)
-    per_channel: bool | None = None  # None: the method's default
-    calibration: str | None = None  # minmax, entropy, percentile; None: the method's default
-
-    @property
-    def engine(self) -> str:
-        """ONNX Runtime has 4-bit weight-only methods only; other widths take INC."""
-        if self.method in ("rtn", "gptq") and self.bits not in (None, 4):
-            return "inc"
-        return "auto"
-
-    @property
-    def evaluation_spec(self) -> str:
-        return self.eval_spec or self.calib_spec
-
-    @property
-    def evaluation_samples(self) -> int | None:
-        """Evaluation on the calibration data takes as many samples as calibration did."""
-        return self.eval_samples if self.eval_spec else self.eval_samples or self.calib_samples
-
-
-def _fields_of(method: str) -> set[str]:
-    return {f.name for f in dataclasses.fields(type(method_config(method)))}
-
-
-def build_config(choices: Choices) -> QuantConfig:
-    """The core config for the wizard's choices (settings a method lacks are left out).
-
-    Raises:
-        QuantizeError: bits the method cannot do, or a bad setting.
-    """
-    known = _fields_of(choices.method)
-    common: dict[str, object] = {}
-    if choices.calib_samples is not None and "samples" in known:
-        common["samples"] = choices.calib_samples
-    if choices.per_channel is not None and "per_channel" in known:
-        common["per_channel"] = choices.per_channel
-    if choices.calibration is not None and "calibration" in known:
-        common["calibration"] = choices.calibration
-    return method_config(choices.method, choices.bits, engine=choices.engine,  # type: ignore[arg-type]
-                         **common)
-
-
-def weight_bits(config: QuantConfig) -> int:
-    """The weight width a config quantizes to."""
-    bits = getattr(config, "bits", None)
-    return bits if isinstance(bits, int) else DEFAULT_BITS.get(config.method, 4)
-
-
-def _ratio(x: float) -> str:
-    return "-" if math.isnan(x) else f"{x:.2f}x"
-
-
-def _db(x: float) -> str:
-    return "∞" if math.isinf(x) and x > 0 else f"{x:.1f}"
-
-
-def report_view(report: EvalReport, result: QuantResult, model_name: str) -> RenderableType:
-    """The report pane: accuracy, closeness per output, size, latency, sensitive nodes."""
-    config = result.config
-    head = Text()
-    head.append(f"{model_name} · {result.method} ({config.engine})", style="bold")
-    head.append(f" · {weight_bits(config)}-bit weights · evaluated on {report.samples} samples")
-    lines: list[RenderableType] = [head, Text("")]
-    if report.task_metric is not None:
-        name, fp32, quant = report.task_metric
-        style = "green" if quant >= fp32 - 0.5 else "yellow" if quant >= fp32 - 2 else "red"
-        line = Text(f"{name.replace(' %', '')}: fp32 {fp32:.2f}%, quantized ")
-        line.append(f"{quant:.2f}%", style=f"bold {style}")
-        line.append(f" ({quant - fp32:+.2f})")
-        lines.append(line)
-    else:
-        lines.append(Text("no task metric: the evaluation data have no labels", style="dim"))
-    if report.top1_agreement is not None:
-        lines.append(Text(f"top-1 agreement with fp32: {100 * report.top1_agreement:.2f}%"))
-    lines.append(Text(f"size {human_bytes(report.quant_bytes)} vs {human_bytes(report.fp32_bytes)}"
-                      f" fp32: {_ratio(report.size_ratio)}   latency "
-                      f"{human_seconds(report.quant_latency_s)} vs "
-                      f"{human_seconds(report.fp32_latency_s)}: {_ratio(report.latency_ratio)}"))
-    outputs = Table(box=box.SIMPLE_HEAD, title="Outputs against fp32", title_justify="left",
-                    title_style="bold", padding=(0, 1))
-    for col in ("output", "cosine", "max abs", "SQNR dB"):
-        outputs.add_column(col, justify="left" if col == "output" else "right")
-    for o in report.outputs:
-        outputs.add_row(o.name, f"{o.cosine:.5f}", f"{o.max_abs:.3g}", _db(o.sqnr_db))
-    lines += [Text(""), outputs]
-    if report.sensitive_nodes:
-        nodes = Table(box=box.SIMPLE_HEAD, title="Most sensitive nodes (noise they add)",
-                      title_justify="left", title_style="bold", padding=(0, 1))
-        for col in ("node", "op", "SQNR dB", "added dB"):
-            nodes.add_column(col, justify="left" if col in ("node", "op") else "right")
-        for n in report.sensitive_nodes[:5]:
-            nodes.add_row(n.node, n.op_type, _db(n.sqnr_db), _db(n.local_sqnr_db))
-        lines.append(nodes)
-    if result.excluded:
-        lines.append(Text(f"kept in float: {', '.join(result.excluded)}", style="dim"))
-    lines += [Text(f"note: {note}", style="dim") for note in result.notes]
-    return Group(*lines)
-
-
-# ------------------------------------------------------------------------------ messages
-
-
-class QuantizationFinished(Message):
-    """A run quantized the model and evaluated it against fp32."""
-
-    def __init__(self, run: int, result: QuantResult, report: EvalReport) -> None:
-        super().__init__()
-        self.run = run
-        self.result = result
-        self.report = report
-
-
-class QuantizationStopped(Message):
-    """A run ended without a result: cancelled, or failed (the error goes up separately)."""
-
-    def __init__(self, run: int, cancelled: bool, bad_data: bool = False) -> None:
-        super().__init__()
-        self.run = run
-        self.cancelled = cancelled
-        self.bad_data = bad_data
-
-
-class QuantizedModelSaved(Message):
-    """The quantized model was written to a file."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__()
-        self.path = path
-
-
-# ------------------------------------------------------------------------------ the screen
 
 
 def _whole_or_none(text: str) -> int | None:
@@ -282,17 +103,15 @@ class QuantizeScreen(PeripheryScreen):
         self.pane = "no-model"
         self.choices = Choices()
         self._opened: OpenedModel | None = None
-        self._options_for = ""  # the method the option widgets were made for
         self._run = 0
         self._cancel: CancelToken | None = None
         self._finished: QuantizationFinished | None = None
         self._saved: Path | None = None
         self._used: Path | None = None
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
-        self.cancelled_runs = 0  # for tests: runs whose thread stopped on the cancel token
 
     def compose(self) -> ComposeResult:
-        yield ScreenBar(SCREENS, "quantize")
+        yield screen_bar(self)
         yield Static("", id="steps")
         with ContentSwitcher(initial="no-model", id="panes"):
             with Vertical(id="no-model", classes="pane"):
@@ -301,7 +120,7 @@ class QuantizeScreen(PeripheryScreen):
                 yield Button("Open the Model screen", id="to-model", variant="primary")
             with Vertical(id="method", classes="pane"):
                 yield Label("Method", classes="section")
-                yield OptionList(*(Option(self._method_prompt(m), id=m) for m in METHODS),
+                yield OptionList(*(Option(method_prompt(m), id=m) for m in METHODS),
                                  id="methods")
                 yield Label("↑↓ pick a method   enter: next   escape: previous screen",
                             classes="hint")
@@ -321,7 +140,7 @@ class QuantizeScreen(PeripheryScreen):
                             classes="hint")
             with VerticalScroll(id="options", classes="pane"):
                 yield Static("", id="options-summary")
-                yield Vertical(id="option-widgets")
+                yield MethodOptions(id="option-widgets")
                 yield Button("Run", id="run-button", variant="primary")
                 yield Label("tab: next setting   ↑↓ enter: choose   r: run   escape: back",
                             classes="hint")
@@ -337,19 +156,6 @@ class QuantizeScreen(PeripheryScreen):
                             "escape: back to the options", classes="hint")
         yield Static("", id="status")
         yield Footer()
-
-    @staticmethod
-    def _method_prompt(method: str) -> Text:
-        what, needs = METHOD_NOTES[method]
-        text = Text(no_wrap=True, overflow="ellipsis")
-        text.append(f"{method:<12}", style="bold")
-        text.append(f"{what:<48}")
-        extra = missing_extra(method)
-        if extra is not None:  # said before the user picks it, not after
-            text.append(f"not installed: pip install 'periphery[{extra}]'", style="yellow")
-        else:
-            text.append(needs, style="dim")
-        return text
 
     def on_mount(self) -> None:
         self.sub_title = "Quantize"
@@ -369,8 +175,8 @@ class QuantizeScreen(PeripheryScreen):
         focus = {"no-model": "#to-model", "method": "#methods", "data": "#calib",
                  "report": "#report"}.get(pane)
         if pane == "options":
-            focusable = [w for w in self.query_one("#option-widgets").query("RadioSet, Checkbox")]
-            self.set_focus(focusable[0] if focusable else self.query_one("#run-button"))
+            first = self.query_one(MethodOptions).first_setting
+            self.set_focus(first or self.query_one("#run-button"))
         elif focus is not None:
             self.query_one(focus).focus()
         else:
@@ -455,68 +261,17 @@ class QuantizeScreen(PeripheryScreen):
             eval_spec=self.query_one("#eval", Input).value.strip(),
             eval_samples=_whole_or_none(self.query_one("#eval-samples", Input).value),
         )
-        if self._options_for != self.choices.method:
-            await self._make_option_widgets(self.choices.method)
+        await self.query_one(MethodOptions).show_method(self.choices.method)
         self._draw_options_summary()
         self.show_pane("options")
 
     # ------------------------------------------------------------------ options
 
-    async def _make_option_widgets(self, method: str) -> None:
-        box_ = self.query_one("#option-widgets", Vertical)
-        await box_.remove_children()
-        defaults = method_config(method)
-        widgets: list[Label | RadioSet | Checkbox | Static] = []
-        bits = BITS[method]
-        default_bits = weight_bits(defaults)
-        if len(bits) > 1:
-            engines = (" (4 on ONNX Runtime; 2, 3 and 8 on Neural Compressor)"
-                       if method in ("rtn", "gptq") else "")
-            widgets += [
-                Label(f"Weight bits{engines}", classes="section"),
-                RadioSet(*(RadioButton(f"{b} bits", value=b == default_bits, id=f"bits-{b}")
-                           for b in bits), id="bits"),
-            ]
-        else:
-            widgets.append(Static(f"Weights: {bits[0]} bits", classes="note"))
-        fields = _fields_of(method)
-        if "calibration" in fields:
-            current = getattr(defaults, "calibration", "minmax")
-            widgets += [
-                Label("Calibration method", classes="section"),
-                RadioSet(*(RadioButton(c, value=c == current, id=f"calibration-{c}")
-                           for c in CALIBRATION_METHODS), id="calibration"),
-            ]
-        if "per_channel" in fields:
-            widgets.append(Checkbox("Per-channel weights",
-                                    value=bool(getattr(defaults, "per_channel", False)),
-                                    id="per-channel"))
-        await box_.mount_all(widgets)
-        self._options_for = method
-
-    def _read_options(self) -> None:
-        bits: int | None = None
-        calibration: str | None = None
-        per_channel: bool | None = None
-        for radio in self.query_one("#option-widgets").query(RadioSet):
-            pressed = radio.pressed_button
-            if pressed is None or pressed.id is None:
-                continue
-            value = pressed.id.partition("-")[2]
-            if radio.id == "bits":
-                bits = int(value)
-            else:
-                calibration = value
-        for box_ in self.query_one("#option-widgets").query(Checkbox):
-            per_channel = box_.value
-        self.choices = dataclasses.replace(self.choices, bits=bits, calibration=calibration,
-                                           per_channel=per_channel)
-
     def _draw_options_summary(self) -> None:
         c = self.choices
         text = Text()
         text.append(f"{c.method}", style="bold")
-        text.append(f"  ({METHOD_NOTES[c.method][0]})\n")
+        text.append(f"  ({method_info(c.method).summary})\n")
         text.append(f"calibration data: {c.calib_spec}"
                     f"{f' ({c.calib_samples} samples)' if c.calib_samples else ''}\n")
         evaluation = c.eval_spec or "the calibration data"
@@ -547,7 +302,7 @@ class QuantizeScreen(PeripheryScreen):
         opened = self._opened
         if opened is None:
             return
-        self._read_options()
+        self.choices = self.query_one(MethodOptions).chosen(self.choices)
         self._run += 1
         self._cancel = CancelToken()
         self._finished = None
@@ -610,8 +365,6 @@ class QuantizeScreen(PeripheryScreen):
         self.show_pane("report")
 
     def on_quantization_stopped(self, message: QuantizationStopped) -> None:
-        if message.cancelled:
-            self.cancelled_runs += 1
         if message.run != self._run or self.pane != "run":
             return  # a run already cancelled (the options are showing) or superseded
         self._run += 1

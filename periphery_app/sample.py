@@ -121,6 +121,7 @@ async def show_sample_screen(pilot: Pilot, mode: str) -> None:
     """Bring a `sample_app()` to one screen with its data shown and no toasts left."""
     from periphery_app.screens.graph import GraphScreen
     from periphery_app.screens.shards import ShardsScreen
+    from periphery_app.widgets.graph_view import GraphView
 
     app = cast("PeripheryApp", pilot.app)
     await until(pilot, lambda: app.opened is not None)
@@ -132,7 +133,7 @@ async def show_sample_screen(pilot: Pilot, mode: str) -> None:
     if mode == "graph":
         screen = app.screen
         await until(pilot, lambda: isinstance(screen, GraphScreen)
-                    and screen.layout_ready_count > 0)
+                    and screen.query_one(GraphView).graph_layout is not None)
     if mode == "shards":
         assert isinstance(app.screen, ShardsScreen)
     await pilot.pause(0.2)

@@ -18,6 +18,7 @@ import pytest
 from rich.console import Console
 from textual.content import Content
 from textual.css.query import NoMatches
+from textual.strip import Strip
 from textual.widgets import DataTable, Input, Log, Static
 
 from periphery_app.app import PeripheryApp
@@ -115,8 +116,8 @@ async def test_graph_screen_navigates_searches_shows_details_and_folds() -> None
         await pilot.press("2")
         screen = app.screen
         assert isinstance(screen, GraphScreen)
-        await until(pilot, lambda: screen.layout_ready_count == 1)
         view = screen.query_one(GraphView)
+        await until(pilot, lambda: view.graph_layout is not None)
         layout = view.graph_layout
         assert layout is not None
         start = view.selected
@@ -140,7 +141,7 @@ async def test_graph_screen_navigates_searches_shows_details_and_folds() -> None
         chosen = app.opened.analysis.nodes[layout.vertices[view.selected].members[0]]  # type: ignore[union-attr]
         assert chosen.key == "block2.add"
         await pilot.press("f")
-        await until(pilot, lambda: screen.layout_ready_count == 2)
+        await until(pilot, lambda: view.graph_layout is not layout)
         folded = view.graph_layout
         assert folded is not None and folded.folded
         assert len(folded.vertices) < len(layout.vertices)
@@ -151,24 +152,32 @@ async def test_graph_screen_navigates_searches_shows_details_and_folds() -> None
 
 
 @pytest.mark.skipif(not STORIES.is_file(), reason="shared corpus not present")
-async def test_graph_of_1580_nodes_paints_only_its_viewport() -> None:
+async def test_graph_of_1580_nodes_paints_only_its_viewport(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     app = PeripheryApp(STORIES, browse_dir=STORIES.parent)
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: app.opened is not None)
         await pilot.press("2")
         screen = app.screen
         assert isinstance(screen, GraphScreen)
-        await until(pilot, lambda: screen.layout_ready_count == 1)
         view = screen.query_one(GraphView)
+        await until(pilot, lambda: view.graph_layout is not None)
         await pilot.pause()
-        view.paints = 0
+        painted: list[int] = []  # the rows Textual asked the view to paint from here on
+        render_line = view.render_line
+
+        def counted(y: int) -> Strip:
+            painted.append(y)
+            return render_line(y)
+
+        monkeypatch.setattr(view, "render_line", counted)
         for _ in range(20):
             await pilot.press("down")
         await pilot.pause()
         layout = view.graph_layout
         assert layout is not None and layout.height > 1000
         # 21 redraws of a ~25-row viewport, nowhere near the 1,000+ rows of the canvas each
-        assert 0 < view.paints < 21 * 40
+        assert 0 < len(painted) < 21 * 40
         assert layout.vertices[view.selected].layer >= 10
     app.session.close()
 
@@ -471,7 +480,9 @@ async def test_the_shards_screen_shows_deploy_state_only_for_the_plan_that_runs(
             await until(pilot, lambda: app.plan is not None and app.plan.k == 1)
             await pilot.press("plus", "plus")
             await until(pilot, lambda: app.plan is not None and app.plan.k == 3)
-            assert [s.device for s in app.plan.stages] == ["local0", "local1", "local2"]
+            plan = app.plan
+            assert plan is not None
+            assert [s.device for s in plan.stages] == ["local0", "local1", "local2"]
             await pilot.press("q")
     finally:
         app.session.close()
@@ -559,8 +570,9 @@ async def test_the_graph_of_a_transformer_reads_like_the_model() -> None:
         await pilot.press("2")
         screen = app.screen
         assert isinstance(screen, GraphScreen)
-        await until(pilot, lambda: screen.layout_ready_count == 1, timeout=30)
-        layout = screen.query_one(GraphView).graph_layout
+        view = screen.query_one(GraphView)
+        await until(pilot, lambda: view.graph_layout is not None, timeout=30)
+        layout = view.graph_layout
         assert layout is not None
         ops = [v.label.split()[0] for v in layout.vertices]
         assert "Constant" not in ops
@@ -570,8 +582,8 @@ async def test_the_graph_of_a_transformer_reads_like_the_model() -> None:
         console.print(screen.details(holder.members))  # the box's details name its constants
         assert "drawn in this box" in console.export_text()
         await pilot.press("f")
-        await until(pilot, lambda: screen.layout_ready_count == 2)
-        folded = screen.query_one(GraphView).graph_layout
+        await until(pilot, lambda: view.graph_layout is not layout)
+        folded = view.graph_layout
         assert folded is not None
         layers = [v.label for v in folded.vertices if "/layers." in v.label]
         assert len(layers) == 5 and len(set(layers)) == 5, layers

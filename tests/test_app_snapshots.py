@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from periphery_app.sample import SCREENSHOT_SIZE, sample_app, show_sample_screen, until
+from periphery_app.widgets.graph_view import GraphView
 
 
 @pytest.fixture(autouse=True)
@@ -49,11 +50,11 @@ def test_screen_at(snap_compare, screen: str, size: tuple[int, int]) -> None:
 def test_graph_folded_with_details(snap_compare) -> None:
     async def run_before(pilot) -> None:
         await show_sample_screen(pilot, "graph")
-        screen = pilot.app.screen
-        shown = screen.layout_ready_count
+        view = pilot.app.screen.query_one(GraphView)
+        shown = view.graph_layout
         await pilot.press("f")
         # the folded layout is made in a worker and shown when its message is handled
-        await until(pilot, lambda: screen.layout_ready_count > shown, timeout=30)
+        await until(pilot, lambda: view.graph_layout is not shown, timeout=30)
         await pilot.press("down", "down", "enter")
         await pilot.pause()
 

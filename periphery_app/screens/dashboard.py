@@ -55,7 +55,6 @@ class DashboardScreen(PeripheryScreen):
         self.figures = LoadFigures()
         self.load_running = False
         self._stop = threading.Event()
-        self.refreshes = 0  # redraws so far: the benchmark's refresh rate
 
     def compose(self) -> ComposeResult:
         yield screen_bar(self)
@@ -83,7 +82,6 @@ class DashboardScreen(PeripheryScreen):
     def _redraw_history(self, history: tuple[Sample, ...]) -> None:
         if not self.is_current:
             return
-        self.refreshes += 1
         last = history[-1] if history else None
         opened = self.papp.opened
         # A language model's requests are decode steps: one token each (prefills aside).

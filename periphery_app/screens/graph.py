@@ -77,7 +77,6 @@ class GraphScreen(PeripheryScreen):
         self._weight_types: tuple[OpenedModel, dict[str, tuple[str, tuple[int, ...]]]] | None \
             = None
         self._stage_of_node: dict[int, int] = {}
-        self.layout_ready_count = 0  # for tests and benchmarks: layouts shown so far
 
     def compose(self) -> ComposeResult:
         yield screen_bar(self)
@@ -121,7 +120,6 @@ class GraphScreen(PeripheryScreen):
         layout = message.layout
         view = self.query_one(GraphView)
         view.set_layout(layout, layout.vertex_of_node.get(message.selected_node, 0))
-        self.layout_ready_count += 1
         self._plan_changed(self.papp.plan)
         self._selection_changed(GraphView.SelectionChanged(view.selected))
         view.focus()

@@ -76,7 +76,6 @@ class GraphView(ScrollView, can_focus=True):
         self._vertex_heat: dict[int, Color] = {}
         self._crossing: frozenset[int] = frozenset()
         self._matches: frozenset[int] = frozenset()
-        self.paints = 0  # lines painted: lets benchmarks see that only the viewport is drawn
 
     # ------------------------------------------------------------------ data in
 
@@ -128,7 +127,6 @@ class GraphView(ScrollView, can_focus=True):
     # ------------------------------------------------------------------ painting
 
     def render_line(self, y: int) -> Strip:
-        self.paints += 1
         width = self.scrollable_content_region.width
         base = self.rich_style
         layout = self._layout

@@ -31,7 +31,7 @@ from periphery_app.messages import (
     PlanChanged,
 )
 from periphery_app.recent import remember
-from periphery_app.screens.base import as_user_error
+from periphery_app.screens.base import PeripheryScreen, as_user_error
 from periphery_app.screens.chat import ChatScreen
 from periphery_app.screens.cluster import ClusterScreen
 from periphery_app.screens.dashboard import DashboardScreen
@@ -48,30 +48,25 @@ from periphery_core.cluster.state import ClusterState
 from periphery_core.generate.planning import plan_model
 from periphery_core.partition.plan import ShardPlan
 
-SCREENS_IN_ORDER = (
-    ("model", "Model", ModelScreen),
-    ("graph", "Graph", GraphScreen),
-    ("shards", "Shards", ShardsScreen),
-    ("cluster", "Cluster", ClusterScreen),
-    ("dashboard", "Dashboard", DashboardScreen),
-    ("quantize", "Quantize", QuantizeScreen),
-    ("chat", "Chat", ChatScreen),
-)
-
 
 class PeripheryApp(App[None]):
     """Plan, deploy and watch a sharded ONNX pipeline from the terminal."""
 
     CSS_PATH = "app.tcss"
     TITLE = "Periphery"
+    # The main screens, in the order of their keys (1, 2, ...) and of the screen bar.
+    SCREENS_IN_ORDER: ClassVar[tuple[type[PeripheryScreen], ...]] = (
+        ModelScreen, GraphScreen, ShardsScreen, ClusterScreen, DashboardScreen, QuantizeScreen,
+        ChatScreen,
+    )
     MODES: ClassVar[dict[str, str | Callable[[], Screen]]] = {
-        name: cls for name, _, cls in SCREENS_IN_ORDER
+        cls.MODE: cls for cls in SCREENS_IN_ORDER
     }
     DEFAULT_MODE = "model"
     BINDINGS: ClassVar[list[BindingType]] = [
-        *(Binding(str(i), f"show('{name}')", label, tooltip=f"Show the {label} screen",
-                  show=False)
-          for i, (name, label, _) in enumerate(SCREENS_IN_ORDER, start=1)),
+        *(Binding(str(i), f"show('{cls.MODE}')", cls.LABEL,
+                  tooltip=f"Show the {cls.LABEL} screen", show=False)
+          for i, cls in enumerate(SCREENS_IN_ORDER, start=1)),
         Binding("question_mark", "help", "Keys"),
         Binding("escape", "go_back", "Back", show=False),
         Binding("q", "quit", "Quit"),
@@ -166,7 +161,7 @@ class PeripheryApp(App[None]):
 
     def action_help(self) -> None:
         sections: list[tuple[str, Iterable]] = [("Everywhere", self.BINDINGS)]
-        sections += [(f"{label} screen", cls.BINDINGS) for _, label, cls in SCREENS_IN_ORDER]
+        sections += [(f"{cls.LABEL} screen", cls.BINDINGS) for cls in self.SCREENS_IN_ORDER]
         sections += [("Graph drawing", GraphView.BINDINGS), ("Stage bars", StageChart.BINDINGS)]
         self.push_screen(DetailsModal("Keys", keys_help(sections), wide=True))
 

@@ -117,6 +117,13 @@ async def until(pilot: Pilot, condition: Callable[[], bool], timeout: float = 30
         await pilot.pause(0.05)
 
 
+def screen_key(mode: str) -> str:
+    """The key that shows a main screen: its place in the app's order, from 1."""
+    from periphery_app.app import PeripheryApp
+
+    return str([cls.MODE for cls in PeripheryApp.SCREENS_IN_ORDER].index(mode) + 1)
+
+
 async def show_sample_screen(pilot: Pilot, mode: str) -> None:
     """Bring a `sample_app()` to one screen with its data shown and no toasts left."""
     from periphery_app.screens.graph import GraphScreen
@@ -125,11 +132,10 @@ async def show_sample_screen(pilot: Pilot, mode: str) -> None:
 
     app = cast("PeripheryApp", pilot.app)
     await until(pilot, lambda: app.opened is not None)
-    await pilot.press("3")  # the Shards screen makes the plan every other screen overlays
+    await pilot.press(screen_key("shards"))  # it makes the plan every other screen overlays
     await until(pilot, lambda: app.plan is not None and app.plan.k == len(NODES))
     if mode != "shards":
-        await pilot.press({"model": "1", "graph": "2", "cluster": "4", "dashboard": "5",
-                           "quantize": "6", "chat": "7"}[mode])
+        await pilot.press(screen_key(mode))
     if mode == "graph":
         screen = app.screen
         await until(pilot, lambda: isinstance(screen, GraphScreen)

@@ -19,6 +19,7 @@ sys.path.insert(0, str(HERE.parent))
 from periphery_app.sample import (  # noqa: E402
     SCREENSHOT_SIZE,
     sample_app,
+    screen_key,
     show_sample_screen,
     until,
 )
@@ -30,7 +31,7 @@ async def show_quantize(pilot) -> None:
     """The Quantize wizard's first step (the method) on the open demo model."""
     app = pilot.app
     await until(pilot, lambda: app.opened is not None)
-    await pilot.press("6")
+    await pilot.press(screen_key("quantize"))
     await pilot.pause(0.2)
     app.clear_notifications()
     await pilot.pause(0.1)

@@ -1,8 +1,9 @@
-"""What every main screen shares: a typed handle on the app and the error path of workers."""
+"""What every main screen shares: its mode and label, a typed handle on the app, the screen bar,
+and the error path of workers."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, ClassVar, cast
 
 from textual.screen import Screen
 
@@ -23,17 +24,24 @@ def as_user_error(exc: BaseException) -> PeripheryError:
                           title="Unexpected error")
 
 
-SCREENS = (("model", "Model"), ("graph", "Graph"), ("shards", "Shards"), ("cluster", "Cluster"),
-           ("dashboard", "Dashboard"), ("quantize", "Quantize"), ("chat", "Chat"))
-
-
-def screen_bar(screen: Screen) -> ScreenBar:
-    """The screen bar for one of the main screens (its `name` is its mode)."""
-    return ScreenBar(SCREENS, screen.name or "")
+def screen_bar(screen: PeripheryScreen) -> ScreenBar:
+    """The screen bar for one of the main screens: every main screen, in the app's order."""
+    return ScreenBar([(cls.MODE, cls.LABEL) for cls in screen.papp.SCREENS_IN_ORDER], screen.MODE)
 
 
 class PeripheryScreen(Screen[None]):
-    """A main screen: it reads shared state from the app and posts facts back up."""
+    """A main screen: it reads shared state from the app and posts facts back up.
+
+    A main screen is a mode of the app, named `MODE` (what the `show` action takes); `LABEL` is
+    its title for people: in the screen bar, the keys help and the sub-title.
+    """
+
+    MODE: ClassVar[str]
+    LABEL: ClassVar[str]
+
+    def __init__(self) -> None:
+        super().__init__(name=self.MODE)
+        self.sub_title = self.LABEL
 
     @property
     def papp(self) -> PeripheryApp:

@@ -38,13 +38,15 @@ HINT = ("Open a language model folder (an ONNX Runtime GenAI or Hugging Face exp
 class ChatScreen(PeripheryScreen):
     """Prompt in, streamed text out, with the figures of each reply."""
 
+    MODE = "chat"
+    LABEL = "Chat"
     CSS_PATH = "chat.tcss"
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "stop", "Stop generating", show=True),
     ]
 
     def __init__(self) -> None:
-        super().__init__(name="chat")
+        super().__init__()
         self.transcript: list[tuple[str, str]] = []  # (who, text), the reply growing last
         self.last: Generation | None = None
         self.generating = False
@@ -58,9 +60,6 @@ class ChatScreen(PeripheryScreen):
         yield Static("", id="figures")
         yield Input(placeholder="Ask something and press enter", id="prompt")
         yield Footer()
-
-    def on_mount(self) -> None:
-        self.sub_title = "Chat"
 
     def on_screen_resume(self) -> None:
         self.query_one("#prompt", Input).focus()

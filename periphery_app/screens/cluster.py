@@ -37,6 +37,8 @@ STATE_STYLE = {"ready": "green", "busy": "bold cyan", "joining": "yellow", "lost
 class ClusterScreen(PeripheryScreen):
     """Nodes, their state and the event log."""
 
+    MODE = "cluster"
+    LABEL = "Cluster"
     CSS_PATH = "cluster.tcss"
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("c", "connect_selected", "Connect"),
@@ -46,7 +48,7 @@ class ClusterScreen(PeripheryScreen):
     ]
 
     def __init__(self) -> None:
-        super().__init__(name="cluster")
+        super().__init__()
         self._shown_recent: tuple[str, ...] = ()
         self._discovered: dict[str, NodeAddress] = {}  # advertised, not joined: by node id
         self._served: tuple[float, int] | None = None  # (when, requests) at the last draw
@@ -59,7 +61,6 @@ class ClusterScreen(PeripheryScreen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.sub_title = "Cluster"
         table = self.query_one(DataTable)
         for col in COLUMNS:
             table.add_column(col, key=col)

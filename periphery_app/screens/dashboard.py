@@ -43,6 +43,8 @@ def _series(history: tuple[Sample, ...], key: str) -> list[float]:
 class DashboardScreen(PeripheryScreen):
     """Live figures of the pipeline."""
 
+    MODE = "dashboard"
+    LABEL = "Dashboard"
     CSS_PATH = "dashboard.tcss"
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("space", "toggle_load", "Start/stop load"),
@@ -51,7 +53,7 @@ class DashboardScreen(PeripheryScreen):
     ]
 
     def __init__(self) -> None:
-        super().__init__(name="dashboard")
+        super().__init__()
         self.figures = LoadFigures()
         self.load_running = False
         self._stop = threading.Event()
@@ -69,7 +71,6 @@ class DashboardScreen(PeripheryScreen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.sub_title = "Dashboard"
         self.watch(self.papp, "history", self._redraw_history)
         self.watch(self.papp, "cluster_state", self._redraw_state)
 

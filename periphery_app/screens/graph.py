@@ -60,6 +60,8 @@ class LayoutReady(Message):
 class GraphScreen(PeripheryScreen):
     """Draw, navigate and search the model's graph."""
 
+    MODE = "graph"
+    LABEL = "Graph"
     CSS_PATH = "graph.tcss"
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("slash", "search", "Search"),
@@ -70,7 +72,7 @@ class GraphScreen(PeripheryScreen):
     ]
 
     def __init__(self) -> None:
-        super().__init__(name="graph")
+        super().__init__()
         self.fold = False
         self._matches: list[int] = []
         self._opened: OpenedModel | None = None
@@ -87,7 +89,6 @@ class GraphScreen(PeripheryScreen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.sub_title = "Graph"
         self.query_one("#search", Input).display = False
         self.watch(self.papp, "opened", self._model_changed)
         self.watch(self.papp, "plan", self._plan_changed)

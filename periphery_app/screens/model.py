@@ -30,6 +30,8 @@ from periphery_core.progress import CancelToken, Progress
 class ModelScreen(PeripheryScreen):
     """Open a model and show what is in it."""
 
+    MODE = "model"
+    LABEL = "Model"
     CSS_PATH = "model.tcss"
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("o", "focus_tree", "Files"),
@@ -39,7 +41,7 @@ class ModelScreen(PeripheryScreen):
     ]
 
     def __init__(self) -> None:
-        super().__init__(name="model")
+        super().__init__()
 
     def compose(self) -> ComposeResult:
         yield screen_bar(self)
@@ -60,7 +62,6 @@ class ModelScreen(PeripheryScreen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.sub_title = "Model"
         self.query_one("#busy").display = False
         self._fill_recent()
         tree = self.query_one(OnnxTree)

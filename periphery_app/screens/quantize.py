@@ -77,6 +77,8 @@ def _whole_or_none(text: str) -> int | None:
 class QuantizeScreen(PeripheryScreen):
     """Quantize the open model, compare it with fp32, then save or use the result."""
 
+    MODE = "quantize"
+    LABEL = "Quantize"
     CSS_PATH = "quantize.tcss"
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("r", "run", "Run", tooltip="Quantize and evaluate with these settings"),
@@ -99,7 +101,7 @@ class QuantizeScreen(PeripheryScreen):
     }
 
     def __init__(self) -> None:
-        super().__init__(name="quantize")
+        super().__init__()
         self.pane = "no-model"
         self.choices = Choices()
         self._opened: OpenedModel | None = None
@@ -158,7 +160,6 @@ class QuantizeScreen(PeripheryScreen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.sub_title = "Quantize"
         self.watch(self.papp, "opened", self._model_changed)
 
     def on_unmount(self) -> None:

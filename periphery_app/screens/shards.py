@@ -55,6 +55,8 @@ def moved(cuts: Sequence[int], boundary: int, delta: int, n: int) -> list[int]:
 class ShardsScreen(PeripheryScreen):
     """Plan the shards and deploy them."""
 
+    MODE = "shards"
+    LABEL = "Shards"
     CSS_PATH = "shards.tcss"
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("plus,equals_sign", "change_k(1)", "K+"),
@@ -69,7 +71,7 @@ class ShardsScreen(PeripheryScreen):
     ]
 
     def __init__(self) -> None:
-        super().__init__(name="shards")
+        super().__init__()
         self.k = 2
         self.strategy = "balanced"
         self.assignment: list[str | None] = []
@@ -87,7 +89,6 @@ class ShardsScreen(PeripheryScreen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.sub_title = "Shards"
         self.watch(self.papp, "opened", self._model_changed)
         self.watch(self.papp, "plan", self._plan_changed)
         self.watch(self.papp, "cluster_state", self._state_changed)

@@ -58,7 +58,7 @@ async def graph_open_s(model: Path) -> float:
                     and screen.query_one(GraphView).graph_layout is not None, 30)
         await pilot.pause()  # one more frame: the first viewport painted
         elapsed = time.perf_counter() - t0
-    app.session.close()
+    app.control.close()
     return elapsed
 
 
@@ -92,7 +92,7 @@ async def dashboard_rates(window_s: float = 2.0, windows: int = 3) -> list[float
                 rates.append((redraws - before) / (time.perf_counter() - t0))
             await pilot.press("q")
     finally:
-        app.session.close()
+        app.control.close()
     return rates
 
 

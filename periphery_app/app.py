@@ -22,6 +22,7 @@ from textual.binding import Binding, BindingType
 from textual.reactive import reactive
 from textual.screen import Screen
 
+from periphery_app.control import ClusterControl, OpenedModel, open_model
 from periphery_app.history import Sample, append, sample
 from periphery_app.messages import (
     Deployed,
@@ -41,7 +42,6 @@ from periphery_app.screens.modals import DetailsModal, ErrorModal
 from periphery_app.screens.model import ModelScreen
 from periphery_app.screens.quantize import QuantizeScreen
 from periphery_app.screens.shards import ShardsScreen
-from periphery_app.session import OpenedModel, Session, open_model
 from periphery_app.widgets.graph_view import GraphView
 from periphery_app.widgets.stage_chart import StageChart
 from periphery_core.cluster.state import ClusterState
@@ -106,7 +106,7 @@ class PeripheryApp(App[None]):
             insecure: Run the master without keys (on a network you trust).
         """
         super().__init__()
-        self.session = Session(keys_dir, insecure)
+        self.control = ClusterControl(keys_dir, insecure)
         self.initial_model = model
         self.demo = demo
         self.demo_nodes = demo_nodes
@@ -133,7 +133,7 @@ class PeripheryApp(App[None]):
                 screen.open(self.initial_model)
 
     def _poll_state(self) -> None:
-        tracker = self.session.tracker
+        tracker = self.control.tracker
         if tracker is None:
             return
         state = tracker.state
@@ -145,7 +145,7 @@ class PeripheryApp(App[None]):
     async def action_quit(self) -> None:
         """Stop the load and the workers, close the master and local nodes, then exit."""
         self.workers.cancel_all()
-        await asyncio.to_thread(self.session.close)
+        await asyncio.to_thread(self.control.close)
         self.exit()
 
     # ------------------------------------------------------------------ navigation
@@ -212,21 +212,21 @@ class PeripheryApp(App[None]):
     @work(thread=True, exclusive=True, group="demo")
     def run_demo(self) -> None:
         """Local nodes, the model, a K-stage plan, a deploy; then the dashboard streams."""
-        session = self.session
+        control = self.control
         path = self.initial_model
         try:
             if path is None:
                 raise FileNotFoundError("no model given for the demo")
             self.call_from_thread(self.notify, f"starting {self.demo_nodes} local nodes…")
-            handles = session.start_local(self.demo_nodes)
+            handles = control.start_local(self.demo_nodes)
             self.post_message(NodesConnected([h.name for h in handles]))
             opened = open_model(path)
             self.post_message(ModelOpened(opened))
             ids = [h.node_id for h in handles]
             plan = plan_model(opened.loaded, opened.analysis, self.demo_nodes,
-                              devices=session.master.devices(ids), decoder=opened.decoder)
+                              devices=control.master().devices(ids), decoder=opened.decoder)
             self.post_message(PlanChanged(plan))
-            session.deploy(opened, plan, ids)
+            control.deploy(opened, plan, ids)
         except Exception as exc:
             self.post_message(OperationFailed(as_user_error(exc)))
             return

@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         app.run()
     finally:
-        app.session.close()  # however the app ended, no node process outlives it
+        app.control.close()  # however the app ended, no node process outlives it
     return 0
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from textual.message import Message
 
-from periphery_app.session import OpenedModel
+from periphery_app.control import OpenedModel
 from periphery_core.errors import PeripheryError
 from periphery_core.partition.plan import ShardPlan
 from periphery_core.progress import Progress

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from rich.text import Text
 
-from periphery_app.session import OpenedModel
+from periphery_app.control import OpenedModel
 from periphery_core.quantize.config import (
     Engine,
     Method,

@@ -48,7 +48,7 @@ async def render(mode: str, out_dir: Path) -> Path:
                 await show_sample_screen(pilot, mode)
             app.save_screenshot(f"{mode}.svg", str(out_dir))
     finally:
-        app.session.close()
+        app.control.close()
     return out_dir / f"{mode}.svg"
 
 

@@ -56,22 +56,22 @@ def require_shared() -> None:
 
 
 @pytest.fixture(autouse=True)
-def _close_app_sessions(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    """Every app session a test creates is closed when the test ends, pass or fail, so no
-    master thread, port or local node process outlives a failing app test."""
-    from periphery_app.session import Session
+def _close_app_controls(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """Every cluster control the app creates in a test is closed when the test ends, pass or
+    fail, so no master thread, port or local node process outlives a failing app test."""
+    from periphery_app.control import ClusterControl
 
-    created: list[Session] = []
-    original = Session.__init__
+    created: list[ClusterControl] = []
+    original = ClusterControl.__init__
 
-    def tracking_init(self: Session, *args: object, **kwargs: object) -> None:
+    def tracking_init(self: ClusterControl, *args: object, **kwargs: object) -> None:
         original(self, *args, **kwargs)  # type: ignore[arg-type]
         created.append(self)
 
-    monkeypatch.setattr(Session, "__init__", tracking_init)
+    monkeypatch.setattr(ClusterControl, "__init__", tracking_init)
     # The app browses mDNS from its Cluster screen: in tests, on loopback only (no multicast
     # onto this machine's real networks).
     monkeypatch.setenv("PERIPHERY_MDNS_INTERFACES", "127.0.0.1")
     yield
-    for session in created:
-        session.close()
+    for control in created:
+        control.close()

@@ -65,7 +65,7 @@ async def test_model_screen_shows_the_summary_and_remembers_the_file(config_dir:
         for expected in ("demo-resnet.onnx", "image", "1x3x128x128", "logits", "Conv",
                          "GFLOP", "ai.onnx 17"):
             assert expected in summary
-    app.session.close()
+    app.control.close()
     assert json.loads((config_dir / "recent.json").read_text()) == [str(DEMO_MODEL)]
 
 
@@ -84,7 +84,7 @@ async def test_the_file_picker_lists_only_onnx_files_and_opens_one(tmp_path: Pat
         await pilot.press("down", "enter")
         await until(pilot, lambda: app.opened is not None)
         assert app.opened is not None and app.opened.loaded.name == "net.onnx"
-    app.session.close()
+    app.control.close()
 
 
 async def test_a_bad_file_shows_the_error_modal_and_the_app_keeps_running(tmp_path: Path) -> None:
@@ -106,7 +106,7 @@ async def test_a_bad_file_shows_the_error_modal_and_the_app_keeps_running(tmp_pa
         await until(pilot, lambda: app.opened is not None)
         await pilot.press("2")
         assert isinstance(app.screen, GraphScreen)
-    app.session.close()
+    app.control.close()
 
 
 async def test_graph_screen_navigates_searches_shows_details_and_folds() -> None:
@@ -148,7 +148,7 @@ async def test_graph_screen_navigates_searches_shows_details_and_folds() -> None
         assert "▸ block2" in folded.vertices[view.selected].label  # selection kept its node
         await pilot.press("escape")  # back to the Model screen
         assert app.current_mode == "model"
-    app.session.close()
+    app.control.close()
 
 
 @pytest.mark.skipif(not STORIES.is_file(), reason="shared corpus not present")
@@ -179,7 +179,7 @@ async def test_graph_of_1580_nodes_paints_only_its_viewport(
         # 21 redraws of a ~25-row viewport, nowhere near the 1,000+ rows of the canvas each
         assert 0 < len(painted) < 21 * 40
         assert layout.vertices[view.selected].layer >= 10
-    app.session.close()
+    app.control.close()
 
 
 async def test_shards_screen_plans_moves_a_boundary_and_saves_and_loads(tmp_path: Path) -> None:
@@ -212,7 +212,7 @@ async def test_shards_screen_plans_moves_a_boundary_and_saves_and_loads(tmp_path
         await until(pilot, lambda: app.plan is not None and app.plan.k == 2)
         await pilot.press("o", *(["backspace"] * 20), *str(target), "enter")
         await until(pilot, lambda: app.plan is not None and app.plan.k == 3)
-    app.session.close()
+    app.control.close()
 
 
 async def test_whole_loop_against_real_local_nodes() -> None:
@@ -259,7 +259,7 @@ async def test_whole_loop_against_real_local_nodes() -> None:
             assert not dash.load_running
             await pilot.press("q")
     finally:
-        app.session.close()
+        app.control.close()
         cluster.stop()
 
 
@@ -282,9 +282,9 @@ async def test_demo_streams_on_its_own() -> None:
             assert app.plan is not None and app.plan.k == 3
             assert not any(isinstance(s, ErrorModal) for s in app.screen_stack)
             await pilot.press("q")
-        assert app.session.local is None  # quitting stopped the local nodes
+        assert app.control.local is None  # quitting stopped the local nodes
     finally:
-        app.session.close()
+        app.control.close()
 
 
 async def test_demo_recovers_from_a_killed_node() -> None:
@@ -294,7 +294,7 @@ async def test_demo_recovers_from_a_killed_node() -> None:
     try:
         async with app.run_test(size=SIZE) as pilot:
             await until(pilot, lambda: app.cluster_state.requests_completed > 10, timeout=120)
-            local = app.session.local
+            local = app.control.local
             assert local is not None
             local.kill(1)
             await until(pilot, lambda: app.cluster_state.recoveries == 1, timeout=30)
@@ -312,7 +312,7 @@ async def test_demo_recovers_from_a_killed_node() -> None:
             assert "failed 0" in load and "running" in load
             await pilot.press("q")
     finally:
-        app.session.close()
+        app.control.close()
 
 
 async def test_a_redeploy_onto_a_hung_node_fails_cleanly_and_quit_is_prompt() -> None:
@@ -324,7 +324,7 @@ async def test_a_redeploy_onto_a_hung_node_fails_cleanly_and_quit_is_prompt() ->
     try:
         async with app.run_test(size=SIZE) as pilot:
             await until(pilot, lambda: app.cluster_state.requests_completed > 10, timeout=120)
-            local = app.session.local
+            local = app.control.local
             assert local is not None
             pids = [n.process.pid for n in local.nodes]
             os.kill(pids[2], signal.SIGSTOP)
@@ -350,7 +350,7 @@ async def test_a_redeploy_onto_a_hung_node_fails_cleanly_and_quit_is_prompt() ->
             for n in local.nodes:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(n.process.pid, signal.SIGCONT)
-        app.session.close()
+        app.control.close()
 
 
 async def test_the_event_log_tails_new_events_unless_scrolled_up() -> None:
@@ -361,7 +361,7 @@ async def test_the_event_log_tails_new_events_unless_scrolled_up() -> None:
             await pilot.press("4")
             await until(pilot, lambda: isinstance(app.screen, ClusterScreen))
             log = app.screen.query_one(Log)
-            local = app.session.local
+            local = app.control.local
             assert local is not None
             local.kill(2)  # new events: the loss, the recovery, the new deploy
             await until(pilot, lambda: "recovered:" in log.lines[-1], timeout=30)
@@ -375,7 +375,7 @@ async def test_the_event_log_tails_new_events_unless_scrolled_up() -> None:
             assert log.scroll_y == 0  # it stayed where the user is reading
             await pilot.press("q")
     finally:
-        app.session.close()
+        app.control.close()
 
 
 async def test_cluster_and_dashboard_show_a_fixed_fold() -> None:
@@ -390,7 +390,7 @@ async def test_cluster_and_dashboard_show_a_fixed_fold() -> None:
         await pilot.pause()
         assert "S1 ◀" in text_of(app, "#stages")  # the bottleneck of the fixed timings
         assert "20.0 req/s" in text_of(app, "#label-rps")
-    app.session.close()
+    app.control.close()
 
 
 async def test_help_lists_keys_and_the_palette_offers_every_action() -> None:
@@ -406,7 +406,7 @@ async def test_help_lists_keys_and_the_palette_offers_every_action() -> None:
         await pilot.press("2")
         titles = {c.title for c in app.get_system_commands(app.screen)}
         assert {"Search", "Fold", "Dashboard", "Shards", "Keys"} <= titles
-    app.session.close()
+    app.control.close()
 
 
 async def test_the_cluster_screen_finds_nodes_over_mdns_and_connects_one() -> None:
@@ -434,7 +434,7 @@ async def test_the_cluster_screen_finds_nodes_over_mdns_and_connects_one() -> No
                 await until(pilot, lambda: table.row_count == 1, timeout=20)
                 assert "discovered" not in text_of_label(app, "#summary")
     finally:
-        app.session.close()
+        app.control.close()
 
 
 def text_of_label(app: PeripheryApp, selector: str) -> str:
@@ -485,7 +485,7 @@ async def test_the_shards_screen_shows_deploy_state_only_for_the_plan_that_runs(
             assert [s.device for s in plan.stages] == ["local0", "local1", "local2"]
             await pilot.press("q")
     finally:
-        app.session.close()
+        app.control.close()
 
 
 async def test_the_cluster_screen_says_when_the_master_stops_and_its_figures_go_stale(
@@ -500,7 +500,7 @@ async def test_the_cluster_screen_says_when_the_master_stops_and_its_figures_go_
         async with app.run_test(size=SIZE) as pilot:
             await pilot.press("4")
             await until(pilot, lambda: isinstance(app.screen, ClusterScreen))
-            app.session.start_local(2)
+            app.control.start_local(2)
             await until(pilot, lambda: len(app.cluster_state.nodes) == 2, timeout=20)
             table = app.screen.query_one(DataTable)
             await until(pilot, lambda: "ready" in str(table.get_row_at(0)[1]))
@@ -517,7 +517,7 @@ async def test_the_cluster_screen_says_when_the_master_stops_and_its_figures_go_
             assert "injected failure" in text_of_label(app, "#summary")
             await until(pilot, lambda: "silent" in str(table.get_row_at(0)[1]), timeout=15)
     finally:
-        app.session.close()
+        app.control.close()
 
 
 async def test_a_narrow_cluster_table_keeps_the_state_column_whole() -> None:

@@ -77,9 +77,9 @@ async def test_chat_streams_a_reply_from_the_deployed_language_model() -> None:
             summary = " ".join(text_of(app, "#summary").split())
             assert "Recognised onnxruntime-genai decoder, 30 layers, 3 KV heads of 64" in summary
             await pilot.press("q")
-        assert app.session.local is None
+        assert app.control.local is None
     finally:
-        app.session.close()
+        app.control.close()
 
 
 async def test_chat_says_what_to_do_for_a_model_that_is_not_a_language_model() -> None:

@@ -50,7 +50,7 @@ async def test_s_serves_the_deployed_model_and_the_cluster_screen_shows_it() -> 
             await until(pilot, lambda: re.search(r"endpoint \S*http://127\.0\.0\.1:\d+/v1",
                                                  text_of(app, "#summary")) is not None,
                         timeout=30)
-            endpoint = app.session.endpoint
+            endpoint = app.control.endpoint
             assert endpoint is not None
             assert "OpenAI API" in text_of(app, "#summary")
             reply = await asyncio.to_thread(_ask, endpoint.url, prompt, 12)
@@ -60,10 +60,10 @@ async def test_s_serves_the_deployed_model_and_the_cluster_screen_shows_it() -> 
                         timeout=10)
             await pilot.press("s")
             await until(pilot, lambda: "endpoint" not in text_of(app, "#summary"), timeout=20)
-            assert app.session.endpoint is None
+            assert app.control.endpoint is None
             with pytest.raises(urllib.error.URLError):
                 urllib.request.urlopen(endpoint.url + "/models", timeout=5)
             await pilot.press("q")
-        assert app.session.local is None
+        assert app.control.local is None
     finally:
-        app.session.close()
+        app.control.close()

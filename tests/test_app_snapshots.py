@@ -31,7 +31,7 @@ def test_screen(snap_compare, screen: str) -> None:
         assert snap_compare(app, terminal_size=SCREENSHOT_SIZE,
                             run_before=lambda pilot: show_sample_screen(pilot, screen))
     finally:
-        app.session.close()
+        app.control.close()
 
 
 @pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=["80x24", "120x40"])
@@ -44,7 +44,7 @@ def test_screen_at(snap_compare, screen: str, size: tuple[int, int]) -> None:
         assert snap_compare(app, terminal_size=size,
                             run_before=lambda pilot: show_sample_screen(pilot, screen))
     finally:
-        app.session.close()
+        app.control.close()
 
 
 def test_graph_folded_with_details(snap_compare) -> None:
@@ -62,7 +62,7 @@ def test_graph_folded_with_details(snap_compare) -> None:
     try:
         assert snap_compare(app, terminal_size=SCREENSHOT_SIZE, run_before=run_before)
     finally:
-        app.session.close()
+        app.control.close()
 
 
 def test_help(snap_compare) -> None:
@@ -75,7 +75,7 @@ def test_help(snap_compare) -> None:
     try:
         assert snap_compare(app, terminal_size=SCREENSHOT_SIZE, run_before=run_before)
     finally:
-        app.session.close()
+        app.control.close()
 
 
 def test_quantize_method_pane(snap_compare) -> None:
@@ -91,4 +91,4 @@ def test_quantize_method_pane(snap_compare) -> None:
     try:
         assert snap_compare(app, terminal_size=SCREENSHOT_SIZE, run_before=run_before)
     finally:
-        app.session.close()
+        app.control.close()

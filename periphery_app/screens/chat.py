@@ -2,8 +2,8 @@
 
 A decoder LLM (recognised when it is opened) is planned and deployed like any model, its stages
 keeping their own KV caches; this screen renders the prompt with the model's chat template,
-generates in a thread worker through the session's pipeline and streams the text as it comes,
-with time to first token, tokens/s, bytes per token per hop and each stage's time per token.
+generates in a thread worker through the cluster control's pipeline and streams the text as it
+comes, with time to first token, tokens/s, bytes per token per hop and each stage's time per token.
 Escape stops a generation.
 """
 
@@ -73,7 +73,7 @@ class ChatScreen(PeripheryScreen):
         if opened.decoder is None:
             return (f"{opened.loaded.name} is not a language model Periphery recognises (no KV "
                     "cache inputs). " + HINT)
-        pipeline = self.papp.session.pipeline
+        pipeline = self.papp.control.pipeline
         if pipeline is None or not pipeline.deployed or pipeline.loaded is not opened.loaded:
             return "the model is not deployed yet: plan and deploy it on the Shards screen (3)."
         return None
@@ -103,8 +103,8 @@ class ChatScreen(PeripheryScreen):
     @work(thread=True, exclusive=True, group="chat")
     def _generate(self, text: str, cancel: CancelToken) -> None:
         opened = self.papp.opened
-        session = self.papp.session
-        pipeline = session.pipeline
+        control = self.papp.control
+        pipeline = control.pipeline
         assert opened is not None and opened.decoder is not None and pipeline is not None
         spec = opened.decoder
         per_stage: dict[int, list[float]] = {}
@@ -114,7 +114,7 @@ class ChatScreen(PeripheryScreen):
                 for t in e.stages:
                     per_stage.setdefault(t.stage, []).append(t.compute_s)
 
-        unsubscribe = session.master.bus.subscribe(on_event)
+        unsubscribe = control.master().bus.subscribe(on_event)
         step = pipeline_step(pipeline, spec)
         try:
             codec = TextCodec(spec.folder)

@@ -1,7 +1,7 @@
 """The Cluster screen: the nodes as the master's events describe them, and the event log.
 
 The table is a view of the app's folded `ClusterState`, plus the nodes advertised over mDNS
-that the master has not joined yet (the session browses from the screen's first look on,
+that the master has not joined yet (the cluster control browses from the screen's first look on,
 rows appear and go as nodes do); `c` connects the selected one. `s` serves the deployed model
 over HTTP (as `periphery serve` does) and the summary then names the endpoint and its rate.
 Adding a node by address or starting local nodes runs in a thread worker, and what happens
@@ -18,10 +18,10 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import DataTable, Footer, Label, Log
 
+from periphery_app.control import ClusterControl, OpenedModel
 from periphery_app.messages import NodesConnected
 from periphery_app.screens.base import PeripheryScreen, screen_bar
 from periphery_app.screens.modals import PromptModal
-from periphery_app.session import OpenedModel, Session
 from periphery_app.units import human_bytes
 from periphery_core.cluster.state import ClusterState
 from periphery_core.discovery import NodeAddress
@@ -65,13 +65,13 @@ class ClusterScreen(PeripheryScreen):
         for col in COLUMNS:
             table.add_column(col, key=col)
         self.watch(self.papp, "cluster_state", self._state_changed)
-        self.papp.session.start_discovery()
+        self.papp.control.start_discovery()
         self.set_interval(1.0, self._poll_discovery)
 
     def _poll_discovery(self) -> None:
         """Nodes advertised now and not joined: redraw when that set changes."""
         joined = self.papp.cluster_state.nodes
-        found = {a.node_id: a for a in self.papp.session.discovered() if a.node_id not in joined}
+        found = {a.node_id: a for a in self.papp.control.discovered() if a.node_id not in joined}
         # Redraw on a change, and while nodes are connected: a silence shows even when no
         # event arrives to say so.
         if found.keys() != self._discovered.keys() or (joined and self.is_current):
@@ -118,7 +118,7 @@ class ClusterScreen(PeripheryScreen):
             table.move_cursor(row=min(row, rows - 1))
         counts = {s: len(state.nodes_in(s, now)) for s in ("ready", "busy", "joining", "lost")}
         summary = self._summary(state, counts, len(waiting))
-        failure = self.papp.session.master_failure
+        failure = self.papp.control.master_failure
         if failure is not None:
             summary = (f" [b red]master not responding[/]: {escape(failure)}; what is shown "
                        "may be old: restart the app")
@@ -138,7 +138,7 @@ class ClusterScreen(PeripheryScreen):
     def _endpoint_line(self) -> str:
         """The HTTP endpoint, if one runs: where, and its requests per second since the last
         draw."""
-        endpoint = self.papp.session.endpoint
+        endpoint = self.papp.control.endpoint
         if endpoint is None:
             self._served = None
             return ""
@@ -177,12 +177,12 @@ class ClusterScreen(PeripheryScreen):
             self.notify("that node is already connected: c connects a discovered one")
             return
         self.notify(f"connecting to {address.name}…")
-        self._connect_address(self.papp.session, address)
+        self._connect_address(self.papp.control, address)
 
     @work(thread=True, group="connect")
-    def _connect_address(self, session: Session, address: NodeAddress) -> None:
+    def _connect_address(self, control: ClusterControl, address: NodeAddress) -> None:
         try:
-            handle = session.connect_address(address)
+            handle = control.connect_address(address)
         except Exception as exc:
             self.report_failure(exc)
             return
@@ -192,14 +192,14 @@ class ClusterScreen(PeripheryScreen):
         def answered(spec: str | None) -> None:
             if spec:
                 self.notify(f"connecting to {spec}…")
-                self._connect(self.papp.session, spec)
+                self._connect(self.papp.control, spec)
 
         self.app.push_screen(PromptModal("Add node by address", "HOST:PORT"), answered)
 
     @work(thread=True, group="connect")
-    def _connect(self, session: Session, spec: str) -> None:
+    def _connect(self, control: ClusterControl, spec: str) -> None:
         try:
-            handle = session.connect(spec)
+            handle = control.connect(spec)
         except Exception as exc:
             self.report_failure(exc)
             return
@@ -207,13 +207,13 @@ class ClusterScreen(PeripheryScreen):
 
     def action_start_local(self) -> None:
         self.notify("starting 3 local node processes…")
-        self._start_local(self.papp.session, 3)
+        self._start_local(self.papp.control, 3)
 
     def action_serve(self) -> None:
         """Serve the deployed model over HTTP on 127.0.0.1, or stop serving."""
-        session = self.papp.session
-        if session.endpoint is not None:
-            session.stop_endpoint()
+        control = self.papp.control
+        if control.endpoint is not None:
+            control.stop_endpoint()
             self.notify("the HTTP endpoint is stopped")
             self._draw(self.papp.cluster_state)
             return
@@ -221,12 +221,12 @@ class ClusterScreen(PeripheryScreen):
         if opened is None:
             self.notify("open and deploy a model first (o, then the Shards screen, 3)")
             return
-        self._serve(session, opened)
+        self._serve(control, opened)
 
     @work(thread=True, exclusive=True, group="serve")
-    def _serve(self, session: Session, opened: OpenedModel) -> None:
+    def _serve(self, control: ClusterControl, opened: OpenedModel) -> None:
         try:
-            endpoint = session.start_endpoint(opened)
+            endpoint = control.start_endpoint(opened)
         except Exception as exc:
             self.report_failure(exc)
             return
@@ -234,9 +234,9 @@ class ClusterScreen(PeripheryScreen):
         self.app.call_from_thread(self._draw, self.papp.cluster_state)
 
     @work(thread=True, exclusive=True, group="local")
-    def _start_local(self, session: Session, n: int) -> None:
+    def _start_local(self, control: ClusterControl, n: int) -> None:
         try:
-            handles = session.start_local(n)
+            handles = control.start_local(n)
         except Exception as exc:
             self.report_failure(exc)
             return

@@ -21,10 +21,10 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, Label, Sparkline, Static
 from textual.worker import get_current_worker
 
+from periphery_app.control import LoadFigures, feeds_for, run_load
 from periphery_app.history import Sample
 from periphery_app.messages import LoadStopped
 from periphery_app.screens.base import PeripheryScreen, screen_bar
-from periphery_app.session import LoadFigures, feeds_for, run_load
 from periphery_app.units import bar, human_bytes, human_seconds
 from periphery_core.cluster.pipeline import Pipeline
 from periphery_core.cluster.state import ClusterState
@@ -158,7 +158,7 @@ class DashboardScreen(PeripheryScreen):
         f = self.figures
         text = Text(no_wrap=True, overflow="ellipsis")
         text.append(" load ", style="bold reverse")
-        pipeline = self.papp.session.pipeline
+        pipeline = self.papp.control.pipeline
         opened = self.papp.opened
         if pipeline is not None:
             text.append(f" {pipeline.loaded.name} ", style="bold")
@@ -185,13 +185,13 @@ class DashboardScreen(PeripheryScreen):
 
     def start_load(self) -> None:
         """Start streaming random requests through the deployed pipeline."""
-        session = self.papp.session
+        control = self.papp.control
         opened = self.papp.opened
         if self.load_running:
             return
-        # The session's pipeline says whether a deploy finished: the folded cluster state is
+        # The cluster control's pipeline says whether a deploy finished: the folded cluster state is
         # sampled on a timer and may not have seen the "deploy finished" event yet.
-        pipeline = session.pipeline
+        pipeline = control.pipeline
         if opened is None or pipeline is None or not pipeline.deployed:
             self.report_failure(PeripheryError(
                 "nothing is deployed: plan and deploy on the Shards screen (3) first",

@@ -22,10 +22,10 @@ from textual.binding import Binding, BindingType
 from textual.message import Message
 from textual.widgets import Footer, Input, Static
 
+from periphery_app.control import OpenedModel
 from periphery_app.graph_layout import GraphLayout, layout_graph
 from periphery_app.screens.base import PeripheryScreen, screen_bar
 from periphery_app.screens.modals import DetailsModal
-from periphery_app.session import OpenedModel
 from periphery_app.units import human_bytes, human_count, human_seconds, shape_text
 from periphery_app.widgets.graph_view import GraphView, heat
 from periphery_core.model.analysis import ModelAnalysis

@@ -14,11 +14,11 @@ from textual.widgets import DirectoryTree, Footer, Label, OptionList, ProgressBa
 from textual.widgets.option_list import Option
 from textual.worker import get_current_worker
 
+from periphery_app.control import OpenedModel, open_model
 from periphery_app.messages import ModelOpened, ProgressReported
 from periphery_app.recent import load_recent
 from periphery_app.screens.base import PeripheryScreen, screen_bar
 from periphery_app.screens.modals import PromptModal
-from periphery_app.session import OpenedModel, open_model
 from periphery_app.widgets.onnx_tree import OnnxTree
 from periphery_app.widgets.summary import model_summary
 from periphery_core.errors import PeripheryError

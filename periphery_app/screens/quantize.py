@@ -41,6 +41,7 @@ from textual.widgets import (
 )
 from textual.widgets.option_list import Option
 
+from periphery_app.control import OpenedModel, open_model
 from periphery_app.messages import (
     ModelOpened,
     ProgressReported,
@@ -52,7 +53,6 @@ from periphery_app.quantize_choices import Choices, build_config, data_hints, me
 from periphery_app.quantize_report import report_view
 from periphery_app.screens.base import PeripheryScreen, screen_bar
 from periphery_app.screens.modals import PromptModal
-from periphery_app.session import OpenedModel, open_model
 from periphery_app.widgets.method_options import MethodOptions
 from periphery_core.errors import Cancelled, DataError
 from periphery_core.model.loading import display_name, save_model

@@ -20,10 +20,10 @@ from textual.containers import VerticalScroll
 from textual.widgets import Footer, Static
 from textual.worker import get_current_worker
 
+from periphery_app.control import ClusterControl, OpenedModel
 from periphery_app.messages import Deployed, PlanChanged, ProgressReported
 from periphery_app.screens.base import PeripheryScreen, screen_bar
 from periphery_app.screens.modals import ChoiceModal, PromptModal
-from periphery_app.session import OpenedModel, Session
 from periphery_app.units import human_bytes, human_seconds
 from periphery_app.widgets.stage_chart import StageChart
 from periphery_core.cluster.state import ClusterState
@@ -135,7 +135,7 @@ class ShardsScreen(PeripheryScreen):
         is deploying), and a stage whose node was lost says so."""
         if plan is None or tuple(self.assignment) != state.assignment:
             return {}
-        pipeline = self.papp.session.pipeline
+        pipeline = self.papp.control.pipeline
         if state.deploy_status == "deployed" and pipeline is not None:
             running = pipeline.plan  # (without a pipeline of ours, the state is all we know)
             if running is None or [s.nodes for s in running.stages] != \
@@ -192,13 +192,13 @@ class ShardsScreen(PeripheryScreen):
     def _devices(self, k: int) -> list[DeviceSpec] | None:
         """The assigned nodes' measured figures, when every stage has a node."""
         ids = self.assignment[:k]
-        session = self.papp.session
-        if len(ids) < k or not all(ids) or not session.has_master:
+        control = self.papp.control
+        if len(ids) < k or not all(ids) or not control.has_master:
             return None
-        known = session.master.nodes
+        known = control.master().nodes
         if not all(i in known for i in ids):
             return None
-        return session.master.devices([i for i in ids if i])
+        return control.master().devices([i for i in ids if i])
 
     @work(thread=True, exclusive=True, group="plan")
     def _plan(self, opened: OpenedModel, k: int, strategy: str,
@@ -376,16 +376,16 @@ class ShardsScreen(PeripheryScreen):
             self.assignment = [a or next(spare) for a in self.assignment[: plan.k]]
         assignment = tuple(a for a in self.assignment[: plan.k] if a)
         self._say("deploying: extracting shards…")
-        self._deploy(self.papp.session, opened, plan, assignment)
+        self._deploy(self.papp.control, opened, plan, assignment)
 
     @work(thread=True, exclusive=True, group="deploy")
-    def _deploy(self, session: Session, opened: OpenedModel, plan: ShardPlan,
+    def _deploy(self, control: ClusterControl, opened: OpenedModel, plan: ShardPlan,
                 assignment: tuple[str, ...]) -> None:
         def progress(p: Progress) -> None:
             self.post_message(ProgressReported(p))
 
         try:
-            session.deploy(opened, plan, assignment, progress)
+            control.deploy(opened, plan, assignment, progress)
         except Exception as exc:
             self.post_message(ProgressReported(Progress("deploy", 1, 1, "failed")))
             self.report_failure(exc)

@@ -1,7 +1,7 @@
 """What the app works on, without any UI: the model, the cluster and the request load.
 
 Design choice: every method here may block (loading, analysing, connecting, deploying), so the
-app calls them only from thread workers and hears back through messages. The session owns the
+app calls them only from thread workers and hears back through messages. `ClusterControl` owns the
 `Master`, an optional `LocalCluster`, the `StateTracker` that folds the master's events, and
 the core's `Pipeline`, the one serving object: the app deploys and streams through it, so a
 lost node is re-planned around and its requests replayed exactly as `periphery run` does. The
@@ -64,7 +64,7 @@ def open_model(
                        recognize(loaded))
 
 
-class Session:
+class ClusterControl:
     """The cluster side of the app: master, local nodes, state tracker.
 
     Keys follow the CLI's rule: the master uses `keys_dir` (or $PERIPHERY_KEYS, or the default
@@ -84,9 +84,8 @@ class Session:
         self.endpoint: Endpoint | None = None  # the deployed model over HTTP, when started
         self._closed = False
 
-    @property
     def master(self) -> Master:
-        """The master, started on first use.
+        """The master, started (with its threads) on the first call.
 
         Raises:
             PeripheryError: no keys were found and `insecure` was not given.
@@ -96,7 +95,7 @@ class Session:
     def _ensure_master(self, local_keys: KeyRing | None) -> Master:
         with self._lock:
             if self._closed:
-                raise PeripheryError("the session is closed")
+                raise PeripheryError("the cluster control is closed")
             if self._master is None:
                 keys = local_keys or keyring_or_insecure(self.keys_dir, self.insecure)
                 self._master = Master(keys=keys)
@@ -154,7 +153,7 @@ class Session:
 
     def connect_address(self, address: NodeAddress) -> NodeHandle:
         """Connect to a discovered node (blocking)."""
-        return self.master.connect(address)
+        return self.master().connect(address)
 
     def connect(self, spec: str) -> NodeHandle:
         """Connect to a node given as HOST:PORT (blocking).
@@ -166,7 +165,7 @@ class Session:
         key = f"{host}:{port}"
         address = NodeAddress(node_id=key, name=key, host=host, port=port, properties={},
                               source="static")
-        return self.master.connect(address)
+        return self.master().connect(address)
 
     def deploy(
         self,
@@ -183,7 +182,7 @@ class Session:
         Raises:
             PeripheryError: extraction failed, a node is unknown or lost, or a node refused.
         """
-        master = self.master
+        master = self.master()
         endpoint = self.endpoint
         if endpoint is not None and endpoint.service.pipeline.loaded is not opened.loaded:
             self.stop_endpoint()  # it served the model being replaced

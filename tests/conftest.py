@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -56,7 +57,7 @@ def require_shared() -> None:
 
 
 @pytest.fixture(autouse=True)
-def _close_app_controls(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+def _close_app_controls(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Every cluster control the app creates in a test is closed when the test ends, pass or
     fail, so no master thread, port or local node process outlives a failing app test."""
     from periphery_app.control import ClusterControl

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import FrozenInstanceError
@@ -30,6 +29,7 @@ from periphery_core.discovery.mdns import (
 )
 from periphery_core.discovery.static import StaticPeers, parse_peer
 from periphery_core.errors import PeripheryError
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = ["127.0.0.1"]
@@ -53,38 +53,31 @@ class Recorder:
     def __init__(self) -> None:
         self.events: list[tuple[str, NodeAddress]] = []
         self.threads: set[str] = set()
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
 
     def __call__(self, kind: str, address: NodeAddress) -> None:
-        with self._cond:
+        with self._lock:
             self.events.append((kind, address))
             self.threads.add(threading.current_thread().name)
-            self._cond.notify_all()
 
     def wait_for(self, kind: str, match: Callable[[NodeAddress], bool]) -> NodeAddress:
-        deadline = time.monotonic() + WAIT
-        with self._cond:
-            while True:
-                for seen_kind, address in self.events:
-                    if seen_kind == kind and match(address):
-                        return address
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    pytest.fail(f"no {kind!r} event matched within {WAIT} s: {self.events}")
-                self._cond.wait(left)
+        """The first `kind` event whose address matches, waiting up to WAIT for it."""
+        def seen() -> NodeAddress | None:
+            with self._lock:
+                return next((a for k, a in self.events if k == kind and match(a)), None)
+
+        return wait_for(seen, WAIT, lambda: f"a matching {kind!r} event: {self.events}")
 
 
 @pytest.fixture(autouse=True)
 def no_leaked_threads() -> Iterator[None]:
     before = set(threading.enumerate())
     yield
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        left = [t for t in threading.enumerate() if t not in before and t.is_alive()]
-        if not left:
-            return
-        time.sleep(0.05)
-    pytest.fail(f"threads left running: {[t.name for t in left]}")
+
+    def left() -> list[str]:
+        return [t.name for t in threading.enumerate() if t not in before and t.is_alive()]
+
+    wait_for(lambda: not left(), 5, lambda: f"the test's threads to end: {left()} still run")
 
 
 @pytest.fixture
@@ -282,11 +275,9 @@ def test_malformed_txt_does_not_crash_the_browser(
     def warnings() -> list[str]:
         return [r.getMessage() for r in caplog.records if evil in r.getMessage()]
 
-    # The hostile record was processed (and warned about), not merely not seen yet.
-    deadline = time.time() + 10
-    while not warnings():
-        assert time.time() < deadline, "the browser never processed the malformed record"
-        time.sleep(0.05)
+    # The hostile record was processed (and warned about), not merely not seen yet: only
+    # then does its absence below say anything.
+    wait_for(warnings, WAIT, "the browser to warn about the malformed record")
     assert [n.node_id for n in ours(browser.nodes(), good_id, evil_id)] == [good_id]
     assert not [e for e in recorder.events if e[1].node_id == evil_id]
     assert len(warnings()) == 1

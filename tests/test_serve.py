@@ -24,6 +24,7 @@ from periphery_core.generate.engine import TextCodec
 from tests.conftest import MODELS, require_shared
 from tests.test_cli import ROOT, assert_bad_input, cli
 from tests.test_generate import SMOLLM, _genai_greedy
+from tests.waiting import wait_for
 
 KEY = "test-key-0123456789"
 PROMPT = "What is the capital of France?"
@@ -184,20 +185,20 @@ def test_a_client_gone_mid_stream_leaves_no_cache_on_any_node(server: Server) ->
         got += response.read1(4096)
     conn.sock.close()  # the client goes away mid-stream
     conn.close()
-    deadline = time.time() + 30
-    held = None
-    while time.time() < deadline:
+    held: list[int] = []
+
+    def freed() -> bool:
         figures = server.metrics()
-        held = [int(float(v)) for v in re.findall(r"periphery_kv_cache_bytes\{[^}]*\} (\S+)",
-                                                   figures)]
+        held[:] = [int(float(v)) for v in
+                   re.findall(r"periphery_kv_cache_bytes\{[^}]*\} (\S+)", figures)]
         cancelled = re.search(r'periphery_sequences_total\{outcome="cancelled"\} (\S+)',
                               figures)
-        if (len(held) == 2 and not any(held) and cancelled and float(cancelled[1]) >= 1
-                and "periphery_sequences_in_flight 0.0" in figures):
-            break
-        time.sleep(0.5)
-    else:
-        pytest.fail(f"caches still held on the nodes: {held}")
+        return bool(len(held) == 2 and not any(held) and cancelled
+                    and float(cancelled[1]) >= 1
+                    and "periphery_sequences_in_flight 0.0" in figures)
+
+    wait_for(freed, 30, lambda: f"the nodes to free the stream's caches: still {held}",
+             poll=0.5)
 
 
 def test_keys_and_bad_bodies_get_4xx_and_the_server_keeps_serving(server: Server) -> None:

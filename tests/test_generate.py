@@ -18,7 +18,7 @@ from periphery_core.cluster.local import LocalCluster
 from periphery_core.cluster.master import Master
 from periphery_core.cluster.pipeline import Pipeline
 from periphery_core.errors import ClusterBusy
-from periphery_core.generate.decoder import recognize
+from periphery_core.generate.decoder import DecoderSpec, recognize
 from periphery_core.generate.engine import (
     Sampling,
     TextCodec,
@@ -29,11 +29,13 @@ from periphery_core.generate.engine import (
 from periphery_core.generate.stateful import StatefulStage, make_stateful, stage_state
 from periphery_core.model import load_model
 from periphery_core.model.analysis import analyze
+from periphery_core.model.loading import LoadedModel
 from periphery_core.partition.extract import extract_shards
 from periphery_core.partition.planner import make_plan
 from periphery_core.runtime.chain import StageRunner
 from tests.conftest import MODELS, require_shared
 from tests.test_cli import ok
+from tests.waiting import wait_for
 
 SMOLLM = MODELS / "smollm2-135m-instruct-int4"
 GPT2 = MODELS / "tiny-random-gpt2-past.onnx"
@@ -46,7 +48,7 @@ PROMPTS = [
 
 
 @contextlib.contextmanager
-def _deployed(loaded, spec, k: int, recover: bool = False):  # type: ignore[no-untyped-def]
+def _deployed(loaded, spec, k: int, recover: bool = False):
     """K local node processes with the decoder deployed as stateful stages."""
     with LocalCluster(k) as cluster, Master(keys=cluster.master_keys) as master:
         handles = [master.connect(a) for a in cluster.addresses]
@@ -59,16 +61,16 @@ def _deployed(loaded, spec, k: int, recover: bool = False):  # type: ignore[no-u
             pipeline.close()
 
 
-def _smollm():  # type: ignore[no-untyped-def]
-    """SmolLM2 (from ../shared) and its decoder layout."""
+def _decoder(path: Path) -> tuple[LoadedModel, DecoderSpec]:
+    """A decoder from ../shared (SMOLLM, GPT2) and its layout."""
     require_shared()
-    loaded = load_model(SMOLLM)
+    loaded = load_model(path)
     spec = recognize(loaded)
     assert spec is not None
     return loaded, spec
 
 
-def _greedy(step, spec, ids: list[int], n: int) -> list[int]:  # type: ignore[no-untyped-def]
+def _greedy(step, spec, ids: list[int], n: int) -> list[int]:
     return generate(step, spec, ids, Sampling(max_new_tokens=n)).ids
 
 
@@ -105,10 +107,7 @@ def test_decoders_are_recognised() -> None:
 
 @pytest.mark.parametrize(("path", "k"), [(SMOLLM, 3), (GPT2, 2)], ids=["smollm2", "gpt2"])
 def test_stateful_shards_keep_caches_and_match_the_whole_model(path: Path, k: int) -> None:
-    require_shared()
-    loaded = load_model(path)
-    spec = recognize(loaded)
-    assert spec is not None
+    loaded, spec = _decoder(path)
     analysis = analyze(loaded)
     shards = make_stateful(extract_shards(loaded, analysis, make_plan(analysis, k)), spec)
     pasts = {s.past for s in spec.slots} | {s.present for s in spec.slots}
@@ -123,7 +122,7 @@ def test_stateful_shards_keep_caches_and_match_the_whole_model(path: Path, k: in
         stages.append(stage)
     assert sum(len(s.state.slots) for s in stages) == len(spec.slots)
 
-    def chain_step(ids: np.ndarray, seq: int, pos: int):  # type: ignore[no-untyped-def]
+    def chain_step(ids: np.ndarray, seq: int, pos: int):
         values = {spec.input_ids: ids}
         for stage in stages:
             values = stage.run(values, seq, pos, int(ids.shape[1]))
@@ -139,10 +138,7 @@ def test_stateful_shards_keep_caches_and_match_the_whole_model(path: Path, k: in
 
 
 def test_a_full_cache_budget_is_a_busy_error_not_a_crash() -> None:
-    require_shared()
-    loaded = load_model(GPT2)
-    spec = recognize(loaded)
-    assert spec is not None
+    loaded, spec = _decoder(GPT2)
     (shard,) = make_stateful(extract_shards(loaded, analyze(loaded),
                                             make_plan(analyze(loaded), 1)), spec)
     state = stage_state(shard)
@@ -160,8 +156,7 @@ def test_a_full_cache_budget_is_a_busy_error_not_a_crash() -> None:
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_generation_over_node_processes_is_token_identical(k: int) -> None:
-    require_shared()
-    loaded, spec = _smollm()
+    loaded, spec = _decoder(SMOLLM)
     codec = TextCodec(spec.folder)
     prompts = [codec.encode(codec.prompt(p)) for p in PROMPTS]
     expected = _genai_greedy(SMOLLM, prompts, 32, spec.eos_ids)
@@ -176,8 +171,7 @@ def test_generation_over_node_processes_is_token_identical(k: int) -> None:
 
 
 def test_bytes_per_hop_do_not_grow_with_the_context() -> None:
-    require_shared()
-    loaded, spec = _smollm()
+    loaded, spec = _decoder(SMOLLM)
     short = list(range(100, 116))
     long = list(range(100, 612))
     with _deployed(loaded, spec, 3) as (_, _, pipeline):
@@ -194,8 +188,7 @@ def test_bytes_per_hop_do_not_grow_with_the_context() -> None:
 
 
 def test_generate_cli_streams_and_reports(tmp_path: Path) -> None:
-    require_shared()
-    loaded, spec = _smollm()
+    loaded, spec = _decoder(SMOLLM)
     codec = TextCodec(spec.folder)
     prompt = "What is the capital of France?"
     expected = _greedy(whole_model_step(loaded, spec), spec,
@@ -219,47 +212,41 @@ def test_a_node_lost_mid_generation_costs_no_sequence() -> None:
     """8 sequences at once over 3 node processes; one node SIGKILLed mid-generation. The
     pipeline re-plans onto the 2 survivors, each sequence's caches are rebuilt, and every
     sequence ends exactly as an undisturbed run does."""
-    require_shared()
     import threading
-    import time
 
     from periphery_core.cluster import events as ev
 
-    loaded, spec = _smollm()
+    loaded, spec = _decoder(SMOLLM)
     codec = TextCodec(spec.folder)
     prompts = [codec.encode(codec.prompt(p)) for p in PROMPTS[:8]]
     n = 48
     expected = _genai_greedy(SMOLLM, prompts, n, spec.eos_ids)
     results: list[object] = [None] * len(prompts)
-    with LocalCluster(3) as cluster, Master(keys=cluster.master_keys) as master:
-        handles = [master.connect(a) for a in cluster.addresses]
+    with _deployed(loaded, spec, 3, recover=True) as (cluster, master, pipeline):
         lost: list[ev.NodeLost] = []
         master.bus.subscribe(lambda e: lost.append(e) if isinstance(e, ev.NodeLost) else None)
-        pipeline = Pipeline(master, loaded, analyze(loaded), k=3, exact=False, decoder=spec)
-        try:
-            pipeline.deploy([h.node_id for h in handles])
-            step = pipeline_step(pipeline, spec)
+        step = pipeline_step(pipeline, spec)
 
-            def run(i: int) -> None:
-                try:
-                    results[i] = generate(step, spec, prompts[i], Sampling(max_new_tokens=n),
-                                          release=step.release)
-                except Exception as exc:  # recorded, asserted below
-                    results[i] = exc
+        def run(i: int) -> None:
+            try:
+                results[i] = generate(step, spec, prompts[i], Sampling(max_new_tokens=n),
+                                      release=step.release)
+            except Exception as exc:  # recorded, asserted below
+                results[i] = exc
 
-            threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-            for t in threads:
-                t.start()
-            time.sleep(0.8)
-            cluster.kill(1)
-            for t in threads:
-                t.join(timeout=180)
-            assert not any(t.is_alive() for t in threads)
-            assert pipeline.failed is None and len(pipeline.recoveries) == 1
-            assert pipeline.recoveries[0].stages == 2 and lost
-            assert step.mean_batch > 1.2  # the sequences' decode steps shared runs
-        finally:
-            pipeline.close()
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        # mid-generation: the prompts are in and batched decode steps are running (each
+        # sequence has 48 tokens to go, so most are still far from done)
+        wait_for(lambda: step.batches >= 2, 120, "batched decode steps to start")
+        cluster.kill(1)
+        for t in threads:
+            t.join(timeout=180)
+        assert not any(t.is_alive() for t in threads)
+        assert pipeline.failed is None and len(pipeline.recoveries) == 1
+        assert pipeline.recoveries[0].stages == 2 and lost
+        assert step.mean_batch > 1.2  # the sequences' decode steps shared runs
     failed = [r for r in results if isinstance(r, Exception)]
     assert not failed, failed
     got = [r.ids for r in results]  # type: ignore[attr-defined]
@@ -268,44 +255,28 @@ def test_a_node_lost_mid_generation_costs_no_sequence() -> None:
 
 
 def test_nodes_report_the_caches_they_hold_and_free_them_on_release() -> None:
-    require_shared()
-    import time
-
     from periphery_core.cluster import events as ev
 
-    loaded = load_model(GPT2)
-    spec = recognize(loaded)
-    assert spec is not None
+    loaded, spec = _decoder(GPT2)
     held: dict[str, tuple[int | None, int | None]] = {}
-    with LocalCluster(2) as cluster, Master(keys=cluster.master_keys) as master:
-        handles = [master.connect(a) for a in cluster.addresses]
+    with _deployed(loaded, spec, 2) as (_, master, pipeline):
         master.bus.subscribe(lambda e: held.__setitem__(e.node_id, (e.kv_bytes, e.sequences))
                              if isinstance(e, ev.NodeStats) else None)
-        pipeline = Pipeline(master, loaded, analyze(loaded), k=2, decoder=spec, recover=False)
-        try:
-            pipeline.deploy([h.node_id for h in handles])
-            step = pipeline_step(pipeline, spec)
-            prompt = [5, 17, 300, 42]
-            ended: list[int] = []  # the sequence ends, but its caches are not released yet
-            result = generate(step, spec, prompt, Sampling(max_new_tokens=6),
-                              release=ended.append)
-            cached = (len(prompt) + result.new_tokens - 1) * spec.cache_bytes_per_token()
+        step = pipeline_step(pipeline, spec)
+        prompt = [5, 17, 300, 42]
+        ended: list[int] = []  # the sequence ends, but its caches are not released yet
+        result = generate(step, spec, prompt, Sampling(max_new_tokens=6), release=ended.append)
+        cached = (len(prompt) + result.new_tokens - 1) * spec.cache_bytes_per_token()
 
-            def total() -> tuple[int, int]:
-                return (sum(kv or 0 for kv, _ in held.values()),
-                        max((n or 0 for _, n in held.values()), default=0))
+        def total() -> tuple[int, int]:
+            return (sum(kv or 0 for kv, _ in held.values()),
+                    max((n or 0 for _, n in held.values()), default=0))
 
-            deadline = time.time() + 10
-            while total() != (cached, 1) and time.time() < deadline:
-                time.sleep(0.1)
-            assert total() == (cached, 1)
-            master.release_sequences(ended)
-            deadline = time.time() + 10
-            while total() != (0, 0) and time.time() < deadline:
-                time.sleep(0.1)
-            assert total() == (0, 0)
-        finally:
-            pipeline.close()
+        wait_for(lambda: total() == (cached, 1), 10,
+                 lambda: f"the stats to show one sequence's {cached} cache bytes: {total()}")
+        master.release_sequences(ended)
+        wait_for(lambda: total() == (0, 0), 10,
+                 lambda: f"the stats to show the caches freed: {total()}")
 
 
 def test_the_planner_counts_each_stage_s_caches_and_sends_none() -> None:
@@ -313,7 +284,7 @@ def test_the_planner_counts_each_stage_s_caches_and_sends_none() -> None:
     from periphery_core.errors import PlanError
     from periphery_core.partition.plan import DeviceSpec
 
-    loaded, spec = _smollm()
+    loaded, spec = _decoder(SMOLLM)
     analysis = analyze(loaded)
     plain = make_plan(analysis, 2)
     state = spec.state_bytes(1024, 4)
@@ -334,9 +305,7 @@ def test_sampling_is_seeded_and_chunked_prefill_matches_one_step() -> None:
     require_shared()
     from periphery_core.generate.engine import pick
 
-    loaded = load_model(GPT2)
-    spec = recognize(loaded)
-    assert spec is not None
+    loaded, spec = _decoder(GPT2)
     step = whole_model_step(loaded, spec, exact=True)
     prompt = [5, 17, 300, 42, 7, 99, 512, 3, 8, 64, 21]
     whole = generate(step, spec, prompt, Sampling(max_new_tokens=12)).ids
@@ -358,7 +327,7 @@ def test_hugging_face_cache_names_are_recognised(tmp_path: Path) -> None:
     import onnx
     from onnx import TensorProto, helper
 
-    def vi(name: str, dtype: int, dims: list) -> onnx.ValueInfoProto:  # type: ignore[type-arg]
+    def vi(name: str, dtype: int, dims: list) -> onnx.ValueInfoProto:
         return helper.make_tensor_value_info(name, dtype, dims)
 
     cache = ["batch_size", 2, "past_sequence_length", 4]

@@ -35,10 +35,10 @@ from periphery_core.runtime.chain import StageRunner
 from periphery_core.runtime.session import SessionConfig
 from tests.conftest import require_shared
 from tests.test_cli import assert_bad_input, cli, ok
-from tests.test_generate import GPT2, PROMPTS, SMOLLM, _deployed, _genai_greedy, _smollm
+from tests.test_generate import GPT2, PROMPTS, SMOLLM, _decoder, _deployed, _genai_greedy
 
 
-def _chain(path, k: int):  # type: ignore[no-untyped-def]
+def _chain(path, k: int):
     """The decoder at `path` split into `k` stateful stages, twice (two independent chains)."""
     require_shared()
     loaded = load_model(path)
@@ -59,14 +59,14 @@ def _chain(path, k: int):  # type: ignore[no-untyped-def]
     return spec, stages(), stages()
 
 
-def _single(stages, spec, ids, seq, pos):  # type: ignore[no-untyped-def]
+def _single(stages, spec, ids, seq, pos):
     values = {spec.input_ids: np.asarray(ids, dtype=spec.ids_dtype)}
     for stage in stages:
         values = stage.run(values, seq, pos, len(ids[0]))
     return values[spec.logits]
 
 
-def _batched(stages, spec, tokens, seqs, poss):  # type: ignore[no-untyped-def]
+def _batched(stages, spec, tokens, seqs, poss):
     values = {spec.input_ids: np.asarray([[t] for t in tokens], dtype=spec.ids_dtype)}
     for stage in stages:
         values = stage.run_batch(values, seqs, poss)
@@ -135,13 +135,13 @@ def test_batches_in_flight_in_turn_reuse_their_own_outputs() -> None:
     stage = many[0]
     run = stage.runner.run
 
-    def watched(feeds):  # type: ignore[no-untyped-def]
+    def watched(feeds):
         fed.append(dict(feeds))
         out = run(feeds)
         made.append(out)
         return out
 
-    stage.runner.run = watched  # type: ignore[method-assign]
+    stage.runner.run = watched
     turns = [[1, 2], [3, 4]] * 3
     for seqs in turns:
         single = [_single(one, spec, [[last[s]]], s, pos[s])[0, -1] for s in seqs]
@@ -181,7 +181,7 @@ def test_concurrent_sequences_share_batched_steps_over_node_processes() -> None:
     """4 sequences at once over 2 node processes: their decode steps travel batched (more
     than one sequence per step on average) and every sequence's greedy tokens are exactly
     onnxruntime-genai's."""
-    loaded, spec = _smollm()
+    loaded, spec = _decoder(SMOLLM)
     codec = TextCodec(spec.folder)
     prompts = [codec.encode(codec.prompt(p)) for p in PROMPTS[:4]]
     expected = _genai_greedy(SMOLLM, prompts, 24, spec.eos_ids)
@@ -211,7 +211,7 @@ def test_a_decoder_is_planned_on_measured_decode_costs() -> None:
     made SmolLM2's compute look cheap next to the logits the last stage sends, and the plan
     left that stage no layer at all; planned on a measured decode step, K = 2 gives each stage
     a fair share of the 30 layers and says its costs are measured."""
-    loaded, spec = _smollm()
+    loaded, spec = _decoder(SMOLLM)
     nodes = [DeviceSpec(name=f"node{i}", speed=20.0, bandwidth=1.25e8) for i in range(2)]
     plan = plan_model(loaded, analyze(loaded), 2, devices=nodes, decoder=spec)
     assert plan.cost_basis == "profile"
@@ -222,10 +222,10 @@ def test_a_decoder_is_planned_on_measured_decode_costs() -> None:
     assert slow <= 1.5 * fast
 
 
-def test_generate_cli_runs_several_prompts_at_once(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_generate_cli_runs_several_prompts_at_once(tmp_path) -> None:
     """The user's path: `periphery generate` with several prompts over 2 local node processes
     gives each prompt the tokens it gets alone, with steps shared between them."""
-    _, spec = _smollm()
+    _, spec = _decoder(SMOLLM)
     codec = TextCodec(spec.folder)
     asked = PROMPTS[:3]
     expected = _genai_greedy(SMOLLM, [codec.encode(codec.prompt(p)) for p in asked], 12,
@@ -254,7 +254,7 @@ def test_a_greedy_step_brings_home_the_token_not_the_logits() -> None:
     best = stage.run({spec.input_ids: ids}, seq=2, pos=0, new=4, greedy=True)
     assert spec.logits not in best
     assert best[greedy_name(spec.logits)].tolist() == [int(full[0, -1].argmax())]
-    loaded, spec = _smollm()
+    loaded, spec = _decoder(SMOLLM)
     codec = TextCodec(spec.folder)
     prompt = codec.encode(codec.prompt(PROMPTS[0]))
     with _deployed(loaded, spec, 2) as (_, _, pipeline):

@@ -8,6 +8,7 @@ addresses this test creates.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -15,7 +16,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from onnx import TensorProto, helper
 from periphery_core.cluster.keys import init_cluster_keys, load_keyring
 from periphery_core.cluster.master import Master
 from periphery_core.discovery import NodeAddress
+from tests.streaming import mlp_workload, stream
 
 CANARY = b"PERIPHERY-PLAINTEXT-CANARY-0123456789abcdef"  # ASCII: positive float32 words, no NaN
 
@@ -61,7 +62,12 @@ def veth():
 
 
 class Capture:
-    """Every frame seen on one interface, read with a raw AF_PACKET socket."""
+    """Every frame seen on one interface, read with a raw AF_PACKET socket.
+
+    The socket is bound before the constructor returns, so every frame that crosses the
+    interface after that is queued on it; `stop` reads what is still queued, so nothing needs
+    a pause to be seen.
+    """
 
     def __init__(self, interface: str) -> None:
         self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(0x0003))
@@ -82,6 +88,11 @@ class Capture:
     def stop(self) -> bytes:
         self._stop.set()
         self._thread.join(2)
+        assert not self._thread.is_alive(), "the capture thread did not stop"
+        self.sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                self.data += self.sock.recv(65536)
         self.sock.close()
         return bytes(self.data)
 
@@ -125,9 +136,8 @@ def test_no_plaintext_tensor_bytes_on_the_wire(veth, tmp_path: Path, secure: boo
             handle = master.connect(address, timeout=10)
             master.deploy([model.read_bytes()], [handle.node_id])
             capture = Capture(host_if)
-            time.sleep(0.2)
+            # the result is back: the request and its reply have both crossed the veth
             result = master.submit({"x": payload}).result(timeout=30)
-            time.sleep(0.3)
             seen = capture.stop()
             capture = None
     finally:
@@ -188,12 +198,6 @@ def test_a_link_down_mid_stream_costs_no_request_and_the_node_rejoins(
 ) -> None:
     from periphery_core.cluster import events as ev
     from periphery_core.cluster.pipeline import Pipeline
-    from periphery_core.model import load_model
-    from periphery_core.model.analysis import analyze
-    from periphery_core.partition.verify import bit_identical
-    from periphery_core.runtime.chain import LocalChain
-    from periphery_core.runtime.session import SessionConfig
-    from tests.test_recovery import LAYERS, WIDTH, _mlp
 
     master_ip, hosts = bridged_hosts
     names = [f"node{i}" for i in range(3)]
@@ -207,13 +211,7 @@ def test_a_link_down_mid_stream_costs_no_request_and_the_node_rejoins(
             key = load_keyring(keys[i + 1]).public.decode()
             addresses.append(NodeAddress(names[i], names[i], ip, int(port), {"key": key},
                                          "static"))
-        path = _mlp(tmp_path / "mlp.onnx")
-        loaded = load_model(path)
-        analysis = analyze(loaded)
-        rng = np.random.default_rng(2)
-        pool = [{"x": rng.standard_normal((8, WIDTH)).astype(np.float32)} for _ in range(10)]
-        whole = LocalChain([loaded.proto], SessionConfig(exact=True, threads=1))
-        expected = [whole.run(f)[f"h{LAYERS - 1}"] for f in pool]
+        work = mlp_workload(tmp_path, seed=2, inputs=10)
         with Master(host=master_ip, keys=load_keyring(keys[0])) as master:
             handles = [master.connect(a, timeout=10) for a in addresses]
             rejoined = threading.Event()
@@ -226,16 +224,14 @@ def test_a_link_down_mid_stream_costs_no_request_and_the_node_rejoins(
                     rejoined.set()
 
             master.bus.subscribe(watch)
-            pipeline = Pipeline(master, loaded, analysis, k=3)
+            pipeline = Pipeline(master, work.loaded, work.analysis, k=3)
             pipeline.deploy([h.node_id for h in handles])
-            futures, results = [], []
-            for i in range(300):
+
+            def cut_node1(i: int) -> None:
                 if i == 100:
-                    _run("ip", "link", "set", hosts[1][1], "down")  # cut node1 off
-                if len(futures) >= 12:
-                    results.append(futures.pop(0).result(timeout=60))
-                futures.append(pipeline.submit(pool[i % len(pool)]))
-            results += [f.result(timeout=60) for f in futures]
+                    _run("ip", "link", "set", hosts[1][1], "down")
+
+            results = stream(pipeline, work.pool, 300, 12, cut_node1)
             assert lost.is_set() and len(pipeline.recoveries) == 1
             rec = pipeline.recoveries[0]
             print(f"\nlink down: serving again {rec.recovered_s:.2f} s after the loss was "
@@ -244,8 +240,7 @@ def test_a_link_down_mid_stream_costs_no_request_and_the_node_rejoins(
             assert rejoined.wait(20), "node1 did not rejoin after its link came back"
             pipeline.close()
         assert len(results) == 300
-        for i, got in enumerate(results):
-            assert bit_identical(expected[i % len(pool)], got[f"h{LAYERS - 1}"]), f"request {i}"
+        work.assert_matches(results)
     finally:
         for proc in procs:
             proc.terminate()

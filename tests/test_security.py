@@ -22,7 +22,7 @@ from periphery_core.cluster.master import Master
 from periphery_core.cluster.shard_policy import ShardRefused, require_self_contained
 from periphery_core.errors import ClusterError
 from periphery_core.wire import decode, encode
-from tests.test_recovery import _mlp
+from tests.streaming import save_mlp
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
@@ -54,7 +54,7 @@ def test_a_shard_reading_a_file_next_to_the_node_is_refused() -> None:
         with pytest.raises(ClusterError, match="external data"):
             master.deploy([_reader_shard("secret.bin", len(secret))], [handle.node_id])
         # the node keeps serving: a self-contained shard deploys and runs
-        model = _mlp(cwd / "mlp.onnx")
+        model = save_mlp(cwd / "mlp.onnx")
         master.deploy([model.read_bytes()], [handle.node_id])
         x = np.ones((8, 256), np.float32)
         assert master.submit({"x": x}).result(timeout=30)["h11"].shape == (8, 256)
@@ -117,7 +117,7 @@ def test_a_deploy_naming_an_untrusted_next_stage_is_refused() -> None:
             sock.setsockopt(zmq.LINGER, 0)
             a = local.addresses[0]
             sock.connect(f"tcp://{a.host}:{a.port}")
-            shard = _mlp(Path(local.keys_dir) / "mlp.onnx").read_bytes()
+            shard = save_mlp(Path(local.keys_dir) / "mlp.onnx").read_bytes()
             sock.send_multipart(encode("deploy_begin", {
                 "stage": 0, "stages": 1, "sha256": "0" * 64, "size": len(shard), "inputs": [],
                 "outputs": [], "next": "tcp://127.0.0.1:9", "results": "tcp://127.0.0.1:8",
@@ -132,7 +132,7 @@ def test_a_deploy_naming_an_untrusted_next_stage_is_refused() -> None:
 
 
 def test_run_skips_an_unreachable_candidate_and_completes_on_the_others(tmp_path: Path) -> None:
-    model = _mlp(tmp_path / "mlp.onnx")
+    model = save_mlp(tmp_path / "mlp.onnx")
     plan = tmp_path / "plan.json"
     cli = [sys.executable, "-m", "periphery_core.cli.main"]
     subprocess.run([*cli, "plan", model, "--shards", "2", "-o", plan], check=True, env=ENV,
@@ -155,7 +155,7 @@ def test_an_output_path_that_cannot_be_written_is_one_line(tmp_path: Path,
                                                            command: list[str]) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    model = _mlp(tmp_path / "mlp.onnx")
+    model = save_mlp(tmp_path / "mlp.onnx")
     args = [a.replace("{f}", str(blocker)) for a in command]
     out = subprocess.run([sys.executable, "-m", "periphery_core.cli.main", args[0], str(model),
                           *args[1:]], capture_output=True, text=True, env=ENV, cwd=tmp_path)

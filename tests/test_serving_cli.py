@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.test_recovery import _mlp
+from tests.streaming import save_mlp
 from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def _completed(port: int) -> float:
 
 def test_run_recovers_from_a_node_killed_mid_stream(tmp_path: Path, cluster_up) -> None:
     cluster, peers, keys = cluster_up
-    model = _mlp(tmp_path / "mlp.onnx")
+    model = save_mlp(tmp_path / "mlp.onnx")
     plan = tmp_path / "plan.json"
     subprocess.run(_cli("plan", model, "--shards", 3, "-o", plan), check=True, env=ENV,
                    capture_output=True, cwd=tmp_path)
@@ -135,7 +135,7 @@ def test_run_recovers_from_a_node_killed_mid_stream(tmp_path: Path, cluster_up) 
 
 
 def test_run_with_no_node_left_is_one_clear_line(tmp_path: Path) -> None:
-    model = _mlp(tmp_path / "mlp.onnx")
+    model = save_mlp(tmp_path / "mlp.onnx")
     plan = tmp_path / "plan.json"
     subprocess.run(_cli("plan", model, "--shards", 1, "-o", plan), check=True, env=ENV,
                    capture_output=True, cwd=tmp_path)

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import lru_cache
 from pathlib import Path
 
 import onnx
 import pytest
+
+from periphery_core.model import load_model
+from periphery_core.model.analysis import ModelAnalysis, analyze
+from periphery_core.model.loading import LoadedModel
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -38,6 +43,14 @@ CORPUS_SHAPES: dict[str, dict[str, tuple[int, ...]]] = {
 def corpus_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
     """The input shapes a corpus model is tested with (None: its defaults)."""
     return CORPUS_SHAPES.get(path.name) or CORPUS_SHAPES.get(f"{path.parent.name}/{path.name}")
+
+
+@lru_cache(maxsize=2)
+def load_analyzed(path: Path) -> tuple[LoadedModel, ModelAnalysis]:
+    """A model loaded and analysed at the shapes it is tested with. The last two are kept:
+    tests work through one model at a time, and analysing a large one takes seconds."""
+    loaded = load_model(path)
+    return loaded, analyze(loaded, corpus_shapes(path))
 
 
 def corpus_models() -> list[Path]:

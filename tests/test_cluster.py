@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +18,6 @@ from periphery_core.cluster import events as ev
 from periphery_core.cluster.local import LocalCluster
 from periphery_core.cluster.master import ClusterError, Master, NodeHandle, RequestFailed
 from periphery_core.cluster.node import MASTER_LOST_S
-from periphery_core.model import load_model
-from periphery_core.model.analysis import ModelAnalysis, analyze
-from periphery_core.model.loading import LoadedModel
 from periphery_core.partition.extract import extract_shards
 from periphery_core.partition.planner import make_plan
 from periphery_core.partition.verify import bit_identical
@@ -30,7 +26,7 @@ from periphery_core.runtime.feeds import random_feeds
 from periphery_core.runtime.session import SessionConfig
 from periphery_core.wire import decode, encode
 from periphery_core.wire.codec import Frame
-from tests.conftest import ROOT, corpus_models, corpus_shapes, require_shared
+from tests.conftest import ROOT, corpus_models, load_analyzed, require_shared
 from tests.waiting import wait_for
 
 DEMO = ROOT / "assets" / "demo-resnet.onnx"
@@ -60,14 +56,8 @@ def _socket(local: LocalCluster, kind: int, handle: NodeHandle, data: bool = Fal
     return sock
 
 
-@lru_cache(maxsize=2)
-def _prepared(path: Path) -> tuple[LoadedModel, ModelAnalysis]:
-    loaded = load_model(path)
-    return loaded, analyze(loaded, corpus_shapes(path))
-
-
 def _deploy(master: Master, handles: list[NodeHandle], path: Path, k: int) -> LocalChain:
-    loaded, analysis = _prepared(path)
+    loaded, analysis = load_analyzed(path)
     plan = make_plan(analysis, min(k, len(analysis.nodes)))
     shards = extract_shards(loaded, analysis, plan)
     master.deploy([s.SerializeToString() for s in shards],
@@ -92,7 +82,7 @@ def test_cluster_equals_local_chain(cluster, path: Path, k: int) -> None:
     require_shared()
     _, master, handles = cluster
     chain = _deploy(master, handles, path, k)
-    analysis = _prepared(path)[1]
+    analysis = load_analyzed(path)[1]
     futures = [(seed, master.submit(random_feeds(analysis.inputs, seed))) for seed in (0, 1, 2)]
     for seed, future in futures:
         feeds = random_feeds(analysis.inputs, seed)
@@ -106,7 +96,7 @@ def test_many_in_flight_come_back_in_order_with_timings(cluster) -> None:
     unsubscribe = master.bus.subscribe(
         lambda e: done.append(e) if isinstance(e, ev.RequestCompleted) else None)
     try:
-        requests = [random_feeds(_prepared(DEMO)[1].inputs, seed) for seed in range(12)]
+        requests = [random_feeds(load_analyzed(DEMO)[1].inputs, seed) for seed in range(12)]
         futures = [master.submit(r) for r in requests]  # all 12 in flight at once
         results = [f.result(timeout=120) for f in futures]
     finally:
@@ -141,7 +131,7 @@ def test_hostile_frames_are_dropped_and_the_node_keeps_serving(cluster) -> None:
     assert reply.kind == "error" and "rejected" in reply.fields["reason"]
     data.close()
     control.close()
-    feeds = random_feeds(_prepared(DEMO)[1].inputs, 5)
+    feeds = random_feeds(load_analyzed(DEMO)[1].inputs, 5)
     _assert_same(chain.run(feeds), master.submit(feeds).result(timeout=60), "after garbage")
     assert all(n.process.poll() is None for n in local.nodes)
 
@@ -173,7 +163,7 @@ def test_a_killed_node_is_reported_lost_and_its_requests_fail() -> None:
         _deploy(master, handles, DEMO, 2)
         local.kill(1)
         t_kill = time.time()
-        future = master.submit(random_feeds(_prepared(DEMO)[1].inputs, 0))
+        future = master.submit(random_feeds(load_analyzed(DEMO)[1].inputs, 0))
         assert lost.wait(15), "the killed node was never reported lost"
         print(f"lost node detected after {time.time() - t_kill:.2f} s")
         with pytest.raises(RequestFailed):
@@ -263,7 +253,7 @@ def test_a_node_stopped_with_queued_requests_fails_them_explicitly() -> None:
     with LocalCluster(2) as local, local.master() as master:
         handles = _handles(local, master)
         _deploy(master, handles, DEMO, 2)
-        inputs = _prepared(DEMO)[1].inputs
+        inputs = load_analyzed(DEMO)[1].inputs
         futures = [master.submit(random_feeds(inputs, i)) for i in range(12)]
         local.nodes[1].process.terminate()  # SIGTERM: a clean shutdown
         outcomes = []
@@ -290,7 +280,7 @@ def test_metrics_endpoint_serves_the_folded_state(cluster) -> None:
     tracker = StateTracker(master.bus)
     server = MetricsServer(tracker, 0)
     try:
-        inputs = _prepared(DEMO)[1].inputs
+        inputs = load_analyzed(DEMO)[1].inputs
         for f in [master.submit(random_feeds(inputs, i)) for i in range(4)]:
             f.result(timeout=120)
         with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=10) as r:
@@ -340,7 +330,7 @@ def test_submitting_past_the_limit_is_a_clear_busy_error(cluster) -> None:
     with local.master(max_pending=3) as master:
         handles = _handles(local, master)
         _deploy(master, handles, DEMO, 2)
-        feeds = random_feeds(_prepared(DEMO)[1].inputs, 0)
+        feeds = random_feeds(load_analyzed(DEMO)[1].inputs, 0)
         futures = [master.submit(feeds) for _ in range(3)]
         with pytest.raises(ClusterBusy, match="busy"):
             master.submit(feeds)
@@ -396,7 +386,7 @@ def test_ten_thousand_hostile_messages_leave_the_node_serving_with_bounded_memor
         control.send_multipart(hostile(i))
     # the node keeps serving: a valid request through the pipeline is still right (one sent
     # while the node still works through the flood may fail; a later one must not)
-    feeds = random_feeds(_prepared(DEMO)[1].inputs, 9)
+    feeds = random_feeds(load_analyzed(DEMO)[1].inputs, 9)
 
     def served() -> dict[str, np.ndarray] | None:
         try:
@@ -416,7 +406,7 @@ def test_ten_thousand_hostile_messages_leave_the_node_serving_with_bounded_memor
 
 def test_a_restarted_master_keeps_the_shards_nodes_hold(tmp_path: Path) -> None:
     with LocalCluster(2, log_dir=tmp_path) as local:
-        loaded, analysis = _prepared(DEMO)
+        loaded, analysis = load_analyzed(DEMO)
         plan = make_plan(analysis, 2)
         shards = extract_shards(loaded, analysis, plan)
         blobs = [s.SerializeToString() for s in shards]

@@ -2,31 +2,21 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 
 import pytest
 
-from periphery_core.model import load_model
-from periphery_core.model.analysis import ModelAnalysis, analyze
-from periphery_core.model.loading import LoadedModel
 from periphery_core.partition.extract import extract_shards
 from periphery_core.partition.planner import make_plan
 from periphery_core.partition.verify import verify_chain
 from periphery_core.runtime.feeds import random_feeds
-from tests.conftest import corpus_models, corpus_shapes, light_models, require_shared
+from tests.conftest import corpus_models, light_models, load_analyzed, require_shared
 
 KS = (2, 3, 4, 8)
 
 
-@lru_cache(maxsize=2)
-def _prepared(path: Path) -> tuple[LoadedModel, ModelAnalysis]:
-    loaded = load_model(path)
-    return loaded, analyze(loaded, corpus_shapes(path))
-
-
 def _check(path: Path, k: int, strategy: str = "balanced") -> None:
-    loaded, analysis = _prepared(path)
+    loaded, analysis = load_analyzed(path)
     k = min(k, len(analysis.nodes))
     plan = make_plan(analysis, k, strategy=strategy)
     shards = extract_shards(loaded, analysis, plan)

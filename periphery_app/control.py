@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from periphery_core.cluster.handles import NodeHandle
 from periphery_core.cluster.keys import KeyRing, keyring_or_insecure
 from periphery_core.cluster.local import LocalCluster
-from periphery_core.cluster.master import Master, NodeHandle
+from periphery_core.cluster.master import Master
 from periphery_core.cluster.pipeline import Pipeline
 from periphery_core.cluster.tracker import StateTracker
 from periphery_core.discovery import NodeAddress

@@ -15,9 +15,11 @@ import pytest
 import zmq
 
 from periphery_core.cluster import events as ev
+from periphery_core.cluster.handles import NodeHandle
 from periphery_core.cluster.local import LocalCluster
-from periphery_core.cluster.master import ClusterError, Master, NodeHandle, RequestFailed
+from periphery_core.cluster.master import Master
 from periphery_core.cluster.node import MASTER_LOST_S
+from periphery_core.errors import ClusterError, RequestFailed
 from periphery_core.partition.extract import extract_shards
 from periphery_core.partition.planner import make_plan
 from periphery_core.partition.verify import bit_identical
@@ -325,7 +327,7 @@ def test_a_master_without_keys_cannot_reach_secure_nodes(cluster) -> None:
 
 def test_submitting_past_the_limit_is_a_clear_busy_error(cluster) -> None:
     local, _, _ = cluster
-    from periphery_core.cluster.master import ClusterBusy
+    from periphery_core.errors import ClusterBusy
 
     with local.master(max_pending=3) as master:
         handles = _handles(local, master)

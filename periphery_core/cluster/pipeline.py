@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from periphery_core.cluster import events as ev
-from periphery_core.cluster.master import ClusterError, Master
+from periphery_core.cluster.master import Master
+from periphery_core.errors import ClusterError
 from periphery_core.generate.decoder import DecoderSpec
 from periphery_core.generate.planning import plan_model
 from periphery_core.generate.stateful import make_stateful

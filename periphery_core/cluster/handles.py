@@ -1,0 +1,78 @@
+"""What the master knows of each node, and the two views of it others read.
+
+A `NodeHandle` is written by the master's control thread alone (from the node's hello, pongs
+and stats); other threads read it. Two things are derived from it, each in one place: the
+`NodeJoined` event (for a node's first hello and for a lost node that answers again) and the
+planner's `DeviceSpec`, whose speed is the measured one only where `speeds.planning_speeds`
+trusts the measurements: a planner fed noise plans worse than one that assumes equal nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from periphery_core.cluster import events as ev
+from periphery_core.cluster.speeds import NodeSpeed, planning_speeds
+from periphery_core.discovery import NodeAddress
+from periphery_core.partition.plan import DEFAULT_BANDWIDTH, DeviceSpec
+
+log = logging.getLogger("periphery.master")
+
+# The share of a node's free memory the planner may fill: the rest is headroom for the
+# runtime's own allocations and for whatever else the host runs.
+MEMORY_SHARE = 0.8
+
+
+@dataclass
+class NodeHandle:
+    """What the master knows of one node."""
+
+    address: NodeAddress
+    node_id: str = ""
+    name: str = ""
+    device: str = ""
+    data_endpoint: str = ""
+    cores: int = 0
+    memory: int = 0
+    free_memory: int = 0
+    speed: float | None = None  # None: not measured yet
+    rtt_s: float | None = None
+    bandwidth: float | None = None
+    last_seen: float = 0.0
+    lost: bool = False
+    stage: int | None = None
+    key: bytes | None = None  # the node's CurveZMQ public key (None: insecure)
+    holds: tuple[int, str, bool] | None = None  # (stage, sha256, exact) the node already runs
+    master_silent_s: float = 0.0  # how long the node had heard from no master, at hello
+    socket: Any = None
+    waiters: dict[str, list[Future]] = field(default_factory=dict)
+
+    def joined(self) -> ev.NodeJoined:
+        """The event that says this node is connected and usable, as it is now."""
+        a = self.address
+        return ev.NodeJoined(
+            t=time.time(), node_id=self.node_id, name=self.name, host=a.host, port=a.port,
+            device=self.device, cores=self.cores, memory_bytes=self.memory,
+            speed=self.speed, rtt_s=self.rtt_s, bandwidth=self.bandwidth)
+
+
+def device_specs(handles: Sequence[NodeHandle]) -> list[DeviceSpec]:
+    """The planner's description of `handles`, in order: speed, free memory and link.
+
+    Measured speeds only when none is unknown and identical machines agree (speeds.py); else
+    equal speeds, with the reason logged as a warning.
+    """
+    trusted = planning_speeds([NodeSpeed(h.name, h.device, h.cores, h.speed) for h in handles])
+    if trusted.warning:
+        log.warning("%s", trusted.warning)
+    return [
+        DeviceSpec(name=h.name, speed=speed,
+                   memory_bytes=int(h.free_memory * MEMORY_SHARE) if h.free_memory else None,
+                   bandwidth=h.bandwidth if h.bandwidth else DEFAULT_BANDWIDTH)
+        for h, speed in zip(handles, trusted.speeds, strict=True)
+    ]

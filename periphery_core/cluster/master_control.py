@@ -1,0 +1,368 @@
+"""The master's control thread: one DEALER socket per node, and every action taken on them.
+
+Only this thread touches a control socket, so none is shared and none needs a lock: other
+threads `put` a command (a closure) on its queue and wait on a future that the command, or a
+node's answer to it, settles. Each turn of the loop runs the queued commands, reads what the
+nodes sent, then sends heartbeats; a node silent for `lost_after_s` is declared lost, and one
+that answers again rejoins. Nothing here ever blocks on a node: a full send queue is a skipped
+beat or a retry on a later turn, so one hung node cannot stall the others.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import queue
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import zmq
+
+from periphery_core.cluster import events as ev
+from periphery_core.cluster.bus import EventBus
+from periphery_core.cluster.futures import settle
+from periphery_core.cluster.handles import NodeHandle
+from periphery_core.cluster.keys import Guard
+from periphery_core.cluster.speeds import parse_speed
+from periphery_core.discovery import NodeAddress
+from periphery_core.errors import ClusterError
+from periphery_core.wire import Limits, Message, WireError, decode, encode
+
+log = logging.getLogger("periphery.master")
+
+CHUNK_BYTES = 1 << 20
+_FROM_NODES = frozenset({"info", "pong", "ready", "error", "stats"})  # on the control socket
+_CHUNKS_PER_TURN = 4  # a few shard chunks per turn, so heartbeats flow during big uploads
+
+
+class Control:
+    """The control thread's state and commands; `run` is the thread's loop.
+
+    Args:
+        ctx, guard: The master's ZeroMQ context and its key guard (sockets are made here).
+        bus: Where node joins, losses, stats and upload progress are published.
+        limits: What a node's message may declare, checked by `decode`.
+        results_endpoint: The master's results socket, sent to nodes in hello and deploys.
+        heartbeat_s, lost_after_s: The heartbeat period and the silence that loses a node.
+        stop: Set when the master closes; ends the loop.
+        on_stage_lost: Called on this thread as ``on_stage_lost(handle, stage)`` when a node
+            that runs a stage of the current pipeline is lost.
+    """
+
+    def __init__(self, *, ctx: zmq.Context, guard: Guard, bus: EventBus, limits: Limits,
+                 results_endpoint: str, heartbeat_s: float, lost_after_s: float,
+                 stop: threading.Event,
+                 on_stage_lost: Callable[[NodeHandle, int], None]) -> None:
+        self.ctx = ctx
+        self.guard = guard
+        self.bus = bus
+        self.limits = limits
+        self.results_endpoint = results_endpoint
+        self.heartbeat_s = heartbeat_s
+        self.lost_after_s = lost_after_s
+        self._stop = stop
+        self._on_stage_lost = on_stage_lost
+        self.nodes: dict[str, NodeHandle] = {}  # by node id, once a node said hello
+        self._stage_nodes: list[str] = []  # the node ids of the deployed stages, in order
+        self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._handles_by_socket: dict[Any, NodeHandle] = {}  # owned by the control thread
+
+    def put(self, command: Callable[[], None]) -> None:
+        """Run `command` on the control thread, on its next turn."""
+        self._commands.put(command)
+
+    @staticmethod
+    def send(handle: NodeHandle, frames: list) -> bool:
+        """Send to a node without ever blocking the control thread (call it only there).
+
+        False when the node's queue is full (a hung or dead node) or its socket failed: the
+        caller decides; heartbeats just skip a beat, and silence marks the node lost.
+        """
+        try:
+            handle.socket.send_multipart(frames, zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:
+            log.debug("send to node %s failed: %s", handle.name or handle.address.host, exc)
+            return False
+
+    def fail_waiters(self, error: ClusterError) -> None:
+        """Wake whatever waits on a node (a deploy, a ping) with `error`: the master closed."""
+        for handle in list(self.nodes.values()) + list(self._handles_by_socket.values()):
+            for waiters in handle.waiters.values():
+                for f in waiters:
+                    settle(f, error)
+
+    # ------------------------------------------------------------------ connecting
+
+    def connect(self, address: NodeAddress, timeout: float) -> NodeHandle:
+        """Say hello to a node, wait for its description, measure the link, publish the join.
+
+        Raises:
+            ClusterError: the node does not answer in time.
+        """
+        reply: Future = Future()
+        # With keys, a node's public key comes from its mDNS record; a static peer's is not
+        # known, so one connection per allowed key is tried and the one that answers is kept.
+        candidates = self.guard.candidates(address.properties.get("key"))
+        tried: list[NodeHandle] = []
+
+        def start() -> None:
+            for key in candidates:
+                sock = self.guard.client(self.ctx.socket(zmq.DEALER), key, "nodes")
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.SNDHWM, 64)
+                sock.connect(f"tcp://{address.host}:{address.port}")
+                handle = NodeHandle(address=address, socket=sock, last_seen=time.time(), key=key)
+                handle.waiters.setdefault("info", []).append(reply)
+                self._handles_by_socket[sock] = handle
+                tried.append(handle)
+                self.send(handle, encode("hello", {"master": self.results_endpoint}))
+
+        def forget_others(keep: NodeHandle | None) -> None:
+            for h in tried:
+                if h is not keep:
+                    self._handles_by_socket.pop(h.socket, None)
+                    h.socket.close(linger=0)
+
+        self.put(start)
+        try:
+            handle: NodeHandle = reply.result(timeout=timeout)
+        except TimeoutError:
+            self.put(lambda: forget_others(None))
+            hint = (" and that its keys allow this master" if self.guard.secure
+                    else " (or does it need keys? this master runs --insecure)")
+            raise ClusterError(f"node {address.host}:{address.port} did not answer within "
+                               f"{timeout:.0f} s: check that periphery-node runs there{hint}"
+                               ) from None
+        self.put(lambda: forget_others(handle))
+        self._measure_link(handle)
+        self.bus.publish(handle.joined())
+        return handle
+
+    def _measure_link(self, handle: NodeHandle, probes: int = 5) -> None:
+        """Round-trip time (small pings) and bandwidth (a 1 MiB ping) to a node."""
+        small = [self._ping(handle) for _ in range(probes)]
+        big = [self._ping(handle, payload=bytes(CHUNK_BYTES)) for _ in range(3)]
+        handle.rtt_s = statistics.median(small)
+        extra = statistics.median(big) - handle.rtt_s
+        handle.bandwidth = CHUNK_BYTES / extra if extra > 0 else None
+
+    def _ping(self, handle: NodeHandle, payload: bytes | None = None) -> float:
+        reply: Future = Future()
+        t0 = time.perf_counter()
+
+        def send() -> None:
+            handle.waiters.setdefault("pong", []).append(reply)
+            if not self.send(handle, encode("ping", {"t": time.time()}, payload=payload)):
+                settle(reply, ClusterError(f"node {handle.name} takes no messages"))
+
+        self.put(send)
+        reply.result(timeout=5)
+        return time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> None:
+        """The control thread's loop, until the master stops; closes every control socket."""
+        next_beat = time.time()
+        while not self._stop.is_set():
+            try:
+                next_beat = self._turn(next_beat)
+            except Exception:  # one failing send, receive or command never ends the loop
+                log.exception("master control loop")
+                time.sleep(0.01)
+        for sock in self._handles_by_socket:
+            sock.close(linger=0)
+
+    def _turn(self, next_beat: float) -> float:
+        """One turn of the control loop: commands, then node messages, then heartbeats."""
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                command()
+            except Exception:
+                log.exception("master control command")
+        socks = list(self._handles_by_socket)
+        if not socks:
+            time.sleep(0.005)
+        else:
+            poller = zmq.Poller()
+            for s in socks:
+                poller.register(s, zmq.POLLIN)
+            for sock, _ in poller.poll(5):
+                handle = self._handles_by_socket.get(sock)
+                while handle is not None:
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    try:
+                        msg = decode(frames, self.limits)  # checks every field it reads
+                        if msg.kind not in _FROM_NODES:
+                            raise WireError(f"'{msg.kind}' is not a message nodes send")
+                    except WireError as exc:  # rejected whole: nothing of it is kept
+                        log.warning("rejected message from node %s: %s",
+                                    handle.name or handle.address.host, exc)
+                        continue
+                    try:
+                        self._on_message(handle, msg)
+                    except Exception:  # a bug with one message: drop it, read the next
+                        log.exception("message from node %s dropped", handle.name)
+        now = time.time()
+        if now >= next_beat:
+            next_beat = now + self.heartbeat_s
+            self._heartbeat(now)
+        return next_beat
+
+    def _heartbeat(self, now: float) -> None:
+        for handle in list(self._handles_by_socket.values()):
+            if not handle.node_id:
+                continue
+            if handle.lost:  # keep asking: a node that answers again can rejoin
+                self.send(handle, encode("ping", {"t": now}))
+                continue
+            if now - handle.last_seen > self.lost_after_s:
+                handle.lost = True
+                reason = f"no answer for {now - handle.last_seen:.1f} s"
+                log.warning("node %s lost: %s", handle.name, reason)
+                self.bus.publish(ev.NodeLost(t=now, node_id=handle.node_id, reason=reason))
+                for waiters in handle.waiters.values():
+                    for f in waiters:
+                        settle(f, ClusterError(f"node {handle.name} was lost"))
+                handle.waiters.clear()
+                if handle.node_id in self._stage_nodes:
+                    self._on_stage_lost(handle, self._stage_nodes.index(handle.node_id))
+                continue
+            self.send(handle, encode("ping", {"t": now}))
+
+    def _resolve(self, handle: NodeHandle, kind: str, value: Any) -> bool:
+        waiters = handle.waiters.get(kind)
+        while waiters and waiters[0].done():  # shared by several candidate connections
+            waiters.pop(0)
+        if waiters:
+            settle(waiters.pop(0), value)
+            return True
+        return False
+
+    def _on_message(self, handle: NodeHandle, msg: Message) -> None:
+        """Act on one message from a node. `decode` has checked the type and range of every
+        field read here (wire/protocol.py), so none of these conversions can fail half-way."""
+        handle.last_seen = time.time()
+        f = msg.fields
+        if handle.lost and handle.node_id and msg.kind in ("pong", "stats"):
+            handle.lost = False  # it answers again: usable by the next plan
+            log.info("node %s is back", handle.name)
+            self.bus.publish(handle.joined())
+        if msg.kind == "info":
+            handle.node_id, handle.name = str(f["node"]), str(f.get("name", f["node"]))
+            handle.device, handle.data_endpoint = str(f["device"]), str(f["data"])
+            handle.cores, handle.memory = int(f["cores"]), int(f["memory"])
+            handle.free_memory = int(f.get("free", 0) or 0)
+            held = (f.get("stage"), f.get("sha256"))
+            handle.holds = (int(held[0]), str(held[1]), bool(f.get("exact", True))) \
+                if isinstance(held[0], int) and held[0] >= 0 and held[1] else None
+            handle.master_silent_s = float(f.get("master_silent_s", 0.0) or 0.0)
+            handle.speed = parse_speed(f.get("speed"))
+            if handle.lost:
+                handle.lost = False
+            self.nodes[handle.node_id] = handle
+            self._resolve(handle, "info", handle)
+        elif msg.kind == "pong":
+            self._resolve(handle, "pong", f["t"])
+        elif msg.kind == "ready":
+            self._resolve(handle, "ready", f)
+        elif msg.kind == "error":
+            reason = str(f["reason"])
+            if not self._resolve(handle, "ready", ClusterError(f"{handle.name}: {reason}")):
+                log.warning("node %s reports: %s", handle.name, reason)
+        elif msg.kind == "stats":
+            speed = parse_speed(f.get("speed"))  # measured (again) since the node joined
+            if speed is not None and speed != handle.speed:
+                log.info("node %s speed %s -> %.2fx", handle.name,
+                         "unknown" if handle.speed is None else f"{handle.speed:.2f}x", speed)
+                handle.speed = speed
+            self.bus.publish(ev.NodeStats(
+                t=time.time(), node_id=handle.node_id, cpu_percent=float(f["cpu"]),
+                rss_bytes=int(f["rss"]), memory_percent=float(f.get("mem", 0.0)),
+                gpu_percent=None, speed=speed, kv_bytes=f.get("kv"), sequences=f.get("seqs"),
+            ))
+
+    # ------------------------------------------------------------------ deploying
+
+    def upload(self, handle: NodeHandle, stage: int, stages: int, shard: bytes, digest: str,
+               *, nxt: str, nxt_key: bytes | None, exact: bool, epoch: int) -> Future:
+        """Send one stage's shard and wiring to a node; the future resolves when it is ready.
+
+        A node that already runs this very shard (a restarted master found it) keeps it: it
+        is only rewired, nothing is uploaded again.
+        """
+        ready: Future = Future()
+        chunks = [(off, shard[off:off + CHUNK_BYTES]) for off in range(0, len(shard), CHUNK_BYTES)]
+        reuse = handle.holds == (stage, digest, exact)
+
+        def begin() -> None:
+            handle.waiters.setdefault("ready", []).append(ready)
+            if not self.send(handle, encode("deploy_begin", {
+                "stage": stage, "stages": stages, "sha256": digest, "size": len(shard),
+                "inputs": [], "outputs": [], "next": nxt, "results": self.results_endpoint,
+                "exact": exact, "epoch": epoch, "next_key": (nxt_key or b"").decode(),
+                "results_key": (self.guard.ring.public if self.guard.ring else b"").decode(),
+                "reuse": reuse,
+            })):
+                settle(ready, ClusterError(f"node {handle.name} takes no messages (is it hung?)"))
+            elif not reuse:
+                self.put(lambda: send_chunks(0))
+
+        def send_chunks(i: int) -> None:
+            if ready.done():  # the node was lost or refused: stop uploading
+                return
+            # A full queue is retried on a later turn.
+            for j in range(i, min(i + _CHUNKS_PER_TURN, len(chunks))):
+                off, data = chunks[j]
+                if not self.send(handle, encode("deploy_chunk", {"offset": off}, payload=data)):
+                    self.put(functools.partial(send_chunks, j))
+                    return
+                self.bus.publish(ev.ShardProgress(
+                    t=time.time(), node_id=handle.node_id, stage=stage,
+                    sent_bytes=off + len(data), total_bytes=len(shard)))
+            if i + _CHUNKS_PER_TURN < len(chunks):
+                self.put(lambda: send_chunks(i + _CHUNKS_PER_TURN))
+            else:
+                end()
+
+        def end() -> None:
+            if not ready.done() and not self.send(handle, encode("deploy_end", {"sha256": digest})):
+                self.put(end)
+
+        self.put(begin)
+        return ready
+
+    def record_stages(self, handles: Sequence[NodeHandle], digests: Sequence[str],
+                      exact: bool) -> None:
+        """Note which node runs which stage now that a deploy is ready (on the control thread,
+        which alone writes handles)."""
+
+        def record() -> None:
+            for i, handle in enumerate(handles):
+                handle.stage = i
+                handle.holds = (i, digests[i], exact)
+            self._stage_nodes = [h.node_id for h in handles]
+
+        self.put(record)
+
+    def send_to_stages(self, frames: list) -> None:
+        """Send `frames` to every live node that runs a stage."""
+
+        def send() -> None:
+            for handle in list(self.nodes.values()):
+                if not handle.lost and handle.stage is not None and handle.stage >= 0:
+                    self.send(handle, list(frames))
+
+        self.put(send)

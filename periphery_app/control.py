@@ -28,7 +28,7 @@ from periphery_core.cluster.master import Master
 from periphery_core.cluster.pipeline import Pipeline
 from periphery_core.cluster.tracker import StateTracker
 from periphery_core.discovery import NodeAddress
-from periphery_core.discovery.mdns import MdnsBrowser
+from periphery_core.discovery.mdns_browser import MdnsBrowser
 from periphery_core.discovery.static import parse_peer
 from periphery_core.errors import PeripheryError
 from periphery_core.generate.decoder import DecoderSpec, recognize

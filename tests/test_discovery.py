@@ -21,12 +21,9 @@ import pytest
 from zeroconf import ServiceInfo, Zeroconf
 
 from periphery_core.discovery import SERVICE_TYPE, DiscoveryError, NodeAddress
-from periphery_core.discovery.mdns import (
-    MdnsAdvertiser,
-    MdnsBrowser,
-    decode_txt,
-    instance_label,
-)
+from periphery_core.discovery.combined import discovery_for
+from periphery_core.discovery.mdns_advertiser import MdnsAdvertiser, instance_label
+from periphery_core.discovery.mdns_browser import MdnsBrowser, decode_txt
 from periphery_core.discovery.static import StaticPeers, parse_peer
 from periphery_core.errors import PeripheryError
 from tests.waiting import wait_for
@@ -118,7 +115,7 @@ def advertise() -> Iterator[Callable[..., MdnsAdvertiser]]:
 ADVERTISER_SCRIPT = textwrap.dedent(
     """
     import sys
-    from periphery_core.discovery.mdns import MdnsAdvertiser
+    from periphery_core.discovery.mdns_advertiser import MdnsAdvertiser
 
     advertiser = MdnsAdvertiser(
         node_id=sys.argv[1], name="child", port=6123, host="127.0.0.1",
@@ -256,7 +253,7 @@ def test_malformed_txt_does_not_crash_the_browser(
     advertise: Callable[..., MdnsAdvertiser],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="periphery_core.discovery.mdns")
+    caplog.set_level(logging.WARNING, logger="periphery_core.discovery.mdns_browser")
     evil_id, good_id = new_id(), new_id()
     evil = f"evil-{evil_id[:8]}"
     hostile = ServiceInfo(
@@ -371,7 +368,43 @@ def test_static_peers_nodes() -> None:
         NodeAddress("[::1]:6000", "[::1]:6000", "::1", 6000, {}, "static"),
         NodeAddress("box:7000", "box:7000", "box", 7000, {}, "static"),
     ]
+    # Every static peer is known from the outset: waiting for more returns them at once.
+    assert peers.wait_for(10, timeout=3600) == peers.nodes()
+    assert peers.wait_for(None, timeout=3600) == peers.nodes()
     peers.stop()
+
+
+def test_peers_and_mdns_together_return_once_the_wanted_nodes_are_known(
+    advertise: Callable[..., MdnsAdvertiser],
+) -> None:
+    advertise(new_id(), name="wanted")
+    found = discovery_for(["10.0.0.2:5555"], mdns=True, interfaces=LOOPBACK)
+    found.start()
+    try:
+        t0 = time.monotonic()
+        nodes = found.wait_for(2, timeout=60)
+        waited = time.monotonic() - t0
+    finally:
+        found.stop()
+    assert nodes[0].source == "static"
+    assert len(nodes) >= 2 and {n.source for n in nodes[1:]} == {"mdns"}
+    assert waited < 60, "it waited out its timeout instead of returning on the second node"
+
+
+def test_stopping_the_browser_ends_a_wait_for_whatever_turns_up() -> None:
+    browser = MdnsBrowser(interfaces=LOOPBACK)
+    browser.start()
+    returned = threading.Event()
+
+    def wait() -> None:
+        browser.wait_for(None, timeout=3600)
+        returned.set()
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    browser.stop()
+    waiter.join(timeout=WAIT)
+    assert returned.is_set(), "wait_for(None) outlived the browser it waited on"
 
 
 def test_static_peers_validate_every_spec_up_front() -> None:

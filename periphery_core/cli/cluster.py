@@ -15,6 +15,7 @@ import click
 import numpy as np
 
 from periphery_core.cli.common import F, cli, handle_errors, input_shape_option, json_option
+from periphery_core.discovery import NodeAddress
 from periphery_core.errors import PeripheryError
 
 if TYPE_CHECKING:  # imported where used: `periphery --help` stays quick
@@ -82,26 +83,17 @@ def cluster_up(nodes: int, advertise: bool, threads: int, insecure: bool) -> Non
 
 
 def _gather(peers: tuple[str, ...], mdns: bool, timeout: float, interfaces: tuple[str, ...],
-            want: int = 0):
+            want: int | None = None) -> list[NodeAddress]:
     """Static peers, then nodes found over mDNS: all found within `timeout`, or as soon as
     `want` nodes are known in all."""
-    from periphery_core.discovery.static import StaticPeers
+    from periphery_core.discovery.combined import discovery_for
 
-    addresses = list(StaticPeers(peers).nodes())
-    if mdns:
-        from periphery_core.discovery.mdns import MdnsBrowser
-
-        browser = MdnsBrowser(interfaces=list(interfaces) or None)
-        browser.start()
-        try:
-            if want:
-                addresses += browser.wait_for(max(0, want - len(addresses)), timeout)
-            else:
-                time.sleep(timeout)
-                addresses += browser.nodes()
-        finally:
-            browser.stop()
-    return addresses
+    discovery = discovery_for(peers, mdns=mdns, interfaces=interfaces)
+    discovery.start()
+    try:
+        return discovery.wait_for(want, timeout)
+    finally:
+        discovery.stop()
 
 
 peer_option = click.option("--peer", "peers", multiple=True, metavar="HOST:PORT",

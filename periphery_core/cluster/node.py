@@ -143,7 +143,7 @@ class NodeDaemon:
         return int(sock.bind_to_random_port(f"tcp://{self.config.host}"))
 
     def _start_advertising(self) -> None:
-        from periphery_core.discovery.mdns import MdnsAdvertiser
+        from periphery_core.discovery.mdns_advertiser import MdnsAdvertiser
 
         self._advertiser = MdnsAdvertiser(
             node_id=self.node_id, name=self.config.name,

@@ -1,10 +1,11 @@
 """How the master finds `periphery-node` daemons: one small interface, two ways to fill it.
 
-`MdnsBrowser` (zeroconf, `discovery/mdns.py`) finds nodes that advertise themselves on the LAN;
-`StaticPeers` (`discovery/static.py`) takes nodes the user names by address, for networks where
-multicast does not pass. Both implement `Discovery`, so the master neither knows nor cares
-which one fed it. A node found here is only a candidate: the master confirms it with a hello over
-the control socket before trusting anything it advertises.
+`MdnsBrowser` (zeroconf, `discovery/mdns_browser.py`) finds nodes that advertise themselves on
+the LAN (`discovery/mdns_advertiser.py`); `StaticPeers` (`discovery/static.py`) takes nodes the
+user names by address, for networks where multicast does not pass. Both implement `Discovery`,
+and `discovery/combined.py` makes the ones a command asks for into one, so the master neither
+knows nor cares which one fed it. A node found here is only a candidate: the master confirms it
+with a hello over the control socket before trusting anything it advertises.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from typing import Protocol
 from periphery_core.errors import DiscoveryError
 
 SERVICE_TYPE = "_periphery._tcp.local."
-
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +54,15 @@ class Discovery(Protocol):
 
     def nodes(self) -> list[NodeAddress]:
         """Return a snapshot of the nodes currently known."""
+        ...
+
+    def wait_for(self, count: int | None, timeout: float) -> list[NodeAddress]:
+        """Wait until at least `count` nodes are known, `timeout` seconds pass, or discovery
+        stops, and return the nodes known then (fewer than `count` after a timeout).
+
+        ``None`` waits for whatever turns up within `timeout`. A source that knows every node
+        it will ever know from the start returns at once.
+        """
         ...
 
 

@@ -99,3 +99,7 @@ class StaticPeers:
     def nodes(self) -> list[NodeAddress]:
         """Return the peers, in the order first given."""
         return list(self._nodes)
+
+    def wait_for(self, count: int | None, timeout: float) -> list[NodeAddress]:
+        """Return the peers at once: all are known from the outset and no other will come."""
+        return self.nodes()

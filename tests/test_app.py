@@ -493,7 +493,7 @@ async def test_the_cluster_screen_says_when_the_master_stops_and_its_figures_go_
     """Two nodes connected; the master's control thread dies (injected). The screen says the
     master is not responding, and rows whose events stopped say how long they have been
     silent instead of showing `ready` as if live."""
-    from periphery_core.cluster.master import Master
+    from periphery_core.cluster.control import Control
 
     app = PeripheryApp(browse_dir=DEMO_MODEL.parent)
     try:
@@ -508,10 +508,10 @@ async def test_the_cluster_screen_says_when_the_master_stops_and_its_figures_go_
             class Fatal(BaseException):  # what the loop's per-turn guard does not catch
                 pass
 
-            def broken(self: Master, next_beat: float) -> float:
+            def broken(self: Control, next_beat: float) -> float:
                 raise Fatal("injected failure")
 
-            monkeypatch.setattr(Master, "_control_turn", broken)
+            monkeypatch.setattr(Control, "_turn", broken)
             await until(pilot, lambda: "master not responding" in
                         text_of_label(app, "#summary"), timeout=10)
             assert "injected failure" in text_of_label(app, "#summary")

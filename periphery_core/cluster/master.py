@@ -1,11 +1,11 @@
 """The master: finds nodes, deploys a plan's shards to them, and streams requests through them.
 
 `Master` is the one object the rest of the code talks to; its two threads each own their
-sockets, so no socket is shared. The control thread (`master_control.py`) owns one DEALER socket per
-node (hello, heartbeats, shard uploads, stats) and runs every control action as a command in
-its loop; the results thread (`master_data.py`) owns the PULL socket the last stage sends to, and
-`submit` sends to the first stage under a lock. What the master knows of each node is a
-`NodeHandle` (`handles.py`). Everything observable is published as typed events on an
+sockets, so no socket is shared. The control thread (`master_control.py`) owns one DEALER
+socket per node (hello, heartbeats, shard uploads, stats) and runs every control action as a
+command in its loop; the results thread (`master_data.py`) owns the PULL socket the last stage
+sends to, and `submit` sends to the first stage under a lock. What the master knows of each
+node is a `NodeHandle` (`handles.py`). Everything observable is published as typed events on an
 `EventBus` (`bus.py`; the events are in `events.py`), which the CLI and the app fold into state.
 """
 

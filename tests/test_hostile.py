@@ -23,10 +23,10 @@ import pytest
 import zmq
 
 from periphery_core.cluster import events as ev
-from periphery_core.cluster.datapath import DataPath
 from periphery_core.cluster.local import LocalCluster
 from periphery_core.cluster.master import Master
 from periphery_core.cluster.node import NodeConfig, NodeDaemon
+from periphery_core.cluster.node_data import NodeDataPath
 from periphery_core.discovery import NodeAddress
 from periphery_core.errors import ClusterError
 from periphery_core.runtime.chain import LocalChain
@@ -306,10 +306,10 @@ def test_a_node_whose_thread_dies_stops_loudly_instead_of_staying_half_alive(
         monkeypatch: pytest.MonkeyPatch) -> None:
     daemon = NodeDaemon(NodeConfig(name="doomed", advertise=False))
 
-    def data_loop(self: DataPath) -> None:
+    def data_loop(self: NodeDataPath) -> None:
         raise RuntimeError("injected fault")
 
-    monkeypatch.setattr(DataPath, "run", data_loop)
+    monkeypatch.setattr(NodeDataPath, "run", data_loop)
     raised: list[BaseException] = []
 
     def serve() -> None:

@@ -4,7 +4,7 @@ Threads, each owning its own sockets (ZeroMQ sockets are not thread-safe):
 
 - control (the caller of `serve_forever`): a ROUTER socket for the master: hello, ping,
   shard upload, shutdown. It never blocks on work: building a session runs in its own thread.
-- data (`cluster.datapath`): a PULL socket for activations, the stage in ONNX Runtime, and
+- data (`cluster.node_data`): a PULL socket for activations, the stage in ONNX Runtime, and
   PUSH sockets to the next stage (or the master) and to the master's result socket.
 - stats and calibration: the node's figures to the master, its speed measured again when idle.
 
@@ -33,8 +33,8 @@ import onnx
 import psutil
 import zmq
 
-from periphery_core.cluster.datapath import DataPath, Deployment, warm_up
 from periphery_core.cluster.keys import Guard, KeyRing
+from periphery_core.cluster.node_data import Deployment, NodeDataPath, warm_up
 from periphery_core.cluster.shard_policy import require_self_contained
 from periphery_core.cluster.speed import device_description, measure_speed
 from periphery_core.errors import ClusterError
@@ -93,7 +93,7 @@ class NodeDaemon:
         self._stopped = False
         self._outbox: queue.Queue[tuple[bytes, list[Any]]] = queue.Queue()
         self._upload: _Upload | None = None
-        self.data: DataPath | None = None  # made by `start`
+        self.data: NodeDataPath | None = None  # made by `start`
         self._master: bytes | None = None
         self._master_seen = time.time()  # last ping or hello from a master
         self._master_lost = False
@@ -122,7 +122,7 @@ class NodeDaemon:
         self.pull.setsockopt(zmq.MAXMSGSIZE, cfg.limits.max_total_bytes + (1 << 20))
         dport = self._bind(self.pull, cfg.data_port)
         self.data_endpoint = f"tcp://{cfg.host}:{dport}"
-        self.data = DataPath(self.ctx, self.guard, self.pull, cfg.limits, cfg.queue_depth,
+        self.data = NodeDataPath(self.ctx, self.guard, self.pull, cfg.limits, cfg.queue_depth,
                              self._stop)
         self._measure()  # before serving: a master's first hello already gets a speed
         for name, target in (("data", self.data.run), ("stats", self._stats_loop),

@@ -1,6 +1,6 @@
 """A node's data path: receive a request, run it on the node's stage, send its outputs on.
 
-All of it in one thread (`DataPath.run`), so a hop wakes one thread on each side: with the
+All of it in one thread (`NodeDataPath.run`), so a hop wakes one thread on each side: with the
 receiving, computing and sending in threads of their own, on a host whose cores all compute
 (pipelined sequences) every hand-off waited for a core, 0.7 ms a step at K = 2 with four
 sequences. ZeroMQ queues what arrives meanwhile; while the next stage is full the thread waits
@@ -92,7 +92,7 @@ class Deployment:
 
 
 
-class DataPath:
+class NodeDataPath:
     """A node's data socket and the stage it runs.
 
     Args:

@@ -142,6 +142,11 @@ async def show_sample_screen(pilot: Pilot, mode: str) -> None:
                     and screen.query_one(GraphView).graph_layout is not None)
     if mode == "shards":
         assert isinstance(app.screen, ShardsScreen)
-    await pilot.pause(0.2)
-    app.clear_notifications()
-    await pilot.pause(0.1)
+    await until(pilot, lambda: app.current_mode == mode and app.screen.is_mounted)
+    await clear_toasts(pilot)
+
+
+async def clear_toasts(pilot: Pilot) -> None:
+    """Dismiss every notification and let the app run until none is drawn."""
+    pilot.app.clear_notifications()
+    await until(pilot, lambda: not pilot.app.screen.query("Toast"))

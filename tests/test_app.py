@@ -84,7 +84,6 @@ async def test_the_file_picker_lists_only_onnx_files_and_opens_one(tmp_path: Pat
         await pilot.press("down", "enter")
         await until(pilot, lambda: app.opened is not None)
         assert app.opened is not None and app.opened.loaded.name == "net.onnx"
-    app.control.close()
 
 
 async def test_a_bad_file_shows_the_error_modal_and_the_app_keeps_running(tmp_path: Path) -> None:
@@ -106,7 +105,6 @@ async def test_a_bad_file_shows_the_error_modal_and_the_app_keeps_running(tmp_pa
         await until(pilot, lambda: app.opened is not None)
         await pilot.press("2")
         assert isinstance(app.screen, GraphScreen)
-    app.control.close()
 
 
 async def test_graph_screen_navigates_searches_shows_details_and_folds() -> None:
@@ -148,7 +146,6 @@ async def test_graph_screen_navigates_searches_shows_details_and_folds() -> None
         assert "▸ block2" in folded.vertices[view.selected].label  # selection kept its node
         await pilot.press("escape")  # back to the Model screen
         assert app.current_mode == "model"
-    app.control.close()
 
 
 @pytest.mark.skipif(not STORIES.is_file(), reason="shared corpus not present")
@@ -179,7 +176,6 @@ async def test_graph_of_1580_nodes_paints_only_its_viewport(
         # 21 redraws of a ~25-row viewport, nowhere near the 1,000+ rows of the canvas each
         assert 0 < len(painted) < 21 * 40
         assert layout.vertices[view.selected].layer >= 10
-    app.control.close()
 
 
 async def test_shards_screen_plans_moves_a_boundary_and_saves_and_loads(tmp_path: Path) -> None:
@@ -212,7 +208,6 @@ async def test_shards_screen_plans_moves_a_boundary_and_saves_and_loads(tmp_path
         await until(pilot, lambda: app.plan is not None and app.plan.k == 2)
         await pilot.press("o", *(["backspace"] * 20), *str(target), "enter")
         await until(pilot, lambda: app.plan is not None and app.plan.k == 3)
-    app.control.close()
 
 
 async def test_whole_loop_against_real_local_nodes() -> None:
@@ -276,43 +271,37 @@ def _p50_shown(app: PeripheryApp) -> bool:
 async def test_demo_streams_on_its_own() -> None:
     """`periphery-app --demo` (3 nodes, as the README runs it) shows a p50 with no key press."""
     app = PeripheryApp(DEMO_MODEL, demo=True, browse_dir=DEMO_MODEL.parent)
-    try:
-        async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: _p50_shown(app), timeout=120)
-            assert app.plan is not None and app.plan.k == 3
-            assert not any(isinstance(s, ErrorModal) for s in app.screen_stack)
-            await pilot.press("q")
-        assert app.control.local is None  # quitting stopped the local nodes
-    finally:
-        app.control.close()
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: _p50_shown(app), timeout=120)
+        assert app.plan is not None and app.plan.k == 3
+        assert not any(isinstance(s, ErrorModal) for s in app.screen_stack)
+        await pilot.press("q")
+    assert app.control.local is None  # quitting stopped the local nodes
 
 
 async def test_demo_recovers_from_a_killed_node() -> None:
     """Streaming, one node SIGKILLed: nothing fails and requests complete again within 10 s
     of the loss being declared, on a pipeline re-planned onto the two survivors."""
     app = PeripheryApp(DEMO_MODEL, demo=True, browse_dir=DEMO_MODEL.parent)
-    try:
-        async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: app.cluster_state.requests_completed > 10, timeout=120)
-            local = app.control.local
-            assert local is not None
-            local.kill(1)
-            await until(pilot, lambda: app.cluster_state.recoveries == 1, timeout=30)
-            after = app.cluster_state.requests_completed
-            await until(pilot, lambda: app.cluster_state.requests_completed > after + 5,
-                        timeout=10)
-            state = app.cluster_state
-            assert state.requests_failed == 0
-            assert len(state.assignment) == 2
-            recovered = [line for line in state.recent if "recovered:" in line]
-            assert recovered
-            print(f"\napp: {recovered[-1]}")
-            await until(pilot, lambda: "recovered 1x" in text_of(app, "#load"), timeout=10)
-            load = text_of(app, "#load")
-            assert "failed 0" in load and "running" in load
-            await pilot.press("q")
-    finally:
-        app.control.close()
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.cluster_state.requests_completed > 10, timeout=120)
+        local = app.control.local
+        assert local is not None
+        local.kill(1)
+        await until(pilot, lambda: app.cluster_state.recoveries == 1, timeout=30)
+        after = app.cluster_state.requests_completed
+        await until(pilot, lambda: app.cluster_state.requests_completed > after + 5,
+                    timeout=10)
+        state = app.cluster_state
+        assert state.requests_failed == 0
+        assert len(state.assignment) == 2
+        recovered = [line for line in state.recent if "recovered:" in line]
+        assert recovered
+        print(f"\napp: {recovered[-1]}")
+        await until(pilot, lambda: "recovered 1x" in text_of(app, "#load"), timeout=10)
+        load = text_of(app, "#load")
+        assert "failed 0" in load and "running" in load
+        await pilot.press("q")
 
 
 async def test_a_redeploy_onto_a_hung_node_fails_cleanly_and_quit_is_prompt() -> None:
@@ -355,27 +344,24 @@ async def test_a_redeploy_onto_a_hung_node_fails_cleanly_and_quit_is_prompt() ->
 
 async def test_the_event_log_tails_new_events_unless_scrolled_up() -> None:
     app = PeripheryApp(DEMO_MODEL, demo=True, browse_dir=DEMO_MODEL.parent)
-    try:
-        async with app.run_test(size=(100, 20)) as pilot:
-            await until(pilot, lambda: app.cluster_state.requests_completed > 0, timeout=120)
-            await pilot.press("4")
-            await until(pilot, lambda: isinstance(app.screen, ClusterScreen))
-            log = app.screen.query_one(Log)
-            local = app.control.local
-            assert local is not None
-            local.kill(2)  # new events: the loss, the recovery, the new deploy
-            await until(pilot, lambda: "recovered:" in log.lines[-1], timeout=30)
-            assert log.max_scroll_y > 0  # more lines than fit: following them means scrolling
-            assert log.is_vertical_scroll_end and log.lines[-1] == app.cluster_state.recent[-1]
-            log.scroll_home(animate=False, immediate=True)  # the user scrolls up to read
-            shown = log.line_count
-            local.kill(1)  # more events
-            await until(pilot, lambda: log.line_count > shown, timeout=30)
-            await pilot.pause()
-            assert log.scroll_y == 0  # it stayed where the user is reading
-            await pilot.press("q")
-    finally:
-        app.control.close()
+    async with app.run_test(size=(100, 20)) as pilot:
+        await until(pilot, lambda: app.cluster_state.requests_completed > 0, timeout=120)
+        await pilot.press("4")
+        await until(pilot, lambda: isinstance(app.screen, ClusterScreen))
+        log = app.screen.query_one(Log)
+        local = app.control.local
+        assert local is not None
+        local.kill(2)  # new events: the loss, the recovery, the new deploy
+        await until(pilot, lambda: "recovered:" in log.lines[-1], timeout=30)
+        assert log.max_scroll_y > 0  # more lines than fit: following them means scrolling
+        assert log.is_vertical_scroll_end and log.lines[-1] == app.cluster_state.recent[-1]
+        log.scroll_home(animate=False, immediate=True)  # the user scrolls up to read
+        shown = log.line_count
+        local.kill(1)  # more events
+        await until(pilot, lambda: log.line_count > shown, timeout=30)
+        await pilot.pause()
+        assert log.scroll_y == 0  # it stayed where the user is reading
+        await pilot.press("q")
 
 
 async def test_cluster_and_dashboard_show_a_fixed_fold() -> None:
@@ -390,7 +376,6 @@ async def test_cluster_and_dashboard_show_a_fixed_fold() -> None:
         await pilot.pause()
         assert "S1 ◀" in text_of(app, "#stages")  # the bottleneck of the fixed timings
         assert "20.0 req/s" in text_of(app, "#label-rps")
-    app.control.close()
 
 
 async def test_help_lists_keys_and_the_palette_offers_every_action() -> None:
@@ -406,35 +391,31 @@ async def test_help_lists_keys_and_the_palette_offers_every_action() -> None:
         await pilot.press("2")
         titles = {c.title for c in app.get_system_commands(app.screen)}
         assert {"Search", "Fold", "Dashboard", "Shards", "Keys"} <= titles
-    app.control.close()
 
 
 async def test_the_cluster_screen_finds_nodes_over_mdns_and_connects_one() -> None:
     """With no nodes the screen says what to do; nodes advertised over mDNS (on loopback here)
     appear as `discovered`, `c` joins the selected one, and one that stops goes away."""
     app = PeripheryApp(browse_dir=DEMO_MODEL.parent, insecure=True)
-    try:
-        async with app.run_test(size=SIZE) as pilot:
-            await pilot.press("4")
-            await until(pilot, lambda: isinstance(app.screen, ClusterScreen))
-            summary = " ".join(text_of_label(app, "#summary").split())
-            assert "no nodes yet" in summary and "press l" in summary and "a to add" in summary
-            with LocalCluster(2, advertise=True, secure=False) as cluster:
-                table = app.screen.query_one(DataTable)
-                await until(pilot, lambda: table.row_count == 2, timeout=20)
-                assert "2 discovered" in text_of_label(app, "#summary")
-                table.move_cursor(row=0)
-                await pilot.press("c")
-                await until(pilot, lambda: len(app.cluster_state.nodes) == 1, timeout=20)
-                joined = next(iter(app.cluster_state.nodes.values()))
-                assert joined.name in {"local0", "local1"}
-                await until(pilot, lambda: "1 discovered" in text_of_label(app, "#summary"))
-                other = 1 if joined.name == "local0" else 0
-                cluster.nodes[other].process.terminate()  # a clean stop says goodbye over mDNS
-                await until(pilot, lambda: table.row_count == 1, timeout=20)
-                assert "discovered" not in text_of_label(app, "#summary")
-    finally:
-        app.control.close()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("4")
+        await until(pilot, lambda: isinstance(app.screen, ClusterScreen))
+        summary = " ".join(text_of_label(app, "#summary").split())
+        assert "no nodes yet" in summary and "press l" in summary and "a to add" in summary
+        with LocalCluster(2, advertise=True, secure=False) as cluster:
+            table = app.screen.query_one(DataTable)
+            await until(pilot, lambda: table.row_count == 2, timeout=20)
+            assert "2 discovered" in text_of_label(app, "#summary")
+            table.move_cursor(row=0)
+            await pilot.press("c")
+            await until(pilot, lambda: len(app.cluster_state.nodes) == 1, timeout=20)
+            joined = next(iter(app.cluster_state.nodes.values()))
+            assert joined.name in {"local0", "local1"}
+            await until(pilot, lambda: "1 discovered" in text_of_label(app, "#summary"))
+            other = 1 if joined.name == "local0" else 0
+            cluster.nodes[other].process.terminate()  # a clean stop says goodbye over mDNS
+            await until(pilot, lambda: table.row_count == 1, timeout=20)
+            assert "discovered" not in text_of_label(app, "#summary")
 
 
 def text_of_label(app: PeripheryApp, selector: str) -> str:
@@ -455,37 +436,34 @@ async def test_the_shards_screen_shows_deploy_state_only_for_the_plan_that_runs(
         console.print(app.screen.query_one(StageChart).render())
         return console.export_text()
 
-    try:
-        async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: app.cluster_state.deploy_status == "deployed",
-                        timeout=120)
-            await pilot.press("3")
-            await until(pilot, lambda: isinstance(app.screen, ShardsScreen)
-                        and "ready" in chart_text(), timeout=20)
-            assert chart_text().count(" ready ") == 3
-            await pilot.press("right")  # move the selected boundary: a plan made by hand
-            await until(pilot, lambda: app.plan is not None and app.plan.strategy == "manual")
-            await pilot.pause()
-            assert " ready " not in chart_text()
-            assert "this plan: manual" in text_of(app, "#controls")
-            await pilot.press("plus")  # K = 4 on 3 nodes: the fourth stage has none
-            await until(pilot, lambda: app.plan is not None and app.plan.k == 4)
-            await pilot.pause()
-            controls = " ".join(text_of(app, "#controls").split())
-            assert "stage 3 has no node (K = 4 > 3 nodes)" in controls, controls
-            assert "reference devices" in controls
-            # Assignments follow K: down to 1 and back up to 3, every stage is on a node again
-            # (not on a reference "device2"), the same nodes as before.
-            await pilot.press("minus", "minus", "minus")
-            await until(pilot, lambda: app.plan is not None and app.plan.k == 1)
-            await pilot.press("plus", "plus")
-            await until(pilot, lambda: app.plan is not None and app.plan.k == 3)
-            plan = app.plan
-            assert plan is not None
-            assert [s.device for s in plan.stages] == ["local0", "local1", "local2"]
-            await pilot.press("q")
-    finally:
-        app.control.close()
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.cluster_state.deploy_status == "deployed",
+                    timeout=120)
+        await pilot.press("3")
+        await until(pilot, lambda: isinstance(app.screen, ShardsScreen)
+                    and "ready" in chart_text(), timeout=20)
+        assert chart_text().count(" ready ") == 3
+        await pilot.press("right")  # move the selected boundary: a plan made by hand
+        await until(pilot, lambda: app.plan is not None and app.plan.strategy == "manual")
+        await pilot.pause()
+        assert " ready " not in chart_text()
+        assert "this plan: manual" in text_of(app, "#controls")
+        await pilot.press("plus")  # K = 4 on 3 nodes: the fourth stage has none
+        await until(pilot, lambda: app.plan is not None and app.plan.k == 4)
+        await pilot.pause()
+        controls = " ".join(text_of(app, "#controls").split())
+        assert "stage 3 has no node (K = 4 > 3 nodes)" in controls, controls
+        assert "reference devices" in controls
+        # Assignments follow K: down to 1 and back up to 3, every stage is on a node again
+        # (not on a reference "device2"), the same nodes as before.
+        await pilot.press("minus", "minus", "minus")
+        await until(pilot, lambda: app.plan is not None and app.plan.k == 1)
+        await pilot.press("plus", "plus")
+        await until(pilot, lambda: app.plan is not None and app.plan.k == 3)
+        plan = app.plan
+        assert plan is not None
+        assert [s.device for s in plan.stages] == ["local0", "local1", "local2"]
+        await pilot.press("q")
 
 
 async def test_the_cluster_screen_says_when_the_master_stops_and_its_figures_go_stale(
@@ -496,28 +474,25 @@ async def test_the_cluster_screen_says_when_the_master_stops_and_its_figures_go_
     from periphery_core.cluster.control import Control
 
     app = PeripheryApp(browse_dir=DEMO_MODEL.parent)
-    try:
-        async with app.run_test(size=SIZE) as pilot:
-            await pilot.press("4")
-            await until(pilot, lambda: isinstance(app.screen, ClusterScreen))
-            app.control.start_local(2)
-            await until(pilot, lambda: len(app.cluster_state.nodes) == 2, timeout=20)
-            table = app.screen.query_one(DataTable)
-            await until(pilot, lambda: "ready" in str(table.get_row_at(0)[1]))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("4")
+        await until(pilot, lambda: isinstance(app.screen, ClusterScreen))
+        app.control.start_local(2)
+        await until(pilot, lambda: len(app.cluster_state.nodes) == 2, timeout=20)
+        table = app.screen.query_one(DataTable)
+        await until(pilot, lambda: "ready" in str(table.get_row_at(0)[1]))
 
-            class Fatal(BaseException):  # what the loop's per-turn guard does not catch
-                pass
+        class Fatal(BaseException):  # what the loop's per-turn guard does not catch
+            pass
 
-            def broken(self: Control, next_beat: float) -> float:
-                raise Fatal("injected failure")
+        def broken(self: Control, next_beat: float) -> float:
+            raise Fatal("injected failure")
 
-            monkeypatch.setattr(Control, "_turn", broken)
-            await until(pilot, lambda: "master not responding" in
-                        text_of_label(app, "#summary"), timeout=10)
-            assert "injected failure" in text_of_label(app, "#summary")
-            await until(pilot, lambda: "silent" in str(table.get_row_at(0)[1]), timeout=15)
-    finally:
-        app.control.close()
+        monkeypatch.setattr(Control, "_turn", broken)
+        await until(pilot, lambda: "master not responding" in
+                    text_of_label(app, "#summary"), timeout=10)
+        assert "injected failure" in text_of_label(app, "#summary")
+        await until(pilot, lambda: "silent" in str(table.get_row_at(0)[1]), timeout=15)
 
 
 async def test_a_narrow_cluster_table_keeps_the_state_column_whole() -> None:

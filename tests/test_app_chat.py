@@ -40,46 +40,43 @@ async def test_chat_streams_a_reply_from_the_deployed_language_model() -> None:
     prompt = "What is the capital of France?"
     expected = _expected(prompt, 16)
     app = PeripheryApp(SMOLLM, demo=True, demo_nodes=2, browse_dir=SMOLLM)
-    try:
-        async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: _chat_shown(app), timeout=120)
-            screen = app.screen
-            assert isinstance(screen, ChatScreen)
-            assert "Recognised" not in text_of(app, "#transcript")
-            screen.max_new_tokens = 16
-            box = screen.query_one("#prompt", Input)
-            box.focus()
-            box.value = prompt
-            await pilot.press("enter")
-            await until(pilot, lambda: screen.last is not None, timeout=60)
-            assert screen.last is not None and screen.last.text == expected
-            assert "Paris" in text_of(app, "#transcript")
-            figures = text_of(app, "#figures")
-            assert "tokens/s" in figures and "stage 0" in figures and "stage 1" in figures
-            # A long reply stopped with escape: the screen says so and takes the next prompt.
-            screen.max_new_tokens = 400
-            box.value = "Tell me a long story."
-            await pilot.press("enter")
-            await until(pilot, lambda: screen.generating, timeout=10)
-            await pilot.press("escape")
-            await until(pilot, lambda: not screen.generating, timeout=30)
-            assert "stopped" in text_of(app, "#figures")
-            assert not any(isinstance(s, ErrorModal) for s in app.screen_stack)
-            await pilot.press("escape")  # nothing generating: back, out of the prompt box
-            await until(pilot, lambda: not isinstance(app.screen, ChatScreen))
-            await pilot.press("5")  # the dashboard counts tokens and shows the nodes' caches
-            await until(pilot, lambda: "KV cache" in text_of(app, "#utilisation"), timeout=10)
-            assert "tokens/s" in text_of(app, "#label-rps")
-            # It names what it serves: the folder's name says which model.onnx this is.
-            assert "smollm2-135m-instruct-int4/model.onnx" in text_of(app, "#load")
-            await pilot.press("1")  # the Model screen says what it recognised
-            await pilot.pause()
-            summary = " ".join(text_of(app, "#summary").split())
-            assert "Recognised onnxruntime-genai decoder, 30 layers, 3 KV heads of 64" in summary
-            await pilot.press("q")
-        assert app.control.local is None
-    finally:
-        app.control.close()
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: _chat_shown(app), timeout=120)
+        screen = app.screen
+        assert isinstance(screen, ChatScreen)
+        assert "Recognised" not in text_of(app, "#transcript")
+        screen.max_new_tokens = 16
+        box = screen.query_one("#prompt", Input)
+        box.focus()
+        box.value = prompt
+        await pilot.press("enter")
+        await until(pilot, lambda: screen.last is not None, timeout=60)
+        assert screen.last is not None and screen.last.text == expected
+        assert "Paris" in text_of(app, "#transcript")
+        figures = text_of(app, "#figures")
+        assert "tokens/s" in figures and "stage 0" in figures and "stage 1" in figures
+        # A long reply stopped with escape: the screen says so and takes the next prompt.
+        screen.max_new_tokens = 400
+        box.value = "Tell me a long story."
+        await pilot.press("enter")
+        await until(pilot, lambda: screen.generating, timeout=10)
+        await pilot.press("escape")
+        await until(pilot, lambda: not screen.generating, timeout=30)
+        assert "stopped" in text_of(app, "#figures")
+        assert not any(isinstance(s, ErrorModal) for s in app.screen_stack)
+        await pilot.press("escape")  # nothing generating: back, out of the prompt box
+        await until(pilot, lambda: not isinstance(app.screen, ChatScreen))
+        await pilot.press("5")  # the dashboard counts tokens and shows the nodes' caches
+        await until(pilot, lambda: "KV cache" in text_of(app, "#utilisation"), timeout=10)
+        assert "tokens/s" in text_of(app, "#label-rps")
+        # It names what it serves: the folder's name says which model.onnx this is.
+        assert "smollm2-135m-instruct-int4/model.onnx" in text_of(app, "#load")
+        await pilot.press("1")  # the Model screen says what it recognised
+        await pilot.pause()
+        summary = " ".join(text_of(app, "#summary").split())
+        assert "Recognised onnxruntime-genai decoder, 30 layers, 3 KV heads of 64" in summary
+        await pilot.press("q")
+    assert app.control.local is None
 
 
 async def test_chat_says_what_to_do_for_a_model_that_is_not_a_language_model() -> None:

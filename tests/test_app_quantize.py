@@ -131,7 +131,6 @@ async def test_static_int8_on_mnist_reports_saves_and_becomes_the_current_model(
         assert isinstance(app.screen, ShardsScreen)
         await until(pilot, lambda: app.plan is not None
                     and app.plan.model_sha256 == saved.sha256)
-    app.control.close()
 
 
 @pytest.mark.asyncio
@@ -156,13 +155,12 @@ async def test_cancelling_a_run_returns_to_the_options_and_stops_the_thread(
         assert screen.pane == "options"
         # the thread stopped on the cancel token and said so
         await until(pilot, lambda: bool(stopped), timeout=10)
-        await pilot.pause(0.2)
+        await pilot.pause(0.2)  # a second stop message would arrive now: there is none to await
         assert len({id(m) for m in stopped}) == 1
         assert screen.pane == "options"  # the stopped run posted nothing that changed it
         assert not isinstance(app.screen, ErrorModal)
         await pilot.press("1")  # still alive
         assert isinstance(app.screen, ModelScreen)
-    app.control.close()
 
 
 @pytest.mark.asyncio
@@ -184,7 +182,6 @@ async def test_a_method_whose_extra_is_missing_shows_the_install_hint() -> None:
         assert "pip install 'periphery[inc]'" in message and "\n" not in message.strip()
         await pilot.press("escape")
         assert app.screen is screen and screen.pane == "options"
-    app.control.close()
 
 
 @pytest.mark.asyncio
@@ -198,7 +195,6 @@ async def test_without_a_model_the_wizard_says_so_and_offers_the_model_screen(
         assert "No model open" in text_of(app, "#no-model-text")
         await pilot.press("m")
         assert isinstance(app.screen, ModelScreen)
-    app.control.close()
 
 
 @pytest.mark.asyncio
@@ -213,4 +209,3 @@ async def test_the_data_step_offers_the_sources_that_fit_the_model() -> None:
                      "images:DIR?size=28x28"):
             assert spec in hints, hints
         assert "tokenizer" not in hints  # no tokenizer beside mnist-8
-    app.control.close()

@@ -38,32 +38,29 @@ async def test_s_serves_the_deployed_model_and_the_cluster_screen_shows_it() -> 
     prompt = "What is the capital of France?"
     expected = _expected(prompt, 12)
     app = PeripheryApp(SMOLLM, demo=True, demo_nodes=2, browse_dir=SMOLLM)
-    try:
-        async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: _chat_shown(app), timeout=120)
-            await pilot.press("escape")  # out of the Chat screen's prompt box
-            await until(pilot, lambda: not _chat_shown(app))
-            await pilot.press("4")
-            await until(pilot, lambda: isinstance(app.screen, ClusterScreen))
-            assert "endpoint" not in text_of(app, "#summary")
-            await pilot.press("s")
-            await until(pilot, lambda: re.search(r"endpoint \S*http://127\.0\.0\.1:\d+/v1",
-                                                 text_of(app, "#summary")) is not None,
-                        timeout=30)
-            endpoint = app.control.endpoint
-            assert endpoint is not None
-            assert "OpenAI API" in text_of(app, "#summary")
-            reply = await asyncio.to_thread(_ask, endpoint.url, prompt, 12)
-            assert reply == expected
-            await until(pilot, lambda: re.search(r"[1-9]\d* answered",
-                                                 text_of(app, "#summary")) is not None,
-                        timeout=10)
-            await pilot.press("s")
-            await until(pilot, lambda: "endpoint" not in text_of(app, "#summary"), timeout=20)
-            assert app.control.endpoint is None
-            with pytest.raises(urllib.error.URLError):
-                urllib.request.urlopen(endpoint.url + "/models", timeout=5)
-            await pilot.press("q")
-        assert app.control.local is None
-    finally:
-        app.control.close()
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: _chat_shown(app), timeout=120)
+        await pilot.press("escape")  # out of the Chat screen's prompt box
+        await until(pilot, lambda: not _chat_shown(app))
+        await pilot.press("4")
+        await until(pilot, lambda: isinstance(app.screen, ClusterScreen))
+        assert "endpoint" not in text_of(app, "#summary")
+        await pilot.press("s")
+        await until(pilot, lambda: re.search(r"endpoint \S*http://127\.0\.0\.1:\d+/v1",
+                                             text_of(app, "#summary")) is not None,
+                    timeout=30)
+        endpoint = app.control.endpoint
+        assert endpoint is not None
+        assert "OpenAI API" in text_of(app, "#summary")
+        reply = await asyncio.to_thread(_ask, endpoint.url, prompt, 12)
+        assert reply == expected
+        await until(pilot, lambda: re.search(r"[1-9]\d* answered",
+                                             text_of(app, "#summary")) is not None,
+                    timeout=10)
+        await pilot.press("s")
+        await until(pilot, lambda: "endpoint" not in text_of(app, "#summary"), timeout=20)
+        assert app.control.endpoint is None
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(endpoint.url + "/models", timeout=5)
+        await pilot.press("q")
+    assert app.control.local is None

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from periphery_app.sample import SCREENSHOT_SIZE, sample_app, show_sample_screen, until
+from periphery_app.sample import (
+    SCREENSHOT_SIZE,
+    clear_toasts,
+    sample_app,
+    show_sample_screen,
+    until,
+)
+from periphery_app.screens.modals import DetailsModal
+from periphery_app.screens.quantize import QuantizeScreen
 from periphery_app.widgets.graph_view import GraphView
 
 
@@ -27,11 +35,8 @@ def config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("screen", ["model", "graph", "shards", "cluster", "dashboard"])
 def test_screen(snap_compare, screen: str) -> None:
     app = sample_app()
-    try:
-        assert snap_compare(app, terminal_size=SCREENSHOT_SIZE,
-                            run_before=lambda pilot: show_sample_screen(pilot, screen))
-    finally:
-        app.control.close()
+    assert snap_compare(app, terminal_size=SCREENSHOT_SIZE,
+                        run_before=lambda pilot: show_sample_screen(pilot, screen))
 
 
 @pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=["80x24", "120x40"])
@@ -40,11 +45,8 @@ def test_screen(snap_compare, screen: str) -> None:
 def test_screen_at(snap_compare, screen: str, size: tuple[int, int]) -> None:
     """Every screen at the smallest size the app supports and at a common larger one."""
     app = sample_app()
-    try:
-        assert snap_compare(app, terminal_size=size,
-                            run_before=lambda pilot: show_sample_screen(pilot, screen))
-    finally:
-        app.control.close()
+    assert snap_compare(app, terminal_size=size,
+                        run_before=lambda pilot: show_sample_screen(pilot, screen))
 
 
 def test_graph_folded_with_details(snap_compare) -> None:
@@ -59,23 +61,18 @@ def test_graph_folded_with_details(snap_compare) -> None:
         await pilot.pause()
 
     app = sample_app()
-    try:
-        assert snap_compare(app, terminal_size=SCREENSHOT_SIZE, run_before=run_before)
-    finally:
-        app.control.close()
+    assert snap_compare(app, terminal_size=SCREENSHOT_SIZE, run_before=run_before)
 
 
 def test_help(snap_compare) -> None:
     async def run_before(pilot) -> None:
         await show_sample_screen(pilot, "model")
         await pilot.press("question_mark")
-        await pilot.pause(0.2)
+        await until(pilot, lambda: isinstance(pilot.app.screen, DetailsModal)
+                    and pilot.app.screen.is_mounted)
 
     app = sample_app()
-    try:
-        assert snap_compare(app, terminal_size=SCREENSHOT_SIZE, run_before=run_before)
-    finally:
-        app.control.close()
+    assert snap_compare(app, terminal_size=SCREENSHOT_SIZE, run_before=run_before)
 
 
 def test_quantize_method_pane(snap_compare) -> None:
@@ -83,12 +80,9 @@ def test_quantize_method_pane(snap_compare) -> None:
         app = pilot.app
         await until(pilot, lambda: app.opened is not None)
         await pilot.press("6")
-        await pilot.pause(0.2)
-        app.clear_notifications()
-        await pilot.pause(0.1)
+        await until(pilot, lambda: isinstance(app.screen, QuantizeScreen)
+                    and app.screen.query_one("#methods").is_mounted)
+        await clear_toasts(pilot)
 
     app = sample_app()
-    try:
-        assert snap_compare(app, terminal_size=SCREENSHOT_SIZE, run_before=run_before)
-    finally:
-        app.control.close()
+    assert snap_compare(app, terminal_size=SCREENSHOT_SIZE, run_before=run_before)

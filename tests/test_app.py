@@ -471,7 +471,7 @@ async def test_the_cluster_screen_says_when_the_master_stops_and_its_figures_go_
     """Two nodes connected; the master's control thread dies (injected). The screen says the
     master is not responding, and rows whose events stopped say how long they have been
     silent instead of showing `ready` as if live."""
-    from periphery_core.cluster.control import Control
+    from periphery_core.cluster.master_control import Control
 
     app = PeripheryApp(browse_dir=DEMO_MODEL.parent)
     async with app.run_test(size=SIZE) as pilot:

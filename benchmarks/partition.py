@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT.parent / "shared" / "data" / "models"
 SHAPES: dict[str, dict[str, tuple[int, ...]]] = {
     "stories260K.onnx": {"tokens": (1, 256)},
-    "model.onnx": {"input_ids": (1, 128), "attention_mask": (1, 128), "token_type_ids": (1, 128)},
+    "all-MiniLM-L6-v2/model.onnx": {
+        "input_ids": (1, 128), "attention_mask": (1, 128), "token_type_ids": (1, 128)},
     "tiny-random-gpt2-past.onnx": {
         "input_ids": (1, 16), "position_ids": (1, 16), "attention_mask": (1, 48),
         **{f"past_{i}": (2, 1, 4, 32, 8) for i in range(5)},
@@ -77,7 +78,8 @@ def main() -> int:
     rows = []
     for path in paths:
         name = path.parent.name if path.name == "model.onnx" else path.stem
-        shapes = SHAPES.get(path.name)
+        shapes = SHAPES.get(f"{path.parent.name}/{path.name}" if path.name == "model.onnx"
+                            else path.name)  # a folder's model.onnx by its folder
 
         def load_and_analyze(path=path, shapes=shapes):
             loaded = load_model(path)

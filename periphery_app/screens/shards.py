@@ -30,7 +30,13 @@ from periphery_core.cluster.state import ClusterState
 from periphery_core.cluster.views import StageDeploy
 from periphery_core.errors import PlanError
 from periphery_core.generate.planning import plan_model, replan_model
-from periphery_core.partition.plan import STRATEGIES, DeviceSpec, ShardPlan, load_plan
+from periphery_core.partition.plan import (
+    STRATEGIES,
+    DeviceSpec,
+    ShardPlan,
+    load_plan,
+    require_plan_for,
+)
 from periphery_core.progress import Progress
 
 
@@ -349,9 +355,8 @@ class ShardsScreen(PeripheryScreen):
             plan = load_plan(path)
             if self._opened is None:
                 raise PlanError("open the plan's model first")
-            if plan.model_sha256 != self._opened.analysis.sha256:
-                raise PlanError(f"{path.name} was made for another model than "
-                                f"{self._opened.loaded.name}")
+            require_plan_for(plan, self._opened.analysis.sha256, self._opened.loaded.name,
+                             path.name)
         except (OSError, PlanError) as exc:
             self.report_failure(exc)
             return

@@ -18,6 +18,7 @@ import pytest
 from rich.console import Console
 from textual.content import Content
 from textual.css.query import NoMatches
+from textual.pilot import Pilot
 from textual.strip import Strip
 from textual.widgets import DataTable, Input, Log, Static
 
@@ -54,6 +55,17 @@ def text_of(app: PeripheryApp, selector: str) -> str:
     console = Console(width=160, file=io.StringIO(), record=True)
     console.print(content)
     return console.export_text()
+
+
+async def _graph_screen(app: PeripheryApp, pilot: Pilot) -> tuple[GraphScreen, GraphView]:
+    """Once the model is open, the Graph screen with its first layout drawn."""
+    await until(pilot, lambda: app.opened is not None)
+    await pilot.press("2")
+    screen = app.screen
+    assert isinstance(screen, GraphScreen)
+    view = screen.query_one(GraphView)
+    await until(pilot, lambda: view.graph_layout is not None, timeout=30)
+    return screen, view
 
 
 async def test_model_screen_shows_the_summary_and_remembers_the_file(config_dir: Path) -> None:
@@ -110,12 +122,7 @@ async def test_a_bad_file_shows_the_error_modal_and_the_app_keeps_running(tmp_pa
 async def test_graph_screen_navigates_searches_shows_details_and_folds() -> None:
     app = PeripheryApp(DEMO_MODEL, browse_dir=DEMO_MODEL.parent)
     async with app.run_test(size=SIZE) as pilot:
-        await until(pilot, lambda: app.opened is not None)
-        await pilot.press("2")
-        screen = app.screen
-        assert isinstance(screen, GraphScreen)
-        view = screen.query_one(GraphView)
-        await until(pilot, lambda: view.graph_layout is not None)
+        screen, view = await _graph_screen(app, pilot)
         layout = view.graph_layout
         assert layout is not None
         start = view.selected
@@ -153,12 +160,7 @@ async def test_graph_of_1580_nodes_paints_only_its_viewport(
         monkeypatch: pytest.MonkeyPatch) -> None:
     app = PeripheryApp(STORIES, browse_dir=STORIES.parent)
     async with app.run_test(size=SIZE) as pilot:
-        await until(pilot, lambda: app.opened is not None)
-        await pilot.press("2")
-        screen = app.screen
-        assert isinstance(screen, GraphScreen)
-        view = screen.query_one(GraphView)
-        await until(pilot, lambda: view.graph_layout is not None)
+        _, view = await _graph_screen(app, pilot)
         await pilot.pause()
         painted: list[int] = []  # the rows Textual asked the view to paint from here on
         render_line = view.render_line
@@ -541,12 +543,7 @@ async def test_the_graph_of_a_transformer_reads_like_the_model() -> None:
     require_shared()
     app = PeripheryApp(MODELS / "stories260K.onnx", browse_dir=MODELS)
     async with app.run_test(size=SIZE) as pilot:
-        await until(pilot, lambda: app.opened is not None)
-        await pilot.press("2")
-        screen = app.screen
-        assert isinstance(screen, GraphScreen)
-        view = screen.query_one(GraphView)
-        await until(pilot, lambda: view.graph_layout is not None, timeout=30)
+        screen, view = await _graph_screen(app, pilot)
         layout = view.graph_layout
         assert layout is not None
         ops = [v.label.split()[0] for v in layout.vertices]

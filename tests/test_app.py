@@ -470,9 +470,9 @@ async def test_the_shards_screen_shows_deploy_state_only_for_the_plan_that_runs(
 
 async def test_the_cluster_screen_says_when_the_master_stops_and_its_figures_go_stale(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two nodes connected; the master's control thread dies (injected). The screen says the
-    master is not responding, and rows whose events stopped say how long they have been
-    silent instead of showing `ready` as if live."""
+    """Two nodes connected; the master's control thread dies (injected). The Cluster screen
+    and the dashboard say the master is not responding, and rows whose events stopped say how
+    long they have been silent instead of showing `ready` as if live."""
     from periphery_core.cluster.master_control import Control
 
     app = PeripheryApp(browse_dir=DEMO_MODEL.parent)
@@ -495,6 +495,11 @@ async def test_the_cluster_screen_says_when_the_master_stops_and_its_figures_go_
                     text_of_label(app, "#summary"), timeout=10)
         assert "injected failure" in text_of_label(app, "#summary")
         await until(pilot, lambda: "silent" in str(table.get_row_at(0)[1]), timeout=15)
+        await pilot.press("5")
+        await until(pilot, lambda: isinstance(app.screen, DashboardScreen))
+        await until(pilot, lambda: "master not responding" in text_of(app, "#load")
+                    and "silent" in text_of(app, "#utilisation"), timeout=5)
+        assert "injected failure" in text_of(app, "#load")
 
 
 async def test_a_narrow_cluster_table_keeps_the_state_column_whole() -> None:

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from rich.markup import escape
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import DataTable, Footer, Label, Log
 
 from periphery_app.control import ClusterControl, OpenedModel
+from periphery_app.liveness import master_stopped, node_status
 from periphery_app.messages import NodesConnected
 from periphery_app.screens.base import PeripheryScreen, screen_bar
 from periphery_app.screens.modals import PromptModal
@@ -28,10 +28,6 @@ from periphery_core.discovery import NodeAddress
 
 # Most important first: on a narrow terminal the last columns are the ones cut.
 COLUMNS = ("name", "state", "stage", "address", "speed", "cpu", "device", "memory", "rss")
-# A live node reports every second: silent longer than this, what the row shows may be old.
-STALE_S = 5.0
-STATE_STYLE = {"ready": "green", "busy": "bold cyan", "joining": "yellow", "lost": "bold red",
-               "discovered": "dim"}
 
 
 class ClusterScreen(PeripheryScreen):
@@ -92,13 +88,9 @@ class ClusterScreen(PeripheryScreen):
         row = table.cursor_row
         table.clear()
         for node in sorted(state.nodes.values(), key=lambda n: n.name):
-            status = state.node_state(node.id, now)
-            silent = now - node.last_seen
-            shown = (f"[{STATE_STYLE.get(status, '')}]{status}[/]" if status == "lost"
-                     or silent <= STALE_S else f"[yellow]{status}? silent {silent:.0f} s[/]")
             table.add_row(
                 node.name,
-                shown,
+                node_status(state, node, now),
                 str(node.stage) if node.stage is not None else "-",
                 f"{node.host}:{node.port}",
                 f"{node.speed:.2f}x" if node.speed is not None else "-",
@@ -120,8 +112,7 @@ class ClusterScreen(PeripheryScreen):
         summary = self._summary(state, counts, len(waiting))
         failure = self.papp.control.master_failure
         if failure is not None:
-            summary = (f" [b red]master not responding[/]: {escape(failure)}; what is shown "
-                       "may be old: restart the app")
+            summary = master_stopped(failure)
         summary += self._endpoint_line()
         self.query_one("#summary", Label).update(summary)
         if state.recent != self._shown_recent:

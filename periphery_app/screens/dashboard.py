@@ -23,6 +23,7 @@ from textual.worker import get_current_worker
 
 from periphery_app.control import LoadFigures, feeds_for, run_load
 from periphery_app.history import Sample
+from periphery_app.liveness import master_stopped, node_status
 from periphery_app.messages import LoadStopped
 from periphery_app.screens.base import PeripheryScreen, screen_bar
 from periphery_app.units import bar, human_bytes, human_seconds
@@ -73,6 +74,9 @@ class DashboardScreen(PeripheryScreen):
     def on_mount(self) -> None:
         self.watch(self.papp, "history", self._redraw_history)
         self.watch(self.papp, "cluster_state", self._redraw_state)
+        # When events stop, the state stops changing: redraw anyway, so that rows whose
+        # reports stopped say so (liveness) instead of looking live.
+        self.set_interval(1.0, lambda: self._redraw_state(self.papp.cluster_state))
 
     def on_screen_resume(self) -> None:
         self._redraw_history(self.papp.history)
@@ -142,9 +146,8 @@ class DashboardScreen(PeripheryScreen):
         now = self.papp.now()
         for node in sorted(state.nodes.values(), key=lambda n: n.name):
             cpu = node.cpu_percent
-            status = state.node_state(node.id, now)
             table.add_row(
-                node.name, Text(status, style="bold red" if status == "lost" else ""),
+                node.name, Text.from_markup(node_status(state, node, now)),
                 f"{cpu:.0f}%" if cpu is not None else "-",
                 Text(bar((cpu or 0.0) / 100.0, 20), style="cyan"),
                 human_bytes(node.rss_bytes),
@@ -156,6 +159,10 @@ class DashboardScreen(PeripheryScreen):
 
     def _draw_load(self, state: ClusterState) -> None:
         f = self.figures
+        failure = self.papp.control.master_failure
+        if failure is not None:
+            self.query_one("#load", Static).update(Text.from_markup(master_stopped(failure)))
+            return
         text = Text(no_wrap=True, overflow="ellipsis")
         text.append(" load ", style="bold reverse")
         pipeline = self.papp.control.pipeline

@@ -14,7 +14,7 @@ from typing import ClassVar
 from rich import box
 from rich.table import Table
 from rich.text import Text
-from textual import work
+from textual import events, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
@@ -33,6 +33,8 @@ from periphery_core.errors import PeripheryError
 from periphery_core.runtime.feeds import Feeds
 
 METRICS = (("p50", "p50 latency"), ("p99", "p99 latency"), ("rps", "throughput"))
+# Under this many rows the sparklines shrink so that the stage and node tables keep their rows.
+SHORT_ROWS = 30
 
 
 def _series(history: tuple[Sample, ...], key: str) -> list[float]:
@@ -77,6 +79,9 @@ class DashboardScreen(PeripheryScreen):
         # When events stop, the state stops changing: redraw anyway, so that rows whose
         # reports stopped say so (liveness) instead of looking live.
         self.set_interval(1.0, lambda: self._redraw_state(self.papp.cluster_state))
+
+    def on_resize(self, event: events.Resize) -> None:
+        self.set_class(event.size.height < SHORT_ROWS, "-short")
 
     def on_screen_resume(self) -> None:
         self._redraw_history(self.papp.history)

@@ -8,6 +8,7 @@ imported only when this strategy runs.
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Sequence
@@ -27,7 +28,10 @@ def spectral_cuts(
     normalised Laplacian with the smallest eigenvalues are clustered by k-means from a
     deterministic farthest-point start. Clusters are then ranked by mean position, labels are
     made monotone along edges (a node goes no earlier than its producers), empty labels are
-    dropped and the costliest stages split until there are K.
+    dropped, a cluster that computes nothing joins its neighbour (a transformer's constants
+    form clusters of their own: no bytes tie them to the compute, and a stage of them would
+    do nothing), and the clusters are split at cost quantiles until there are K, each extra
+    stage going to the cluster whose stages would otherwise cost most.
 
     Returns:
         The order (sorted by label, then position in ``order``) and its K-1 cuts.
@@ -106,21 +110,50 @@ def spectral_cuts(
             groups.append([v])
 
     costs = [graph.nodes[v].cost_s for v in range(n)]
-    while len(groups) < k:
-        # Split the costliest group of two or more nodes where its cost halves.
-        idx = max((i for i, g in enumerate(groups) if len(g) > 1),
-                  key=lambda i: (math.fsum(costs[v] for v in groups[i]), len(groups[i]), -i))
-        g = groups[idx]
-        total = math.fsum(costs[v] for v in g)
-        acc, at = 0.0, 1
-        for i in range(1, len(g)):
-            acc += costs[g[i - 1]]
-            at = i
-            if acc >= total / 2:
-                break
-        groups[idx : idx + 1] = [g[:at], g[at:]]
+    groups = _join_free_groups(groups, costs)
+    groups = _split_to(groups, costs, k)
     while len(groups) > k:  # pragma: no cover - labels never exceed k; kept for safety
         i = min(range(len(groups) - 1), key=lambda i: len(groups[i]) + len(groups[i + 1]))
         groups[i : i + 2] = [groups[i] + groups[i + 1]]
     cuts = tuple(int(c) for c in np.cumsum([len(g) for g in groups])[:-1])
     return tuple(v for g in groups for v in g), cuts
+
+
+def _join_free_groups(groups: list[list[int]], costs: Sequence[float]) -> list[list[int]]:
+    """Adjacent groups merged so that every group computes something (where any does): a free
+    group joins the one after it, a free last group the one before it."""
+    joined: list[list[int]] = []
+    for g in groups:
+        if joined and math.fsum(costs[v] for v in joined[-1]) == 0.0:
+            joined[-1] = joined[-1] + g
+        else:
+            joined.append(list(g))
+    if len(joined) > 1 and math.fsum(costs[v] for v in joined[-1]) == 0.0:
+        last = joined.pop()
+        joined[-1] = joined[-1] + last
+    return joined
+
+
+def _split_to(groups: list[list[int]], costs: Sequence[float], k: int) -> list[list[int]]:
+    """The groups split into `k` in all: each extra piece goes to the group whose pieces would
+    cost most (its cost over its pieces), and a group is cut where its running cost crosses
+    each equal share."""
+    pieces = [1] * len(groups)
+    cost = [math.fsum(costs[v] for v in g) for g in groups]
+    for _ in range(k - len(groups)):
+        i = max((i for i, g in enumerate(groups) if len(g) > pieces[i]),
+                key=lambda i: (cost[i] / pieces[i], len(groups[i]), -i))
+        pieces[i] += 1
+    out: list[list[int]] = []
+    for g, p, total in zip(groups, pieces, cost, strict=True):
+        cuts: list[int] = []
+        acc, share = 0.0, 1
+        for at in range(1, len(g)):
+            acc += costs[g[at - 1]]
+            # cut once the running cost reaches the next share, leaving a node for each piece
+            if len(cuts) < p - 1 and (acc >= total * share / p or len(g) - at == p - 1 - len(cuts)):
+                cuts.append(at)
+                share += 1
+        bounds = [0, *cuts, len(g)]
+        out.extend(g[a:b] for a, b in itertools.pairwise(bounds))
+    return out

@@ -199,6 +199,11 @@ async def test_shards_screen_plans_moves_a_boundary_and_saves_and_loads(tmp_path
         await pilot.press("b")  # re-balance
         await until(pilot, lambda: app.plan is not moved_plan)
         assert app.plan is not None and cuts_of(app.plan) == [cut]
+        await pilot.press("t")  # the next strategy, then `b`: balanced again, not the same plan
+        await until(pilot, lambda: app.plan is not None and app.plan.strategy != "balanced")
+        await pilot.press("b")
+        await until(pilot, lambda: app.plan is not None and app.plan.strategy == "balanced")
+        assert screen.strategy == "balanced" and cuts_of(app.plan) == [cut]
         await pilot.press("plus")
         await until(pilot, lambda: app.plan is not None and app.plan.k == 3)
         target = tmp_path / "plan.json"

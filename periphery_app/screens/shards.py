@@ -263,9 +263,16 @@ class ShardsScreen(PeripheryScreen):
 
     def action_cycle_strategy(self) -> None:
         self.strategy = STRATEGIES[(STRATEGIES.index(self.strategy) + 1) % len(STRATEGIES)]
-        self.action_rebalance()
+        self._plan_again()
 
     def action_rebalance(self) -> None:
+        """The balanced cuts for this K, whatever made the plan shown (a cut moved by hand,
+        another strategy): re-planning with the same strategy would give the same plan."""
+        self.strategy = "balanced"
+        self._plan_again()
+
+    def _plan_again(self) -> None:
+        """Plan the current K with the current strategy."""
         if self._opened is not None:
             self._plan(self._opened, self.k, self.strategy, self._devices(self.k))
             self._redraw()

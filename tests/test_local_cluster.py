@@ -29,7 +29,8 @@ from periphery_core.discovery import NodeAddress
 from periphery_core.errors import PeripheryError
 from tests.waiting import wait_for
 
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+# faulthandler: a launcher that hangs is sent SIGABRT and writes every thread's stack to its log
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
 
 
 def _nodes_of(pid: int) -> list[psutil.Process]:
@@ -70,6 +71,20 @@ class Launcher:
         assert len(self.nodes) == n_nodes, text
         return text
 
+    def stopped(self, timeout: float) -> int:
+        """The launcher's exit code once it has exited. One still running after `timeout` is
+        made to dump its threads' stacks (SIGABRT with faulthandler on), and the failure says
+        where it hung and which of its nodes were still alive."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            alive = [f"{p.pid} {p.status()}" for p in _alive(self.nodes)]
+            self.proc.send_signal(signal.SIGABRT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
+            raise AssertionError(f"still running {timeout:.0f} s after being told to stop; "
+                                 f"nodes alive: {alive}; its output:\n{self.text()}") from None
+
     def cleanup(self) -> None:
         for p in [*_alive(self.nodes), *([psutil.Process(self.proc.pid)]
                                          if self.proc.poll() is None else [])]:
@@ -107,7 +122,7 @@ def test_cluster_up_takes_its_nodes_with_it(launch: Callable[..., Launcher],
     up = cluster_up(launch, 2)
     up.proc.send_signal(sig)
     wait_for(lambda: not _alive(up.nodes), 5, f"the nodes to exit after {sig.name}")
-    up.proc.wait(10)
+    up.stopped(10)
     if sig == signal.SIGTERM:
         assert up.proc.returncode == 0 and "stopping" in up.text()
 
@@ -128,7 +143,7 @@ def test_one_dead_node_is_reported_and_the_others_keep_serving(
                                                     "static"))
                 assert handle.name == name
     up.proc.send_signal(signal.SIGINT)
-    up.proc.wait(15)
+    up.stopped(15)
     wait_for(lambda: not _alive(up.nodes), 5, "the nodes to stop")
 
 

@@ -483,3 +483,21 @@ def test_a_hostile_node_leaves_the_master_whole(caplog: pytest.LogCaptureFixture
         finally:
             unsubscribe()
             fake.close()
+
+
+def test_a_request_that_waited_for_a_busy_stage_counts_its_wait_as_queue() -> None:
+    """The node's one data thread sees a request only when free: one already queued arrived
+    when the stage before it sent it (its wait is queue time, not transfer), one it waited for
+    arrived when taken, and a stamp that is not a number changes nothing."""
+    from periphery_core.cluster.node_data import QUEUED_S, arrival
+    from periphery_core.wire import Message
+
+    def msg(times: list) -> Message:  # type: ignore[type-arg]
+        return Message("activation", {"id": 1, "times": times}, {})
+
+    upstream = [[0, 10.0, 10.0, 10.5, 10.6, 4096]]  # stage 0 sent it at 10.6
+    assert arrival(msg(upstream), t_free=11.0, t_taken=11.0) == 10.6  # queued since 10.6
+    assert arrival(msg(upstream), t_free=10.0, t_taken=10.7) == 10.7  # waited for it
+    assert arrival(msg([]), t_free=11.0, t_taken=11.0 + QUEUED_S / 2) == 11.0  # from the master
+    assert arrival(msg([[0, "x", 1, 2, "y"]]), t_free=11.0, t_taken=11.0) == 11.0
+    assert arrival(msg(upstream), t_free=10.5, t_taken=10.5001) == 10.5001  # sent once free

@@ -30,6 +30,9 @@ from periphery_core.wire import Limits, Message, WireError, decode, encode
 log = logging.getLogger("periphery.node")
 
 POLL_MS = 100
+# A poll that returns within this found its request already queued (one it waited for took
+# longer: the thread was idle when the request came).
+QUEUED_S = 0.0003
 
 
 _ORT_DTYPES = {
@@ -90,6 +93,27 @@ class Deployment:
     sha256: str = ""
     exact: bool = True
 
+
+
+def arrival(msg: Message, t_free: float, t_taken: float) -> float:
+    """When a request reached this node, for its queue and transfer times.
+
+    The thread takes a request only when it is free, so a request that came while it computed
+    waited in ZeroMQ's queue, and its arrival was not seen. One that the thread waited for
+    (the poll did not return at once) arrived when it was taken. One that was already there
+    arrived after the stage before it sent it and before the thread was free: its wait from
+    that send counts as queue, not transfer (its transfer overlapped this stage's compute and
+    cost the pipeline nothing); from the master, whose send is not stamped, from when the
+    thread was free.
+    """
+    if t_taken - t_free > QUEUED_S:
+        return t_taken
+    times = msg.fields.get("times")
+    try:
+        sent = float(times[-1][4]) if times else t_free
+    except (TypeError, ValueError, IndexError):
+        sent = t_free
+    return sent if sent <= t_free else t_taken  # sent after the thread was free: just came
 
 
 class NodeDataPath:
@@ -154,13 +178,14 @@ class NodeDataPath:
         try:
             while not self._stop.is_set():
                 self._take_rewires(wiring)
+                t_free = time.time()
                 if not dict(poller.poll(POLL_MS)):
                     continue
                 try:
                     frames = self.pull.recv_multipart(copy=False)
                 except zmq.ZMQError:
                     continue
-                t_recv = time.time()
+                t_taken = time.time()
                 try:
                     msg = decode(frames, self._limits)  # raises WireError and nothing else
                     if msg.kind != "activation":
@@ -169,6 +194,7 @@ class NodeDataPath:
                     self.rejected += 1
                     log.warning("rejected data message: %s", exc)
                     continue
+                t_recv = arrival(msg, t_free, t_taken)
                 self.busy = True
                 try:
                     item = self._compute(msg, t_recv)

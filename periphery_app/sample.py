@@ -23,8 +23,13 @@ if TYPE_CHECKING:
     from periphery_app.app import PeripheryApp
 
 T0 = 1_700_000_000.0
-NODES = (("n0a1", "local0", 41001, 1.00), ("n1b2", "local1", 41002, 0.92),
-         ("n2c3", "local2", 41003, 1.07))
+# As `periphery-app --demo` shows them on the 2-core machine the README's figures come from:
+# node ids are 32 hex digits, speeds about 18x the reference device, and the stages compute
+# about 21, 17 and 12 ms a request (below).
+NODES = (("3f9c0a6e51d24b7c8e0f1a2b3c4d5e6f", "local0", 41001, 18.54),
+         ("8b1d2e3f4a5b6c7d8e9f0a1b2c3d4e5f", "local1", 41002, 18.42),
+         ("c47e9a0b1c2d3e4f5a6b7c8d9e0f1a2b", "local2", 41003, 18.10))
+SPARE_ID = "e5a1f0b2c3d4e5f6a7b8c9d0e1f2a3b4"
 REQUESTS = 240
 END = T0 + 10 + REQUESTS * 0.05
 
@@ -34,12 +39,13 @@ def sample_events() -> list[ev.Event]:
     out: list[ev.Event] = []
     for i, (nid, name, port, speed) in enumerate(NODES):
         out.append(ev.NodeJoined(node_id=nid, name=name, host="127.0.0.1", port=port,
-                                 device="cpu", cores=2, memory_bytes=8 << 30, speed=speed,
+                                 device="Intel(R) Xeon(R) CPU @ 2.20GHz", cores=2,
+                                 memory_bytes=int(23.5 * (1 << 30)), speed=speed,
                                  rtt_s=1e-4, bandwidth=2e9, t=T0 + 0.1 * i))
-    out.append(ev.NodeJoined(node_id="n3d4", name="spare", host="10.0.0.9", port=41010,
-                             device="cpu", cores=4, memory_bytes=16 << 30, speed=1.3,
+    out.append(ev.NodeJoined(node_id=SPARE_ID, name="spare", host="10.0.0.9", port=41010,
+                             device="cpu", cores=4, memory_bytes=16 << 30, speed=24.6,
                              rtt_s=4e-4, bandwidth=1e8, t=T0 + 0.5))
-    out.append(ev.NodeLost(node_id="n3d4", reason="no answer for 3.0 s", t=T0 + 4.0))
+    out.append(ev.NodeLost(node_id=SPARE_ID, reason="no answer for 3.0 s", t=T0 + 4.0))
     assignment = tuple(n[0] for n in NODES)
     out.append(ev.DeployStarted(plan_stages=3, assignment=assignment, t=T0 + 5))
     for s, nid in enumerate(assignment):
@@ -49,14 +55,14 @@ def sample_events() -> list[ev.Event]:
                                  t=T0 + 6 + s * 0.1))
     out.append(ev.DeployFinished(t=T0 + 7))
     rng = random.Random(7)
-    base = (0.011, 0.019, 0.009)
+    base = (0.0206, 0.0175, 0.0122)
     for r in range(REQUESTS):
         t = T0 + 10 + r * 0.05
         wave = 1.0 + 0.3 * ((r // 40) % 2)
         stages = tuple(
             ev.StageTiming(stage=s, queue_s=0.002 * rng.random() * (2 if s == 1 else 1),
                            compute_s=b * wave * (1 + 0.1 * rng.random()),
-                           transfer_s=0.0004 + 0.0002 * rng.random())
+                           transfer_s=0.0011 + 0.0005 * rng.random())
             for s, b in enumerate(base)
         )
         latency = sum(x.total_s for x in stages)

@@ -65,6 +65,11 @@ def report_view(report: EvalReport, result: QuantResult, model_name: str) -> Ren
         for n in report.sensitive_nodes[:5]:
             nodes.add_row(n.node, n.op_type, _db(n.sqnr_db), _db(n.local_sqnr_db))
         lines.append(nodes)
+        lines.append(Text("SQNR dB: signal over quantization noise in the node's output, all the "
+                          "noise before it included (higher is closer to fp32; ∞: none). "
+                          "added dB: the same for the noise this node adds alone; the lowest "
+                          "comes first, where excluding a node (kept in float) helps most.",
+                          style="dim"))
     if result.excluded:
         lines.append(Text(f"kept in float: {', '.join(result.excluded)}", style="dim"))
     lines += [Text(f"note: {note}", style="dim") for note in result.notes]

@@ -107,7 +107,7 @@ async def test_static_int8_on_mnist_reports_saves_and_becomes_the_current_model(
         assert "evaluated on 300 samples" in report
         assert "top-1 accuracy: fp32 " in report and "quantized " in report
         assert "size " in report and "fp32: 0." in report  # INT8 weights: smaller than fp32
-        assert "Most sensitive nodes" in report
+        assert "Most sensitive nodes" in report and "added dB:" in report  # with its legend
         assert {"Save", "Use"} <= {c.title for c in app.get_system_commands(screen)}
 
         target = Path("int8.onnx")

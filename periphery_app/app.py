@@ -184,6 +184,12 @@ class PeripheryApp(App[None]):
         self.opened = message.opened
         self.notify(f"opened {message.opened.loaded.name}: "
                     f"{len(message.opened.analysis.nodes):,} nodes")
+        deployed = self.control.pipeline
+        if deployed is not None and deployed.deployed \
+                and deployed.loaded.path != message.opened.loaded.path:
+            self.notify(f"the cluster still runs {deployed.loaded.name}: deploy "
+                        f"{message.opened.loaded.name} on the Shards screen (3) to replace it",
+                        severity="warning", timeout=10)
 
     def on_plan_changed(self, message: PlanChanged) -> None:
         self.plan = message.plan

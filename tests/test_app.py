@@ -217,8 +217,9 @@ async def test_shards_screen_plans_moves_a_boundary_and_saves_and_loads(tmp_path
         await until(pilot, lambda: app.plan is not None and app.plan.k == 3)
 
 
-async def test_whole_loop_against_real_local_nodes() -> None:
-    """Add two nodes by address, plan K=2, move a boundary, assign, deploy, stream, see it."""
+async def test_whole_loop_against_real_local_nodes(tmp_path: Path) -> None:
+    """Add two nodes by address, plan K=2, move a boundary, assign, deploy, stream, see it;
+    opening another model then says the cluster still runs the deployed one."""
     cluster = LocalCluster(2, secure=False)
     cluster.start()
     app = PeripheryApp(DEMO_MODEL, browse_dir=DEMO_MODEL.parent, insecure=True)
@@ -259,6 +260,13 @@ async def test_whole_loop_against_real_local_nodes() -> None:
             assert "local1" in text_of(app, "#stages")
             await pilot.press("space")
             assert not dash.load_running
+            other = tmp_path / "other.onnx"
+            shutil.copyfile(DEMO_MODEL, other)
+            await pilot.press("1", "p", *str(other), "enter")
+            await until(pilot, lambda: app.opened is not None and app.opened.loaded.path == other)
+            await until(pilot, lambda: any(
+                "the cluster still runs demo-resnet.onnx" in str(n.message)
+                for n in app._notifications))
             await pilot.press("q")
     finally:
         app.control.close()

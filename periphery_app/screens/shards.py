@@ -64,16 +64,17 @@ class ShardsScreen(PeripheryScreen):
     MODE = "shards"
     LABEL = "Shards"
     CSS_PATH = "shards.tcss"
+    # Most used first: a narrow footer cuts the last ones (they stay under ? and ^p).
     BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("d", "deploy", "Deploy"),
         Binding("plus,equals_sign", "change_k(1)", "K+"),
         Binding("minus", "change_k(-1)", "K-"),
-        Binding("t", "cycle_strategy", "Strategy"),
-        Binding("b", "rebalance", "Balance"),
         Binding("a", "assign", "Assign"),
+        Binding("b", "rebalance", "Balance"),
+        Binding("t", "cycle_strategy", "Strategy"),
         Binding("A", "auto_assign", "Auto-assign", show=False),
         Binding("s", "save", "Save"),
         Binding("o", "load", "Load"),
-        Binding("d", "deploy", "Deploy"),
     ]
 
     def __init__(self) -> None:

@@ -47,14 +47,20 @@ def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
     return out
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Launcher:
     """A launcher subprocess whose output goes to a file, and its node processes."""
 
     def __init__(self, args: list[str], log: Path) -> None:
         self.log = log
         self._file = open(log, "w")  # noqa: SIM115
+        # Ctrl-C as a terminal sends it, whatever this test run inherited: a shell starts
+        # background jobs with SIGINT ignored, and Python keeps an ignored SIGINT ignored.
         self.proc = subprocess.Popen(args, stdout=self._file, stderr=subprocess.STDOUT,
-                                     env=ENV)
+                                     env=ENV, preexec_fn=_default_sigint)
         self.nodes: list[psutil.Process] = []
 
     def text(self) -> str:

@@ -4,13 +4,10 @@ report -> save and use; a cancelled run; a method whose optional extra is missin
 from __future__ import annotations
 
 import importlib.util
-import io
 from pathlib import Path
 
 import pytest
-from rich.console import Console
-from textual.content import Content
-from textual.widgets import Input, OptionList, ProgressBar, Static
+from textual.widgets import Input, OptionList, ProgressBar
 
 from periphery_app.app import PeripheryApp
 from periphery_app.messages import QuantizationStopped
@@ -23,6 +20,7 @@ from periphery_app.screens.shards import ShardsScreen
 from periphery_core.model import load_model
 from periphery_core.quantize.config import METHODS, IncRtn, StaticInt8, WeightOnly4Bit
 from tests.conftest import MODELS, SHARED_DATA, require_shared
+from tests.test_app import text_of
 
 SIZE = (100, 32)
 MNIST_MODEL = MODELS / "mnist-8.onnx"
@@ -46,16 +44,6 @@ def images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     labels = "t10k-labels-idx1-ubyte.gz"
     Path(labels).symlink_to(MNIST_IMAGES.with_name(labels))
     return "t10k.gz"
-
-
-def text_of(app: PeripheryApp, selector: str) -> str:
-    """The plain text a Static shows (markup, Content or a Rich renderable)."""
-    content = app.screen.query_one(selector, Static).content
-    if isinstance(content, str | Content):
-        return str(content)
-    console = Console(width=160, file=io.StringIO(), record=True)
-    console.print(content)
-    return console.export_text()
 
 
 async def open_wizard(app: PeripheryApp, pilot) -> QuantizeScreen:

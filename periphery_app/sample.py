@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 T0 = 1_700_000_000.0
 # As `periphery-app --demo` shows them on the 2-core machine the README's figures come from:
 # node ids are 32 hex digits, speeds about 18x the reference device, and the stages compute
-# about 21, 17 and 12 ms a request (below).
+# about 20, 21 and 12 ms a request, the second the bottleneck (below).
 NODES = (("3f9c0a6e51d24b7c8e0f1a2b3c4d5e6f", "local0", 41001, 18.54),
          ("8b1d2e3f4a5b6c7d8e9f0a1b2c3d4e5f", "local1", 41002, 18.42),
          ("c47e9a0b1c2d3e4f5a6b7c8d9e0f1a2b", "local2", 41003, 18.10))
@@ -55,7 +55,7 @@ def sample_events() -> list[ev.Event]:
                                  t=T0 + 6 + s * 0.1))
     out.append(ev.DeployFinished(t=T0 + 7))
     rng = random.Random(7)
-    base = (0.0206, 0.0175, 0.0122)
+    base = (0.0195, 0.0212, 0.0122)
     for r in range(REQUESTS):
         t = T0 + 10 + r * 0.05
         wave = 1.0 + 0.3 * ((r // 40) % 2)

@@ -78,7 +78,7 @@ class PipelineSteps:
         self._thread: threading.Thread | None = None
 
     # `generate` may ask for greedy steps: the last stage then sends each row's best token
-    # instead of its logits (see `_logits`).
+    # instead of its logits (see `_rows`).
     picks_greedy = True
 
     def __call__(self, ids: np.ndarray, seq: int, pos: int,

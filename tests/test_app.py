@@ -393,6 +393,22 @@ async def test_cluster_and_dashboard_show_a_fixed_fold() -> None:
         assert "20.0 req/s" in text_of(app, "#label-rps")
 
 
+async def test_the_shards_screen_plans_on_the_figures_the_nodes_reported() -> None:
+    """An app with no master of its own (the fixture's recorded events) plans the deployed
+    stages on the nodes' reported speeds, not on reference devices."""
+    app = sample_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await show_sample_screen(pilot, "shards")
+        plan = app.plan
+        assert plan is not None
+        names = [app.cluster_state.nodes[i].name for i in app.cluster_state.assignment]
+        assert [s.device for s in plan.stages] == names
+        await pilot.press("minus")  # K = 2: two of the same nodes, still their figures
+        await until(pilot, lambda: app.plan is not None and app.plan.k == 2)
+        assert [s.device for s in app.plan.stages] == names[:2]
+        assert "reference devices" not in text_of(app, "#controls")
+
+
 async def test_help_lists_keys_and_the_palette_offers_every_action() -> None:
     app = PeripheryApp(DEMO_MODEL, browse_dir=DEMO_MODEL.parent)
     async with app.run_test(size=SIZE) as pilot:

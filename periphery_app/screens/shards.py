@@ -26,6 +26,7 @@ from periphery_app.screens.base import PeripheryScreen, screen_bar
 from periphery_app.screens.modals import ChoiceModal, PromptModal
 from periphery_app.units import human_bytes, human_seconds
 from periphery_app.widgets.stage_chart import StageChart
+from periphery_core.cluster.handles import view_specs
 from periphery_core.cluster.state import ClusterState
 from periphery_core.cluster.views import StageDeploy
 from periphery_core.errors import PlanError
@@ -197,15 +198,18 @@ class ShardsScreen(PeripheryScreen):
     # ------------------------------------------------------------------ planning
 
     def _devices(self, k: int) -> list[DeviceSpec] | None:
-        """The assigned nodes' measured figures, when every stage has a node."""
-        ids = self.assignment[:k]
+        """The assigned nodes' measured figures, when every stage has a node: the master's, or
+        the event fold's where the master does not know them (an app drawing recorded events)."""
+        ids = [i for i in self.assignment[:k] if i]
+        if len(ids) < k:
+            return None
         control = self.papp.control
-        if len(ids) < k or not all(ids) or not control.has_master:
-            return None
-        known = control.master().nodes
-        if not all(i in known for i in ids):
-            return None
-        return control.master().devices([i for i in ids if i])
+        if control.has_master and all(i in control.master().nodes for i in ids):
+            return control.master().devices(ids)
+        nodes = self.papp.cluster_state.nodes
+        if all(i in nodes for i in ids):
+            return view_specs([nodes[i] for i in ids])
+        return None
 
     @work(thread=True, exclusive=True, group="plan")
     def _plan(self, opened: OpenedModel, k: int, strategy: str,

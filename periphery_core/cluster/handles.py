@@ -18,6 +18,7 @@ from typing import Any
 
 from periphery_core.cluster import events as ev
 from periphery_core.cluster.speeds import NodeSpeed, planning_speeds
+from periphery_core.cluster.views import NodeView
 from periphery_core.discovery import NodeAddress
 from periphery_core.partition.plan import DEFAULT_BANDWIDTH, DeviceSpec
 
@@ -67,12 +68,25 @@ def device_specs(handles: Sequence[NodeHandle]) -> list[DeviceSpec]:
     Measured speeds only when none is unknown and identical machines agree (speeds.py); else
     equal speeds, with the reason logged as a warning.
     """
-    trusted = planning_speeds([NodeSpeed(h.name, h.device, h.cores, h.speed) for h in handles])
+    return _specs([(NodeSpeed(h.name, h.device, h.cores, h.speed), h.free_memory, h.bandwidth)
+                   for h in handles])
+
+
+def view_specs(views: Sequence[NodeView]) -> list[DeviceSpec]:
+    """The planner's description of nodes known only from the event fold (an app with no
+    master of its own, such as one drawing recorded events): as `device_specs`, with the
+    memory a node reported in place of its free memory."""
+    return _specs([(NodeSpeed(v.name, v.device or "", v.cores or 0, v.speed), v.memory_bytes, v.bandwidth)
+                   for v in views])
+
+
+def _specs(nodes: Sequence[tuple[NodeSpeed, int | None, float | None]]) -> list[DeviceSpec]:
+    trusted = planning_speeds([speed for speed, _, _ in nodes])
     if trusted.warning:
         log.warning("%s", trusted.warning)
     return [
-        DeviceSpec(name=h.name, speed=speed,
-                   memory_bytes=int(h.free_memory * MEMORY_SHARE) if h.free_memory else None,
-                   bandwidth=h.bandwidth if h.bandwidth else DEFAULT_BANDWIDTH)
-        for h, speed in zip(handles, trusted.speeds, strict=True)
+        DeviceSpec(name=node.name, speed=speed,
+                   memory_bytes=int(memory * MEMORY_SHARE) if memory else None,
+                   bandwidth=bandwidth if bandwidth else DEFAULT_BANDWIDTH)
+        for (node, memory, bandwidth), speed in zip(nodes, trusted.speeds, strict=True)
     ]

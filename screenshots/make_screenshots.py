@@ -3,6 +3,9 @@
 Run from the repository root: `python screenshots/make_screenshots.py [SCREEN ...]` (default:
 every screen). The app is the real one; the cluster is the fixed event list of
 `periphery_app.sample` (no nodes are started), so the pictures are the same on every machine.
+The one exception is `chat`: a live run, as `periphery-app --demo MODEL_FOLDER --nodes 2` shows
+it (two local node processes serving SmolLM2 from ../shared/data, one prompt, greedy decoding),
+so its figures are this machine's.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from periphery_app.sample import (  # noqa: E402
     until,
 )
 
-SCREENS = ("model", "graph", "shards", "cluster", "dashboard", "quantize")
+SCREENS = ("model", "graph", "shards", "cluster", "dashboard", "quantize", "chat")
+SMOLLM = HERE.parent.parent / "shared" / "data" / "models" / "smollm2-135m-instruct-int4"
+CHAT_PROMPT = "What is the capital of France? Answer in one sentence."
 
 
 async def show_quantize(pilot) -> None:
@@ -37,8 +42,40 @@ async def show_quantize(pilot) -> None:
     await pilot.pause(0.1)
 
 
+async def render_chat(out_dir: Path) -> Path:
+    """The Chat screen after one reply from SmolLM2 deployed on two local node processes."""
+    from textual.widgets import Input
+
+    from periphery_app.app import PeripheryApp
+    from periphery_app.screens.chat import ChatScreen
+
+    if not SMOLLM.is_dir():
+        sys.exit(f"the chat picture needs {SMOLLM} (the shared data folder beside the project)")
+    app = PeripheryApp(SMOLLM, demo=True, demo_nodes=2, browse_dir=SMOLLM)
+    try:
+        async with app.run_test(size=SCREENSHOT_SIZE) as pilot:
+            await until(pilot, lambda: isinstance(app.screen, ChatScreen)
+                        and bool(app.screen.query("#prompt")), timeout=180)
+            screen = app.screen
+            assert isinstance(screen, ChatScreen)
+            screen.max_new_tokens = 48
+            box = screen.query_one("#prompt", Input)
+            box.focus()
+            box.value = CHAT_PROMPT
+            await pilot.press("enter")
+            await until(pilot, lambda: screen.last is not None, timeout=120)
+            app.clear_notifications()
+            await until(pilot, lambda: not app.screen.query("Toast"))
+            app.save_screenshot("chat.svg", str(out_dir))
+    finally:
+        app.control.close()
+    return out_dir / "chat.svg"
+
+
 async def render(mode: str, out_dir: Path) -> Path:
     """Save one screen's SVG and return its path."""
+    if mode == "chat":
+        return await render_chat(out_dir)
     app = sample_app()
     try:
         async with app.run_test(size=SCREENSHOT_SIZE) as pilot:

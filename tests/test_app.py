@@ -405,7 +405,9 @@ async def test_the_shards_screen_plans_on_the_figures_the_nodes_reported() -> No
         assert [s.device for s in plan.stages] == names
         await pilot.press("minus")  # K = 2: two of the same nodes, still their figures
         await until(pilot, lambda: app.plan is not None and app.plan.k == 2)
-        assert [s.device for s in app.plan.stages] == names[:2]
+        plan = app.plan
+        assert plan is not None
+        assert [s.device for s in plan.stages] == names[:2]
         assert "reference devices" not in text_of(app, "#controls")
 
 
@@ -594,3 +596,36 @@ async def test_the_graph_of_a_transformer_reads_like_the_model() -> None:
         layers = [v.label for v in folded.vertices if "/layers." in v.label]
         assert len(layers) == 5 and len(set(layers)) == 5, layers
         assert len(folded.vertices) < 30
+
+
+async def test_a_big_terminal_gives_its_room_to_more_figures() -> None:
+    """At 200x60 the Model screen lists the whole op histogram and the heaviest nodes, the
+    Shards chart says what each stage holds beside bars of bounded length, and the dashboard's
+    charts grow; at 100x32 the Model screen keeps its short form."""
+    require_shared()
+    app = PeripheryApp(STORIES, browse_dir=STORIES.parent)
+    async with app.run_test(size=(200, 60)) as pilot:
+        await until(pilot, lambda: app.opened is not None)
+        assert app.opened is not None
+        ops = len(app.opened.analysis.op_histogram)
+        assert ops > 20
+        await until(pilot, lambda: "Heaviest nodes" in text_of(app, "#summary"))
+        summary = text_of(app, "#summary")
+        assert "more" not in summary.split("Heaviest nodes")[0].split("Op histogram")[1]
+        assert "/output/MatMul" in summary  # the LM head: the node with the most FLOPs
+        await pilot.resize_terminal(100, 32)
+        await until(pilot, lambda: "Heaviest nodes" not in text_of(app, "#summary"))
+        assert f"+{ops - 12} more" in text_of(app, "#summary")
+    shown = sample_app()
+    async with shown.run_test(size=(200, 60)) as pilot:
+        await show_sample_screen(pilot, "shards")
+        chart = shown.screen.query_one("#chart")
+        lines = [strip.text for strip in chart.render_lines(chart.region.reset_offset)]
+        plan = shown.plan
+        assert plan is not None
+        assert any(f"from  {plan.stages[1].nodes[0]}" in line for line in lines)
+        assert max(line.count("█") for line in lines) <= 72
+        await pilot.press("5")
+        await until(pilot, lambda: isinstance(shown.screen, DashboardScreen))
+        await pilot.pause()
+        assert shown.screen.query_one("#spark-p50").size.height > 10

@@ -143,11 +143,11 @@ class DashboardScreen(PeripheryScreen):
         return table
 
     def _node_table(self, state: ClusterState) -> Table:
-        table = Table(title="Per node", title_justify="left", header_style="bold", expand=True,
+        table = Table(title="Per node", title_justify="left", header_style="bold",
                       padding=(0, 1), box=box.SIMPLE_HEAD)
         caches = any(n.kv_bytes is not None for n in state.nodes.values())
         for col in ("node", "state", "cpu", "", "rss", "stage", *(("KV cache",) if caches else ())):
-            table.add_column(col, no_wrap=True, ratio=1 if col == "" else None)
+            table.add_column(col, no_wrap=True)
         now = self.papp.now()
         for node in sorted(state.nodes.values(), key=lambda n: n.name):
             cpu = node.cpu_percent

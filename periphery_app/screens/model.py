@@ -79,11 +79,27 @@ class ModelScreen(PeripheryScreen):
     def _show_model(self, opened: OpenedModel | None) -> None:
         if opened is None:
             return
+        self._draw_summary(opened)
+        self._fill_recent()
+
+    def _draw_summary(self, opened: OpenedModel) -> None:
+        """The summary, filling the pane it is in (more rows and longer bars where it is big)."""
         loaded = opened.loaded
         size = loaded.path.stat().st_size if loaded.path.exists() else 0
-        self.query_one("#summary", Static).update(
-            model_summary(opened.analysis, loaded.name, size, opened.decoder))
-        self._fill_recent()
+        pane = self.query_one("#summary-pane").content_size
+        self.query_one("#summary", Static).update(model_summary(
+            opened.analysis, loaded.name, size, opened.decoder,
+            (pane.width, pane.height) if pane.height else None))
+
+    def on_resize(self) -> None:
+        self.call_after_refresh(self._fit_summary)  # once the pane has its new size
+
+    def on_screen_resume(self) -> None:
+        self.call_after_refresh(self._fit_summary)
+
+    def _fit_summary(self) -> None:
+        if self.papp.opened is not None:
+            self._draw_summary(self.papp.opened)
 
     # ------------------------------------------------------------------ opening
 

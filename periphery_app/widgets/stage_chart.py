@@ -1,5 +1,8 @@
 """Per-stage bars of a plan: predicted compute, memory and bytes sent, plus deploy progress.
 
+Bars are at most `MAX_BAR` cells: on a wide terminal the room beyond goes to what each stage
+holds (its first and last node, the tensors it sends, its parameters and FLOPs).
+
 The parent sets the data (`set_data`); the chart owns only its selection and reports keys as
 messages (`Selected`, `BoundaryMoved`), so the screen decides what a moved boundary means.
 """
@@ -17,11 +20,14 @@ from textual.message import Message
 from textual.reactive import reactive
 from textual.widget import Widget
 
-from periphery_app.units import bar, human_bytes, human_seconds
+from periphery_app.units import bar, human_bytes, human_count, human_seconds
 from periphery_core.cluster.views import StageDeploy
-from periphery_core.partition.plan import ShardPlan
+from periphery_core.partition.plan import ShardPlan, Stage
 
 LINES_PER_STAGE = 5
+MAX_BAR = 72
+LABELS = 36  # columns beside a bar: the row's name and its figure
+SIDE_MIN = 40  # the least room worth a side column
 
 
 class StageChart(Widget, can_focus=True):
@@ -105,7 +111,8 @@ class StageChart(Widget, can_focus=True):
         plan = self._plan
         if plan is None:
             return Text("No plan yet: open a model on the Model screen (1).", style="dim")
-        width = max(10, self.size.width - 36)
+        width = max(10, min(MAX_BAR, self.size.width - LABELS))
+        side = self.size.width - width - LABELS - 2
         top_compute = max(s.compute_s for s in plan.stages) or 1.0
         top_memory = max(s.memory_bytes for s in plan.stages) or 1
         top_sent = max((s.output_bytes for s in plan.stages[:-1]), default=0) or 1
@@ -116,37 +123,54 @@ class StageChart(Widget, can_focus=True):
             chosen = s.index == self.selected
             bottleneck = s.index == plan.bottleneck_stage
             name = self._names[s.index] if s.index < len(self._names) else None
-            text.append("▶ " if chosen else "  ", style="bold yellow" if chosen else "")
-            text.append(f"Stage {s.index}", style="bold reverse" if chosen else "bold")
-            text.append(f"  {len(s.nodes)} nodes  on ")
-            text.append(name or f"{s.device} (unassigned)", style="bold" if name else "dim")
-            text.append(f"  cost {human_seconds(s.cost_s)}")
+            head = Text()
+            head.append("▶ " if chosen else "  ", style="bold yellow" if chosen else "")
+            head.append(f"Stage {s.index}", style="bold reverse" if chosen else "bold")
+            head.append(f"  {len(s.nodes)} nodes  on ")
+            head.append(name or f"{s.device} (unassigned)", style="bold" if name else "dim")
+            head.append(f"  cost {human_seconds(s.cost_s)}")
             if bottleneck:
-                text.append("  ◀ bottleneck", style="bold red")
-            text.append("\n")
-            text.append("    compute ", style="dim")
-            text.append(bar(s.compute_s / top_compute, width),
-                        style="red" if bottleneck else "green")
-            text.append(f" {human_seconds(s.compute_s)}\n")
-            text.append("    memory  ", style="dim")
-            text.append(bar(s.memory_bytes / top_memory, width), style="blue")
-            text.append(f" {human_bytes(s.memory_bytes)}\n")
-            text.append("    sends   ", style="dim")
+                head.append("  ◀ bottleneck", style="bold red")
+            rows = [Text("    compute ", style="dim"), Text("    memory  ", style="dim"),
+                    Text("    sends   ", style="dim"), Text("    deploy  ", style="dim")]
+            rows[0].append(bar(s.compute_s / top_compute, width),
+                           style="red" if bottleneck else "green")
+            rows[0].append(f" {human_seconds(s.compute_s)}")
+            rows[1].append(bar(s.memory_bytes / top_memory, width), style="blue")
+            rows[1].append(f" {human_bytes(s.memory_bytes)}")
             if s.index < plan.k - 1:
-                text.append(bar(s.output_bytes / top_sent, width), style="magenta")
-                text.append(f" {human_bytes(s.output_bytes)} (cut at {cut})\n")
+                rows[2].append(bar(s.output_bytes / top_sent, width), style="magenta")
+                rows[2].append(f" {human_bytes(s.output_bytes)} (cut at {cut})")
             else:
-                text.append("(results to the master)\n", style="dim")
-            text.append("    deploy  ", style="dim")
+                rows[2].append("(results to the master)", style="dim")
             d = self._deploy.get(s.index)
             if d is None:
-                text.append("-\n", style="dim")
+                rows[3].append("-", style="dim")
             elif d.status == "failed":
-                text.append(f"failed: {d.error}\n", style="bold red")
+                rows[3].append(f"failed: {d.error}", style="bold red")
             else:
-                text.append(bar(d.fraction, width), style="cyan")
+                rows[3].append(bar(d.fraction, width), style="cyan")
                 provider = (d.provider or "").removesuffix("ExecutionProvider")
                 label = provider if d.status == "ready" else f"{d.fraction:.0%}"
-                text.append(f" {d.status} {label}\n")
+                rows[3].append(f" {d.status} {label}")
+            if side >= SIDE_MIN:
+                for row, extra in zip(rows, _holds(s), strict=True):
+                    row.pad_right(width + LABELS + 2 - row.cell_len)
+                    row.append_text(extra)
+            text.append_text(head)
+            for row in rows:
+                text.append("\n")
+                text.append_text(row)
+            text.append("\n")
         text.rstrip()
         return text
+
+
+def _holds(stage: Stage) -> list[Text]:
+    """Four lines on what a stage holds, for the side column of a wide chart."""
+    sends = ", ".join(f"{b.name} {'x'.join(map(str, b.shape))}" for b in stage.outputs)
+    return [Text.assemble(("from  ", "dim"), stage.nodes[0] if stage.nodes else "-"),
+            Text.assemble(("to    ", "dim"), stage.nodes[-1] if stage.nodes else "-"),
+            Text.assemble(("out   ", "dim"), sends or "-"),
+            Text.assemble(("holds ", "dim"), f"{human_bytes(stage.param_bytes)} of weights · "
+                                             f"{human_count(stage.flops, 'FLOP')}")]

@@ -76,8 +76,8 @@ def view_specs(views: Sequence[NodeView]) -> list[DeviceSpec]:
     """The planner's description of nodes known only from the event fold (an app with no
     master of its own, such as one drawing recorded events): as `device_specs`, with the
     memory a node reported in place of its free memory."""
-    return _specs([(NodeSpeed(v.name, v.device or "", v.cores or 0, v.speed), v.memory_bytes, v.bandwidth)
-                   for v in views])
+    return _specs([(NodeSpeed(v.name, v.device or "", v.cores or 0, v.speed), v.memory_bytes,
+                    v.bandwidth) for v in views])
 
 
 def _specs(nodes: Sequence[tuple[NodeSpeed, int | None, float | None]]) -> list[DeviceSpec]:

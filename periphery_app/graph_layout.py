@@ -8,6 +8,10 @@ layers is routed through one-column dummy positions, and every edge is drawn wit
 in the two rows between its layers. Overlapping edges merge like wires on a bus; the exact
 inputs and outputs of a node are in its details.
 
+Plumbing (constants, the shape arithmetic an exporter emits) is drawn inside the box of its
+first reader that is drawn: wires into it end at that box, wires leaving it are left out, as
+for a weight. What is left reads like the model.
+
 Folding collapses every run of nodes that share a numbered name prefix (`block3.`, `/layers.0/`)
 into one vertex. A fold that would create a cycle (the group is not convex) is left unfolded.
 """
@@ -62,6 +66,8 @@ class Vertex:
         layer: Its layer (0 at the top).
         x: Leftmost column of its box.
         width: Columns of its box.
+        absorbed: How many of the members (the last ones) are drawn inside this box rather than
+            as boxes of their own: constants and shape plumbing read by the others.
     """
 
     id: int
@@ -70,15 +76,20 @@ class Vertex:
     layer: int
     x: int
     width: int
-    constants: int = 0  # members that are constants drawn inside the box of their reader
+    absorbed: int = 0
 
     @property
     def center(self) -> int:
         return self.x + self.width // 2
 
     @property
+    def own(self) -> tuple[int, ...]:
+        """The members the box is drawn for, less those drawn inside it."""
+        return self.members[: len(self.members) - self.absorbed]
+
+    @property
     def folded(self) -> bool:
-        return len(self.members) - self.constants > 1
+        return len(self.own) > 1
 
 
 @dataclass
@@ -127,7 +138,7 @@ def _clip(text: str, limit: int = MAX_LABEL) -> str:
 
 
 def _edges_between(nodes: Sequence[NodeInfo], vertex_of: list[int],
-                   absorb: frozenset[int] = frozenset()) -> list[tuple[int, int]]:
+                   home: dict[int, int]) -> list[tuple[int, int]]:
     producer: dict[str, int] = {}
     for i, n in enumerate(nodes):
         for o in n.outputs:
@@ -136,7 +147,7 @@ def _edges_between(nodes: Sequence[NodeInfo], vertex_of: list[int],
     for i, n in enumerate(nodes):
         for name in n.inputs:
             p = producer.get(name)
-            if p is None or p in absorb:  # a constant is drawn in its readers' boxes
+            if p is None or p in home:  # drawn inside its reader's box, like a weight
                 continue
             a, b = vertex_of[p], vertex_of[i]
             if a != b:
@@ -163,35 +174,51 @@ def _topological(count: int, edges: Sequence[tuple[int, int]]) -> tuple[list[int
     return order, {v for v in range(count) if indeg[v] > 0}
 
 
-def _absorb_into_readers(nodes: Sequence[NodeInfo], absorb: frozenset[int],
-                         vertex_of: list[int], members: list[list[int]]) -> None:
-    """Put each absorbed node (a constant) in the vertex of its first reader that is drawn,
-    following chains of constants; one that nothing drawn reads keeps its own vertex."""
-    readers: dict[str, list[int]] = {}
+def _homes(nodes: Sequence[NodeInfo], absorb: frozenset[int]) -> dict[int, int]:
+    """The node in whose box each absorbed node is drawn: its first reader that is not absorbed,
+    following chains of absorbed nodes. One that nothing drawn reads has none (keeps its box).
+    Readers come after the node in topological order, so a backward pass settles each chain."""
+    readers: dict[str, list[int]] = defaultdict(list)
     for i, n in enumerate(nodes):
         for name in n.inputs:
-            readers.setdefault(name, []).append(i)
-
-    def home(i: int, depth: int = 0) -> int | None:
+            readers[name].append(i)
+    home: dict[int, int] = {}
+    for i in sorted(absorb, reverse=True):
         for reader in sorted(r for o in nodes[i].outputs for r in readers.get(o, ())):
             if reader not in absorb:
-                return vertex_of[reader]
-            if depth < 16:
-                found = home(reader, depth + 1)
-                if found is not None:
-                    return found
-        return None
+                home[i] = reader
+                break
+            if reader in home:
+                home[i] = home[reader]
+                break
+    return home
 
-    for i in sorted(absorb):
-        target = home(i)
-        if target is not None and target != vertex_of[i]:
-            members[vertex_of[i]].remove(i)
-            vertex_of[i] = target
-            members[target].append(i)
+
+def _assign(keys: Sequence[str | None], home: dict[int, int]) -> tuple[list[int], list[list[int]]]:
+    """Vertices from fold keys: one per key shared, one per other node that has no home; each
+    node with a home joins its home's vertex, after the vertex's own members."""
+    vertex_of = [-1] * len(keys)
+    members: list[list[int]] = []
+    group_vertex: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        if i in home:
+            continue
+        if k is not None and k in group_vertex:
+            vertex_of[i] = group_vertex[k]
+            members[vertex_of[i]].append(i)
+            continue
+        if k is not None:
+            group_vertex[k] = len(members)
+        vertex_of[i] = len(members)
+        members.append([i])
+    for i in sorted(home):
+        vertex_of[i] = vertex_of[home[i]]
+        members[vertex_of[i]].append(i)
+    return vertex_of, members
 
 
 def _grouping(
-    nodes: Sequence[NodeInfo], fold: bool, absorb: frozenset[int] = frozenset()
+    nodes: Sequence[NodeInfo], fold: bool, absorb: frozenset[int], home: dict[int, int]
 ) -> tuple[list[int], list[list[int]], list[str]]:
     """Which vertex each node belongs to, the members of each vertex, and notes."""
     notes: list[str] = []
@@ -201,29 +228,16 @@ def _grouping(
         sizes = Counter(k for k in keys if k is not None)
         keys = [k if k is not None and sizes[k] > 1 else None for k in keys]
     for _ in range(8):
-        vertex_of: list[int] = []
-        members: list[list[int]] = []
-        group_vertex: dict[str, int] = {}
-        for i, k in enumerate(keys):
-            if k is None:
-                vertex_of.append(len(members))
-                members.append([i])
-            elif k in group_vertex:
-                vertex_of.append(group_vertex[k])
-                members[group_vertex[k]].append(i)
-            else:
-                group_vertex[k] = len(members)
-                vertex_of.append(len(members))
-                members.append([i])
-        if not group_vertex:
+        vertex_of, members = _assign(keys, home)
+        if not any(k is not None for k in keys):
             return vertex_of, members, notes
-        _, cyclic = _topological(len(members), _edges_between(nodes, vertex_of))
+        _, cyclic = _topological(len(members), _edges_between(nodes, vertex_of, home))
         if not cyclic:
             return vertex_of, members, notes
-        bad = {keys[members[v][0]] for v in cyclic if len(members[v]) > 1}
+        bad = {k for v in cyclic if (k := keys[members[v][0]]) is not None}
         notes.append(f"left {len(bad)} group(s) unfolded: folding them would make a cycle")
         keys = [None if k in bad else k for k in keys]
-    return list(range(len(nodes))), [[i] for i in range(len(nodes))], notes
+    return (*_assign([None] * len(nodes), home), notes)
 
 
 def layout_graph(nodes: Sequence[NodeInfo], *, fold: bool = False,
@@ -234,20 +248,16 @@ def layout_graph(nodes: Sequence[NodeInfo], *, fold: bool = False,
         nodes: The analysis' nodes.
         fold: Collapse numbered name groups into one vertex each.
         absorb: Nodes drawn inside the box of the node that reads them, not as boxes of their
-            own: constants (a `Constant`, a weight's Transpose), which are the weights' plumbing.
+            own: plumbing such as constants (a `Constant`, a weight's Transpose) and the shape
+            arithmetic feeding a `Reshape`. One that nothing drawn reads keeps its own box.
 
     Returns:
         The drawing.
     """
-    vertex_of, members, notes = _grouping(nodes, fold, absorb)
-    if absorb:
-        _absorb_into_readers(nodes, absorb, vertex_of, members)
-        kept = [m for m in members if m]  # vertices left empty go; renumber the rest
-        renumber = {id(m): v for v, m in enumerate(kept)}
-        vertex_of = [renumber[id(members[vertex_of[i]])] for i in range(len(nodes))]
-        members = kept
+    home = _homes(nodes, absorb)
+    vertex_of, members, notes = _grouping(nodes, fold, absorb, home)
     count = len(members)
-    edges = _edges_between(nodes, vertex_of, absorb)
+    edges = _edges_between(nodes, vertex_of, home)
     preds: list[list[int]] = [[] for _ in range(count)]
     succs: list[list[int]] = [[] for _ in range(count)]
     for a, b in edges:
@@ -267,7 +277,7 @@ def layout_graph(nodes: Sequence[NodeInfo], *, fold: bool = False,
 
     labels: list[str] = []
     for mem in members:
-        drawn = [i for i in mem if i not in absorb] or mem
+        drawn = [i for i in mem if i not in home]
         if len(drawn) > 1:
             group = fold_group(nodes[drawn[0]].key) or nodes[drawn[0]].key
             labels.append(_clip(f"▸ {group} ×{len(drawn)}"))
@@ -324,7 +334,7 @@ def layout_graph(nodes: Sequence[NodeInfo], *, fold: bool = False,
 
     vertices = [
         Vertex(v, tuple(members[v]), labels[v], layer[v], x_of[v], width_of[v],
-               sum(1 for i in members[v] if i in absorb))
+               sum(1 for i in members[v] if i in home))
         for v in range(count)
     ]
     edge_cells: dict[int, dict[int, tuple[int, tuple[int, ...]]]] = defaultdict(dict)

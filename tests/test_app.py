@@ -174,8 +174,8 @@ async def test_graph_of_1580_nodes_paints_only_its_viewport(
             await pilot.press("down")
         await pilot.pause()
         layout = view.graph_layout
-        assert layout is not None and layout.height > 1000
-        # 21 redraws of a ~25-row viewport, nowhere near the 1,000+ rows of the canvas each
+        assert layout is not None and layout.height > 700
+        # 21 redraws of a ~25-row viewport, nowhere near the 700+ rows of the canvas each
         assert 0 < len(painted) < 21 * 40
         assert layout.vertices[view.selected].layer >= 10
 
@@ -574,21 +574,46 @@ async def test_the_model_screen_sets_input_shapes_and_recomputes() -> None:
 
 
 async def test_the_graph_of_a_transformer_reads_like_the_model() -> None:
-    """stories260K (1,580 nodes, 564 of them constants): no Constant box by default, and
-    folded it is the embedding, one box per layer, and the head."""
+    """stories260K (1,580 nodes, 564 of them constants, 611 arithmetic on shapes): no Constant
+    box by default, no box of shape plumbing, and folded it is the embedding, one box per layer,
+    and the head."""
     require_shared()
     app = PeripheryApp(MODELS / "stories260K.onnx", browse_dir=MODELS)
     async with app.run_test(size=SIZE) as pilot:
         screen, view = await _graph_screen(app, pilot)
         layout = view.graph_layout
-        assert layout is not None
+        assert layout is not None and app.opened is not None
+        nodes, tensors = app.opened.analysis.nodes, app.opened.analysis.tensors
         ops = [v.label.split()[0] for v in layout.vertices]
         assert "Constant" not in ops
-        assert len(layout.vertices) < 1580 - 500
-        holder = next(v for v in layout.vertices if v.constants and not v.folded)
+        assert len(layout.vertices) < 500  # 1,016 when only constants are drawn inside boxes
+        # every node is in exactly one box, and no box is a step on int64 shape values
+        assert sorted(i for v in layout.vertices for i in v.members) == list(range(len(nodes)))
+        assert all(i in layout.vertices[layout.vertex_of_node[i]].members
+                   for i in range(len(nodes)))
+        kinds = {(nodes[i].op_type, tensors[nodes[i].outputs[0]].dtype)
+                 for v in layout.vertices for i in v.own}
+        assert not {k for k in kinds if k[0] in ("Shape", "Gather", "Unsqueeze", "Concat")
+                    and k[1] == "int64"}, kinds
+        # steps on activations stay boxes: the embedding lookup reads the tokens' values
+        for key in ("/tok_embeddings/Gather", "/layers.0/Reshape"):
+            index = app.opened.analysis.node(key).index
+            assert layout.vertices[layout.vertex_of_node[index]].own == (index,), key
         console = Console(width=160, file=io.StringIO(), record=True)
-        console.print(screen.details(holder.members))  # the box's details name its constants
-        assert "drawn in this box" in console.export_text()
+        for kind in ("Constant", "Shape"):  # the box's details say what is drawn in it
+            holder = next(v for v in layout.vertices if not v.folded and any(
+                nodes[i].op_type == kind for i in v.members[len(v.own):]))
+            console.print(screen.details(holder.members))
+        details = console.export_text()
+        assert "drawn in this box" in details and "shape ops drawn in this box" in details
+        assert "1,175 drawn inside other boxes" in text_of(app, "#legend")
+        # search finds a hidden Shape node and selects the box it is drawn in
+        hidden = next(i for v in layout.vertices for i in v.members[len(v.own):]
+                      if nodes[i].op_type == "Shape"
+                      and sum(nodes[i].key.lower() in n.key.lower() for n in nodes) == 1)
+        await pilot.press("slash", *nodes[hidden].key, "enter")
+        assert view.selected == layout.vertex_of_node[hidden]
+        assert hidden not in layout.vertices[view.selected].own
         await pilot.press("f")
         await until(pilot, lambda: view.graph_layout is not layout)
         folded = view.graph_layout

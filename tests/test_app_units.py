@@ -6,16 +6,21 @@ import itertools
 import math
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
+from onnx import helper, numpy_helper
 
 from periphery_app import recent
 from periphery_app.graph_layout import BOX, ROWS_PER_LAYER, fold_group, layout_graph, neighbour
 from periphery_app.history import Sample, append, sample
 from periphery_app.main import parse_args
 from periphery_app.sample import END, sample_history, sample_state
+from periphery_app.screens.graph import drawn_inside
 from periphery_app.screens.shards import cuts_of, moved
 from periphery_core.model import load_model
 from periphery_core.model.analysis import NodeInfo, analyze
+from periphery_core.model.graph import shape_only
 from periphery_core.partition.planner import make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +80,56 @@ def test_a_fold_that_would_make_a_cycle_is_left_unfolded() -> None:
     layout = layout_graph(nodes, fold=True)
     assert len(layout.vertices) == 3
     assert layout.notes
+
+
+def test_a_fold_keeps_the_plumbing_its_group_reads() -> None:
+    # Shape_1 reads g1.a and feeds g1.b: drawn inside g1.b, it must not make g1 look non-convex
+    nodes = [_node(0, "g1.a", ("x",), ("t",)), _node(1, "Shape_1", ("t",), ("s",)),
+             _node(2, "g1.b", ("t", "s"), ("y",))]
+    layout = layout_graph(nodes, fold=True, absorb=frozenset({1}))
+    assert [v.members for v in layout.vertices] == [(0, 2, 1)]
+    assert layout.vertices[0].own == (0, 2) and not layout.notes
+
+
+def _shape_arithmetic_model(path: Path) -> Path:
+    """An embedding lookup, then a Reshape whose target is computed from the activation's shape
+    (as torch.onnx exports `x.view(x.size(0), -1)`), and the result's shape as a second output."""
+    inits: dict[str, np.ndarray] = {"emb": np.arange(60, dtype=np.float32).reshape(10, 6),
+            "zero": np.array(0, dtype=np.int64), "axes": np.array([0], dtype=np.int64),
+            "rest": np.array([-1], dtype=np.int64)}
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["emb", "ids"], ["e"], name="embed"),
+         helper.make_node("Add", ["x", "e"], ["h"], name="add"),
+         helper.make_node("Shape", ["h"], ["s"], name="shape"),
+         helper.make_node("Gather", ["s", "zero"], ["n"], name="first", axis=0),
+         helper.make_node("Unsqueeze", ["n", "axes"], ["n1"], name="unsqueeze"),
+         helper.make_node("Concat", ["n1", "rest"], ["target"], name="concat", axis=0),
+         helper.make_node("Reshape", ["h", "target"], ["y"], name="reshape"),
+         helper.make_node("Shape", ["y"], ["y_shape"], name="out_shape")],
+        "shapes",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 6]),
+         helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("y_shape", onnx.TensorProto.INT64, None)],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_shape_arithmetic_is_drawn_inside_the_node_it_feeds(tmp_path: Path) -> None:
+    loaded = load_model(_shape_arithmetic_model(tmp_path / "shapes.onnx"))
+    analysis = analyze(loaded)
+    keys = shape_only(loaded.proto.graph, [n.key for n in analysis.nodes],
+                      analysis.constant_nodes)
+    # the embedding reads the ids' values; the last Shape is a model output
+    assert keys == {"shape", "first", "unsqueeze", "concat"}
+    layout = layout_graph(analysis.nodes, absorb=drawn_inside(analysis, keys))
+    assert [v.label for v in layout.vertices] == ["Gather embed", "Add add", "Reshape reshape",
+                                                  "Shape out_shape"]
+    reshape = layout.vertices[2]
+    assert reshape.absorbed == 4 and not reshape.folded
+    assert {layout.vertex_of_node[i] for i in range(2, 7)} == {reshape.id}
+    assert layout.edges == [(0, 1), (1, 2), (2, 3)]
 
 
 def test_arrow_navigation_moves_between_layers_and_within_one(demo_analysis) -> None:

@@ -29,14 +29,24 @@ from periphery_app.screens.modals import DetailsModal
 from periphery_app.units import human_bytes, human_count, human_seconds, shape_text
 from periphery_app.widgets.graph_view import GraphView, heat
 from periphery_core.model.analysis import ModelAnalysis
+from periphery_core.model.graph import shape_only
 from periphery_core.model.shapes import elem_dtype
 from periphery_core.partition.plan import ShardPlan
 
 
-def constant_indices(analysis: ModelAnalysis) -> frozenset[int]:
+def shape_ops(opened: OpenedModel) -> frozenset[str]:
+    """Keys of the nodes that compute on activations' shapes alone (`Shape`, and the `Gather`,
+    `Unsqueeze`, `Concat`... that turn it into a `Reshape`'s target): see `shape_only`."""
+    analysis = opened.analysis
+    return shape_only(opened.loaded.proto.graph, [n.key for n in analysis.nodes],
+                      analysis.constant_nodes)
+
+
+def drawn_inside(analysis: ModelAnalysis, shape_keys: frozenset[str]) -> frozenset[int]:
     """The nodes drawn inside their readers' boxes: constants (a `Constant`, a weight's
-    Transpose or Reshape), which are plumbing of the weights, not steps of the model."""
-    return frozenset(n.index for n in analysis.nodes if n.key in analysis.constant_nodes)
+    Transpose or Reshape) and shape arithmetic, which are plumbing, not steps of the model."""
+    return frozenset(n.index for n in analysis.nodes
+                     if n.key in analysis.constant_nodes or n.key in shape_keys)
 
 
 def stage_colours(plan: ShardPlan) -> list[Color]:
@@ -50,11 +60,13 @@ def stage_colours(plan: ShardPlan) -> list[Color]:
 class LayoutReady(Message):
     """A layout finished computing in the worker."""
 
-    def __init__(self, layout: GraphLayout, analysis_id: int, selected_node: int) -> None:
+    def __init__(self, layout: GraphLayout, analysis_id: int, selected_node: int,
+                 shape_keys: frozenset[str]) -> None:
         super().__init__()
         self.layout = layout
         self.analysis_id = analysis_id
         self.selected_node = selected_node
+        self.shape_keys = shape_keys
 
 
 class GraphScreen(PeripheryScreen):
@@ -79,6 +91,7 @@ class GraphScreen(PeripheryScreen):
         self._weight_types: tuple[OpenedModel, dict[str, tuple[str, tuple[int, ...]]]] | None \
             = None
         self._stage_of_node: dict[int, int] = {}
+        self._shape_keys: frozenset[str] = frozenset()  # of the layout shown (see `shape_ops`)
 
     def compose(self) -> ComposeResult:
         yield screen_bar(self)
@@ -107,18 +120,20 @@ class GraphScreen(PeripheryScreen):
     @work(thread=True, exclusive=True, group="layout")
     def _compute_layout(self, opened: OpenedModel, fold: bool, selected_node: int) -> None:
         try:
+            shape_keys = shape_ops(opened)
             layout = layout_graph(opened.analysis.nodes, fold=fold,
-                                  absorb=constant_indices(opened.analysis))
+                                  absorb=drawn_inside(opened.analysis, shape_keys))
         except Exception as exc:
             self.report_failure(exc)
             return
-        self.post_message(LayoutReady(layout, id(opened.analysis), selected_node))
+        self.post_message(LayoutReady(layout, id(opened.analysis), selected_node, shape_keys))
 
     def on_layout_ready(self, message: LayoutReady) -> None:
         opened = self._opened
         if opened is None or id(opened.analysis) != message.analysis_id:
             return  # a stale layout of a model no longer open
         layout = message.layout
+        self._shape_keys = message.shape_keys
         view = self.query_one(GraphView)
         view.set_layout(layout, layout.vertex_of_node.get(message.selected_node, 0))
         self._plan_changed(self.papp.plan)
@@ -146,7 +161,7 @@ class GraphScreen(PeripheryScreen):
                 stage = self._stage_of_node.get(v.members[0])
                 if stage is not None:
                     vertex_heat[v.id] = colours[stage]
-            stage_of_vertex = {v.id: self._stage_of_node.get(v.members[-1])
+            stage_of_vertex = {v.id: self._stage_of_node.get(v.own[-1])
                                for v in layout.vertices}
             first_stage = {v.id: self._stage_of_node.get(v.members[0]) for v in layout.vertices}
             for e, (a, b) in enumerate(layout.edges):
@@ -164,6 +179,9 @@ class GraphScreen(PeripheryScreen):
             return
         text = Text()
         text.append(f"{len(opened.analysis.nodes):,} nodes", style="bold")
+        inside = sum(v.absorbed for v in layout.vertices)
+        if inside:
+            text.append(f" · {inside:,} drawn inside other boxes")
         text.append(f" · {len(layout.vertices):,} boxes · {len(layout.layers)} layers · fold ")
         text.append("on" if layout.folded else "off", style="bold")
         if self._matches:
@@ -189,7 +207,7 @@ class GraphScreen(PeripheryScreen):
         v = layout.vertices[event.vertex]
         nodes = self._opened.analysis.nodes
         if v.folded:
-            line = f"{v.label.lstrip('▸ ')}: {len(v.members)} nodes, " \
+            line = f"{v.label.lstrip('▸ ')}: {len(v.own)} nodes, " \
                    f"{human_count(sum(nodes[i].flops for i in v.members), 'FLOP')}"
         else:
             n = nodes[v.members[0]]
@@ -230,10 +248,21 @@ class GraphScreen(PeripheryScreen):
         """What a node (or a folded group) is: op, tensors with shapes, costs, stage."""
         assert self._opened is not None
         analysis = self._opened.analysis
-        constants = [analysis.nodes[i] for i in members if analysis.nodes[i].key in
-                     analysis.constant_nodes]
-        nodes = [analysis.nodes[i] for i in members if analysis.nodes[i] not in constants] \
-            or constants
+        picked = [analysis.nodes[i] for i in members]
+        constants = [n for n in picked if n.key in analysis.constant_nodes]
+        shaping = [n for n in picked if n.key in self._shape_keys]
+        nodes = [n for n in picked
+                 if n.key not in analysis.constant_nodes and n.key not in self._shape_keys] \
+            or constants or shaping
+        inside: list[tuple[str, str]] = []  # what the box holds besides its own nodes
+        if constants and nodes[0] not in constants:
+            inside.append(("Constants", f"{len(constants)} drawn in this box: "
+                           + ", ".join(c.key for c in constants[:3])
+                           + (" …" if len(constants) > 3 else "")))
+        if shaping and nodes[0] not in shaping:
+            ops = Counter(n.op_type for n in shaping).most_common()
+            inside.append(("Shape ops", f"{len(shaping)} shape ops drawn in this box: "
+                           + ", ".join(f"{op} ×{c}" for op, c in ops)))
         if len(nodes) > 1:
             ops = Counter(n.op_type for n in nodes).most_common()
             facts = Table.grid(padding=(0, 2))
@@ -243,6 +272,8 @@ class GraphScreen(PeripheryScreen):
             facts.add_row("Params", human_bytes(sum(n.param_bytes for n in nodes)))
             facts.add_row("First", nodes[0].key)
             facts.add_row("Last", nodes[-1].key)
+            for row in inside:
+                facts.add_row(*row)
             return Group(facts, Text("\npress f to unfold groups", style="dim"))
         n = nodes[0]
         facts = Table.grid(padding=(0, 2))
@@ -256,10 +287,8 @@ class GraphScreen(PeripheryScreen):
         stage = self._stage_of_node.get(nodes[0].index)
         if stage is not None:
             facts.add_row("Stage", str(stage))
-        if constants and nodes[0] not in constants:
-            facts.add_row("Constants", f"{len(constants)} drawn in this box: "
-                          + ", ".join(c.key for c in constants[:3])
-                          + (" …" if len(constants) > 3 else ""))
+        for row in inside:
+            facts.add_row(*row)
         tensors = Table(header_style="bold", padding=(0, 1), expand=False, box=box.SIMPLE_HEAD)
         for col in ("", "tensor", "dtype", "shape", "bytes"):
             tensors.add_column(col)

@@ -1,4 +1,5 @@
-"""Walking an ONNX graph: subgraphs, what a node reads, unique node keys, constant nodes.
+"""Walking an ONNX graph: subgraphs, what a node reads, unique node keys, constant nodes, and
+nodes that compute on activations' shapes alone.
 
 A node with a subgraph (If, Loop, Scan) reads, besides its explicit inputs, every name its
 bodies take from the enclosing scope. The analysis, shard extraction and the stateful rewrite
@@ -68,6 +69,54 @@ def constant_foldable(graph: onnx.GraphProto, keys: Sequence[str]) -> frozenset[
         ):
             found.add(key)
             known.update(o for o in node.output if o)
+    return frozenset(found)
+
+
+def shape_only(graph: onnx.GraphProto, keys: Sequence[str],
+               constants: frozenset[str]) -> frozenset[str]:
+    """Nodes whose outputs depend on activations' shapes, never on their values.
+
+    A `Shape` or `Size` node is one; so is a node whose every input is a weight, a constant
+    node's output or such a node's output, with at least one of the last kind (else it is a
+    constant). Standard-domain, deterministic, without subgraphs, and not producing a model
+    output, like `constant_foldable`. Exporters such as torch.onnx emit long chains of them
+    (`Shape`, `Gather`, `Unsqueeze`, `Concat`) to build a `Reshape`'s target shape, a `Slice`'s
+    bounds or a causal mask: they are the plumbing of the node they feed, not steps of the
+    model. One pass, since the graph's nodes are in topological order.
+
+    Args:
+        graph: The model's top-level graph.
+        keys: A key per node, as from `node_keys`.
+        constants: Keys of the constant nodes, as from `constant_foldable`.
+
+    Returns:
+        The keys of those nodes.
+    """
+    known = {i.name for i in graph.initializer} | {i.values.name for i in graph.sparse_initializer}
+    outputs = {o.name for o in graph.output}
+    shaped: set[str] = set()  # outputs of the nodes found so far
+    found: set[str] = set()
+    for node, key in zip(graph.node, keys, strict=True):
+        made = [o for o in node.output if o]
+        if key in constants:
+            known.update(made)
+            continue
+        inputs = [n for n in node.input if n]
+        if (
+            node.domain in ("", "ai.onnx")
+            and not any(o in outputs for o in made)
+            and (
+                node.op_type in ("Shape", "Size")
+                or (
+                    node.op_type not in _NONDETERMINISTIC
+                    and not any(True for _ in subgraphs(node))
+                    and any(n in shaped for n in inputs)
+                    and all(n in shaped or n in known for n in inputs)
+                )
+            )
+        ):
+            found.add(key)
+            shaped.update(made)
     return frozenset(found)
 
 

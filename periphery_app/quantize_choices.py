@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 from rich.text import Text
 
@@ -23,6 +24,7 @@ from periphery_core.quantize.config import (
     method_info,
     missing_extra,
 )
+from periphery_core.quantize.sources import spec_for, spec_path
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,15 +130,39 @@ def data_hints(opened: OpenedModel) -> list[tuple[str, str]]:
              ("npz:FEEDS.npz", "named arrays, as --inputs; a leading axis for several"),
              ("npz:DIR  or  npy:DIR", "one sample per file")]
     tensors = [s for s in opened.analysis.inputs if s.kind == "tensor"]
-    folder = opened.loaded.path.parent
     if len(tensors) == 1 and len(tensors[0].shape) == 4 and tensors[0].dtype.kind == "f":
         _, channels, height, width = tensors[0].shape
         if (channels, height, width) == (1, 28, 28):
             hints.append(("mnist:IMAGES.idx.gz?range=0:200", "MNIST digits (labels beside)"))
         hints.append((f"images:DIR?size={height}x{width}", f"photos, resized to "
                       f"{height}x{width}; labels.txt gives accuracy"))
-    if (folder / "tokenizer.json").is_file():
-        hints.append((f"text:FILE?tokenizer={folder / 'tokenizer.json'}", "one sentence a line"))
-        hints.append((f"stsb:TSV?tokenizer={folder / 'tokenizer.json'}",
-                      "STS-B pairs with gold scores"))
+    tokenizer = _tokenizer(opened)
+    if tokenizer is not None:
+        hints.append((f"text:FILE?tokenizer={tokenizer}", "one sentence a line"))
+        hints.append((f"stsb:TSV?tokenizer={tokenizer}", "STS-B pairs with gold scores"))
     return hints
+
+
+def _tokenizer(opened: OpenedModel) -> Path | None:
+    """The tokenizer beside the model, which text data for it is tokenized with."""
+    path = opened.loaded.path.parent / "tokenizer.json"
+    return path if path.is_file() else None
+
+
+def picker_folder(spec: str, opened: OpenedModel) -> Path:
+    """Where the file picker opens: the folder of the data the spec names, else the model's."""
+    path = spec_path(spec)
+    for folder in (path, path.parent) if path is not None else ():
+        if folder.is_dir():
+            return folder
+    return opened.loaded.path.parent
+
+
+def picked_spec(path: Path, opened: OpenedModel) -> str | None:
+    """The spec for a file or folder picked for the model (`quantize.sources.spec_for`, with
+    the tokenizer beside the model for text data); None when no source reads it."""
+    spec = spec_for(path)
+    tokenizer = _tokenizer(opened)
+    if spec is not None and tokenizer is not None and spec.startswith(("text:", "stsb:")):
+        return f"{spec}?tokenizer={tokenizer}"
+    return spec

@@ -1,19 +1,21 @@
 """The Quantize wizard, driven with Pilot on real models: method -> data -> options -> run ->
-report -> save and use; a cancelled run; a method whose optional extra is missing; no model."""
+report -> save and use; a cancelled run; a method whose optional extra is missing; no model;
+data fields filled from the file picker."""
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
-from textual.widgets import Input, OptionList, ProgressBar
+from textual.widgets import DirectoryTree, Input, OptionList, ProgressBar
 
 from periphery_app.app import PeripheryApp
 from periphery_app.messages import QuantizationStopped
 from periphery_app.quantize_choices import Choices, build_config
 from periphery_app.sample import DEMO_MODEL, until
-from periphery_app.screens.modals import ErrorModal, PromptModal
+from periphery_app.screens.modals import ErrorModal, PathModal, PromptModal
 from periphery_app.screens.model import ModelScreen
 from periphery_app.screens.quantize import QuantizeScreen
 from periphery_app.screens.shards import ShardsScreen
@@ -197,3 +199,77 @@ async def test_the_data_step_offers_the_sources_that_fit_the_model() -> None:
                      "images:DIR?size=28x28"):
             assert spec in hints, hints
         assert "tokenizer" not in hints  # no tokenizer beside mnist-8
+
+
+def listed(tree: DirectoryTree) -> list[str]:
+    """The names the tree lists, folders opened so far included, in order."""
+    names, nodes = [], list(reversed(tree.root.children))
+    while nodes:
+        node = nodes.pop()
+        names.append(node.data.path.name if node.data is not None else "")
+        nodes.extend(reversed(node.children))
+    return names
+
+
+async def pick(pilot, app: PeripheryApp, name: str, key: str = "enter") -> None:
+    """In the open file picker, move the cursor down to the entry `name`, then press `key`."""
+    tree = app.screen.query_one(DirectoryTree)
+    await until(pilot, lambda: name in listed(tree))  # listed by a worker
+    for _ in range(len(listed(tree)) + 1):
+        node = tree.cursor_node
+        if node is not None and node.data is not None and node.data.path.name == name:
+            break
+        await pilot.press("down")
+    await pilot.press(key)
+
+
+@pytest.mark.asyncio
+async def test_the_file_picker_fills_the_data_fields_with_specs_the_run_opens(
+        tmp_path: Path) -> None:
+    require_shared()
+    data = tmp_path / "data"
+    (data / "samples").mkdir(parents=True)
+    model = data / "mnist-8.onnx"
+    model.write_bytes(MNIST_MODEL.read_bytes())  # the picker opens at the model's folder
+    rng = np.random.default_rng(0)
+    np.savez(data / "feeds.npz", Input3=rng.random((4, 1, 1, 28, 28), dtype=np.float32))
+    for i in range(3):
+        np.save(data / "samples" / f"{i}.npy", rng.random((1, 1, 28, 28), dtype=np.float32))
+    for unread in ("notes.md", "feeds.json", "other.onnx"):  # no source reads these
+        (data / unread).write_text("{}")
+    app = PeripheryApp(model, browse_dir=data)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_wizard(app, pilot)
+        await pilot.press(*["down"] * METHODS.index("static"), "enter")
+        assert screen.pane == "data" and screen.focused is screen.query_one("#calib")
+        assert "ctrl+o" in text_of(app, "#data .hint")
+        await pilot.press("ctrl+o")  # the key works while the field has the focus
+        assert isinstance(app.screen, PathModal)
+        tree = app.screen.query_one(DirectoryTree)
+        await until(pilot, lambda: bool(listed(tree)))
+        assert Path(tree.path) == data
+        assert listed(tree) == ["samples", "feeds.npz"]  # not the files no source reads
+        await pick(pilot, app, "feeds.npz")
+        assert app.screen is screen
+        calib = screen.query_one("#calib", Input)
+        assert calib.value == f"npz:{data / 'feeds.npz'}"
+
+        await pilot.press("enter", "enter")  # to the evaluation field, past the samples
+        evaluation = screen.query_one("#eval", Input)
+        assert screen.focused is evaluation
+        await pilot.press("ctrl+o", "escape")  # escape cancels the picker, not the step
+        assert app.screen is screen and screen.pane == "data"
+        assert evaluation.value == "" and calib.value == f"npz:{data / 'feeds.npz'}"
+        await pilot.press("ctrl+o")
+        await pick(pilot, app, "samples")  # enter on a folder opens it
+        await pick(pilot, app, "0.npy", key="f")  # a sample's folder: npy reads folders
+        assert evaluation.value == f"npy:{data / 'samples'}"
+
+        await pilot.press("enter", "enter")
+        assert screen.pane == "options"
+        assert screen.choices.calib_spec == f"npz:{data / 'feeds.npz'}"
+        assert screen.choices.eval_spec == f"npy:{data / 'samples'}"
+        await pilot.press("r")  # the run opens both: calibration, then evaluation
+        await until(pilot, lambda: screen.pane != "run", timeout=60)
+        assert screen.pane == "report" and not isinstance(app.screen, ErrorModal)
+        assert "evaluated on 3 samples" in text_of(app, "#report-body")

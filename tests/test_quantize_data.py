@@ -10,7 +10,7 @@ import pytest
 
 from periphery_core.errors import DataError
 from periphery_core.model.shapes import InputSpec, resolve_input_shapes
-from periphery_core.quantize.sources import StsbSource, open_source
+from periphery_core.quantize.sources import StsbSource, open_source, spec_for, spec_path
 from periphery_core.runtime.session import SessionConfig, make_session
 from tests.conftest import MODELS, SHARED_DATA, require_shared
 
@@ -321,3 +321,32 @@ def test_source_arguments_errors() -> None:
         next(open_source("random", [MNIST_INPUT]).batches(0))
     with pytest.raises(DataError, match="npy: works for single-input models"):
         open_source("npy:.", TEXT_INPUTS)
+
+
+# --------------------------------------------------------------------------------------------
+# from a path to its spec (what the app's file picker fills in)
+
+def test_spec_for_names_the_source_that_reads_a_file_or_folder(shared: None,
+                                                               tmp_path: Path) -> None:
+    pictures, stsb = DATASETS / "images", DATASETS / "stsb"
+    assert spec_for(MNIST_IMAGES) == f"mnist:{MNIST_IMAGES}"
+    assert spec_for(stsb / "sts-dev.tsv") == f"stsb:{stsb / 'sts-dev.tsv'}"
+    assert spec_for(stsb / "readme.txt") == f"text:{stsb / 'readme.txt'}"
+    assert spec_for(pictures) == f"images:{pictures}"
+    assert spec_for(pictures / "bus.jpg") == f"images:{pictures}"  # a sample names its folder
+    assert spec_for(MODELS / "mnist-8.onnx") is None
+    assert spec_for(tmp_path) is None  # an empty folder
+
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        np.savez(tmp_path / f"s{i}.npz", Input3=rng.random((1, 1, 28, 28), dtype=np.float32))
+    for i in range(3):  # labels.npy is no sample: 2 .npy and 2 .npz, the first scheme wins
+        np.save(tmp_path / ("labels.npy" if i == 0 else f"extra{i}.npy"), np.arange(2))
+    assert spec_for(tmp_path) == f"npz:{tmp_path}"
+    assert spec_for(tmp_path / "s0.npz") == f"npz:{tmp_path / 's0.npz'}"  # a source by itself
+    for path in (tmp_path, tmp_path / "s0.npz", MNIST_IMAGES):
+        spec = spec_for(path)
+        assert spec is not None and spec_path(spec) == path
+        assert len(open_source(spec, [MNIST_INPUT])) > 0
+    assert spec_path("random") is None
+    assert spec_path(f"{tmp_path / 's0.npz'}") == tmp_path / "s0.npz"  # a bare FILE.npz

@@ -1,4 +1,5 @@
-"""Small modal screens: an error, a one-line prompt, details of a thing, a choice from a list.
+"""Small modal screens: an error, a one-line prompt, details of a thing, a choice from a list,
+a file or folder from a tree.
 
 Each returns its answer with `dismiss`; the screen that pushed it gets the value in its
 callback, so modals never reach into the app's state.
@@ -7,14 +8,16 @@ callback, so modals never reach into the app's state.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import ClassVar
 
 from rich.console import RenderableType
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, OptionList, Static
+from textual.widgets import Button, DirectoryTree, Input, Label, OptionList, Static
 from textual.widgets.option_list import Option
 
 
@@ -122,6 +125,53 @@ class ChoiceModal(ModalScreen[str | None]):
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         event.stop()
         self.dismiss(event.option.id)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class PathModal(ModalScreen[Path | None]):
+    """Picks a file or a folder in a tree; escape answers None.
+
+    Enter on a file answers it (enter on a folder opens it, as in any tree); `f` answers the
+    highlighted folder, or the folder of the highlighted file, so a folder of samples can be
+    chosen; backspace moves the tree's root up a folder, out of where it started.
+    """
+
+    CSS_PATH = "modals.tcss"
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("f", "choose_folder", "Choose folder"),
+        Binding("backspace", "up", "Up a folder"),
+        Binding("escape", "cancel", "Cancel"),
+    ]
+
+    def __init__(self, title: str, tree: DirectoryTree) -> None:
+        super().__init__(classes="modal wide")
+        self._title = title
+        self._tree = tree
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label(self._title, id="title")
+            yield self._tree
+            yield Label("enter: open a folder or choose a file   f: choose the folder   "
+                        "backspace: up   escape: cancel", classes="hint")
+
+    def on_mount(self) -> None:
+        self._tree.focus()
+
+    @on(DirectoryTree.FileSelected)
+    def _file_selected(self, event: DirectoryTree.FileSelected) -> None:
+        event.stop()
+        self.dismiss(event.path)
+
+    def action_choose_folder(self) -> None:
+        node = self._tree.cursor_node
+        path = Path(self._tree.path) if node is None or node.data is None else node.data.path
+        self.dismiss(path if path.is_dir() else path.parent)
+
+    def action_up(self) -> None:
+        self._tree.path = Path(self._tree.path).resolve().parent
 
     def action_cancel(self) -> None:
         self.dismiss(None)

@@ -19,7 +19,7 @@ from periphery_app.messages import ModelOpened, ProgressReported
 from periphery_app.recent import load_recent
 from periphery_app.screens.base import PeripheryScreen, screen_bar
 from periphery_app.screens.modals import PromptModal
-from periphery_app.widgets.onnx_tree import OnnxTree
+from periphery_app.widgets.file_trees import OnnxTree
 from periphery_app.widgets.summary import model_summary
 from periphery_core.errors import PeripheryError
 from periphery_core.model.loading import display_name

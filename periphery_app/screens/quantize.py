@@ -49,10 +49,18 @@ from periphery_app.messages import (
     QuantizationStopped,
     QuantizedModelSaved,
 )
-from periphery_app.quantize_choices import Choices, build_config, data_hints, method_prompt
+from periphery_app.quantize_choices import (
+    Choices,
+    build_config,
+    data_hints,
+    method_prompt,
+    picked_spec,
+    picker_folder,
+)
 from periphery_app.quantize_report import report_view
 from periphery_app.screens.base import PeripheryScreen, screen_bar
-from periphery_app.screens.modals import PromptModal
+from periphery_app.screens.modals import PathModal, PromptModal
+from periphery_app.widgets.file_trees import DataTree
 from periphery_app.widgets.method_options import MethodOptions
 from periphery_core.errors import Cancelled, DataError
 from periphery_core.model.loading import display_name, save_model
@@ -82,6 +90,9 @@ class QuantizeScreen(PeripheryScreen):
     CSS_PATH = "quantize.tcss"
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("r", "run", "Run", tooltip="Quantize and evaluate with these settings"),
+        # ctrl+o, not a letter: it works while a data field has the focus (Input takes letters)
+        Binding("ctrl+o", "pick_data", "Pick a file",
+                tooltip="Fill the data field with a file or folder chosen in a tree"),
         Binding("escape", "cancel_run", "Cancel", tooltip="Stop the run, back to the options"),
         Binding("c", "cancel_run", "Cancel", show=False),
         Binding("s", "save", "Save", tooltip="Write the quantized model to a file"),
@@ -92,6 +103,7 @@ class QuantizeScreen(PeripheryScreen):
     ]
     PANE_ACTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
         "run": ("options",),
+        "pick_data": ("data",),
         "cancel_run": ("run",),
         "save": ("report",),
         "use": ("report",),
@@ -138,8 +150,8 @@ class QuantizeScreen(PeripheryScreen):
                 yield Input(id="eval", placeholder="blank: the calibration data")
                 yield Input(type="integer", id="eval-samples",
                             placeholder="samples (blank: all of them; random: 32)")
-                yield Label("enter: next field (the last goes on)   tab: move   escape: back",
-                            classes="hint")
+                yield Label("ctrl+o: pick a file or folder   enter: next field (the last goes "
+                            "on)   tab: move   escape: back", classes="hint")
             with VerticalScroll(id="options", classes="pane"):
                 yield Static("", id="options-summary")
                 yield MethodOptions(id="option-widgets")
@@ -265,6 +277,30 @@ class QuantizeScreen(PeripheryScreen):
         await self.query_one(MethodOptions).show_method(self.choices.method)
         self._draw_options_summary()
         self.show_pane("options")
+
+    def action_pick_data(self) -> None:
+        """Fill the focused data field (calibration unless the evaluation's has the focus)
+        with the spec of a file or folder chosen in a tree of the data the sources read."""
+        opened = self._opened
+        if opened is None:
+            return
+        evaluation = self.focused is not None and self.focused.id in ("eval", "eval-samples")
+        field = self.query_one("#eval" if evaluation else "#calib", Input)
+
+        def picked(path: Path | None) -> None:
+            if path is None:
+                return
+            spec = picked_spec(path, opened)
+            if spec is None:
+                self._say(f"no data source reads {path}: the field is unchanged")
+                return
+            field.value = spec
+            field.focus()
+
+        tree = DataTree(picker_folder(field.value, opened), id="data-tree")
+        self.app.push_screen(PathModal(
+            f"{'Evaluation' if evaluation else 'Calibration'} data: a file, or a folder (f)",
+            tree), picked)
 
     # ------------------------------------------------------------------ options
 

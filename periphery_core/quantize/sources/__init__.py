@@ -14,7 +14,9 @@ sample's content never depends on the batch size. Text is the exception: a text 
 to its longest sentence, as a tokenizer does for a real batch.
 
 Each scheme's source lives in its own module (`random_data`, `arrays`, `images`, `mnist`,
-`text`, `stsb`); this package parses the spec and picks the source.
+`text`, `stsb`); this package parses the spec and picks the source, and goes the other way too:
+`spec_for` names the source that reads a file or folder, by the name endings in `FILE_ENDINGS`
+and `FOLDER_ENDINGS` (what a file picker lists).
 """
 
 from __future__ import annotations
@@ -24,8 +26,12 @@ from pathlib import Path
 
 from periphery_core.errors import DataError
 from periphery_core.model.shapes import InputSpec
-from periphery_core.quantize.sources.arrays import ArrayFileSource, ArrayFolderSource
-from periphery_core.quantize.sources.images import ImageFolderSource, ImageOptions
+from periphery_core.quantize.sources.arrays import (
+    LABELS_NPY,
+    ArrayFileSource,
+    ArrayFolderSource,
+)
+from periphery_core.quantize.sources.images import IMAGE_SUFFIXES, ImageFolderSource, ImageOptions
 from periphery_core.quantize.sources.mnist import MnistSource
 from periphery_core.quantize.sources.options import existing_dir, existing_file
 from periphery_core.quantize.sources.random_data import RandomSource
@@ -35,6 +41,8 @@ from periphery_core.quantize.sources.text import TextSource, text_encoder
 
 __all__ = [
     "DEFAULT_RANDOM_SAMPLES",
+    "FILE_ENDINGS",
+    "FOLDER_ENDINGS",
     "SCHEMES",
     "ArrayFileSource",
     "ArrayFolderSource",
@@ -45,12 +53,22 @@ __all__ = [
     "RandomSource",
     "StsbSource",
     "TextSource",
+    "is_data_file",
     "open_source",
+    "spec_for",
+    "spec_path",
 ]
 
 SCHEMES = ("random", "npz:DIR", "npz:FILE", "npy:DIR", "images:DIR", "mnist:IDX_GZ",
            "text:FILE", "stsb:TSV")
 DEFAULT_RANDOM_SAMPLES = 32
+# What each scheme reads, by how a file's name ends (in lower case): files that are a source on
+# their own, and files that a folder source reads one sample each.
+FILE_ENDINGS: dict[str, tuple[str, ...]] = {
+    "npz": (".npz",), "mnist": ("idx3-ubyte", "idx3-ubyte.gz", ".idx", ".idx.gz"),
+    "text": (".txt",), "stsb": (".tsv",)}
+FOLDER_ENDINGS: dict[str, tuple[str, ...]] = {
+    "npz": (".npz",), "npy": (".npy",), "images": IMAGE_SUFFIXES}
 
 
 def open_source(
@@ -73,8 +91,7 @@ def open_source(
     """
     if samples is not None and samples <= 0:
         raise DataError(f"the number of samples must be positive, not {samples}")
-    if spec.strip().lower().endswith(".npz") and ":" not in spec:
-        spec = f"npz:{spec.strip()}"  # a bare file of feeds, as --inputs takes
+    spec = _with_scheme(spec)
     head, qmark, query = spec.partition("?")
     scheme, sep, path = head.partition(":")
     scheme = scheme.strip().lower()
@@ -116,6 +133,49 @@ def open_source(
         raise DataError(f"'{spec}': unknown option '{unknown[0]}' for {scheme} "
                         f"(options: {known})")
     return openers[scheme]()
+
+
+def spec_path(spec: str) -> Path | None:
+    """The file or folder a spec names, or None when it names none (`random`)."""
+    _, sep, path = _with_scheme(spec).partition("?")[0].partition(":")
+    return Path(path.strip()).expanduser() if sep and path.strip() else None
+
+
+def is_data_file(path: Path) -> bool:
+    """Whether a source reads this file, on its own or as one sample of its folder."""
+    endings = (*FILE_ENDINGS.values(), *FOLDER_ENDINGS.values())
+    return any(path.name.lower().endswith(ends) for ends in endings)
+
+
+def spec_for(path: Path) -> str | None:
+    """The spec (without options) of the source that reads a file or folder; None if none does.
+
+    A file that is a source on its own names itself (`npz:FEEDS.npz`, `mnist:IMAGES.gz`); a file
+    that a folder source reads as one sample (a picture, an `.npy`) names its folder, since
+    those sources read folders. A folder is read by the scheme whose files it holds most of.
+    """
+    name = path.name.lower()
+    try:
+        if path.is_dir():
+            names = [p.name.lower() for p in path.iterdir() if p.name != LABELS_NPY]
+            counts = {scheme: sum(n.endswith(ends) for n in names)
+                      for scheme, ends in FOLDER_ENDINGS.items()}
+            best = max(counts, key=counts.__getitem__)  # the first of equals
+            return f"{best}:{path}" if counts[best] else None
+    except OSError:  # a folder we may not read: no source reads it either
+        return None
+    scheme = next((s for s, ends in FILE_ENDINGS.items() if name.endswith(ends)), None)
+    if scheme is not None:
+        return f"{scheme}:{path}"
+    if any(name.endswith(ends) for ends in FOLDER_ENDINGS.values()):
+        return spec_for(path.parent)
+    return None
+
+
+def _with_scheme(spec: str) -> str:
+    if spec.strip().lower().endswith(".npz") and ":" not in spec:
+        return f"npz:{spec.strip()}"  # a bare file of feeds, as --inputs takes
+    return spec
 
 
 def _parse_query(spec: str, query: str) -> dict[str, str]:

@@ -12,6 +12,8 @@ from periphery_core.model.shapes import InputSpec
 from periphery_core.quantize.sources.samples import Feeds, SampleSource, fit_sample
 from periphery_core.runtime.feeds import read_named_arrays
 
+LABELS_NPY = "labels.npy"  # beside a folder's samples: one label per sample, not a sample
+
 
 class ArrayFolderSource(SampleSource):
     """A folder of `.npz` files (one sample each, arrays named like the inputs) or `.npy` files.
@@ -27,10 +29,10 @@ class ArrayFolderSource(SampleSource):
             raise DataError(f"npy: works for single-input models; this model has inputs "
                             f"{', '.join(s.name for s in inputs)}: use npz:{folder}")
         files = sorted(p for p in folder.iterdir()
-                       if p.suffix.lower() == f".{kind}" and p.name != "labels.npy")
+                       if p.suffix.lower() == f".{kind}" and p.name != LABELS_NPY)
         if not files:
             raise DataError(f"{folder} holds no .{kind} files")
-        labels = _load_labels_npy(folder / "labels.npy", len(files))
+        labels = _load_labels_npy(folder / LABELS_NPY, len(files))
         if samples is not None:
             files = files[:samples]
             labels = None if labels is None else labels[:samples]

@@ -13,7 +13,9 @@ first reader that is drawn: wires into it end at that box, wires leaving it are 
 for a weight. What is left reads like the model.
 
 Folding collapses every run of nodes that share a numbered name prefix (`block3.`, `/layers.0/`)
-into one vertex. A fold that would create a cycle (the group is not convex) is left unfolded.
+into one vertex; where names say nothing (`Conv_12`, empty names), repeated blocks found by
+structure (graph_blocks.py) are folded instead. A fold that would create a cycle (the group is
+not convex) is left unfolded.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from periphery_app.graph_blocks import blocks
 from periphery_core.model.analysis import NodeInfo
 
 # Bits of a box-drawing cell: which sides a line leaves from.
@@ -218,44 +221,61 @@ def _assign(keys: Sequence[str | None], home: dict[int, int]) -> tuple[list[int]
 
 
 def _grouping(
-    nodes: Sequence[NodeInfo], fold: bool, absorb: frozenset[int], home: dict[int, int]
-) -> tuple[list[int], list[list[int]], list[str]]:
-    """Which vertex each node belongs to, the members of each vertex, and notes."""
+    nodes: Sequence[NodeInfo], fold: bool, absorb: frozenset[int], home: dict[int, int],
+    inputs: frozenset[str],
+) -> tuple[list[int], list[list[int]], list[str], dict[int, str]]:
+    """Which vertex each node belongs to, the members of each vertex, notes, and the labels
+    of vertices that are blocks found by structure (by vertex)."""
     notes: list[str] = []
     keys: list[str | None] = [fold_group(n.key) if fold and i not in absorb else None
                               for i, n in enumerate(nodes)]
+    titles: dict[str, str] = {}
     if fold:
         sizes = Counter(k for k in keys if k is not None)
         keys = [k if k is not None and sizes[k] > 1 else None for k in keys]
+        # What the names do not group, the structure may: repeated blocks between the points
+        # that one activation crosses (graph_blocks.py).
+        drawn = [i for i in range(len(nodes)) if i not in home]
+        taken = {i for i, k in enumerate(keys) if k is not None}
+        for number, block in enumerate(blocks(nodes, drawn, home, taken, inputs)):
+            key = f"\0block{number}"  # no node name holds a NUL
+            titles[key] = block.title(nodes)
+            for i in block.nodes:
+                keys[i] = key
     for _ in range(8):
         vertex_of, members = _assign(keys, home)
+        labelled = {v: titles[k] for v, mem in enumerate(members)
+                    if (k := keys[mem[0]]) is not None and k in titles}
         if not any(k is not None for k in keys):
-            return vertex_of, members, notes
+            return vertex_of, members, notes, labelled
         _, cyclic = _topological(len(members), _edges_between(nodes, vertex_of, home))
         if not cyclic:
-            return vertex_of, members, notes
+            return vertex_of, members, notes, labelled
         bad = {k for v in cyclic if (k := keys[members[v][0]]) is not None}
         notes.append(f"left {len(bad)} group(s) unfolded: folding them would make a cycle")
         keys = [None if k in bad else k for k in keys]
-    return (*_assign([None] * len(nodes), home), notes)
+    return (*_assign([None] * len(nodes), home), notes, {})
 
 
 def layout_graph(nodes: Sequence[NodeInfo], *, fold: bool = False,
-                 absorb: frozenset[int] = frozenset()) -> GraphLayout:
+                 absorb: frozenset[int] = frozenset(),
+                 inputs: frozenset[str] = frozenset()) -> GraphLayout:
     """Lay out a model's nodes (in the model's topological order) as a layered drawing.
 
     Args:
         nodes: The analysis' nodes.
-        fold: Collapse numbered name groups into one vertex each.
+        fold: Collapse numbered name groups into one vertex each, and what they leave into
+            blocks found by structure (graph_blocks.py).
         absorb: Nodes drawn inside the box of the node that reads them, not as boxes of their
             own: plumbing such as constants (a `Constant`, a weight's Transpose) and the shape
             arithmetic feeding a `Reshape`. One that nothing drawn reads keeps its own box.
+        inputs: The model's input names (activations, where blocks by structure begin).
 
     Returns:
         The drawing.
     """
     home = _homes(nodes, absorb)
-    vertex_of, members, notes = _grouping(nodes, fold, absorb, home)
+    vertex_of, members, notes, titles = _grouping(nodes, fold, absorb, home, inputs)
     count = len(members)
     edges = _edges_between(nodes, vertex_of, home)
     preds: list[list[int]] = [[] for _ in range(count)]
@@ -276,9 +296,11 @@ def layout_graph(nodes: Sequence[NodeInfo], *, fold: bool = False,
     depth = max(layer, default=-1) + 1
 
     labels: list[str] = []
-    for mem in members:
+    for v, mem in enumerate(members):
         drawn = [i for i in mem if i not in home]
-        if len(drawn) > 1:
+        if v in titles:
+            labels.append(_clip(titles[v]))
+        elif len(drawn) > 1:
             group = fold_group(nodes[drawn[0]].key) or nodes[drawn[0]].key
             labels.append(_clip(f"▸ {group} ×{len(drawn)}"))
         else:

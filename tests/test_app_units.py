@@ -22,6 +22,7 @@ from periphery_core.model import load_model
 from periphery_core.model.analysis import NodeInfo, analyze
 from periphery_core.model.graph import shape_only
 from periphery_core.partition.planner import make_plan
+from tests.conftest import MODELS, require_shared
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "assets" / "demo-resnet.onnx"
@@ -89,6 +90,54 @@ def test_a_fold_keeps_the_plumbing_its_group_reads() -> None:
     layout = layout_graph(nodes, fold=True, absorb=frozenset({1}))
     assert [v.members for v in layout.vertices] == [(0, 2, 1)]
     assert layout.vertices[0].own == (0, 2) and not layout.notes
+
+
+def _op(i: int, op: str, inputs: tuple[str, ...], output: str) -> NodeInfo:
+    """A node with no name to fold by (its key is made from its op, as for a nameless one)."""
+    return NodeInfo(index=i, key=f"{op}_{i}", name="", op_type=op, domain="", inputs=inputs,
+                    outputs=(output,), flops=0, param_bytes=0, output_bytes=0,
+                    has_subgraph=False)
+
+
+def test_folding_finds_repeated_blocks_by_structure_where_names_say_nothing() -> None:
+    nodes, x = [], "x"
+    for b in range(4):  # residual blocks: the skip crosses the whole block, so none is split
+        base = len(nodes)
+        nodes += [_op(base, "Conv", (x, "w"), f"c{b}"), _op(base + 1, "Relu", (f"c{b}",), f"r{b}"),
+                  _op(base + 2, "Conv", (f"r{b}", "w"), f"d{b}"),
+                  _op(base + 3, "Add", (f"d{b}", x), f"y{b}")]
+        x = f"y{b}"
+    nodes.append(_op(len(nodes), "Gemm", (x, "w"), "logits"))
+    assert len(layout_graph(nodes).vertices) == 17
+    folded = layout_graph(nodes, fold=True, inputs=frozenset({"x"}))
+    assert [v.label for v in folded.vertices] == [
+        f"▸ {b}/4 Conv…Add ×4" for b in range(1, 5)] + ["Gemm"]
+    assert [v.members for v in folded.vertices[:4]] == [
+        tuple(range(4 * b, 4 * b + 4)) for b in range(4)]
+    assert [v.layer for v in folded.vertices] == list(range(5))
+    assert not folded.notes
+
+
+def test_a_block_that_would_hold_most_of_the_model_is_left_unfolded() -> None:
+    # A skip from the first node's output to the last node's input: no cut inside, one segment.
+    chain = [_op(0, "Conv", ("x", "w"), "a")]
+    for i in range(1, 6):
+        chain.append(_op(i, "Relu" if i % 2 else "Conv", (chain[-1].outputs[0],), f"t{i}"))
+    chain.append(_op(6, "Concat", ("a", "t5"), "y"))
+    assert len(layout_graph(chain, fold=True, inputs=frozenset({"x"})).vertices) == len(chain)
+
+
+def test_a_model_exported_without_names_folds_into_its_blocks() -> None:
+    require_shared()
+    loaded = load_model(MODELS / "light_shufflenet_randw.onnx")
+    analysis = analyze(loaded)
+    assert not any(fold_group(n.key) for n in analysis.nodes)  # names fold nothing here
+    layout = layout_graph(analysis.nodes, fold=True,
+                          inputs=frozenset(s.name for s in analysis.inputs))
+    assert len(layout.vertices) < len(analysis.nodes) // 5
+    assert sorted(i for v in layout.vertices for i in v.members) == list(range(len(analysis.nodes)))
+    assert any("/" in v.label for v in layout.vertices)  # a run of repeated blocks
+    assert not layout.notes
 
 
 def _shape_arithmetic_model(path: Path) -> Path:

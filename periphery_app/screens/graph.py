@@ -122,7 +122,8 @@ class GraphScreen(PeripheryScreen):
         try:
             shape_keys = shape_ops(opened)
             layout = layout_graph(opened.analysis.nodes, fold=fold,
-                                  absorb=drawn_inside(opened.analysis, shape_keys))
+                                  absorb=drawn_inside(opened.analysis, shape_keys),
+                                  inputs=frozenset(s.name for s in opened.analysis.inputs))
         except Exception as exc:
             self.report_failure(exc)
             return

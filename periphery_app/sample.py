@@ -152,6 +152,24 @@ async def show_sample_screen(pilot: Pilot, mode: str) -> None:
     await clear_toasts(pilot)
 
 
+async def ask_chat(pilot: Pilot, prompt: str, max_new_tokens: int,
+                   timeout: float = 120.0) -> None:
+    """On the Chat screen, type `prompt`, press enter and wait until the reply is finished."""
+    from textual.widgets import Input
+
+    from periphery_app.screens.chat import ChatScreen
+
+    screen = pilot.app.screen
+    assert isinstance(screen, ChatScreen)
+    screen.max_new_tokens = max_new_tokens
+    screen.last = None
+    box = screen.query_one("#prompt", Input)
+    box.focus()
+    box.value = prompt
+    await pilot.press("enter")
+    await until(pilot, lambda: screen.last is not None, timeout=timeout)
+
+
 async def clear_toasts(pilot: Pilot) -> None:
     """Dismiss every notification and let the app run until none is drawn."""
     pilot.app.clear_notifications()

@@ -21,6 +21,8 @@ sys.path.insert(0, str(HERE.parent))
 
 from periphery_app.sample import (  # noqa: E402
     SCREENSHOT_SIZE,
+    ask_chat,
+    clear_toasts,
     sample_app,
     screen_key,
     show_sample_screen,
@@ -44,8 +46,6 @@ async def show_quantize(pilot) -> None:
 
 async def render_chat(out_dir: Path) -> Path:
     """The Chat screen after one reply from SmolLM2 deployed on two local node processes."""
-    from textual.widgets import Input
-
     from periphery_app.app import PeripheryApp
     from periphery_app.screens.chat import ChatScreen
 
@@ -56,16 +56,8 @@ async def render_chat(out_dir: Path) -> Path:
         async with app.run_test(size=SCREENSHOT_SIZE) as pilot:
             await until(pilot, lambda: isinstance(app.screen, ChatScreen)
                         and bool(app.screen.query("#prompt")), timeout=180)
-            screen = app.screen
-            assert isinstance(screen, ChatScreen)
-            screen.max_new_tokens = 48
-            box = screen.query_one("#prompt", Input)
-            box.focus()
-            box.value = CHAT_PROMPT
-            await pilot.press("enter")
-            await until(pilot, lambda: screen.last is not None, timeout=120)
-            app.clear_notifications()
-            await until(pilot, lambda: not app.screen.query("Toast"))
+            await ask_chat(pilot, CHAT_PROMPT, max_new_tokens=48)
+            await clear_toasts(pilot)
             app.save_screenshot("chat.svg", str(out_dir))
     finally:
         app.control.close()

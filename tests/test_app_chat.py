@@ -7,7 +7,7 @@ import pytest
 from textual.widgets import Input
 
 from periphery_app.app import PeripheryApp
-from periphery_app.sample import DEMO_MODEL, until
+from periphery_app.sample import DEMO_MODEL, ask_chat, until
 from periphery_app.screens.chat import ChatScreen
 from periphery_app.screens.modals import ErrorModal
 from periphery_core.generate.decoder import recognize
@@ -45,19 +45,14 @@ async def test_chat_streams_a_reply_from_the_deployed_language_model() -> None:
         screen = app.screen
         assert isinstance(screen, ChatScreen)
         assert "Recognised" not in text_of(app, "#transcript")
-        screen.max_new_tokens = 16
-        box = screen.query_one("#prompt", Input)
-        box.focus()
-        box.value = prompt
-        await pilot.press("enter")
-        await until(pilot, lambda: screen.last is not None, timeout=60)
+        await ask_chat(pilot, prompt, max_new_tokens=16, timeout=60)
         assert screen.last is not None and screen.last.text == expected
         assert "Paris" in text_of(app, "#transcript")
         figures = text_of(app, "#figures")
         assert "tokens/s" in figures and "stage 0" in figures and "stage 1" in figures
         # A long reply stopped with escape: the screen says so and takes the next prompt.
         screen.max_new_tokens = 400
-        box.value = "Tell me a long story."
+        screen.query_one("#prompt", Input).value = "Tell me a long story."
         await pilot.press("enter")
         await until(pilot, lambda: screen.generating, timeout=10)
         await pilot.press("escape")

@@ -188,8 +188,13 @@ def test_cli_run_local_check(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
     assert summary["completed"] == 12 and summary["check"]["passed"] is True
+    assert summary["check"]["mode"] == "within tolerance"  # optimized shards by default
     assert len(summary["stages"]) == 2 and summary["throughput_rps"] > 0
     assert summary["latency_s"]["p50"] <= summary["latency_s"]["p99"]
+    out = _cli("run", str(DEMO), "--plan", str(plan), "--local", "--requests", "4",
+               "--check", "--exact")
+    assert out.returncode == 0, out.stderr
+    assert "bit for bit (--exact); 4 outputs bit-identical" in " ".join(out.stdout.split())
 
 
 def test_cli_cluster_ls_with_static_peers(cluster) -> None:

@@ -224,7 +224,7 @@ def test_a_link_down_mid_stream_costs_no_request_and_the_node_rejoins(
                     rejoined.set()
 
             master.bus.subscribe(watch)
-            pipeline = Pipeline(master, work.loaded, work.analysis, k=3)
+            pipeline = Pipeline(master, work.loaded, work.analysis, k=3, exact=True)
             pipeline.deploy([h.node_id for h in handles])
 
             def cut_node1(i: int) -> None:

@@ -18,7 +18,7 @@ def test_a_killed_node_costs_no_request(tmp_path: Path, victim: int) -> None:
     work = mlp_workload(tmp_path, seed=1, inputs=25)
     total = 500
     with LocalCluster(3) as local, local.master() as master:
-        pipeline = Pipeline(master, work.loaded, work.analysis, k=3)
+        pipeline = Pipeline(master, work.loaded, work.analysis, k=3, exact=True)
         pipeline.deploy([a.node_id for a in local.addresses])
         victim_id = local.addresses[victim].node_id
         lost_at: list[float] = []

@@ -30,7 +30,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Workload:
 def test_a_redeploy_while_streaming_loses_nothing(work: Workload) -> None:
     with LocalCluster(3) as local, local.master() as master:
         ids = [a.node_id for a in local.addresses]
-        pipeline = Pipeline(master, work.loaded, work.analysis, k=2)
+        pipeline = Pipeline(master, work.loaded, work.analysis, k=2, exact=True)
         try:
             pipeline.deploy(ids[:2])
             counts = count_completions(master.bus)
@@ -55,7 +55,7 @@ def test_a_redeploy_while_streaming_loses_nothing(work: Workload) -> None:
 def test_two_nodes_lost_close_together_recover_once_onto_the_survivor(work: Workload) -> None:
     with LocalCluster(3) as local, local.master() as master:
         ids = [a.node_id for a in local.addresses]
-        pipeline = Pipeline(master, work.loaded, work.analysis, k=3)
+        pipeline = Pipeline(master, work.loaded, work.analysis, k=3, exact=True)
         started: list[ev.RecoveryStarted] = []
         master.bus.subscribe(lambda e: started.append(e)
                              if isinstance(e, ev.RecoveryStarted) else None)
@@ -86,7 +86,7 @@ def test_two_nodes_lost_close_together_recover_once_onto_the_survivor(work: Work
 
 def test_a_cancelled_request_does_not_stop_later_results(work: Workload) -> None:
     with LocalCluster(2) as local, local.master() as master:
-        pipeline = Pipeline(master, work.loaded, work.analysis, k=2)
+        pipeline = Pipeline(master, work.loaded, work.analysis, k=2, exact=True)
         try:
             pipeline.deploy([a.node_id for a in local.addresses])
             futures = [pipeline.submit(work.pool[i % len(work.pool)]) for i in range(40)]
@@ -111,7 +111,7 @@ def test_the_master_outlives_a_dead_node_and_a_hung_one(work: Workload) -> None:
         stats: list[float] = []
         master.bus.subscribe(lambda e: stats.append(e.t) if isinstance(e, ev.NodeStats)
                              and e.node_id == ids[0] else None)
-        pipeline = Pipeline(master, work.loaded, work.analysis, k=1, recover=False)
+        pipeline = Pipeline(master, work.loaded, work.analysis, k=1, recover=False, exact=True)
         hung = local.nodes[2].process.pid
         try:
             pipeline.deploy([ids[0]])

@@ -103,7 +103,7 @@ def test_run_recovers_from_a_node_killed_mid_stream(tmp_path: Path, cluster_up) 
                    capture_output=True, cwd=tmp_path)
     port = _free_port()  # for the run's metrics endpoint
     args = ["run", model, "--plan", plan, "--keys", keys, "--no-mdns", "--requests", 1500,
-            "--inflight", 8, "--check", "--json", "--metrics-port", port]
+            "--inflight", 8, "--check", "--exact", "--json", "--metrics-port", port]
     for p in peers:
         args += ["--peer", p]
     run = subprocess.Popen(_cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,

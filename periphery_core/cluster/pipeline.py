@@ -71,7 +71,7 @@ class Pipeline:
         k: int | None = None,
         plan: ShardPlan | None = None,
         strategy: str = "balanced",
-        exact: bool = True,
+        exact: bool = False,
         recover: bool = True,
         decoder: DecoderSpec | None = None,
     ) -> None:
@@ -83,7 +83,9 @@ class Pipeline:
             plan: A fixed plan (from a file, or edited by hand) for the first deploy; after a
                 loss the model is planned again onto the survivors.
             strategy: The planner's strategy when the pipeline plans.
-            exact: Graph optimizations off on the nodes (results bit-identical).
+            exact: Graph optimizations off on the nodes, so results are bit-identical to the
+                whole model's (with them on, the default, results differ in the last bits and
+                each shard runs faster: fusions and constant folding within a shard).
             recover: Re-plan, redeploy and replay on its own when a node of it is lost.
             decoder: Deploy a decoder LLM's shards as stateful stages that keep their own KV
                 caches (generate.stateful); requests are then steps of sequences.

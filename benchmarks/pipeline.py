@@ -1,48 +1,62 @@
-"""Pipeline throughput and per-hop cost through real node processes on this machine.
+"""Periphery's pipeline against what a user would otherwise run, and what one hop costs.
 
-1. Throughput: the demo model (assets/demo-resnet.onnx) planned into K = 1, 2, 3 stages, each
-   on its own local node process (one ONNX Runtime thread each), 8 requests in flight. Ratios
-   are against K = 1 measured in the same run. On a machine with C cores, K > C stages share
-   cores, so the ideal is min(K, C) x.
-2. Per-hop cost: a cheap model (16 Relu over a 1 MiB tensor) run in-process, then through
-   1, 2, 4 stages: (latency(K) - latency(1)) / (K - 1) is what one extra hop adds, one request
-   at a time, with CurveZMQ keys (the default) and with --insecure, side by side.
+1. Throughput on the demo model (assets/demo-resnet.onnx), side by side in one run, each
+   configuration measured --repeat times in turn (medians):
+   - plain ONNX Runtime, one process with every core (a loop of `session.run`, as a user's
+     script would do);
+   - plain ONNX Runtime replicas: one process per core with one thread each, the requests
+     split between them;
+   - Periphery K = 1, 2, 3 on local node processes with default flags (graph optimizations on,
+     CurveZMQ keys, the cores shared out among the nodes), 8 requests in flight.
+   Each row's ratio is against plain ONNX Runtime in one process. Pipeline efficiency is
+   throughput x the slowest stage's measured compute per request: 1.0 when the slowest stage
+   never waits for work.
+2. What one hop adds: a 2-Relu model over a 4 KiB, 1 MiB and 8 MiB activation, one request at a
+   time, latency(K = 2) - latency(K = 1), against a bare ZeroMQ round trip of the same bytes
+   between two processes; with CurveZMQ keys on both (the default) and without (--insecure),
+   requests interleaved so every column sees the same machine.
 
-Run: `python benchmarks/pipeline.py [--requests 120] [--json out.json]`. Medians throughout.
+Run: `python benchmarks/pipeline.py [--requests 160] [--repeat 3] [--json out.json]`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
+import zmq
 from onnx import TensorProto, helper
 from rich.console import Console
 from rich.table import Table
 
+from periphery_core.cluster import events as ev
 from periphery_core.cluster.local import LocalCluster
 from periphery_core.cluster.master import Master
 from periphery_core.cluster.pipeline import Pipeline
 from periphery_core.model import load_model
 from periphery_core.model.analysis import analyze
 from periphery_core.partition.planner import make_plan
-from periphery_core.runtime.chain import LocalChain
 from periphery_core.runtime.feeds import random_feeds
-from periphery_core.runtime.session import SessionConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "assets" / "demo-resnet.onnx"
+CORES = os.cpu_count() or 1
+SIZES = (("4 KiB", 1024), ("1 MiB", 256 * 1024), ("8 MiB", 2 * 1024 * 1024))  # float32s
 
 
-def relu_chain(path: Path, n: int = 16, width: int = 256 * 1024) -> Path:
+def relu_chain(path: Path, width: int, n: int = 2) -> Path:
+    """n Relu over a [1, width] float tensor: nearly free to compute, so a hop is what costs."""
     nodes = [helper.make_node("Relu", [f"x{i}"], [f"x{i + 1}"], name=f"relu{i}")
              for i in range(n)]
     graph = helper.make_graph(nodes, "hops",
@@ -55,7 +69,7 @@ def relu_chain(path: Path, n: int = 16, width: int = 256 * 1024) -> Path:
 
 
 def deployed(master: Master, path: Path, k: int) -> Pipeline:
-    """The model planned into k stages (reference devices) on the first k nodes."""
+    """The model planned into k stages on the first k nodes, with the serving defaults."""
     loaded = load_model(path)
     analysis = analyze(loaded)
     pipeline = Pipeline(master, loaded, analysis, plan=make_plan(analysis, k))
@@ -63,95 +77,238 @@ def deployed(master: Master, path: Path, k: int) -> Pipeline:
     return pipeline
 
 
-def throughput(requests: int, inflight: int) -> list[dict]:
-    rows = []
-    with LocalCluster(3, threads=1) as local, local.master() as master:
+# ---------------------------------------------------------------------- plain ONNX Runtime
+
+def _session(threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(DEMO), opts, providers=["CPUExecutionProvider"])
+
+
+def _feeds(count: int) -> list[dict[str, np.ndarray]]:
+    specs = analyze(load_model(DEMO)).inputs
+    return [random_feeds(specs, i % 8) for i in range(count)]
+
+
+def plain_rps(requests: int) -> float:
+    """One process, every core: a loop of session.run."""
+    session, feeds = _session(CORES), _feeds(requests)
+    for f in feeds[:5]:
+        session.run(None, f)
+    t0 = time.perf_counter()
+    for f in feeds:
+        session.run(None, f)
+    return requests / (time.perf_counter() - t0)
+
+
+def _replica(count: int, start: mp.Event, done: mp.Queue) -> None:  # type: ignore[type-arg]
+    session, feeds = _session(1), _feeds(count)
+    for f in feeds[:5]:
+        session.run(None, f)
+    done.put("ready")
+    start.wait()
+    t0 = time.perf_counter()
+    for f in feeds:
+        session.run(None, f)
+    done.put(time.perf_counter() - t0)
+
+
+def replicas_rps(requests: int) -> float:
+    """One process per core, one thread each, the requests split between them."""
+    ctx = mp.get_context("spawn")
+    start, done = ctx.Event(), ctx.Queue()
+    each = requests // CORES
+    procs = [ctx.Process(target=_replica, args=(each, start, done)) for _ in range(CORES)]
+    for p in procs:
+        p.start()
+    try:
+        for _ in procs:  # every replica has loaded its session and warmed up
+            done.get(timeout=120)
+        start.set()
+        walls = [done.get(timeout=300) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return each * CORES / max(walls)
+
+
+# ---------------------------------------------------------------------- Periphery
+
+def periphery_run(k: int, requests: int, inflight: int) -> tuple[float, float]:
+    """Requests/s of the demo model on k local nodes, and the slowest stage's median compute."""
+    compute: dict[int, list[float]] = defaultdict(list)
+
+    def on_event(e: ev.Event) -> None:
+        if isinstance(e, ev.RequestCompleted):
+            for s in e.stages:
+                compute[s.stage].append(s.compute_s)
+
+    with LocalCluster(k) as local, local.master() as master:
+        pipeline = deployed(master, DEMO, k)
+        feeds = [random_feeds(pipeline.analysis.inputs, i) for i in range(8)]
+        list(pipeline.run_many(feeds * 2, inflight=inflight))  # warm-up
+        master.bus.subscribe(on_event)
+        t0 = time.perf_counter()
+        list(pipeline.run_many((feeds[i % 8] for i in range(requests)), inflight=inflight))
+        wall = time.perf_counter() - t0
+        pipeline.close()
+    slowest = max(statistics.median(v) for v in compute.values())
+    return requests / wall, slowest
+
+
+def throughput(requests: int, inflight: int, repeat: int) -> list[dict]:
+    runs: dict[str, list[float]] = defaultdict(list)
+    slowest: dict[str, list[float]] = defaultdict(list)
+    names = {"plain": f"ONNX Runtime, 1 process x {CORES} threads",
+             "replicas": f"ONNX Runtime, {CORES} processes x 1 thread (replicas)",
+             **{f"k{k}": f"Periphery K = {k}, defaults" for k in (1, 2, 3)}}
+    for _ in range(repeat):  # in turn, so that every configuration sees the same machine
+        runs["plain"].append(plain_rps(requests))
+        runs["replicas"].append(replicas_rps(requests))
         for k in (1, 2, 3):
-            pipeline = deployed(master, DEMO, k)
-            feeds = [random_feeds(pipeline.analysis.inputs, i) for i in range(8)]
-            list(pipeline.run_many(feeds, inflight=inflight))  # warm-up
-            t0 = time.perf_counter()
-            list(pipeline.run_many((feeds[i % 8] for i in range(requests)), inflight=inflight))
-            wall = time.perf_counter() - t0
-            pipeline.close()
-            rows.append({"k": k, "rps": requests / wall})
-    base = rows[0]["rps"]
-    for r in rows:
-        r["speedup"] = r["rps"] / base
+            rps, slow = periphery_run(k, requests, inflight)
+            runs[f"k{k}"].append(rps)
+            slowest[f"k{k}"].append(slow)
+    base = statistics.median(runs["plain"])
+    rows = []
+    for key, name in names.items():
+        rps = statistics.median(runs[key])
+        row = {"run": name, "rps": rps, "vs_plain": rps / base, "runs": runs[key]}
+        if key in slowest:
+            row["slowest_stage_s"] = statistics.median(slowest[key])
+            row["efficiency"] = rps * row["slowest_stage_s"]
+        rows.append(row)
     return rows
 
 
+# ---------------------------------------------------------------------- hops
+
+def _echo(port_q: mp.Queue, secret: bytes | None, public: bytes | None) -> None:  # type: ignore[type-arg]
+    context = zmq.Context()
+    sock = context.socket(zmq.PAIR)
+    if secret is not None:
+        sock.curve_server = True
+        sock.curve_secretkey = secret
+        sock.curve_publickey = public
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    port_q.put(port)
+    while True:
+        frame = sock.recv(copy=False)
+        if len(frame) == 0:
+            break
+        sock.send(frame, copy=False)
+    sock.close(linger=0)
+    context.term()
+
+
+class BareZmq:
+    """A bare ZeroMQ round trip to an echo process, with CurveZMQ or without."""
+
+    def __init__(self, secure: bool) -> None:
+        ctx = mp.get_context("spawn")
+        server_public, server_secret = zmq.curve_keypair() if secure else (None, None)
+        port_q = ctx.Queue()
+        self.proc = ctx.Process(target=_echo, args=(port_q, server_secret, server_public))
+        self.proc.start()
+        port = port_q.get(timeout=30)
+        self.context = zmq.Context()
+        self.sock = self.context.socket(zmq.PAIR)
+        if secure:
+            public, secret = zmq.curve_keypair()
+            self.sock.curve_serverkey = server_public
+            self.sock.curve_publickey = public
+            self.sock.curve_secretkey = secret
+        self.sock.connect(f"tcp://127.0.0.1:{port}")
+
+    def round_trip(self, payload: np.ndarray) -> float:
+        t0 = time.perf_counter()
+        self.sock.send(payload, copy=False)
+        self.sock.recv(copy=False)
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.sock.send(b"")
+        self.proc.join(timeout=10)
+        self.sock.close(linger=0)
+        self.context.term()
+
+
 def hops(repeat: int) -> list[dict]:
-    """Per-hop latency with keys and with --insecure, requests interleaved between the two."""
+    """Per size: bare ZeroMQ round trip, and the latency one extra pipeline hop adds."""
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        path = relu_chain(Path(tmp) / "hops.onnx")
-        loaded = load_model(path)
-        analysis = analyze(loaded)
-        feeds = random_feeds(analysis.inputs, 0)
-        chain = LocalChain([loaded.proto], SessionConfig(exact=True, threads=1))
-        local_times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            chain.run(feeds)
-            local_times.append(time.perf_counter() - t0)
-        rows.append({"where": "in process", "k": 0,
-                     "keys_s": statistics.median(local_times),
-                     "insecure_s": statistics.median(local_times)})
-        with LocalCluster(4, threads=1) as safe, safe.master() as m_safe, \
-                LocalCluster(4, threads=1, secure=False) as open_, open_.master() as m_open:
-            for k in (1, 2, 4):
-                pipelines = {"keys_s": deployed(m_safe, path, k),
-                             "insecure_s": deployed(m_open, path, k)}
-                for pipeline in pipelines.values():
-                    for _ in range(5):
-                        pipeline.submit(feeds).result()
-                times: dict[str, list[float]] = {name: [] for name in pipelines}
+    with tempfile.TemporaryDirectory() as tmp, \
+            LocalCluster(2) as safe, safe.master() as m_safe, \
+            LocalCluster(2, secure=False) as open_, open_.master() as m_open:
+        bare = {"keys": BareZmq(True), "insecure": BareZmq(False)}
+        try:
+            for label, width in SIZES:
+                path = relu_chain(Path(tmp) / f"hops-{width}.onnx", width)
+                payload = np.ones(width, dtype=np.float32)
+                feeds = {"x0": np.ones((1, width), dtype=np.float32)}
+                pipes = {(sec, k): deployed(m, path, k)
+                         for sec, m in (("keys", m_safe), ("insecure", m_open)) for k in (1, 2)}
+                times: dict[tuple[str, object], list[float]] = defaultdict(list)
+                for _ in range(5):
+                    for pipe in pipes.values():
+                        pipe.submit(feeds).result()
                 for _ in range(repeat):
-                    for name, pipeline in pipelines.items():
+                    for sec, b in bare.items():
+                        times[(sec, "bare")].append(b.round_trip(payload))
+                    for key, pipe in pipes.items():
                         t0 = time.perf_counter()
-                        pipeline.submit(feeds).result()
-                        times[name].append(time.perf_counter() - t0)
-                for pipeline in pipelines.values():
-                    pipeline.close()
-                rows.append({"where": f"{k} node{'s' if k > 1 else ''}", "k": k,
-                             **{name: statistics.median(v) for name, v in times.items()}})
-    one = next(r for r in rows if r["k"] == 1)
-    for r in rows:
-        for name in ("keys_s", "insecure_s"):
-            r[f"hop_{name}"] = (r[name] - one[name]) / (r["k"] - 1) if r["k"] > 1 else None
+                        pipe.submit(feeds).result()
+                        times[key].append(time.perf_counter() - t0)
+                for pipe in pipes.values():
+                    pipe.close()
+                med = {key: statistics.median(v) for key, v in times.items()}
+                row: dict[str, object] = {"size": label, "bytes": width * 4}
+                for sec in ("keys", "insecure"):
+                    hop = med[(sec, 2)] - med[(sec, 1)]
+                    row[f"bare_{sec}_s"] = med[(sec, "bare")]
+                    row[f"hop_{sec}_s"] = hop
+                    row[f"target_{sec}_s"] = 1.2 * med[(sec, "bare")] + 50e-6
+                rows.append(row)
+        finally:
+            for b in bare.values():
+                b.close()
     return rows
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=120)
+    parser.add_argument("--requests", type=int, default=160)
     parser.add_argument("--inflight", type=int, default=8)
-    parser.add_argument("--repeat", type=int, default=50)
+    parser.add_argument("--repeat", type=int, default=3, help="throughput runs per configuration")
+    parser.add_argument("--hop-repeat", type=int, default=60, help="requests per hop figure")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    console = Console(width=120)
-    tput = throughput(args.requests, args.inflight)
-    t = Table(title=f"demo-resnet throughput ({os.cpu_count()} cores, {args.inflight} in flight)",
-              title_justify="left")
-    for col in ("stages (nodes)", "requests/s", "vs 1 stage"):
-        t.add_column(col, justify="right")
+    console = Console(width=130)
+    tput = throughput(args.requests, args.inflight, args.repeat)
+    t = Table(title=f"demo-resnet throughput ({CORES} cores, {args.inflight} in flight, medians "
+                    f"of {args.repeat} runs in turn)", title_justify="left")
+    for col in ("run", "requests/s", "vs ONNX Runtime", "slowest stage", "efficiency"):
+        t.add_column(col, justify="left" if col == "run" else "right")
     for r in tput:
-        t.add_row(str(r["k"]), f"{r['rps']:.1f}", f"{r['speedup']:.2f}x")
+        t.add_row(r["run"], f"{r['rps']:.1f}", f"{r['vs_plain']:.2f}x",
+                  f"{r['slowest_stage_s'] * 1e3:.2f} ms" if "slowest_stage_s" in r else "-",
+                  f"{r['efficiency']:.2f}" if "efficiency" in r else "-")
     console.print(t)
-    hop = hops(args.repeat)
-    t = Table(title="per-hop cost, 1 MiB activation, one request at a time (interleaved)",
-              title_justify="left")
-    for col in ("path", "latency, keys", "per extra hop, keys", "latency, --insecure",
-                "per extra hop, --insecure"):
+    hop = hops(args.hop_repeat)
+
+    def us(v: object) -> str:
+        return f"{float(v) * 1e6:,.0f} µs"  # type: ignore[arg-type]
+
+    t = Table(title="what one extra hop adds, one request at a time, against a bare ZeroMQ round "
+                    "trip of the same bytes (target: 1.2x bare + 50 µs)", title_justify="left")
+    for col in ("activation", "bare RTT, keys", "hop, keys", "bare RTT, --insecure",
+                "hop, --insecure", "hop / target, --insecure"):
         t.add_column(col, justify="right")
-
-    def ms(v: float | None) -> str:
-        return f"{v * 1e3:.2f} ms" if v is not None else "-"
-
     for r in hop:
-        t.add_row(r["where"], ms(r["keys_s"]), ms(r["hop_keys_s"]), ms(r["insecure_s"]),
-                  ms(r["hop_insecure_s"]))
+        t.add_row(str(r["size"]), us(r["bare_keys_s"]), us(r["hop_keys_s"]),
+                  us(r["bare_insecure_s"]), us(r["hop_insecure_s"]),
+                  f"{float(r['hop_insecure_s']) / float(r['target_insecure_s']):.2f}")  # type: ignore[arg-type]
     console.print(t)
     if args.json:
         args.json.write_text(json.dumps({"throughput": tput, "hops": hop}, indent=1))

@@ -31,10 +31,11 @@ def cluster() -> None:
 @click.option("--nodes", "-n", default=3, show_default=True, help="Node processes to start.")
 @click.option("--advertise/--no-advertise", default=True, show_default=True,
               help="Advertise the nodes over mDNS (on the loopback interface).")
-@click.option("--threads", default=1, show_default=True, help="ONNX Runtime threads per node.")
+@click.option("--threads", type=int, default=None,
+              help="ONNX Runtime threads per node (default: the cores shared out among them).")
 @click.option("--insecure", is_flag=True, help="Start the nodes without keys.")
 @handle_errors
-def cluster_up(nodes: int, advertise: bool, threads: int, insecure: bool) -> None:
+def cluster_up(nodes: int, advertise: bool, threads: int | None, insecure: bool) -> None:
     """Start N periphery-node processes on this machine; Ctrl-C or SIGTERM stops them cleanly.
 
     Unless --insecure, the nodes get fresh keys; the master's key folder is printed, for

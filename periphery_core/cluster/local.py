@@ -45,10 +45,13 @@ class LocalNode:
 class LocalCluster:
     """Start `n` node processes on 127.0.0.1; use as a context manager."""
 
-    def __init__(self, n: int, *, advertise: bool = False, threads: int = 1,
+    def __init__(self, n: int, *, advertise: bool = False, threads: int | None = None,
                  log_dir: Path | None = None, start_timeout: float = 30.0,
                  secure: bool = True) -> None:
         """Args:
+            threads: ONNX Runtime threads per node; None: this machine's cores shared out
+                (cores // n, at least 1), so one local stage uses every core as plain ONNX
+                Runtime would, and n stages do not fight over them.
             secure: give the master and every node a fresh CurveZMQ keypair (in a temporary
                 folder removed on stop), each allowing all the others; `master_keys` is the
                 master's key ring. False runs them --insecure.
@@ -60,7 +63,7 @@ class LocalCluster:
         self.master_keys: KeyRing | None = None
         self.n = n
         self.advertise = advertise
-        self.threads = threads
+        self.threads = threads or max(1, (os.cpu_count() or 1) // n)
         self.log_dir = log_dir
         self.start_timeout = start_timeout
         self.nodes: list[LocalNode] = []

@@ -114,6 +114,7 @@ class PeripheryApp(App[None]):
         self.now = clock
         self.refresh_s = refresh_s
         self._fixed = fixed_state is not None
+        self._running_plan: ShardPlan | None = None  # the pipeline's plan, as last polled
         self._mode_history: list[str] = []
         if fixed_state is not None:
             self.set_reactive(PeripheryApp.cluster_state, fixed_state)
@@ -139,6 +140,16 @@ class PeripheryApp(App[None]):
         state = tracker.state
         if state is not self.cluster_state:
             self.cluster_state = state
+        pipeline = self.control.pipeline
+        running = pipeline.plan if pipeline is not None else None
+        if running is not self._running_plan:
+            # The pipeline moved its cuts (a rebalance, a recovery): show the plan that runs,
+            # unless the user is looking at another one of their own.
+            if self.plan is self._running_plan and self._running_plan is not None \
+                    and self.opened is not None and pipeline is not None \
+                    and pipeline.loaded is self.opened.loaded:
+                self.plan = running
+            self._running_plan = running
         if state.requests_completed:
             self.history = append(self.history, sample(state, self.now()))
 

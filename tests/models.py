@@ -267,3 +267,26 @@ def classifier_with_zipmap() -> onnx.ModelProto:
     scale = numpy_helper.from_array(np.full((1, 4), 0.5, np.float32), "scale")
     graph = helper.make_graph(nodes, "classifier", [x], [label, probs], [scale])
     return _model(graph, extra_opsets={"ai.onnx.ml": 3})
+
+
+def misleading_costs(n: int = 65536, sorts: int = 4, matmuls: int = 6) -> onnx.ModelProto:
+    """A model whose FLOP estimates are far off: full sorts (TopK with k = n, counted as one
+    FLOP per element but n log n comparisons in fact) of a [1, n] vector, then MatMuls of a
+    [256, 256] matrix (counted exactly, and faster per FLOP than the planner's reference).
+    Planned on estimates, the sorts land in one stage with half the MatMuls; measured, that
+    stage takes many times as long as the other."""
+    nodes, inits, x = [], [numpy_helper.from_array(np.array([n], dtype=np.int64), "k")], "x"
+    for i in range(sorts):
+        nodes.append(helper.make_node("TopK", [x, "k"], [f"v{i}", f"i{i}"], name=f"sort{i}"))
+        nodes.append(helper.make_node("Neg", [f"v{i}"], [f"n{i}"], name=f"neg{i}"))
+        x = f"n{i}"
+    side = int(np.sqrt(n))
+    inits.append(numpy_helper.from_array(np.array([side, side], dtype=np.int64), "square"))
+    nodes.append(helper.make_node("Reshape", [x, "square"], ["m0"], name="reshape"))
+    for j in range(matmuls):
+        inits.append(_weight(f"w{j}", (side, side), seed=j))
+        nodes.append(helper.make_node("MatMul", [f"m{j}", f"w{j}"], [f"m{j + 1}"], name=f"mm{j}"))
+    graph = helper.make_graph(
+        nodes, "misleading", [helper.make_tensor_value_info("x", FLOAT, [1, n])],
+        [helper.make_tensor_value_info(f"m{matmuls}", FLOAT, [side, side])], inits)
+    return _model(graph)

@@ -13,6 +13,7 @@ import signal
 import time
 from pathlib import Path
 
+import onnx
 import psutil
 import pytest
 from rich.console import Console
@@ -654,3 +655,58 @@ async def test_a_big_terminal_gives_its_room_to_more_figures() -> None:
         await until(pilot, lambda: isinstance(shown.screen, DashboardScreen))
         await pilot.pause()
         assert shown.screen.query_one("#spark-p50").size.height > 10
+
+
+async def test_the_app_follows_the_pipeline_when_it_rebalances(tmp_path: Path) -> None:
+    """A plan made on estimates that mislead (`periphery plan`'s, loaded with o), deployed and
+    streaming: the pipeline moves its cuts on what the nodes measured; the log says so, the
+    Shards screen shows the plan that now runs, every stage ready, and no request failed."""
+    from periphery_app.widgets.stage_chart import StageChart
+    from periphery_core.model import load_model
+    from periphery_core.model.analysis import analyze
+    from periphery_core.partition.planner import make_plan
+    from tests.models import misleading_costs
+
+    model = tmp_path / "misleading.onnx"
+    onnx.save_model(misleading_costs(), model)
+    on_estimates = make_plan(analyze(load_model(model)), 2).save(tmp_path / "plan.json")
+    cluster = LocalCluster(2, secure=False)
+    cluster.start()
+    app = PeripheryApp(model, browse_dir=tmp_path, insecure=True)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.opened is not None)
+            await pilot.press("4")
+            for address in cluster.addresses:
+                await pilot.press("a", *f"{address.host}:{address.port}", "enter")
+            await until(pilot, lambda: len(app.cluster_state.nodes) == 2, timeout=30)
+            await pilot.press("3", "o", *(["backspace"] * 20), *str(on_estimates), "enter")
+            await until(pilot, lambda: app.plan is not None and app.plan.k == 2
+                        and app.plan.model_path.endswith("misleading.onnx"))
+            first = app.plan
+            await pilot.press("d")
+            await until(pilot, lambda: app.cluster_state.deploy_status == "deployed", timeout=60)
+            await pilot.press("5", "space")
+            await until(pilot, lambda: app.cluster_state.rebalances >= 1, timeout=120)
+            pipeline = app.control.pipeline
+            assert pipeline is not None and pipeline.plan is not first
+            await until(pilot, lambda: app.plan is pipeline.plan, timeout=10)
+            await pilot.press("space", "4")
+            await until(pilot, lambda: isinstance(app.screen, ClusterScreen))
+            log = app.screen.query_one(Log)
+            assert any("rebalanced on measured compute" in line for line in log.lines)
+            await pilot.press("3")
+            await until(pilot, lambda: isinstance(app.screen, ShardsScreen))
+            chart = app.screen.query_one(StageChart)
+
+            def ready() -> int:
+                console = Console(width=160, file=io.StringIO(), record=True)
+                console.print(chart.render())
+                return console.export_text().count(" ready ")
+
+            await until(pilot, lambda: ready() == 2, timeout=30)
+            assert app.cluster_state.requests_failed == 0
+            await pilot.press("q")
+    finally:
+        app.control.close()
+        cluster.stop()

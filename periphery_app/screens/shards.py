@@ -120,6 +120,9 @@ class ShardsScreen(PeripheryScreen):
         if plan is not None:
             self.k = plan.k
             self._cuts = cuts_of(plan)
+            pipeline = self.papp.control.pipeline
+            if pipeline is not None and plan is pipeline.plan:  # it runs: on the nodes it runs on
+                self.assignment = list(self.papp.cluster_state.assignment)
             if len(self.assignment) != plan.k:
                 self.assignment = (self.assignment + [None] * plan.k)[: plan.k]
             if plan.strategy in STRATEGIES:

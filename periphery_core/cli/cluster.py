@@ -294,6 +294,7 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
         requests = [pool[i % len(pool)] for i in range(count)]
     exact = not optimize
     recoveries: list[ev.Recovered] = []
+    rebalances: list[ev.Rebalanced] = []
     from periphery_core.cluster.keys import keyring_or_insecure
 
     cluster_ctx = LocalCluster(plan.k, secure=not insecure) if local else None
@@ -311,7 +312,9 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
             def on_event(e: ev.Event) -> None:
                 if isinstance(e, ev.Recovered):
                     recoveries.append(e)
-                if isinstance(e, (ev.RecoveryStarted, ev.Recovered)):  # the loss is logged
+                if isinstance(e, ev.Rebalanced):
+                    rebalances.append(e)
+                if isinstance(e, (ev.RecoveryStarted, ev.Recovered, ev.Rebalanced)):
                     err_console.print(ev.describe(e), soft_wrap=True, highlight=False)
 
             master.bus.subscribe(on_event)
@@ -358,6 +361,9 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
     summary["recoveries"] = [
         {"lost": list(r.lost), "detected_s": r.detected_s, "recovered_s": r.recovered_s,
          "replayed": r.replayed, "stages": list(r.assignment)} for r in recoveries]
+    summary["rebalances"] = [
+        {"measured_s": list(r.measured_s), "before": list(r.before), "after": list(r.after),
+         "predicted_s": r.predicted_s, "replayed": r.replayed} for r in rebalances]
     summary["check"] = None if not check else {
         "mismatches": mismatches, "bit_identical_outputs": identical, "passed": mismatches == 0,
         "mode": "bit-identical" if exact else "within tolerance",

@@ -194,6 +194,24 @@ class Recovered:
 
 
 @dataclass(frozen=True, slots=True)
+class Rebalanced:
+    """The pipeline moved its cuts toward balance on measured stage compute (cluster.rebalance),
+    losing no request.
+
+    `measured_s` is each stage's median compute per request before the move; `before` and
+    `after` are the nodes per stage; `predicted_s` is the slowest stage's compute the new cuts
+    should give.
+    """
+
+    measured_s: tuple[float, ...]
+    before: tuple[int, ...]
+    after: tuple[int, ...]
+    predicted_s: float
+    replayed: int
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
 class RecoveryFailed:
     """The pipeline could not be rebuilt (no node left, or every deploy failed)."""
 
@@ -215,6 +233,7 @@ Event: TypeAlias = (
     | RequestFailed
     | RecoveryStarted
     | Recovered
+    | Rebalanced
     | RecoveryFailed
 )
 
@@ -232,6 +251,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     RequestFailed,
     RecoveryStarted,
     Recovered,
+    Rebalanced,
     RecoveryFailed,
 )
 """Every event class, in a stable order."""
@@ -410,6 +430,12 @@ def describe(event: Event, name: Callable[[str], str] = str) -> str:
             return (f"recovered: {detected}serving again after {event.recovered_s:.2f} s on "
                     f"{len(event.assignment)} stages ({', '.join(event.assignment)}), "
                     f"{event.replayed} requests replayed")
+        case Rebalanced():
+            measured = ", ".join(f"S{i} {m * 1000:.1f} ms" for i, m in enumerate(event.measured_s))
+            return (f"rebalanced on measured compute ({measured}): stages of "
+                    f"{'/'.join(map(str, event.before))} nodes now "
+                    f"{'/'.join(map(str, event.after))}, slowest stage predicted "
+                    f"{event.predicted_s * 1000:.1f} ms, {event.replayed} requests replayed")
         case RecoveryFailed():
             return f"recovery failed: {event.reason}"
     raise TypeError(f"not a cluster event: {event!r}")

@@ -11,6 +11,10 @@ redeploy and a recovery after a loss are the same operation, so neither loses a 
 results of an older epoch that arrive late are dropped by the master: each request completes
 exactly once, with the result the unsharded model gives.
 
+The same recipe balances by measurement: once the current deploy has served
+`rebalance.SAMPLES` requests, the nodes' measured per-stage compute decides whether the cuts
+move (cluster.rebalance), at most `rebalance.MAX_MOVES` times per pipeline.
+
 Recovery runs on one thread of its own, so two nodes lost close together give one recovery
 onto the survivors rather than two deploys racing. Candidates are the nodes heard from
 recently (a node that stopped answering a moment ago is not chosen even before its loss is
@@ -32,12 +36,14 @@ import numpy as np
 
 from periphery_core.cluster import events as ev
 from periphery_core.cluster.master import Master
-from periphery_core.errors import ClusterError
+from periphery_core.cluster.rebalance import MAX_MOVES, SAMPLES, StageMeter, measured_plan
+from periphery_core.errors import ClusterError, PeripheryError
 from periphery_core.generate.decoder import DecoderSpec
 from periphery_core.generate.planning import plan_model
 from periphery_core.generate.stateful import make_stateful
 from periphery_core.model.analysis import ModelAnalysis
 from periphery_core.model.loading import LoadedModel
+from periphery_core.model.profile import profile_model
 from periphery_core.partition.extract import extract_shards
 from periphery_core.partition.plan import ShardPlan
 from periphery_core.progress import ProgressFn
@@ -46,6 +52,8 @@ log = logging.getLogger("periphery.pipeline")
 
 # A recovery retries when a deploy fails because another node went quiet meanwhile.
 RECOVERY_ATTEMPTS = 4
+# The largest model the master profiles to rebalance (it runs the whole model, once).
+PROFILE_LIMIT = 1 << 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +81,7 @@ class Pipeline:
         strategy: str = "balanced",
         exact: bool = False,
         recover: bool = True,
+        rebalance: bool = True,
         decoder: DecoderSpec | None = None,
     ) -> None:
         """Args:
@@ -87,6 +96,8 @@ class Pipeline:
                 whole model's (with them on, the default, results differ in the last bits and
                 each shard runs faster: fusions and constant folding within a shard).
             recover: Re-plan, redeploy and replay on its own when a node of it is lost.
+            rebalance: Move the cuts on measured stage compute when the stages are uneven
+                (not for plans cut by hand, nor for a decoder's stateful stages).
             decoder: Deploy a decoder LLM's shards as stateful stages that keep their own KV
                 caches (generate.stateful); requests are then steps of sequences.
         """
@@ -112,10 +123,15 @@ class Pipeline:
         self._wake = threading.Event()
         self._closing = threading.Event()
         self._recoverer: threading.Thread | None = None
-        if recover:
-            master.keep_on_loss = True
+        self.recover = recover
+        self._meter = StageMeter()
+        self._profiled: ModelAnalysis | None = None
+        self._moves_left = MAX_MOVES if rebalance and decoder is None else 0
+        self._rebalance_due = threading.Event()
+        if recover or self._moves_left:
+            master.keep_on_loss = master.keep_on_loss or recover
             self._unsubscribe = master.bus.subscribe(self._on_event)
-            self._recoverer = threading.Thread(target=self._recovery_loop, daemon=True,
+            self._recoverer = threading.Thread(target=self._background_loop, daemon=True,
                                                name="pipeline-recover")
             self._recoverer.start()
         else:
@@ -181,6 +197,7 @@ class Pipeline:
             shards = make_stateful(shards, self.decoder)
         self.master.deploy([s.SerializeToString() for s in shards], chosen, exact=self.exact)
         self.plan, self.assignment, self.failed = plan, tuple(chosen), None
+        self._meter.reset(plan.k)
         with self._lost_lock:  # losses of nodes no longer in the pipeline need no recovery
             self._lost = {n: e for n, e in self._lost.items() if n in self.assignment}
         return plan
@@ -233,15 +250,21 @@ class Pipeline:
     # ------------------------------------------------------------------ recovery
 
     def _on_event(self, event: ev.Event) -> None:
-        # Bus callbacks must not block: the recovery thread does the work.
+        # Bus callbacks must not block: the background thread does the work.
+        if isinstance(event, ev.RequestCompleted) and self._moves_left > 0:
+            if self._meter.add({t.stage: t.compute_s for t in event.stages}) == SAMPLES:
+                self._rebalance_due.set()
+                self._wake.set()
+            return
         if isinstance(event, ev.NodeLost) and event.node_id in self.assignment \
-                and not self._closing.is_set():
+                and self.recover and not self._closing.is_set():
             self.master.hold()
             with self._lost_lock:
                 self._lost.setdefault(event.node_id, event)
             self._wake.set()
 
-    def _recovery_loop(self) -> None:
+    def _background_loop(self) -> None:
+        """Recover from losses and, when one is due, rebalance: one deploy at a time."""
         while not self._closing.is_set():
             if not self._wake.wait(0.5):
                 continue
@@ -251,6 +274,9 @@ class Pipeline:
             with self._lost_lock:
                 lost = dict(self._lost)
             if not lost:
+                if self._rebalance_due.is_set():
+                    self._rebalance_due.clear()
+                    self._rebalance()
                 continue
             try:
                 self._recover(lost)
@@ -312,6 +338,46 @@ class Pipeline:
                          ", ".join(names), recovered_s, plan.k, replayed)
                 return
         self._fail(error.message if error else "no node left")
+
+    def _rebalance(self) -> None:
+        """Move the cuts if the measured stage compute says so (cluster.rebalance)."""
+        with self._deploy_lock:
+            plan = self.plan
+            if plan is None or self.failed is not None or self._closing.is_set():
+                return
+            measured = self._meter.medians()
+            moved = measured_plan(self.analysis, plan, measured, self._profile())
+            if moved is None:
+                log.info("stages balanced enough on measured compute (%s)",
+                         ", ".join(f"{m * 1000:.2f} ms" for m in measured))
+                return
+            self.master.hold()
+            try:
+                self._deploy_now(self.assignment, moved)
+                replayed = self.master.replay()
+            except ClusterError as exc:  # a node went quiet: recovery takes it from here
+                log.warning("rebalance deploy failed: %s", exc.message)
+                return
+            finally:
+                self.master.release()
+            self._moves_left -= 1
+            self.master.bus.publish(ev.Rebalanced(
+                t=time.time(), measured_s=tuple(measured),
+                before=tuple(len(s.nodes) for s in plan.stages),
+                after=tuple(len(s.nodes) for s in moved.stages),
+                predicted_s=max(s.compute_s for s in moved.stages), replayed=replayed))
+
+    def _profile(self) -> ModelAnalysis | None:
+        """The model profiled on this host, once, to divide a stage's measured time among its
+        nodes; None for a model too big to run here as well (the estimates divide it)."""
+        if self._profiled is None and not self.analysis.profiled \
+                and self.analysis.total_param_bytes <= PROFILE_LIMIT:
+            try:
+                self._profiled = profile_model(self.loaded, self.analysis, runs=3)
+            except PeripheryError as exc:
+                log.warning("could not profile the model for rebalancing: %s", exc.message)
+                self._profiled = self.analysis
+        return self._profiled
 
     def _fail(self, reason: str) -> None:
         self.failed = f"recovery failed: {reason}"

@@ -43,6 +43,7 @@ from periphery_core.cluster.events import (
     NodeJoined,
     NodeLost,
     NodeStats,
+    Rebalanced,
     Recovered,
     RecoveryFailed,
     RecoveryStarted,
@@ -91,6 +92,7 @@ class ClusterState:
         clock: Latest event time seen, None before the first event.
         recovering: A lost node's pipeline is being rebuilt (new requests wait).
         recoveries: Recoveries that completed since the start.
+        rebalances: Moves of the cuts on measured compute since the start.
     """
 
     nodes: FrozenMap[str, NodeView] = field(default_factory=FrozenMap)
@@ -107,6 +109,7 @@ class ClusterState:
     clock: float | None = None
     recovering: bool = False
     recoveries: int = 0
+    rebalances: int = 0
 
     @classmethod
     def empty(cls, window_s: float = 30.0, stage_samples: int = 256) -> ClusterState:
@@ -347,6 +350,10 @@ def _on_recovered(state: ClusterState, event: Recovered) -> ClusterState:
     return dataclasses.replace(state, recovering=False, recoveries=state.recoveries + 1)
 
 
+def _on_rebalanced(state: ClusterState, event: Rebalanced) -> ClusterState:
+    return dataclasses.replace(state, rebalances=state.rebalances + 1)
+
+
 def _on_recovery_failed(state: ClusterState, event: RecoveryFailed) -> ClusterState:
     return dataclasses.replace(state, recovering=False, deploy_status="failed")
 
@@ -401,6 +408,7 @@ _RULES: dict[type, _Rule] = {
     RequestFailed: _Rule(_on_request_failed),
     RecoveryStarted: _Rule(_on_recovery_started),
     Recovered: _Rule(_on_recovered),
+    Rebalanced: _Rule(_on_rebalanced),
     RecoveryFailed: _Rule(_on_recovery_failed),
 }
 
@@ -420,8 +428,9 @@ def apply(state: ClusterState, event: Event) -> ClusterState:
     deploy "failed". `DeployFinished` ends the deploy. `RequestCompleted` counts the request,
     records its latency and stage timings and makes the nodes of its stages "busy" for
     `BUSY_S`. `RequestFailed` counts a failure. `RecoveryStarted` sets `recovering`;
-    `Recovered` clears it and counts the recovery; `RecoveryFailed` clears it and marks the
-    deploy "failed". Events about unknown nodes change no node.
+    `Recovered` clears it and counts the recovery; `Rebalanced` counts a move of the cuts;
+    `RecoveryFailed` clears it and marks the deploy "failed". Events about unknown nodes
+    change no node.
 
     Order: the fold is total, so a live view never crashes on an odd event; an event that
     cannot follow the state so far changes nothing but the log, where it is "ignored" with the

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from periphery_core.model.analysis import ModelAnalysis
+from periphery_core.model.analysis import ModelAnalysis, NodeInfo
 from periphery_core.partition.cost_model import PlanningGraph, PlanNode
 from periphery_core.partition.plan import Boundary
 
@@ -42,6 +42,14 @@ def constant_closure(analysis: ModelAnalysis) -> dict[str, tuple[tuple[str, int]
     return closure
 
 
+def node_cost_s(node: NodeInfo, use_profile: bool = False) -> float:
+    """A node's compute on the reference device: measured (`use_profile`, where it was), else
+    estimated from its FLOPs plus the dispatch overhead."""
+    if use_profile and node.measured_s is not None:
+        return node.measured_s
+    return node.flops / REFERENCE_FLOPS + NODE_OVERHEAD_S
+
+
 def planning_graph(analysis: ModelAnalysis, use_profile: bool = False,
                    state: Mapping[str, tuple[str, int]] | None = None) -> PlanningGraph:
     """The planner's view of a model: activations only, costs in seconds.
@@ -66,10 +74,7 @@ def planning_graph(analysis: ModelAnalysis, use_profile: bool = False,
             nodes.append(PlanNode(key=n.key, cost_s=0.0, flops=0, params=(), inputs=(),
                                   outputs=()))
             continue
-        if use_profile and n.measured_s is not None:
-            cost = n.measured_s
-        else:
-            cost = n.flops / REFERENCE_FLOPS + NODE_OVERHEAD_S
+        cost = node_cost_s(n, use_profile)
         params = {x: inits[x] for x in n.inputs if x in inits}
         params.update({f"{x}#cache": state[x][1] for x in n.inputs if x in state})
         for x in n.inputs:

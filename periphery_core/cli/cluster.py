@@ -252,14 +252,17 @@ def connect_nodes(master: Any, cluster_ctx: Any, peers: tuple[str, ...], mdns: b
               help="Serve Prometheus metrics on 127.0.0.1:PORT/metrics while running.")
 @click.option("--optimize/--exact", default=True, show_default=True,
               help="Graph optimizations on the nodes (fast), or off (bit-exact).")
+@click.option("--rebalance/--no-rebalance", default=True, show_default=True,
+              help="Move the plan's cuts on the nodes' measured compute while serving.")
 @keys_options
 @input_shape_option
 @json_option
 @handle_errors
 def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns: bool,
         count: int, inflight: int, micro_batch: int | None, inputs_path: Path | None,
-        check: bool, metrics_port: int | None, optimize: bool, keys: Path | None,
-        insecure: bool, input_shapes: tuple[str, ...], as_json: bool) -> None:
+        check: bool, metrics_port: int | None, optimize: bool, rebalance: bool,
+        keys: Path | None, insecure: bool, input_shapes: tuple[str, ...],
+        as_json: bool) -> None:
     """Deploy a plan to nodes, stream requests through the pipeline, report latency."""
     from periphery_core.cli.common import load_and_analyze
     from periphery_core.cli.render import console, err_console, print_json
@@ -327,7 +330,8 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
             chosen = connect_nodes(master, cluster_ctx, peers, mdns, plan.k,
                                    [d.name for d in plan.devices])
             # The one serving path: a lost node is re-planned around and its requests replayed.
-            pipeline = Pipeline(master, loaded, analysis, plan=plan, exact=exact)
+            pipeline = Pipeline(master, loaded, analysis, plan=plan, exact=exact,
+                                rebalance=rebalance)
             stack.callback(pipeline.close)
             pipeline.deploy([h.node_id for h in chosen])
             t0 = time.perf_counter()

@@ -15,6 +15,10 @@
    time, latency(K = 2) - latency(K = 1), against a bare ZeroMQ round trip of the same bytes
    between two processes; with CurveZMQ keys on both (the default) and without (--insecure),
    requests interleaved so every column sees the same machine.
+3. Balance by measurement: `tests.models.misleading_costs` (full sorts, then MatMuls, whose
+   FLOP estimates mislead) on 2 local nodes with the plan made on estimates, its cuts kept
+   (`--no-rebalance`) against the default, which moves them on the nodes' measured compute;
+   throughput after the moves, both in turn --repeat times.
 
 Run: `python benchmarks/pipeline.py [--requests 160] [--repeat 3] [--json out.json]`.
 """
@@ -50,6 +54,9 @@ from periphery_core.partition.planner import make_plan
 from periphery_core.runtime.feeds import random_feeds
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tests.models import misleading_costs  # noqa: E402
+
 DEMO = ROOT / "assets" / "demo-resnet.onnx"
 CORES = os.cpu_count() or 1
 SIZES = (("4 KiB", 1024), ("1 MiB", 256 * 1024), ("8 MiB", 2 * 1024 * 1024))  # float32s
@@ -276,6 +283,46 @@ def hops(repeat: int) -> list[dict]:
     return rows
 
 
+def rebalanced(requests: int, repeat: int) -> dict:
+    """Requests/s of the misleading model on 2 nodes: cuts kept against cuts moved."""
+    runs: dict[str, list[float]] = defaultdict(list)
+    stages: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "misleading.onnx"
+        onnx.save_model(misleading_costs(), path)
+        loaded = load_model(path)
+        analysis = analyze(loaded)
+        plan = make_plan(analysis, 2)
+        feeds = [random_feeds(analysis.inputs, i) for i in range(8)]
+        for _ in range(repeat):
+            for name, moving in (("kept", False), ("moved", True)):
+                compute: dict[int, list[float]] = defaultdict(list)
+                moves: list[ev.Rebalanced] = []
+
+                def on_event(e: ev.Event, compute=compute, moves=moves) -> None:
+                    if isinstance(e, ev.Rebalanced):
+                        moves.append(e)
+                        compute.clear()
+                    elif isinstance(e, ev.RequestCompleted):
+                        for t in e.stages:
+                            compute[t.stage].append(t.compute_s)
+
+                with LocalCluster(2) as local, local.master() as master:
+                    pipeline = Pipeline(master, loaded, analysis, plan=plan, rebalance=moving)
+                    pipeline.deploy([h.node_id for h in master.alive_nodes()][:2])
+                    master.bus.subscribe(on_event)
+                    # Long enough to measure and move (48 requests a look, up to 3 looks).
+                    list(pipeline.run_many((feeds[i % 8] for i in range(200)), inflight=8))
+                    t0 = time.perf_counter()
+                    list(pipeline.run_many((feeds[i % 8] for i in range(requests)), inflight=8))
+                    runs[name].append(requests / (time.perf_counter() - t0))
+                    pipeline.close()
+                stages[name] = [statistics.median(compute[s]) for s in sorted(compute)]
+                stages[f"{name}_nodes"] = [len(s.nodes) for s in (pipeline.plan or plan).stages]
+    return {"kept_rps": statistics.median(runs["kept"]),
+            "moved_rps": statistics.median(runs["moved"]), "runs": runs, **stages}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=160)
@@ -310,8 +357,19 @@ def main() -> int:
                   us(r["bare_insecure_s"]), us(r["hop_insecure_s"]),
                   f"{float(r['hop_insecure_s']) / float(r['target_insecure_s']):.2f}")  # type: ignore[arg-type]
     console.print(t)
+    bal = rebalanced(args.requests, args.repeat)
+    t = Table(title="balance by measurement: misleading_costs on 2 nodes, plan on estimates "
+                    f"(medians of {args.repeat} runs in turn)", title_justify="left")
+    for col in ("cuts", "nodes per stage", "stage compute", "requests/s"):
+        t.add_column(col, justify="left" if col == "cuts" else "right")
+    for name, label in (("kept", "kept (--no-rebalance)"), ("moved", "moved on measurement")):
+        t.add_row(label, "/".join(map(str, bal[f"{name}_nodes"])),
+                  " / ".join(f"{c * 1e3:.1f} ms" for c in bal[name]), f"{bal[f'{name}_rps']:.1f}")
+    console.print(t)
+    console.print(f"moved / kept: {bal['moved_rps'] / bal['kept_rps']:.2f}x")
     if args.json:
-        args.json.write_text(json.dumps({"throughput": tput, "hops": hop}, indent=1))
+        args.json.write_text(json.dumps({"throughput": tput, "hops": hop, "rebalance": bal},
+                                        indent=1))
     return 0
 
 

@@ -112,7 +112,7 @@ def shard(model: Path, plan_path: Path | None, shards: int | None, strategy: str
     """Write one standalone .onnx per stage, and the plan, into a folder."""
     from periphery_core.cli.render import print_json
     from periphery_core.model.shapes import overlay_shapes, parse_input_shapes
-    from periphery_core.partition.extract import extract_shards, write_shards
+    from periphery_core.partition.extract import iter_shards, write_shards
     from periphery_core.partition.plan import load_plan, require_plan_for
 
     if (plan_path is None) == (shards is None):
@@ -129,7 +129,8 @@ def shard(model: Path, plan_path: Path | None, shards: int | None, strategy: str
         assert shards is not None
         loaded, analysis, shard_plan = _make_plan(model, shards, strategy, devices, False,
                                                   input_shapes, inputs_path)
-    paths = write_shards(extract_shards(loaded, analysis, shard_plan), shard_plan, output)
+    paths = write_shards(iter_shards(loaded, analysis, shard_plan), shard_plan, output,
+                         keep=False)
     if as_json:
         print_json({"stages": [str(p) for p in paths], "plan": str(output / "plan.json")})
     else:
@@ -166,7 +167,7 @@ def verify(model: Path, shard_dir: Path, exact: bool, inputs_path: Path | None, 
     from periphery_core.runtime.feeds import load_npz, random_feeds
 
     paths = shard_paths(shard_dir)
-    loaded = load_model(model)
+    loaded = load_model(model, weights=False)  # ONNX Runtime reads them from the file
     planned: dict[str, tuple[int, ...]] = {}
     if (shard_dir / PLAN_FILE).is_file():
         shard_plan = load_plan(shard_dir / PLAN_FILE)
@@ -175,8 +176,7 @@ def verify(model: Path, shard_dir: Path, exact: bool, inputs_path: Path | None, 
     specs, _ = resolve_input_shapes(
         loaded, overlay_shapes(loaded, planned, parse_input_shapes(input_shapes)))
     feeds = load_npz(inputs_path, specs) if inputs_path else random_feeds(specs, seed)
-    report = verify_chain(loaded.path if loaded.has_external_data else loaded.proto, paths, feeds,
-                          exact=exact)
+    report = verify_chain(loaded.path, paths, feeds, exact=exact)
     if as_json:
         print_json(verify_dict(report))
     else:

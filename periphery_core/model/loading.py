@@ -7,6 +7,8 @@ weights live in external files. Every failure becomes one `ModelLoadError` line.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -21,6 +23,9 @@ from periphery_core.model.declared import DeclaredDims, declared_dims, model_fil
 # Protobuf cannot serialize a message of 2 GiB or more; above this (a margin below that limit),
 # shards and temporary copies are written with external data.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# A model written and then let go (`save_model(keep=False)`) above this size gets external data
+# too: serialising it whole would hold a second copy of its weights while it is written.
+RELEASE_THRESHOLD = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -63,11 +68,13 @@ def _uses_external_data(model: onnx.ModelProto) -> bool:
     )
 
 
-def load_model(path: str | os.PathLike[str]) -> LoadedModel:
+def load_model(path: str | os.PathLike[str], weights: bool = True) -> LoadedModel:
     """Load an ONNX model with its external data.
 
     `path` may be a folder: an ONNX Runtime GenAI or Hugging Face export folder, or one holding
-    a single model (see `declared.model_file`).
+    a single model (see `declared.model_file`). `weights=False` leaves external data on disk:
+    the graph, the shapes and the hash without the bytes, for a caller that lets ONNX Runtime
+    read the model from its path (`verify` on a model of many GiB).
 
     Raises:
         ModelLoadError: the file is missing, not ONNX, truncated, or its external data is missing.
@@ -90,7 +97,7 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
         raise ModelLoadError(f"{p} holds no ONNX graph: is it really an ONNX model?")
     external = _uses_external_data(proto)
-    if external:
+    if external and weights:
         _load_external(proto, p)
     _check_structure(proto, p)
     return LoadedModel(
@@ -152,10 +159,13 @@ def skeleton(model: onnx.ModelProto, keep_bytes: int = SKELETON_KEEP_BYTES) -> o
 
 
 def _approx_nbytes(t: onnx.TensorProto) -> int:
+    """A tensor's bytes from its shape and type, without touching its data."""
     count = 1
     for d in t.dims:
         count *= d
-    return count * 8 if t.data_type in (onnx.TensorProto.STRING,) else count * 4
+    if t.data_type == onnx.TensorProto.STRING:
+        return count * 8
+    return count * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 
 
 def passes_checker(model: onnx.ModelProto) -> bool:
@@ -213,13 +223,41 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
-def save_model(model: onnx.ModelProto, path: Path) -> None:
-    """Write a model, moving weights to a `<name>.data` file when the proto is too big."""
+def approx_size(model: onnx.ModelProto) -> int:
+    """About how many bytes `model` serialises to: its weights' bytes from their shapes, plus
+    the graph's own size. `ByteSize()` would tell exactly, but protobuf's C backend computes it
+    by encoding the whole message: a transient copy of every weight (1.8 GiB for a 0.9 GiB
+    shard), which is what writing a big model one shard at a time must not hold."""
+    weights = sum(_approx_nbytes(t) for t in model.graph.initializer
+                  if t.data_location != onnx.TensorProto.EXTERNAL)
+    return weights + skeleton(model).ByteSize()
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by Python back to the system. glibc keeps freed blocks in its arenas
+    for reuse, and shards of different sizes made one after another rarely fit the holes the
+    last one left, so without this a process that writes shards of a big model one at a time
+    grows as if it held them all. A no-op where the C library has no `malloc_trim`."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def save_model(model: onnx.ModelProto, path: Path, *, keep: bool = True) -> None:
+    """Write a model, moving weights to a `<name>.data` file when the proto is too big.
+
+    `keep=False`: the caller is done with `model`, so a proto of `RELEASE_THRESHOLD` or more
+    has its weights written straight to the data file and dropped from memory as they go,
+    rather than serialised whole (a copy of every byte) or brought back after.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     data = path.with_name(path.name + ".data")
     if data.exists():
         data.unlink()  # onnx appends to an existing data file
-    if model.ByteSize() >= EXTERNAL_DATA_THRESHOLD:
+    size = approx_size(model)
+    if not keep and size >= RELEASE_THRESHOLD:
+        onnx.save_model(model, str(path), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
+    elif size >= EXTERNAL_DATA_THRESHOLD:
         onnx.save_model(
             model,
             str(path),

@@ -11,7 +11,7 @@ check whenever the original model does.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ import onnx
 from periphery_core.errors import ExtractError, PlanError
 from periphery_core.model.analysis import ModelAnalysis
 from periphery_core.model.graph import node_inputs, node_keys, subgraphs
-from periphery_core.model.loading import LoadedModel, save_model, skeleton
+from periphery_core.model.loading import LoadedModel, release_freed_memory, save_model, skeleton
 from periphery_core.partition.plan import ShardPlan
 from periphery_core.progress import CancelToken, ProgressFn, check, report
 
@@ -132,7 +132,20 @@ def extract_shards(
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
 ) -> list[onnx.ModelProto]:
-    """Build one standalone ONNX model per stage of `plan`.
+    """Build one standalone ONNX model per stage of `plan` (see `iter_shards`)."""
+    return list(iter_shards(loaded, analysis, plan, progress=progress, cancel=cancel))
+
+
+def iter_shards(
+    loaded: LoadedModel,
+    analysis: ModelAnalysis,
+    plan: ShardPlan,
+    *,
+    progress: ProgressFn | None = None,
+    cancel: CancelToken | None = None,
+) -> Iterator[onnx.ModelProto]:
+    """Build one standalone ONNX model per stage of `plan`, one at a time: a caller that
+    writes each and lets it go holds the model and one shard, not every shard at once.
 
     Raises:
         PlanError: the plan does not fit this model.
@@ -156,7 +169,6 @@ def extract_shards(
     types = _inferred_types(model)
     model_outputs = {o.name: o for o in graph.output}
     listed_inputs = {i.name: i for i in graph.input if i.name in inits}
-    shards: list[onnx.ModelProto] = []
     for stage in plan.stages:
         check(cancel)
         report(progress, "extract", stage.index, plan.k, f"stage {stage.index}")
@@ -179,7 +191,9 @@ def extract_shards(
                 f"stage {stage.index} reads '{missing[0]}', which neither an earlier stage nor "
                 "the model's weights provide: the plan's order is not topological"
             )
-        sub = onnx.GraphProto(name=f"{graph.name or 'model'}_stage{stage.index}")
+        shard = onnx.ModelProto()
+        sub = shard.graph  # built in place: a copy would hold the stage's weights twice
+        sub.name = f"{graph.name or 'model'}_stage{stage.index}"
         sub.node.extend(nodes)
         sub.input.extend(_value_info(n, types, analysis) for n in boundary_in)
         for b in stage.outputs:
@@ -206,14 +220,12 @@ def extract_shards(
         sub.value_info.extend(
             value_infos[n] for n in produced if n in value_infos and n not in io_names
         )
-        shard = onnx.ModelProto()
         shard.ir_version = model.ir_version
         shard.opset_import.extend(model.opset_import)
         shard.producer_name = "periphery"
         shard.producer_version = model.producer_version
         shard.domain = model.domain
         shard.model_version = model.model_version
-        shard.graph.CopyFrom(sub)
         shard.functions.extend(_functions_used(nodes, functions))
         meta = {
             "periphery.stage": str(stage.index),
@@ -230,21 +242,29 @@ def extract_shards(
                 raise ExtractError(
                     f"stage {stage.index} fails onnx.checker although the model passes: {first}"
                 ) from None
-        shards.append(shard)
+        yield shard
     report(progress, "extract", plan.k, plan.k, "done")
-    return shards
 
 
-def write_shards(shards: Sequence[onnx.ModelProto], plan: ShardPlan, out_dir: Path) -> list[Path]:
-    """Write `stage-<i>.onnx` files and the plan into `out_dir`."""
+def write_shards(shards: Iterable[onnx.ModelProto], plan: ShardPlan, out_dir: Path, *,
+                 keep: bool = True) -> list[Path]:
+    """Write `stage-<i>.onnx` files and the plan into `out_dir`.
+
+    `keep=False` (with `iter_shards`): the caller is done with each shard once written, so
+    each is made, written (a big one with its weights streamed to `stage-<i>.onnx.data`) and
+    let go before the next: the model and one shard are all that is ever in memory.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in [*out_dir.glob("stage-*.onnx"), *out_dir.glob("stage-*.onnx.data")]:
         stale.unlink()  # a folder re-used for fewer stages must not keep the old ones
     paths = []
     for i, shard in enumerate(shards):
         path = out_dir / STAGE_FILE.format(index=i)
-        save_model(shard, path)
+        save_model(shard, path, keep=keep)
         paths.append(path)
+        del shard  # before the next is made
+        if not keep:
+            release_freed_memory()
     plan.save(out_dir / PLAN_FILE)
     return paths
 

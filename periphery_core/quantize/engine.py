@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 import onnx
 
-from periphery_core.model.loading import EXTERNAL_DATA_THRESHOLD, save_model
+from periphery_core.model.loading import EXTERNAL_DATA_THRESHOLD, approx_size, save_model
 from periphery_core.progress import CancelToken, ProgressFn, check, report
 from periphery_core.quantize.config import QuantConfig, QuantizeError
 
@@ -140,7 +140,7 @@ class CalibrationReader:
 
 def is_large(model: onnx.ModelProto) -> bool:
     """Whether the model must be written with external data (over protobuf's 2 GB)."""
-    return model.ByteSize() >= EXTERNAL_DATA_THRESHOLD
+    return approx_size(model) >= EXTERNAL_DATA_THRESHOLD
 
 
 def write_model(model: onnx.ModelProto, path: Path) -> Path:

@@ -67,7 +67,7 @@ def make_session(
     opts = session_options(config)
     source: str | bytes
     if isinstance(model, onnx.ModelProto):
-        if model.ByteSize() >= loading.EXTERNAL_DATA_THRESHOLD:
+        if loading.approx_size(model) >= loading.EXTERNAL_DATA_THRESHOLD:
             if scratch_dir is None:
                 raise RuntimeFailure("model too large to run from memory: give a scratch folder")
             target = scratch_dir / "model.onnx"

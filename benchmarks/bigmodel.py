@@ -1,0 +1,226 @@
+"""A model larger than protobuf's 2 GiB limit through analyse, plan, shard and verify.
+
+Builds a random-weight Llama-architecture decoder of about 3 GiB in float32 with its weights in
+one external data file (RMSNorm, rotary attention with a causal mask, SiLU-gated MLP, untied
+embedding and head), written straight to disk weight by weight so the builder itself stays
+small. Then runs the user's steps as the CLI does, each in its own process:
+
+    periphery analyze MODEL --json
+    periphery plan MODEL --shards 4 -o plan.json
+    periphery shard MODEL --plan plan.json -o shards/
+    periphery verify MODEL shards/ --exact
+
+and prints each step's wall time and peak resident memory (sampled every 20 ms over the process
+and its children) against the model's size. Target: every step at most 1.5x the model's size.
+
+Run: `python benchmarks/bigmodel.py [--layers 13] [--keep DIR] [--json out.json]`. It needs
+about 4x the model's size in free disk (the model and its shards) and takes a few minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import psutil
+from onnx import TensorProto, helper, numpy_helper
+from rich.console import Console
+from rich.table import Table
+
+HIDDEN, INTERMEDIATE, VOCAB, HEADS, SEQ = 2048, 5632, 32000, 16, 16
+HEAD = HIDDEN // HEADS
+GIB = 1 << 30
+
+
+class _Weights:
+    """Writes initializers to one external data file as they are made, keeping none in memory."""
+
+    def __init__(self, folder: Path, location: str, seed: int = 0) -> None:
+        self.location = location
+        self.file = (folder / location).open("wb")
+        self.rng = np.random.default_rng(seed)
+        self.tensors: list[TensorProto] = []
+        self.bytes = 0
+
+    def random(self, name: str, shape: tuple[int, ...], scale: float = 0.02) -> str:
+        return self.array(name, self.rng.standard_normal(shape, dtype=np.float32) * scale)
+
+    def array(self, name: str, value: np.ndarray) -> str:
+        if value.nbytes < 1024:  # small ones inline, as exporters do (shape inference reads them)
+            self.tensors.append(numpy_helper.from_array(value, name))
+            return name
+        offset = self.file.tell()
+        data = np.ascontiguousarray(value).tobytes()
+        self.file.write(data)
+        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(value.dtype),
+                             dims=value.shape, data_location=TensorProto.EXTERNAL)
+        for key, val in (("location", self.location), ("offset", str(offset)),
+                         ("length", str(len(data)))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, val
+        self.tensors.append(tensor)
+        self.bytes += len(data)
+        return name
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def build(path: Path, layers: int) -> int:
+    """Write the model to `path` (weights beside it); returns the weights' bytes."""
+    w = _Weights(path.parent, path.name + ".data")
+    nodes: list[onnx.NodeProto] = []
+
+    def node(op: str, inputs: list[str], name: str, **attrs: object) -> str:
+        nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
+        return name
+
+    def const(name: str, value: np.ndarray) -> str:
+        return w.array(name, value)
+
+    eps = const("eps", np.array(1e-5, dtype=np.float32))
+    scale = const("scale", np.array(1.0 / np.sqrt(HEAD), dtype=np.float32))
+    heads_shape = const("heads_shape", np.array([1, SEQ, HEADS, HEAD], dtype=np.int64))
+    flat_shape = const("flat_shape", np.array([1, SEQ, HIDDEN], dtype=np.int64))
+    mask = np.triu(np.full((SEQ, SEQ), -1e9, dtype=np.float32), 1)[None, None]
+    causal = const("causal", mask)
+    inv = 1.0 / (10000 ** (np.arange(0, HEAD, 2, dtype=np.float32) / HEAD))
+    angles = np.outer(np.arange(SEQ, dtype=np.float32), inv)
+    cos = const("cos", np.concatenate([np.cos(angles)] * 2, -1)[None, None])
+    sin = const("sin", np.concatenate([np.sin(angles)] * 2, -1)[None, None])
+    half = const("half", np.array([HEAD // 2, HEAD // 2], dtype=np.int64))
+
+    def rms(x: str, prefix: str) -> str:
+        gamma = w.array(f"{prefix}.weight", np.ones(HIDDEN, dtype=np.float32))
+        sq = node("Mul", [x, x], f"{prefix}/sq")
+        mean = node("ReduceMean", [sq], f"{prefix}/mean", axes=[-1], keepdims=1)
+        root = node("Sqrt", [node("Add", [mean, eps], f"{prefix}/eps")], f"{prefix}/sqrt")
+        return node("Mul", [node("Div", [x, root], f"{prefix}/div"), gamma], f"{prefix}/out")
+
+    def rotary(x: str, prefix: str) -> str:
+        nodes.append(helper.make_node("Split", [x, half], [f"{prefix}/x1", f"{prefix}/x2"],
+                                      name=f"{prefix}/split", axis=-1))
+        rotated = node("Concat", [node("Neg", [f"{prefix}/x2"], f"{prefix}/neg"), f"{prefix}/x1"],
+                       f"{prefix}/rot", axis=-1)
+        return node("Add", [node("Mul", [x, cos], f"{prefix}/cos"),
+                            node("Mul", [rotated, sin], f"{prefix}/sin")], f"{prefix}/out")
+
+    def heads(x: str, prefix: str) -> str:
+        return node("Transpose", [node("Reshape", [x, heads_shape], f"{prefix}/split")],
+                    f"{prefix}/heads", perm=[0, 2, 1, 3])
+
+    x = node("Gather", [w.random("embed.weight", (VOCAB, HIDDEN)), "input_ids"], "embed")
+    for i in range(layers):
+        p = f"/layers.{i}"
+        h = rms(x, f"{p}/attn_norm")
+        q = rotary(heads(node("MatMul", [h, w.random(f"{p}.q", (HIDDEN, HIDDEN))], f"{p}/q"),
+                         f"{p}/q"), f"{p}/q_rot")
+        k = rotary(heads(node("MatMul", [h, w.random(f"{p}.k", (HIDDEN, HIDDEN))], f"{p}/k"),
+                         f"{p}/k"), f"{p}/k_rot")
+        v = heads(node("MatMul", [h, w.random(f"{p}.v", (HIDDEN, HIDDEN))], f"{p}/v"), f"{p}/v")
+        scores = node("MatMul", [q, node("Transpose", [k], f"{p}/kT", perm=[0, 1, 3, 2])],
+                      f"{p}/scores")
+        scores = node("Add", [node("Mul", [scores, scale], f"{p}/scaled"), causal],
+                      f"{p}/masked")
+        attn = node("MatMul", [node("Softmax", [scores], f"{p}/softmax", axis=-1), v],
+                    f"{p}/attn")
+        merged = node("Reshape", [node("Transpose", [attn], f"{p}/merge", perm=[0, 2, 1, 3]),
+                                  flat_shape], f"{p}/flat")
+        x = node("Add", [x, node("MatMul", [merged, w.random(f"{p}.o", (HIDDEN, HIDDEN))],
+                                 f"{p}/o")], f"{p}/attn_res")
+        h = rms(x, f"{p}/mlp_norm")
+        gate = node("MatMul", [h, w.random(f"{p}.gate", (HIDDEN, INTERMEDIATE))], f"{p}/gate")
+        up = node("MatMul", [h, w.random(f"{p}.up", (HIDDEN, INTERMEDIATE))], f"{p}/up")
+        silu = node("Mul", [gate, node("Sigmoid", [gate], f"{p}/sigmoid")], f"{p}/silu")
+        down = node("MatMul", [node("Mul", [silu, up], f"{p}/gated"),
+                               w.random(f"{p}.down", (INTERMEDIATE, HIDDEN))], f"{p}/down")
+        x = node("Add", [x, down], f"{p}/mlp_res")
+    logits = node("MatMul", [rms(x, "/norm"), w.random("lm_head", (HIDDEN, VOCAB))], "logits")
+    w.close()
+    graph = helper.make_graph(
+        nodes, "big-llama",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, SEQ])],
+        [helper.make_tensor_value_info(logits, TensorProto.FLOAT, [1, SEQ, VOCAB])],
+        w.tensors)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    path.write_bytes(model.SerializeToString())
+    return w.bytes
+
+
+def measured(args: list[str], cwd: Path) -> dict:
+    """Run a CLI step; its wall time and the peak RSS of it and its children."""
+    proc = subprocess.Popen([sys.executable, "-m", "periphery_core.cli.main", *args], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        root = psutil.Process(proc.pid)
+        while not done.is_set():
+            try:
+                family = [root, *root.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in family))
+            except psutil.Error:
+                pass
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    t0 = time.perf_counter()
+    sampler.start()
+    out, err = proc.communicate()
+    wall = time.perf_counter() - t0
+    done.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"periphery {' '.join(args)} failed ({proc.returncode}): "
+                         f"{err.strip().splitlines()[-1] if err.strip() else out[-500:]}")
+    return {"step": "periphery " + " ".join(args), "wall_s": wall, "peak_rss": peak}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=13, help="13 layers: about 3.1 GiB")
+    parser.add_argument("--keep", type=Path, default=None, help="work in this folder, kept")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    console = Console(width=120)
+    with tempfile.TemporaryDirectory(prefix="periphery-big-") as tmp:
+        work = args.keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        model = work / "model.onnx"
+        t0 = time.perf_counter()
+        size = build(model, args.layers)
+        console.print(f"built {model} ({size / GIB:.2f} GiB of weights, {args.layers} layers) "
+                      f"in {time.perf_counter() - t0:.0f} s")
+        steps = [["analyze", "model.onnx", "--json"],
+                 ["plan", "model.onnx", "--shards", "4", "-o", "plan.json"],
+                 ["shard", "model.onnx", "--plan", "plan.json", "-o", "shards"],
+                 ["verify", "model.onnx", "shards", "--exact"]]
+        rows = [measured(step, work) for step in steps]
+    t = Table(title=f"a {size / GIB:.2f} GiB model (float32 Llama, {args.layers} layers), K = 4, "
+                    "each step a process of its own", title_justify="left")
+    for col in ("step", "wall", "peak RSS", "x model size"):
+        t.add_column(col, justify="left" if col == "step" else "right")
+    for r in rows:
+        r["ratio"] = r["peak_rss"] / size
+        t.add_row(r["step"], f"{r['wall_s']:.1f} s", f"{r['peak_rss'] / GIB:.2f} GiB",
+                  f"{r['ratio']:.2f}x")
+    console.print(t)
+    worst = max(r["ratio"] for r in rows)
+    console.print(f"worst step: {worst:.2f}x the model's size (target 1.5x)")
+    if args.json:
+        args.json.write_text(json.dumps({"model_bytes": size, "steps": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

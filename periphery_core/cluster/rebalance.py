@@ -15,8 +15,9 @@ the nodes'). Without a profile the division follows the estimates: exact when a 
 is uniform, and a move in the right direction otherwise; the pipeline measures again after
 each move. A move is made only when the slowest stage is more
 than `THRESHOLD` over the mean and the new cuts are predicted to cut the slowest stage's time by
-at least `MIN_GAIN`, so noise does not shuffle shards back and forth. Plans cut by hand
-(strategy "manual") are the user's and are never moved.
+at least `MIN_GAIN` and `MIN_SAVING_S` (a redeploy to save microseconds on a model whose
+stages cost less than a hop is churn), so noise does not shuffle shards back and forth.
+Plans cut by hand (strategy "manual") are the user's and are never moved.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from periphery_core.partition.planning_graph import node_cost_s
 
 THRESHOLD = 0.10  # the slowest stage this far over the mean is worth a move
 MIN_GAIN = 0.05  # ... if the new cuts should make it at least this much faster
+MIN_SAVING_S = 5e-4  # ... and by at least this much: below it a hop's own cost dominates
 SAMPLES = 48  # requests measured before deciding
 MAX_MOVES = 3  # moves per pipeline: each measures again, so a few converge
 
@@ -74,7 +76,8 @@ def measured_plan(analysis: ModelAnalysis, plan: ShardPlan, measured_s: Sequence
                       devices=list(plan.devices), use_profile=True)
     if [s.nodes for s in moved.stages] == [s.nodes for s in plan.stages]:
         return None
-    if max(s.compute_s for s in moved.stages) > (1 - MIN_GAIN) * max(measured_s):
+    predicted = max(s.compute_s for s in moved.stages)
+    if predicted > (1 - MIN_GAIN) * max(measured_s) or max(measured_s) - predicted < MIN_SAVING_S:
         return None
     return moved
 

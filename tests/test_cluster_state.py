@@ -29,6 +29,7 @@ from periphery_core.cluster.events import (
     NodeJoined,
     NodeLost,
     NodeStats,
+    Rebalanced,
     Recovered,
     RecoveryFailed,
     RecoveryStarted,
@@ -37,6 +38,7 @@ from periphery_core.cluster.events import (
     ShardProgress,
     StageReady,
     StageTiming,
+    describe,
     event_from_dict,
     event_to_dict,
 )
@@ -503,6 +505,10 @@ EVENT_STRATEGIES: dict[type, st.SearchStrategy[Any]] = {
     Recovered: st.builds(Recovered, st.tuples(node_ids), st.tuples(node_ids, node_ids),
                          st.none() | st.floats(0, 10), st.floats(0, 10), st.integers(0, 64),
                          times),
+    Rebalanced: st.builds(Rebalanced, st.lists(st.floats(0, 1), min_size=2, max_size=4).map(tuple),
+                          st.tuples(st.integers(1, 9), st.integers(1, 9)),
+                          st.tuples(st.integers(1, 9), st.integers(1, 9)), st.floats(0, 1),
+                          st.integers(0, 64), times),
     RecoveryFailed: st.builds(RecoveryFailed, texts, times),
 }
 any_event = st.one_of(*EVENT_STRATEGIES.values())
@@ -867,3 +873,11 @@ def test_bus_from_many_threads_delivers_everything_in_one_order() -> None:
         assert [e.t for e in a if isinstance(e, NodeStats) and e.node_id == f"n{k}"] == list(
             range(500)
         )
+
+
+def test_a_rebalance_is_counted_and_told_in_one_line() -> None:
+    moved = Rebalanced(measured_s=(0.0172, 0.0009), before=(12, 3), after=(1, 14),
+                       predicted_s=0.0112, replayed=4, t=9.0)
+    assert fold([moved, moved], DEPLOYED).rebalances == 2
+    line = describe(moved)
+    assert "S0 17.2 ms, S1 0.9 ms" in line and "12/3 nodes now 1/14" in line

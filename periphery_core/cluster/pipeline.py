@@ -36,7 +36,14 @@ import numpy as np
 
 from periphery_core.cluster import events as ev
 from periphery_core.cluster.master import Master
-from periphery_core.cluster.rebalance import MAX_MOVES, SAMPLES, StageMeter, measured_plan
+from periphery_core.cluster.rebalance import (
+    MAX_MOVES,
+    SAMPLES,
+    THRESHOLD,
+    StageMeter,
+    imbalance,
+    measured_plan,
+)
 from periphery_core.errors import ClusterError, PeripheryError
 from periphery_core.generate.decoder import DecoderSpec
 from periphery_core.generate.planning import plan_model
@@ -341,12 +348,15 @@ class Pipeline:
 
     def _rebalance(self) -> None:
         """Move the cuts if the measured stage compute says so (cluster.rebalance)."""
+        measured = self._meter.medians()
+        # Profile only when the stages are uneven, and before taking the deploy lock: a
+        # recovery need not wait for the master to run the whole model.
+        profile = self._profile() if imbalance(measured) > THRESHOLD else None
         with self._deploy_lock:
             plan = self.plan
             if plan is None or self.failed is not None or self._closing.is_set():
                 return
-            measured = self._meter.medians()
-            moved = measured_plan(self.analysis, plan, measured, self._profile())
+            moved = measured_plan(self.analysis, plan, measured, profile)
             if moved is None:
                 log.info("stages balanced enough on measured compute (%s)",
                          ", ".join(f"{m * 1000:.2f} ms" for m in measured))

@@ -6,17 +6,17 @@ deployed pipeline has served enough requests, the nodes' own timings say how lon
 really computes. `measured_plan` turns them into a plan: each stage's measured time is shared
 out among its nodes (by a profile of the model on the master, which says which nodes of a
 stage take its time, or else by the plan's own costs), and the balanced planner runs again on
-those costs with the same devices. The pipeline deploys the
-new plan through its one redeploy path (hold, deploy, replay, release), so no request is lost.
+those costs with the same devices. The pipeline deploys the new plan through its one redeploy
+path (hold, deploy, replay, release), so no request is lost.
 
 Design choices: the nodes measure whole stages, which is what sets the pace on their devices;
 the master's profile only says how a stage's time divides among its nodes (its own CPU is not
 the nodes'). Without a profile the division follows the estimates: exact when a stage's error
 is uniform, and a move in the right direction otherwise; the pipeline measures again after
-each move. A move is made only when the slowest stage is more
-than `THRESHOLD` over the mean and the new cuts are predicted to cut the slowest stage's time by
-at least `MIN_GAIN` and `MIN_SAVING_S` (a redeploy to save microseconds on a model whose
-stages cost less than a hop is churn), so noise does not shuffle shards back and forth.
+each move. A move is made only when the slowest stage is more than `THRESHOLD` over the mean
+and the new cuts are predicted to cut the slowest stage's time by at least `MIN_GAIN` and
+`MIN_SAVING_S` (a redeploy to save microseconds on a model whose stages cost less than a hop
+is churn), so noise does not shuffle shards back and forth.
 Plans cut by hand (strategy "manual") are the user's and are never moved.
 """
 

@@ -7,8 +7,6 @@ weights live in external files. Every failure becomes one `ModelLoadError` line.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -231,15 +229,6 @@ def approx_size(model: onnx.ModelProto) -> int:
     weights = sum(_approx_nbytes(t) for t in model.graph.initializer
                   if t.data_location != onnx.TensorProto.EXTERNAL)
     return weights + skeleton(model).ByteSize()
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed by Python back to the system. glibc keeps freed blocks in its arenas
-    for reuse, and shards of different sizes made one after another rarely fit the holes the
-    last one left, so without this a process that writes shards of a big model one at a time
-    grows as if it held them all. A no-op where the C library has no `malloc_trim`."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def save_model(model: onnx.ModelProto, path: Path, *, keep: bool = True) -> None:

@@ -20,7 +20,7 @@ import onnx
 from periphery_core.errors import ExtractError, PlanError
 from periphery_core.model.analysis import ModelAnalysis
 from periphery_core.model.graph import node_inputs, node_keys, subgraphs
-from periphery_core.model.loading import LoadedModel, release_freed_memory, save_model, skeleton
+from periphery_core.model.loading import LoadedModel, save_model, skeleton
 from periphery_core.partition.plan import ShardPlan
 from periphery_core.progress import CancelToken, ProgressFn, check, report
 
@@ -263,8 +263,6 @@ def write_shards(shards: Iterable[onnx.ModelProto], plan: ShardPlan, out_dir: Pa
         save_model(shard, path, keep=keep)
         paths.append(path)
         del shard  # before the next is made
-        if not keep:
-            release_freed_memory()
     plan.save(out_dir / PLAN_FILE)
     return paths
 

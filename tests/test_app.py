@@ -218,6 +218,16 @@ async def test_shards_screen_plans_moves_a_boundary_and_saves_and_loads(tmp_path
         await until(pilot, lambda: app.plan is not None and app.plan.k == 3)
 
 
+async def _add_nodes_by_address(app: PeripheryApp, pilot: Pilot, cluster: LocalCluster) -> None:
+    """Once the model is open, add every node of `cluster` on the Cluster screen with `a`."""
+    await until(pilot, lambda: app.opened is not None)
+    await pilot.press("4")
+    for address in cluster.addresses:
+        await pilot.press("a", *f"{address.host}:{address.port}", "enter")
+    await until(pilot, lambda: len(app.cluster_state.nodes) == len(cluster.addresses),
+                timeout=30)
+
+
 async def test_whole_loop_against_real_local_nodes(tmp_path: Path) -> None:
     """Add two nodes by address, plan K=2, move a boundary, assign, deploy, stream, see it;
     opening another model then says the cluster still runs the deployed one."""
@@ -226,11 +236,7 @@ async def test_whole_loop_against_real_local_nodes(tmp_path: Path) -> None:
     app = PeripheryApp(DEMO_MODEL, browse_dir=DEMO_MODEL.parent, insecure=True)
     try:
         async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: app.opened is not None)
-            await pilot.press("4")
-            for address in cluster.addresses:
-                await pilot.press("a", *f"{address.host}:{address.port}", "enter")
-            await until(pilot, lambda: len(app.cluster_state.nodes) == 2, timeout=30)
+            await _add_nodes_by_address(app, pilot, cluster)
             table = app.screen.query_one(DataTable)
             assert table.row_count == 2
             await pilot.press("3")
@@ -675,11 +681,7 @@ async def test_the_app_follows_the_pipeline_when_it_rebalances(tmp_path: Path) -
     app = PeripheryApp(model, browse_dir=tmp_path, insecure=True)
     try:
         async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: app.opened is not None)
-            await pilot.press("4")
-            for address in cluster.addresses:
-                await pilot.press("a", *f"{address.host}:{address.port}", "enter")
-            await until(pilot, lambda: len(app.cluster_state.nodes) == 2, timeout=30)
+            await _add_nodes_by_address(app, pilot, cluster)
             await pilot.press("3", "o", *(["backspace"] * 20), *str(on_estimates), "enter")
             await until(pilot, lambda: app.plan is not None and app.plan.k == 2
                         and app.plan.model_path.endswith("misleading.onnx"))

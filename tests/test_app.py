@@ -29,7 +29,7 @@ from periphery_app.screens.cluster import ClusterScreen
 from periphery_app.screens.dashboard import DashboardScreen
 from periphery_app.screens.graph import GraphScreen
 from periphery_app.screens.modals import ChoiceModal, DetailsModal, ErrorModal, PromptModal
-from periphery_app.screens.shards import ShardsScreen, cuts_of
+from periphery_app.screens.shards import ShardsScreen
 from periphery_app.widgets.graph_view import GraphView
 from periphery_core.cluster.local import LocalCluster
 from tests.conftest import MODELS, require_shared
@@ -191,20 +191,20 @@ async def test_shards_screen_plans_moves_a_boundary_and_saves_and_loads(tmp_path
         await until(pilot, lambda: app.plan is not None)
         plan = app.plan
         assert plan is not None and plan.k == 2
-        cut = cuts_of(plan)[0]
+        cut = plan.cuts[0]
         await pilot.press("right")
         await until(pilot, lambda: app.plan is not plan)
         moved_plan = app.plan
-        assert moved_plan is not None and cuts_of(moved_plan) == [cut + 1]
+        assert moved_plan is not None and moved_plan.cuts == [cut + 1]
         assert moved_plan.strategy == "manual"
         await pilot.press("b")  # re-balance
         await until(pilot, lambda: app.plan is not moved_plan)
-        assert app.plan is not None and cuts_of(app.plan) == [cut]
+        assert app.plan is not None and app.plan.cuts == [cut]
         await pilot.press("t")  # the next strategy, then `b`: balanced again, not the same plan
         await until(pilot, lambda: app.plan is not None and app.plan.strategy != "balanced")
         await pilot.press("b")
         await until(pilot, lambda: app.plan is not None and app.plan.strategy == "balanced")
-        assert screen.strategy == "balanced" and cuts_of(app.plan) == [cut]
+        assert screen.strategy == "balanced" and app.plan.cuts == [cut]
         await pilot.press("plus")
         await until(pilot, lambda: app.plan is not None and app.plan.k == 3)
         target = tmp_path / "plan.json"
@@ -245,7 +245,7 @@ async def test_whole_loop_against_real_local_nodes(tmp_path: Path) -> None:
             assert plan is not None and plan.k == 2
             await pilot.press("left")
             await until(pilot, lambda: app.plan is not plan)
-            assert app.plan is not None and cuts_of(app.plan) == [cuts_of(plan)[0] - 1]
+            assert app.plan is not None and app.plan.cuts == [plan.cuts[0] - 1]
             # stage 0 -> the second node, stage 1 -> the first: by keyboard in the picker
             await pilot.press("a")
             assert isinstance(app.screen, ChoiceModal)

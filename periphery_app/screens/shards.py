@@ -41,15 +41,6 @@ from periphery_core.partition.plan import (
 from periphery_core.progress import Progress
 
 
-def cuts_of(plan: ShardPlan) -> list[int]:
-    """The K-1 cut positions of a plan in its node order."""
-    cuts, total = [], 0
-    for s in plan.stages[:-1]:
-        total += len(s.nodes)
-        cuts.append(total)
-    return cuts
-
-
 def moved(cuts: Sequence[int], boundary: int, delta: int, n: int) -> list[int]:
     """Cuts with one boundary moved by `delta`, kept strictly between its neighbours."""
     out = list(cuts)
@@ -119,7 +110,7 @@ class ShardsScreen(PeripheryScreen):
     def _plan_changed(self, plan: ShardPlan | None) -> None:
         if plan is not None:
             self.k = plan.k
-            self._cuts = cuts_of(plan)
+            self._cuts = plan.cuts
             pipeline = self.papp.control.pipeline
             if pipeline is not None and plan is pipeline.plan:  # it runs: on the nodes it runs on
                 self.assignment = list(self.papp.cluster_state.assignment)
@@ -246,7 +237,7 @@ class ShardsScreen(PeripheryScreen):
         if plan is None or opened is None:
             return
         n = sum(len(s.nodes) for s in plan.stages)
-        cuts = moved(self._cuts or cuts_of(plan), event.stage, event.delta, n)
+        cuts = moved(self._cuts or plan.cuts, event.stage, event.delta, n)
         if cuts == self._cuts:
             self.app.bell()
             return
@@ -335,7 +326,7 @@ class ShardsScreen(PeripheryScreen):
         plan, opened = self.papp.plan, self._opened
         devices = self._devices(self.k)
         if plan is not None and opened is not None and devices is not None:
-            self._replan(opened, plan, self._cuts or cuts_of(plan), devices)
+            self._replan(opened, plan, self._cuts or plan.cuts, devices)
         self._redraw()
 
     # ------------------------------------------------------------------ files

@@ -223,11 +223,12 @@ def connect_nodes(master: Any, cluster_ctx: Any, peers: tuple[str, ...], mdns: b
                               soft_wrap=True)
     if len(handles) < k:
         raise PeripheryError(
-            f"the plan has {k} stages but {len(handles)} nodes were found: start "
+            f"the plan needs {k} nodes but {len(handles)} were found: start "
             "nodes with 'periphery-node', pass --peer HOST:PORT, or use --local")
     by_name = {h.name: h for h in handles}
-    return [by_name[n] for n in names] if names and all(n in by_name for n in names) \
-        else handles
+    if names and all(n in by_name for n in names):  # the plan's devices first, in its order
+        return [by_name[n] for n in names] + [h for h in handles if h.name not in names]
+    return handles
 
 
 @cli.command("run")
@@ -300,7 +301,7 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
     rebalances: list[ev.Rebalanced] = []
     from periphery_core.cluster.keys import keyring_or_insecure
 
-    cluster_ctx = LocalCluster(plan.k, secure=not insecure) if local else None
+    cluster_ctx = LocalCluster(plan.nodes_needed, secure=not insecure) if local else None
     ring = None if local else keyring_or_insecure(keys, insecure)
     stack = contextlib.ExitStack()
     try:
@@ -327,7 +328,7 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
                 server = MetricsServer(StateTracker(master.bus), metrics_port)
                 stack.callback(server.close)
                 err_console.print(f"metrics on http://127.0.0.1:{server.port}/metrics")
-            chosen = connect_nodes(master, cluster_ctx, peers, mdns, plan.k,
+            chosen = connect_nodes(master, cluster_ctx, peers, mdns, plan.nodes_needed,
                                    [d.name for d in plan.devices])
             # The one serving path: a lost node is re-planned around and its requests replayed.
             pipeline = Pipeline(master, loaded, analysis, plan=plan, exact=exact,
@@ -361,7 +362,8 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
                     if mismatches <= 3:
                         console.print(f"[red]request {i} output {name} differs: max abs "
                                       f"{c.max_abs:.3g}[/]", soft_wrap=True)
-    summary = _summary(run_view.state, wall, count)
+    summary = {"shape": pipeline.plan.shape if pipeline.plan else plan.shape,
+               **_summary(run_view.state, wall, count)}
     summary["recoveries"] = [
         {"lost": list(r.lost), "detected_s": r.detected_s, "recovered_s": r.recovered_s,
          "replayed": r.replayed, "stages": list(r.assignment)} for r in recoveries]
@@ -386,10 +388,12 @@ def _summary(state: ClusterState, wall: float, count: int) -> dict[str, Any]:
     and each stage's medians over its recent requests, for the pipeline serving at the end (a
     recovery re-plans it, and the fold starts its stage timings afresh)."""
     stages = []
-    for s in range(state.plan_stages):
+    k = max(1, state.plan_stages)
+    for s in range(len(state.assignment)):  # each replica's stages, by slot
         summary = state.stage_stats.summary(s)
         stages.append({
-            "stage": s,
+            "stage": s % k,
+            "replica": s // k,
             "queue_s": summary.queue_median if summary else None,
             "compute_s": summary.compute_median if summary else None,
             "transfer_s": summary.transfer_median if summary else None,
@@ -409,12 +413,14 @@ def _render_run(summary: dict[str, Any]) -> None:
                   f"{summary['wall_s']:.2f} s: {summary['throughput_rps']:.1f} req/s; latency "
                   f"p50 {human_seconds(lat['p50'])}, p90 {human_seconds(lat['p90'])}, "
                   f"p99 {human_seconds(lat['p99'])}")
-    t = Table(title="per stage (medians)", title_justify="left")
-    for col in ("stage", "queue", "compute", "transfer"):
+    replicas = len({s["replica"] for s in summary["stages"]}) > 1
+    t = Table(title=f"{summary['shape']}: per stage (medians)", title_justify="left")
+    for col in ("replica", "stage", "queue", "compute", "transfer")[0 if replicas else 1:]:
         t.add_column(col, justify="right")
     for s in summary["stages"]:
-        t.add_row(str(s["stage"]), *(human_seconds(s[k]) if s[k] is not None else "-"
-                                     for k in ("queue_s", "compute_s", "transfer_s")))
+        t.add_row(*([str(s["replica"])] if replicas else []), str(s["stage"]),
+                  *(human_seconds(s[k]) if s[k] is not None else "-"
+                    for k in ("queue_s", "compute_s", "transfer_s")))
     console.print(t)
     for r in summary.get("recoveries", []):
         detected = "" if r["detected_s"] is None else f"detected after {r['detected_s']:.2f} s, "

@@ -40,16 +40,33 @@ def analyze(model: Path, input_shapes: tuple[str, ...], inputs_path: Path | None
         render_analysis(analysis, top)
 
 
-def _make_plan(model: Path, shards: int, strategy: str, devices: Path | None,
-               profile: bool, input_shapes: Sequence[str], inputs: Path | None):
+def _make_plan(model: Path, shards: int | None, strategy: str, devices: Path | None,
+               profile: bool, input_shapes: Sequence[str], inputs: Path | None,
+               replicas: int | None = None, nodes: int | None = None):
+    """Plan for the nodes at hand: the devices file's (or `nodes` reference machines), the
+    stages and replicas asked for, the planner's choice for the rest (`partition.shape`).
+    `--shards K` without `--nodes` is one pipeline of K stages."""
     from periphery_core.generate.decoder import recognize
-    from periphery_core.generate.planning import plan_model
-    from periphery_core.partition.plan import load_devices
+    from periphery_core.generate.planning import plan_shape
+    from periphery_core.partition.plan import load_devices, uniform_devices
 
+    for value, what in ((shards, "shards"), (replicas, "replicas"), (nodes, "nodes")):
+        if value is not None and value < 1:
+            raise PlanError(f"cannot plan for {value} {what}: ask for at least 1")
+    if shards is not None and replicas is None and nodes is None:
+        replicas = 1  # one pipeline, unless the nodes were counted
+    listed = load_devices(devices) if devices is not None else None
+    count = nodes or (len(listed) if listed else None) or (
+        shards * replicas if shards and replicas else None)
+    if count is None:
+        raise PlanError("say what to plan for: --nodes N (or --devices FILE) to let the planner "
+                        "choose stages and replicas, or --shards K")
+    if listed is not None and count > len(listed):
+        raise PlanError(f"--nodes {count} but the devices file lists {len(listed)} devices")
+    devs = listed[:count] if listed is not None else uniform_devices(count)
     loaded, analysis = load_and_analyze(model, input_shapes, profile, inputs)
-    devs = load_devices(devices) if devices is not None else None
     # A language model is balanced on a measured decode step, its stages' caches counted.
-    plan = plan_model(loaded, analysis, shards, strategy=strategy, devices=devs,
+    plan = plan_shape(loaded, analysis, devs, k=shards, replicas=replicas, strategy=strategy,
                       decoder=recognize(loaded), use_profile=profile)
     return loaded, analysis, plan
 
@@ -67,7 +84,13 @@ devices_option = click.option(
 
 @cli.command()
 @model_argument
-@click.option("--shards", "-k", type=int, required=True, help="Number of pipeline stages.")
+@click.option("--shards", "-k", type=int, default=None,
+              help="Pipeline stages (default: the planner chooses for --nodes/--devices).")
+@click.option("--replicas", "-r", type=int, default=None,
+              help="Copies of the pipeline serving side by side (default: the planner "
+                   "chooses; 1 with --shards).")
+@click.option("--nodes", "-n", type=int, default=None,
+              help="Plan for N nodes (default: the devices file's, or K x R).")
 @strategy_option
 @devices_option
 @click.option("--profile", is_flag=True, help="Plan with measured node times, not FLOPs.")
@@ -77,14 +100,14 @@ devices_option = click.option(
               help="Plan file to write (.json or .toml).")
 @json_option
 @handle_errors
-def plan(model: Path, shards: int, strategy: str, devices: Path | None, profile: bool,
-         input_shapes: tuple[str, ...], inputs_path: Path | None, output: Path,
-         as_json: bool) -> None:
-    """Plan K pipeline stages and write the plan file."""
+def plan(model: Path, shards: int | None, replicas: int | None, nodes: int | None,
+         strategy: str, devices: Path | None, profile: bool, input_shapes: tuple[str, ...],
+         inputs_path: Path | None, output: Path, as_json: bool) -> None:
+    """Plan R replicas of K pipeline stages for the nodes and write the plan file."""
     from periphery_core.cli.render import plan_summary, print_json, render_plan
 
     _, _, shard_plan = _make_plan(model, shards, strategy, devices, profile, input_shapes,
-                                  inputs_path)
+                                  inputs_path, replicas, nodes)
     shard_plan.save(output)
     if as_json:
         print_json(plan_summary(shard_plan))

@@ -106,7 +106,7 @@ def render_analysis(a: ModelAnalysis, top: int) -> None:
 
 
 def render_plan(plan: ShardPlan) -> None:
-    t = Table(title=f"{plan.strategy} plan, {plan.k} stages ({plan.cost_basis} costs)",
+    t = Table(title=f"{plan.strategy} plan, {plan.shape} ({plan.cost_basis} costs)",
               title_justify="left")
     for col in ("stage", "device", "nodes", "first → last", "compute", "transfer", "memory",
                 "out bytes"):
@@ -122,11 +122,14 @@ def render_plan(plan: ShardPlan) -> None:
                   f"ideal {human_seconds(plan.ideal_s)}; ratio "
                   f"{plan.balance_ratio:.3f}; boundary bytes "
                   f"{human_bytes(plan.boundary_bytes)}")
+    if plan.shape_reason:
+        console.print(f"shape {plan.shape_reason}", soft_wrap=True, highlight=False)
 
 
 def plan_summary(plan: ShardPlan) -> dict[str, Any]:
     return {**plan.to_dict(), "balance_ratio": plan.balance_ratio,
-            "boundary_bytes": plan.boundary_bytes}
+            "boundary_bytes": plan.boundary_bytes, "nodes_needed": plan.nodes_needed,
+            "predicted_rps": plan.predicted_rps}
 
 
 def verify_dict(report: VerifyReport) -> dict[str, Any]:

@@ -103,11 +103,14 @@ class NodeStats:
 
 @dataclass(frozen=True, slots=True)
 class DeployStarted:
-    """A plan's deployment began; `assignment[i]` is the node id that runs stage `i`."""
+    """A plan's deployment began: `plan_stages` stages times `replicas`; `assignment[j]` is
+    the node id that runs slot `j`, stage `j % plan_stages` of replica `j // plan_stages` (the
+    `stage` of later deploy events and of stage timings is this slot)."""
 
     plan_stages: int
     assignment: tuple[str, ...]
     t: float
+    replicas: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,7 +407,9 @@ def describe(event: Event, name: Callable[[str], str] = str) -> str:
         case NodeStats():
             return f"node {name(event.node_id)} cpu {event.cpu_percent:.0f}%"
         case DeployStarted():
-            return (f"deploy started: {event.plan_stages} stages on "
+            shape = f"{event.plan_stages} stages" if event.replicas == 1 else (
+                f"{event.replicas} replicas x {event.plan_stages} stages")
+            return (f"deploy started: {shape} on "
                     f"{', '.join(name(n) for n in event.assignment)}")
         case ShardProgress():
             return (

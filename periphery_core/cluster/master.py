@@ -143,16 +143,24 @@ class Master:
         shards: Sequence[bytes],
         assignment: Sequence[str],
         *,
+        replicas: int = 1,
         exact: bool = True,
         timeout: float = 120.0,
     ) -> None:
-        """Ship shard i to node `assignment[i]`, wire the stages in order, wait until all ready.
+        """Ship the shards to the nodes, wire each replica's stages in order, wait until all
+        are ready.
+
+        With R replicas, `assignment` lists R*K nodes: replica r runs shard i on node
+        `assignment[r * K + i]` (its slot), and the master balances requests over the
+        replicas. Events and the nodes' timings name a stage by its slot.
 
         Raises:
             ClusterError: an unknown or lost node, a refused shard, or a timeout.
         """
-        if len(shards) != len(assignment):
-            raise ClusterError(f"{len(shards)} shards but {len(assignment)} nodes assigned")
+        k = len(shards)
+        if replicas < 1 or k * replicas != len(assignment):
+            raise ClusterError(f"{k} shards x {replicas} replicas but {len(assignment)} nodes "
+                               "assigned")
         if len(set(assignment)) != len(assignment):
             raise ClusterError("each stage needs a node of its own")
         self._check_alive()
@@ -162,19 +170,19 @@ class Master:
             if handle is None or handle.lost:
                 raise ClusterError(f"node {node_id[:12]} is not connected")
             handles.append(handle)
-        self.bus.publish(ev.DeployStarted(t=time.time(), plan_stages=len(shards),
+        self.bus.publish(ev.DeployStarted(t=time.time(), plan_stages=k, replicas=replicas,
                                           assignment=tuple(assignment)))
         epoch = self._data.new_epoch()
         readies: list[Future] = []
         own = self.guard.ring.public if self.guard.ring else None
-        digests = [hashlib.sha256(shard).hexdigest() for shard in shards]
-        for i, (shard, handle) in enumerate(zip(shards, handles, strict=True)):
-            last = i + 1 == len(handles)
-            nxt = self._data.results_endpoint if last else handles[i + 1].data_endpoint
-            nxt_key = own if last else handles[i + 1].key
-            readies.append(self._control.upload(handle, i, len(shards), shard, digests[i],
-                                                nxt=nxt, nxt_key=nxt_key, exact=exact,
-                                                epoch=epoch))
+        digests = [hashlib.sha256(shard).hexdigest() for shard in shards] * replicas
+        for slot, handle in enumerate(handles):
+            last = slot % k == k - 1
+            nxt = self._data.results_endpoint if last else handles[slot + 1].data_endpoint
+            nxt_key = own if last else handles[slot + 1].key
+            readies.append(self._control.upload(handle, slot, len(handles), shards[slot % k],
+                                                digests[slot], nxt=nxt, nxt_key=nxt_key,
+                                                exact=exact, epoch=epoch))
         deadline = time.time() + timeout
         for i, (ready, handle) in enumerate(zip(readies, handles, strict=True)):
             try:
@@ -192,7 +200,7 @@ class Master:
             self.bus.publish(ev.StageReady(t=time.time(), node_id=handle.node_id, stage=i,
                                            provider=str(info.get("provider", "?"))))
         self._control.record_stages(handles, digests, exact)
-        self._data.connect_first(handles[0].data_endpoint, handles[0].key)
+        self._data.connect_first([(h.data_endpoint, h.key) for h in handles[::k]])
         self.bus.publish(ev.DeployFinished(t=time.time()))
 
     # ------------------------------------------------------------------ requests

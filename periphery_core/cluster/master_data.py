@@ -1,7 +1,10 @@
 """The master's data path: requests into the first stage, results out of the last.
 
-`submit` sends to the first stage's PULL socket under a lock (the one PUSH socket is shared by
+`submit` sends to the first stage's PULL socket under a lock (the PUSH sockets are shared by
 every submitting thread); the results thread owns the PULL socket the last stage sends to.
+With replicas, each has a first stage of its own, and a request goes to the replica with the
+fewest requests in flight: a slower replica gets fewer, and none waits while another idles
+(ZeroMQ's own round robin would give each the same share, so the slowest would set the pace).
 Requests carry ids end to end, and each stage appends its timestamps, from which
 `stage_timings` derives per-stage queue, compute and transfer times.
 
@@ -41,6 +44,7 @@ class _Pending:
     t_submit: float
     feeds: Mapping[str, np.ndarray]  # kept until the result arrives, to replay after a loss
     step: Mapping[str, Any] | None = None  # a decoder step: seq, pos, new (or seqs, poss)
+    replica: int = 0  # the replica it was last sent to
 
 
 class DataPath:
@@ -67,7 +71,8 @@ class DataPath:
         self._pending_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
-        self._first: zmq.Socket | None = None
+        self._first: list[zmq.Socket] = []  # each replica's first stage
+        self._inflight: list[int] = []  # requests in flight per replica (under _pending_lock)
         self.epoch = 0
         # Cleared while a recovery runs, holding new submissions back.
         self._open = threading.Event()
@@ -83,21 +88,26 @@ class DataPath:
             self.epoch += 1
             return self.epoch
 
-    def connect_first(self, endpoint: str, key: bytes | None) -> None:
-        """Send requests to the first stage at `endpoint` from now on."""
-        sock = self.guard.client(self.ctx.socket(zmq.PUSH), key, "nodes")
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 8)
-        sock.connect(endpoint)
+    def connect_first(self, endpoints: list[tuple[str, bytes | None]]) -> None:
+        """Send requests to these first stages (one per replica; endpoint, key) from now on."""
+        socks = []
+        for endpoint, key in endpoints:
+            sock = self.guard.client(self.ctx.socket(zmq.PUSH), key, "nodes")
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 8)
+            sock.connect(endpoint)
+            socks.append(sock)
         with self._send_lock:
-            if self._first is not None:
-                self._first.close(linger=0)
-            self._first = sock
+            for old in self._first:
+                old.close(linger=0)
+            self._first = socks
+            with self._pending_lock:
+                self._inflight = [0] * len(socks)
 
     def submit(self, feeds: Mapping[str, np.ndarray],
                step: Mapping[str, Any] | None = None) -> Future:
         """Send one request into the pipeline (see `Master.submit`)."""
-        if self._first is None:
+        if not self._first:
             raise ClusterError("nothing is deployed: deploy a plan first")
         future: Future = Future()
         while not self._open.wait(0.1):  # a recovery is running: wait for the new pipeline
@@ -108,15 +118,22 @@ class DataPath:
                 raise ClusterBusy(f"busy: {len(self._pending)} requests are in flight (the "
                                   f"limit is {self.max_pending}); wait for results first")
             rid = next(self._ids)
-            self._pending[rid] = _Pending(future, time.time(), feeds, step)
+            pending = self._pending[rid] = _Pending(future, time.time(), feeds, step)
+            self._assign(pending)
             epoch = self.epoch
-        self._send(rid, feeds, lambda: not self._open.is_set() or self.epoch != epoch, step)
+        self._send(rid, pending, lambda: not self._open.is_set() or self.epoch != epoch)
         future.request_id = rid  # type: ignore[attr-defined]
         return future
 
-    def _send(self, rid: int, feeds: Mapping[str, np.ndarray],
-              abandon: Callable[[], bool], step: Mapping[str, Any] | None = None) -> None:
-        """Send one request to the first stage, waiting while it is full (backpressure).
+    def _assign(self, pending: _Pending) -> None:
+        """Give the request to the replica with the fewest in flight (under _pending_lock)."""
+        if self._inflight:
+            pending.replica = min(range(len(self._inflight)), key=self._inflight.__getitem__)
+            self._inflight[pending.replica] += 1
+
+    def _send(self, rid: int, pending: _Pending, abandon: Callable[[], bool]) -> None:
+        """Send one request to its replica's first stage, waiting while it is full
+        (backpressure).
 
         Gives up, leaving the request pending, when `abandon()` says a recovery has begun or
         the pipeline changed (the recovery replays it), or when the request no longer waits
@@ -124,12 +141,13 @@ class DataPath:
         """
         with self._send_lock:
             frames = encode("activation", {"id": rid, "times": [], "epoch": self.epoch,
-                                           **(step or {})}, feeds)
-            if self._first is None:
+                                           **(pending.step or {})}, pending.feeds)
+            if not self._first:
                 raise ClusterError("nothing is deployed: deploy a plan first")
+            first = self._first[pending.replica % len(self._first)]
             while not self._stop.is_set():
-                if self._first.poll(100, zmq.POLLOUT):
-                    self._first.send_multipart(frames, copy=False)
+                if first.poll(100, zmq.POLLOUT):
+                    first.send_multipart(frames, copy=False)
                     return
                 with self._pending_lock:
                     waiting = rid in self._pending
@@ -152,17 +170,20 @@ class DataPath:
     def replay(self) -> int:
         """Send every request still waiting for its result into the current pipeline again."""
         with self._pending_lock:
-            waiting = sorted(((rid, p.feeds, p.step) for rid, p in self._pending.items()),
-                             key=lambda w: w[0])
+            waiting = sorted(self._pending.items())
+            self._inflight = [0] * len(self._inflight)
+            for _, p in waiting:
+                self._assign(p)
         epoch = self.epoch
-        for rid, feeds, step in waiting:
-            self._send(rid, feeds, lambda: self.epoch != epoch, step)
+        for rid, p in waiting:
+            self._send(rid, p, lambda: self.epoch != epoch)
         return len(waiting)
 
     def fail_pending(self, reason: str) -> None:
         """Fail every request in flight with `reason`, publishing each failure."""
         with self._pending_lock:
             pending, self._pending = self._pending, {}
+            self._inflight = [0] * len(self._inflight)
         for rid, p in pending.items():
             if not p.future.done():
                 settle(p.future, RequestFailed(reason))
@@ -200,6 +221,8 @@ class DataPath:
                 if msg.fields.get("epoch", self.epoch) != self.epoch:
                     continue  # from a pipeline replaced since: the request was replayed
                 pending = self._pending.pop(rid, None) if isinstance(rid, int) else None
+                if pending is not None and pending.replica < len(self._inflight):
+                    self._inflight[pending.replica] -= 1
             if pending is None:
                 log.warning("result for unknown request %r dropped", rid)
                 continue

@@ -24,6 +24,7 @@ declared). A plan given from a file is re-planned onto the survivors on a loss, 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -46,7 +47,7 @@ from periphery_core.cluster.rebalance import (
 )
 from periphery_core.errors import ClusterError, PeripheryError
 from periphery_core.generate.decoder import DecoderSpec
-from periphery_core.generate.planning import plan_model
+from periphery_core.generate.planning import plan_shape
 from periphery_core.generate.stateful import make_stateful
 from periphery_core.model.analysis import ModelAnalysis
 from periphery_core.model.loading import LoadedModel
@@ -84,6 +85,7 @@ class Pipeline:
         analysis: ModelAnalysis,
         *,
         k: int | None = None,
+        replicas: int | None = None,
         plan: ShardPlan | None = None,
         strategy: str = "balanced",
         exact: bool = False,
@@ -95,7 +97,9 @@ class Pipeline:
             master: The master whose connected nodes run the stages.
             loaded, analysis: The model.
             k: Stages to plan (at most; fewer when fewer nodes are alive). Defaults to the
-                plan's K, or 2.
+                plan's K; with neither, the planner chooses the shape for the live nodes.
+            replicas: Replicas of the pipeline (at most, as nodes allow). Defaults to the
+                plan's; with `k` alone, 1; with neither, the planner chooses.
             plan: A fixed plan (from a file, or edited by hand) for the first deploy; after a
                 loss the model is planned again onto the survivors.
             strategy: The planner's strategy when the pipeline plans.
@@ -108,14 +112,15 @@ class Pipeline:
             decoder: Deploy a decoder LLM's shards as stateful stages that keep their own KV
                 caches (generate.stateful); requests are then steps of sequences.
         """
-        if k is None:
-            k = plan.k if plan is not None else 2
-        if k < 1:
-            raise ClusterError("a pipeline needs at least one stage")
+        if plan is not None:
+            k, replicas = k or plan.k, replicas or plan.replicas
+        if (k is not None and k < 1) or (replicas is not None and replicas < 1):
+            raise ClusterError("a pipeline needs at least one stage and one replica")
         self.master = master
         self.loaded = loaded
         self.analysis = analysis
         self.k = k
+        self.replicas = 1 if k is not None and replicas is None else replicas
         self.strategy = strategy
         self.exact = exact
         self.decoder = decoder
@@ -189,25 +194,31 @@ class Pipeline:
         if not chosen:
             raise ClusterError("no live node to deploy to: start periphery-node on a host "
                                "and connect it")
-        if plan is not None:
-            if len(chosen) < plan.k:
-                raise ClusterError(f"the plan has {plan.k} stages but {len(chosen)} nodes are "
-                                   "available")
-            chosen = chosen[:plan.k]
-        else:
-            k = min(self.k, len(chosen), len(self.analysis.nodes))
-            chosen = chosen[:k]
-            plan = plan_model(self.loaded, self.analysis, k, strategy=self.strategy,
-                              devices=self.master.devices(chosen), decoder=self.decoder)
+        if plan is None:
+            plan = self._plan_shape(chosen)
+        if len(chosen) < plan.nodes_needed:
+            raise ClusterError(f"the plan runs {plan.shape} on {plan.nodes_needed} nodes but "
+                               f"{len(chosen)} are available")
+        chosen = chosen[:plan.nodes_needed]
         shards = extract_shards(self.loaded, self.analysis, plan, progress=progress)
         if self.decoder is not None:
             shards = make_stateful(shards, self.decoder)
-        self.master.deploy([s.SerializeToString() for s in shards], chosen, exact=self.exact)
+        self.master.deploy([s.SerializeToString() for s in shards], chosen,
+                           replicas=plan.replicas, exact=self.exact)
         self.plan, self.assignment, self.failed = plan, tuple(chosen), None
         self._meter.reset(plan.k)
         with self._lost_lock:  # losses of nodes no longer in the pipeline need no recovery
             self._lost = {n: e for n, e in self._lost.items() if n in self.assignment}
         return plan
+
+    def _plan_shape(self, chosen: Sequence[str]) -> ShardPlan:
+        """Plan for these nodes: the stages and replicas asked for, as far as the nodes go;
+        what was not asked for, the planner chooses."""
+        n = len(chosen)
+        k = min(self.k, n, len(self.analysis.nodes)) if self.k is not None else None
+        replicas = None if self.replicas is None else max(1, min(self.replicas, n // (k or 1)))
+        return plan_shape(self.loaded, self.analysis, self.master.devices(chosen), k=k,
+                          replicas=replicas, strategy=self.strategy, decoder=self.decoder)
 
     # ------------------------------------------------------------------ requests
 
@@ -259,7 +270,8 @@ class Pipeline:
     def _on_event(self, event: ev.Event) -> None:
         # Bus callbacks must not block: the background thread does the work.
         if isinstance(event, ev.RequestCompleted) and self._moves_left > 0:
-            if self._meter.add({t.stage: t.compute_s for t in event.stages}) == SAMPLES:
+            k = self.plan.k if self.plan is not None else 1  # timings name slots
+            if self._meter.add({t.stage % k: t.compute_s for t in event.stages}) == SAMPLES:
                 self._rebalance_due.set()
                 self._wake.set()
             return
@@ -357,6 +369,9 @@ class Pipeline:
             if plan is None or self.failed is not None or self._closing.is_set():
                 return
             moved = measured_plan(self.analysis, plan, measured, profile)
+            if moved is not None:
+                moved = dataclasses.replace(moved, replicas=plan.replicas,
+                                            shape_reason=plan.shape_reason)
             if moved is None:
                 log.info("stages balanced enough on measured compute (%s)",
                          ", ".join(f"{m * 1000:.2f} ms" for m in measured))

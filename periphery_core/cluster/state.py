@@ -78,8 +78,10 @@ class ClusterState:
     Attributes:
         nodes: Every node ever seen, by id.
         plan_stages: Stages of the plan last deployed (0 before any deploy).
-        assignment: `assignment[i]` is the node id running stage `i`.
-        deploy: Deployment progress per stage index.
+        replicas: Replicas of that pipeline serving side by side.
+        assignment: `assignment[j]` is the node id running slot `j` (stage `j % plan_stages`
+            of replica `j // plan_stages`; events and timings name stages by slot).
+        deploy: Deployment progress per slot.
         deploy_status: "idle", "deploying", "deployed" or "failed".
         requests_completed: Requests completed since the start.
         requests_failed: Requests failed since the start.
@@ -97,6 +99,7 @@ class ClusterState:
 
     nodes: FrozenMap[str, NodeView] = field(default_factory=FrozenMap)
     plan_stages: int = 0
+    replicas: int = 1
     assignment: tuple[str, ...] = ()
     deploy: FrozenMap[int, StageDeploy] = field(default_factory=FrozenMap)
     deploy_status: DeployStatus = "idle"
@@ -129,25 +132,13 @@ class ClusterState:
         )
 
     def latency(self, now: float) -> dict[str, float]:
-        """End-to-end latency percentiles over the window at `now`.
-
-        Args:
-            now: The reader's time.
-
-        Returns:
-            ``{"p50": ..., "p90": ..., "p99": ...}`` in seconds; NaN values when empty.
-        """
+        """End-to-end latency percentiles over the window at the reader's time `now`:
+        ``{"p50": ..., "p90": ..., "p99": ...}`` in seconds; NaN values when empty."""
         return self.latency_window.percentiles(now)
 
     def throughput(self, now: float) -> float:
-        """Completed requests per second over the window at `now`.
-
-        Args:
-            now: The reader's time.
-
-        Returns:
-            Requests per second (0.0 with no requests in the window).
-        """
+        """Completed requests per second over the window at the reader's time `now` (0.0
+        with no requests in the window)."""
         return self.latency_window.throughput(now)
 
     def bottleneck_stage(self) -> int | None:
@@ -275,7 +266,8 @@ def _on_deploy_started(state: ClusterState, event: DeployStarted) -> ClusterStat
         if updated != node:
             nodes = nodes.set(node.id, updated)
     return dataclasses.replace(
-        state, nodes=nodes, plan_stages=event.plan_stages, assignment=event.assignment,
+        state, nodes=nodes, plan_stages=event.plan_stages, replicas=event.replicas,
+        assignment=event.assignment,
         deploy=FrozenMap((i, StageDeploy(stage=i, node_id=node_id))
                          for i, node_id in enumerate(event.assignment)),
         deploy_status="deploying",
@@ -363,8 +355,9 @@ def _on_recovery_failed(state: ClusterState, event: RecoveryFailed) -> ClusterSt
 
 
 def _stages_match_assignment(state: ClusterState, event: DeployStarted) -> str | None:
-    if event.plan_stages != len(event.assignment):
-        return f"{event.plan_stages} stages but {len(event.assignment)} nodes assigned"
+    if event.plan_stages * event.replicas != len(event.assignment):
+        shape = "" if event.replicas == 1 else f" x {event.replicas} replicas"
+        return f"{event.plan_stages} stages{shape} but {len(event.assignment)} nodes assigned"
     return None
 
 

@@ -23,12 +23,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from periphery_core.errors import PlanError
 from periphery_core.generate.decoder import DecoderSpec
 from periphery_core.model.analysis import ModelAnalysis, with_measurements
 from periphery_core.model.loading import LoadedModel
 from periphery_core.model.profile import profile_model
 from periphery_core.partition.plan import DeviceSpec, ShardPlan
 from periphery_core.partition.planner import make_plan, replan_with_cuts
+from periphery_core.partition.shape import choose_shape
 
 PROFILE_CONTEXT = 64  # cached tokens in the decode step the plan is balanced on
 # Within this fraction of the best bottleneck, the cuts that send the fewest bytes: measured
@@ -114,6 +116,34 @@ def plan_model(loaded: LoadedModel, analysis: ModelAnalysis, k: int, *,
     return make_plan(planning_analysis(loaded, analysis, decoder), k, strategy=strategy,
                      devices=relative_speeds(devices), use_profile=True,
                      state=decoder.planned_state(), slack=SLACK)
+
+
+def plan_shape(loaded: LoadedModel, analysis: ModelAnalysis,
+               devices: Sequence[DeviceSpec], *, k: int | None = None,
+               replicas: int | None = None, strategy: str = "balanced",
+               decoder: DecoderSpec | None = None, use_profile: bool = False) -> ShardPlan:
+    """Plan R replicas of K stages for these devices (`partition.shape`): the planner
+    chooses what is not forced. A decoder runs as one pipeline (its sequences' caches live
+    on the stages of one replica) of K stages, all the devices by default.
+
+    Raises:
+        PlanError: a shape that does not fit, or replicas asked of a decoder.
+    """
+    if decoder is not None:
+        if replicas not in (None, 1):
+            raise PlanError("a language model runs as one pipeline (each sequence's KV cache "
+                            "lives on its stages): drop --replicas")
+        replicas, k = 1, k or len(devices)
+
+    def plan_k(kk: int, devs: Sequence[DeviceSpec]) -> ShardPlan:
+        return plan_model(loaded, analysis, kk, strategy=strategy, devices=devs,
+                          decoder=decoder, use_profile=use_profile)
+
+    def recost(plan: ShardPlan, devs: Sequence[DeviceSpec]) -> ShardPlan:
+        return replan_model(loaded, analysis, plan, plan.cuts, devs, decoder)
+
+    return choose_shape(devices, plan_k, recost, k=k, replicas=replicas,
+                        max_k=len(analysis.nodes))
 
 
 def replan_model(loaded: LoadedModel, analysis: ModelAnalysis, plan: ShardPlan,

@@ -1,9 +1,11 @@
 """Shard plans and devices: frozen data plus their versioned file formats.
 
 A plan is K stages, each a contiguous segment of one topological order of the graph, placed on
-K devices in order. Plans are JSON (or TOML) files that carry everything needed to apply them
-elsewhere: the model's path and sha256, the input shapes they were made for, the devices, and
-per stage its nodes and boundary tensors. Validation happens here, at the file edge.
+K devices in order, and run as R replicas of that pipeline side by side (R = 1 unless the
+planner found more replicas faster, `partition.shape`). Plans are JSON (or TOML) files that
+carry everything needed to apply them elsewhere: the model's path and sha256, the input shapes
+they were made for, the devices, the shape, and per stage its nodes and boundary tensors.
+Validation happens here, at the file edge.
 """
 
 from __future__ import annotations
@@ -93,7 +95,12 @@ class Stage:
 
 @dataclass(frozen=True, slots=True)
 class ShardPlan:
-    """A whole plan. `bottleneck_s` is the largest stage cost: the pipeline's period."""
+    """A whole plan. `bottleneck_s` is the largest stage cost: the pipeline's period.
+
+    `replicas` copies of the K-stage pipeline serve side by side, each on K nodes of its own
+    (the master balances requests over them); `devices` are the first replica's, on which
+    the cuts were costed. `shape_reason` says why the planner chose this shape.
+    """
 
     model_path: str
     model_sha256: str
@@ -105,10 +112,33 @@ class ShardPlan:
     total_compute_s: float
     version: int = PLAN_VERSION
     notes: tuple[str, ...] = field(default=())
+    replicas: int = 1
+    shape_reason: str = ""
 
     @property
     def k(self) -> int:
         return len(self.stages)
+
+    @property
+    def cuts(self) -> list[int]:
+        """The K-1 cut positions in the plan's node order."""
+        ends = [sum(len(s.nodes) for s in self.stages[:i + 1]) for i in range(self.k)]
+        return ends[:-1]
+
+    @property
+    def nodes_needed(self) -> int:
+        """Nodes the plan runs on: K stages for each replica."""
+        return self.k * self.replicas
+
+    @property
+    def predicted_rps(self) -> float:
+        """Requests per second the cost model predicts (replicas alike)."""
+        return self.replicas / self.bottleneck_s if self.bottleneck_s > 0 else math.inf
+
+    @property
+    def shape(self) -> str:
+        """`2 replicas x 1 stage`, `1 x 3 stages`."""
+        return shape_text(self.k, self.replicas)
 
     @property
     def bottleneck_s(self) -> float:
@@ -149,6 +179,12 @@ class ShardPlan:
         else:
             p.write_text(json.dumps(data, indent=1) + "\n")
         return p
+
+
+def shape_text(k: int, replicas: int) -> str:
+    """How a shape reads: `2 replicas x 1 stage`, `1 x 3 stages`."""
+    stages = f"{k} stage{'s' if k != 1 else ''}"
+    return f"1 x {stages}" if replicas == 1 else f"{replicas} replicas x {stages}"
 
 
 def require_plan_for(plan: ShardPlan, sha256: str, model_name: str, plan_source: str) -> None:
@@ -234,11 +270,15 @@ def load_plan(path: str | Path) -> ShardPlan:
             stages=stages,
             total_compute_s=float(data["total_compute_s"]),
             notes=tuple(str(n) for n in data.get("notes", ())),
+            replicas=int(data.get("replicas", 1)),
+            shape_reason=str(data.get("shape_reason", "")),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise PlanError(f"{p} is a damaged plan file ({type(exc).__name__}: {exc})") from None
     if not plan.stages:
         raise PlanError(f"{p} has no stages")
+    if plan.replicas < 1:
+        raise PlanError(f"{p}: replicas must be at least 1, not {plan.replicas}")
     if [s.index for s in plan.stages] != list(range(plan.k)):
         raise PlanError(f"{p}: stage indices must run 0..{plan.k - 1} in order")
     return plan

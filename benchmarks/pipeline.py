@@ -7,10 +7,12 @@
    - plain ONNX Runtime replicas: one process per core with one thread each, the requests
      split between them;
    - Periphery K = 1, 2, 3 on local node processes with default flags (graph optimizations on,
-     CurveZMQ keys, the cores shared out among the nodes), 8 requests in flight.
+     CurveZMQ keys, the cores shared out among the nodes), 8 requests in flight;
+   - Periphery with the shape its planner picks for one node per core (R replicas of K stages,
+     `partition.shape`), the same defaults.
    Each row's ratio is against plain ONNX Runtime in one process. Pipeline efficiency is
-   throughput x the slowest stage's measured compute per request: 1.0 when the slowest stage
-   never waits for work.
+   throughput x the slowest stage's measured compute per request / replicas: 1.0 when the
+   slowest stage never waits for work.
 2. What one hop adds: a 2-Relu model over a 4 KiB, 1 MiB and 8 MiB activation, one request at a
    time, latency(K = 2) - latency(K = 1), against a bare ZeroMQ round trip of the same bytes
    between two processes; with CurveZMQ keys on both (the default) and without (--insecure),
@@ -75,10 +77,15 @@ def relu_chain(path: Path, width: int, n: int = 2) -> Path:
     return path
 
 
-def deployed(master: Master, path: Path, k: int) -> Pipeline:
-    """The model planned into k stages on the first k nodes, with the serving defaults."""
+def deployed(master: Master, path: Path, k: int | None) -> Pipeline:
+    """The model planned into k stages on the first k nodes (None: the shape the planner
+    picks for every node), with the serving defaults."""
     loaded = load_model(path)
     analysis = analyze(loaded)
+    if k is None:
+        pipeline = Pipeline(master, loaded, analysis)
+        pipeline.deploy()
+        return pipeline
     pipeline = Pipeline(master, loaded, analysis, plan=make_plan(analysis, k))
     pipeline.deploy([h.node_id for h in master.alive_nodes()][:k])
     return pipeline
@@ -143,8 +150,9 @@ def replicas_rps(requests: int) -> float:
 
 # ---------------------------------------------------------------------- Periphery
 
-def periphery_run(k: int, requests: int, inflight: int) -> tuple[float, float]:
-    """Requests/s of the demo model on k local nodes, and the slowest stage's median compute."""
+def periphery_run(k: int | None, requests: int, inflight: int) -> tuple[float, float, str]:
+    """Requests/s of the demo model on k local nodes (None: one per core, the planner's
+    shape), the slowest stage's median compute per replica, and the shape."""
     compute: dict[int, list[float]] = defaultdict(list)
 
     def on_event(e: ev.Event) -> None:
@@ -152,8 +160,10 @@ def periphery_run(k: int, requests: int, inflight: int) -> tuple[float, float]:
             for s in e.stages:
                 compute[s.stage].append(s.compute_s)
 
-    with LocalCluster(k) as local, local.master() as master:
+    with LocalCluster(k or CORES) as local, local.master() as master:
         pipeline = deployed(master, DEMO, k)
+        assert pipeline.plan is not None
+        shape, replicas = pipeline.plan.shape, pipeline.plan.replicas
         feeds = [random_feeds(pipeline.analysis.inputs, i) for i in range(8)]
         # Warm-up, long enough for the default rebalancing to measure and settle (48 requests a
         # look, up to three looks), so what is timed is the pipeline as it keeps serving.
@@ -164,7 +174,7 @@ def periphery_run(k: int, requests: int, inflight: int) -> tuple[float, float]:
         wall = time.perf_counter() - t0
         pipeline.close()
     slowest = max(statistics.median(v) for v in compute.values())
-    return requests / wall, slowest
+    return requests / wall, slowest / replicas, shape
 
 
 def throughput(requests: int, inflight: int, repeat: int) -> list[dict]:
@@ -172,14 +182,18 @@ def throughput(requests: int, inflight: int, repeat: int) -> list[dict]:
     slowest: dict[str, list[float]] = defaultdict(list)
     names = {"plain": f"ONNX Runtime, 1 process x {CORES} threads",
              "replicas": f"ONNX Runtime, {CORES} processes x 1 thread (replicas)",
-             **{f"k{k}": f"Periphery K = {k}, defaults" for k in (1, 2, 3)}}
+             **{f"k{k}": f"Periphery K = {k}, defaults" for k in (1, 2, 3)},
+             "pick": "Periphery, the planner's shape"}
     for _ in range(repeat):  # in turn, so that every configuration sees the same machine
         runs["plain"].append(plain_rps(requests))
         runs["replicas"].append(replicas_rps(requests))
-        for k in (1, 2, 3):
-            rps, slow = periphery_run(k, requests, inflight)
-            runs[f"k{k}"].append(rps)
-            slowest[f"k{k}"].append(slow)
+        for k in (1, 2, 3, None):
+            rps, slow, shape = periphery_run(k, requests, inflight)
+            key = f"k{k}" if k else "pick"
+            runs[key].append(rps)
+            slowest[key].append(slow)
+            if k is None:
+                names["pick"] = f"Periphery, the planner's shape ({shape}), defaults"
     base = statistics.median(runs["plain"])
     rows = []
     for key, name in names.items():

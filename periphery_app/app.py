@@ -212,7 +212,7 @@ class PeripheryApp(App[None]):
         self.notify(f"connected: {', '.join(message.names)}")
 
     async def on_deployed(self, message: Deployed) -> None:
-        self.notify(f"deployed {len(message.assignment)} stages")
+        self.notify(f"deployed on {len(message.assignment)} nodes")
         if self.demo:
             self.demo = False
             self._mode_history.append(self.current_mode)

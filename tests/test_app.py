@@ -712,3 +712,37 @@ async def test_the_app_follows_the_pipeline_when_it_rebalances(tmp_path: Path) -
     finally:
         app.control.close()
         cluster.stop()
+
+
+async def test_the_planner_s_shape_deploys_replicas_that_both_serve() -> None:
+    """On two real nodes, `p` asks the planner for its shape: the demo model fits one node,
+    so two replicas of one stage, and the screen says why; deployed and streaming, both
+    replicas serve. `r` then takes the plan back to one pipeline."""
+    cluster = LocalCluster(2, secure=False)
+    cluster.start()
+    app = PeripheryApp(DEMO_MODEL, browse_dir=DEMO_MODEL.parent, insecure=True)
+    try:
+        async with app.run_test(size=(140, 40)) as pilot:
+            await _add_nodes_by_address(app, pilot, cluster)
+            await pilot.press("3")
+            await until(pilot, lambda: app.plan is not None)
+            await pilot.press("p")
+            await until(pilot, lambda: app.plan is not None and app.plan.replicas == 2)
+            assert app.plan is not None and app.plan.k == 1
+            controls = text_of(app, "#controls")
+            assert "shape 2 replicas x 1 stage" in controls and "1 x 2 stages" in controls
+            await pilot.press("d")
+            await until(pilot, lambda: app.cluster_state.deploy_status == "deployed", timeout=60)
+            assert app.cluster_state.replicas == 2 and len(app.cluster_state.assignment) == 2
+            await pilot.press("5", "space")
+            await until(pilot, lambda: app.cluster_state.requests_completed > 20, timeout=60)
+            await pilot.press("space")
+            served = app.cluster_state.last_request
+            assert set(served) == set(app.cluster_state.assignment), "both replicas served"
+            await pilot.press("3", "r")
+            await until(pilot, lambda: app.plan is not None and app.plan.replicas == 1)
+            assert app.cluster_state.requests_failed == 0
+            await pilot.press("q")
+    finally:
+        app.control.close()
+        cluster.stop()

@@ -1,5 +1,9 @@
-"""The Shards screen: choose K and a strategy, move boundaries by hand, assign stages to nodes,
-save or load the plan, and deploy it.
+"""The Shards screen: choose K, replicas and a strategy, move boundaries by hand, assign stages
+to nodes, save or load the plan, and deploy it.
+
+`p` asks the planner for its shape (R replicas of K stages) over every live node, and the
+screen says why it chose it; `r` sets the replicas by hand. With replicas, each stage's line
+names the nodes that run it, one per replica.
 
 Planning runs in a thread worker (a big graph takes a tenth of a second per re-plan); a moved
 boundary re-plans with the same node order (`replan_model`), so the figures follow the keys.
@@ -30,7 +34,7 @@ from periphery_core.cluster.handles import view_specs
 from periphery_core.cluster.state import ClusterState
 from periphery_core.cluster.views import StageDeploy
 from periphery_core.errors import PlanError
-from periphery_core.generate.planning import plan_model, replan_model
+from periphery_core.generate.planning import plan_model, plan_shape, replan_model
 from periphery_core.partition.plan import (
     STRATEGIES,
     DeviceSpec,
@@ -63,6 +67,8 @@ class ShardsScreen(PeripheryScreen):
         Binding("minus", "change_k(-1)", "K-"),
         Binding("a", "assign", "Assign"),
         Binding("b", "rebalance", "Balance"),
+        Binding("p", "planner_shape", "Planner's shape"),
+        Binding("r", "cycle_replicas", "Replicas"),
         Binding("t", "cycle_strategy", "Strategy"),
         Binding("A", "auto_assign", "Auto-assign", show=False),
         Binding("s", "save", "Save"),
@@ -72,6 +78,7 @@ class ShardsScreen(PeripheryScreen):
     def __init__(self) -> None:
         super().__init__()
         self.k = 2
+        self.replicas = 1
         self.strategy = "balanced"
         self.assignment: list[str | None] = []
         self.status = ""
@@ -101,21 +108,23 @@ class ShardsScreen(PeripheryScreen):
             return
         plan = self.papp.plan
         deployed = self.papp.cluster_state.assignment
-        if deployed and (plan is None or plan.k != len(deployed)):
-            self.k = len(deployed)  # plan for the pipeline the cluster runs
+        if deployed and (plan is None or plan.nodes_needed != len(deployed)):
+            state = self.papp.cluster_state  # plan for the pipeline the cluster runs
+            self.k, self.replicas = state.plan_stages, state.replicas
             self.assignment = list(deployed)
         if plan is None or plan.model_sha256 != opened.analysis.sha256:
-            self._plan(opened, self.k, self.strategy, self._devices(self.k))
+            self._plan(opened, self.k, self.strategy, self._devices(self.k), self.replicas)
 
     def _plan_changed(self, plan: ShardPlan | None) -> None:
         if plan is not None:
-            self.k = plan.k
+            self.k, self.replicas = plan.k, plan.replicas
             self._cuts = plan.cuts
             pipeline = self.papp.control.pipeline
             if pipeline is not None and plan is pipeline.plan:  # it runs: on the nodes it runs on
                 self.assignment = list(self.papp.cluster_state.assignment)
-            if len(self.assignment) != plan.k:
-                self.assignment = (self.assignment + [None] * plan.k)[: plan.k]
+            if len(self.assignment) != plan.nodes_needed:
+                need = plan.nodes_needed
+                self.assignment = (self.assignment + [None] * need)[:need]
             if plan.strategy in STRATEGIES:
                 self.strategy = plan.strategy
             self.plans_shown += 1
@@ -152,8 +161,14 @@ class ShardsScreen(PeripheryScreen):
         return shown
 
     def _names(self) -> list[str | None]:
+        """Each stage's node; with replicas, the stage's node in every replica."""
         nodes = self.papp.cluster_state.nodes
-        return [nodes[a].name if a and a in nodes else None for a in self.assignment]
+        names = [nodes[a].name if a and a in nodes else None for a in self.assignment]
+        if self.replicas == 1:
+            return names
+        k = self.k
+        return [" + ".join(n or "?" for n in names[i::k]) if any(names[i::k]) else None
+                for i in range(k)]
 
     def _redraw(self) -> None:
         plan = self.papp.plan
@@ -161,9 +176,11 @@ class ShardsScreen(PeripheryScreen):
         self.query_one(StageChart).set_data(plan, self._names(), self._deploy_shown(plan, state))
         controls = Text(no_wrap=True, overflow="ellipsis")
         controls.append(f" K = {self.k} ", style="bold reverse")
-        controls.append(" (+/-)   strategy ")
+        controls.append(" (+/-)   replicas ")
+        controls.append(f" {self.replicas} ", style="bold reverse")
+        controls.append(" (r)   strategy ")
         controls.append(f" {self.strategy} ", style="bold reverse")
-        controls.append(" (t)")
+        controls.append(" (t)   p: the planner's shape")
         if plan is not None and plan.strategy != self.strategy:
             controls.append(f"  this plan: {plan.strategy}", style="yellow")
             if plan.strategy == "manual":
@@ -173,6 +190,10 @@ class ShardsScreen(PeripheryScreen):
                             f"{human_seconds(plan.bottleneck_s)} per request · balance "
                             f"{plan.balance_ratio:.2f}x ideal · boundaries "
                             f"{human_bytes(plan.boundary_bytes)} · {plan.strategy}")
+            controls.append(f"\n shape {plan.shape}: {plan.predicted_rps:.3g} requests/s "
+                            "predicted")
+            if plan.shape_reason:
+                controls.append(f" · why: {plan.shape_reason}", style="dim")
             free = [i for i in range(plan.k)
                     if i >= len(self.assignment) or not self.assignment[i]]
             if free:
@@ -207,11 +228,14 @@ class ShardsScreen(PeripheryScreen):
 
     @work(thread=True, exclusive=True, group="plan")
     def _plan(self, opened: OpenedModel, k: int, strategy: str,
-              devices: list[DeviceSpec] | None) -> None:
+              devices: list[DeviceSpec] | None, replicas: int = 1) -> None:
         worker = get_current_worker()
         try:
             plan = plan_model(opened.loaded, opened.analysis, k, strategy=strategy,
                               devices=devices, decoder=opened.decoder)
+            if replicas > 1:
+                plan = dataclasses.replace(plan, replicas=replicas,
+                                           shape_reason="replicas set by hand (r)")
         except Exception as exc:
             self.report_failure(exc)
             return
@@ -249,7 +273,7 @@ class ShardsScreen(PeripheryScreen):
             return
         k = max(1, min(len(self._opened.analysis.nodes), self.k + step))
         if k != self.k:
-            self.k = k
+            self.k, self.replicas = k, 1  # K by hand: one pipeline (r adds replicas)
             # Assignments follow K: new stages take connected nodes no stage uses yet, so
             # going back to a K gives that K's plan again on the same nodes.
             taken = {a for a in self.assignment[:k] if a}
@@ -259,6 +283,50 @@ class ShardsScreen(PeripheryScreen):
             self.assignment = grown
             self._plan(self._opened, k, self.strategy, self._devices(k))
             self._redraw()
+
+    def action_cycle_replicas(self) -> None:
+        """One more replica of this plan's pipeline while live nodes allow, then back to 1."""
+        plan = self.papp.plan
+        if plan is None:
+            return
+        alive = len(self._candidates())
+        replicas = plan.replicas + 1 if (plan.replicas + 1) * plan.k <= alive else 1
+        if replicas == plan.replicas:
+            self.notify(f"{plan.k} stages: {alive} nodes make no more replicas", severity="warning")
+            return
+        taken = {a for a in self.assignment[:replicas * plan.k] if a}
+        free = [i for i, _ in self._candidates() if i not in taken]
+        need = replicas * plan.k
+        self.assignment = [a if a else (free.pop(0) if free else None)
+                           for a in (self.assignment + [None] * need)[:need]]
+        self.post_message(PlanChanged(dataclasses.replace(
+            plan, replicas=replicas, shape_reason="replicas set by hand (r)")))
+
+    @work(thread=True, exclusive=True, group="plan")
+    def _plan_shape(self, opened: OpenedModel, devices: list[DeviceSpec],
+                    strategy: str) -> None:
+        worker = get_current_worker()
+        try:
+            plan = plan_shape(opened.loaded, opened.analysis, devices, strategy=strategy,
+                              decoder=opened.decoder)
+        except Exception as exc:
+            self.report_failure(exc)
+            return
+        if not worker.is_cancelled:
+            self.post_message(PlanChanged(plan))
+
+    def action_planner_shape(self) -> None:
+        """The shape the planner picks for every live node (partition.shape), with its reason."""
+        if self._opened is None:
+            return
+        ids = [key for key, _ in self._candidates()]
+        self.assignment = list[str | None](ids)
+        devices = self._devices(len(ids)) if ids else None
+        if devices is None:
+            self.notify("no nodes yet: add some on the Cluster screen (4)", severity="warning")
+            return
+        self._say(f"planning the shape for {len(ids)} nodes…")
+        self._plan_shape(self._opened, devices, self.strategy)
 
     def action_cycle_strategy(self) -> None:
         self.strategy = STRATEGIES[(STRATEGIES.index(self.strategy) + 1) % len(STRATEGIES)]
@@ -375,17 +443,19 @@ class ShardsScreen(PeripheryScreen):
         plan, opened = self.papp.plan, self._opened
         if plan is None or opened is None:
             return
-        if not all(self.assignment[: plan.k]):
+        need = plan.nodes_needed
+        if not all(self.assignment[:need]):
             ids = [key for key, _ in self._candidates()]
-            if len(ids) < plan.k:
+            if len(ids) < need:
                 self.report_failure(PlanError(
-                    f"the plan has {plan.k} stages but {len(ids)} nodes are available: add "
-                    "nodes on the Cluster screen (4) or lower K"))
+                    f"the plan runs {plan.shape} on {need} nodes but {len(ids)} are "
+                    "available: add nodes on the Cluster screen (4), or lower K or replicas"))
                 return
             taken = {a for a in self.assignment if a}
             spare = iter(i for i in ids if i not in taken)
-            self.assignment = [a or next(spare) for a in self.assignment[: plan.k]]
-        assignment = tuple(a for a in self.assignment[: plan.k] if a)
+            self.assignment = [a or next(spare) for a in
+                               (self.assignment + [None] * need)[:need]]
+        assignment = tuple(a for a in self.assignment[:need] if a)
         self._say("deploying: extracting shards…")
         self._deploy(self.papp.control, opened, plan, assignment)
 
@@ -412,4 +482,6 @@ class ShardsScreen(PeripheryScreen):
             self._say("deploy failed")
 
     def on_deployed(self, message: Deployed) -> None:
-        self._say(f"deployed {len(message.assignment)} stages: every stage is ready")
+        plan = self.papp.plan
+        shape = plan.shape if plan is not None else f"{len(message.assignment)} stages"
+        self._say(f"deployed {shape} on {len(message.assignment)} nodes: every stage is ready")

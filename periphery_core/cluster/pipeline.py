@@ -178,6 +178,8 @@ class Pipeline:
         with self._deploy_lock:
             if plan is None and self.plan is None:
                 plan = self.fixed_plan
+            if plan is not None:  # a later recovery keeps the shape the user deployed
+                self.k, self.replicas = plan.k, plan.replicas
             self.master.hold()
             try:
                 chosen = self._deploy_now(node_ids, plan, progress)

@@ -245,6 +245,39 @@ def test_reshard_into_same_folder_with_fewer_stages(
     ok("verify", MNIST, out, "--exact")
 
 
+def _nonzero() -> onnx.ModelProto:
+    """y = Cast(NonZero(x + W)): how many entries are nonzero only a run of the model tells, so
+    its analysis runs it, and that needs W's 8 KiB (a weight `shard` otherwise leaves on disk)."""
+    w = numpy_helper.from_array(np.linspace(-1, 1, 2048, dtype=np.float32), "W")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Add", ["x", "W"], ["s"], name="add"),
+         onnx.helper.make_node("NonZero", ["s"], ["nz"], name="nonzero"),
+         onnx.helper.make_node("Cast", ["nz"], ["y"], name="cast", to=onnx.TensorProto.FLOAT)],
+        "nonzero", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2048])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, "n"])], [w])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(("model", "how"), [("mlp", "plan"), ("mlp", "shards"),
+                                            ("nonzero", "plan")])
+def test_shard_model_with_external_data(tmp_path: Path, model: str, how: str) -> None:
+    # `shard` leaves the model's big weights on disk and copies each shard's from there.
+    proto = models.mlp(width=64) if model == "mlp" else _nonzero()
+    (tmp_path / "model").mkdir()
+    path = models.save_with_external_data(proto, tmp_path / "model" / "model.onnx")
+    out = tmp_path / "shards"
+    if how == "plan":
+        ok("plan", path, "--shards", 2, "-o", tmp_path / "plan.json")
+        ok("shard", path, "--plan", tmp_path / "plan.json", "-o", out)
+    else:
+        ok("shard", path, "--shards", 2, "-o", out)
+    # Shards this small hold their weights inline: nothing points back at the model's w.data.
+    assert sorted(p.name for p in out.iterdir()) == ["plan.json", "stage-0.onnx", "stage-1.onnx"]
+    for stage in ("stage-0.onnx", "stage-1.onnx"):
+        onnx.checker.check_model(str(out / stage), full_check=True)
+    ok("verify", path, out, "--exact")
+
+
 # --------------------------------------------------------------------------- bad input
 
 

@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx import helper, numpy_helper
 
-from periphery_core.errors import DevicesError, InputShapeError, PlanError
+from periphery_core.errors import DevicesError, InputShapeError, ModelLoadError, PlanError
 from periphery_core.model import load_model, loading
 from periphery_core.model.analysis import ModelAnalysis, analyze
 from periphery_core.model.loading import LoadedModel
 from periphery_core.model.shapes import parse_input_shape, resolve_input_shapes
-from periphery_core.partition.extract import extract_shards, write_shards
+from periphery_core.partition.extract import extract_shards, iter_shards, write_shards
 from periphery_core.partition.plan import DeviceSpec, ShardPlan, load_devices, load_plan
 from periphery_core.partition.planner import make_plan
 from periphery_core.partition.verify import verify_chain
@@ -117,6 +118,90 @@ def test_rewriting_big_shards_does_not_grow_their_data_files(tmp_path: Path) -> 
     again = {p.name: p.with_name(p.name + ".data").stat().st_size for p in paths}
     assert again == sizes, "a second write appended to the old .data files"
     _assert_exact(loaded.proto, paths, random_feeds(analysis.inputs))
+
+
+def _mixed_weights() -> onnx.ModelProto:
+    """x[1, 64] -> MatMul w0 -> Relu -> Add b0 -> MatMul w1 -> MatMul w2 -> y[1, 8].
+
+    w0 and w1 (16 KiB) are weights `load_model(weights="small")` leaves on disk, w2 (2 KiB) one
+    it reads and onnx still moves to a data file, b0 (256 B) one onnx keeps inline.
+    """
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape, dtype=np.float32), name)
+             for name, shape in (("w0", (64, 64)), ("b0", (64,)), ("w1", (64, 64)),
+                                 ("w2", (64, 8)))]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["a"], name="mm0"),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Add", ["r", "b0"], ["b"], name="add"),
+             helper.make_node("MatMul", ["b", "w1"], ["c"], name="mm1"),
+             helper.make_node("MatMul", ["c", "w2"], ["y"], name="mm2")]
+    graph = helper.make_graph(
+        nodes, "mixed", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", models.OPSET)])
+
+
+@pytest.fixture
+def small_release_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Shards of a few KiB take the path of shards of GiB: weights go to their own data files.
+    monkeypatch.setattr(loading, "RELEASE_THRESHOLD", 1000)
+
+
+def _data(path: Path) -> Path:
+    return path.with_name(path.name + ".data")
+
+
+@pytest.mark.usefixtures("small_release_threshold")
+def test_shards_copy_their_own_weights_from_a_model_left_on_disk(tmp_path: Path) -> None:
+    path = models.save_with_external_data(_mixed_weights(), tmp_path / "model.onnx")
+    light = load_model(path, weights="small")
+    on_disk = {i.name for i in light.proto.graph.initializer
+               if i.data_location == onnx.TensorProto.EXTERNAL}
+    assert on_disk == {"w0", "w1"}, "the big weights were read into memory"
+    analysis = analyze(light)
+    plan = make_plan(analysis, 2)  # mm0 relu add | mm1 mm2: w1 copied from disk, then w2
+    paths = write_shards(iter_shards(light, analysis, plan), plan, tmp_path / "shards",
+                         keep=False, weights_dir=tmp_path)
+    # Byte for byte the files onnx writes for the shards of the model loaded whole.
+    full = load_model(path)
+    (tmp_path / "onnx").mkdir()
+    for p, shard in zip(paths, extract_shards(full, analyze(full), plan), strict=True):
+        ref = tmp_path / "onnx" / p.name
+        onnx.save_model(shard, str(ref), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=_data(ref).name,
+                        size_threshold=1024)
+        assert p.read_bytes() == ref.read_bytes(), p.name
+        assert _data(p).is_file() == _data(ref).is_file(), p.name
+        if _data(ref).is_file():
+            assert _data(p).read_bytes() == _data(ref).read_bytes(), p.name
+    # Each shard's data file holds its own weights and nothing else.
+    weights = {i.name: numpy_helper.to_array(i) for i in full.proto.graph.initializer}
+    for p in paths:
+        onnx.checker.check_model(str(p), full_check=True)
+        shard = onnx.load(str(p))
+        read = {n for node in shard.graph.node for n in node.input if n in weights}
+        assert {i.name for i in shard.graph.initializer} == read
+        for init in shard.graph.initializer:
+            np.testing.assert_array_equal(numpy_helper.to_array(init), weights[init.name])
+        external = [i.name for i in onnx.load(str(p), load_external_data=False).graph.initializer
+                    if i.data_location == onnx.TensorProto.EXTERNAL]
+        size = _data(p).stat().st_size if _data(p).is_file() else 0
+        assert size == sum(weights[n].nbytes for n in external), p.name
+    _assert_exact(path, paths, random_feeds(analysis.inputs, seed=3))
+
+
+@pytest.mark.usefixtures("small_release_threshold")
+def test_a_data_file_cut_short_is_a_load_error_when_shards_copy_from_it(
+        tmp_path: Path) -> None:
+    path = models.save_with_external_data(_mixed_weights(), tmp_path / "model.onnx")
+    light = load_model(path, weights="small")
+    analysis = analyze(light)
+    plan = make_plan(analysis, 2)
+    data = tmp_path / "w.data"
+    data.write_bytes(data.read_bytes()[:-3000])  # into w1 (w2's 2 KiB are read already)
+    with pytest.raises(ModelLoadError, match=r"w1.*past the end"):
+        write_shards(iter_shards(light, analysis, plan), plan, tmp_path / "shards", keep=False,
+                     weights_dir=tmp_path)
 
 
 # --------------------------------------------------------------------------- input shapes

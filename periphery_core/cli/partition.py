@@ -17,7 +17,8 @@ from periphery_core.cli.common import (
     load_and_analyze,
     model_argument,
 )
-from periphery_core.errors import PlanError
+from periphery_core.errors import AnalysisError, PlanError
+from periphery_core.model.loading import LoadedModel
 
 
 @cli.command()
@@ -116,6 +117,19 @@ def plan(model: Path, shards: int | None, replicas: int | None, nodes: int | Non
         click.echo(f"wrote {output}")
 
 
+def _analysis_for_shards(loaded: LoadedModel, shapes: dict, inputs: Path | None):
+    """The analysis of a model loaded without its big weights; when typing some tensor takes a
+    run of the model, which needs them all, they are loaded for that run alone."""
+    from periphery_core.model import load_model
+
+    try:
+        return load_and_analyze(loaded, shapes, inputs=inputs)[1]
+    except AnalysisError:
+        if not loaded.has_external_data:
+            raise
+    return load_and_analyze(load_model(loaded.path), shapes, inputs=inputs)[1]
+
+
 @cli.command()
 @model_argument
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None,
@@ -134,26 +148,29 @@ def shard(model: Path, plan_path: Path | None, shards: int | None, strategy: str
           output: Path, as_json: bool) -> None:
     """Write one standalone .onnx per stage, and the plan, into a folder."""
     from periphery_core.cli.render import print_json
+    from periphery_core.model import load_model
     from periphery_core.model.shapes import overlay_shapes, parse_input_shapes
     from periphery_core.partition.extract import iter_shards, write_shards
     from periphery_core.partition.plan import load_plan, require_plan_for
 
     if (plan_path is None) == (shards is None):
         raise PlanError("give exactly one of --plan PLAN.json or --shards K")
+    # The shards' weights are copied from the model's external data file to file: only the
+    # graph (and the small weights inference reads) is loaded for the extraction.
     if plan_path is not None:
-        from periphery_core.model import load_model
-
         shard_plan = load_plan(plan_path)
-        loaded = load_model(model)
+        loaded = load_model(model, weights="small")
         require_plan_for(shard_plan, loaded.sha256, loaded.name, str(plan_path))
         shapes = overlay_shapes(loaded, shard_plan.input_shapes, parse_input_shapes(input_shapes))
-        loaded, analysis = load_and_analyze(loaded, shapes, inputs=inputs_path)
+        analysis = _analysis_for_shards(loaded, shapes, inputs_path)
     else:
         assert shards is not None
         loaded, analysis, shard_plan = _make_plan(model, shards, strategy, devices, False,
                                                   input_shapes, inputs_path)
+        if loaded.has_external_data:  # planning may have run the model; extracting need not
+            loaded = load_model(loaded.path, weights="small")
     paths = write_shards(iter_shards(loaded, analysis, shard_plan), shard_plan, output,
-                         keep=False)
+                         keep=False, weights_dir=loaded.path.parent)
     if as_json:
         print_json({"stages": [str(p) for p in paths], "plan": str(output / "plan.json")})
     else:

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO, Literal
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -66,13 +69,18 @@ def _uses_external_data(model: onnx.ModelProto) -> bool:
     )
 
 
-def load_model(path: str | os.PathLike[str], weights: bool = True) -> LoadedModel:
+def load_model(
+    path: str | os.PathLike[str], weights: bool | Literal["small"] = True
+) -> LoadedModel:
     """Load an ONNX model with its external data.
 
     `path` may be a folder: an ONNX Runtime GenAI or Hugging Face export folder, or one holding
     a single model (see `declared.model_file`). `weights=False` leaves external data on disk:
     the graph, the shapes and the hash without the bytes, for a caller that lets ONNX Runtime
-    read the model from its path (`verify` on a model of many GiB).
+    read the model from its path (`verify` on a model of many GiB). `weights="small"` loads
+    only the initializers `skeleton` keeps (and tensors in node attributes): shape inference
+    and the checker then see what they see with every weight, and the big ones stay on disk
+    for a caller that copies them file to file (`save_model(weights_dir=...)`).
 
     Raises:
         ModelLoadError: the file is missing, not ONNX, truncated, or its external data is missing.
@@ -96,7 +104,7 @@ def load_model(path: str | os.PathLike[str], weights: bool = True) -> LoadedMode
         raise ModelLoadError(f"{p} holds no ONNX graph: is it really an ONNX model?")
     external = _uses_external_data(proto)
     if external and weights:
-        _load_external(proto, p)
+        _load_external(proto, p, small_only=weights == "small")
     _check_structure(proto, p)
     return LoadedModel(
         path=p, proto=proto, sha256=file_sha256(p), has_external_data=external,
@@ -197,7 +205,17 @@ def _check_structure(proto: onnx.ModelProto, path: Path) -> None:
             )
 
 
-def _load_external(proto: onnx.ModelProto, path: Path) -> None:
+def _initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """A graph's initializers, then its subgraphs': the order onnx writes them to a data file."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs
+            for sub in subs:
+                yield from _initializers(sub)
+
+
+def _load_external(proto: onnx.ModelProto, path: Path, *, small_only: bool = False) -> None:
     base = path.parent
     for init in proto.graph.initializer:
         if init.data_location != onnx.TensorProto.EXTERNAL:
@@ -208,12 +226,21 @@ def _load_external(proto: onnx.ModelProto, path: Path) -> None:
                 f"external data file '{location}' for tensor '{init.name}' is missing: "
                 f"keep it in {base} beside {path.name}"
             )
+    # onnx's loader reads every tensor marked external: the big ones are unmarked meanwhile.
+    left = [t for t in _initializers(proto.graph) if small_only
+            and t.data_location == onnx.TensorProto.EXTERNAL
+            and _approx_nbytes(t) > SKELETON_KEEP_BYTES]
+    for t in left:
+        t.data_location = onnx.TensorProto.DEFAULT
     try:
         onnx.load_external_data_for_model(proto, str(base))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"cannot read external data of {path.name}: {_first_line(exc)}"
         ) from None
+    finally:
+        for t in left:
+            t.data_location = onnx.TensorProto.EXTERNAL
 
 
 def _first_line(exc: BaseException) -> str:
@@ -231,22 +258,31 @@ def approx_size(model: onnx.ModelProto) -> int:
     return weights + skeleton(model).ByteSize()
 
 
-def save_model(model: onnx.ModelProto, path: Path, *, keep: bool = True) -> None:
+def save_model(model: onnx.ModelProto, path: Path, *, keep: bool = True,
+               weights_dir: Path | None = None) -> None:
     """Write a model, moving weights to a `<name>.data` file when the proto is too big.
 
     `keep=False`: the caller is done with `model`, so a proto of `RELEASE_THRESHOLD` or more
     has its weights written straight to the data file and dropped from memory as they go,
     rather than serialised whole (a copy of every byte) or brought back after.
+
+    `weights_dir`: the folder of the external data that `model`'s initializers still point into
+    (a shard of a model loaded with `weights="small"`). With `keep=False`, a big model's are
+    copied from there into its data file a block at a time, never held in memory; otherwise
+    they are read into `model` first and it is written as if it had been loaded whole.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     data = path.with_name(path.name + ".data")
     if data.exists():
         data.unlink()  # onnx appends to an existing data file
-    size = approx_size(model)
+    size = approx_size(model) + sum(_approx_nbytes(t) for t in model.graph.initializer
+                                    if t.data_location == onnx.TensorProto.EXTERNAL)
     if not keep and size >= RELEASE_THRESHOLD:
-        onnx.save_model(model, str(path), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
-    elif size >= EXTERNAL_DATA_THRESHOLD:
+        _save_released(model, path, data, weights_dir)
+        return
+    if weights_dir is not None:
+        onnx.load_external_data_for_model(model, str(weights_dir))
+    if size >= EXTERNAL_DATA_THRESHOLD:
         onnx.save_model(
             model,
             str(path),
@@ -263,3 +299,70 @@ def save_model(model: onnx.ModelProto, path: Path, *, keep: bool = True) -> None
             init.ClearField("data_location")
     else:
         onnx.save_model(model, str(path))
+
+
+# What `onnx.save_model(..., size_threshold=1024)` moves to the data file: it compares
+# `sys.getsizeof` of a tensor's bytes (their length plus the bytes object's header) with the
+# threshold. The same rule makes a file written by `_save_released` the one onnx would write.
+_DATA_FILE_MIN_BYTES = 1024 - sys.getsizeof(b"")
+_COPY_BLOCK = 16 << 20
+
+
+def _save_released(model: onnx.ModelProto, path: Path, data: Path,
+                   weights_dir: Path | None) -> None:
+    """What `onnx.save_model` with all tensors in one data file writes (same order, offsets and
+    bytes), with the weights still on disk copied from file to file rather than read in. Those
+    are the big ones (`load_model(weights="small")` loads the rest), so all go to the file."""
+    moved: list[tuple[onnx.TensorProto, Path | None, int, int]] = []
+    for t in _initializers(model.graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            if weights_dir is None:
+                raise ModelLoadError(f"tensor '{t.name}' is not loaded and no folder to read "
+                                     "it from was given")
+            moved.append((t, *_external_range(t, weights_dir)))
+        elif t.HasField("raw_data") and len(t.raw_data) >= _DATA_FILE_MIN_BYTES:
+            moved.append((t, None, 0, len(t.raw_data)))
+    if moved:
+        with data.open("wb") as out:
+            for t, source, offset, length in moved:
+                start = out.tell()
+                if source is None:
+                    out.write(t.raw_data)
+                    t.ClearField("raw_data")
+                else:
+                    _copy_range(source, offset, length, out)
+                del t.external_data[:]
+                t.data_location = onnx.TensorProto.EXTERNAL
+                for key, value in (("location", data.name), ("offset", str(start)),
+                                   ("length", str(length))):
+                    entry = t.external_data.add()
+                    entry.key, entry.value = key, value
+    onnx.save_model(model, str(path))
+
+
+def _external_range(t: onnx.TensorProto, base: Path) -> tuple[Path, int, int]:
+    """The file, offset and length of an external tensor's bytes, checked against the file."""
+    info = {e.key: e.value for e in t.external_data}
+    location = Path(info.get("location", ""))
+    source = base / location
+    if location.is_absolute() or ".." in location.parts or not source.is_file():
+        raise ModelLoadError(f"external data file '{location}' for tensor '{t.name}' is "
+                             f"missing: keep it in {base} beside the model")
+    offset = int(info.get("offset", 0))
+    size = source.stat().st_size
+    length = int(info["length"]) if "length" in info else size - offset
+    if offset < 0 or length < 0 or offset + length > size:
+        raise ModelLoadError(f"external data of tensor '{t.name}' lies past the end of "
+                             f"'{location}' (is the file truncated?)")
+    return source, offset, length
+
+
+def _copy_range(source: Path, offset: int, length: int, out: BinaryIO) -> None:
+    with source.open("rb") as handle:
+        handle.seek(offset)
+        while length:
+            block = handle.read(min(length, _COPY_BLOCK))
+            if not block:
+                raise ModelLoadError(f"{source.name} ended while its weights were copied")
+            out.write(block)
+            length -= len(block)

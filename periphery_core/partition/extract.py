@@ -247,12 +247,16 @@ def iter_shards(
 
 
 def write_shards(shards: Iterable[onnx.ModelProto], plan: ShardPlan, out_dir: Path, *,
-                 keep: bool = True) -> list[Path]:
+                 keep: bool = True, weights_dir: Path | None = None) -> list[Path]:
     """Write `stage-<i>.onnx` files and the plan into `out_dir`.
 
     `keep=False` (with `iter_shards`): the caller is done with each shard once written, so
     each is made, written (a big one with its weights streamed to `stage-<i>.onnx.data`) and
     let go before the next: the model and one shard are all that is ever in memory.
+
+    `weights_dir`: the shards come from a model loaded with `weights="small"` whose external
+    data lies there. With `keep=False` a big shard's weights are then copied from those files
+    into its own, so only the graph is ever in memory (see `loading.save_model`).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in [*out_dir.glob("stage-*.onnx"), *out_dir.glob("stage-*.onnx.data")]:
@@ -260,7 +264,7 @@ def write_shards(shards: Iterable[onnx.ModelProto], plan: ShardPlan, out_dir: Pa
     paths = []
     for i, shard in enumerate(shards):
         path = out_dir / STAGE_FILE.format(index=i)
-        save_model(shard, path, keep=keep)
+        save_model(shard, path, keep=keep, weights_dir=weights_dir)
         paths.append(path)
         del shard  # before the next is made
     plan.save(out_dir / PLAN_FILE)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -18,7 +19,9 @@ from periphery_core.cli.common import (
     model_argument,
 )
 from periphery_core.errors import AnalysisError, PlanError
-from periphery_core.model.loading import LoadedModel
+
+if TYPE_CHECKING:
+    from periphery_core.model.loading import LoadedModel
 
 
 @cli.command()

@@ -223,7 +223,7 @@ def connect_nodes(master: Any, cluster_ctx: Any, peers: tuple[str, ...], mdns: b
                               soft_wrap=True)
     if len(handles) < k:
         raise PeripheryError(
-            f"the plan needs {k} nodes but {len(handles)} were found: start "
+            f"the plan needs {k} nodes but {len(handles)} nodes were found: start "
             "nodes with 'periphery-node', pass --peer HOST:PORT, or use --local")
     by_name = {h.name: h for h in handles}
     if names and all(n in by_name for n in names):  # the plan's devices first, in its order

@@ -22,7 +22,7 @@ import pytest
 from zeroconf import ServiceInfo, Zeroconf
 
 from periphery_core.discovery import SERVICE_TYPE, DiscoveryError, NodeAddress
-from periphery_core.discovery.combined import discovery_for
+from periphery_core.discovery.combined import Combined, discovery_for
 from periphery_core.discovery.mdns_advertiser import MdnsAdvertiser, instance_label
 from periphery_core.discovery.mdns_browser import MdnsBrowser, decode_txt
 from periphery_core.discovery.static import StaticPeers, parse_peer
@@ -417,3 +417,22 @@ def test_node_address_is_frozen() -> None:
     node = NodeAddress("a", "a", "127.0.0.1", 1, {}, "static")
     with pytest.raises(FrozenInstanceError):
         node.port = 2  # type: ignore[misc]
+
+
+def test_a_peer_that_mdns_also_finds_is_listed_once(
+    advertise: Callable[..., MdnsAdvertiser],
+) -> None:
+    """`--peer 127.0.0.1:7031` plus mDNS, which finds the same node: one entry, the peer's
+    (two would make a command connect to it twice and count it as two nodes)."""
+    node_id = new_id()
+    advertise(node_id, name="both", port=7031)
+    browser = MdnsBrowser(interfaces=LOOPBACK)
+    found = Combined([StaticPeers(["127.0.0.1:7031", "127.0.0.1:7032"]), browser])
+    found.start()
+    try:
+        wait_for(lambda: ours(browser.nodes(), node_id), WAIT, "mDNS to find the node")
+        ports = [(n.host, n.port) for n in found.nodes() if n.port in (7031, 7032)]
+        assert ports == [("127.0.0.1", 7031), ("127.0.0.1", 7032)]
+        assert [n.source for n in found.nodes() if n.port == 7031] == ["static"]
+    finally:
+        found.stop()

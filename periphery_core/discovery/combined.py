@@ -18,7 +18,9 @@ from periphery_core.discovery.static import StaticPeers
 class Combined:
     """The nodes of several discoveries, in the order given; implements `Discovery`.
 
-    A node two sources both find is listed by each (their ids differ until a hello).
+    A node two sources both find at the same address (a `--peer` that mDNS also finds) is
+    listed once, as the first source found it; found at two addresses it is listed by each
+    (their ids differ until a hello, which the master then tells apart).
     """
 
     def __init__(self, sources: Sequence[Discovery]) -> None:
@@ -42,8 +44,15 @@ class Combined:
             source.stop()
 
     def nodes(self) -> list[NodeAddress]:
-        """Return every source's nodes, source by source."""
-        return [node for source in self._sources for node in source.nodes()]
+        """Return every source's nodes, source by source, each address once."""
+        seen: set[tuple[str, int]] = set()
+        out = []
+        for source in self._sources:
+            for node in source.nodes():
+                if (node.host, node.port) not in seen:
+                    seen.add((node.host, node.port))
+                    out.append(node)
+        return out
 
     def wait_for(self, count: int | None, timeout: float) -> list[NodeAddress]:
         """Wait on each source in turn for the nodes the others have not found yet, all within
@@ -52,7 +61,7 @@ class Combined:
         for source in self._sources:
             if count is not None and len(self.nodes()) >= count:
                 break
-            others = sum(len(s.nodes()) for s in self._sources if s is not source)
+            others = len(self.nodes()) - len(source.nodes())
             source.wait_for(None if count is None else count - others,
                             max(0.0, deadline - time.monotonic()))
         return self.nodes()

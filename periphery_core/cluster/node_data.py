@@ -141,10 +141,14 @@ class NodeDataPath:
         self._rewires: queue.Queue[Deployment] = queue.Queue()
 
     def deploy(self, dep: Deployment) -> None:
-        """Run `dep` from now on (from the control thread)."""
+        """Run `dep` from now on (from the control thread).
+
+        Queued before the flag is set, and the data thread clears the flag before it takes
+        from the queue: a deployment queued while it takes is never left behind unflagged.
+        """
         self.deployment = dep
-        self._rewire.set()
         self._rewires.put(dep)
+        self._rewire.set()
 
     def fail_queued(self, node: str) -> int:
         """Tell the master about every request that arrived and was not computed, so none
@@ -173,17 +177,17 @@ class NodeDataPath:
     def run(self) -> None:
         """The loop of the data thread, until the node stops."""
         wiring = _Wiring()
-        poller = zmq.Poller()
-        poller.register(self.pull, zmq.POLLIN)
+        # A blocking receive that gives up after POLL_MS (to look at stop and rewires) wakes
+        # once per request; a poll before it cost a second pass through ZeroMQ and Python.
+        self.pull.setsockopt(zmq.RCVTIMEO, POLL_MS)
         try:
             while not self._stop.is_set():
-                self._take_rewires(wiring)
+                if self._rewire.is_set():
+                    self._take_rewires(wiring)
                 t_free = time.time()
-                if not dict(poller.poll(POLL_MS)):
-                    continue
                 try:
                     frames = self.pull.recv_multipart(copy=False)
-                except zmq.ZMQError:
+                except zmq.ZMQError:  # (zmq.Again: nothing came within POLL_MS)
                     continue
                 t_taken = time.time()
                 try:
@@ -205,7 +209,8 @@ class NodeDataPath:
                                         "reason": f"the node failed on it: "
                                                   f"{type(exc).__name__}"})
                 if item is not None:
-                    self._take_rewires(wiring)
+                    if self._rewire.is_set():
+                        self._take_rewires(wiring)
                     if not self._rewire.is_set():  # else it belongs to the replaced pipeline
                         try:
                             self._send(wiring, *item)
@@ -250,7 +255,8 @@ class NodeDataPath:
         return "activation", ({"id": rid, "times": times, "epoch": epoch, **step}, outputs)
 
     def _take_rewires(self, wiring: _Wiring) -> None:
-        """Wire to the newest deployment the control thread made, if it made one."""
+        """Wire to the newest deployment the control thread made (its flag is set)."""
+        self._rewire.clear()
         dep = None
         while True:
             try:
@@ -258,7 +264,6 @@ class NodeDataPath:
             except queue.Empty:
                 break
         if dep is not None:
-            self._rewire.clear()
             self._send(wiring, "rewire", dep)
 
     def _send(self, wiring: _Wiring, kind: str, payload: Any) -> None:
@@ -311,7 +316,12 @@ class NodeDataPath:
     def _send_blocking(self, sock: zmq.Socket, frames: list[Any]) -> None:
         # Backpressure: wait while the next stage is full, but stay stoppable, and give up
         # when a redeploy replaces the pipeline (its next stage may be gone for good).
+        # Tried at once first: a poll before each send cost a pass through ZeroMQ when the
+        # next stage had room, as it mostly has. (A multipart message is refused whole or
+        # taken whole: the high-water mark counts messages.)
         while not self._stop.is_set() and not self._rewire.is_set():
-            if sock.poll(POLL_MS, zmq.POLLOUT):
-                sock.send_multipart(frames, copy=False)
+            try:
+                sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
                 return
+            except zmq.Again:
+                sock.poll(POLL_MS, zmq.POLLOUT)

@@ -53,6 +53,14 @@ def test_non_contiguous_arrays_are_sent_correctly() -> None:
     np.testing.assert_array_equal(got, x)
 
 
+def test_big_endian_arrays_arrive_with_their_values() -> None:
+    """A big-endian array (what a file written elsewhere may hold) is sent as native bytes;
+    its values, not its raw bytes read the wrong way round, reach the other side."""
+    arr = np.arange(6, dtype=">f4").reshape(2, 3)
+    got = decode(encode("result", {"id": 1, "times": [], "epoch": 1}, {"t": arr}), Limits())
+    assert got.tensors["t"].dtype == np.float32 and np.array_equal(got.tensors["t"], arr)
+
+
 def test_payload_round_trip() -> None:
     msg = decode(encode("deploy_chunk", {"offset": 10}, payload=b"abc"))
     assert msg.payload == b"abc" and msg.fields["offset"] == 10

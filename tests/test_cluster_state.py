@@ -752,6 +752,8 @@ def test_prometheus_text() -> None:
         lost("d", 2),
         stats("a", 2, cpu=37.5, rss=1000),
         stats(weird, 2, cpu=80.0, rss=2000),
+        NodeStats(node_id=weird, cpu_percent=80.0, rss_bytes=2000, memory_percent=3.0,
+                  gpu_percent=93.0, gpu_memory_bytes=5 << 30, t=2.5),
         deploy(3, "a", weird),
         StageReady("a", 0, "cpu", t=4),
         StageReady(weird, 1, "cuda", t=4),
@@ -782,6 +784,10 @@ def test_prometheus_text() -> None:
     assert samples[("periphery_stage_transfer_seconds", (("stage", "1"),))] == pytest.approx(0.04)
     assert samples[("periphery_node_cpu_percent", (("node", weird),))] == 80.0
     assert samples[("periphery_node_rss_bytes", (("node", "a"),))] == 1000
+    # a node on a GPU reports its use; one without has no GPU sample
+    assert samples[("periphery_node_gpu_percent", (("node", weird),))] == 93.0
+    assert samples[("periphery_node_gpu_memory_bytes", (("node", weird),))] == 5 << 30
+    assert ("periphery_node_gpu_percent", (("node", "a"),)) not in samples
     # nodes without stats, and lost nodes, have no utilisation samples
     assert not any(
         name.startswith("periphery_node_") and labels == (("node", "d"),)

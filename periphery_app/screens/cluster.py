@@ -94,7 +94,8 @@ class ClusterScreen(PeripheryScreen):
                 str(node.stage) if node.stage is not None else "-",
                 f"{node.host}:{node.port}",
                 f"{node.speed:.2f}x" if node.speed is not None else "-",
-                f"{node.cpu_percent:.0f}%" if node.cpu_percent is not None else "-",
+                (f"{node.cpu_percent:.0f}%" if node.cpu_percent is not None else "-")
+                + (f" gpu {node.gpu_percent:.0f}%" if node.gpu_percent is not None else ""),
                 (node.device or "?")[:12],
                 human_bytes(node.memory_bytes),
                 human_bytes(node.rss_bytes),

@@ -74,10 +74,9 @@ def node(name: str | None, host: str, port: int, data_port: int, device: str, th
     if parent_pid is not None:
         _guard_parent(parent_pid, stop)
     ring = keyring_or_insecure(keys, insecure)
-    if not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
-        from periphery_core.errors import PeripheryError
+    from periphery_core.runtime.gpu import parse_device
 
-        raise PeripheryError(f"device '{device}' is not cpu, cuda or cuda:N")
+    parse_device(device)  # one clear line for a device that is not cpu, cuda or cuda:N
     # Work in a private folder of the node's own, never where it was started: nothing a shard
     # or ONNX Runtime might resolve against the working folder can reach the user's files.
     own = _enter_state_dir(state_dir)

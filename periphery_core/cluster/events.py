@@ -99,6 +99,7 @@ class NodeStats:
     speed: float | None = None
     kv_bytes: int | None = None  # a language model's stage: KV cache held, and for how many
     sequences: int | None = None
+    gpu_memory_bytes: int | None = None  # held on its GPU (a node running on one)
 
 
 @dataclass(frozen=True, slots=True)

@@ -138,6 +138,18 @@ def prometheus_text(state: ClusterState, now: float) -> str:
         "Resident memory of the node process, in bytes.",
         (({"node": n.id}, n.rss_bytes) for n in live if n.rss_bytes is not None),
     )
+    out.family(
+        "periphery_node_gpu_percent",
+        "gauge",
+        "Use of the node's GPU, in percent (nodes running on one).",
+        (({"node": n.id}, n.gpu_percent) for n in live if n.gpu_percent is not None),
+    )
+    out.family(
+        "periphery_node_gpu_memory_bytes",
+        "gauge",
+        "Memory held on the node's GPU, in bytes (nodes running on one).",
+        (({"node": n.id}, n.gpu_memory_bytes) for n in live if n.gpu_memory_bytes is not None),
+    )
     return out.text()
 
 

@@ -47,7 +47,7 @@ class LocalCluster:
 
     def __init__(self, n: int, *, advertise: bool = False, threads: int | None = None,
                  log_dir: Path | None = None, start_timeout: float = 30.0,
-                 secure: bool = True) -> None:
+                 secure: bool = True, device: str = "cpu") -> None:
         """Args:
             threads: ONNX Runtime threads per node; None: this machine's cores shared out
                 (cores // n, at least 1), so one local stage uses every core as plain ONNX
@@ -55,10 +55,12 @@ class LocalCluster:
             secure: give the master and every node a fresh CurveZMQ keypair (in a temporary
                 folder removed on stop), each allowing all the others; `master_keys` is the
                 master's key ring. False runs them --insecure.
+            device: every node's `--device` (`cuda:N`: all on GPU N).
         """
         if n < 1:
             raise PeripheryError("a local cluster needs at least one node")
         self.secure = secure
+        self.device = device
         self.keys_dir: Path | None = None
         self.master_keys: KeyRing | None = None
         self.n = n
@@ -105,6 +107,7 @@ class LocalCluster:
         for i in range(self.n):
             cmd = [sys.executable, "-m", "periphery_core.cli.node", "--name", f"local{i}",
                    "--host", "127.0.0.1", "--port", "0", "--threads", str(self.threads),
+                   "--device", self.device,
                    "--parent-pid", str(os.getpid())]
             if self.keys_dir is not None:
                 cmd += ["--keys", str(self.keys_dir / f"local{i}")]

@@ -291,7 +291,8 @@ class Control:
             self.bus.publish(ev.NodeStats(
                 t=time.time(), node_id=handle.node_id, cpu_percent=float(f["cpu"]),
                 rss_bytes=int(f["rss"]), memory_percent=float(f.get("mem", 0.0)),
-                gpu_percent=None, speed=speed, kv_bytes=f.get("kv"), sequences=f.get("seqs"),
+                gpu_percent=f.get("gpu"), gpu_memory_bytes=f.get("gmem"), speed=speed,
+                kv_bytes=f.get("kv"), sequences=f.get("seqs"),
             ))
 
     # ------------------------------------------------------------------ deploying

@@ -40,6 +40,7 @@ from periphery_core.cluster.speed import device_description, measure_speed
 from periphery_core.errors import ClusterError
 from periphery_core.generate.stateful import StatefulStage, stage_state
 from periphery_core.runtime.chain import StageRunner
+from periphery_core.runtime.gpu import gpu_usage, parse_device, providers_for
 from periphery_core.runtime.session import SessionConfig
 from periphery_core.wire import PROTOCOL_VERSION, Limits, Message, WireError, decode, encode
 
@@ -370,9 +371,7 @@ class NodeDaemon:
         try:
             model = onnx.load_model_from_string(bytes(up.buffer))
             require_self_contained(model)  # no reading of this host's files (shard_policy.py)
-            providers: tuple[str, ...] = ("CPUExecutionProvider",)
-            if self.config.device.startswith("cuda"):
-                providers = ("CUDAExecutionProvider", "CPUExecutionProvider")
+            providers = providers_for(self.config.device)
             exact = bool(up.fields.get("exact", True))
             runner = StageRunner(model, SessionConfig(exact=exact, threads=self.config.threads,
                                                       providers=providers))
@@ -468,6 +467,12 @@ class NodeDaemon:
             return {}
         return {"kv": dep.runner.cache_bytes, "seqs": dep.runner.sequences}
 
+    def _gpu_stats(self) -> dict[str, float | int]:
+        """Use and memory of this node's GPU, where it runs on one."""
+        index = parse_device(self.config.device)
+        usage = gpu_usage(index) if index is not None else None
+        return {} if usage is None else {"gpu": usage.percent, "gmem": usage.memory_used_bytes}
+
     def _send_stats(self, proc: psutil.Process) -> None:
         if self._master is None:
             return
@@ -484,7 +489,7 @@ class NodeDaemon:
             "mem": float(psutil.virtual_memory().percent),
             "rejected": self.rejected + (self.data.rejected if self.data is not None else 0),
             **({"speed": self.speed} if self.speed is not None else {}),
-            **self._cache_stats(),
+            **self._cache_stats(), **self._gpu_stats(),
         })))
         if self._advertiser is not None:
             self._advertiser.update(self._txt())

@@ -247,6 +247,7 @@ def _on_stats(state: ClusterState, event: NodeStats) -> ClusterState:
     node = dataclasses.replace(
         old, cpu_percent=event.cpu_percent, rss_bytes=event.rss_bytes,
         memory_percent=event.memory_percent, gpu_percent=event.gpu_percent,
+        gpu_memory_bytes=event.gpu_memory_bytes,
         speed=event.speed if event.speed is not None else old.speed, kv_bytes=event.kv_bytes,
         sequences=event.sequences, last_seen=max(old.last_seen, event.t))
     return dataclasses.replace(state, nodes=state.nodes.set(old.id, node))

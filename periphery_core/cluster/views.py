@@ -115,6 +115,7 @@ class NodeView:
     rss_bytes: int | None = None
     memory_percent: float | None = None
     gpu_percent: float | None = None
+    gpu_memory_bytes: int | None = None
     kv_bytes: int | None = None  # a language model's stage: KV cache held
     sequences: int | None = None  # ... for this many sequences
 

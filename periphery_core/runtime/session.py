@@ -25,7 +25,8 @@ class SessionConfig:
 
     exact: bool = True
     threads: int = 0  # 0: ONNX Runtime's default
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    # Names, or (name, options) as ONNX Runtime takes them (runtime.gpu.providers_for).
+    providers: tuple[str | tuple[str, dict[str, str]], ...] = ("CPUExecutionProvider",)
     profile_prefix: str | None = None
     # ONNX Runtime's threads spin between the operators of a run (fast), and by default for a
     # while after it too. Stopping them when a run ends leaves the cores to whoever shares them

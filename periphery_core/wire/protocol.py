@@ -116,6 +116,7 @@ KINDS: dict[str, dict[str, Field]] = {
         "node": _NAME, "cpu": Field("number", lo=0.0, hi=1e5), "rss": _BYTES,
         "mem": optional(Field("number", lo=0.0, hi=100.0)), "rejected": optional(_COUNT),
         "speed": _SPEED, "kv": optional(_BYTES), "seqs": optional(_COUNT),
+        "gpu": optional(Field("number", lo=0.0, hi=100.0)), "gmem": optional(_BYTES),
     },
     "shutdown": {},
     # a decoder's sequences ended: their KV caches may go

@@ -736,6 +736,7 @@ async def test_the_planner_s_shape_deploys_replicas_that_both_serve() -> None:
             assert app.cluster_state.replicas == 2 and len(app.cluster_state.assignment) == 2
             await pilot.press("5", "space")
             await until(pilot, lambda: app.cluster_state.requests_completed > 20, timeout=60)
+            await until(pilot, lambda: "R1·S0" in text_of(app, "#stages"), timeout=10)
             await pilot.press("space")
             served = app.cluster_state.last_request
             assert set(served) == set(app.cluster_state.assignment), "both replicas served"

@@ -17,7 +17,7 @@ from periphery_app.history import Sample, append, sample
 from periphery_app.main import parse_args
 from periphery_app.sample import END, sample_history, sample_state
 from periphery_app.screens.graph import drawn_inside
-from periphery_app.screens.shards import cuts_of, moved
+from periphery_app.screens.shards import moved
 from periphery_core.model import load_model
 from periphery_core.model.analysis import NodeInfo, analyze
 from periphery_core.model.graph import shape_only
@@ -192,7 +192,7 @@ def test_arrow_navigation_moves_between_layers_and_within_one(demo_analysis) -> 
 
 def test_moving_a_cut_stays_between_its_neighbours(demo_analysis) -> None:
     plan = make_plan(demo_analysis, 3)
-    cuts = cuts_of(plan)
+    cuts = plan.cuts
     n = len(demo_analysis.nodes)
     assert moved(cuts, 0, 1, n) == [cuts[0] + 1, cuts[1]]
     assert moved(cuts, 0, 1000, n) == [cuts[1] - 1, cuts[1]]

@@ -887,3 +887,19 @@ def test_a_rebalance_is_counted_and_told_in_one_line() -> None:
     assert fold([moved, moved], DEPLOYED).rebalances == 2
     line = describe(moved)
     assert "S0 17.2 ms, S1 0.9 ms" in line and "12/3 nodes now 1/14" in line
+
+
+def test_replicas_fold_by_slot_and_read_as_replica_and_stage() -> None:
+    """Two replicas of two stages: four slots, each its node; a deploy whose nodes do not
+    make up its shape is ignored, with why."""
+    state = fold([joined(n, 1) for n in "abcd"] + [
+        DeployStarted(plan_stages=2, replicas=2, assignment=("a", "b", "c", "d"), t=2),
+        StageReady("d", 3, "cpu", t=3),
+    ])
+    assert (state.plan_stages, state.replicas, len(state.deploy)) == (2, 2, 4)
+    assert state.deploy[3].status == "ready" and state.nodes["d"].stage == 3
+    assert [state.slot_label(s) for s in range(4)] == ["R0·S0", "R0·S1", "R1·S0", "R1·S1"]
+    assert fold([]).slot_label(1) == "S1"
+    odd = apply(state, DeployStarted(plan_stages=2, replicas=2, assignment=("a", "b", "c"),
+                                     t=4))
+    assert odd.recent[-1].endswith("2 stages x 2 replicas but 3 nodes assigned")

@@ -91,7 +91,7 @@ class ClusterScreen(PeripheryScreen):
             table.add_row(
                 node.name,
                 node_status(state, node, now),
-                str(node.stage) if node.stage is not None else "-",
+                state.slot_label(node.stage) if node.stage is not None else "-",
                 f"{node.host}:{node.port}",
                 f"{node.speed:.2f}x" if node.speed is not None else "-",
                 (f"{node.cpu_percent:.0f}%" if node.cpu_percent is not None else "-")

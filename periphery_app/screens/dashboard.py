@@ -132,7 +132,7 @@ class DashboardScreen(PeripheryScreen):
             hot = s.stage == worst
             style = "bold red" if hot else ""
             table.add_row(
-                f"S{s.stage}" + (" ◀" if hot else ""), name,
+                state.slot_label(s.stage) + (" ◀" if hot else ""), name,
                 human_seconds(s.queue_median), human_seconds(s.compute_median),
                 human_seconds(s.transfer_median), human_seconds(s.total_median),
                 Text(bar(s.total_median / top, 24), style="red" if hot else "green"),
@@ -156,7 +156,7 @@ class DashboardScreen(PeripheryScreen):
                 f"{cpu:.0f}%" if cpu is not None else "-",
                 Text(bar((cpu or 0.0) / 100.0, 20), style="cyan"),
                 human_bytes(node.rss_bytes),
-                str(node.stage) if node.stage is not None else "-",
+                state.slot_label(node.stage) if node.stage is not None else "-",
                 *((f"{human_bytes(node.kv_bytes)} ({node.sequences} seq)"
                    if node.kv_bytes is not None else "-",) if caches else ()),
             )

@@ -141,6 +141,12 @@ class ClusterState:
         with no requests in the window)."""
         return self.latency_window.throughput(now)
 
+    def slot_label(self, slot: int) -> str:
+        """How a slot reads: `S1`, or with replicas `R0·S1` (replica 0's stage 1)."""
+        if self.replicas == 1 or self.plan_stages < 1:
+            return f"S{slot}"
+        return f"R{slot // self.plan_stages}·S{slot % self.plan_stages}"
+
     def bottleneck_stage(self) -> int | None:
         """The stage with the largest median queue + compute + transfer time, or None."""
         return self.stage_stats.bottleneck()

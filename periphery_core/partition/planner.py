@@ -31,7 +31,14 @@ from periphery_core.partition.planning_graph import planning_graph
 from periphery_core.partition.spectral import spectral_cuts
 from periphery_core.units import human_bytes
 
-__all__ = ["make_plan", "plan_stages", "replan_with_cuts"]
+__all__ = ["CUT_SLACK", "make_plan", "plan_stages", "replan_with_cuts"]
+
+# `make_plan`'s balanced cuts send the fewest bytes among those within this fraction of the
+# best bottleneck. Costs are estimates or noisy measurements, far from 1% exact, while every
+# byte that crosses costs CPU on both sides (a copy, CurveZMQ): on the demo model at K = 2 the
+# best cut sent 1.5 MiB per request and one 0.01% slower on the estimates 768 KiB, and that one
+# served 10% more requests/s on two local nodes (efficiency 0.87 -> 0.91).
+CUT_SLACK = 0.01
 
 
 def make_plan(
@@ -42,14 +49,14 @@ def make_plan(
     devices: Sequence[DeviceSpec] | None = None,
     use_profile: bool = False,
     state: Mapping[str, tuple[str, int]] | None = None,
-    slack: float = 0.0,
+    slack: float = CUT_SLACK,
 ) -> ShardPlan:
     """Plan `k` shards of an analysed model (pure: no I/O).
 
     `state`: a decoder's cache inputs -> (cache output, bytes it may grow to), counted in the
     memory of the stage that reads them (`DecoderSpec.state_bytes`). `slack`: the balanced
     strategy takes the cuts with the fewest boundary bytes within that fraction of the best
-    bottleneck (for measured costs, whose noise should not move a cut).
+    bottleneck (`CUT_SLACK` by default; 0 for the exact optimum).
 
     Raises:
         PlanError: k does not fit the model, the strategy is unknown, or memory caps cannot

@@ -59,8 +59,12 @@ def listen(host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None
     if api_key is not None and len(api_key) < 8:
         raise PeripheryError("--api-key: use at least 8 characters")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP said, not left 0: asyncio turns Nagle's algorithm off only on sockets that
+    # say so, and with it on, a reply's second write waited for the client's delayed ACK:
+    # every request after the first on a kept-alive connection took 44 ms more.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # (accepted sockets inherit it)
     try:
         sock.bind((host.strip("[]"), port))
         sock.listen(128)  # clients told the address queue until the server accepts them

@@ -323,3 +323,19 @@ def test_the_endpoint_socket_turns_nagle_off() -> None:
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     finally:
         sock.close()
+
+
+def test_serve_runs_the_replicas_a_plan_asks_for(tmp_path: Path) -> None:
+    """`plan --nodes 2` on mnist-8 picks two replicas of the whole model; `serve --plan --local`
+    starts both and answers through them."""
+    require_shared()
+    model = MODELS / "mnist-8.onnx"
+    plan = tmp_path / "plan.json"
+    made = cli("plan", model, "--nodes", "2", "-o", plan)
+    assert made.returncode == 0 and "2 replicas x 1 stage" in made.stdout, made.stderr
+    body = json.dumps({"inputs": {"Input3": {"dtype": "float32", "shape": [1, 1, 28, 28],
+                                             "data": [0.25] * 784}}}).encode()
+    with _serving(model, "--plan", str(plan)) as srv:
+        for _ in range(4):
+            status, data = srv.request("POST", "/v1/infer", body, key=None)
+            assert status == 200, data

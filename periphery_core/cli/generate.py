@@ -232,9 +232,10 @@ def deployed_decoder(loaded: Any, spec: Any, plan_path: Path | None, shards: int
     if k < 1:
         raise PeripheryError("--shards must be at least 1")
     analysis = analyze(loaded, plan.input_shapes if plan is not None else None)
+    nodes = plan.nodes_needed if plan is not None else k  # a plan's replicas need theirs
     # Local nodes share this machine's cores evenly.
-    threads = max(1, (os.cpu_count() or 1) // k)
-    cluster_ctx = LocalCluster(k, secure=not insecure, threads=threads) if local else None
+    threads = max(1, (os.cpu_count() or 1) // nodes)
+    cluster_ctx = LocalCluster(nodes, secure=not insecure, threads=threads) if local else None
     ring = None if local else keyring_or_insecure(keys, insecure)
     with contextlib.ExitStack() as stack:
         if cluster_ctx is not None:
@@ -243,7 +244,7 @@ def deployed_decoder(loaded: Any, spec: Any, plan_path: Path | None, shards: int
             ring = cluster_ctx.master_keys
         master = stack.enter_context(Master(keys=ring))
         names = [d.name for d in plan.devices] if plan is not None else []
-        chosen = connect_nodes(master, cluster_ctx, peers, mdns, k, names)
+        chosen = connect_nodes(master, cluster_ctx, peers, mdns, nodes, names)
         pipeline = Pipeline(master, loaded, analysis, k=k, plan=plan, exact=not optimize,
                             decoder=spec)
         stack.callback(pipeline.close)

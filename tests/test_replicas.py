@@ -22,7 +22,7 @@ from periphery_core.cluster.local import LocalCluster
 from periphery_core.cluster.master_data import DataPath
 from periphery_core.cluster.pipeline import Pipeline
 from periphery_core.errors import PlanError
-from periphery_core.generate.planning import plan_shape
+from periphery_core.generate.planning import plan_shape, replan_model
 from periphery_core.model import load_model
 from periphery_core.model.analysis import analyze
 from periphery_core.partition.plan import DeviceSpec, load_plan
@@ -59,6 +59,17 @@ def test_a_model_too_big_for_one_node_gets_stages_and_the_rest_replicas(model) -
     assert (plan.replicas, plan.k) == (2, 2)
     assert all(s.memory_bytes <= cap for s in plan.stages)
     assert "4 replicas x 1 stage does not fit" in plan.shape_reason
+
+
+def test_a_boundary_moved_by_hand_keeps_the_replicas(model) -> None:
+    """Re-cutting a plan (the app's left/right, the pipeline's rebalancing) changes its cuts,
+    not how many copies of it run."""
+    loaded, analysis = model
+    devices = [DeviceSpec(f"n{i}") for i in range(4)]
+    plan = plan_shape(loaded, analysis, devices, k=2, replicas=2)
+    moved = replan_model(loaded, analysis, plan, [plan.cuts[0] + 1], devices[:2])
+    assert moved.cuts == [plan.cuts[0] + 1]
+    assert (moved.replicas, moved.shape_reason) == (2, plan.shape_reason)
 
 
 def test_forced_shapes_and_what_they_need(model) -> None:

@@ -44,6 +44,8 @@ from periphery_core.partition.plan import (
 )
 from periphery_core.progress import Progress
 
+BY_HAND = "replicas set by hand (r)"
+
 
 def moved(cuts: Sequence[int], boundary: int, delta: int, n: int) -> list[int]:
     """Cuts with one boundary moved by `delta`, kept strictly between its neighbours."""
@@ -234,8 +236,7 @@ class ShardsScreen(PeripheryScreen):
             plan = plan_model(opened.loaded, opened.analysis, k, strategy=strategy,
                               devices=devices, decoder=opened.decoder)
             if replicas > 1:
-                plan = dataclasses.replace(plan, replicas=replicas,
-                                           shape_reason="replicas set by hand (r)")
+                plan = plan.with_replicas(replicas, BY_HAND)
         except Exception as exc:
             self.report_failure(exc)
             return
@@ -299,8 +300,7 @@ class ShardsScreen(PeripheryScreen):
         need = replicas * plan.k
         self.assignment = [a if a else (free.pop(0) if free else None)
                            for a in (self.assignment + [None] * need)[:need]]
-        self.post_message(PlanChanged(dataclasses.replace(
-            plan, replicas=replicas, shape_reason="replicas set by hand (r)")))
+        self.post_message(PlanChanged(plan.with_replicas(replicas, BY_HAND)))
 
     @work(thread=True, exclusive=True, group="plan")
     def _plan_shape(self, opened: OpenedModel, devices: list[DeviceSpec],
@@ -339,9 +339,9 @@ class ShardsScreen(PeripheryScreen):
         self._plan_again()
 
     def _plan_again(self) -> None:
-        """Plan the current K with the current strategy."""
+        """Plan the current K with the current strategy, as the same replicas."""
         if self._opened is not None:
-            self._plan(self._opened, self.k, self.strategy, self._devices(self.k))
+            self._plan(self._opened, self.k, self.strategy, self._devices(self.k), self.replicas)
             self._redraw()
 
     # ------------------------------------------------------------------ assignment

@@ -24,7 +24,6 @@ declared). A plan given from a file is re-planned onto the survivors on a loss, 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -371,9 +370,6 @@ class Pipeline:
             if plan is None or self.failed is not None or self._closing.is_set():
                 return
             moved = measured_plan(self.analysis, plan, measured, profile)
-            if moved is not None:
-                moved = dataclasses.replace(moved, replicas=plan.replicas,
-                                            shape_reason=plan.shape_reason)
             if moved is None:
                 log.info("stages balanced enough on measured compute (%s)",
                          ", ".join(f"{m * 1000:.2f} ms" for m in measured))

@@ -15,7 +15,7 @@ import math
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +134,10 @@ class ShardPlan:
     def predicted_rps(self) -> float:
         """Requests per second the cost model predicts (replicas alike)."""
         return self.replicas / self.bottleneck_s if self.bottleneck_s > 0 else math.inf
+
+    def with_replicas(self, replicas: int, reason: str) -> ShardPlan:
+        """The same stages, run as `replicas` copies side by side; `reason` says why."""
+        return replace(self, replicas=replicas, shape_reason=reason)
 
     @property
     def shape(self) -> str:

@@ -75,15 +75,16 @@ def replan_with_cuts(
     devices: Sequence[DeviceSpec] | None = None,
     state: Mapping[str, tuple[str, int]] | None = None,
 ) -> ShardPlan:
-    """The same node order as `plan`, cut at new positions (how the app moves a boundary);
-    `state` as in `make_plan`."""
+    """The same node order as `plan`, cut at new positions (how the app moves a boundary),
+    run as the same replicas; `state` as in `make_plan`."""
     use_profile = plan.cost_basis == "profile"
     graph = planning_graph(analysis, use_profile, state)
     index = {n.key: i for i, n in enumerate(graph.nodes)}
     order = [index[key] for s in plan.stages for key in s.nodes]
     devs = tuple(devices) if devices is not None else plan.devices
     stages = stages_from_cuts(graph, order, cuts, devs[: len(cuts) + 1])
-    return _plan(analysis, graph, stages, devs[: len(cuts) + 1], "manual", use_profile)
+    return _plan(analysis, graph, stages, devs[: len(cuts) + 1], "manual",
+                 use_profile).with_replicas(plan.replicas, plan.shape_reason)
 
 
 def plan_stages(

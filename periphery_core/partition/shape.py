@@ -15,7 +15,6 @@ Pure: the caller passes how to plan and re-cost, so a decoder's planner plugs in
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -101,8 +100,7 @@ def choose_shape(devices: Sequence[DeviceSpec], plan_k: PlanFn, recost: RecostFn
         if o.rps > best.rps * (1 + MARGIN):
             best = o
     assert best.plan is not None
-    return dataclasses.replace(best.plan, replicas=best.replicas,
-                               shape_reason=_reason(best, options, forced=len(ks) == 1))
+    return best.plan.with_replicas(best.replicas, _reason(best, options, forced=len(ks) == 1))
 
 
 def _reason(best: ShapeOption, options: Sequence[ShapeOption], forced: bool) -> str:

@@ -85,7 +85,7 @@ def periphery(path: Path, shapes: dict, feeds: list[dict[str, np.ndarray]], k: i
         tracker = StateTracker(master.bus, ClusterState.empty())
         pipeline = Pipeline(master, loaded, analysis, k=k)
         pipeline.deploy()
-        names = [o.name for o in ort.InferenceSession(str(path)).get_outputs()]
+        names = [o.name for o in loaded.proto.graph.output]
         list(pipeline.run_many(feeds[:50], inflight=inflight))  # warm-up
         peak_gpu: list[float] = []
         t0 = time.perf_counter()

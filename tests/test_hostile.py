@@ -297,7 +297,7 @@ def test_a_shard_larger_than_the_free_memory_is_refused_at_once() -> None:
     finally:
         sock.close()
         ctx.term()
-        daemon._stop.set()
+        daemon.halt()
         serving.join(5)
         daemon.stop()
 
@@ -327,7 +327,7 @@ def test_a_node_whose_thread_dies_stops_loudly_instead_of_staying_half_alive(
         assert len(raised) == 1 and isinstance(raised[0], ClusterError)
         assert "data thread died" in str(raised[0]) and "injected" in str(raised[0])
     finally:
-        daemon._stop.set()
+        daemon.halt()
         serving.join(5)
         daemon.stop()
 

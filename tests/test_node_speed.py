@@ -128,7 +128,7 @@ def late_node(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[NodeDaemon, thr
     try:
         yield daemon, release
     finally:
-        daemon._stop.set()
+        daemon.halt()
         serving.join(5)
         daemon._stop.clear()  # let stop() close what serve_forever left
         daemon.stop()

@@ -115,7 +115,7 @@ def _serve(config: NodeConfig, stop: threading.Event) -> None:
 
     def relay() -> None:  # a signal or the watchdog ends serve_forever
         stop.wait()
-        daemon._stop.set()
+        daemon.halt()
 
     threading.Thread(target=relay, daemon=True, name="stop-relay").start()
     print(f"periphery-node ready id={daemon.node_id} control={daemon.control_endpoint} "

@@ -84,6 +84,7 @@ class Master:
         if self._stop.is_set():
             return
         self._stop.set()
+        self._control.wake()  # out of its poll now, not at its next deadline
         for t in self._threads:
             t.join(timeout=2.0)
         self._data.drop_pending(RequestFailed("the master was closed"))

@@ -37,6 +37,7 @@ from periphery_core.cluster.keys import Guard, KeyRing
 from periphery_core.cluster.node_data import Deployment, NodeDataPath, warm_up
 from periphery_core.cluster.shard_policy import require_self_contained
 from periphery_core.cluster.speed import device_description, measure_speed
+from periphery_core.cluster.waker import Waker
 from periphery_core.errors import ClusterError
 from periphery_core.generate.stateful import StatefulStage, stage_state
 from periphery_core.runtime.chain import StageRunner
@@ -51,6 +52,7 @@ MASTER_LOST_S = 3.0
 CALIBRATE_AT_S = (2.0, 6.0, 20.0, 60.0)  # after start: measure the speed again, when idle
 CALIBRATE_RETRY_S = 30.0  # while the speed is unknown (the measurement failed)
 IDLE_CPU_PERCENT = 50.0  # host CPU use under which a node calibrates again
+CONTROL_SLEEP_S = 0.5  # the control loop looks at the stop flag at least this often
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +95,7 @@ class NodeDaemon:
         self._stop = threading.Event()
         self._stopped = False
         self._outbox: queue.Queue[tuple[bytes, list[Any]]] = queue.Queue()
+        self._waker = Waker()  # the control loop sleeps until a message or an outbox put
         self._upload: _Upload | None = None
         self.data: NodeDataPath | None = None  # made by `start`
         self._master: bytes | None = None
@@ -137,6 +140,11 @@ class NodeDaemon:
         log.info("node %s (%s) control %s data %s device %s", cfg.name, self.node_id[:8],
                  self.control_endpoint, self.data_endpoint, cfg.device)
 
+    def halt(self) -> None:
+        """End `serve_forever` (any thread, a signal's relay too); `stop` then cleans up."""
+        self._stop.set()
+        self._waker.wake()
+
     def _bind(self, sock: zmq.Socket, port: int) -> int:
         if port:
             sock.bind(f"tcp://{self.config.host}:{port}")
@@ -173,7 +181,7 @@ class NodeDaemon:
         if self._stopped:
             return
         self._stopped = True
-        self._stop.set()  # (already set when a signal ended serve_forever)
+        self.halt()  # (already halted when a signal ended serve_forever)
         if self._advertiser is not None:
             self._advertiser.stop()
         for t in self._threads:
@@ -205,7 +213,7 @@ class NodeDaemon:
                 f"its {name} thread died: {type(exc).__name__}: "
                 f"{str(exc).splitlines()[0] if str(exc) else ''}")
             log.critical("node %s stopping: %s", self.config.name, self.failure, exc_info=True)
-            self._stop.set()
+            self.halt()
 
     # ------------------------------------------------------------------ control
 
@@ -220,21 +228,38 @@ class NodeDaemon:
             raise ClusterError(f"node {self.config.name} stopped: {self.failure}")
 
     def _control_loop(self) -> None:
+        # One poll until the master sends or another thread queues a reply (its stats):
+        # a 20 ms poll timeout woke the node 50 times a second for nothing, and held each
+        # queued message up to 20 ms.
         poller = zmq.Poller()
         poller.register(self.control, zmq.POLLIN)
-        while not self._stop.is_set():
-            while True:
-                try:
-                    ident, frames = self._outbox.get_nowait()
-                except queue.Empty:
-                    break
-                self.control.send_multipart([ident, *frames], copy=False)
-            if not dict(poller.poll(20)):
-                continue
+        poller.register(self._waker.fd, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                self._send_outbox()
+                ready = dict(poller.poll(int(CONTROL_SLEEP_S * 1000)))
+                if self._waker.fd in ready:
+                    self._waker.drain()
+                if self.control in ready:
+                    self._receive_control()
+        finally:
+            self._waker.close()
+
+    def _send_outbox(self) -> None:
+        while True:
             try:
-                first, *frames = self.control.recv_multipart(copy=False)
-            except zmq.ZMQError:
-                continue
+                ident, frames = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            self.control.send_multipart([ident, *frames], copy=False)
+
+    def _receive_control(self) -> None:
+        """Read and handle every control message waiting."""
+        while not self._stop.is_set():
+            try:
+                first, *frames = self.control.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError:  # (zmq.Again: none left)
+                return
             ident = bytes(first.buffer)
             try:
                 msg = decode(frames, self.config.limits)  # checks every field (wire/protocol)
@@ -250,7 +275,12 @@ class NodeDaemon:
                                              f"{type(exc).__name__}"})
 
     def _reply(self, ident: bytes, kind: str, fields: dict[str, Any]) -> None:
-        self._outbox.put((ident, encode(kind, fields)))
+        self._post(ident, encode(kind, fields))
+
+    def _post(self, ident: bytes, frames: list[Any]) -> None:
+        """Queue a message for the control thread to send, waking it (any thread)."""
+        self._outbox.put((ident, frames))
+        self._waker.wake()
 
     def _handle(self, ident: bytes, msg: Message) -> None:
         kind = msg.kind
@@ -289,7 +319,7 @@ class NodeDaemon:
                 dep.runner.release(msg.fields["seqs"])
         elif kind == "shutdown":
             log.info("shutdown requested by the master")
-            self._stop.set()
+            self.halt()
         else:
             raise WireError(f"'{kind}' is not a control message")
 
@@ -483,13 +513,13 @@ class NodeDaemon:
             stage = dep.stage if dep else None
             log.warning("master silent for %.1f s: keeping stage %s and waiting for a "
                         "master to come back", silent, stage)
-        self._outbox.put((self._master, encode("stats", {
+        self._post(self._master, encode("stats", {
             "node": self.node_id, "cpu": proc.cpu_percent(None),
             "rss": int(proc.memory_info().rss),
             "mem": float(psutil.virtual_memory().percent),
             "rejected": self.rejected + (self.data.rejected if self.data is not None else 0),
             **({"speed": self.speed} if self.speed is not None else {}),
             **self._cache_stats(), **self._gpu_stats(),
-        })))
+        }))
         if self._advertiser is not None:
             self._advertiser.update(self._txt())

@@ -7,16 +7,21 @@
    - plain ONNX Runtime replicas: one process per core with one thread each, the requests
      split between them;
    - Periphery K = 1, 2, 3 on local node processes with default flags (graph optimizations on,
-     CurveZMQ keys, the cores shared out among the nodes), 8 requests in flight;
+     CurveZMQ keys, the cores shared out among the nodes, links on this host's private
+     sockets), 8 requests in flight; and K = 2 with every link on CurveZMQ TCP, as between
+     hosts;
    - Periphery with the shape its planner picks for one node per core (R replicas of K stages,
      `partition.shape`), the same defaults.
    Each row's ratio is against plain ONNX Runtime in one process. Pipeline efficiency is
    throughput x the slowest stage's measured compute per request / replicas: 1.0 when the
-   slowest stage never waits for work.
+   slowest stage never waits for work. Master CPU per request is this process's CPU time (the
+   master's threads and the loop submitting to it) over the timed requests: what the master
+   takes from the cores it shares with the nodes here.
 2. What one hop adds: a 2-Relu model over a 4 KiB, 1 MiB and 8 MiB activation, one request at a
    time, latency(K = 2) - latency(K = 1), against a bare ZeroMQ round trip of the same bytes
-   between two processes; with CurveZMQ keys on both (the default) and without (--insecure),
-   requests interleaved so every column sees the same machine.
+   between two processes; every link on TCP as between hosts, with CurveZMQ keys on both (the
+   default) and without (--insecure); and the same-host default, a private Unix socket (see
+   cluster/same_host.py). Requests interleaved so every column sees the same machine.
 3. Balance by measurement: `tests.models.misleading_costs` (full sorts, then MatMuls, whose
    FLOP estimates mislead) on 2 local nodes with the plan made on estimates, its cuts kept
    (`--no-rebalance`) against the default, which moves them on the nodes' measured compute;
@@ -150,9 +155,12 @@ def replicas_rps(requests: int) -> float:
 
 # ---------------------------------------------------------------------- Periphery
 
-def periphery_run(k: int | None, requests: int, inflight: int) -> tuple[float, float, str]:
+def periphery_run(k: int | None, requests: int, inflight: int,
+                  same_host_ipc: bool = True) -> tuple[float, float, str, float]:
     """Requests/s of the demo model on k local nodes (None: one per core, the planner's
-    shape), the slowest stage's median compute per replica, and the shape."""
+    shape), the slowest stage's median compute per replica, the shape, and the CPU seconds per
+    request of this process: the master and the loop submitting to it (what the cores the
+    nodes share pay for the master)."""
     compute: dict[int, list[float]] = defaultdict(list)
 
     def on_event(e: ev.Event) -> None:
@@ -160,7 +168,8 @@ def periphery_run(k: int | None, requests: int, inflight: int) -> tuple[float, f
             for s in e.stages:
                 compute[s.stage].append(s.compute_s)
 
-    with LocalCluster(k or CORES) as local, local.master() as master:
+    with LocalCluster(k or CORES) as local, \
+            local.master(same_host_ipc=same_host_ipc) as master:
         pipeline = deployed(master, DEMO, k)
         assert pipeline.plan is not None
         shape, replicas = pipeline.plan.shape, pipeline.plan.replicas
@@ -169,29 +178,38 @@ def periphery_run(k: int | None, requests: int, inflight: int) -> tuple[float, f
         # look, up to three looks), so what is timed is the pipeline as it keeps serving.
         list(pipeline.run_many((feeds[i % 8] for i in range(200)), inflight=inflight))
         master.bus.subscribe(on_event)
-        t0 = time.perf_counter()
+        cpu0, t0 = _cpu_s(), time.perf_counter()
         list(pipeline.run_many((feeds[i % 8] for i in range(requests)), inflight=inflight))
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, _cpu_s() - cpu0
         pipeline.close()
     slowest = max(statistics.median(v) for v in compute.values())
-    return requests / wall, slowest / replicas, shape
+    return requests / wall, slowest / replicas, shape, cpu / requests
+
+
+def _cpu_s() -> float:
+    """User + system CPU seconds of this process so far, every thread."""
+    t = os.times()
+    return t.user + t.system
 
 
 def throughput(requests: int, inflight: int, repeat: int) -> list[dict]:
     runs: dict[str, list[float]] = defaultdict(list)
     slowest: dict[str, list[float]] = defaultdict(list)
+    master_cpu: dict[str, list[float]] = defaultdict(list)
     names = {"plain": f"ONNX Runtime, 1 process x {CORES} threads",
              "replicas": f"ONNX Runtime, {CORES} processes x 1 thread (replicas)",
              **{f"k{k}": f"Periphery K = {k}, defaults" for k in (1, 2, 3)},
+             "k2tcp": "Periphery K = 2, every link on CurveZMQ TCP (as between hosts)",
              "pick": "Periphery, the planner's shape"}
     for _ in range(repeat):  # in turn, so that every configuration sees the same machine
         runs["plain"].append(plain_rps(requests))
         runs["replicas"].append(replicas_rps(requests))
-        for k in (1, 2, 3, None):
-            rps, slow, shape = periphery_run(k, requests, inflight)
-            key = f"k{k}" if k else "pick"
+        for k, key in ((1, "k1"), (2, "k2"), (2, "k2tcp"), (3, "k3"), (None, "pick")):
+            rps, slow, shape, cpu = periphery_run(k, requests, inflight,
+                                                  same_host_ipc=key != "k2tcp")
             runs[key].append(rps)
             slowest[key].append(slow)
+            master_cpu[key].append(cpu)
             if k is None:
                 names["pick"] = f"Periphery, the planner's shape ({shape}), defaults"
     base = statistics.median(runs["plain"])
@@ -202,6 +220,7 @@ def throughput(requests: int, inflight: int, repeat: int) -> list[dict]:
         if key in slowest:
             row["slowest_stage_s"] = statistics.median(slowest[key])
             row["efficiency"] = rps * row["slowest_stage_s"]
+            row["master_cpu_s"] = statistics.median(master_cpu[key])
         rows.append(row)
     return rows
 
@@ -262,8 +281,10 @@ def hops(repeat: int) -> list[dict]:
     """Per size: bare ZeroMQ round trip, and the latency one extra pipeline hop adds."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp, \
-            LocalCluster(2) as safe, safe.master() as m_safe, \
-            LocalCluster(2, secure=False) as open_, open_.master() as m_open:
+            LocalCluster(2) as safe, safe.master(same_host_ipc=False) as m_safe, \
+            LocalCluster(2, secure=False) as open_, \
+            open_.master(same_host_ipc=False) as m_open, \
+            LocalCluster(2) as near, near.master() as m_near:
         bare = {"keys": BareZmq(True), "insecure": BareZmq(False)}
         try:
             for label, width in SIZES:
@@ -272,8 +293,8 @@ def hops(repeat: int) -> list[dict]:
                 feeds = {"x0": np.ones((1, width), dtype=np.float32)}
                 times: dict[tuple[str, object], list[float]] = defaultdict(list)
                 for k in (1, 2):  # a master runs one deployment at a time: K = 1, then 2
-                    pipes = {(sec, k): deployed(m, path, k)
-                             for sec, m in (("keys", m_safe), ("insecure", m_open))}
+                    pipes = {(sec, k): deployed(m, path, k) for sec, m in
+                             (("keys", m_safe), ("insecure", m_open), ("near", m_near))}
                     for _ in range(5):
                         for pipe in pipes.values():
                             pipe.submit(feeds).result()
@@ -293,6 +314,7 @@ def hops(repeat: int) -> list[dict]:
                     row[f"bare_{sec}_s"] = med[(sec, "bare")]
                     row[f"hop_{sec}_s"] = hop
                     row[f"target_{sec}_s"] = 1.2 * med[(sec, "bare")] + 50e-6
+                row["hop_near_s"] = med[("near", 2)] - med[("near", 1)]
                 rows.append(row)
         finally:
             for b in bare.values():
@@ -352,12 +374,14 @@ def main() -> int:
     tput = throughput(args.requests, args.inflight, args.repeat)
     t = Table(title=f"demo-resnet throughput ({CORES} cores, {args.inflight} in flight, medians "
                     f"of {args.repeat} runs in turn)", title_justify="left")
-    for col in ("run", "requests/s", "vs ONNX Runtime", "slowest stage", "efficiency"):
+    for col in ("run", "requests/s", "vs ONNX Runtime", "slowest stage", "efficiency",
+                "master CPU / request"):
         t.add_column(col, justify="left" if col == "run" else "right")
     for r in tput:
         t.add_row(r["run"], f"{r['rps']:.1f}", f"{r['vs_plain']:.2f}x",
                   f"{r['slowest_stage_s'] * 1e3:.2f} ms" if "slowest_stage_s" in r else "-",
-                  f"{r['efficiency']:.2f}" if "efficiency" in r else "-")
+                  f"{r['efficiency']:.2f}" if "efficiency" in r else "-",
+                  f"{r['master_cpu_s'] * 1e3:.2f} ms" if "master_cpu_s" in r else "-")
     console.print(t)
     hop = hops(args.hop_repeat)
 
@@ -367,12 +391,13 @@ def main() -> int:
     t = Table(title="what one extra hop adds, one request at a time, against a bare ZeroMQ round "
                     "trip of the same bytes (target: 1.2x bare + 50 µs)", title_justify="left")
     for col in ("activation", "bare RTT, keys", "hop, keys", "bare RTT, --insecure",
-                "hop, --insecure", "hop / target, --insecure"):
+                "hop, --insecure", "hop / target, --insecure", "hop, same host"):
         t.add_column(col, justify="right")
     for r in hop:
         t.add_row(str(r["size"]), us(r["bare_keys_s"]), us(r["hop_keys_s"]),
                   us(r["bare_insecure_s"]), us(r["hop_insecure_s"]),
-                  f"{float(r['hop_insecure_s']) / float(r['target_insecure_s']):.2f}")  # type: ignore[arg-type]
+                  f"{float(r['hop_insecure_s']) / float(r['target_insecure_s']):.2f}",  # type: ignore[arg-type]
+                  us(r["hop_near_s"]))
     console.print(t)
     bal = rebalanced(args.requests, args.repeat)
     t = Table(title="balance by measurement: misleading_costs on 2 nodes, plan on estimates "

@@ -191,6 +191,8 @@ def test_cli_run_local_check(tmp_path: Path) -> None:
     assert summary["check"]["mode"] == "within tolerance"  # optimized shards by default
     assert len(summary["stages"]) == 2 and summary["throughput_rps"] > 0
     assert summary["latency_s"]["p50"] <= summary["latency_s"]["p99"]
+    # local nodes hand activations and results over this host's private sockets
+    assert [s["link"] for s in summary["stages"]] == ["ipc", "ipc"]
     out = _cli("run", str(DEMO), "--plan", str(plan), "--local", "--requests", "4",
                "--check", "--exact")
     assert out.returncode == 0, out.stderr

@@ -16,10 +16,11 @@ import pytest
 import zmq
 
 from periphery_core.cluster import events as ev
-from periphery_core.cluster import master_control
+from periphery_core.cluster import master_control, node_control
 from periphery_core.cluster import node as node_module
 from periphery_core.cluster.master import Master
 from periphery_core.cluster.node import NodeConfig, NodeDaemon
+from periphery_core.cluster.node_control import ControlChannel
 from periphery_core.cluster.waker import Waker
 from periphery_core.discovery import NodeAddress
 from tests.waiting import wait_for
@@ -79,7 +80,7 @@ def _count_calls(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> l
 
 def test_an_idle_master_and_node_sleep_between_heartbeats_and_stats(
         node: NodeDaemon, monkeypatch: pytest.MonkeyPatch) -> None:
-    node_turns = _count_calls(monkeypatch, NodeDaemon, "_send_outbox")
+    node_turns = _count_calls(monkeypatch, ControlChannel, "_send_outbox")
     master_turns = _count_calls(monkeypatch, master_control.Control, "_turn")
     events: list[ev.Event] = []
     with Master(heartbeat_s=0.5) as master:
@@ -126,8 +127,9 @@ def test_a_halted_node_stops_serving_within_one_sleep(node: NodeDaemon) -> None:
     # The fixture's teardown halts it and asserts the loop ended: here, only how fast.
     t0 = time.monotonic()
     node.halt()
-    deadline = t0 + node_module.CONTROL_SLEEP_S
-    while node._waker._closed is False and time.monotonic() < deadline + 1.0:
+    assert node.channel is not None
+    deadline = t0 + node_control.SLEEP_S
+    while not node.channel.closed and time.monotonic() < deadline + 1.0:
         time.sleep(0.01)
-    assert node._waker._closed, "the control loop did not end after halt()"
-    assert time.monotonic() - t0 < node_module.CONTROL_SLEEP_S
+    assert node.channel.closed, "the control loop did not end after halt()"
+    assert time.monotonic() - t0 < node_control.SLEEP_S

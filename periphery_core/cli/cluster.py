@@ -397,10 +397,15 @@ def _summary(state: ClusterState, wall: float, count: int) -> dict[str, Any]:
             "queue_s": summary.queue_median if summary else None,
             "compute_s": summary.compute_median if summary else None,
             "transfer_s": summary.transfer_median if summary else None,
+            # how its outputs travel: a private socket on its host, or TCP (same_host.py)
+            "link": state.links[s] if s < len(state.links) else None,
         })
     return {"requests": count, "completed": state.requests_completed, "wall_s": wall,
             "throughput_rps": count / wall if wall > 0 else None,
             "latency_s": state.latency(state.clock or 0.0), "stages": stages}
+
+
+_LINKS = {"ipc": "a socket on its host", "tcp": "TCP"}
 
 
 def _render_run(summary: dict[str, Any]) -> None:
@@ -417,10 +422,12 @@ def _render_run(summary: dict[str, Any]) -> None:
     t = Table(title=f"{summary['shape']}: per stage (medians)", title_justify="left")
     for col in ("replica", "stage", "queue", "compute", "transfer")[0 if replicas else 1:]:
         t.add_column(col, justify="right")
+    t.add_column("sends over")
     for s in summary["stages"]:
         t.add_row(*([str(s["replica"])] if replicas else []), str(s["stage"]),
                   *(human_seconds(s[k]) if s[k] is not None else "-"
-                    for k in ("queue_s", "compute_s", "transfer_s")))
+                    for k in ("queue_s", "compute_s", "transfer_s")),
+                  _LINKS.get(s.get("link") or "", "-"))
     console.print(t)
     for r in summary.get("recoveries", []):
         detected = "" if r["detected_s"] is None else f"detected after {r['detected_s']:.2f} s, "

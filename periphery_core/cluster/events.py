@@ -147,9 +147,12 @@ class DeployFailed:
 
 @dataclass(frozen=True, slots=True)
 class DeployFinished:
-    """The deployment that began with the last `DeployStarted` ended."""
+    """The deployment that began with the last `DeployStarted` ended. `links[j]` is how slot
+    `j` sends its outputs on: "ipc", a private Unix socket to a process on its own host, or
+    "tcp" (CurveZMQ with keys); see `cluster/same_host.py`."""
 
     t: float
+    links: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,7 +425,12 @@ def describe(event: Event, name: Callable[[str], str] = str) -> str:
         case DeployFailed():
             return f"stage {event.stage} failed on {name(event.node_id)}: {event.reason}"
         case DeployFinished():
-            return "deploy finished"
+            same = sum(link == "ipc" for link in event.links)
+            if not same:
+                return "deploy finished"
+            return (f"deploy finished: {same} of {len(event.links)} links on this host's "
+                    "private sockets, the rest over TCP" if same < len(event.links) else
+                    "deploy finished: every link on this host's private sockets")
         case RequestCompleted():
             return f"request {event.request_id} done in {event.latency_s * 1000:.1f} ms"
         case RequestFailed():

@@ -50,6 +50,8 @@ class NodeHandle:
     key: bytes | None = None  # the node's CurveZMQ public key (None: insecure)
     holds: tuple[int, str, bool] | None = None  # (stage, sha256, exact) the node already runs
     master_silent_s: float = 0.0  # how long the node had heard from no master, at hello
+    data_ipc: str = ""  # its data socket for processes on its host (same_host.py)
+    host: str = ""  # its host's identity (same_host.host_identity); '' unknown
     socket: Any = None
     waiters: dict[str, list[Future]] = field(default_factory=dict)
 

@@ -28,6 +28,12 @@ from periphery_core.cluster.handles import NodeHandle, device_specs
 from periphery_core.cluster.keys import Guard, KeyRing
 from periphery_core.cluster.master_control import Control
 from periphery_core.cluster.master_data import DataPath, submit_batch
+from periphery_core.cluster.same_host import (
+    PrivateFolder,
+    check_endpoint,
+    host_identity,
+    is_ipc,
+)
 from periphery_core.discovery import NodeAddress
 from periphery_core.errors import ClusterError, RequestFailed
 from periphery_core.partition.plan import DeviceSpec
@@ -49,6 +55,7 @@ class Master:
         limits: Limits | None = None,
         keys: KeyRing | None = None,
         max_pending: int = 1024,
+        same_host_ipc: bool = True,
     ) -> None:
         self.host = host
         self.heartbeat_s = heartbeat_s
@@ -62,8 +69,12 @@ class Master:
         # Set when a thread of the master died despite its guards: every later call says so
         # instead of waiting on a loop that no longer runs.
         self.failure: str | None = None
+        # Links to nodes on this host take a private Unix socket, not CurveZMQ TCP (see
+        # same_host.py); False keeps every link on TCP (to measure what a LAN costs).
+        self._private = PrivateFolder() if same_host_ipc and host_identity() else None
         self._data = DataPath(ctx=self.ctx, guard=self.guard, bus=self.bus, limits=self.limits,
-                              host=host, max_pending=max_pending, stop=self._stop)
+                              host=host, max_pending=max_pending, stop=self._stop,
+                              private=self._private)
         self._control = Control(
             ctx=self.ctx, guard=self.guard, bus=self.bus, limits=self.limits,
             results_endpoint=self._data.results_endpoint, heartbeat_s=heartbeat_s,
@@ -91,6 +102,8 @@ class Master:
         self._control.fail_waiters(ClusterError("the master was closed"))  # a deploy or ping
         self.guard.close()
         self.ctx.destroy(linger=0)
+        if self._private is not None:
+            self._private.remove()
 
     def __enter__(self) -> Master:
         return self
@@ -175,14 +188,16 @@ class Master:
                                           assignment=tuple(assignment)))
         epoch = self._data.new_epoch()
         readies: list[Future] = []
-        own = self.guard.ring.public if self.guard.ring else None
         digests = [hashlib.sha256(shard).hexdigest() for shard in shards] * replicas
+        links = []
         for slot, handle in enumerate(handles):
-            last = slot % k == k - 1
-            nxt = self._data.results_endpoint if last else handles[slot + 1].data_endpoint
-            nxt_key = own if last else handles[slot + 1].key
+            results, results_key = self._results_link(handle)
+            nxt, nxt_key = (results, results_key) if slot % k == k - 1 \
+                else self._data_link(handle, handles[slot + 1])
+            links.append("ipc" if is_ipc(nxt) else "tcp")
             readies.append(self._control.upload(handle, slot, len(handles), shards[slot % k],
                                                 digests[slot], nxt=nxt, nxt_key=nxt_key,
+                                                results=results, results_key=results_key,
                                                 exact=exact, epoch=epoch))
         deadline = time.time() + timeout
         for i, (ready, handle) in enumerate(zip(readies, handles, strict=True)):
@@ -201,8 +216,26 @@ class Master:
             self.bus.publish(ev.StageReady(t=time.time(), node_id=handle.node_id, stage=i,
                                            provider=str(info.get("provider", "?"))))
         self._control.record_stages(handles, digests, exact)
-        self._data.connect_first([(h.data_endpoint, h.key) for h in handles[::k]])
-        self.bus.publish(ev.DeployFinished(t=time.time()))
+        self._data.connect_first([self._data_link(None, h) for h in handles[::k]])
+        self.bus.publish(ev.DeployFinished(t=time.time(), links=tuple(links)))
+
+    def _data_link(self, sender: NodeHandle | None,
+                   receiver: NodeHandle) -> tuple[str, bytes | None]:
+        """The endpoint and key `sender` (None: this master) reaches `receiver`'s data socket
+        by: its private Unix socket when both run on one host as one user, else CurveZMQ TCP
+        (always, when this master was made with `same_host_ipc=False`)."""
+        here = sender.host if sender is not None else host_identity()
+        # (what a node said of itself is checked: a folder of this user's, closed to others)
+        if self._private is not None and here and receiver.host == here and receiver.data_ipc \
+                and (sender is not None or check_endpoint(receiver.data_ipc) is None):
+            return receiver.data_ipc, None
+        return receiver.data_endpoint, receiver.key
+
+    def _results_link(self, sender: NodeHandle) -> tuple[str, bytes | None]:
+        """The endpoint and key a last stage on `sender` sends results to."""
+        if self._data.results_ipc and sender.host == host_identity():
+            return self._data.results_ipc, None
+        return self._data.results_endpoint, self.guard.ring.public if self.guard.ring else None
 
     # ------------------------------------------------------------------ requests
 

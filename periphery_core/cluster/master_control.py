@@ -313,6 +313,7 @@ class Control:
             handle.holds = (int(held[0]), str(held[1]), bool(f.get("exact", True))) \
                 if isinstance(held[0], int) and held[0] >= 0 and held[1] else None
             handle.master_silent_s = float(f.get("master_silent_s", 0.0) or 0.0)
+            handle.data_ipc, handle.host = str(f.get("ipc") or ""), str(f.get("host") or "")
             handle.speed = parse_speed(f.get("speed"))
             if handle.lost:
                 handle.lost = False
@@ -342,7 +343,8 @@ class Control:
     # ------------------------------------------------------------------ deploying
 
     def upload(self, handle: NodeHandle, stage: int, stages: int, shard: bytes, digest: str,
-               *, nxt: str, nxt_key: bytes | None, exact: bool, epoch: int) -> Future:
+               *, nxt: str, nxt_key: bytes | None, results: str, results_key: bytes | None,
+               exact: bool, epoch: int) -> Future:
         """Send one stage's shard and wiring to a node; the future resolves when it is ready.
 
         A node that already runs this very shard (a restarted master found it) keeps it: it
@@ -356,9 +358,9 @@ class Control:
             handle.waiters.setdefault("ready", []).append(ready)
             if not self.send(handle, encode("deploy_begin", {
                 "stage": stage, "stages": stages, "sha256": digest, "size": len(shard),
-                "inputs": [], "outputs": [], "next": nxt, "results": self.results_endpoint,
+                "inputs": [], "outputs": [], "next": nxt, "results": results,
                 "exact": exact, "epoch": epoch, "next_key": (nxt_key or b"").decode(),
-                "results_key": (self.guard.ring.public if self.guard.ring else b"").decode(),
+                "results_key": (results_key or b"").decode(),
                 "reuse": reuse,
             })):
                 settle(ready, ClusterError(f"node {handle.name} takes no messages (is it hung?)"))

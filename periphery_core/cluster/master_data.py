@@ -32,6 +32,7 @@ from periphery_core.cluster import events as ev
 from periphery_core.cluster.bus import EventBus
 from periphery_core.cluster.futures import settle
 from periphery_core.cluster.keys import Guard
+from periphery_core.cluster.same_host import PrivateFolder, is_ipc
 from periphery_core.errors import ClusterBusy, ClusterError, RequestFailed
 from periphery_core.wire import Limits, WireError, decode, encode
 
@@ -55,12 +56,15 @@ class DataPath:
         bus: Where completed and failed requests are published.
         limits: What a result message may declare, checked by `decode`.
         host: The address the results socket binds to (a random port).
+        private: Where the results socket also binds a Unix socket for nodes on this host
+            (same_host.py); None: TCP only.
         max_pending: Requests in flight at most; `submit` refuses more.
         stop: Set when the master closes; ends the results loop and any waiting send.
     """
 
     def __init__(self, *, ctx: zmq.Context, guard: Guard, bus: EventBus, limits: Limits,
-                 host: str, max_pending: int, stop: threading.Event) -> None:
+                 host: str, max_pending: int, stop: threading.Event,
+                 private: PrivateFolder | None = None) -> None:
         self.ctx = ctx
         self.guard = guard
         self.bus = bus
@@ -81,6 +85,7 @@ class DataPath:
         self.results.setsockopt(zmq.LINGER, 0)
         port = self.results.bind_to_random_port(f"tcp://{host}")
         self.results_endpoint = f"tcp://{host}:{port}"
+        self.results_ipc = private.bind(self.results, "results") if private is not None else ""
 
     def new_epoch(self) -> int:
         """Start the epoch of a new deploy: results of the old one are dropped from now on."""
@@ -92,7 +97,9 @@ class DataPath:
         """Send requests to these first stages (one per replica; endpoint, key) from now on."""
         socks = []
         for endpoint, key in endpoints:
-            sock = self.guard.client(self.ctx.socket(zmq.PUSH), key, "nodes")
+            sock = self.ctx.socket(zmq.PUSH)
+            if not is_ipc(endpoint):
+                self.guard.client(sock, key, "nodes")
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 8)
             sock.connect(endpoint)

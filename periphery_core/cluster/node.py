@@ -20,7 +20,6 @@ import hashlib
 import logging
 import os
 import platform
-import queue
 import random
 import threading
 import time
@@ -34,16 +33,17 @@ import psutil
 import zmq
 
 from periphery_core.cluster.keys import Guard, KeyRing
+from periphery_core.cluster.node_control import ControlChannel
 from periphery_core.cluster.node_data import Deployment, NodeDataPath, warm_up
+from periphery_core.cluster.same_host import PrivateFolder, check_endpoint, host_identity, is_ipc
 from periphery_core.cluster.shard_policy import require_self_contained
 from periphery_core.cluster.speed import device_description, measure_speed
-from periphery_core.cluster.waker import Waker
 from periphery_core.errors import ClusterError
 from periphery_core.generate.stateful import StatefulStage, stage_state
 from periphery_core.runtime.chain import StageRunner
 from periphery_core.runtime.gpu import gpu_usage, parse_device, providers_for
 from periphery_core.runtime.session import SessionConfig
-from periphery_core.wire import PROTOCOL_VERSION, Limits, Message, WireError, decode, encode
+from periphery_core.wire import PROTOCOL_VERSION, Limits, Message, WireError, encode
 
 log = logging.getLogger("periphery.node")
 
@@ -52,7 +52,6 @@ MASTER_LOST_S = 3.0
 CALIBRATE_AT_S = (2.0, 6.0, 20.0, 60.0)  # after start: measure the speed again, when idle
 CALIBRATE_RETRY_S = 30.0  # while the speed is unknown (the measurement failed)
 IDLE_CPU_PERCENT = 50.0  # host CPU use under which a node calibrates again
-CONTROL_SLEEP_S = 0.5  # the control loop looks at the stop flag at least this often
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +71,7 @@ class NodeConfig:
     max_shard_bytes: int = 8 << 30
     stats_interval_s: float = 1.0
     keys: KeyRing | None = None  # None: insecure (logged loudly)
+    same_host_ipc: bool = True  # also take data over a private Unix socket (same_host.py)
     kv_budget: int = 0  # bytes of KV cache a decoder stage may hold; 0: a quarter of memory
 
 
@@ -94,8 +94,6 @@ class NodeDaemon:
         self.ctx = zmq.Context()
         self._stop = threading.Event()
         self._stopped = False
-        self._outbox: queue.Queue[tuple[bytes, list[Any]]] = queue.Queue()
-        self._waker = Waker()  # the control loop sleeps until a message or an outbox put
         self._upload: _Upload | None = None
         self.data: NodeDataPath | None = None  # made by `start`
         self._master: bytes | None = None
@@ -104,10 +102,12 @@ class NodeDaemon:
         self._threads: list[threading.Thread] = []
         self._advertiser: Any = None
         self.speed: float | None = None
-        self.rejected = 0  # control messages that did not parse (the data path counts its own)
+        self.channel: ControlChannel | None = None  # made by `start`
         self.failure: str | None = None  # why a thread died, stopping the node
         self.control_endpoint = ""
         self.data_endpoint = ""
+        self.data_ipc = ""  # the data socket for processes on this host (same_host.py)
+        self._private: PrivateFolder | None = None
         self._warned_cuda = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -120,12 +120,16 @@ class NodeDaemon:
         self.control.setsockopt(zmq.MAXMSGSIZE, cfg.limits.max_chunk_bytes + (1 << 20))
         port = self._bind(self.control, cfg.port)
         self.control_endpoint = f"tcp://{cfg.host}:{port}"
+        self.channel = ControlChannel(self.control, cfg.limits, self._handle, self._stop)
         self.pull = self.guard.server(self.ctx.socket(zmq.PULL), admit="any")
         self.pull.setsockopt(zmq.LINGER, 0)
         self.pull.setsockopt(zmq.RCVHWM, cfg.queue_depth)
         self.pull.setsockopt(zmq.MAXMSGSIZE, cfg.limits.max_total_bytes + (1 << 20))
         dport = self._bind(self.pull, cfg.data_port)
         self.data_endpoint = f"tcp://{cfg.host}:{dport}"
+        if cfg.same_host_ipc and host_identity():
+            self._private = PrivateFolder()
+            self.data_ipc = self._private.bind(self.pull, "data")
         self.data = NodeDataPath(self.ctx, self.guard, self.pull, cfg.limits, cfg.queue_depth,
                              self._stop)
         self._measure()  # before serving: a master's first hello already gets a speed
@@ -143,7 +147,8 @@ class NodeDaemon:
     def halt(self) -> None:
         """End `serve_forever` (any thread, a signal's relay too); `stop` then cleans up."""
         self._stop.set()
-        self._waker.wake()
+        if self.channel is not None:
+            self.channel.wake()
 
     def _bind(self, sock: zmq.Socket, port: int) -> int:
         if port:
@@ -191,6 +196,8 @@ class NodeDaemon:
             log.info("node stopping: %d queued requests failed explicitly", failed)
         self.guard.close()
         self.ctx.destroy(linger=0)
+        if self._private is not None:
+            self._private.remove()
         log.info("node %s stopped", self.config.name)
 
     def _guarded(self, name: str, loop: Callable[[], None]) -> None:
@@ -223,64 +230,21 @@ class NodeDaemon:
         Raises:
             ClusterError: a thread of the node died despite its guards, so the node stopped.
         """
-        self._guarded("control", self._control_loop)
+        if self.channel is None:
+            raise ClusterError(f"node {self.config.name} was not started")
+        self._guarded("control", self.channel.run)
         if self.failure is not None:
             raise ClusterError(f"node {self.config.name} stopped: {self.failure}")
 
-    def _control_loop(self) -> None:
-        # One poll until the master sends or another thread queues a reply (its stats):
-        # a 20 ms poll timeout woke the node 50 times a second for nothing, and held each
-        # queued message up to 20 ms.
-        poller = zmq.Poller()
-        poller.register(self.control, zmq.POLLIN)
-        poller.register(self._waker.fd, zmq.POLLIN)
-        try:
-            while not self._stop.is_set():
-                self._send_outbox()
-                ready = dict(poller.poll(int(CONTROL_SLEEP_S * 1000)))
-                if self._waker.fd in ready:
-                    self._waker.drain()
-                if self.control in ready:
-                    self._receive_control()
-        finally:
-            self._waker.close()
-
-    def _send_outbox(self) -> None:
-        while True:
-            try:
-                ident, frames = self._outbox.get_nowait()
-            except queue.Empty:
-                return
-            self.control.send_multipart([ident, *frames], copy=False)
-
-    def _receive_control(self) -> None:
-        """Read and handle every control message waiting."""
-        while not self._stop.is_set():
-            try:
-                first, *frames = self.control.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.ZMQError:  # (zmq.Again: none left)
-                return
-            ident = bytes(first.buffer)
-            try:
-                msg = decode(frames, self.config.limits)  # checks every field (wire/protocol)
-                self._handle(ident, msg)
-            except WireError as exc:
-                self.rejected += 1
-                log.warning("rejected control message: %s", exc)
-                self._reply(ident, "error", {"reason": f"rejected: {exc}"})
-            except Exception as exc:  # a bug with one message: drop it, say so, keep serving
-                self.rejected += 1
-                log.exception("control message dropped")
-                self._reply(ident, "error", {"reason": f"the node failed to handle it: "
-                                             f"{type(exc).__name__}"})
+    @property
+    def rejected(self) -> int:
+        """Messages refused so far, control and data."""
+        return (self.channel.rejected if self.channel is not None else 0) + \
+            (self.data.rejected if self.data is not None else 0)
 
     def _reply(self, ident: bytes, kind: str, fields: dict[str, Any]) -> None:
-        self._post(ident, encode(kind, fields))
-
-    def _post(self, ident: bytes, frames: list[Any]) -> None:
-        """Queue a message for the control thread to send, waking it (any thread)."""
-        self._outbox.put((ident, frames))
-        self._waker.wake()
+        assert self.channel is not None  # (only the channel's thread calls this)
+        self.channel.reply(ident, kind, fields)
 
     def _handle(self, ident: bytes, msg: Message) -> None:
         kind = msg.kind
@@ -306,6 +270,7 @@ class NodeDaemon:
                 "sha256": dep.sha256 if dep else "",
                 "exact": dep.exact if dep else True,
                 "master_silent_s": round(silent, 3),
+                "ipc": self.data_ipc, "host": host_identity() if self.data_ipc else "",
             })
         elif kind == "deploy_begin":
             self._begin_upload(ident, msg)
@@ -332,20 +297,24 @@ class NodeDaemon:
         if f["stage"] >= f["stages"]:
             raise WireError(f"deploy_begin names stage {f['stage']} of {f['stages']}")
         for key in ("next", "results"):
-            if not isinstance(f.get(key), str) or not str(f[key]).startswith("tcp://"):
-                raise WireError(f"deploy_begin needs a tcp:// endpoint in '{key}'")
+            endpoint = f[key]
+            if is_ipc(endpoint) and (why := check_endpoint(endpoint)) is not None:
+                raise WireError(f"deploy_begin '{key}': {why}")
         if ring := self.guard.ring:
-            for key in ("next_key", "results_key"):
-                if not isinstance(f.get(key), str) or not f[key]:
-                    raise WireError(f"deploy_begin needs '{key}' on a secure cluster")
-            # activations go only to a trusted node, results only to a trusted master
+            # activations go only to a trusted node, results only to a trusted master (over
+            # TCP; a private socket of this host admits no one else: same_host.py)
             last = f["next"] == f["results"]
-            if f["next_key"].encode() not in (ring.masters if last else ring.nodes):
-                raise WireError("deploy_begin names a next stage whose key is not trusted as "
-                                f"{'a master' if last else 'a node'} here")
-            if f["results_key"].encode() not in ring.masters:
-                raise WireError("deploy_begin names a results endpoint whose key is not "
-                                "trusted as a master here")
+            for key, trusted, who in (
+                    ("next", *((ring.masters, "a master") if last else (ring.nodes, "a node"))),
+                    ("results", ring.masters, "a master")):
+                if is_ipc(f[key]):
+                    continue
+                if not f.get(f"{key}_key"):
+                    raise WireError(f"deploy_begin needs '{key}_key' on a secure cluster")
+                if f[f"{key}_key"].encode() not in trusted:
+                    what = "next stage" if key == "next" else "results endpoint"
+                    raise WireError(f"deploy_begin names a {what} whose key is not trusted as "
+                                    f"{who} here")
         if f.get("reuse") is True:
             self._reuse(ident, f)
             return
@@ -504,7 +473,7 @@ class NodeDaemon:
         return {} if usage is None else {"gpu": usage.percent, "gmem": usage.memory_used_bytes}
 
     def _send_stats(self, proc: psutil.Process) -> None:
-        if self._master is None:
+        if self._master is None or self.channel is None:
             return
         silent = time.time() - self._master_seen
         if silent > MASTER_LOST_S and not self._master_lost:
@@ -513,11 +482,11 @@ class NodeDaemon:
             stage = dep.stage if dep else None
             log.warning("master silent for %.1f s: keeping stage %s and waiting for a "
                         "master to come back", silent, stage)
-        self._post(self._master, encode("stats", {
+        self.channel.post(self._master, encode("stats", {
             "node": self.node_id, "cpu": proc.cpu_percent(None),
             "rss": int(proc.memory_info().rss),
             "mem": float(psutil.virtual_memory().percent),
-            "rejected": self.rejected + (self.data.rejected if self.data is not None else 0),
+            "rejected": self.rejected,
             **({"speed": self.speed} if self.speed is not None else {}),
             **self._cache_stats(), **self._gpu_stats(),
         }))

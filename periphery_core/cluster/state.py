@@ -101,6 +101,7 @@ class ClusterState:
     plan_stages: int = 0
     replicas: int = 1
     assignment: tuple[str, ...] = ()
+    links: tuple[str, ...] = ()  # per slot: how its outputs travel ("ipc" or "tcp")
     deploy: FrozenMap[int, StageDeploy] = field(default_factory=FrozenMap)
     deploy_status: DeployStatus = "idle"
     requests_completed: int = 0
@@ -316,7 +317,8 @@ def _on_deploy_failed(state: ClusterState, event: DeployFailed) -> ClusterState:
 def _on_deploy_finished(state: ClusterState, event: DeployFinished) -> ClusterState:
     failed = state.deploy_status == "failed" or any(
         s.status == "failed" for s in state.deploy.values())
-    return dataclasses.replace(state, deploy_status="failed" if failed else "deployed")
+    return dataclasses.replace(state, deploy_status="failed" if failed else "deployed",
+                               links=event.links)
 
 
 def _on_request_completed(state: ClusterState, event: RequestCompleted) -> ClusterState:
@@ -425,12 +427,12 @@ def apply(state: ClusterState, event: Event) -> ClusterState:
     `DeployStarted` resets deploy progress and stage timings, assigns stages and makes assigned
     nodes "joining" (lost nodes stay lost). `ShardProgress` records bytes sent. `StageReady`
     marks the stage ready and its node "ready". `DeployFailed` marks the stage failed and the
-    deploy "failed". `DeployFinished` ends the deploy. `RequestCompleted` counts the request,
-    records its latency and stage timings and makes the nodes of its stages "busy" for
-    `BUSY_S`. `RequestFailed` counts a failure. `RecoveryStarted` sets `recovering`;
-    `Recovered` clears it and counts the recovery; `Rebalanced` counts a move of the cuts;
-    `RecoveryFailed` clears it and marks the deploy "failed". Events about unknown nodes
-    change no node.
+    deploy "failed". `DeployFinished` ends the deploy and records its links. `RequestCompleted`
+    counts the request, records its latency and stage timings and makes the nodes of its
+    stages "busy" for `BUSY_S`. `RequestFailed` counts a failure. `RecoveryStarted` sets
+    `recovering`; `Recovered` clears it and counts the recovery; `Rebalanced` counts a move of
+    the cuts; `RecoveryFailed` clears it and marks the deploy "failed". Events about unknown
+    nodes change no node.
 
     Order: the fold is total, so a live view never crashes on an odd event; an event that
     cannot follow the state so far changes nothing but the log, where it is "ignored" with the
@@ -447,10 +449,7 @@ def apply(state: ClusterState, event: Event) -> ClusterState:
         event: The next event.
 
     Returns:
-        The new state.
-
-    Raises:
-        TypeError: `event` is not a cluster event (a bug in the caller, not odd data).
+        The new state. Raises TypeError when `event` is not a cluster event (a caller's bug).
     """
     rule = _RULES.get(type(event))
     if rule is None:

@@ -25,6 +25,10 @@ class Waker:
         self._lock = threading.Lock()  # no write to a closed (and maybe reused) descriptor
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def fd(self) -> int:
         """The end to register with `zmq.Poller` (POLLIN)."""
         return self._read

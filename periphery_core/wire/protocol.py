@@ -62,6 +62,10 @@ def optional(f: Field) -> Field:
 # A ZeroMQ TCP endpoint a peer may connect to (a name, an IPv4 or a bracketed IPv6 address).
 _ENDPOINT = Field("str", max_len=256, what="a tcp://host:port endpoint",
                   pattern=r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}")
+# A data link: TCP, or a Unix socket on the same host (cluster/same_host.py checks its folder).
+_LINK = Field("str", max_len=256, what="a tcp://host:port or ipc:///path endpoint",
+              pattern=r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}"
+                      r"|ipc:///[A-Za-z0-9_./-]+")
 _SHA256 = Field("str", pattern="[0-9a-f]{64}", what="a sha256 in 64 lowercase hex digits")
 _NAME = Field("str", max_len=256)
 _KEY = Field("str", max_len=64)  # a Z85 CurveZMQ public key (40), or empty when insecure
@@ -98,13 +102,17 @@ KINDS: dict[str, dict[str, Field]] = {
         "sha256": optional(Field("str", pattern="([0-9a-f]{64})?",
                                  what="a sha256 in 64 lowercase hex digits, or empty")),
         "exact": optional(Field("bool")), "master_silent_s": optional(Field("number")),
+        # the node's data socket on its host, and who and where that host is (same_host.py)
+        "ipc": optional(Field("str", max_len=256, pattern="(ipc:///[A-Za-z0-9_./-]+)?",
+                              what="an ipc:///path endpoint, or empty")),
+        "host": optional(Field("str", pattern="[0-9a-f]{0,64}", what="a hex digest")),
     },
     "ping": {"t": _TIME},
     "pong": {"t": _TIME},
     "deploy_begin": {
         "stage": _STAGE, "stages": Field("int", lo=1, hi=65536), "sha256": _SHA256,
         "size": _BYTES, "inputs": Field("list", items=_NAME),
-        "outputs": Field("list", items=_NAME), "next": _ENDPOINT, "results": _ENDPOINT,
+        "outputs": Field("list", items=_NAME), "next": _LINK, "results": _LINK,
         "exact": optional(Field("bool")), "epoch": _EPOCH, "next_key": optional(_KEY),
         "results_key": optional(_KEY), "reuse": optional(Field("bool")),
     },

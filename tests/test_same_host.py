@@ -1,0 +1,142 @@
+"""Links between processes on one host: private Unix sockets instead of CurveZMQ TCP.
+
+Real node processes with keys on. Local stages hand activations and results over sockets in
+folders only this user can enter, and the results equal the TCP path's bit for bit; a master
+made with `same_host_ipc=False` wires every link over TCP; a node refuses a deploy that points
+its outputs at any other Unix socket. (Links between hosts stay on CurveZMQ: the namespaces in
+test_netns.py are other hosts, and no tensor byte crosses their wire in plaintext.)
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from periphery_core.cluster import events as ev
+from periphery_core.cluster.handles import NodeHandle
+from periphery_core.cluster.keys import load_keyring
+from periphery_core.cluster.local import LocalCluster
+from periphery_core.cluster.master import Master
+from periphery_core.cluster.same_host import PREFIX, PrivateFolder, check_endpoint, host_identity
+from periphery_core.discovery import NodeAddress
+from periphery_core.partition.extract import extract_shards
+from periphery_core.partition.planner import make_plan
+from periphery_core.partition.verify import bit_identical
+from periphery_core.runtime.feeds import random_feeds
+from periphery_core.wire import decode, encode
+from tests.conftest import ROOT, load_analyzed
+from tests.streaming import save_mlp
+
+DEMO = ROOT / "assets" / "demo-resnet.onnx"
+
+pytestmark = pytest.mark.skipif(not host_identity(), reason="no /proc: every link is TCP here")
+
+
+def _folder(endpoint: str) -> Path:
+    return Path(endpoint.removeprefix("ipc://")).parent
+
+
+def _private(path: Path) -> bool:
+    info = path.stat()
+    return info.st_uid == os.getuid() and not info.st_mode & (stat.S_IRWXG | stat.S_IRWXO)
+
+
+def test_local_stages_use_private_sockets_and_equal_the_tcp_path_bit_for_bit() -> None:
+    loaded, analysis = load_analyzed(DEMO)
+    shards = [s.SerializeToString() for s in extract_shards(loaded, analysis,
+                                                            make_plan(analysis, 2))]
+    feeds = [random_feeds(analysis.inputs, i) for i in range(6)]
+    outputs: dict[bool, list[dict[str, np.ndarray]]] = {}
+    folders: list[Path] = []
+    with LocalCluster(2) as local:
+        for same_host in (True, False):
+            links: list[tuple[str, ...]] = []
+            with local.master(same_host_ipc=same_host) as master:
+                master.bus.subscribe(lambda e, seen=links: seen.append(e.links)
+                                     if isinstance(e, ev.DeployFinished) else None)
+                nodes = [h.node_id for h in master.alive_nodes()]
+                master.deploy(shards, nodes, exact=True)
+                first = master._data._first[0].getsockopt(zmq.LAST_ENDPOINT).decode()
+                outputs[same_host] = [master.submit(f).result(timeout=30) for f in feeds]
+                if same_host:
+                    assert links == [("ipc", "ipc")]  # stage 0 -> 1, stage 1 -> master
+                    assert first.startswith("ipc://") and _private(_folder(first))
+                    assert master._data.results_ipc and _private(_folder(
+                        master._data.results_ipc))
+                    folders += [_folder(first), _folder(master._data.results_ipc)]
+                else:
+                    assert links == [("tcp", "tcp")] and first.startswith("tcp://")
+    for got, want in zip(outputs[True], outputs[False], strict=True):
+        assert set(got) == set(want)
+        assert all(bit_identical(want[n], got[n]) for n in want)
+    assert not any(f.exists() for f in folders), "a private folder outlived its process"
+
+
+def test_links_between_hosts_stay_on_tcp_with_the_receivers_key() -> None:
+    folder = PrivateFolder()
+
+    def handle(host: str, name: str, ipc: str = "") -> NodeHandle:
+        return NodeHandle(address=NodeAddress(name, name, "10.0.0.1", 1, {}, "static"),
+                          node_id=name, host=host, data_ipc=ipc or f"ipc://{folder.path}/data",
+                          data_endpoint=f"tcp://10.0.0.1:{len(name)}", key=name.encode())
+
+    here = host_identity()
+    a, b, far = handle(here, "a"), handle(here, "b"), handle("f" * 32, "far")
+    # a node that names a socket outside a private folder of this user's
+    liar = handle(here, "liar", ipc=f"ipc:///tmp/{PREFIX}nothere/data")
+    try:
+        with Master() as master:
+            assert master._data_link(a, b) == (b.data_ipc, None)
+            assert master._data_link(a, far) == (far.data_endpoint, far.key)
+            assert master._data_link(far, a) == (a.data_endpoint, a.key)
+            assert master._data_link(None, a) == (a.data_ipc, None)
+            assert master._data_link(None, liar) == (liar.data_endpoint, liar.key)
+            assert master._results_link(a)[0] == master._data.results_ipc
+            assert master._results_link(far)[0].startswith("tcp://")
+        with Master(same_host_ipc=False) as master:  # every link on TCP, even between a and b
+            assert master._data_link(a, b) == (b.data_endpoint, b.key)
+            assert master._results_link(a)[0].startswith("tcp://")
+    finally:
+        folder.remove()
+
+
+@pytest.mark.parametrize("where", ["elsewhere", "open folder", "traversal"])
+def test_a_deploy_pointing_a_node_at_another_unix_socket_is_refused(
+        tmp_path: Path, where: str) -> None:
+    if where == "elsewhere":
+        endpoint, why = f"ipc://{tmp_path}/data", "not a Periphery socket"
+    elif where == "open folder":
+        folder = tmp_path / f"{PREFIX}open"
+        folder.mkdir(mode=0o755)
+        folder.chmod(0o755)
+        endpoint, why = f"ipc://{folder}/data", "not a private folder"
+    else:
+        endpoint, why = f"ipc://{tmp_path}/../{PREFIX}x/data", "not a Periphery socket"
+    assert why in (check_endpoint(endpoint) or "")
+    with LocalCluster(1) as local:
+        assert local.keys_dir is not None
+        ring = load_keyring(local.keys_dir / "master")
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        try:  # a trusted master's keys: only the endpoint is wrong
+            sock.curve_secretkey, sock.curve_publickey = ring.secret, ring.public
+            sock.curve_serverkey = next(iter(ring.nodes))
+            sock.setsockopt(zmq.LINGER, 0)
+            a = local.addresses[0]
+            sock.connect(f"tcp://{a.host}:{a.port}")
+            shard = save_mlp(tmp_path / "mlp.onnx").read_bytes()
+            sock.send_multipart(encode("deploy_begin", {
+                "stage": 0, "stages": 1, "sha256": "0" * 64, "size": len(shard), "inputs": [],
+                "outputs": [], "next": endpoint, "results": endpoint, "exact": True,
+                "epoch": 1, "next_key": "", "results_key": "", "reuse": False}))
+            assert sock.poll(10_000), "the node did not answer the deploy"
+            reply = decode(sock.recv_multipart())
+            assert reply.kind == "error" and why in reply.fields["reason"], reply.fields
+        finally:
+            sock.close(linger=0)
+            ctx.term()

@@ -140,3 +140,14 @@ def test_a_deploy_pointing_a_node_at_another_unix_socket_is_refused(
         finally:
             sock.close(linger=0)
             ctx.term()
+
+
+def test_a_killed_local_node_leaves_no_folder_behind() -> None:
+    with LocalCluster(2) as local, local.master() as master:
+        sockets = [_folder(h.data_ipc) for h in master.alive_nodes()]
+        assert len(sockets) == 2 and all(_private(f) for f in sockets)
+        state = [f.parent for f in sockets]  # each node's state folder holds its sockets
+        local.kill(1)  # SIGKILL: the node cleans nothing up itself
+        local.nodes[1].process.wait(10)
+        assert sockets[1].exists()
+    assert not any(f.exists() for f in sockets + state), "a node's folder outlived the cluster"

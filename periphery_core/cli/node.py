@@ -1,7 +1,9 @@
 """`periphery-node`: run a node daemon on this host.
 
-Prints one line per event; the first stdout line, `periphery-node ready control=... data=...`,
-tells a launcher (the local cluster) where the node listens.
+Prints one line per event; the first stdout line, `periphery-node ready control=... data=...
+state=...`, tells a launcher (the local cluster) where the node listens and works (its private
+folder, which holds its socket for processes on this host: the launcher removes it should the
+node be killed before it could).
 
 A launcher passes `--parent-pid` so that its nodes never outlive it, however it ends (SIGKILL
 included). Two mechanisms, both ending in the same clean stop (the SIGTERM path):
@@ -85,6 +87,7 @@ def node(name: str | None, host: str, port: int, data_port: int, device: str, th
             name=name or platform.node(), host=host, port=port, data_port=data_port,
             device=device, threads=threads, advertise=not no_advertise,
             mdns_interfaces=mdns_interfaces or None, keys=ring,
+            private_parent=Path.cwd(),  # its sockets for this host live in its state folder
         ), stop)
     finally:
         if own is not None:
@@ -119,7 +122,7 @@ def _serve(config: NodeConfig, stop: threading.Event) -> None:
 
     threading.Thread(target=relay, daemon=True, name="stop-relay").start()
     print(f"periphery-node ready id={daemon.node_id} control={daemon.control_endpoint} "
-          f"data={daemon.data_endpoint}", flush=True)
+          f"data={daemon.data_endpoint} state={Path.cwd()}", flush=True)
     try:
         daemon.serve_forever()
     finally:

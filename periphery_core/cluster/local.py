@@ -32,7 +32,8 @@ from periphery_core.errors import PeripheryError
 if TYPE_CHECKING:
     from periphery_core.cluster.master import Master
 
-_READY = re.compile(r"periphery-node ready id=(\w+) control=tcp://([^:]+):(\d+) data=(\S+)")
+_READY = re.compile(r"periphery-node ready id=(\w+) control=tcp://([^:]+):(\d+) data=(\S+)"
+                    r"(?: state=(\S+))?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +41,7 @@ class LocalNode:
     process: subprocess.Popen
     address: NodeAddress
     data_endpoint: str
+    state_dir: Path | None = None  # its private folder (its sockets for this host are in it)
 
 
 class LocalCluster:
@@ -134,13 +136,13 @@ class LocalCluster:
         m = _READY.search(line[0]) if line else None
         if m is None:
             raise PeripheryError(f"local node {i} did not start (exit code {proc.poll()})")
-        node_id, host, port, data = m.groups()
+        node_id, host, port, data, state = m.groups()
         props = {"data": data}
         if self.keys_dir is not None:
             props["key"] = load_keyring(self.keys_dir / f"local{i}").public.decode()
         address = NodeAddress(node_id=node_id, name=f"local{i}", host=host, port=int(port),
                               properties=props, source="static")
-        return LocalNode(proc, address, data)
+        return LocalNode(proc, address, data, Path(state) if state else None)
 
     @property
     def addresses(self) -> list[NodeAddress]:
@@ -168,6 +170,9 @@ class LocalCluster:
                 node.process.wait()
             if node.process.stdout is not None:
                 node.process.stdout.close()
+            # A node removes its own folder as it stops; one that was killed could not.
+            if node.state_dir is not None and node.state_dir.name.startswith("periphery-node-"):
+                shutil.rmtree(node.state_dir, ignore_errors=True)
         self.nodes = []
         self._remove_keys()
 

@@ -26,6 +26,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import onnx
@@ -72,6 +73,7 @@ class NodeConfig:
     stats_interval_s: float = 1.0
     keys: KeyRing | None = None  # None: insecure (logged loudly)
     same_host_ipc: bool = True  # also take data over a private Unix socket (same_host.py)
+    private_parent: Path | None = None  # where its folder for that socket goes (None: temp)
     kv_budget: int = 0  # bytes of KV cache a decoder stage may hold; 0: a quarter of memory
 
 
@@ -128,7 +130,7 @@ class NodeDaemon:
         dport = self._bind(self.pull, cfg.data_port)
         self.data_endpoint = f"tcp://{cfg.host}:{dport}"
         if cfg.same_host_ipc and host_identity():
-            self._private = PrivateFolder()
+            self._private = PrivateFolder(cfg.private_parent)
             self.data_ipc = self._private.bind(self.pull, "data")
         self.data = NodeDataPath(self.ctx, self.guard, self.pull, cfg.limits, cfg.queue_depth,
                              self._stop)

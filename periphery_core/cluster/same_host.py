@@ -54,10 +54,11 @@ def is_ipc(endpoint: str) -> bool:
 
 
 class PrivateFolder:
-    """A folder only this user may enter, holding this process's Unix sockets."""
+    """A folder only this user may enter, holding this process's Unix sockets (made in
+    `parent`, else the temporary folder)."""
 
-    def __init__(self) -> None:
-        self.path = Path(tempfile.mkdtemp(prefix=PREFIX))  # mode 0700, ours
+    def __init__(self, parent: Path | None = None) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix=PREFIX, dir=parent))  # mode 0700, ours
 
     def bind(self, sock: zmq.Socket, name: str) -> str:
         """Bind `sock` also on a Unix socket here, without CurveZMQ; its endpoint.

@@ -53,7 +53,7 @@ def sample_events() -> list[ev.Event]:
                                     total_bytes=1 << 20, t=T0 + 5.5 + s * 0.1))
         out.append(ev.StageReady(node_id=nid, stage=s, provider="CPUExecutionProvider",
                                  t=T0 + 6 + s * 0.1))
-    out.append(ev.DeployFinished(t=T0 + 7))
+    out.append(ev.DeployFinished(t=T0 + 7, links=("ipc",) * len(assignment)))  # one host
     rng = random.Random(7)
     base = (0.0195, 0.0212, 0.0122)
     for r in range(REQUESTS):

@@ -265,6 +265,9 @@ async def test_whole_loop_against_real_local_nodes(tmp_path: Path) -> None:
             assert isinstance(dash, DashboardScreen) and dash.load_running
             await until(pilot, lambda: "ms" in text_of(app, "#stages"), timeout=10)
             assert "local1" in text_of(app, "#stages")
+            # local nodes: each stage sends over its host's private socket, not TCP
+            assert app.cluster_state.links == ("ipc", "ipc")
+            assert "socket" in text_of(app, "#stages") and "TCP" not in text_of(app, "#stages")
             await pilot.press("space")
             assert not dash.load_running
             other = tmp_path / "other.onnx"

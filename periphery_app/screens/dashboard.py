@@ -43,6 +43,13 @@ def _series(history: tuple[Sample, ...], key: str) -> list[float]:
     return [0.0 if math.isnan(v) else v for v in values]
 
 
+# How a stage's outputs travel (ClusterState.links; cluster/same_host.py).
+_VIA = {"ipc": "socket", "tcp": "TCP"}
+
+
+def _link(state: ClusterState, slot: int) -> str:
+    return state.links[slot] if slot < len(state.links) else ""
+
 class DashboardScreen(PeripheryScreen):
     """Live figures of the pipeline."""
 
@@ -116,11 +123,12 @@ class DashboardScreen(PeripheryScreen):
         self._draw_load(state)
 
     def _stage_table(self, state: ClusterState) -> Table:
+        """Per slot: its medians, and what it sends over (a socket on its host, or TCP)."""
         table = Table(title="Per stage (medians of recent requests)", title_justify="left",
                       header_style="bold", expand=True, padding=(0, 1), box=box.SIMPLE_HEAD)
-        for col in ("stage", "node", "queue", "compute", "transfer", "total"):
-            table.add_column(col, justify="right" if col not in ("node", "stage") else "left",
-                             no_wrap=True)
+        for col in ("stage", "node", "queue", "compute", "transfer", "via", "total"):
+            table.add_column(col, justify="right" if col not in ("node", "stage", "via")
+                             else "left", no_wrap=True)
         table.add_column("", ratio=1, no_wrap=True)
         summaries = state.stage_stats.summaries()
         worst = state.bottleneck_stage()
@@ -134,12 +142,13 @@ class DashboardScreen(PeripheryScreen):
             table.add_row(
                 state.slot_label(s.stage) + (" ◀" if hot else ""), name,
                 human_seconds(s.queue_median), human_seconds(s.compute_median),
-                human_seconds(s.transfer_median), human_seconds(s.total_median),
+                human_seconds(s.transfer_median), _VIA.get(_link(state, s.stage), ""),
+                human_seconds(s.total_median),
                 Text(bar(s.total_median / top, 24), style="red" if hot else "green"),
                 style=style,
             )
         if not summaries:
-            table.add_row("-", "no requests yet", "", "", "", "", "")
+            table.add_row("-", "no requests yet", "", "", "", "", "", "")
         return table
 
     def _node_table(self, state: ClusterState) -> Table:

@@ -22,7 +22,13 @@ from periphery_core.cluster.handles import NodeHandle
 from periphery_core.cluster.keys import load_keyring
 from periphery_core.cluster.local import LocalCluster
 from periphery_core.cluster.master import Master
-from periphery_core.cluster.same_host import PREFIX, PrivateFolder, check_endpoint, host_identity
+from periphery_core.cluster.same_host import (
+    PREFIX,
+    PrivateFolder,
+    bind_private,
+    check_endpoint,
+    host_identity,
+)
 from periphery_core.discovery import NodeAddress
 from periphery_core.partition.extract import extract_shards
 from periphery_core.partition.planner import make_plan
@@ -151,3 +157,19 @@ def test_a_killed_local_node_leaves_no_folder_behind() -> None:
         local.nodes[1].process.wait(10)
         assert sockets[1].exists()
     assert not any(f.exists() for f in sockets + state), "a node's folder outlived the cluster"
+
+
+def test_where_no_private_socket_can_be_made_the_links_stay_on_tcp(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)  # too long a path for a Unix socket
+    deep.mkdir(parents=True)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    try:
+        assert bind_private(sock, "data", deep) == (None, "")
+        assert list(deep.iterdir()) == []  # the folder it tried is gone
+        folder, endpoint = bind_private(sock, "data", tmp_path)  # a short path works
+        assert folder is not None and endpoint == f"ipc://{folder.path}/data"
+        assert check_endpoint(endpoint) is None
+    finally:
+        sock.close(linger=0)
+        ctx.term()

@@ -29,7 +29,6 @@ from periphery_core.cluster.keys import Guard, KeyRing
 from periphery_core.cluster.master_control import Control
 from periphery_core.cluster.master_data import DataPath, submit_batch
 from periphery_core.cluster.same_host import (
-    PrivateFolder,
     check_endpoint,
     host_identity,
     is_ipc,
@@ -71,10 +70,10 @@ class Master:
         self.failure: str | None = None
         # Links to nodes on this host take a private Unix socket, not CurveZMQ TCP (see
         # same_host.py); False keeps every link on TCP (to measure what a LAN costs).
-        self._private = PrivateFolder() if same_host_ipc and host_identity() else None
         self._data = DataPath(ctx=self.ctx, guard=self.guard, bus=self.bus, limits=self.limits,
                               host=host, max_pending=max_pending, stop=self._stop,
-                              private=self._private)
+                              same_host_ipc=same_host_ipc)
+        self._private = self._data.private
         self._control = Control(
             ctx=self.ctx, guard=self.guard, bus=self.bus, limits=self.limits,
             results_endpoint=self._data.results_endpoint, heartbeat_s=heartbeat_s,

@@ -32,7 +32,7 @@ from periphery_core.cluster import events as ev
 from periphery_core.cluster.bus import EventBus
 from periphery_core.cluster.futures import settle
 from periphery_core.cluster.keys import Guard
-from periphery_core.cluster.same_host import PrivateFolder, is_ipc
+from periphery_core.cluster.same_host import bind_private, is_ipc
 from periphery_core.errors import ClusterBusy, ClusterError, RequestFailed
 from periphery_core.wire import Limits, WireError, decode, encode
 
@@ -56,15 +56,15 @@ class DataPath:
         bus: Where completed and failed requests are published.
         limits: What a result message may declare, checked by `decode`.
         host: The address the results socket binds to (a random port).
-        private: Where the results socket also binds a Unix socket for nodes on this host
-            (same_host.py); None: TCP only.
+        same_host_ipc: Bind the results socket also on a private Unix socket for nodes on
+            this host (same_host.py); `private` is its folder then (None: TCP only).
         max_pending: Requests in flight at most; `submit` refuses more.
         stop: Set when the master closes; ends the results loop and any waiting send.
     """
 
     def __init__(self, *, ctx: zmq.Context, guard: Guard, bus: EventBus, limits: Limits,
                  host: str, max_pending: int, stop: threading.Event,
-                 private: PrivateFolder | None = None) -> None:
+                 same_host_ipc: bool = True) -> None:
         self.ctx = ctx
         self.guard = guard
         self.bus = bus
@@ -85,7 +85,8 @@ class DataPath:
         self.results.setsockopt(zmq.LINGER, 0)
         port = self.results.bind_to_random_port(f"tcp://{host}")
         self.results_endpoint = f"tcp://{host}:{port}"
-        self.results_ipc = private.bind(self.results, "results") if private is not None else ""
+        self.private, self.results_ipc = bind_private(self.results, "results") \
+            if same_host_ipc else (None, "")
 
     def new_epoch(self) -> int:
         """Start the epoch of a new deploy: results of the old one are dropped from now on."""

@@ -36,7 +36,13 @@ import zmq
 from periphery_core.cluster.keys import Guard, KeyRing
 from periphery_core.cluster.node_control import ControlChannel
 from periphery_core.cluster.node_data import Deployment, NodeDataPath, warm_up
-from periphery_core.cluster.same_host import PrivateFolder, check_endpoint, host_identity, is_ipc
+from periphery_core.cluster.same_host import (
+    PrivateFolder,
+    bind_private,
+    check_endpoint,
+    host_identity,
+    is_ipc,
+)
 from periphery_core.cluster.shard_policy import require_self_contained
 from periphery_core.cluster.speed import device_description, measure_speed
 from periphery_core.errors import ClusterError
@@ -129,9 +135,8 @@ class NodeDaemon:
         self.pull.setsockopt(zmq.MAXMSGSIZE, cfg.limits.max_total_bytes + (1 << 20))
         dport = self._bind(self.pull, cfg.data_port)
         self.data_endpoint = f"tcp://{cfg.host}:{dport}"
-        if cfg.same_host_ipc and host_identity():
-            self._private = PrivateFolder(cfg.private_parent)
-            self.data_ipc = self._private.bind(self.pull, "data")
+        if cfg.same_host_ipc:
+            self._private, self.data_ipc = bind_private(self.pull, "data", cfg.private_parent)
         self.data = NodeDataPath(self.ctx, self.guard, self.pull, cfg.limits, cfg.queue_depth,
                              self._stop)
         self._measure()  # before serving: a master's first hello already gets a speed

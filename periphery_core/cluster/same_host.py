@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -32,6 +33,8 @@ from functools import cache
 from pathlib import Path
 
 import zmq
+
+log = logging.getLogger("periphery.same_host")
 
 PREFIX = "periphery-ipc-"
 _ENDPOINT = re.compile(rf"ipc://(/[A-Za-z0-9_./-]*/{PREFIX}[A-Za-z0-9_]+)/(data|results)")
@@ -78,6 +81,25 @@ class PrivateFolder:
     def remove(self) -> None:
         with contextlib.suppress(OSError):
             shutil.rmtree(self.path)
+
+
+def bind_private(sock: zmq.Socket, name: str,
+                 parent: Path | None = None) -> tuple[PrivateFolder | None, str]:
+    """Bind `sock` also on a private Unix socket: its folder and endpoint, or (None, '') where
+    there can be none (no /proc, no writable folder, a path too long for a Unix socket): then
+    every link to it is TCP, and a warning says why."""
+    if not host_identity():
+        return None, ""
+    folder = None
+    try:
+        folder = PrivateFolder(parent)
+        return folder, folder.bind(sock, name)
+    except (OSError, zmq.ZMQError) as exc:
+        if folder is not None:
+            folder.remove()
+        log.warning("no private socket for processes on this host (%s): every link is TCP",
+                    exc)
+        return None, ""
 
 
 def check_endpoint(endpoint: str) -> str | None:

@@ -33,16 +33,10 @@ import onnx
 import psutil
 import zmq
 
+from periphery_core.cluster import same_host
 from periphery_core.cluster.keys import Guard, KeyRing
 from periphery_core.cluster.node_control import ControlChannel
 from periphery_core.cluster.node_data import Deployment, NodeDataPath, warm_up
-from periphery_core.cluster.same_host import (
-    PrivateFolder,
-    bind_private,
-    check_endpoint,
-    host_identity,
-    is_ipc,
-)
 from periphery_core.cluster.shard_policy import require_self_contained
 from periphery_core.cluster.speed import device_description, measure_speed
 from periphery_core.errors import ClusterError
@@ -115,7 +109,7 @@ class NodeDaemon:
         self.control_endpoint = ""
         self.data_endpoint = ""
         self.data_ipc = ""  # the data socket for processes on this host (same_host.py)
-        self._private: PrivateFolder | None = None
+        self._private: same_host.PrivateFolder | None = None
         self._warned_cuda = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -136,7 +130,8 @@ class NodeDaemon:
         dport = self._bind(self.pull, cfg.data_port)
         self.data_endpoint = f"tcp://{cfg.host}:{dport}"
         if cfg.same_host_ipc:
-            self._private, self.data_ipc = bind_private(self.pull, "data", cfg.private_parent)
+            self._private, self.data_ipc = same_host.bind_private(self.pull, "data",
+                                                                  cfg.private_parent)
         self.data = NodeDataPath(self.ctx, self.guard, self.pull, cfg.limits, cfg.queue_depth,
                              self._stop)
         self._measure()  # before serving: a master's first hello already gets a speed
@@ -277,7 +272,7 @@ class NodeDaemon:
                 "sha256": dep.sha256 if dep else "",
                 "exact": dep.exact if dep else True,
                 "master_silent_s": round(silent, 3),
-                "ipc": self.data_ipc, "host": host_identity() if self.data_ipc else "",
+                "ipc": self.data_ipc, "host": same_host.host_identity() if self.data_ipc else "",
             })
         elif kind == "deploy_begin":
             self._begin_upload(ident, msg)
@@ -305,7 +300,7 @@ class NodeDaemon:
             raise WireError(f"deploy_begin names stage {f['stage']} of {f['stages']}")
         for key in ("next", "results"):
             endpoint = f[key]
-            if is_ipc(endpoint) and (why := check_endpoint(endpoint)) is not None:
+            if same_host.is_ipc(endpoint) and (why := same_host.check_endpoint(endpoint)):
                 raise WireError(f"deploy_begin '{key}': {why}")
         if ring := self.guard.ring:
             # activations go only to a trusted node, results only to a trusted master (over
@@ -314,7 +309,7 @@ class NodeDaemon:
             for key, trusted, who in (
                     ("next", *((ring.masters, "a master") if last else (ring.nodes, "a node"))),
                     ("results", ring.masters, "a master")):
-                if is_ipc(f[key]):
+                if same_host.is_ipc(f[key]):
                     continue
                 if not f.get(f"{key}_key"):
                     raise WireError(f"deploy_begin needs '{key}_key' on a secure cluster")

@@ -21,7 +21,9 @@
    time, latency(K = 2) - latency(K = 1), against a bare ZeroMQ round trip of the same bytes
    between two processes; every link on TCP as between hosts, with CurveZMQ keys on both (the
    default) and without (--insecure); and the same-host default, a private Unix socket (see
-   cluster/same_host.py). Requests interleaved so every column sees the same machine.
+   cluster/same_host.py). Requests interleaved so every column sees the same machine; the
+   nodes run --no-recalibrate, so that none re-measures its speed (a benchmark of a few tenths
+   of a second that a node runs while idle) in the middle of these short phases.
 3. Balance by measurement: `tests.models.misleading_costs` (full sorts, then MatMuls, whose
    FLOP estimates mislead) on 2 local nodes with the plan made on estimates, its cuts kept
    (`--no-rebalance`) against the default, which moves them on the nodes' measured compute;
@@ -281,10 +283,11 @@ def hops(repeat: int) -> list[dict]:
     """Per size: bare ZeroMQ round trip, and the latency one extra pipeline hop adds."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp, \
-            LocalCluster(2) as safe, safe.master(same_host_ipc=False) as m_safe, \
-            LocalCluster(2, secure=False) as open_, \
+            LocalCluster(2, recalibrate=False) as safe, \
+            safe.master(same_host_ipc=False) as m_safe, \
+            LocalCluster(2, secure=False, recalibrate=False) as open_, \
             open_.master(same_host_ipc=False) as m_open, \
-            LocalCluster(2) as near, near.master() as m_near:
+            LocalCluster(2, recalibrate=False) as near, near.master() as m_near:
         bare = {"keys": BareZmq(True), "insecure": BareZmq(False)}
         try:
             for label, width in SIZES:

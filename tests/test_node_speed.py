@@ -157,3 +157,29 @@ def test_a_speed_that_arrives_after_join_updates_the_master_and_the_plan(
                              for e in list(events)), 5, "a NodeStats with the speed")
         state = fold(list(events), ClusterState.empty())
         assert state.nodes[handle.node_id].speed == 2.5
+
+
+def test_a_node_started_no_recalibrate_measures_once_and_never_while_idle(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[float] = []
+    monkeypatch.setattr(node_module, "measure_speed", lambda: calls.append(1.0) or 1.0)
+    monkeypatch.setattr(node_module, "CALIBRATE_AT_S", (0.05, 0.1))
+    threads: dict[bool, list[str]] = {}
+    for recalibrate in (True, False):
+        calls.clear()
+        daemon = NodeDaemon(NodeConfig(name="n", advertise=False, recalibrate=recalibrate))
+        daemon.start()
+        try:
+            threads[recalibrate] = [t.name for t in daemon._threads]
+            if recalibrate:
+                wait_for(lambda: len(calls) >= 2, 10, "a measurement while idle")
+            else:
+                time.sleep(1.5)  # past every CALIBRATE_AT_S (and its jitter), idle
+                assert calls == [1.0], "a node started --no-recalibrate measured again"
+        finally:
+            daemon.halt()
+            daemon.stop()
+    assert "node-calibrate" in threads[True] and "node-calibrate" not in threads[False]
+    # ... and the flag reaches a node process: a local cluster starts with it
+    with LocalCluster(1, recalibrate=False, secure=False) as local, local.master() as master:
+        assert len(master.alive_nodes()) == 1

@@ -64,10 +64,14 @@ if TYPE_CHECKING:
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None,
               help="The node's own working folder, made private (0700) (default: a fresh "
                    "private temporary folder, removed on exit).")
+@click.option("--no-recalibrate", is_flag=True,
+              help="Measure this host's speed once, at start, not again while it is idle "
+                   "(a short benchmark that would disturb a latency measurement).")
 @handle_errors
 def node(name: str | None, host: str, port: int, data_port: int, device: str, threads: int,
          no_advertise: bool, mdns_interfaces: tuple[str, ...], keys: Path | None,
-         insecure: bool, parent_pid: int | None, state_dir: Path | None) -> None:
+         insecure: bool, parent_pid: int | None, state_dir: Path | None,
+         no_recalibrate: bool) -> None:
     """Run a Periphery node: receive a shard, run it, stream activations to the next stage."""
     from periphery_core.cluster.keys import keyring_or_insecure
     from periphery_core.cluster.node import NodeConfig
@@ -88,6 +92,7 @@ def node(name: str | None, host: str, port: int, data_port: int, device: str, th
             device=device, threads=threads, advertise=not no_advertise,
             mdns_interfaces=mdns_interfaces or None, keys=ring,
             private_parent=Path.cwd(),  # its sockets for this host live in its state folder
+            recalibrate=not no_recalibrate,
         ), stop)
     finally:
         if own is not None:

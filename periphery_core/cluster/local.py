@@ -49,7 +49,7 @@ class LocalCluster:
 
     def __init__(self, n: int, *, advertise: bool = False, threads: int | None = None,
                  log_dir: Path | None = None, start_timeout: float = 30.0,
-                 secure: bool = True, device: str = "cpu") -> None:
+                 secure: bool = True, device: str = "cpu", recalibrate: bool = True) -> None:
         """Args:
             threads: ONNX Runtime threads per node; None: this machine's cores shared out
                 (cores // n, at least 1), so one local stage uses every core as plain ONNX
@@ -58,11 +58,14 @@ class LocalCluster:
                 folder removed on stop), each allowing all the others; `master_keys` is the
                 master's key ring. False runs them --insecure.
             device: every node's `--device` (`cuda:N`: all on GPU N).
+            recalibrate: False starts the nodes `--no-recalibrate` (benchmarks that time
+                requests on an otherwise idle host).
         """
         if n < 1:
             raise PeripheryError("a local cluster needs at least one node")
         self.secure = secure
         self.device = device
+        self.recalibrate = recalibrate
         self.keys_dir: Path | None = None
         self.master_keys: KeyRing | None = None
         self.n = n
@@ -115,6 +118,8 @@ class LocalCluster:
                 cmd += ["--keys", str(self.keys_dir / f"local{i}")]
             else:
                 cmd.append("--insecure")
+            if not self.recalibrate:
+                cmd.append("--no-recalibrate")
             if self.advertise:
                 cmd += ["--mdns-interface", "127.0.0.1"]
             else:

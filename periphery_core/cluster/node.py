@@ -74,6 +74,7 @@ class NodeConfig:
     keys: KeyRing | None = None  # None: insecure (logged loudly)
     same_host_ipc: bool = True  # also take data over a private Unix socket (same_host.py)
     private_parent: Path | None = None  # where its folder for that socket goes (None: temp)
+    recalibrate: bool = True  # measure the speed again while idle (False: once, at start)
     kv_budget: int = 0  # bytes of KV cache a decoder stage may hold; 0: a quarter of memory
 
 
@@ -135,8 +136,9 @@ class NodeDaemon:
         self.data = NodeDataPath(self.ctx, self.guard, self.pull, cfg.limits, cfg.queue_depth,
                              self._stop)
         self._measure()  # before serving: a master's first hello already gets a speed
-        for name, target in (("data", self.data.run), ("stats", self._stats_loop),
-                             ("calibrate", self._calibrate)):
+        loops = [("data", self.data.run), ("stats", self._stats_loop)]
+        for name, target in loops + ([("calibrate", self._calibrate)] if cfg.recalibrate
+                                     else []):
             t = threading.Thread(target=self._guarded, args=(name, target),
                                  name=f"node-{name}", daemon=True)
             t.start()

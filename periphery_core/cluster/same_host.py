@@ -6,8 +6,9 @@ same user on the same host, the kernel already gives both: a Unix socket in a fo
 user can enter (mode 0700) reaches no other host and admits no other user. So each node and
 the master also bind their data sockets on `ipc://` in a private folder, without CurveZMQ; the
 master wires a link over it when both ends said the same `host_identity`, and over CurveZMQ TCP
-otherwise. On the demo model, two local stages that pass 768 KiB per request reached 126
-requests/s this way against 117 over CurveZMQ TCP (benchmarks/pipeline.py, 2 cores).
+otherwise. On the demo model, two local stages that pass 768 KiB per request reached 117
+requests/s this way against 108 over CurveZMQ TCP (benchmarks/pipeline.py, 2 cores, medians
+of three runs).
 
 A host's identity is its kernel boot, its network and mount namespaces and the user: processes
 in different namespaces (the tests' simulated hosts, containers) or of different users never

@@ -32,6 +32,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from periphery_core.cluster.same_host import is_ipc
 from periphery_core.errors import KeysError
 
 log = logging.getLogger("periphery.keys")
@@ -225,6 +226,16 @@ class Guard:
             sock.curve_secretkey = self.ring.secret
             sock.curve_publickey = self.ring.public
             sock.curve_serverkey = server_key
+        return sock
+
+    def connect(self, sock: zmq.Socket, endpoint: str, server_key: bytes | None,
+                role: Role) -> zmq.Socket:
+        """Connect `sock` (its other options set) to a server trusted as `role`: over CurveZMQ
+        on TCP; bare on a private Unix socket of this host, which admits no other user and
+        which a node checks before it is told to use one (same_host.py)."""
+        if not is_ipc(endpoint):
+            self.client(sock, server_key, role)
+        sock.connect(endpoint)
         return sock
 
     def candidates(self, advertised: str | None) -> list[bytes | None]:

@@ -73,7 +73,6 @@ class Master:
         self._data = DataPath(ctx=self.ctx, guard=self.guard, bus=self.bus, limits=self.limits,
                               host=host, max_pending=max_pending, stop=self._stop,
                               same_host_ipc=same_host_ipc)
-        self._private = self._data.private
         self._control = Control(
             ctx=self.ctx, guard=self.guard, bus=self.bus, limits=self.limits,
             results_endpoint=self._data.results_endpoint, heartbeat_s=heartbeat_s,
@@ -101,8 +100,8 @@ class Master:
         self._control.fail_waiters(ClusterError("the master was closed"))  # a deploy or ping
         self.guard.close()
         self.ctx.destroy(linger=0)
-        if self._private is not None:
-            self._private.remove()
+        if self._data.private is not None:
+            self._data.private.remove()
 
     def __enter__(self) -> Master:
         return self
@@ -225,7 +224,8 @@ class Master:
         (always, when this master was made with `same_host_ipc=False`)."""
         here = sender.host if sender is not None else host_identity()
         # (what a node said of itself is checked: a folder of this user's, closed to others)
-        if self._private is not None and here and receiver.host == here and receiver.data_ipc \
+        if self._data.private is not None and here and receiver.host == here \
+                and receiver.data_ipc \
                 and (sender is not None or check_endpoint(receiver.data_ipc) is None):
             return receiver.data_ipc, None
         return receiver.data_endpoint, receiver.key

@@ -134,10 +134,10 @@ class Control:
 
         def start() -> None:
             for key in candidates:
-                sock = self.guard.client(self.ctx.socket(zmq.DEALER), key, "nodes")
+                sock = self.ctx.socket(zmq.DEALER)
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.SNDHWM, 64)
-                sock.connect(f"tcp://{address.host}:{address.port}")
+                self.guard.connect(sock, f"tcp://{address.host}:{address.port}", key, "nodes")
                 handle = NodeHandle(address=address, socket=sock, last_seen=time.time(), key=key)
                 handle.waiters.setdefault("info", []).append(reply)
                 self._handles_by_socket[sock] = handle

@@ -32,7 +32,7 @@ from periphery_core.cluster import events as ev
 from periphery_core.cluster.bus import EventBus
 from periphery_core.cluster.futures import settle
 from periphery_core.cluster.keys import Guard
-from periphery_core.cluster.same_host import bind_private, is_ipc
+from periphery_core.cluster.same_host import bind_private
 from periphery_core.errors import ClusterBusy, ClusterError, RequestFailed
 from periphery_core.wire import Limits, WireError, decode, encode
 
@@ -99,11 +99,9 @@ class DataPath:
         socks = []
         for endpoint, key in endpoints:
             sock = self.ctx.socket(zmq.PUSH)
-            if not is_ipc(endpoint):
-                self.guard.client(sock, key, "nodes")
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 8)
-            sock.connect(endpoint)
+            self.guard.connect(sock, endpoint, key, "nodes")
             socks.append(sock)
         with self._send_lock:
             for old in self._first:

@@ -22,7 +22,6 @@ import numpy as np
 import zmq
 
 from periphery_core.cluster.keys import Guard, Role
-from periphery_core.cluster.same_host import is_ipc
 from periphery_core.errors import PeripheryError, RuntimeFailure
 from periphery_core.generate.stateful import StatefulStage
 from periphery_core.runtime.chain import StageRunner
@@ -305,11 +304,9 @@ class NodeDataPath:
     def push(self, endpoint: str, server_key: bytes | None, role: Role) -> zmq.Socket:
         sock = self.ctx.socket(zmq.PUSH)
         try:
-            if not is_ipc(endpoint):  # a private socket of this host (checked at deploy)
-                self.guard.client(sock, server_key, role)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, self._queue_depth)
-            sock.connect(endpoint)
+            self.guard.connect(sock, endpoint, server_key, role)
         except BaseException:
             sock.close(linger=0)
             raise

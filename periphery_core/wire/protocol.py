@@ -59,13 +59,13 @@ def optional(f: Field) -> Field:
     return replace(f, required=False)
 
 
-# A ZeroMQ TCP endpoint a peer may connect to (a name, an IPv4 or a bracketed IPv6 address).
-_ENDPOINT = Field("str", max_len=256, what="a tcp://host:port endpoint",
-                  pattern=r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}")
-# A data link: TCP, or a Unix socket on the same host (cluster/same_host.py checks its folder).
+# A ZeroMQ TCP endpoint a peer may connect to (a name, an IPv4 or a bracketed IPv6 address),
+# and a Unix socket on the same host (cluster/same_host.py checks its folder).
+_TCP = r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}"
+_IPC = r"ipc:///[A-Za-z0-9_./-]+"
+_ENDPOINT = Field("str", max_len=256, what="a tcp://host:port endpoint", pattern=_TCP)
 _LINK = Field("str", max_len=256, what="a tcp://host:port or ipc:///path endpoint",
-              pattern=r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}"
-                      r"|ipc:///[A-Za-z0-9_./-]+")
+              pattern=f"{_TCP}|{_IPC}")
 _SHA256 = Field("str", pattern="[0-9a-f]{64}", what="a sha256 in 64 lowercase hex digits")
 _NAME = Field("str", max_len=256)
 _KEY = Field("str", max_len=64)  # a Z85 CurveZMQ public key (40), or empty when insecure
@@ -103,7 +103,7 @@ KINDS: dict[str, dict[str, Field]] = {
                                  what="a sha256 in 64 lowercase hex digits, or empty")),
         "exact": optional(Field("bool")), "master_silent_s": optional(Field("number")),
         # the node's data socket on its host, and who and where that host is (same_host.py)
-        "ipc": optional(Field("str", max_len=256, pattern="(ipc:///[A-Za-z0-9_./-]+)?",
+        "ipc": optional(Field("str", max_len=256, pattern=f"({_IPC})?",
                               what="an ipc:///path endpoint, or empty")),
         "host": optional(Field("str", pattern="[0-9a-f]{0,64}", what="a hex digest")),
     },

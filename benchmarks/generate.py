@@ -17,8 +17,12 @@ in one run on this machine:
    while every sequence decodes (the steps that come back between the last sequence's first
    token and the first sequence's last), which compares with a single stream's decode rate.
 3. Bytes that cross one stage boundary per decoded token against the context length, at K = 3.
+4. The shape: the same cores as one pipeline of 2 stages or as 2 replicas of 1 stage (each
+   sequence on one replica, its caches there), with 1 and 4 sequences at once, in turn
+   `--shape-repeat` times; and the shape the planner picks for one node per core.
 
-Run: `python benchmarks/generate.py [--tokens 32] [--prompts 5] [--concurrent-tokens 96]`.
+Run: `python benchmarks/generate.py [--tokens 32] [--prompts 5] [--concurrent-tokens 96]
+[--shape-repeat 3]`.
 Needs the dev extra (onnxruntime-genai) and ../shared.
 """
 
@@ -104,14 +108,14 @@ class _Deployed:
     """A LocalCluster of K nodes with the model deployed as stateful stages."""
 
     def __init__(self, loaded: LoadedModel, spec: DecoderSpec, k: int,
-                 every_core: bool = False) -> None:
-        cores = os.cpu_count() or 1
-        self.cluster = LocalCluster(k, threads=cores if every_core else max(1, cores // k))
+                 every_core: bool = False, replicas: int = 1) -> None:
+        cores, nodes = os.cpu_count() or 1, k * replicas
+        self.cluster = LocalCluster(nodes, threads=cores if every_core else max(1, cores // nodes))
         self.cluster.start()
         self.master = Master(keys=self.cluster.master_keys)
         handles = [self.master.connect(a) for a in self.cluster.addresses]
-        self.pipeline = Pipeline(self.master, loaded, analyze(loaded), k=k, exact=False,
-                                 decoder=spec, recover=False)
+        self.pipeline = Pipeline(self.master, loaded, analyze(loaded), k=k, replicas=replicas,
+                                 exact=False, decoder=spec, recover=False)
         self.pipeline.deploy([h.node_id for h in handles])
         self.step = pipeline_step(self.pipeline, spec)
         self.single = pipeline_step(self.pipeline, spec, batch=False)
@@ -166,10 +170,38 @@ def concurrent(d: _Deployed, spec: DecoderSpec, prompts: list[list[int]], tokens
     return rate, decode, (step.rows - rows) / sent if sent else 1.0
 
 
+def shapes(loaded: LoadedModel, spec: DecoderSpec, prompts: list[list[int]], tokens: int,
+           repeat: int) -> tuple[str, list[tuple[str, int, float, float]]]:
+    """The planner's shape for one node per core, and K = 2 against 2 replicas x 1 stage on
+    the same cores: tokens/s with 1 and 4 sequences at once, medians of `repeat` runs in
+    turn."""
+    from periphery_core.generate.planning import plan_shape
+    from periphery_core.partition.plan import DeviceSpec
+
+    cores = os.cpu_count() or 1
+    picked = plan_shape(loaded, analyze(loaded), [DeviceSpec(f"n{i}") for i in range(cores)],
+                        decoder=spec)
+    runs: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for _ in range(repeat):
+        for name, k, r in (("1 x 2 stages", 2, 1), ("2 replicas x 1 stage", 1, 2)):
+            d = _Deployed(loaded, spec, k, replicas=r)
+            try:
+                for streams in (1, 4):
+                    rate, decode, _ = concurrent(d, spec, prompts, tokens, streams)
+                    runs.setdefault((name, streams), []).append((rate, decode))
+            finally:
+                d.close()
+    return picked.shape_reason, [
+        (name, streams, statistics.median(a for a, _ in v), statistics.median(b for _, b in v))
+        for (name, streams), v in runs.items()]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--prompts", type=int, default=5)
+    parser.add_argument("--shape-repeat", type=int, default=3,
+                        help="runs of each shape in the pipeline-or-replicas table")
     parser.add_argument("--concurrent-tokens", type=int, default=96,
                         help="new tokens per sequence in the concurrency table")
     args = parser.parse_args()
@@ -237,6 +269,17 @@ def main() -> int:
     for context, b in bytes_rows:
         hops.add_row(str(context), f"{b:.0f}", f"{b / bytes_rows[0][1]:.2f}x")
     console.print(hops)
+    reason, shaped = shapes(loaded, spec, prompts, args.concurrent_tokens, args.shape_repeat)
+    shape_table = Table(title=f"the same {os.cpu_count()} cores as a pipeline or as replicas, "
+                              f"{args.concurrent_tokens} new tokens each, median of "
+                              f"{args.shape_repeat} runs in turn")
+    for col in ("shape", "sequences", "tokens/s, prefills included", "vs 1 x 2 stages"):
+        shape_table.add_column(col, justify="right" if col != "shape" else "left")
+    pipe = {streams: rate for name, streams, rate, _ in shaped if name == "1 x 2 stages"}
+    for name, streams, rate, _ in shaped:
+        shape_table.add_row(name, str(streams), f"{rate:.1f}", f"{rate / pipe[streams]:.2f}x")
+    console.print(shape_table)
+    console.print(f"the planner's shape for {os.cpu_count()} nodes: {reason}")
     console.print(f"K = 2 single stream (every core per node) vs K = 1: "
                   f"{k2_single / k1_single:.2f}x; KV cache per token if it travelled: "
                   f"{spec.cache_bytes_per_token()} B")

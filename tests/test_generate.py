@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from periphery_core.cluster.pipeline import Pipeline
 from periphery_core.errors import ClusterBusy
 from periphery_core.generate.decoder import DecoderSpec, recognize
 from periphery_core.generate.engine import (
+    Generation,
     Sampling,
     TextCodec,
     generate,
@@ -68,6 +70,26 @@ def _decoder(path: Path) -> tuple[LoadedModel, DecoderSpec]:
     spec = recognize(loaded)
     assert spec is not None
     return loaded, spec
+
+
+def at_once(step, spec, prompts: list[list[int]], n: int) -> list[Generation | Exception]:
+    """Every prompt generated greedily at once, a thread each, through `step`; each one's
+    Generation, or what it raised."""
+    got: list[Generation | Exception] = [RuntimeError("did not end")] * len(prompts)
+
+    def run(i: int) -> None:
+        try:
+            got[i] = generate(step, spec, prompts[i], Sampling(max_new_tokens=n),
+                              release=step.release)
+        except Exception as exc:  # the caller asserts
+            got[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return got
 
 
 def _greedy(step, spec, ids: list[int], n: int) -> list[int]:

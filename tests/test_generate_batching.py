@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 
 import numpy as np
 import pytest
 
 from periphery_core.errors import RuntimeFailure
 from periphery_core.generate.decoder import recognize
-from periphery_core.generate.engine import Sampling, TextCodec, generate, pipeline_step
+from periphery_core.generate.engine import (
+    Generation,
+    Sampling,
+    TextCodec,
+    generate,
+    pipeline_step,
+)
 from periphery_core.generate.planning import plan_model
 from periphery_core.generate.stateful import (
     CACHE_LOST,
@@ -35,7 +40,15 @@ from periphery_core.runtime.chain import StageRunner
 from periphery_core.runtime.session import SessionConfig
 from tests.conftest import require_shared
 from tests.test_cli import assert_bad_input, cli, ok
-from tests.test_generate import GPT2, PROMPTS, SMOLLM, _decoder, _deployed, _genai_greedy
+from tests.test_generate import (
+    GPT2,
+    PROMPTS,
+    SMOLLM,
+    _decoder,
+    _deployed,
+    _genai_greedy,
+    at_once,
+)
 
 
 def _chain(path, k: int):
@@ -185,22 +198,10 @@ def test_concurrent_sequences_share_batched_steps_over_node_processes() -> None:
     codec = TextCodec(spec.folder)
     prompts = [codec.encode(codec.prompt(p)) for p in PROMPTS[:4]]
     expected = _genai_greedy(SMOLLM, prompts, 24, spec.eos_ids)
-    got: list[object] = [None] * len(prompts)
     with _deployed(loaded, spec, 2) as (_, _, pipeline):
         step = pipeline_step(pipeline, spec)
-
-        def run(i: int) -> None:
-            try:
-                got[i] = generate(step, spec, prompts[i], Sampling(max_new_tokens=24),
-                                  release=step.release).ids
-            except Exception as exc:  # asserted below
-                got[i] = exc
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
+        got = [g.ids if isinstance(g, Generation) else g
+               for g in at_once(step, spec, prompts, 24)]
         assert step.batches > 0 and step.mean_batch > 1.2, step.mean_batch
         step.close()
     assert got == expected

@@ -148,6 +148,49 @@ def test_the_master_sends_more_to_the_replica_that_answers_sooner() -> None:
     print(f"\nserved: quick replica {served[0]}, slow replica {served[1]}")
 
 
+def test_a_decoder_sequence_stays_on_the_replica_that_holds_its_caches() -> None:
+    """Real sockets, two first stages that only count what reaches them: a sequence's steps
+    (its prefill, then batched steps naming it) all go where its first went, new sequences
+    go to the replica holding fewer, and a released sequence or a new deploy starts afresh."""
+    ctx, stop, bus = zmq.Context(), threading.Event(), EventBus()
+    guard = Guard(ctx, None, "master")
+    data = DataPath(ctx=ctx, guard=guard, bus=bus, limits=Limits(), host="127.0.0.1",
+                    max_pending=64, stop=stop)
+    pulls = [ctx.socket(zmq.PULL) for _ in range(2)]
+    ports = [p.bind_to_random_port("tcp://127.0.0.1") for p in pulls]
+    ids = {"x": np.zeros((1, 1), np.int64)}
+
+    def landed(step: dict) -> int:
+        """Submit one step; the replica whose first stage received it."""
+        data.submit(ids, step)
+        poller = zmq.Poller()
+        for p in pulls:
+            poller.register(p, zmq.POLLIN)
+        ready = [pulls.index(p) for p, _ in poller.poll(5000)]
+        assert len(ready) == 1, ready
+        pulls[ready[0]].recv_multipart()
+        return ready[0]
+
+    try:
+        data.connect_first([(f"tcp://127.0.0.1:{port}", None) for port in ports])
+        first = {seq: landed({"seq": seq, "pos": 0, "new": 3}) for seq in (1, 2, 3, 4)}
+        assert sorted(first.values()) == [0, 0, 1, 1], "new sequences spread over replicas"
+        for seq in (1, 2, 3, 4):  # a sequence's steps in a row: the same replica each time
+            for pos in range(3, 6):
+                assert landed({"seq": seq, "pos": pos, "new": 1}) == first[seq]
+        pair = [s for s in (1, 2, 3, 4) if first[s] == first[1]]
+        assert landed({"seqs": pair, "poss": [6, 6]}) == first[1]
+        assert data.replica_of(1) == first[1]
+        data.forget([1])
+        assert data.replica_of(1) is None and data.replica_of(2) == first[2]
+        data.new_epoch()
+        assert all(data.replica_of(s) is None for s in (1, 2, 3, 4)), "a deploy drops caches"
+    finally:
+        stop.set()
+        guard.close()
+        ctx.destroy(linger=0)
+
+
 def test_replicas_serve_and_a_lost_one_costs_no_request(tmp_path: Path) -> None:
     work = mlp_workload(tmp_path, seed=3, inputs=20)
     total = 400

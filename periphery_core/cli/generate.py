@@ -17,14 +17,17 @@ from periphery_core.errors import PeripheryError
 
 
 def deploy_options(fn: F) -> F:
-    """MODEL and where it runs: --plan or --shards, --peer, --local, --mdns (what
-    `deployed_decoder` takes)."""
+    """MODEL and where it runs: --plan or --shards and --replicas, --peer, --local, --mdns
+    (what `deployed_decoder` takes)."""
     for option in reversed((
         click.argument("model", type=click.Path(path_type=Path)),
         click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None,
                      help="A plan file for the model (default: plan --shards K stages)."),
         click.option("--shards", "-k", type=int, default=None,
-                     help="Stages to plan (default 2)."),
+                     help="Stages to plan (default 2; 1 with --replicas)."),
+        click.option("--replicas", "-r", type=int, default=None,
+                     help="Copies of the K-stage pipeline, each on nodes of its own; a "
+                          "sequence stays on one (default 1)."),
         peer_option,
         click.option("--local", is_flag=True, help="Start one local node process per stage."),
         click.option("--mdns/--no-mdns", default=True, show_default=True,
@@ -55,9 +58,9 @@ def deploy_options(fn: F) -> F:
 @keys_options
 @json_option
 @handle_errors
-def generate(model: Path, plan_path: Path | None, shards: int | None, peers: tuple[str, ...],
-             local: bool, mdns: bool, prompts: tuple[str, ...], prompts_file: Path | None,
-             system: str | None, no_chat: bool,
+def generate(model: Path, plan_path: Path | None, shards: int | None, replicas: int | None,
+             peers: tuple[str, ...], local: bool, mdns: bool, prompts: tuple[str, ...],
+             prompts_file: Path | None, system: str | None, no_chat: bool,
              max_new_tokens: int, temperature: float, top_k: int, top_p: float,
              repetition_penalty: float, seed: int, stops: tuple[str, ...], optimize: bool,
              keys: Path | None, insecure: bool, as_json: bool) -> None:
@@ -84,8 +87,8 @@ def generate(model: Path, plan_path: Path | None, shards: int | None, peers: tup
     loaded, spec = open_decoder(model)
     codec = TextCodec(spec.folder)
     prompt_ids = [codec.encode(codec.prompt(t, system, chat=not no_chat)) for t in texts]
-    with deployed_decoder(loaded, spec, plan_path, shards, peers, local, mdns, optimize, keys,
-                          insecure) as (pipeline, k):
+    with deployed_decoder(loaded, spec, plan_path, shards, replicas, peers, local, mdns,
+                          optimize, keys, insecure) as (pipeline, k):
         step = pipeline_step(pipeline, spec)
         try:
             if len(prompt_ids) == 1:
@@ -100,7 +103,7 @@ def generate(model: Path, plan_path: Path | None, shards: int | None, peers: tup
     from periphery_core.cli.render import print_json
 
     if len(results) > 1:
-        _report_many(results, wall, step.mean_batch, k, model_line, as_json)
+        _report_many(results, wall, step.mean_batch, pipeline.plan, model_line, as_json)
         return
     result = results[0]
     summary: dict[str, Any] = {
@@ -108,7 +111,7 @@ def generate(model: Path, plan_path: Path | None, shards: int | None, peers: tup
         "new_tokens": result.new_tokens, "finish": result.finish,
         "ttft_s": round(result.ttft_s, 4), "tokens_per_s": round(result.tokens_per_s, 2),
         "decode_bytes_per_token_per_hop": round(result.decode_bytes_per_token_per_hop, 1),
-        "stages": k, "model": model_line,
+        "stages": k, "replicas": pipeline.plan.replicas, "model": model_line,
     }
     if as_json:
         print_json(summary)
@@ -118,8 +121,9 @@ def generate(model: Path, plan_path: Path | None, shards: int | None, peers: tup
 
         err_console.print(
             f"{result.new_tokens} tokens ({result.finish}), first after "
-            f"{result.ttft_s * 1000:.0f} ms, {result.tokens_per_s:.1f} tokens/s over {k} "
-            f"stages, {result.decode_bytes_per_token_per_hop:.0f} B per token per hop",
+            f"{result.ttft_s * 1000:.0f} ms, {result.tokens_per_s:.1f} tokens/s over "
+            f"{_over(pipeline.plan)}, {result.decode_bytes_per_token_per_hop:.0f} B per token "
+            "per hop",
             highlight=False)
 
 
@@ -170,7 +174,13 @@ def _at_once(step: Any, spec: Any, prompt_ids: list[list[int]], sampling: Any, c
     return results, wall
 
 
-def _report_many(results: list[Any], wall: float, mean_batch: float, k: int, model: str,
+def _over(plan: Any) -> str:
+    """The shape a run went over, in words: `2 stages`, `2 replicas of 1 stage`."""
+    stages = f"{plan.k} stage{'s' if plan.k != 1 else ''}"
+    return stages if plan.replicas == 1 else f"{plan.replicas} replicas of {stages}"
+
+
+def _report_many(results: list[Any], wall: float, mean_batch: float, plan: Any, model: str,
                  as_json: bool) -> None:
     from periphery_core.cli.render import err_console, print_json
 
@@ -186,12 +196,13 @@ def _report_many(results: list[Any], wall: float, mean_batch: float, k: int, mod
             } for r in results],
             "sequences": len(results), "new_tokens": tokens, "wall_s": round(wall, 3),
             "aggregate_tokens_per_s": round(rate, 2),
-            "sequences_per_step": round(mean_batch, 2), "stages": k, "model": model,
+            "sequences_per_step": round(mean_batch, 2), "stages": plan.k,
+            "replicas": plan.replicas, "model": model,
         })
         return
     err_console.print(
         f"{len(results)} sequences, {tokens} tokens in {wall:.2f} s: {rate:.1f} tokens/s "
-        f"together over {k} stages, {mean_batch:.1f} sequences per decode step",
+        f"together over {_over(plan)}, {mean_batch:.1f} sequences per decode step",
         highlight=False)
 
 
@@ -211,8 +222,9 @@ def open_decoder(model: Path) -> tuple[Any, Any]:
 
 @contextlib.contextmanager
 def deployed_decoder(loaded: Any, spec: Any, plan_path: Path | None, shards: int | None,
-                     peers: tuple[str, ...], local: bool, mdns: bool, optimize: bool,
-                     keys: Path | None, insecure: bool) -> Iterator[tuple[Any, int]]:
+                     replicas: int | None, peers: tuple[str, ...], local: bool, mdns: bool,
+                     optimize: bool, keys: Path | None,
+                     insecure: bool) -> Iterator[tuple[Any, int]]:
     """A model planned and deployed (on local node processes, or on the nodes given or
     found): a decoder LLM (`spec` its DecoderSpec) as stateful stages, any other model (`spec`
     None) as plain ones; yields (the Pipeline, K), and stops what it started on the way out."""
@@ -223,16 +235,18 @@ def deployed_decoder(loaded: Any, spec: Any, plan_path: Path | None, shards: int
     from periphery_core.model.analysis import analyze
     from periphery_core.partition.plan import load_plan, require_plan_for
 
-    if plan_path is not None and shards is not None:
-        raise PeripheryError("give --plan or --shards, not both")
+    if plan_path is not None and (shards is not None or replicas is not None):
+        raise PeripheryError("give --plan, or --shards and --replicas, not both")
     plan = load_plan(plan_path) if plan_path is not None else None
     if plan is not None:
         require_plan_for(plan, loaded.sha256, loaded.name, str(plan_path))
-    k = plan.k if plan is not None else (shards or 2)
-    if k < 1:
-        raise PeripheryError("--shards must be at least 1")
+    for value, what in ((shards, "--shards"), (replicas, "--replicas")):
+        if value is not None and value < 1:
+            raise PeripheryError(f"{what} must be at least 1")
+    k = plan.k if plan is not None else (shards or (1 if replicas else 2))
+    replicas = plan.replicas if plan is not None else (replicas or 1)
     analysis = analyze(loaded, plan.input_shapes if plan is not None else None)
-    nodes = plan.nodes_needed if plan is not None else k  # a plan's replicas need theirs
+    nodes = k * replicas
     # Local nodes share this machine's cores evenly.
     threads = max(1, (os.cpu_count() or 1) // nodes)
     cluster_ctx = LocalCluster(nodes, secure=not insecure, threads=threads) if local else None
@@ -245,8 +259,8 @@ def deployed_decoder(loaded: Any, spec: Any, plan_path: Path | None, shards: int
         master = stack.enter_context(Master(keys=ring))
         names = [d.name for d in plan.devices] if plan is not None else []
         chosen = connect_nodes(master, cluster_ctx, peers, mdns, nodes, names)
-        pipeline = Pipeline(master, loaded, analysis, k=k, plan=plan, exact=not optimize,
-                            decoder=spec)
+        pipeline = Pipeline(master, loaded, analysis, k=k, replicas=replicas, plan=plan,
+                            exact=not optimize, decoder=spec)
         stack.callback(pipeline.close)
         pipeline.deploy([h.node_id for h in chosen])
         yield pipeline, k

@@ -35,7 +35,8 @@ from periphery_core.errors import PeripheryError
               help="Graph optimizations on the nodes (fast), or off (bit-exact).")
 @keys_options
 @handle_errors
-def serve(model: Path, plan_path: Path | None, shards: int | None, peers: tuple[str, ...],
+def serve(model: Path, plan_path: Path | None, shards: int | None, replicas: int | None,
+          peers: tuple[str, ...],
           local: bool, mdns: bool, host: str, port: int, api_key: str | None,
           insecure_http: bool, max_concurrent: int, name: str | None, optimize: bool,
           keys: Path | None, insecure: bool) -> None:
@@ -54,8 +55,8 @@ def serve(model: Path, plan_path: Path | None, shards: int | None, peers: tuple[
     sock = listen(host, port, api_key, insecure_http or insecure)
     loaded = load_model(model)
     spec = recognize(loaded)
-    with deployed_decoder(loaded, spec, plan_path, shards, peers, local, mdns, optimize, keys,
-                          insecure) as (pipeline, k):
+    with deployed_decoder(loaded, spec, plan_path, shards, replicas, peers, local, mdns,
+                          optimize, keys, insecure) as (pipeline, k):
         service = service_for(pipeline, loaded, spec, max_concurrent, name)
         try:
             endpoint = Endpoint(service, sock, api_key)

@@ -264,7 +264,12 @@ class Master:
     def release_sequences(self, seqs: Sequence[int]) -> None:
         """Tell every stage that these decoder sequences ended: their caches may go."""
         if seqs:
+            self._data.forget([int(s) for s in seqs])
             self._control.send_to_stages(encode("release", {"seqs": [int(s) for s in seqs]}))
+
+    def replica_of(self, seq: int) -> int | None:
+        """The replica whose stages hold a decoder sequence's caches (None: none yet)."""
+        return self._data.replica_of(seq)
 
     def pending_count(self) -> int:
         """Requests sent and still waiting for their result."""

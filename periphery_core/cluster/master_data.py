@@ -5,6 +5,9 @@ every submitting thread); the results thread owns the PULL socket the last stage
 With replicas, each has a first stage of its own, and a request goes to the replica with the
 fewest requests in flight: a slower replica gets fewer, and none waits while another idles
 (ZeroMQ's own round robin would give each the same share, so the slowest would set the pace).
+A decoder's sequence keeps its KV caches on the stages of one replica, so its steps all go to
+the replica its first step went to (the one with the fewest sequences then), until it is
+released or a redeploy drops every cache.
 Requests carry ids end to end, and each stage appends its timestamps, from which
 `stage_timings` derives per-stage queue, compute and transfer times.
 
@@ -77,6 +80,7 @@ class DataPath:
         self._send_lock = threading.Lock()
         self._first: list[zmq.Socket] = []  # each replica's first stage
         self._inflight: list[int] = []  # requests in flight per replica (under _pending_lock)
+        self._owner: dict[int, int] = {}  # a decoder sequence's replica (under _pending_lock)
         self.epoch = 0
         # Cleared while a recovery runs, holding new submissions back.
         self._open = threading.Event()
@@ -92,6 +96,7 @@ class DataPath:
         """Start the epoch of a new deploy: results of the old one are dropped from now on."""
         with self._pending_lock:
             self.epoch += 1
+            self._owner.clear()  # a deploy starts every stage without caches
             return self.epoch
 
     def connect_first(self, endpoints: list[tuple[str, bytes | None]]) -> None:
@@ -132,10 +137,36 @@ class DataPath:
         return future
 
     def _assign(self, pending: _Pending) -> None:
-        """Give the request to the replica with the fewest in flight (under _pending_lock)."""
-        if self._inflight:
+        """Give the request to the replica with the fewest in flight, or a decoder step to
+        the replica that holds its sequences' caches (under _pending_lock)."""
+        if not self._inflight:
+            return
+        step = pending.step or {}
+        seqs = step["seqs"] if "seqs" in step else [step["seq"]] if "seq" in step else []
+        owned = [self._owner[s] for s in seqs if s in self._owner]
+        if owned:
+            pending.replica = owned[0]
+        elif seqs:  # a new sequence: the replica holding the fewest
+            held = [0] * len(self._inflight)
+            for r in self._owner.values():
+                held[r % len(held)] += 1
+            pending.replica = min(range(len(held)), key=lambda r: (held[r], self._inflight[r]))
+        else:
             pending.replica = min(range(len(self._inflight)), key=self._inflight.__getitem__)
-            self._inflight[pending.replica] += 1
+        for s in seqs:
+            self._owner.setdefault(s, pending.replica)
+        self._inflight[pending.replica % len(self._inflight)] += 1
+
+    def replica_of(self, seq: int) -> int | None:
+        """The replica that holds a decoder sequence's caches (None: none yet)."""
+        with self._pending_lock:
+            return self._owner.get(seq)
+
+    def forget(self, seqs: list[int]) -> None:
+        """These sequences ended: their next use starts afresh."""
+        with self._pending_lock:
+            for s in seqs:
+                self._owner.pop(s, None)
 
     def _send(self, rid: int, pending: _Pending, abandon: Callable[[], bool]) -> None:
         """Send one request to its replica's first stage, waiting while it is full

@@ -12,7 +12,9 @@ How the batches form:
   that the stages' batches stay even;
 - sequences whose last step just came back are waited for a moment (`grace_s`: they are
   picking their next token), so a batch that came back together leaves together instead of
-  one step at a time.
+  one step at a time;
+- with replicas, a batch holds the sequences of one replica (the master keeps each sequence
+  on the replica whose stages hold its caches), and each replica has its own `depth`.
 
 Only models whose steps can share a run (`DecoderSpec.batchable`) are batched; for others, and
 with `batch=False`, every step goes on its own.
@@ -73,7 +75,8 @@ class PipelineSteps:
         # sequences decoding through the dispatcher, and when each last asked for a step or got
         # one back (one that ends without `release` is forgotten `IDLE_S` after that)
         self._active: dict[int, float] = {}
-        self._inflight: list[set[int]] = []  # the sequences of each batch in flight
+        # each batch in flight: its replica (-1: not known yet) and sequences
+        self._inflight: list[tuple[int, set[int]]] = []
         self._closed = False
         self._thread: threading.Thread | None = None
 
@@ -128,26 +131,46 @@ class PipelineSteps:
         plan = getattr(self.pipeline, "plan", None)
         return max(1, len(plan.stages)) if plan is not None else 1
 
+    def _replica(self, seq: int) -> int:
+        """The replica holding a sequence's caches (-1: none yet; the master picks one)."""
+        replica_of = getattr(self.pipeline.master, "replica_of", None)
+        found = replica_of(seq) if replica_of is not None else None
+        return -1 if found is None else found
+
     def _take(self) -> tuple[list[_Waiting] | None, float | None]:
-        """The next batch to send, or None and how long to wait (None: until woken)."""
-        depth = self._depth()
-        if not self._waiting or len(self._inflight) >= depth:
+        """The next batch to send, or None and how long to wait (None: until woken).
+
+        With replicas, a batch holds sequences of one replica (their caches live on its
+        stages), and each replica has at most `depth` batches in flight."""
+        if not self._waiting:
             return None, None
-        busy = {w.seq for w in self._waiting}.union(*self._inflight)
+        depth = self._depth()
+        busy = {w.seq for w in self._waiting}.union(*(rows for _, rows in self._inflight))
         now = time.perf_counter()
         for seq in [s for s, t in self._active.items() if s not in busy and now - t > IDLE_S]:
             del self._active[seq]
-        if self._active.keys() - busy:  # some just got their step back and will soon be here
-            left = self.grace_s - (now - min(w.since for w in self._waiting))
-            if left > 0:
-                return None, left
-        size = min(self.max_batch, max(1, math.ceil(len(self._active) / depth)))
-        # In sequence order: the same sequences come back as the same batch, in the same rows,
-        # and a stage then runs on its last outputs without copying a cache
-        # (StatefulStage.run_batch).
-        self._waiting.sort(key=lambda w: w.seq)
-        take, self._waiting = self._waiting[:size], self._waiting[size:]
-        return take, None
+        groups: dict[int, list[_Waiting]] = {}
+        for w in self._waiting:
+            groups.setdefault(self._replica(w.seq), []).append(w)
+        wait: float | None = None
+        for replica, waiting in sorted(groups.items()):
+            if sum(1 for r, _ in self._inflight if r == replica) >= depth:
+                continue
+            active = [s for s in self._active if self._replica(s) == replica]
+            if set(active) - busy:  # some just got their step back and will soon be here
+                left = self.grace_s - (now - min(w.since for w in waiting))
+                if left > 0:
+                    wait = left if wait is None else min(wait, left)
+                    continue
+            size = min(self.max_batch, max(1, math.ceil(len(active) / depth)))
+            # In sequence order: the same sequences come back as the same batch, in the same
+            # rows, and a stage then runs on its last outputs without copying a cache
+            # (StatefulStage.run_batch).
+            take = sorted(waiting, key=lambda w: w.seq)[:size]
+            self._waiting = [w for w in self._waiting if all(w is not t for t in take)]
+            self._inflight.append((replica, {w.seq for w in take}))
+            return take, None
+        return None, wait
 
     def _dispatch_now(self) -> None:
         """Send the next batch from the calling thread if one is ready now: the sequence that
@@ -158,9 +181,8 @@ class PipelineSteps:
             if take is None:
                 self._cond.notify_all()
                 return
-            rows = {w.seq for w in take}
-            self._inflight.append(rows)
-        self._send(take, rows)
+            entry = self._inflight[-1]
+        self._send(take, entry)
 
     def _dispatch_loop(self) -> None:
         while True:
@@ -175,11 +197,10 @@ class PipelineSteps:
                     if take is not None:
                         break
                     self._cond.wait(wait)
-                rows = {w.seq for w in take}
-                self._inflight.append(rows)
-            self._send(take, rows)
+                entry = self._inflight[-1]
+            self._send(take, entry)
 
-    def _send(self, take: list[_Waiting], rows: set[int]) -> None:
+    def _send(self, take: list[_Waiting], entry: tuple[int, set[int]]) -> None:
         try:
             ids = np.concatenate([w.ids for w in take], axis=0)
             step: dict[str, Any] = {"seqs": [w.seq for w in take],
@@ -188,19 +209,18 @@ class PipelineSteps:
                 step["greedy"] = True
             future = self.pipeline.submit({self.spec.input_ids: ids}, step)
         except Exception as exc:
-            self._finish(take, rows, None, exc)
+            self._finish(take, entry, None, exc)
             return
         self.batches += 1
         self.rows += len(take)
-        future.add_done_callback(lambda f: self._finish(take, rows, f, f.exception()))
+        future.add_done_callback(lambda f: self._finish(take, entry, f, f.exception()))
 
-    def _finish(self, take: list[_Waiting], rows: set[int], future: Future | None,
-                error: BaseException | None) -> None:
+    def _finish(self, take: list[_Waiting], entry: tuple[int, set[int]],
+                future: Future | None, error: BaseException | None) -> None:
         with self._cond:
-            if rows in self._inflight:
-                self._inflight.remove(rows)
+            self._inflight = [e for e in self._inflight if e is not entry]
             now = time.perf_counter()
-            for seq in rows:  # thinking from now on: `IDLE_S` counts from here
+            for seq in entry[1]:  # thinking from now on: `IDLE_S` counts from here
                 if seq in self._active:
                     self._active[seq] = now
             self._cond.notify_all()

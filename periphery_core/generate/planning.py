@@ -23,7 +23,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from periphery_core.errors import PlanError
 from periphery_core.generate.decoder import DecoderSpec
 from periphery_core.model.analysis import ModelAnalysis, with_measurements
 from periphery_core.model.loading import LoadedModel
@@ -123,17 +122,13 @@ def plan_shape(loaded: LoadedModel, analysis: ModelAnalysis,
                replicas: int | None = None, strategy: str = "balanced",
                decoder: DecoderSpec | None = None, use_profile: bool = False) -> ShardPlan:
     """Plan R replicas of K stages for these devices (`partition.shape`): the planner
-    chooses what is not forced. A decoder runs as one pipeline (its sequences' caches live
-    on the stages of one replica) of K stages, all the devices by default.
+    chooses what is not forced. A decoder is weighed the same way, on its measured decode
+    step: one that fits a node runs as replicas, each sequence on one of them with its caches
+    (the master keeps its steps there), and one too big for a node gets stages.
 
     Raises:
-        PlanError: a shape that does not fit, or replicas asked of a decoder.
+        PlanError: a shape that does not fit.
     """
-    if decoder is not None:
-        if replicas not in (None, 1):
-            raise PlanError("a language model runs as one pipeline (each sequence's KV cache "
-                            "lives on its stages): drop --replicas")
-        replicas, k = 1, k or len(devices)
 
     def plan_k(kk: int, devs: Sequence[DeviceSpec]) -> ShardPlan:
         return plan_model(loaded, analysis, kk, strategy=strategy, devices=devs,

@@ -122,8 +122,8 @@ def generate(model: Path, plan_path: Path | None, shards: int | None, replicas: 
         err_console.print(
             f"{result.new_tokens} tokens ({result.finish}), first after "
             f"{result.ttft_s * 1000:.0f} ms, {result.tokens_per_s:.1f} tokens/s over "
-            f"{_over(pipeline.plan)}, {result.decode_bytes_per_token_per_hop:.0f} B per token "
-            "per hop",
+            f"{shape_words(pipeline.plan)}, "
+            f"{result.decode_bytes_per_token_per_hop:.0f} B per token per hop",
             highlight=False)
 
 
@@ -174,7 +174,7 @@ def _at_once(step: Any, spec: Any, prompt_ids: list[list[int]], sampling: Any, c
     return results, wall
 
 
-def _over(plan: Any) -> str:
+def shape_words(plan: Any) -> str:
     """The shape a run went over, in words: `2 stages`, `2 replicas of 1 stage`."""
     stages = f"{plan.k} stage{'s' if plan.k != 1 else ''}"
     return stages if plan.replicas == 1 else f"{plan.replicas} replicas of {stages}"
@@ -202,7 +202,7 @@ def _report_many(results: list[Any], wall: float, mean_batch: float, plan: Any, 
         return
     err_console.print(
         f"{len(results)} sequences, {tokens} tokens in {wall:.2f} s: {rate:.1f} tokens/s "
-        f"together over {_over(plan)}, {mean_batch:.1f} sequences per decode step",
+        f"together over {shape_words(plan)}, {mean_batch:.1f} sequences per decode step",
         highlight=False)
 
 

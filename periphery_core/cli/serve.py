@@ -11,7 +11,7 @@ import click
 
 from periphery_core.cli.cluster import keys_options
 from periphery_core.cli.common import cli, handle_errors
-from periphery_core.cli.generate import deploy_options, deployed_decoder
+from periphery_core.cli.generate import deploy_options, deployed_decoder, shape_words
 from periphery_core.errors import PeripheryError
 
 
@@ -56,14 +56,15 @@ def serve(model: Path, plan_path: Path | None, shards: int | None, replicas: int
     loaded = load_model(model)
     spec = recognize(loaded)
     with deployed_decoder(loaded, spec, plan_path, shards, replicas, peers, local, mdns,
-                          optimize, keys, insecure) as (pipeline, k):
+                          optimize, keys, insecure) as (pipeline, _):
         service = service_for(pipeline, loaded, spec, max_concurrent, name)
         try:
             endpoint = Endpoint(service, sock, api_key)
             what = (f"{spec.describe()}; point an OpenAI client's base_url there"
                     if spec is not None else "POST /v1/infer takes its inputs by name")
-            err_console.print(f"serving {service.name} over {k} stages at {endpoint.url} ({what})"
-                              + ("" if api_key else "; no API key"), highlight=False)
+            err_console.print(f"serving {service.name} over {shape_words(pipeline.plan)} at "
+                              f"{endpoint.url} ({what})" + ("" if api_key else "; no API key"),
+                              highlight=False)
             stopping = threading.Event()
 
             def stop(signum: int, frame: object) -> None:  # Ctrl-C or a TERM: finish up

@@ -74,6 +74,41 @@ async def test_chat_streams_a_reply_from_the_deployed_language_model() -> None:
     assert app.control.local is None
 
 
+async def test_chat_over_the_planner_s_replicas_of_the_language_model() -> None:
+    """`p` on the Shards screen asks the planner for its shape: SmolLM2 fits a node, so two
+    replicas of one stage; deployed, the Chat screen's replies come from them, the same text
+    as the unsplit model's, and the dashboard shows both replicas."""
+    require_shared()
+    prompts = ("What is the capital of France?", "Why is the sky blue?")
+    expected = [_expected(p, 12) for p in prompts]
+    app = PeripheryApp(SMOLLM, demo=True, demo_nodes=2, browse_dir=SMOLLM)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: _chat_shown(app), timeout=120)
+        await pilot.press("escape")  # out of the prompt box
+        await until(pilot, lambda: not isinstance(app.screen, ChatScreen))
+        await pilot.press("3", "p")
+        await until(pilot, lambda: app.plan is not None and app.plan.replicas == 2, timeout=60)
+        assert app.plan is not None and app.plan.k == 1
+        assert "shape 2 replicas x 1 stage" in text_of(app, "#controls")
+        await pilot.press("d")
+        await until(pilot, lambda: app.cluster_state.deploy_status == "deployed"
+                    and app.cluster_state.replicas == 2, timeout=90)
+        await pilot.press("7")
+        await until(pilot, lambda: _chat_shown(app), timeout=10)
+        screen = app.screen
+        assert isinstance(screen, ChatScreen)
+        for prompt, text in zip(prompts, expected, strict=True):
+            await ask_chat(pilot, prompt, max_new_tokens=12, timeout=60)
+            assert screen.last is not None and screen.last.text == text
+        assert not any(isinstance(s, ErrorModal) for s in app.screen_stack)
+        await pilot.press("escape")
+        await until(pilot, lambda: not isinstance(app.screen, ChatScreen))
+        await pilot.press("5")
+        await until(pilot, lambda: "R1·S0" in text_of(app, "#stages"), timeout=10)
+        await pilot.press("q")
+    assert app.control.local is None
+
+
 async def test_chat_says_what_to_do_for_a_model_that_is_not_a_language_model() -> None:
     app = PeripheryApp(DEMO_MODEL, browse_dir=DEMO_MODEL.parent)
     async with app.run_test(size=SIZE) as pilot:

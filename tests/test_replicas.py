@@ -185,6 +185,11 @@ def test_a_decoder_sequence_stays_on_the_replica_that_holds_its_caches() -> None
         assert data.replica_of(1) is None and data.replica_of(2) == first[2]
         data.new_epoch()
         assert all(data.replica_of(s) is None for s in (1, 2, 3, 4)), "a deploy drops caches"
+        one_by_one = []  # sequences one after another (a chat): they take turns
+        for seq in (10, 11, 12, 13):
+            one_by_one.append(landed({"seq": seq, "pos": 0, "new": 2}))
+            data.forget([seq])
+        assert sorted(one_by_one) == [0, 0, 1, 1], one_by_one
     finally:
         stop.set()
         guard.close()

@@ -6,8 +6,8 @@ With replicas, each has a first stage of its own, and a request goes to the repl
 fewest requests in flight: a slower replica gets fewer, and none waits while another idles
 (ZeroMQ's own round robin would give each the same share, so the slowest would set the pace).
 A decoder's sequence keeps its KV caches on the stages of one replica, so its steps all go to
-the replica its first step went to (the one with the fewest sequences then), until it is
-released or a redeploy drops every cache.
+the replica its first step went to (the one with the fewest sequences then, in turn among
+equals), until it is released or a redeploy drops every cache.
 Requests carry ids end to end, and each stage appends its timestamps, from which
 `stage_timings` derives per-stage queue, compute and transfer times.
 
@@ -81,6 +81,7 @@ class DataPath:
         self._first: list[zmq.Socket] = []  # each replica's first stage
         self._inflight: list[int] = []  # requests in flight per replica (under _pending_lock)
         self._owner: dict[int, int] = {}  # a decoder sequence's replica (under _pending_lock)
+        self._turn = 0  # where the next new sequence starts looking (sequences in turn)
         self.epoch = 0
         # Cleared while a recovery runs, holding new submissions back.
         self._open = threading.Event()
@@ -146,11 +147,13 @@ class DataPath:
         owned = [self._owner[s] for s in seqs if s in self._owner]
         if owned:
             pending.replica = owned[0]
-        elif seqs:  # a new sequence: the replica holding the fewest
+        elif seqs:  # a new sequence: the replica holding the fewest, in turn among equals
             held = [0] * len(self._inflight)
             for r in self._owner.values():
                 held[r % len(held)] += 1
-            pending.replica = min(range(len(held)), key=lambda r: (held[r], self._inflight[r]))
+            fewest = [r for r in range(len(held)) if held[r] == min(held)]
+            pending.replica = next((r for r in fewest if r >= self._turn), fewest[0])
+            self._turn = pending.replica + 1
         else:
             pending.replica = min(range(len(self._inflight)), key=self._inflight.__getitem__)
         for s in seqs:

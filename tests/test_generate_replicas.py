@@ -9,6 +9,7 @@ batches per replica, and `periphery generate --replicas` is the user's path.
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
@@ -22,6 +23,7 @@ from periphery_core.model.analysis import analyze
 from periphery_core.partition.plan import DeviceSpec
 from tests.test_cli import assert_bad_input, cli, ok
 from tests.test_generate import PROMPTS, SMOLLM, _decoder, _genai_greedy, at_once
+from tests.waiting import wait_for
 
 
 def test_the_planner_runs_a_decoder_that_fits_as_replicas_and_one_that_does_not_in_stages(
@@ -98,3 +100,37 @@ def test_a_plan_file_and_a_shape_are_refused_together(tmp_path, flag: str) -> No
     plan.write_text("{}", encoding="utf-8")
     assert_bad_input(cli("generate", SMOLLM, "--plan", plan, flag, "2", "--local",
                          "--prompt", "hi"), r"give --plan, or --shards and --replicas")
+
+
+def test_a_lost_replica_costs_no_sequence() -> None:
+    """4 sequences at once over 2 replicas; one replica's node SIGKILLed mid-generation. The
+    pipeline re-plans onto the survivor, each sequence's caches are rebuilt there, and every
+    sequence ends exactly as onnxruntime-genai's."""
+    loaded, spec = _decoder(SMOLLM)
+    codec = TextCodec(spec.folder)
+    prompts = [codec.encode(codec.prompt(p)) for p in PROMPTS[:4]]
+    n = 40
+    expected = _genai_greedy(SMOLLM, prompts, n, spec.eos_ids)
+    with LocalCluster(2) as cluster, Master(keys=cluster.master_keys) as master:
+        handles = [master.connect(a) for a in cluster.addresses]
+        pipeline = Pipeline(master, loaded, analyze(loaded), k=1, replicas=2, exact=False,
+                            decoder=spec, recover=True)
+        try:
+            pipeline.deploy([h.node_id for h in handles])
+            step = pipeline_step(pipeline, spec)
+            got: list[Generation | Exception] = []
+            runner = threading.Thread(target=lambda: got.extend(at_once(step, spec, prompts, n)))
+            runner.start()
+            wait_for(lambda: step.batches >= 2, 120, "batched decode steps to start")
+            cluster.kill(1)
+            runner.join(timeout=240)
+            assert not runner.is_alive()
+            assert pipeline.failed is None and len(pipeline.recoveries) == 1
+            assert pipeline.plan is not None and pipeline.plan.nodes_needed == 1
+            step.close()
+        finally:
+            pipeline.close()
+    results = [g for g in got if isinstance(g, Generation)]
+    assert len(results) == len(prompts), got
+    assert [g.ids for g in results] == expected
+    assert sum(g.rebuilt for g in results) >= 1

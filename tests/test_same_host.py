@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,7 @@ from periphery_core.cluster.same_host import (
     bind_private,
     check_endpoint,
     host_identity,
+    sweep_stale,
 )
 from periphery_core.discovery import NodeAddress
 from periphery_core.partition.extract import extract_shards
@@ -173,3 +176,44 @@ def test_where_no_private_socket_can_be_made_the_links_stay_on_tcp(tmp_path: Pat
     finally:
         sock.close(linger=0)
         ctx.term()
+
+
+def test_the_socket_folders_of_killed_processes_are_swept(tmp_path: Path) -> None:
+    """A process SIGKILLed with a private socket bound cannot remove its folder; the next one
+    made removes it (its socket refuses connections). A folder still listened on, an empty one
+    just made, and another user's stay; an empty one left long ago goes."""
+    code = ("import sys, time, zmq\n"
+            "from pathlib import Path\n"
+            "from periphery_core.cluster.same_host import bind_private\n"
+            "sock = zmq.Context().socket(zmq.PULL)\n"
+            "folder, _ = bind_private(sock, 'data', Path(sys.argv[1]))\n"
+            "print(folder.path, flush=True)\n"
+            "time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        dead = Path(proc.stdout.readline().strip())  # type: ignore[union-attr]
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    assert (dead / "data").exists()
+    ctx = zmq.Context()
+    live_sock = ctx.socket(zmq.PULL)
+    live, _ = bind_private(live_sock, "results", tmp_path)
+    try:
+        assert live is not None and not dead.exists(), "swept when the next folder was made"
+        fresh = tmp_path / f"{PREFIX}fresh"
+        old = tmp_path / f"{PREFIX}old"
+        theirs = tmp_path / f"{PREFIX}theirs"
+        for folder in (fresh, old, theirs):
+            folder.mkdir(mode=0o700)
+        os.utime(old, (1, 1))
+        os.chown(theirs, 65534, 65534)
+        os.utime(theirs, (1, 1))
+        assert sweep_stale(tmp_path) == 1
+        assert live.path.exists() and fresh.exists() and theirs.exists() and not old.exists()
+    finally:
+        live_sock.close(linger=0)
+        ctx.term()
+        if live is not None:
+            live.remove()

@@ -28,8 +28,10 @@ import logging
 import os
 import re
 import shutil
+import socket
 import stat
 import tempfile
+import time
 from functools import cache
 from pathlib import Path
 
@@ -62,6 +64,7 @@ class PrivateFolder:
     `parent`, else the temporary folder)."""
 
     def __init__(self, parent: Path | None = None) -> None:
+        sweep_stale(Path(parent or tempfile.gettempdir()))
         self.path = Path(tempfile.mkdtemp(prefix=PREFIX, dir=parent))  # mode 0700, ours
 
     def bind(self, sock: zmq.Socket, name: str) -> str:
@@ -82,6 +85,41 @@ class PrivateFolder:
     def remove(self) -> None:
         with contextlib.suppress(OSError):
             shutil.rmtree(self.path)
+
+
+def sweep_stale(parent: Path, min_age_s: float = 60.0) -> int:
+    """Remove the socket folders of this user's processes that ended without removing theirs
+    (killed with SIGKILL): every socket in them refuses a connection, or, empty, they are older
+    than `min_age_s`. How many went. Whoever else's, or still listened on, stays."""
+    gone = 0
+    for folder in parent.glob(f"{PREFIX}*"):
+        try:
+            info = folder.lstat()
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+                continue
+            entries = list(folder.iterdir())
+            stale = all(_refused(e) for e in entries) if entries \
+                else time.time() - info.st_mtime > min_age_s
+            if stale:
+                shutil.rmtree(folder)
+                gone += 1
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return gone
+
+
+def _refused(path: Path) -> bool:
+    """A Unix socket nobody listens on any more."""
+    if not stat.S_ISSOCK(path.lstat().st_mode):
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except ConnectionRefusedError:
+            return True
+        except OSError:
+            return False
+    return False
 
 
 def bind_private(sock: zmq.Socket, name: str,

@@ -88,6 +88,15 @@ def test_the_shape_survives_the_plan_file(model, tmp_path: Path) -> None:
     plan = plan_shape(loaded, analysis, [DeviceSpec(f"n{i}") for i in range(2)])
     back = load_plan(plan.save(tmp_path / "plan.json"))
     assert (back.replicas, back.shape_reason) == (plan.replicas, plan.shape_reason)
+    # Every replica's devices, in order: the nodes of a run are taken in that order.
+    four = plan_shape(loaded, analysis, [DeviceSpec(n) for n in ("a", "b", "c", "d")], k=2,
+                      replicas=2)
+    assert four.device_order == ["a", "b", "c", "d"] and four.replica_devices == ("c", "d")
+    for suffix in (".json", ".toml"):
+        again = load_plan(four.save(tmp_path / f"four{suffix}"))
+        assert again.device_order == ["a", "b", "c", "d"]
+    moved = replan_model(loaded, analysis, four, [four.cuts[0] + 1])
+    assert moved.device_order == ["a", "b", "c", "d"], "a moved cut keeps the devices"
     data = json.loads((tmp_path / "plan.json").read_text())
     del data["replicas"]  # a plan written before replicas: one pipeline
     (tmp_path / "old.json").write_text(json.dumps(data))

@@ -329,7 +329,7 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
                 stack.callback(server.close)
                 err_console.print(f"metrics on http://127.0.0.1:{server.port}/metrics")
             chosen = connect_nodes(master, cluster_ctx, peers, mdns, plan.nodes_needed,
-                                   [d.name for d in plan.devices])
+                                   plan.device_order)
             # The one serving path: a lost node is re-planned around and its requests replayed.
             pipeline = Pipeline(master, loaded, analysis, plan=plan, exact=exact,
                                 rebalance=rebalance)

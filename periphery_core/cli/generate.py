@@ -257,7 +257,7 @@ def deployed_decoder(loaded: Any, spec: Any, plan_path: Path | None, shards: int
             cluster_ctx.start()
             ring = cluster_ctx.master_keys
         master = stack.enter_context(Master(keys=ring))
-        names = [d.name for d in plan.devices] if plan is not None else []
+        names = plan.device_order if plan is not None else []
         chosen = connect_nodes(master, cluster_ctx, peers, mdns, nodes, names)
         pipeline = Pipeline(master, loaded, analysis, k=k, replicas=replicas, plan=plan,
                             exact=not optimize, decoder=spec)

@@ -79,7 +79,8 @@ def measured_plan(analysis: ModelAnalysis, plan: ShardPlan, measured_s: Sequence
     predicted = max(s.compute_s for s in moved.stages)
     if predicted > (1 - MIN_GAIN) * max(measured_s) or max(measured_s) - predicted < MIN_SAVING_S:
         return None
-    return moved.with_replicas(plan.replicas, plan.shape_reason)  # new cuts, the same shape
+    # new cuts, the same shape on the same devices
+    return moved.with_replicas(plan.replicas, plan.shape_reason, plan.replica_devices)
 
 
 class StageMeter:

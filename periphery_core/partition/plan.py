@@ -99,7 +99,9 @@ class ShardPlan:
 
     `replicas` copies of the K-stage pipeline serve side by side, each on K nodes of its own
     (the master balances requests over them); `devices` are the first replica's, on which
-    the cuts were costed. `shape_reason` says why the planner chose this shape.
+    the cuts were costed, and `replica_devices` name the other replicas' in order (K each;
+    empty for a plan whose other replicas were not planned on named devices). `shape_reason`
+    says why the planner chose this shape.
     """
 
     model_path: str
@@ -114,6 +116,7 @@ class ShardPlan:
     notes: tuple[str, ...] = field(default=())
     replicas: int = 1
     shape_reason: str = ""
+    replica_devices: tuple[str, ...] = ()
 
     @property
     def k(self) -> int:
@@ -135,9 +138,17 @@ class ShardPlan:
         """Requests per second the cost model predicts (replicas alike)."""
         return self.replicas / self.bottleneck_s if self.bottleneck_s > 0 else math.inf
 
-    def with_replicas(self, replicas: int, reason: str) -> ShardPlan:
-        """The same stages, run as `replicas` copies side by side; `reason` says why."""
-        return replace(self, replicas=replicas, shape_reason=reason)
+    def with_replicas(self, replicas: int, reason: str,
+                      others: Sequence[str] = ()) -> ShardPlan:
+        """The same stages, run as `replicas` copies side by side; `reason` says why, and
+        `others` names the other replicas' devices in order (K each), if known."""
+        return replace(self, replicas=replicas, shape_reason=reason,
+                       replica_devices=tuple(others[:self.k * (replicas - 1)]))
+
+    @property
+    def device_order(self) -> list[str]:
+        """Every device the plan runs on, by name: replica 0's stages, then replica 1's, ..."""
+        return [d.name for d in self.devices] + list(self.replica_devices)
 
     @property
     def shape(self) -> str:
@@ -172,6 +183,7 @@ class ShardPlan:
         data["bottleneck_s"] = self.bottleneck_s
         data["devices"] = [_device_dict(d) for d in self.devices]
         data["notes"] = list(self.notes)
+        data["replica_devices"] = list(self.replica_devices)
         return data
 
     def save(self, path: str | Path) -> Path:
@@ -276,6 +288,7 @@ def load_plan(path: str | Path) -> ShardPlan:
             notes=tuple(str(n) for n in data.get("notes", ())),
             replicas=int(data.get("replicas", 1)),
             shape_reason=str(data.get("shape_reason", "")),
+            replica_devices=tuple(str(n) for n in data.get("replica_devices", ())),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise PlanError(f"{p} is a damaged plan file ({type(exc).__name__}: {exc})") from None

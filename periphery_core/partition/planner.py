@@ -84,7 +84,9 @@ def replan_with_cuts(
     devs = tuple(devices) if devices is not None else plan.devices
     stages = stages_from_cuts(graph, order, cuts, devs[: len(cuts) + 1])
     return _plan(analysis, graph, stages, devs[: len(cuts) + 1], "manual",
-                 use_profile).with_replicas(plan.replicas, plan.shape_reason)
+                 use_profile).with_replicas(
+                     plan.replicas, plan.shape_reason,
+                     plan.replica_devices if len(cuts) + 1 == plan.k else ())
 
 
 def plan_stages(

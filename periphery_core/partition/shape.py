@@ -100,7 +100,9 @@ def choose_shape(devices: Sequence[DeviceSpec], plan_k: PlanFn, recost: RecostFn
         if o.rps > best.rps * (1 + MARGIN):
             best = o
     assert best.plan is not None
-    return best.plan.with_replicas(best.replicas, _reason(best, options, forced=len(ks) == 1))
+    others = [d.name for d in devices[best.k:best.k * best.replicas]]
+    return best.plan.with_replicas(best.replicas, _reason(best, options, forced=len(ks) == 1),
+                                   others)
 
 
 def _reason(best: ShapeOption, options: Sequence[ShapeOption], forced: bool) -> str:

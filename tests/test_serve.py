@@ -82,12 +82,14 @@ def _serving(model: Path, *args: str) -> Iterator[Server]:
         threading.Thread(target=proc.stderr.read, daemon=True).start()
         yield Server(proc, int(found.group(1)))
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: it stops by itself, exit 0
         try:
-            proc.wait(timeout=30)
+            code = proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+            code = None
+    assert code == 0, f"periphery serve did not stop on Ctrl-C (exit {code})"
 
 
 @pytest.fixture(scope="module")
@@ -339,3 +341,24 @@ def test_serve_runs_the_replicas_a_plan_asks_for(tmp_path: Path) -> None:
         for _ in range(4):
             status, data = srv.request("POST", "/v1/infer", body, key=None)
             assert status == 200, data
+
+
+def test_serve_runs_a_language_model_as_replicas_and_stops_on_ctrl_c() -> None:
+    """`periphery serve --replicas 2`: two local nodes, a replica each; greedy chat replies are
+    onnxruntime-genai's tokens whichever replica takes them, and Ctrl-C stops it (exit 0,
+    checked by `_serving`)."""
+    codec = TextCodec(SMOLLM)
+    prompts = [PROMPT, "Why is the sky blue?"]
+    ids = [codec.encode(codec.prompt(p)) for p in prompts]
+    expected = [codec.decode(t) for t in _genai_greedy(SMOLLM, ids, 10, ())]
+    with _serving(SMOLLM, "--replicas", "2", "--insecure") as srv:
+        for prompt, text in zip(prompts, expected, strict=True):
+            body = {"model": "m", "max_tokens": 10,
+                    "messages": [{"role": "user", "content": prompt}]}
+            status, data = srv.request("POST", "/v1/chat/completions",
+                                       json.dumps(body).encode(), key=None)
+            assert status == 200, data
+            assert json.loads(data)["choices"][0]["message"]["content"] == text
+        metrics = srv.metrics()
+        # each sequence ran on one replica, in turn: both nodes' caches saw one
+        assert 'periphery_stage_compute_seconds{stage="1"}' in metrics

@@ -4,7 +4,7 @@ language model, named tensors at /v1/infer for any other)."""
 from __future__ import annotations
 
 import signal
-import threading
+import time
 from pathlib import Path
 
 import click
@@ -65,17 +65,20 @@ def serve(model: Path, plan_path: Path | None, shards: int | None, replicas: int
             err_console.print(f"serving {service.name} over {shape_words(pipeline.plan)} at "
                               f"{endpoint.url} ({what})" + ("" if api_key else "; no API key"),
                               highlight=False)
-            stopping = threading.Event()
+            # Ctrl-C or a TERM: finish up. The handler takes no lock: it runs in this thread
+            # between two bytecodes, and an Event.set there deadlocked once against this
+            # thread's own Event.wait, which held the same lock when the signal came.
+            stopping: list[int] = []
 
-            def stop(signum: int, frame: object) -> None:  # Ctrl-C or a TERM: finish up
-                stopping.set()
+            def stop(signum: int, frame: object) -> None:
+                stopping.append(signum)
 
             previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT,
                                                                    signal.SIGTERM)}
             try:
                 endpoint.start()
-                while not stopping.wait(0.5) and endpoint.running:
-                    pass
+                while not stopping and endpoint.running:
+                    time.sleep(0.2)
             finally:
                 endpoint.stop()
                 for sig, handler in previous.items():

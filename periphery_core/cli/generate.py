@@ -29,7 +29,8 @@ def deploy_options(fn: F) -> F:
                      help="Copies of the K-stage pipeline, each on nodes of its own; a "
                           "sequence stays on one (default 1)."),
         peer_option,
-        click.option("--local", is_flag=True, help="Start one local node process per stage (of every replica)."),
+        click.option("--local", is_flag=True,
+                     help="Start one local node process per stage (of every replica)."),
         click.option("--mdns/--no-mdns", default=True, show_default=True,
                      help="Find nodes over mDNS when --peer and --local give too few."),
     )):

@@ -794,6 +794,17 @@ def test_prometheus_text() -> None:
         for name, labels in samples
     )
 
+    # with replicas, a stage's figures are labelled by replica and stage (the slot 1 of
+    # 2 replicas x 1 stage is replica 1's stage 0), as the dashboard's R1·S0 reads
+    two = fold([joined("a", 1), joined("b", 1),
+                DeployStarted(plan_stages=1, replicas=2, assignment=("a", "b"), t=2),
+                DeployFinished(t=3),
+                RequestCompleted(request_id="1", latency_s=0.1, t=4,
+                                 stages=(StageTiming(1, 0.0, 0.25, 0.0),))])
+    by_replica = parse_exposition(prometheus_text(two, 4.0))
+    assert by_replica[("periphery_stage_compute_seconds",
+                       (("replica", "1"), ("stage", "0")))] == pytest.approx(0.25)
+
     # after busy has passed, the same state scraped later shows the nodes ready again
     later = parse_exposition(prometheus_text(state, now + 100))
     assert later[("periphery_nodes", (("state", "ready"),))] == 2

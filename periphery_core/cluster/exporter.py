@@ -114,7 +114,7 @@ def prometheus_text(state: ClusterState, now: float) -> str:
         [({}, state.throughput(now))],
     )
     summaries = state.stage_stats.summaries()
-    for name, attr, what in (
+    for name, attr, what in (  # by stage; with replicas, by replica and stage
         ("periphery_stage_compute_seconds", "compute_median", "running the shard"),
         ("periphery_stage_queue_seconds", "queue_median", "waiting in the node's queue"),
         ("periphery_stage_transfer_seconds", "transfer_median", "moving the activation in"),
@@ -123,7 +123,8 @@ def prometheus_text(state: ClusterState, now: float) -> str:
             name,
             "gauge",
             f"Median seconds per request spent {what}, over recent requests, by stage.",
-            (({"stage": str(s.stage)}, getattr(s, attr)) for s in summaries),
+            ((slot_labels(s.stage, state.plan_stages, state.replicas), getattr(s, attr))
+             for s in summaries),
         )
     live = [n for n in state.nodes.values() if n.state != "lost"]
     out.family(
@@ -187,3 +188,11 @@ class MetricsServer:
         self.server.shutdown()
         self.server.server_close()
         self._thread.join(timeout=2)
+
+
+def slot_labels(slot: int, stages: int, replicas: int) -> dict[str, str]:
+    """A stage timing's labels: `stage` (the slot) for one pipeline; with replicas, `replica`
+    and `stage` within it, as the dashboard's `R1·S0` reads."""
+    if replicas <= 1 or stages < 1:
+        return {"stage": str(slot)}
+    return {"replica": str(slot // stages), "stage": str(slot % stages)}

@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from periphery_core.cluster import events as ev
+from periphery_core.cluster.exporter import slot_labels
 from periphery_core.generate.service import Slots, TextService
 
 
@@ -75,12 +76,16 @@ class ServeMetrics(Collector):
                                 value=s.in_flight)
         if isinstance(s, TextService):
             yield from self._text(s)
+        plan = self.service.pipeline.plan
+        k, replicas = (plan.k, plan.replicas) if plan is not None else (1, 1)
+        by = ["replica", "stage"] if replicas > 1 else ["stage"]
         stage = GaugeMetricFamily("periphery_stage_compute_seconds",
-                                  "Median compute time of a stage's latest steps",
-                                  labels=["stage"])
-        for k, values in sorted(stages.items()):
+                                  "Median compute time of a stage's latest steps (by replica "
+                                  "and stage with replicas)", labels=by)
+        for slot, values in sorted(stages.items()):
             if values:
-                stage.add_metric([str(k)], statistics.median(values))
+                labels = slot_labels(slot, k, replicas)
+                stage.add_metric([labels[b] for b in by], statistics.median(values))
         yield stage
         cache = GaugeMetricFamily("periphery_kv_cache_bytes", "KV cache a node holds",
                                   labels=["node"])

@@ -131,11 +131,14 @@ class PipelineSteps:
         plan = getattr(self.pipeline, "plan", None)
         return max(1, len(plan.stages)) if plan is not None else 1
 
-    def _replica(self, seq: int) -> int:
-        """The replica holding a sequence's caches (-1: none yet; the master picks one)."""
-        replica_of = getattr(self.pipeline.master, "replica_of", None)
-        found = replica_of(seq) if replica_of is not None else None
-        return -1 if found is None else found
+    def _replicas(self, seqs: set[int]) -> dict[int, int]:
+        """The replica holding each sequence's caches (-1: none yet; the master picks one),
+        asked once per sequence; with one replica, it holds them all."""
+        plan = getattr(self.pipeline, "plan", None)
+        if plan is None or plan.replicas == 1:
+            return dict.fromkeys(seqs, 0)
+        replica_of = self.pipeline.master.replica_of
+        return {s: -1 if (r := replica_of(s)) is None else r for s in seqs}
 
     def _take(self) -> tuple[list[_Waiting] | None, float | None]:
         """The next batch to send, or None and how long to wait (None: until woken).
@@ -149,14 +152,15 @@ class PipelineSteps:
         now = time.perf_counter()
         for seq in [s for s, t in self._active.items() if s not in busy and now - t > IDLE_S]:
             del self._active[seq]
+        where = self._replicas({w.seq for w in self._waiting} | self._active.keys())
         groups: dict[int, list[_Waiting]] = {}
         for w in self._waiting:
-            groups.setdefault(self._replica(w.seq), []).append(w)
+            groups.setdefault(where[w.seq], []).append(w)
         wait: float | None = None
         for replica, waiting in sorted(groups.items()):
             if sum(1 for r, _ in self._inflight if r == replica) >= depth:
                 continue
-            active = [s for s in self._active if self._replica(s) == replica]
+            active = [s for s in self._active if where[s] == replica]
             if set(active) - busy:  # some just got their step back and will soon be here
                 left = self.grace_s - (now - min(w.since for w in waiting))
                 if left > 0:
@@ -167,8 +171,9 @@ class PipelineSteps:
             # rows, and a stage then runs on its last outputs without copying a cache
             # (StatefulStage.run_batch).
             take = sorted(waiting, key=lambda w: w.seq)[:size]
-            self._waiting = [w for w in self._waiting if all(w is not t for t in take)]
-            self._inflight.append((replica, {w.seq for w in take}))
+            rows = {w.seq for w in take}  # a sequence waits for one step at a time
+            self._waiting = [w for w in self._waiting if w.seq not in rows]
+            self._inflight.append((replica, rows))
             return take, None
         return None, wait
 

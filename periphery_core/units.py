@@ -4,6 +4,25 @@ app's screens, event lines and error messages alike."""
 from __future__ import annotations
 
 import math
+import re
+
+_BYTE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6,
+               "mib": 2**20, "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12,
+               "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """`512MiB` -> 536870912; `2G` and `2GB` -> 2e9; `4096` -> 4096.
+
+    Raises:
+        ValueError: one line saying what a size looks like.
+    """
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _BYTE_UNITS:
+        raise ValueError(f"'{text}' is not a size: give a number of bytes with an optional "
+                         "unit, such as 512MiB or 2GB")
+    return int(float(match.group(1)) * _BYTE_UNITS[unit])
 
 
 def human_bytes(n: float | None) -> str:

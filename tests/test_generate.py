@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -18,7 +21,8 @@ import pytest
 from periphery_core.cluster.local import LocalCluster
 from periphery_core.cluster.master import Master
 from periphery_core.cluster.pipeline import Pipeline
-from periphery_core.errors import ClusterBusy
+from periphery_core.discovery import NodeAddress
+from periphery_core.errors import ClusterBusy, PeripheryError
 from periphery_core.generate.decoder import DecoderSpec, recognize
 from periphery_core.generate.engine import (
     Generation,
@@ -377,3 +381,46 @@ def test_hugging_face_cache_names_are_recognised(tmp_path: Path) -> None:
     assert [s.present for s in spec.slots] == ["present.0.key", "present.0.value"]
     assert spec.slots[0].empty_shape == (1, 2, 0, 4) and spec.slots[0].axis == 2
     assert spec.eos_ids == (0, 7) and spec.context == 256
+
+
+def test_a_node_keeps_to_the_kv_budget_it_was_given(tmp_path: Path) -> None:
+    """`periphery-node --kv-budget SIZE`, the option the busy error names: a node process
+    given room for 6 tokens of GPT-2's caches serves a 4-token prompt, refuses to grow it past
+    the budget with that one line, and a size that is not one is refused at start."""
+    loaded, spec = _decoder(GPT2)
+    bad = subprocess.run([sys.executable, "-m", "periphery_core.cli.node", "--insecure",
+                          "--no-advertise", "--port", "0", "--kv-budget", "six tokens"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and bad.stdout == ""
+    assert bad.stderr.strip().splitlines() == [
+        "error: --kv-budget: 'six tokens' is not a size: give a number of bytes with an "
+        "optional unit, such as 512MiB or 2GB"]
+    budget = spec.cache_bytes_per_token() * 6
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "periphery_core.cli.node", "--insecure", "--no-advertise",
+         "--port", "0", "--name", "small", "--parent-pid", str(os.getpid()),
+         "--kv-budget", f"{budget}B"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        text=True, cwd=tmp_path)
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        port = int(line.split("control=tcp://")[1].split()[0].rsplit(":", 1)[1])
+        with Master() as master:
+            handle = master.connect(NodeAddress("small", "small", "127.0.0.1", port, {},
+                                                "static"))
+            pipeline = Pipeline(master, loaded, analyze(loaded), k=1, exact=False,
+                                decoder=spec, recover=False)
+            try:
+                pipeline.deploy([handle.node_id])
+                step = pipeline_step(pipeline, spec)
+                fits = generate(step, spec, [5, 6, 7, 8], Sampling(max_new_tokens=2),
+                                release=step.release)
+                assert len(fits.ids) == 2
+                with pytest.raises(PeripheryError, match=r"KV cache budget \(0 MiB\) is full.*"
+                                                         r"larger --kv-budget"):
+                    generate(step, spec, [5, 6, 7, 8], Sampling(max_new_tokens=6),
+                             release=step.release)
+            finally:
+                pipeline.close()
+    finally:
+        proc.kill()
+        proc.wait()

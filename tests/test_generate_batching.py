@@ -51,8 +51,9 @@ from tests.test_generate import (
 )
 
 
-def _chain(path, k: int):
-    """The decoder at `path` split into `k` stateful stages, twice (two independent chains)."""
+def _chain(path, k: int, on_device: bool = False):
+    """The decoder at `path` split into `k` stateful stages, twice (two independent chains;
+    the second keeps its caches as ONNX Runtime values when `on_device`)."""
     require_shared()
     loaded = load_model(path)
     spec = recognize(loaded)
@@ -60,16 +61,16 @@ def _chain(path, k: int):
     analysis = analyze(loaded)
     shards = make_stateful(extract_shards(loaded, analysis, make_plan(analysis, k)), spec)
 
-    def stages() -> list[StatefulStage]:
+    def stages(on_device: bool = False) -> list[StatefulStage]:
         out = []
         for shard in shards:
             state = stage_state(shard)
             assert state is not None
             out.append(StatefulStage(StageRunner(shard, SessionConfig(exact=False)), state,
-                                     1 << 30))
+                                     1 << 30, on_device=on_device))
         return out
 
-    return spec, stages(), stages()
+    return spec, stages(), stages(on_device)
 
 
 def _single(stages, spec, ids, seq, pos):

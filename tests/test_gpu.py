@@ -8,13 +8,17 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from periphery_core.errors import PeripheryError
+from periphery_core.generate.stateful import _host
 from periphery_core.runtime.chain import StageRunner
 from periphery_core.runtime.gpu import CPU, CUDA, gpu_usage, parse_device, providers_for
 from periphery_core.runtime.session import SessionConfig
 from tests.models import mlp
+from tests.test_generate import GPT2, SMOLLM
+from tests.test_generate_batching import _batched, _chain, _single
 
 
 @pytest.mark.parametrize(("device", "index"), [("cpu", None), ("cuda", 0), ("cuda:3", 3)])
@@ -45,3 +49,61 @@ def test_cuda_n_runs_on_gpu_n_and_falls_back_to_the_cpu() -> None:
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this host has a GPU")
 def test_no_gpu_means_no_gpu_figures() -> None:
     assert gpu_usage(0) is None
+
+
+@pytest.mark.parametrize(("path", "exact"), [(SMOLLM, True), (GPT2, False)],
+                         ids=["smollm2-packed", "gpt2-appended"])
+def test_caches_kept_where_the_session_runs_equal_caches_on_the_host(path, exact: bool) -> None:
+    """On a GPU a decoder stage keeps its KV caches in GPU memory, fed back through an
+    IOBinding. The same code runs here with the CPU as the device: a 2-stage chain whose caches
+    stay ONNX Runtime values gives the same logits (bit for bit on SmolLM2) and caches as one
+    that keeps host arrays, through prompts, single steps, a batch run again on its own
+    outputs (no copy), a reordered batch, a new member, and a sequence going on alone."""
+    spec, host, kept = _chain(path, 2, on_device=True)
+    assert all(s.on_device for s in kept) and not any(s.on_device for s in host)
+    rng = np.random.default_rng(11)
+    pos, last = {}, {}
+    for seq, n in {1: 5, 2: 9, 3: 3, 4: 7}.items():
+        ids = rng.integers(3, 900, (1, n)).tolist()
+        a, b = _single(host, spec, ids, seq, 0), _single(kept, spec, ids, seq, 0)
+        assert np.array_equal(a, b)
+        last[seq], pos[seq] = int(a[0, -1].argmax()), n
+    assert all(isinstance(v, ort.OrtValue) for v in kept[0]._seqs[1].cache.values())
+    fed: list[dict] = []
+    run_kept = kept[0].runner.run_kept
+
+    def watched(feeds, keep):
+        fed.append(dict(feeds))
+        return run_kept(feeds, keep)
+
+    kept[0].runner.run_kept = watched  # type: ignore[method-assign]
+    schedule = ([1, 2, 3], [1, 2, 3], [1, 2, 3], [3, 1, 2], [3, 1, 2, 4], [2, 4], [1])
+    for seqs in schedule:
+        if len(seqs) == 1:
+            a = _single(host, spec, [[last[seqs[0]]]], seqs[0], pos[seqs[0]])
+            b = _single(kept, spec, [[last[seqs[0]]]], seqs[0], pos[seqs[0]])
+        else:
+            tokens, poss = [last[s] for s in seqs], [pos[s] for s in seqs]
+            a = _batched(host, spec, tokens, seqs, poss)
+            b = _batched(kept, spec, tokens, seqs, poss)
+        if exact:
+            assert np.array_equal(a, b), seqs
+        else:
+            np.testing.assert_allclose(a, b, atol=1e-5)
+        for row, s in enumerate(seqs):
+            last[s] = int(a[row, -1].argmax())
+            pos[s] += 1
+    slots = kept[0].state.slots
+    if exact:  # packed: the repeated batch read its own outputs in place, still on the device
+        assert all(isinstance(fed[i][p], ort.OrtValue) and fed[i][p] is not fed[i - 1][p]
+                   for i in (1, 2) for p, *_ in slots)
+    for a_stage, b_stage in zip(host, kept, strict=True):
+        assert a_stage.cache_bytes == b_stage.cache_bytes and b_stage.sequences == 4
+        for seq in pos:
+            for name, value in a_stage._seqs[seq].cache.items():
+                other = _host(b_stage._seqs[seq].cache[name])
+                assert other.shape == value.shape
+                np.testing.assert_allclose(other, value, atol=0 if exact else 1e-5)
+    for stage in kept:
+        stage.release([1, 2, 3, 4])
+        assert stage.cache_bytes == 0 and stage._batches == {}

@@ -51,6 +51,9 @@ if TYPE_CHECKING:
 @click.option("--data-port", default=0, help="Activation port (default: any free port).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @click.option("--threads", default=0, help="ONNX Runtime intra-op threads (0: its default).")
+@click.option("--kv-budget", default=None, metavar="SIZE",
+              help="Most KV cache a language model's stage may hold here, e.g. 8GiB "
+                   "(default: a quarter of the memory it lives in, the GPU's with cuda).")
 @click.option("--no-advertise", is_flag=True, help="Do not advertise over mDNS.")
 @click.option("--mdns-interface", "mdns_interfaces", multiple=True,
               help="Advertise only on these interface addresses (repeatable).")
@@ -69,8 +72,8 @@ if TYPE_CHECKING:
                    "(a short benchmark that would disturb a latency measurement).")
 @handle_errors
 def node(name: str | None, host: str, port: int, data_port: int, device: str, threads: int,
-         no_advertise: bool, mdns_interfaces: tuple[str, ...], keys: Path | None,
-         insecure: bool, parent_pid: int | None, state_dir: Path | None,
+         kv_budget: str | None, no_advertise: bool, mdns_interfaces: tuple[str, ...],
+         keys: Path | None, insecure: bool, parent_pid: int | None, state_dir: Path | None,
          no_recalibrate: bool) -> None:
     """Run a Periphery node: receive a shard, run it, stream activations to the next stage."""
     from periphery_core.cluster.keys import keyring_or_insecure
@@ -83,13 +86,14 @@ def node(name: str | None, host: str, port: int, data_port: int, device: str, th
     from periphery_core.runtime.gpu import parse_device
 
     parse_device(device)  # one clear line for a device that is not cpu, cuda or cuda:N
+    budget = _kv_budget(kv_budget)
     # Work in a private folder of the node's own, never where it was started: nothing a shard
     # or ONNX Runtime might resolve against the working folder can reach the user's files.
     own = _enter_state_dir(state_dir)
     try:
         _serve(NodeConfig(
             name=name or platform.node(), host=host, port=port, data_port=data_port,
-            device=device, threads=threads, advertise=not no_advertise,
+            device=device, threads=threads, kv_budget=budget, advertise=not no_advertise,
             mdns_interfaces=mdns_interfaces or None, keys=ring,
             private_parent=Path.cwd(),  # its sockets for this host live in its state folder
             recalibrate=not no_recalibrate,
@@ -98,6 +102,22 @@ def node(name: str | None, host: str, port: int, data_port: int, device: str, th
         if own is not None:
             os.chdir("/")
             shutil.rmtree(own, ignore_errors=True)
+
+
+def _kv_budget(text: str | None) -> int:
+    """--kv-budget in bytes (0: the default); one clear line for what is not a size."""
+    if text is None:
+        return 0
+    from periphery_core.errors import PeripheryError
+    from periphery_core.units import parse_bytes
+
+    try:
+        budget = parse_bytes(text)
+    except ValueError as exc:
+        raise PeripheryError(f"--kv-budget: {exc}") from None
+    if budget <= 0:
+        raise PeripheryError("--kv-budget must be more than 0 bytes")
+    return budget
 
 
 def _serve(config: NodeConfig, stop: threading.Event) -> None:

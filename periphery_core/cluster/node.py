@@ -42,7 +42,7 @@ from periphery_core.cluster.speed import device_description, measure_speed
 from periphery_core.errors import ClusterError
 from periphery_core.generate.stateful import StatefulStage, stage_state
 from periphery_core.runtime.chain import StageRunner
-from periphery_core.runtime.gpu import gpu_usage, parse_device, providers_for
+from periphery_core.runtime.gpu import gpu_usage, memory_for_caches, parse_device, providers_for
 from periphery_core.runtime.session import SessionConfig
 from periphery_core.wire import PROTOCOL_VERSION, Limits, Message, WireError, encode
 
@@ -392,7 +392,7 @@ class NodeDaemon:
             state = stage_state(model)
             if state is None:
                 warm_up(runner)
-            budget = self.config.kv_budget or psutil.virtual_memory().total // 4
+            budget = self.config.kv_budget or memory_for_caches(runner.device, runner.device_id)
             stage: StageRunner | StatefulStage = runner if state is None \
                 else StatefulStage(runner, state, budget)
             self._activate(ident, up.stage, stage, provider, up.fields, up.sha256)

@@ -12,6 +12,11 @@ from the shard alone which inputs it feeds itself (and, on the last stage, which
 logits: only their last position is sent home). `StatefulStage` runs such a shard: it holds
 each sequence's cache within a byte budget, feeds it, stores what the stage returns, and frees
 a sequence's cache when told.
+
+On a GPU (the shard's session runs on CUDA) the caches stay in GPU memory as ONNX Runtime
+values, fed back through an IOBinding: per step only the new token's activations cross the
+PCIe bus, not every layer's whole cache twice. Where the CPU path would copy a cache anyway (a
+batch of other sequences than the one that made it), the GPU path copies it to the host too.
 """
 
 from __future__ import annotations
@@ -21,10 +26,11 @@ import json
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from periphery_core.errors import ClusterBusy, RuntimeFailure
 from periphery_core.generate.decoder import DecoderSpec
@@ -116,15 +122,64 @@ def make_stateful(shards: Sequence[onnx.ModelProto], spec: DecoderSpec) -> list[
     return out
 
 
+class _OnHost:
+    """A batched run's cache output left on the GPU, copied to the host at most once (when one
+    of its sequences next runs in other company)."""
+
+    def __init__(self, value: ort.OrtValue) -> None:
+        self.value = value
+        self._array: np.ndarray | None = None
+
+    def array(self) -> np.ndarray:
+        if self._array is None:
+            self._array = self.value.numpy()
+        return self._array
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """One sequence's rows of such an output."""
+
+    source: _OnHost
+    index: tuple[slice, ...]
+    nbytes: int
+
+
+Cached: TypeAlias = np.ndarray | ort.OrtValue | _Rows
+"""A cache tensor: a host array, a GPU-resident value, or rows of a GPU-resident batch."""
+
+
+def _nbytes(value: Cached) -> int:
+    if isinstance(value, ort.OrtValue):
+        return int(value.tensor_size_in_bytes())
+    return int(value.nbytes)
+
+
+def _host(value: Cached) -> np.ndarray:
+    if isinstance(value, ort.OrtValue):
+        return value.numpy()
+    if isinstance(value, _Rows):
+        return value.source.array()[value.index]
+    return value
+
+
+def _feedable(value: Cached) -> np.ndarray | ort.OrtValue:
+    return _host(value) if isinstance(value, _Rows) else value
+
+
+def _length(value: np.ndarray | ort.OrtValue, axis: int) -> int:
+    return int(value.shape()[axis] if isinstance(value, ort.OrtValue) else value.shape[axis])
+
+
 @dataclass
 class _Sequence:
     length: int
-    cache: dict[str, np.ndarray] = field(default_factory=dict)
+    cache: dict[str, Cached] = field(default_factory=dict)
     batch: int = 0  # the batched run whose outputs hold this cache (0: its own run)
 
     @property
     def nbytes(self) -> int:
-        return sum(int(v.nbytes) for v in self.cache.values())
+        return sum(_nbytes(v) for v in self.cache.values())
 
 
 class StatefulStage:
@@ -135,10 +190,14 @@ class StatefulStage:
         state: what the shard feeds itself (`stage_state`).
         budget_bytes: the most cache memory all sequences together may hold; a step that would
             exceed it fails with `ClusterBusy` and leaves the sequence as it was.
+        on_device: keep caches where the session computes them (see the module docstring);
+            None: when the session runs on a GPU.
     """
 
-    def __init__(self, runner: StageRunner, state: StageState, budget_bytes: int) -> None:
+    def __init__(self, runner: StageRunner, state: StageState, budget_bytes: int,
+                 on_device: bool | None = None) -> None:
         self.runner = runner
+        self.on_device = runner.device != "cpu" if on_device is None else on_device
         self.state = state
         self.budget_bytes = budget_bytes
         self._seqs: dict[int, _Sequence] = {}
@@ -146,7 +205,7 @@ class StatefulStage:
         # batched runs whose outputs still hold some sequence's cache: batch -> (its
         # sequences, its cache outputs), so the same sequences' next step reuses them (with
         # several batches in flight, each comes back to a stage in turn)
-        self._batches: dict[int, tuple[tuple[int, ...], dict[str, np.ndarray]]] = {}
+        self._batches: dict[int, tuple[tuple[int, ...], dict[str, np.ndarray | ort.OrtValue]]] = {}
         self._presents = {s[1] for s in state.slots}
         fed = {s[0] for s in state.slots}
         fed |= {made[0] for made in (state.mask, state.positions) if made is not None}
@@ -177,7 +236,7 @@ class StatefulStage:
         self._check_length(seq, pos, current)
         feeds: dict[str, Any] = dict(values)
         for past, _, shape, dtype, *_ in self.state.slots:
-            feeds[past] = current.cache[past] if current is not None \
+            feeds[past] = _feedable(current.cache[past]) if current is not None \
                 else np.zeros(shape, dtype=dtype)
         if self.state.mask is not None:
             name, dtype = self.state.mask
@@ -185,8 +244,9 @@ class StatefulStage:
         if self.state.positions is not None:
             name, dtype = self.state.positions
             feeds[name] = np.arange(pos, pos + new, dtype=dtype)[np.newaxis]
-        outputs = self._last_position(self.runner.run(feeds), greedy)
-        cache = {s[0]: outputs[s[1]] for s in self.state.slots}
+        outputs, kept = self._run(feeds, self.on_device)
+        outputs = self._last_position(outputs, greedy)
+        cache = {s[0]: kept.get(s[1], outputs.get(s[1])) for s in self.state.slots}
         self._store({seq: _Sequence(pos + new, cache)})
         return {k: v for k, v in outputs.items() if k not in self._presents}
 
@@ -215,10 +275,10 @@ class StatefulStage:
         with self._lock:  # the run that made every one of these caches, if one did
             last = self._batches.get(made_by.pop()) if len(made_by) == 1 else None
         reuse = (packed and last is not None and last[0] == tuple(seqs)
-                 and all(int(last[1][s[0]].shape[s[4]]) == longest for s in self.state.slots))
+                 and all(_length(last[1][s[0]], s[4]) == longest for s in self.state.slots))
         for past, _, shape, dtype, axis, baxis, _ in self.state.slots:
             if reuse and last is not None:
-                feeds[past] = last[1][past]
+                feeds[past] = _feedable(last[1][past])
                 continue
             full = list(shape)
             full[baxis], full[axis] = rows, longest
@@ -226,7 +286,7 @@ class StatefulStage:
             for row, (pos, cur) in enumerate(zip(poss, current, strict=True)):
                 if pos and cur is not None:
                     padded[_at(len(full), baxis, slice(row, row + 1), axis, slice(0, pos))] = \
-                        cur.cache[past]
+                        _host(cur.cache[past])
             feeds[past] = padded
         if self.state.mask is not None:
             name, dtype = self.state.mask
@@ -238,12 +298,22 @@ class StatefulStage:
         if self.state.positions is not None:
             name, dtype = self.state.positions
             feeds[name] = np.asarray(poss, dtype=dtype)[:, np.newaxis]
-        outputs = self._last_position(self.runner.run(feeds), greedy)
+        # on a GPU, packed caches stay there: this batch's next step reads them in place
+        outputs, on_gpu = self._run(feeds, self.on_device and packed)
+        outputs = self._last_position(outputs, greedy)
+        held = {name: _OnHost(value) for name, value in on_gpu.items()}
         batch = next(_BATCHES)
         kept: dict[int, _Sequence] = {}
         for row, (seq, pos) in enumerate(zip(seqs, poss, strict=True)):
-            cache = {}
-            for past, present, _, _, axis, baxis, layout in self.state.slots:
+            cache: dict[str, Cached] = {}
+            for past, present, _, dtype, axis, baxis, layout in self.state.slots:
+                if present in held:
+                    shape = held[present].value.shape()
+                    index = _at(len(shape), baxis, slice(row, row + 1), axis, slice(0, pos + 1))
+                    size = int(np.prod([1 if d == baxis else pos + 1 if d == axis else extent
+                                        for d, extent in enumerate(shape)]))
+                    cache[past] = _Rows(held[present], index, size * np.dtype(dtype).itemsize)
+                    continue
                 out = outputs[present]
                 n = len(out.shape)
                 if layout == "packed" or pos == longest:
@@ -257,10 +327,19 @@ class StatefulStage:
         self._store(kept)
         with self._lock:
             if packed:
-                self._batches[batch] = (tuple(seqs),
-                                        {s[0]: outputs[s[1]] for s in self.state.slots})
+                self._batches[batch] = (tuple(seqs), {
+                    s[0]: on_gpu[s[1]] if s[1] in on_gpu else outputs[s[1]]
+                    for s in self.state.slots})
             self._forget_batches()
         return {k: v for k, v in outputs.items() if k not in self._presents}
+
+    def _run(self, feeds: dict[str, Any], on_device: bool
+             ) -> tuple[dict[str, np.ndarray], dict[str, ort.OrtValue]]:
+        """The shard's outputs as host arrays, but for the caches when `on_device`: those stay
+        where the session made them."""
+        if on_device:
+            return self.runner.run_kept(feeds, self._presents)
+        return self.runner.run(feeds), {}
 
     def _last_position(self, outputs: dict[str, np.ndarray],
                        greedy: bool) -> dict[str, np.ndarray]:

@@ -10,12 +10,17 @@ import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TypeAlias
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from periphery_core.errors import FeedError
-from periphery_core.runtime.session import SessionConfig, make_session, run_session
+from periphery_core.runtime.session import SessionConfig, make_session, run_bound, run_session
+
+Value: TypeAlias = np.ndarray | ort.OrtValue
+"""A stage input: a host array, or an OrtValue a run of this stage left on its device."""
 
 
 class StageRunner:
@@ -34,6 +39,24 @@ class StageRunner:
         inits = {i.name for i in proto.graph.initializer}
         self.input_names = [n for n in self.input_names if n not in inits]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # "cuda" when the session runs on a GPU (CUDA listed first and usable), else "cpu"
+        used = self.session.get_providers()[0]
+        self.device = "cuda" if used == "CUDAExecutionProvider" else "cpu"
+        options = self.session.get_provider_options().get(used, {})
+        self.device_id = int(options.get("device_id", 0) or 0)
+
+    def run_kept(self, values: Mapping[str, Value], keep: frozenset[str] | set[str]
+                 ) -> tuple[dict[str, np.ndarray], dict[str, ort.OrtValue]]:
+        """Run with the outputs named in `keep` left where the session made them (GPU memory
+        on CUDA) as OrtValues, and the rest copied to host arrays; an input may be such an
+        OrtValue, read in place. A decoder stage feeds its KV caches back this way, so on a
+        GPU they never cross the PCIe bus between steps."""
+        missing = [n for n in self.input_names if n not in values]
+        if missing:
+            raise FeedError(f"stage input '{missing[0]}' was not provided")
+        host, kept = run_bound(self.session, {n: values[n] for n in self.input_names},
+                               self.output_names, keep, self.device, self.device_id)
+        return host, kept
 
     def run(self, values: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [n for n in self.input_names if n not in values]

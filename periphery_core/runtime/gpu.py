@@ -7,8 +7,13 @@ build, not the hardware), so the node reads them and says when it fell back to t
 
 Activations arrive and leave as bytes on the network, so each stage copies its inputs to the
 GPU and its outputs back once per request; ONNX Runtime's `run` does exactly that with numpy
-feeds (binding them by hand with IOBinding measured no faster on the CPU path; no GPU was at
-hand to measure it there).
+feeds. What need not cross the bus stays on the GPU: a decoder stage's KV caches, fed back
+through an IOBinding step after step (generate/stateful.py), within a budget of a quarter of the
+GPU's memory by default.
+
+`onnxruntime-gpu[cuda,cudnn]` installs CUDA and cuDNN as Python packages, where the system's
+loader does not look; `load_cuda_libraries` has ONNX Runtime load them before the first CUDA
+session, so a node needs no LD_LIBRARY_PATH.
 
 Use is read from `nvidia-smi`, which ships with the driver wherever a GPU is usable: no library
 to install on hosts without one, and on them `gpu_usage` is None.
@@ -16,10 +21,15 @@ to install on hosts without one, and on them `gpu_usage` is None.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
 import subprocess
 from dataclasses import dataclass
 from typing import Any
+
+import onnxruntime as ort
+import psutil
 
 from periphery_core.errors import PeripheryError
 
@@ -48,7 +58,34 @@ def providers_for(device: str) -> tuple[Any, ...]:
     index = parse_device(device)
     if index is None:
         return (CPU,)
+    load_cuda_libraries()
     return ((CUDA, {"device_id": str(index)}), CPU)
+
+
+_loaded: list[bool] = []
+
+
+def load_cuda_libraries() -> None:
+    """Once per process: ONNX Runtime loads the CUDA and cuDNN libraries that pip installed
+    beside it (`preload_dlls`). Harmless where they live elsewhere, are missing, or this
+    onnxruntime has no CUDA; what it prints is kept off the user's terminal (a missing
+    library shows later, as the CPU fallback the node reports)."""
+    if _loaded:
+        return
+    _loaded.append(True)
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(Exception):
+        preload()
+
+
+def memory_for_caches(device: str, index: int = 0) -> int:
+    """The default KV cache budget of a decoder stage: a quarter of the memory its caches
+    live in, the GPU's on CUDA, the host's otherwise."""
+    usage = gpu_usage(index) if device == "cuda" else None
+    total = usage.memory_total_bytes if usage is not None else psutil.virtual_memory().total
+    return total // 4
 
 
 @dataclass(frozen=True, slots=True)

@@ -113,3 +113,33 @@ def run_session(sess: ort.InferenceSession, feeds: dict, outputs: list[str] | No
         return sess.run(outputs, feeds, _QUIET_RUN)
     except Exception as exc:
         raise RuntimeFailure(f"ONNX Runtime failed while running: {_short(exc)}") from None
+
+
+def run_bound(sess: ort.InferenceSession, feeds: dict, outputs: list[str],
+              keep: frozenset[str] | set[str], device: str, device_id: int = 0
+              ) -> tuple[dict[str, np.ndarray], dict[str, ort.OrtValue]]:
+    """Run through an IOBinding: host arrays and OrtValues in; the outputs in `keep` stay on
+    `device` as OrtValues, the others come back as host arrays (see StageRunner.run_kept)."""
+    binding = sess.io_binding()
+    held = []  # host arrays must outlive the run
+    for name, value in feeds.items():
+        if isinstance(value, ort.OrtValue):
+            binding.bind_ortvalue_input(name, value)
+        else:
+            array = np.ascontiguousarray(value)
+            held.append(array)
+            binding.bind_cpu_input(name, array)
+    for name in outputs:
+        if name in keep:
+            binding.bind_output(name, device, device_id)
+        else:
+            binding.bind_output(name, "cpu")
+    try:
+        sess.run_with_iobinding(binding, _QUIET_RUN)
+    except Exception as exc:
+        raise RuntimeFailure(f"ONNX Runtime failed while running: {_short(exc)}") from None
+    values = binding.get_outputs()
+    host = {n: v.numpy() for n, v in zip(outputs, values, strict=True) if n not in keep}
+    kept = {n: v for n, v in zip(outputs, values, strict=True) if n in keep}
+    del held
+    return host, kept

@@ -5,7 +5,9 @@ benchmarks/gpu.py measures the rest on a machine with an NVIDIA GPU.
 
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -16,9 +18,13 @@ from periphery_core.generate.stateful import _host
 from periphery_core.runtime.chain import StageRunner
 from periphery_core.runtime.gpu import CPU, CUDA, gpu_usage, parse_device, providers_for
 from periphery_core.runtime.session import SessionConfig
+from tests.conftest import require_shared
 from tests.models import mlp
+from tests.test_cli import assert_bad_input, cli, ok
 from tests.test_generate import GPT2, SMOLLM
 from tests.test_generate_batching import _batched, _chain, _single
+
+DEMO = Path(__file__).resolve().parents[1] / "assets" / "demo-resnet.onnx"
 
 
 @pytest.mark.parametrize(("device", "index"), [("cpu", None), ("cuda", 0), ("cuda:3", 3)])
@@ -107,3 +113,61 @@ def test_caches_kept_where_the_session_runs_equal_caches_on_the_host(path, exact
     for stage in kept:
         stage.release([1, 2, 3, 4])
         assert stage.cache_bytes == 0 and stage._batches == {}
+
+
+def _gpu_here() -> bool:
+    try:
+        runner = StageRunner(mlp(width=8, layers=1),
+                             SessionConfig(exact=False, providers=providers_for("cuda")))
+    except Exception:
+        return False
+    return runner.device == "cuda"
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
+def test_run_local_device_cuda_says_where_each_stage_ran(tmp_path: Path) -> None:
+    """`periphery run --local --device cuda:0` starts its nodes on GPU 0 and says what each
+    stage ran on: CUDA where a GPU is usable; here, without one, the CPU, every result still
+    checked, and one warning line that says why."""
+    plan = tmp_path / "plan.json"
+    ok("plan", DEMO, "--shards", "2", "-o", plan)
+    result = ok("run", DEMO, "--plan", plan, "--local", "--device", "cuda:0", "-n", "8",
+                "--check", "--json")
+    out = json.loads(result.stdout)
+    assert out["check"]["passed"] and len(out["stages"]) == 2
+    providers = {s["provider"] for s in out["stages"]}
+    warning = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    if _gpu_here():
+        assert providers == {CUDA} and warning == []
+    else:
+        assert providers == {CPU}
+        assert warning == ["warning: --device cuda:0, but stage 0, 1 ran on the CPU: no GPU "
+                           "was usable (onnxruntime-gpu in place of onnxruntime, and an NVIDIA "
+                           "driver; see the README)"]
+    table = ok("run", DEMO, "--plan", plan, "--local", "-n", "4").stdout
+    assert "runs on" in table and " CPU " in table and "warning" not in table
+
+
+def test_device_is_for_local_nodes_and_must_be_one(tmp_path: Path) -> None:
+    plan = tmp_path / "plan.json"
+    ok("plan", DEMO, "--shards", "2", "-o", plan)
+    assert_bad_input(cli("run", DEMO, "--plan", plan, "--device", "cuda"),
+                     r"--device sets the --local nodes' device: give it with --local")
+    assert_bad_input(cli("run", DEMO, "--plan", plan, "--local", "--device", "gpu"),
+                     r"device 'gpu' is not cpu, cuda or cuda:N")
+    assert_bad_input(cli("cluster", "up", "--device", "tpu"), "device 'tpu' is not cpu")
+    require_shared()
+    assert_bad_input(cli("generate", SMOLLM, "--prompt", "Hi", "--device", "cuda:1"),
+                     r"--device sets the --local nodes' device")
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
+def test_generate_local_device_cuda_generates(tmp_path: Path) -> None:
+    """`periphery generate --local --device cuda`: the same greedy tokens as CPU nodes (here
+    the nodes fall back to the CPU; on a GPU, benchmarks/gpu.py compares the two)."""
+    require_shared()
+    args = ("generate", SMOLLM, "--local", "--shards", "1", "--prompt", "What is 2 + 2?",
+            "--max-new-tokens", "6", "--json")
+    on_cuda = json.loads(ok(*args, "--device", "cuda").stdout)
+    on_cpu = json.loads(ok(*args).stdout)
+    assert on_cuda["ids"] == on_cpu["ids"] and len(on_cpu["ids"]) == 6

@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING, Any
 import click
 import numpy as np
 
-from periphery_core.cli.common import F, cli, handle_errors, input_shape_option, json_option
+from periphery_core.cli.common import (
+    F,
+    cli,
+    device_option,
+    handle_errors,
+    input_shape_option,
+    json_option,
+    local_device,
+)
 from periphery_core.discovery import NodeAddress
 from periphery_core.errors import PeripheryError
 
@@ -34,8 +42,11 @@ def cluster() -> None:
 @click.option("--threads", type=int, default=None,
               help="ONNX Runtime threads per node (default: the cores shared out among them).")
 @click.option("--insecure", is_flag=True, help="Start the nodes without keys.")
+@click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda[:N]",
+              help="What the nodes run their stages on.")
 @handle_errors
-def cluster_up(nodes: int, advertise: bool, threads: int | None, insecure: bool) -> None:
+def cluster_up(nodes: int, advertise: bool, threads: int | None, insecure: bool,
+               device: str) -> None:
     """Start N periphery-node processes on this machine; Ctrl-C or SIGTERM stops them cleanly.
 
     Unless --insecure, the nodes get fresh keys; the master's key folder is printed, for
@@ -49,6 +60,8 @@ def cluster_up(nodes: int, advertise: bool, threads: int | None, insecure: bool)
     from periphery_core.cli.render import console, err_console
     from periphery_core.cluster.local import LocalCluster
 
+    local_device(device, True)
+
     def on_term(_signum: int, _frame: object) -> None:
         raise KeyboardInterrupt  # leave the with-block below: the nodes stop cleanly
 
@@ -56,7 +69,7 @@ def cluster_up(nodes: int, advertise: bool, threads: int | None, insecure: bool)
                 if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         with LocalCluster(nodes, advertise=advertise, threads=threads,
-                          secure=not insecure) as local:
+                          secure=not insecure, device=device) as local:
             for n in local.nodes:
                 console.print(f"{n.address.name}  --peer {n.address.host}:{n.address.port}  "
                               f"id {n.address.node_id[:12]}")
@@ -238,6 +251,7 @@ def connect_nodes(master: Any, cluster_ctx: Any, peers: tuple[str, ...], mdns: b
 @peer_option
 @click.option("--local", "local", is_flag=True,
               help="Start one local node process per stage (no other nodes needed).")
+@device_option
 @click.option("--mdns/--no-mdns", default=True, show_default=True,
               help="Find nodes over mDNS when --peer and --local give too few.")
 @click.option("--requests", "-n", "count", default=100, show_default=True)
@@ -259,8 +273,8 @@ def connect_nodes(master: Any, cluster_ctx: Any, peers: tuple[str, ...], mdns: b
 @input_shape_option
 @json_option
 @handle_errors
-def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns: bool,
-        count: int, inflight: int, micro_batch: int | None, inputs_path: Path | None,
+def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, device: str,
+        mdns: bool, count: int, inflight: int, micro_batch: int | None, inputs_path: Path | None,
         check: bool, metrics_port: int | None, optimize: bool, rebalance: bool,
         keys: Path | None, insecure: bool, input_shapes: tuple[str, ...],
         as_json: bool) -> None:
@@ -281,10 +295,12 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
     from periphery_core.partition.plan import load_plan, require_plan_for
     from periphery_core.partition.verify import compare
     from periphery_core.runtime.feeds import load_npz, random_feeds
+    from periphery_core.runtime.gpu import providers_for
     from periphery_core.runtime.session import SessionConfig, make_session
 
     if count < 1 or inflight < 1:
         raise PeripheryError("--requests and --inflight must be at least 1")
+    local_device(device, local)
     plan = load_plan(plan_path)
     loaded = load_model(model)
     require_plan_for(plan, loaded.sha256, loaded.name, str(plan_path))
@@ -301,7 +317,8 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
     rebalances: list[ev.Rebalanced] = []
     from periphery_core.cluster.keys import keyring_or_insecure
 
-    cluster_ctx = LocalCluster(plan.nodes_needed, secure=not insecure) if local else None
+    cluster_ctx = LocalCluster(plan.nodes_needed, secure=not insecure, device=device) \
+        if local else None
     ring = None if local else keyring_or_insecure(keys, insecure)
     stack = contextlib.ExitStack()
     try:
@@ -347,7 +364,10 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
             cluster_ctx.stop()
     mismatches = identical = 0
     if check:
-        sess = make_session(loaded.proto, SessionConfig(exact=exact))
+        # the unsharded model on what the nodes ran on: a GPU's kernels (TF32) differ from
+        # the CPU's by more than sharding ever does
+        sess = make_session(loaded.proto, SessionConfig(exact=exact,
+                                                        providers=providers_for(device)))
         names_out = [o.name for o in sess.get_outputs()]
         refs: dict[int, list[np.ndarray]] = {}
         for i, (feeds, got) in enumerate(zip(requests, results, strict=True)):
@@ -378,6 +398,12 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, mdns:
         print_json(summary)
     else:
         _render_run(summary)
+    on_cpu = sorted({str(s["stage"]) for s in summary["stages"]
+                     if device != "cpu" and s["provider"] not in (None, "CUDAExecutionProvider")})
+    if on_cpu:
+        err_console.print(f"warning: --device {device}, but stage {', '.join(on_cpu)} ran on the "
+                          "CPU: no GPU was usable (onnxruntime-gpu in place of onnxruntime, and "
+                          "an NVIDIA driver; see the README)", soft_wrap=True, highlight=False)
     if check and mismatches:
         sys.exit(1)
 
@@ -399,6 +425,8 @@ def _summary(state: ClusterState, wall: float, count: int) -> dict[str, Any]:
             "transfer_s": summary.transfer_median if summary else None,
             # how its outputs travel: a private socket on its host, or TCP (same_host.py)
             "link": state.links[s] if s < len(state.links) else None,
+            # the execution provider its node runs it with (CUDA, or the CPU it fell back to)
+            "provider": state.deploy[s].provider if s < len(state.deploy) else None,
         })
     return {"requests": count, "completed": state.requests_completed, "wall_s": wall,
             "throughput_rps": count / wall if wall > 0 else None,
@@ -422,11 +450,13 @@ def _render_run(summary: dict[str, Any]) -> None:
     t = Table(title=f"{summary['shape']}: per stage (medians)", title_justify="left")
     for col in ("replica", "stage", "queue", "compute", "transfer")[0 if replicas else 1:]:
         t.add_column(col, justify="right")
+    t.add_column("runs on")
     t.add_column("sends over")
     for s in summary["stages"]:
         t.add_row(*([str(s["replica"])] if replicas else []), str(s["stage"]),
                   *(human_seconds(s[k]) if s[k] is not None else "-"
                     for k in ("queue_s", "compute_s", "transfer_s")),
+                  (s.get("provider") or "-").removesuffix("ExecutionProvider"),
                   _LINKS.get(s.get("link") or "", "-"))
     console.print(t)
     for r in summary.get("recoveries", []):

@@ -78,6 +78,25 @@ def json_option(fn: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(fn)
 
 
+def device_option(fn: F) -> F:
+    """--device for the nodes that --local starts."""
+    return click.option(
+        "--device", default="cpu", show_default=True, metavar="cpu|cuda[:N]",
+        help="What the --local nodes run their stages on (cuda: the CUDA execution provider, "
+             "the CPU for what it lacks).")(fn)
+
+
+def local_device(device: str, local: bool) -> str:
+    """--device checked: a device there is, and --local to start nodes on it."""
+    from periphery_core.runtime.gpu import parse_device
+
+    parse_device(device)
+    if device != "cpu" and not local:
+        raise PeripheryError("--device sets the --local nodes' device: give it with --local "
+                             "(a node started by hand takes 'periphery-node --device')")
+    return device
+
+
 def inputs_option(fn: F) -> F:
     """The `--inputs FEEDS.npz` option: real input values, one array per model input."""
     return click.option(

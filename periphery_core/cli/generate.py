@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from periphery_core.cli.cluster import connect_nodes, keys_options, peer_option
-from periphery_core.cli.common import F, cli, handle_errors, json_option
+from periphery_core.cli.common import F, cli, device_option, handle_errors, json_option
 from periphery_core.errors import PeripheryError
 
 
@@ -31,6 +31,7 @@ def deploy_options(fn: F) -> F:
         peer_option,
         click.option("--local", is_flag=True,
                      help="Start one local node process per stage (of every replica)."),
+        device_option,
         click.option("--mdns/--no-mdns", default=True, show_default=True,
                      help="Find nodes over mDNS when --peer and --local give too few."),
     )):
@@ -60,7 +61,8 @@ def deploy_options(fn: F) -> F:
 @json_option
 @handle_errors
 def generate(model: Path, plan_path: Path | None, shards: int | None, replicas: int | None,
-             peers: tuple[str, ...], local: bool, mdns: bool, prompts: tuple[str, ...],
+             peers: tuple[str, ...], local: bool, device: str, mdns: bool,
+             prompts: tuple[str, ...],
              prompts_file: Path | None, system: str | None, no_chat: bool,
              max_new_tokens: int, temperature: float, top_k: int, top_p: float,
              repetition_penalty: float, seed: int, stops: tuple[str, ...], optimize: bool,
@@ -89,7 +91,7 @@ def generate(model: Path, plan_path: Path | None, shards: int | None, replicas: 
     codec = TextCodec(spec.folder)
     prompt_ids = [codec.encode(codec.prompt(t, system, chat=not no_chat)) for t in texts]
     with deployed_decoder(loaded, spec, plan_path, shards, replicas, peers, local, mdns,
-                          optimize, keys, insecure) as (pipeline, k):
+                          optimize, keys, insecure, device) as (pipeline, k):
         step = pipeline_step(pipeline, spec)
         try:
             if len(prompt_ids) == 1:
@@ -225,10 +227,11 @@ def open_decoder(model: Path) -> tuple[Any, Any]:
 def deployed_decoder(loaded: Any, spec: Any, plan_path: Path | None, shards: int | None,
                      replicas: int | None, peers: tuple[str, ...], local: bool, mdns: bool,
                      optimize: bool, keys: Path | None,
-                     insecure: bool) -> Iterator[tuple[Any, int]]:
+                     insecure: bool, device: str = "cpu") -> Iterator[tuple[Any, int]]:
     """A model planned and deployed (on local node processes, or on the nodes given or
     found): a decoder LLM (`spec` its DecoderSpec) as stateful stages, any other model (`spec`
     None) as plain ones; yields (the Pipeline, K), and stops what it started on the way out."""
+    from periphery_core.cli.common import local_device
     from periphery_core.cluster.keys import keyring_or_insecure
     from periphery_core.cluster.local import LocalCluster
     from periphery_core.cluster.master import Master
@@ -236,6 +239,7 @@ def deployed_decoder(loaded: Any, spec: Any, plan_path: Path | None, shards: int
     from periphery_core.model.analysis import analyze
     from periphery_core.partition.plan import load_plan, require_plan_for
 
+    local_device(device, local)
     if plan_path is not None and (shards is not None or replicas is not None):
         raise PeripheryError("give --plan, or --shards and --replicas, not both")
     plan = load_plan(plan_path) if plan_path is not None else None
@@ -250,7 +254,8 @@ def deployed_decoder(loaded: Any, spec: Any, plan_path: Path | None, shards: int
     nodes = k * replicas
     # Local nodes share this machine's cores evenly.
     threads = max(1, (os.cpu_count() or 1) // nodes)
-    cluster_ctx = LocalCluster(nodes, secure=not insecure, threads=threads) if local else None
+    cluster_ctx = LocalCluster(nodes, secure=not insecure, threads=threads, device=device) \
+        if local else None
     ring = None if local else keyring_or_insecure(keys, insecure)
     with contextlib.ExitStack() as stack:
         if cluster_ctx is not None:

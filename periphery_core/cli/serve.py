@@ -37,7 +37,7 @@ from periphery_core.errors import PeripheryError
 @handle_errors
 def serve(model: Path, plan_path: Path | None, shards: int | None, replicas: int | None,
           peers: tuple[str, ...],
-          local: bool, mdns: bool, host: str, port: int, api_key: str | None,
+          local: bool, device: str, mdns: bool, host: str, port: int, api_key: str | None,
           insecure_http: bool, max_concurrent: int, name: str | None, optimize: bool,
           keys: Path | None, insecure: bool) -> None:
     """Serve a model over HTTP. A language model: POST /v1/chat/completions and
@@ -56,7 +56,7 @@ def serve(model: Path, plan_path: Path | None, shards: int | None, replicas: int
     loaded = load_model(model)
     spec = recognize(loaded)
     with deployed_decoder(loaded, spec, plan_path, shards, replicas, peers, local, mdns,
-                          optimize, keys, insecure) as (pipeline, _):
+                          optimize, keys, insecure, device) as (pipeline, _):
         service = service_for(pipeline, loaded, spec, max_concurrent, name)
         try:
             endpoint = Endpoint(service, sock, api_key)

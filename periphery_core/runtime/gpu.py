@@ -73,6 +73,9 @@ def load_cuda_libraries() -> None:
     if _loaded:
         return
     _loaded.append(True)
+    # ONNX Runtime 1.31 warns on every CUDA session that no plugin EP is registered for it
+    # (the built-in provider serves it); sessions log their own errors
+    ort.set_default_logger_severity(3)
     preload = getattr(ort, "preload_dlls", None)
     if preload is None:
         return

@@ -163,11 +163,16 @@ def test_device_is_for_local_nodes_and_must_be_one(tmp_path: Path) -> None:
 
 @pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
 def test_generate_local_device_cuda_generates(tmp_path: Path) -> None:
-    """`periphery generate --local --device cuda`: the same greedy tokens as CPU nodes (here
-    the nodes fall back to the CPU; on a GPU, benchmarks/gpu.py compares the two)."""
+    """`periphery generate --local --device cuda`: the same greedy tokens as CPU nodes, and
+    one warning line where the nodes fell back to the CPU (here; on a GPU, benchmarks/gpu.py
+    compares the two)."""
     require_shared()
     args = ("generate", SMOLLM, "--local", "--shards", "1", "--prompt", "What is 2 + 2?",
             "--max-new-tokens", "6", "--json")
-    on_cuda = json.loads(ok(*args, "--device", "cuda").stdout)
+    cuda = ok(*args, "--device", "cuda")
     on_cpu = json.loads(ok(*args).stdout)
-    assert on_cuda["ids"] == on_cpu["ids"] and len(on_cpu["ids"]) == 6
+    assert json.loads(cuda.stdout)["ids"] == on_cpu["ids"] and len(on_cpu["ids"]) == 6
+    warned = [line for line in cuda.stderr.splitlines() if line.startswith("warning:")]
+    assert warned == ([] if _gpu_here() else [
+        "warning: --device cuda, but stage 0 ran on the CPU: no GPU was usable (onnxruntime-gpu "
+        "in place of onnxruntime, and an NVIDIA driver; see the README)"])

@@ -22,6 +22,7 @@ from periphery_core.cli.common import (
     input_shape_option,
     json_option,
     local_device,
+    warn_cpu_fallback,
 )
 from periphery_core.discovery import NodeAddress
 from periphery_core.errors import PeripheryError
@@ -398,12 +399,7 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, devic
         print_json(summary)
     else:
         _render_run(summary)
-    on_cpu = sorted({str(s["stage"]) for s in summary["stages"]
-                     if device != "cpu" and s["provider"] not in (None, "CUDAExecutionProvider")})
-    if on_cpu:
-        err_console.print(f"warning: --device {device}, but stage {', '.join(on_cpu)} ran on the "
-                          "CPU: no GPU was usable (onnxruntime-gpu in place of onnxruntime, and "
-                          "an NVIDIA driver; see the README)", soft_wrap=True, highlight=False)
+    warn_cpu_fallback(device, [(s["stage"], s["provider"]) for s in summary["stages"]])
     if check and mismatches:
         sys.exit(1)
 

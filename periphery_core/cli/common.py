@@ -97,6 +97,20 @@ def local_device(device: str, local: bool) -> str:
     return device
 
 
+def warn_cpu_fallback(device: str, providers: Sequence[tuple[int, str | None]]) -> None:
+    """One warning line when --device asked for CUDA but stages (stage, provider) ran on the
+    CPU."""
+    on_cpu = sorted({str(stage) for stage, provider in providers
+                     if device != "cpu" and provider not in (None, "CUDAExecutionProvider")})
+    if on_cpu:
+        from periphery_core.cli.render import err_console
+
+        err_console.print(f"warning: --device {device}, but stage {', '.join(on_cpu)} ran on "
+                          "the CPU: no GPU was usable (onnxruntime-gpu in place of onnxruntime, "
+                          "and an NVIDIA driver; see the README)", soft_wrap=True,
+                          highlight=False)
+
+
 def inputs_option(fn: F) -> F:
     """The `--inputs FEEDS.npz` option: real input values, one array per model input."""
     return click.option(

@@ -231,7 +231,8 @@ def deployed_decoder(loaded: Any, spec: Any, plan_path: Path | None, shards: int
     """A model planned and deployed (on local node processes, or on the nodes given or
     found): a decoder LLM (`spec` its DecoderSpec) as stateful stages, any other model (`spec`
     None) as plain ones; yields (the Pipeline, K), and stops what it started on the way out."""
-    from periphery_core.cli.common import local_device
+    from periphery_core.cli.common import local_device, warn_cpu_fallback
+    from periphery_core.cluster.events import StageReady
     from periphery_core.cluster.keys import keyring_or_insecure
     from periphery_core.cluster.local import LocalCluster
     from periphery_core.cluster.master import Master
@@ -268,5 +269,11 @@ def deployed_decoder(loaded: Any, spec: Any, plan_path: Path | None, shards: int
         pipeline = Pipeline(master, loaded, analysis, k=k, replicas=replicas, plan=plan,
                             exact=not optimize, decoder=spec)
         stack.callback(pipeline.close)
+        ready: list[tuple[int, str | None]] = []  # what each stage runs on, as nodes say
+        stop_watching = master.bus.subscribe(
+            lambda e: ready.append((e.stage % k, e.provider)) if isinstance(e, StageReady)
+            else None)
         pipeline.deploy([h.node_id for h in chosen])
+        stop_watching()
+        warn_cpu_fallback(device, ready)
         yield pipeline, k

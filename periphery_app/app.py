@@ -90,6 +90,7 @@ class PeripheryApp(App[None]):
         refresh_s: float = 0.2,
         keys_dir: Path | None = None,
         insecure: bool = False,
+        device: str = "cpu",
     ) -> None:
         """Create the app.
 
@@ -104,9 +105,10 @@ class PeripheryApp(App[None]):
             refresh_s: How often the live cluster state is sampled.
             keys_dir: The master's CurveZMQ key folder for nodes added by address.
             insecure: Run the master without keys (on a network you trust).
+            device: What local nodes run their stages on (`cpu`, `cuda[:N]`).
         """
         super().__init__()
-        self.control = ClusterControl(keys_dir, insecure)
+        self.control = ClusterControl(keys_dir, insecure, device)
         self.initial_model = model
         self.demo = demo
         self.demo_nodes = demo_nodes

@@ -73,9 +73,11 @@ class ClusterControl:
     the master get fresh keys shared with it; started after an insecure master, none.
     """
 
-    def __init__(self, keys_dir: Path | None = None, insecure: bool = False) -> None:
+    def __init__(self, keys_dir: Path | None = None, insecure: bool = False,
+                 device: str = "cpu") -> None:
         self.keys_dir = keys_dir
         self.insecure = insecure
+        self.device = device  # what local nodes run their stages on
         self._lock = threading.Lock()
         self._master: Master | None = None
         self.tracker: StateTracker | None = None
@@ -125,7 +127,7 @@ class ClusterControl:
         if existing is not None and existing.guard.secure:
             raise PeripheryError("this master already uses keys of its own, which fresh local "
                                  "nodes would not trust: start local nodes before adding others")
-        cluster = LocalCluster(n, secure=existing is None)
+        cluster = LocalCluster(n, secure=existing is None, device=self.device)
         cluster.start()
         self.local = cluster
         try:

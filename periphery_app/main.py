@@ -17,7 +17,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         argv: Arguments without the program name (None: `sys.argv[1:]`).
 
     Returns:
-        The parsed options: `model`, `demo`, `nodes`, `keys`, `insecure`.
+        The parsed options: `model`, `demo`, `nodes`, `keys`, `insecure`, `device`.
     """
     parser = argparse.ArgumentParser(
         prog="periphery-app",
@@ -37,9 +37,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "~/.config/periphery/keys); local nodes get fresh keys")
     parser.add_argument("--insecure", action="store_true",
                         help="talk to nodes without keys (only on a network you trust)")
+    parser.add_argument("--device", default="cpu", metavar="cpu|cuda[:N]",
+                        help="what the local nodes run their stages on (default: cpu)")
     args = parser.parse_args(argv)
     if args.nodes < 1:
         parser.error("--nodes must be at least 1")
+    from periphery_core.errors import PeripheryError
+    from periphery_core.runtime.gpu import parse_device
+
+    try:
+        parse_device(args.device)
+    except PeripheryError as exc:
+        parser.error(exc.message)
     return args
 
 
@@ -52,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.demo and model is None:
         model = DEMO_MODEL
     app = PeripheryApp(model, demo=args.demo, demo_nodes=args.nodes, keys_dir=args.keys,
-                       insecure=args.insecure)
+                       insecure=args.insecure, device=args.device)
     try:
         app.run()
     finally:

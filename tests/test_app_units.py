@@ -231,3 +231,22 @@ def test_command_line(capsys) -> None:
     assert "--demo" in out and "MODEL" in out.upper()
     args = parse_args(["m.onnx", "--demo", "--nodes", "2"])
     assert args.demo and args.nodes == 2 and args.model == Path("m.onnx")
+
+
+def test_the_app_starts_its_local_nodes_on_the_device_asked_for() -> None:
+    """`periphery-app --demo --device cuda:0`: the local nodes it starts run `--device
+    cuda:0` (where no GPU is usable they fall back to the CPU and the Shards screen's stage
+    chart says CPU); a device that is not one is refused before anything starts."""
+    from periphery_app.control import ClusterControl
+
+    assert parse_args(["--demo", "--device", "cuda:0"]).device == "cuda:0"
+    assert parse_args([]).device == "cpu"
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--device", "tpu"])
+    assert exc.value.code == 2
+    control = ClusterControl(insecure=False, device="cuda:0")
+    try:
+        (handle,) = control.start_local(1)
+        assert handle.device.startswith("cuda:0 (")
+    finally:
+        control.close()

@@ -14,14 +14,17 @@ import onnxruntime as ort
 import pytest
 
 from periphery_core.errors import PeripheryError
+from periphery_core.generate.decoder import recognize
+from periphery_core.generate.engine import TextCodec
 from periphery_core.generate.stateful import _host
+from periphery_core.model import load_model
 from periphery_core.runtime.chain import StageRunner
 from periphery_core.runtime.gpu import CPU, CUDA, gpu_usage, parse_device, providers_for
 from periphery_core.runtime.session import SessionConfig
 from tests.conftest import require_shared
 from tests.models import mlp
 from tests.test_cli import assert_bad_input, cli, ok
-from tests.test_generate import GPT2, SMOLLM
+from tests.test_generate import GPT2, SMOLLM, _genai_greedy
 from tests.test_generate_batching import _batched, _chain, _single
 
 DEMO = Path(__file__).resolve().parents[1] / "assets" / "demo-resnet.onnx"
@@ -163,15 +166,19 @@ def test_device_is_for_local_nodes_and_must_be_one(tmp_path: Path) -> None:
 
 @pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
 def test_generate_local_device_cuda_generates(tmp_path: Path) -> None:
-    """`periphery generate --local --device cuda`: the same greedy tokens as CPU nodes, and
+    """`periphery generate --local --device cuda`: onnxruntime-genai's greedy tokens, and
     one warning line where the nodes fell back to the CPU (here; on a GPU, benchmarks/gpu.py
     compares the two)."""
     require_shared()
     args = ("generate", SMOLLM, "--local", "--shards", "1", "--prompt", "What is 2 + 2?",
             "--max-new-tokens", "6", "--json")
     cuda = ok(*args, "--device", "cuda")
-    on_cpu = json.loads(ok(*args).stdout)
-    assert json.loads(cuda.stdout)["ids"] == on_cpu["ids"] and len(on_cpu["ids"]) == 6
+    spec = recognize(load_model(SMOLLM))
+    assert spec is not None
+    codec = TextCodec(spec.folder)
+    expected = _genai_greedy(SMOLLM, [codec.encode(codec.prompt("What is 2 + 2?"))], 6,
+                             spec.eos_ids)
+    assert json.loads(cuda.stdout)["ids"] == expected[0] and len(expected[0]) == 6
     warned = [line for line in cuda.stderr.splitlines() if line.startswith("warning:")]
     assert warned == ([] if _gpu_here() else [
         "warning: --device cuda, but stage 0 ran on the CPU: no GPU was usable (onnxruntime-gpu "

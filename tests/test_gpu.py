@@ -16,7 +16,7 @@ import pytest
 from periphery_core.errors import PeripheryError
 from periphery_core.generate.decoder import recognize
 from periphery_core.generate.engine import TextCodec
-from periphery_core.generate.stateful import _host
+from periphery_core.generate.stateful import StatefulStage, _host
 from periphery_core.model import load_model
 from periphery_core.runtime.chain import StageRunner
 from periphery_core.runtime.gpu import CPU, CUDA, gpu_usage, parse_device, providers_for
@@ -70,6 +70,12 @@ def test_caches_kept_where_the_session_runs_equal_caches_on_the_host(path, exact
     outputs (no copy), a reordered batch, a new member, and a sequence going on alone."""
     spec, host, kept = _chain(path, 2, on_device=True)
     assert all(s.on_device for s in kept) and not any(s.on_device for s in host)
+    # left to itself, a stage keeps its caches on the device only where the session and the
+    # attention that uses them run on a GPU: here, nowhere
+    slots = kept[0].state.slots
+    auto = StatefulStage(kept[0].runner, kept[0].state, 1 << 20)
+    assert not auto.on_device and not kept[0].runner.resident_on_device(
+        [s[0] for s in slots], [s[1] for s in slots])
     rng = np.random.default_rng(11)
     pos, last = {}, {}
     for seq, n in {1: 5, 2: 9, 3: 3, 4: 7}.items():

@@ -401,7 +401,9 @@ class NodeDaemon:
             self._reply(ident, "error", {"reason": f"stage {up.stage} failed to start: "
                                          f"{type(exc).__name__}: {exc}", "stage": up.stage})
             return
-        log.info("stage %d ready on %s", up.stage, provider)
+        log.info("stage %d ready on %s%s", up.stage, provider, f", KV caches in "
+                 f"{'GPU' if stage.on_device else 'host'} memory" if isinstance(
+                     stage, StatefulStage) else "")
 
     def _activate(self, ident: bytes, stage: int, runner: StageRunner | StatefulStage,
                   provider: str,

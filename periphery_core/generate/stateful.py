@@ -191,13 +191,16 @@ class StatefulStage:
         budget_bytes: the most cache memory all sequences together may hold; a step that would
             exceed it fails with `ClusterBusy` and leaves the sequence as it was.
         on_device: keep caches where the session computes them (see the module docstring);
-            None: when the session runs on a GPU.
+            None: when the session runs on a GPU and so does the attention that reads and
+            writes them (a CPU-only attention kernel would copy them back each step).
     """
 
     def __init__(self, runner: StageRunner, state: StageState, budget_bytes: int,
                  on_device: bool | None = None) -> None:
         self.runner = runner
-        self.on_device = runner.device != "cpu" if on_device is None else on_device
+        self.on_device = runner.resident_on_device([s[0] for s in state.slots],
+                                                   [s[1] for s in state.slots]) \
+            if on_device is None else on_device
         self.state = state
         self.budget_bytes = budget_bytes
         self._seqs: dict[int, _Sequence] = {}

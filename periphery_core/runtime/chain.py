@@ -45,6 +45,26 @@ class StageRunner:
         options = self.session.get_provider_options().get(used, {})
         self.device_id = int(options.get("device_id", 0) or 0)
 
+    def resident_on_device(self, inputs: list[str], outputs: list[str]) -> bool:
+        """Whether these inputs are read, and these outputs made, in the GPU's memory: the
+        session runs on a GPU and the operators that use them run there too (not on the CPU
+        it falls back to for what the GPU lacks). ONNX Runtime says where it expects each
+        input and puts each output; an older one that cannot say is trusted to run them where
+        its session runs."""
+        if self.device == "cpu":
+            return False
+        try:
+            ins = self.session.get_input_memory_infos()
+            outs = self.session.get_output_memory_infos()
+        except AttributeError:
+            return True
+        if ins is None or outs is None:
+            return True
+        where = {i.name: m.name for i, m in zip(self.session.get_inputs(), ins, strict=True)}
+        where |= {o.name: m.name for o, m in zip(self.session.get_outputs(), outs, strict=True)}
+        return all(where.get(n, "Cpu").lower() not in ("cpu", "cudapinned")
+                   for n in [*inputs, *outputs])
+
     def run_kept(self, values: Mapping[str, Value], keep: frozenset[str] | set[str]
                  ) -> tuple[dict[str, np.ndarray], dict[str, ort.OrtValue]]:
         """Run with the outputs named in `keep` left where the session made them (GPU memory

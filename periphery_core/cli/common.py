@@ -86,7 +86,7 @@ def device_option(fn: F) -> F:
              "the CPU for what it lacks).")(fn)
 
 
-def local_device(device: str, local: bool) -> str:
+def local_device(device: str, local: bool) -> None:
     """--device checked: a device there is, and --local to start nodes on it."""
     from periphery_core.runtime.gpu import parse_device
 
@@ -94,7 +94,6 @@ def local_device(device: str, local: bool) -> str:
     if device != "cpu" and not local:
         raise PeripheryError("--device sets the --local nodes' device: give it with --local "
                              "(a node started by hand takes 'periphery-node --device')")
-    return device
 
 
 def warn_cpu_fallback(device: str, providers: Sequence[tuple[int, str | None]]) -> None:

@@ -71,20 +71,19 @@ class StageRunner:
         on CUDA) as OrtValues, and the rest copied to host arrays; an input may be such an
         OrtValue, read in place. A decoder stage feeds its KV caches back this way, so on a
         GPU they never cross the PCIe bus between steps."""
-        missing = [n for n in self.input_names if n not in values]
-        if missing:
-            raise FeedError(f"stage input '{missing[0]}' was not provided")
-        host, kept = run_bound(self.session, {n: values[n] for n in self.input_names},
-                               self.output_names, keep, self.device, self.device_id)
-        return host, kept
+        return run_bound(self.session, self._feeds(values), self.output_names, keep,
+                         self.device, self.device_id)
 
     def run(self, values: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outs = run_session(self.session, self._feeds(values), self.output_names)
+        return dict(zip(self.output_names, outs, strict=True))
+
+    def _feeds(self, values: Mapping[str, Value]) -> dict[str, Value]:
+        """This stage's inputs among `values`; one clear error for one that is missing."""
         missing = [n for n in self.input_names if n not in values]
         if missing:
             raise FeedError(f"stage input '{missing[0]}' was not provided")
-        feeds = {n: values[n] for n in self.input_names}
-        outs = run_session(self.session, feeds, self.output_names)
-        return dict(zip(self.output_names, outs, strict=True))
+        return {n: values[n] for n in self.input_names}
 
 
 class LocalChain:

@@ -9,11 +9,13 @@ GPU is usable it says so in one line and exits 2; CI has none and never runs it.
 1. Plain ONNX Runtime on the model at `--batch`: one session on the CPU with every core, one on
    CUDA; requests/s and median latency, one request at a time and `--inflight` at once.
 2. Periphery with default flags on local nodes started with `--device cuda` (all on GPU 0, as
-   on a one-GPU host): K = 1 and K = 2 (the planner's balanced cuts), `--inflight` requests in
-   flight; requests/s, the GPU use and memory the nodes reported (the master's fold of their
-   stats), and each result's error against the CPU session's (the CUDA provider computes
-   convolutions and matmuls in TF32) and against plain ONNX Runtime on the same device
-   (sharding's own error: 0 where the shards reproduce the unsharded model bit for bit).
+   on a one-GPU host): K = 1 with one worker (one request computed at a time) and with the
+   default workers (`periphery-node --workers`), and K = 2 (the planner's balanced cuts),
+   `--inflight` requests in flight; requests/s, the GPU use and memory the nodes reported
+   (the master's fold of their stats), and each result's error against the CPU session's
+   (the CUDA provider computes convolutions and matmuls in TF32) and against plain ONNX
+   Runtime on the same device (sharding's own error: 0 where the shards reproduce the
+   unsharded model bit for bit).
 3. A language model's decoder stage, KV caches kept in GPU memory against copied to and from
    the host each step (`StatefulStage(on_device=...)`), ms per decode step at a long context;
    then greedy generation over local nodes (`--device cuda`, K = 1 and 2, and CPU nodes):
@@ -44,6 +46,7 @@ from rich.table import Table
 
 from periphery_core.cluster.local import LocalCluster
 from periphery_core.cluster.master import Master
+from periphery_core.cluster.node_data import default_workers
 from periphery_core.cluster.pipeline import Pipeline
 from periphery_core.cluster.state import ClusterState
 from periphery_core.cluster.tracker import StateTracker
@@ -145,11 +148,12 @@ def plain_bound(path: Path, feeds: list[dict[str, np.ndarray]], device: str
 
 
 def periphery(path: Path, shapes: dict, feeds: list[dict[str, np.ndarray]], k: int,
-              inflight: int, references: dict[str, list[list[np.ndarray]]], device: str
-              ) -> dict[str, float]:
+              inflight: int, references: dict[str, list[list[np.ndarray]]], device: str,
+              workers: int | None = None) -> dict[str, float]:
     loaded = load_model(path)
     analysis = analyze(loaded, shapes)
-    with LocalCluster(k, device=device) as local, Master(keys=local.master_keys) as master:
+    with LocalCluster(k, device=device, workers=workers) as local, \
+            Master(keys=local.master_keys) as master:
         tracker = StateTracker(master.bus, ClusterState.empty())  # before the nodes join
         for address in local.addresses:
             master.connect(address)
@@ -377,12 +381,14 @@ def main() -> int:
     bound = plain_bound(args.model, feeds, device)
     t.add_row(f"ONNX Runtime, {device}, outputs left there", f"{bound['rps_one']:.1f}", "-",
               f"{bound['p50_s'] * 1e3:.2f} ms", "-", "-", "-", "-")
-    for k in (1, 2):
-        r = periphery(args.model, shapes, feeds, k, args.inflight, references, device)
+    for k, workers in ((1, 1), (1, None), (2, None)):
+        r = periphery(args.model, shapes, feeds, k, args.inflight, references, device, workers)
         if r.get("device", r["cpu"]) > SHARDED_MAX or r["cpu"] > DEVICE_MAX:
             failures.append(f"K = {k}: error {r.get('device', r['cpu']):.2g} against unsharded "
                             f"ONNX Runtime on {device}, {r['cpu']:.2g} against the CPU")
-        t.add_row(f"Periphery K = {k}, --device {device}", "-", f"{r['rps']:.1f}", "-",
+        each = f"--workers {workers}" if workers else \
+            f"{default_workers(device)} workers (the default)"
+        t.add_row(f"Periphery K = {k}, --device {device}, {each}", "-", f"{r['rps']:.1f}", "-",
                   "-" if np.isnan(r["gpu_percent"]) else f"{r['gpu_percent']:.0f}%",
                   human_bytes(r["gpu_memory_bytes"]) if r["gpu_memory_bytes"] else "-",
                   f"{r['cpu']:.2g} ({r['cpu_abs']:.2g})",

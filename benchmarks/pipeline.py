@@ -8,13 +8,14 @@
      split between them;
    - Periphery K = 1, 2, 3 on local node processes with default flags (graph optimizations on,
      CurveZMQ keys, the cores shared out among the nodes, links on this host's private
-     sockets), 8 requests in flight; and K = 2 with every link on CurveZMQ TCP, as between
+     sockets), 8 requests in flight; K = 1 on one node that computes one request per core at
+     once, a thread each (`--workers`); and K = 2 with every link on CurveZMQ TCP, as between
      hosts;
    - Periphery with the shape its planner picks for one node per core (R replicas of K stages,
      `partition.shape`), the same defaults.
    Each row's ratio is against plain ONNX Runtime in one process. Pipeline efficiency is
-   throughput x the slowest stage's measured compute per request / replicas: 1.0 when the
-   slowest stage never waits for work. Master CPU per request is this process's CPU time (the
+   throughput x the slowest stage's measured compute per request / (replicas x workers): 1.0
+   when the slowest stage never waits for work. Master CPU per request is this process's CPU time (the
    master's threads and the loop submitting to it) over the timed requests: what the master
    takes from the cores it shares with the nodes here.
 2. What one hop adds: a 2-Relu model over a 4 KiB, 1 MiB and 8 MiB activation, one request at a
@@ -157,12 +158,13 @@ def replicas_rps(requests: int) -> float:
 
 # ---------------------------------------------------------------------- Periphery
 
-def periphery_run(k: int | None, requests: int, inflight: int,
-                  same_host_ipc: bool = True) -> tuple[float, float, str, float]:
+def periphery_run(k: int | None, requests: int, inflight: int, same_host_ipc: bool = True,
+                  workers: int | None = None) -> tuple[float, float, str, float]:
     """Requests/s of the demo model on k local nodes (None: one per core, the planner's
-    shape), the slowest stage's median compute per replica, the shape, and the CPU seconds per
-    request of this process: the master and the loop submitting to it (what the cores the
-    nodes share pay for the master)."""
+    shape), the slowest stage's median compute per replica and worker (a stage computing two
+    at once serves one per half its compute), the shape, and the CPU seconds per request of
+    this process: the master and the loop submitting to it (what the cores the nodes share pay
+    for the master)."""
     compute: dict[int, list[float]] = defaultdict(list)
 
     def on_event(e: ev.Event) -> None:
@@ -170,7 +172,7 @@ def periphery_run(k: int | None, requests: int, inflight: int,
             for s in e.stages:
                 compute[s.stage].append(s.compute_s)
 
-    with LocalCluster(k or CORES) as local, \
+    with LocalCluster(k or CORES, workers=workers) as local, \
             local.master(same_host_ipc=same_host_ipc) as master:
         pipeline = deployed(master, DEMO, k)
         assert pipeline.plan is not None
@@ -185,7 +187,7 @@ def periphery_run(k: int | None, requests: int, inflight: int,
         wall, cpu = time.perf_counter() - t0, _cpu_s() - cpu0
         pipeline.close()
     slowest = max(statistics.median(v) for v in compute.values())
-    return requests / wall, slowest / replicas, shape, cpu / requests
+    return requests / wall, slowest / replicas / (workers or 1), shape, cpu / requests
 
 
 def _cpu_s() -> float:
@@ -200,15 +202,20 @@ def throughput(requests: int, inflight: int, repeat: int) -> list[dict]:
     master_cpu: dict[str, list[float]] = defaultdict(list)
     names = {"plain": f"ONNX Runtime, 1 process x {CORES} threads",
              "replicas": f"ONNX Runtime, {CORES} processes x 1 thread (replicas)",
-             **{f"k{k}": f"Periphery K = {k}, defaults" for k in (1, 2, 3)},
+             "k1": "Periphery K = 1, defaults",
+             "k1w": f"Periphery K = 1, --workers {CORES} ({CORES} requests at once, a thread "
+                    "each)",
+             **{f"k{k}": f"Periphery K = {k}, defaults" for k in (2, 3)},
              "k2tcp": "Periphery K = 2, every link on CurveZMQ TCP (as between hosts)",
              "pick": "Periphery, the planner's shape"}
     for _ in range(repeat):  # in turn, so that every configuration sees the same machine
         runs["plain"].append(plain_rps(requests))
         runs["replicas"].append(replicas_rps(requests))
-        for k, key in ((1, "k1"), (2, "k2"), (2, "k2tcp"), (3, "k3"), (None, "pick")):
+        for k, key in ((1, "k1"), (1, "k1w"), (2, "k2"), (2, "k2tcp"), (3, "k3"),
+                       (None, "pick")):
             rps, slow, shape, cpu = periphery_run(k, requests, inflight,
-                                                  same_host_ipc=key != "k2tcp")
+                                                  same_host_ipc=key != "k2tcp",
+                                                  workers=CORES if key == "k1w" else None)
             runs[key].append(rps)
             slowest[key].append(slow)
             master_cpu[key].append(cpu)

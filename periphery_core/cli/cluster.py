@@ -23,6 +23,7 @@ from periphery_core.cli.common import (
     json_option,
     local_device,
     warn_cpu_fallback,
+    workers_option,
 )
 from periphery_core.discovery import NodeAddress
 from periphery_core.errors import PeripheryError
@@ -45,9 +46,12 @@ def cluster() -> None:
 @click.option("--insecure", is_flag=True, help="Start the nodes without keys.")
 @click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda[:N]",
               help="What the nodes run their stages on.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Requests each node computes at once (default: 1 on a CPU, 4 on CUDA); on a "
+                   "CPU each node's threads are shared out among them.")
 @handle_errors
 def cluster_up(nodes: int, advertise: bool, threads: int | None, insecure: bool,
-               device: str) -> None:
+               device: str, workers: int | None) -> None:
     """Start N periphery-node processes on this machine; Ctrl-C or SIGTERM stops them cleanly.
 
     Unless --insecure, the nodes get fresh keys; the master's key folder is printed, for
@@ -70,7 +74,7 @@ def cluster_up(nodes: int, advertise: bool, threads: int | None, insecure: bool,
                 if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         with LocalCluster(nodes, advertise=advertise, threads=threads,
-                          secure=not insecure, device=device) as local:
+                          secure=not insecure, device=device, workers=workers) as local:
             for n in local.nodes:
                 console.print(f"{n.address.name}  --peer {n.address.host}:{n.address.port}  "
                               f"id {n.address.node_id[:12]}")
@@ -253,6 +257,7 @@ def connect_nodes(master: Any, cluster_ctx: Any, peers: tuple[str, ...], mdns: b
 @click.option("--local", "local", is_flag=True,
               help="Start one local node process per stage (no other nodes needed).")
 @device_option
+@workers_option
 @click.option("--mdns/--no-mdns", default=True, show_default=True,
               help="Find nodes over mDNS when --peer and --local give too few.")
 @click.option("--requests", "-n", "count", default=100, show_default=True)
@@ -275,7 +280,8 @@ def connect_nodes(master: Any, cluster_ctx: Any, peers: tuple[str, ...], mdns: b
 @json_option
 @handle_errors
 def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, device: str,
-        mdns: bool, count: int, inflight: int, micro_batch: int | None, inputs_path: Path | None,
+        workers: int | None, mdns: bool, count: int, inflight: int, micro_batch: int | None,
+        inputs_path: Path | None,
         check: bool, metrics_port: int | None, optimize: bool, rebalance: bool,
         keys: Path | None, insecure: bool, input_shapes: tuple[str, ...],
         as_json: bool) -> None:
@@ -302,6 +308,9 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, devic
     if count < 1 or inflight < 1:
         raise PeripheryError("--requests and --inflight must be at least 1")
     local_device(device, local)
+    if workers is not None and not local:
+        raise PeripheryError("--workers sets the --local nodes' workers: give it with --local "
+                             "(a node started by hand takes 'periphery-node --workers')")
     plan = load_plan(plan_path)
     loaded = load_model(model)
     require_plan_for(plan, loaded.sha256, loaded.name, str(plan_path))
@@ -318,8 +327,8 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, devic
     rebalances: list[ev.Rebalanced] = []
     from periphery_core.cluster.keys import keyring_or_insecure
 
-    cluster_ctx = LocalCluster(plan.nodes_needed, secure=not insecure, device=device) \
-        if local else None
+    cluster_ctx = LocalCluster(plan.nodes_needed, secure=not insecure, device=device,
+                               workers=workers) if local else None
     ring = None if local else keyring_or_insecure(keys, insecure)
     stack = contextlib.ExitStack()
     try:

@@ -86,6 +86,14 @@ def device_option(fn: F) -> F:
              "the CPU for what it lacks).")(fn)
 
 
+def workers_option(fn: F) -> F:
+    """--workers for the nodes that --local starts."""
+    return click.option(
+        "--workers", type=click.IntRange(min=1), default=None, metavar="N",
+        help="Requests each --local node computes at once (default: 1 on a CPU, 4 on CUDA); "
+             "on a CPU each node's threads are shared out among them.")(fn)
+
+
 def local_device(device: str, local: bool) -> None:
     """--device checked: a device there is, and --local to start nodes on it."""
     from periphery_core.runtime.gpu import parse_device

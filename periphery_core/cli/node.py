@@ -51,6 +51,9 @@ if TYPE_CHECKING:
 @click.option("--data-port", default=0, help="Activation port (default: any free port).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @click.option("--threads", default=0, help="ONNX Runtime intra-op threads (0: its default).")
+@click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Requests the stage computes at once (default: 1 on a CPU, 4 on CUDA); on a "
+                   "CPU the threads are shared out among them.")
 @click.option("--kv-budget", default=None, metavar="SIZE",
               help="Most KV cache a language model's stage may hold here, e.g. 8GiB "
                    "(default: a quarter of the memory it lives in, the GPU's with cuda).")
@@ -72,7 +75,8 @@ if TYPE_CHECKING:
                    "(a short benchmark that would disturb a latency measurement).")
 @handle_errors
 def node(name: str | None, host: str, port: int, data_port: int, device: str, threads: int,
-         kv_budget: str | None, no_advertise: bool, mdns_interfaces: tuple[str, ...],
+         workers: int | None, kv_budget: str | None, no_advertise: bool,
+         mdns_interfaces: tuple[str, ...],
          keys: Path | None, insecure: bool, parent_pid: int | None, state_dir: Path | None,
          no_recalibrate: bool) -> None:
     """Run a Periphery node: receive a shard, run it, stream activations to the next stage."""
@@ -93,7 +97,8 @@ def node(name: str | None, host: str, port: int, data_port: int, device: str, th
     try:
         _serve(NodeConfig(
             name=name or platform.node(), host=host, port=port, data_port=data_port,
-            device=device, threads=threads, kv_budget=budget, advertise=not no_advertise,
+            device=device, threads=threads, workers=workers or 0, kv_budget=budget,
+            advertise=not no_advertise,
             mdns_interfaces=mdns_interfaces or None, keys=ring,
             private_parent=Path.cwd(),  # its sockets for this host live in its state folder
             recalibrate=not no_recalibrate,

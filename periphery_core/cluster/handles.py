@@ -52,6 +52,7 @@ class NodeHandle:
     master_silent_s: float = 0.0  # how long the node had heard from no master, at hello
     data_ipc: str = ""  # its data socket for processes on its host (same_host.py)
     host: str = ""  # its host's identity (same_host.host_identity); '' unknown
+    workers: int = 1  # requests it computes at once
     socket: Any = None
     waiters: dict[str, list[Future]] = field(default_factory=dict)
 

@@ -49,7 +49,8 @@ class LocalCluster:
 
     def __init__(self, n: int, *, advertise: bool = False, threads: int | None = None,
                  log_dir: Path | None = None, start_timeout: float = 30.0,
-                 secure: bool = True, device: str = "cpu", recalibrate: bool = True) -> None:
+                 secure: bool = True, device: str = "cpu", recalibrate: bool = True,
+                 workers: int | None = None) -> None:
         """Args:
             threads: ONNX Runtime threads per node; None: this machine's cores shared out
                 (cores // n, at least 1), so one local stage uses every core as plain ONNX
@@ -60,12 +61,15 @@ class LocalCluster:
             device: every node's `--device` (`cuda:N`: all on GPU N).
             recalibrate: False starts the nodes `--no-recalibrate` (benchmarks that time
                 requests on an otherwise idle host).
+            workers: every node's `--workers` (None: the node's default for its device);
+                on a CPU each node's threads are shared out among them.
         """
         if n < 1:
             raise PeripheryError("a local cluster needs at least one node")
         self.secure = secure
         self.device = device
         self.recalibrate = recalibrate
+        self.workers = workers
         self.keys_dir: Path | None = None
         self.master_keys: KeyRing | None = None
         self.n = n
@@ -120,6 +124,8 @@ class LocalCluster:
                 cmd.append("--insecure")
             if not self.recalibrate:
                 cmd.append("--no-recalibrate")
+            if self.workers:
+                cmd += ["--workers", str(self.workers)]
             if self.advertise:
                 cmd += ["--mdns-interface", "127.0.0.1"]
             else:

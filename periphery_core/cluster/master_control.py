@@ -314,6 +314,7 @@ class Control:
                 if isinstance(held[0], int) and held[0] >= 0 and held[1] else None
             handle.master_silent_s = float(f.get("master_silent_s", 0.0) or 0.0)
             handle.data_ipc, handle.host = str(f.get("ipc") or ""), str(f.get("host") or "")
+            handle.workers = int(f.get("workers", 1) or 1)
             handle.speed = parse_speed(f.get("speed"))
             if handle.lost:
                 handle.lost = False

@@ -36,8 +36,14 @@ import zmq
 from periphery_core.cluster import same_host
 from periphery_core.cluster.keys import Guard, KeyRing
 from periphery_core.cluster.node_control import ControlChannel
-from periphery_core.cluster.node_data import Deployment, NodeDataPath, warm_up
-from periphery_core.cluster.shard_policy import require_self_contained
+from periphery_core.cluster.node_data import (
+    Deployment,
+    NodeDataPath,
+    default_workers,
+    run_threads,
+    warm_up,
+)
+from periphery_core.cluster.shard_policy import check_destinations, require_self_contained
 from periphery_core.cluster.speed import device_description, measure_speed
 from periphery_core.errors import ClusterError
 from periphery_core.generate.stateful import StatefulStage, stage_state
@@ -76,6 +82,7 @@ class NodeConfig:
     private_parent: Path | None = None  # where its folder for that socket goes (None: temp)
     recalibrate: bool = True  # measure the speed again while idle (False: once, at start)
     kv_budget: int = 0  # bytes of KV cache a decoder stage may hold; 0: a quarter of memory
+    workers: int = 0  # requests the stage computes at once; 0: node_data.default_workers
 
 
 @dataclass
@@ -134,7 +141,7 @@ class NodeDaemon:
             self._private, self.data_ipc = same_host.bind_private(self.pull, "data",
                                                                   cfg.private_parent)
         self.data = NodeDataPath(self.ctx, self.guard, self.pull, cfg.limits, cfg.queue_depth,
-                             self._stop)
+                                 self._stop, cfg.workers or default_workers(cfg.device))
         self._measure()  # before serving: a master's first hello already gets a speed
         loops = [("data", self.data.run), ("stats", self._stats_loop)]
         for name, target in loops + ([("calibrate", self._calibrate)] if cfg.recalibrate
@@ -275,6 +282,7 @@ class NodeDaemon:
                 "exact": dep.exact if dep else True,
                 "master_silent_s": round(silent, 3),
                 "ipc": self.data_ipc, "host": same_host.host_identity() if self.data_ipc else "",
+                "workers": self.data.workers if self.data is not None else 1,
             })
         elif kind == "deploy_begin":
             self._begin_upload(ident, msg)
@@ -300,25 +308,7 @@ class NodeDaemon:
             raise WireError(f"shard of {size} bytes is outside 1..{self.config.max_shard_bytes}")
         if f["stage"] >= f["stages"]:
             raise WireError(f"deploy_begin names stage {f['stage']} of {f['stages']}")
-        for key in ("next", "results"):
-            endpoint = f[key]
-            if same_host.is_ipc(endpoint) and (why := same_host.check_endpoint(endpoint)):
-                raise WireError(f"deploy_begin '{key}': {why}")
-        if ring := self.guard.ring:
-            # activations go only to a trusted node, results only to a trusted master (over
-            # TCP; a private socket of this host admits no one else: same_host.py)
-            last = f["next"] == f["results"]
-            for key, trusted, who in (
-                    ("next", *((ring.masters, "a master") if last else (ring.nodes, "a node"))),
-                    ("results", ring.masters, "a master")):
-                if same_host.is_ipc(f[key]):
-                    continue
-                if not f.get(f"{key}_key"):
-                    raise WireError(f"deploy_begin needs '{key}_key' on a secure cluster")
-                if f[f"{key}_key"].encode() not in trusted:
-                    what = "next stage" if key == "next" else "results endpoint"
-                    raise WireError(f"deploy_begin names a {what} whose key is not trusted as "
-                                    f"{who} here")
+        check_destinations(f, self.guard.ring)
         if f.get("reuse") is True:
             self._reuse(ident, f)
             return
@@ -376,7 +366,9 @@ class NodeDaemon:
             require_self_contained(model)  # no reading of this host's files (shard_policy.py)
             providers = providers_for(self.config.device)
             exact = bool(up.fields.get("exact", True))
-            runner = StageRunner(model, SessionConfig(exact=exact, threads=self.config.threads,
+            assert self.data is not None  # started before any master can deploy
+            threads = run_threads(self.config.threads, self.data.workers, self.config.device)
+            runner = StageRunner(model, SessionConfig(exact=exact, threads=threads,
                                                       providers=providers))
             provider = runner.session.get_providers()[0]
             if self.config.device.startswith("cuda") and provider != "CUDAExecutionProvider" \

@@ -1,17 +1,28 @@
 """A node's data path: receive a request, run it on the node's stage, send its outputs on.
 
-All of it in one thread (`NodeDataPath.run`), so a hop wakes one thread on each side: with the
-receiving, computing and sending in threads of their own, on a host whose cores all compute
-(pipelined sequences) every hand-off waited for a core, 0.7 ms a step at K = 2 with four
-sequences. ZeroMQ queues what arrives meanwhile; while the next stage is full the thread waits
-to send and stops receiving, which holds the stages before it back in turn (backpressure), and
-a new deployment makes it drop what it holds for the old pipeline (the master replays those).
-A frame that does not parse is counted and dropped; a request that fails, fails alone.
+Each worker thread does all of it for one request at a time (`NodeDataPath.run`), so a hop
+wakes one thread on each side: with the receiving, computing and sending in threads of their
+own, on a host whose cores all compute (pipelined sequences) every hand-off waited for a core,
+0.7 ms a step at K = 2 with four sequences. ZeroMQ queues what arrives meanwhile; while the
+next stage is full a worker waits to send and stops receiving, which holds the stages before it
+back in turn (backpressure), and a new deployment makes it drop what it holds for the old
+pipeline (the master replays those). A frame that does not parse is counted and dropped; a
+request that fails, fails alone.
+
+With several workers (`periphery-node --workers N`) the stage computes that many requests at
+once in one ONNX Runtime session (whose `run` is thread-safe): the workers take turns on the
+receiving socket and on the sending ones (a lock each: a ZeroMQ socket is used by one thread
+at a time) and compute in parallel, each with the node's threads shared out (`run_threads`).
+A GPU overlaps one request's copies and kernel launches with another's kernels; many CPU
+cores do more work as a few runs of a few threads each than as one run over all of them. A
+language model's stage takes its steps one at a time, in the order they came, whatever the
+workers (a sequence's caches grow step by step).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -40,6 +51,26 @@ _ORT_DTYPES = {
     "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
     "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
 }
+CUDA_WORKERS = 4  # requests a stage on a GPU computes at once unless told
+
+
+def default_workers(device: str) -> int:
+    """Requests a stage computes at once when the node is not told: one on a CPU (a lone
+    request keeps every thread), CUDA_WORKERS on a GPU (a lone request loses nothing there)."""
+    return CUDA_WORKERS if device.startswith("cuda") else 1
+
+
+def run_threads(threads: int, workers: int, device: str) -> int:
+    """ONNX Runtime's intra-op threads for one run when `workers` run at once (0: its default).
+
+    On a CPU the node's threads (every core, when not told) are shared out among the workers,
+    at least one each: runs that each ask for every core crowd each other out (measured on 2
+    cores: 2 runs of 2 threads serve 0.80x of 1 run of 2, 2 runs of 1 thread 1.06x). On a GPU
+    the threads only run what CUDA lacks; they stay as told.
+    """
+    if workers <= 1 or device.startswith("cuda"):
+        return threads
+    return max(1, (threads or os.cpu_count() or 1) // workers)
 
 
 def warm_up(runner: StageRunner) -> None:
@@ -126,15 +157,21 @@ class NodeDataPath:
         limits: what a message may hold.
         queue_depth: the high-water mark of the sockets to the next stage.
         stop: set when the node stops.
+        workers: requests computed at once (threads taking turns on the sockets).
     """
 
     def __init__(self, ctx: zmq.Context, guard: Guard, pull: zmq.Socket, limits: Limits,
-                 queue_depth: int, stop: threading.Event) -> None:
+                 queue_depth: int, stop: threading.Event, workers: int = 1) -> None:
         self.ctx, self.guard, self.pull = ctx, guard, pull
         self._limits, self._queue_depth, self._stop = limits, queue_depth, stop
+        self.workers = max(1, workers)
         self.deployment: Deployment | None = None
         self.rejected = 0  # data frames that did not parse
-        self.busy = False  # the thread holds a request
+        self._holding = 0  # requests the workers hold (under _count_lock)
+        self._count_lock = threading.Lock()
+        self._receiving = threading.Lock()  # the PULL socket, one worker at a time
+        self._sending = threading.Lock()  # the wiring and its sockets, one worker at a time
+        self._wiring = _Wiring()
         # Set by a new deployment until the thread has wired to it: what it holds until then
         # belongs to the old pipeline, whose next stage may be unreachable.
         self._rewire = threading.Event()
@@ -174,51 +211,110 @@ class NodeDataPath:
         sock.close(linger=500)
         return len(ids)
 
+    @property
+    def busy(self) -> bool:
+        """A worker holds a request."""
+        return self._holding > 0
+
     def run(self) -> None:
-        """The loop of the data thread, until the node stops."""
-        wiring = _Wiring()
+        """The workers' loops, until the node stops: this thread's and `workers - 1` more.
+
+        A worker that dies stops the node (as the node's own guard does for this thread): its
+        exception is raised here once every worker has ended.
+        """
         # A blocking receive that gives up after POLL_MS (to look at stop and rewires) wakes
         # once per request; a poll before it cost a second pass through ZeroMQ and Python.
         self.pull.setsockopt(zmq.RCVTIMEO, POLL_MS)
+        died: list[BaseException] = []
+
+        def helper() -> None:
+            try:
+                self._work()
+            except BaseException as exc:
+                died.append(exc)
+                self._stop.set()
+
+        helpers = [threading.Thread(target=helper, name=f"node-data-{i}", daemon=True)
+                   for i in range(1, self.workers)]
+        for t in helpers:
+            t.start()
         try:
-            while not self._stop.is_set():
-                if self._rewire.is_set():
-                    self._take_rewires(wiring)
-                t_free = time.time()
+            self._work()
+        finally:
+            for t in helpers:
+                t.join()
+            self._wiring.close()
+        if died:
+            raise died[0]
+
+    def _work(self) -> None:
+        """One worker's loop: receive, compute, send on, one request at a time.
+
+        A decoder's stage (its KV caches) takes its requests in the order they came, each
+        computed and sent on before the next is taken: the worker keeps the receiving socket
+        until it is done (chunks of one prompt follow each other without waiting).
+        """
+        while not self._stop.is_set():
+            if self._rewire.is_set():
+                with self._sending:
+                    self._take_rewires(self._wiring)
+            t_free = time.time()
+            self._receiving.acquire()
+            in_order = True
+            try:
                 try:
                     frames = self.pull.recv_multipart(copy=False)
                 except zmq.ZMQError:  # (zmq.Again: nothing came within POLL_MS)
                     continue
-                t_taken = time.time()
-                try:
-                    msg = decode(frames, self._limits)  # raises WireError and nothing else
-                    if msg.kind != "activation":
-                        raise WireError(f"'{msg.kind}' is not a data message")
-                except WireError as exc:
-                    self.rejected += 1
-                    log.warning("rejected data message: %s", exc)
-                    continue
-                t_recv = arrival(msg, t_free, t_taken)
-                self.busy = True
-                try:
-                    item = self._compute(msg, t_recv)
-                except Exception as exc:  # a bug with one request: fail it alone, keep serving
-                    log.exception("request %s dropped", msg.fields.get("id"))
-                    item = ("failure", {"id": msg.fields["id"], "stage": -1,
-                                        "epoch": msg.fields.get("epoch", 0),
-                                        "reason": f"the node failed on it: "
-                                                  f"{type(exc).__name__}"})
-                if item is not None:
-                    if self._rewire.is_set():
-                        self._take_rewires(wiring)
-                    if not self._rewire.is_set():  # else it belongs to the replaced pipeline
-                        try:
-                            self._send(wiring, *item)
-                        except Exception:  # one that cannot go is dropped; the rest still go
-                            log.exception("outgoing %s dropped", item[0])
-                self.busy = False
+                dep = self.deployment
+                in_order = dep is not None and isinstance(dep.runner, StatefulStage)
+                if not in_order:
+                    self._receiving.release()
+                self._take(frames, t_free)
+            finally:
+                if in_order:
+                    self._receiving.release()
+
+    def _take(self, frames: list[Any], t_free: float) -> None:
+        """Decode one request (count and drop what does not parse) and handle it."""
+        t_taken = time.time()
+        try:
+            msg = decode(frames, self._limits)  # raises WireError and nothing else
+            if msg.kind != "activation":
+                raise WireError(f"'{msg.kind}' is not a data message")
+        except WireError as exc:
+            with self._count_lock:
+                self.rejected += 1
+            log.warning("rejected data message: %s", exc)
+            return
+        t_recv = arrival(msg, t_free, t_taken)
+        with self._count_lock:
+            self._holding += 1
+        try:
+            self._handle(msg, t_recv)
         finally:
-            wiring.close()
+            with self._count_lock:
+                self._holding -= 1
+
+    def _handle(self, msg: Message, t_recv: float) -> None:
+        """Compute one request and send what comes of it on."""
+        try:
+            item = self._compute(msg, t_recv)
+        except Exception as exc:  # a bug with one request: fail it alone, keep serving
+            log.exception("request %s dropped", msg.fields.get("id"))
+            item = ("failure", {"id": msg.fields["id"], "stage": -1,
+                                "epoch": msg.fields.get("epoch", 0),
+                                "reason": f"the node failed on it: {type(exc).__name__}"})
+        if item is None:
+            return
+        with self._sending:
+            if self._rewire.is_set():
+                self._take_rewires(self._wiring)
+            if not self._rewire.is_set():  # else it belongs to the replaced pipeline
+                try:
+                    self._send(self._wiring, *item)
+                except Exception:  # one that cannot go is dropped; the rest still go
+                    log.exception("outgoing %s dropped", item[0])
 
     def _compute(self, msg: Message, t_recv: float) -> tuple[str, Any] | None:
         """Run one request; what to send on (None: nothing, it is for a replaced pipeline)."""

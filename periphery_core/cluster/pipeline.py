@@ -43,6 +43,7 @@ from periphery_core.cluster.rebalance import (
     StageMeter,
     imbalance,
     measured_plan,
+    per_worker,
 )
 from periphery_core.errors import ClusterError, PeripheryError
 from periphery_core.generate.decoder import DecoderSpec
@@ -361,7 +362,8 @@ class Pipeline:
 
     def _rebalance(self) -> None:
         """Move the cuts if the measured stage compute says so (cluster.rebalance)."""
-        measured = self._meter.medians()
+        medians = self._meter.medians()
+        measured = per_worker(medians, self._workers(len(medians)))
         # Profile only when the stages are uneven, and before taking the deploy lock: a
         # recovery need not wait for the master to run the whole model.
         profile = self._profile() if imbalance(measured) > THRESHOLD else None
@@ -389,6 +391,15 @@ class Pipeline:
                 before=tuple(len(s.nodes) for s in plan.stages),
                 after=tuple(len(s.nodes) for s in moved.stages),
                 predicted_s=max(s.compute_s for s in moved.stages), replayed=replayed))
+
+    def _workers(self, k: int) -> list[int]:
+        """Per stage, the requests its nodes compute at once (the fewest of its replicas')."""
+        stages: list[list[int]] = [[] for _ in range(k)]
+        for slot, node_id in enumerate(self.assignment):
+            handle = self.master.nodes.get(node_id)
+            if handle is not None and k:
+                stages[slot % k].append(handle.workers)
+        return [min(w, default=1) for w in stages]
 
     def _profile(self) -> ModelAnalysis | None:
         """The model profiled on this host, once, to divide a stage's measured time among its

@@ -44,6 +44,13 @@ def imbalance(measured_s: Sequence[float]) -> float:
     return max(measured_s) / mean - 1.0 if mean > 0 else 0.0
 
 
+def per_worker(measured_s: Sequence[float], workers: Sequence[int]) -> list[float]:
+    """Each stage's measured compute per request over the requests its node computes at once
+    (`periphery-node --workers`): a stage computing two at once, each in 10 ms, serves one
+    every 5 ms, and that is what balances against the other stages."""
+    return [m / max(1, w) for m, w in zip(measured_s, workers, strict=True)]
+
+
 def measured_plan(analysis: ModelAnalysis, plan: ShardPlan, measured_s: Sequence[float],
                   profile: ModelAnalysis | None = None) -> ShardPlan | None:
     """The balanced plan on `measured_s` (each stage's median compute per request), or None

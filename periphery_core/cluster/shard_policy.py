@@ -1,4 +1,10 @@
-"""What a node accepts as a shard: a self-contained model, nothing that reaches its disk.
+"""What a node accepts in a deploy: where its outputs go, and a shard that reaches no disk.
+
+A deploy names where the stage's outputs go: activations only to a node, results only to a
+master, each trusted by its key (over TCP; a private socket of this host admits no one else,
+same_host.py). `check_destinations` refuses anything else.
+
+The shard must be a self-contained model, nothing that reaches the node's disk.
 
 ONNX Runtime resolves a tensor's external-data `location` against the process's working
 directory and reads any file below it. A shard that names, say, the node's key folder as
@@ -10,15 +16,45 @@ constant attributes, If/Loop/Scan bodies and model-local functions.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import onnx
 
+from periphery_core.cluster import same_host
+from periphery_core.cluster.keys import KeyRing
 from periphery_core.errors import ClusterError
+from periphery_core.wire import WireError
 
 
 class ShardRefused(ClusterError):
     """A shard a node will not load."""
+
+
+def check_destinations(f: Mapping[str, Any], ring: KeyRing | None) -> None:
+    """Refuse a deploy_begin whose `next` or `results` endpoint the node may not send to.
+
+    Raises:
+        WireError: what is wrong, in one line.
+    """
+    for key in ("next", "results"):
+        endpoint = f[key]
+        if same_host.is_ipc(endpoint) and (why := same_host.check_endpoint(endpoint)):
+            raise WireError(f"deploy_begin '{key}': {why}")
+    if not ring:
+        return
+    last = f["next"] == f["results"]
+    for key, trusted, who in (
+            ("next", *((ring.masters, "a master") if last else (ring.nodes, "a node"))),
+            ("results", ring.masters, "a master")):
+        if same_host.is_ipc(f[key]):
+            continue
+        if not f.get(f"{key}_key"):
+            raise WireError(f"deploy_begin needs '{key}_key' on a secure cluster")
+        if f[f"{key}_key"].encode() not in trusted:
+            what = "next stage" if key == "next" else "results endpoint"
+            raise WireError(f"deploy_begin names a {what} whose key is not trusted as "
+                            f"{who} here")
 
 
 def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:

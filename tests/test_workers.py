@@ -119,3 +119,14 @@ def test_run_local_workers_as_a_user_types_it(tmp_path: Path) -> None:
                      r"--workers sets the --local nodes' workers: give it with --local")
     assert_bad_input(cli("run", DEMO, "--plan", plan, "--local", "--workers", "0"),
                      r"--workers")
+
+
+def test_cluster_ls_says_how_many_requests_each_node_computes_at_once() -> None:
+    with LocalCluster(1, workers=3) as local:
+        (a,) = local.addresses
+        rows = json.loads(ok("cluster", "ls", "--no-mdns", "--json", "--keys",
+                             local.keys_dir / "master", "--peer", f"{a.host}:{a.port}").stdout)
+        table = ok("cluster", "ls", "--no-mdns", "--keys", local.keys_dir / "master", "--peer",
+                   f"{a.host}:{a.port}").stdout
+    assert [r["workers"] for r in rows] == [3]
+    assert "workers" in table

@@ -186,22 +186,23 @@ def cluster_ls(peers: tuple[str, ...], mdns: bool, interfaces: tuple[str, ...], 
                 continue
             rows.append({"name": h.name, "id": h.node_id, "address": f"{a.host}:{a.port}",
                          "source": a.source, "device": h.device, "cores": h.cores,
-                         "memory": h.memory, "speed": h.speed, "rtt_s": h.rtt_s,
-                         "bandwidth": h.bandwidth})
+                         "workers": h.workers, "memory": h.memory, "speed": h.speed,
+                         "rtt_s": h.rtt_s, "bandwidth": h.bandwidth})
         if write_devices is not None:
             _write_devices(write_devices, master.devices())
     if as_json:
         print_json(rows)
         return
     t = Table(title=f"{len(rows)} nodes", title_justify="left")
-    for col in ("name", "address", "device", "cores", "memory", "speed", "rtt", "link"):
+    for col in ("name", "address", "device", "cores", "workers", "memory", "speed", "rtt",
+                "link"):
         t.add_column(col)
     for r in rows:
         if "error" in r:
-            t.add_row("?", r["address"], f"[red]{r['error']}[/]", "", "", "", "", "")
+            t.add_row("?", r["address"], f"[red]{r['error']}[/]", "", "", "", "", "", "")
             continue
         t.add_row(r["name"], r["address"], r["device"][:32], str(r["cores"]),
-                  human_bytes(r["memory"]),
+                  str(r["workers"]), human_bytes(r["memory"]),
                   f"{r['speed']:.2f}x" if r["speed"] is not None else "unknown",
                   human_seconds(r["rtt_s"] or 0),
                   f"{human_bytes(r['bandwidth'])}/s" if r["bandwidth"] else "?")

@@ -14,10 +14,13 @@
    - Periphery with the shape its planner picks for one node per core (R replicas of K stages,
      `partition.shape`), the same defaults.
    Each row's ratio is against plain ONNX Runtime in one process. Pipeline efficiency is
-   throughput x the slowest stage's measured compute per request / (replicas x workers): 1.0
-   when the slowest stage never waits for work. Master CPU per request is this process's CPU time (the
-   master's threads and the loop submitting to it) over the timed requests: what the master
-   takes from the cores it shares with the nodes here.
+   throughput x the slowest stage's mean compute per request / (replicas x workers): the
+   share of the time that stage computes (its utilization; 1.0 when it never waits for work).
+   The mean, not the median: a stage's capacity is one over its mean service time, and a run
+   slowed by a thread that took the core meanwhile occupies the stage all the same. Master CPU
+   per request is this process's CPU time (the master's threads and the loop submitting to
+   it) over the timed requests: what the master takes from the cores it shares with the nodes
+   here.
 2. What one hop adds: a 2-Relu model over a 4 KiB, 1 MiB and 8 MiB activation, one request at a
    time, latency(K = 2) - latency(K = 1), against a bare ZeroMQ round trip of the same bytes
    between two processes; every link on TCP as between hosts, with CurveZMQ keys on both (the
@@ -161,7 +164,7 @@ def replicas_rps(requests: int) -> float:
 def periphery_run(k: int | None, requests: int, inflight: int, same_host_ipc: bool = True,
                   workers: int | None = None) -> tuple[float, float, str, float]:
     """Requests/s of the demo model on k local nodes (None: one per core, the planner's
-    shape), the slowest stage's median compute per replica and worker (a stage computing two
+    shape), the slowest stage's mean compute per replica and worker (a stage computing two
     at once serves one per half its compute), the shape, and the CPU seconds per request of
     this process: the master and the loop submitting to it (what the cores the nodes share pay
     for the master)."""
@@ -186,7 +189,7 @@ def periphery_run(k: int | None, requests: int, inflight: int, same_host_ipc: bo
         list(pipeline.run_many((feeds[i % 8] for i in range(requests)), inflight=inflight))
         wall, cpu = time.perf_counter() - t0, _cpu_s() - cpu0
         pipeline.close()
-    slowest = max(statistics.median(v) for v in compute.values())
+    slowest = max(statistics.fmean(v) for v in compute.values())
     return requests / wall, slowest / replicas / (workers or 1), shape, cpu / requests
 
 
@@ -384,7 +387,7 @@ def main() -> int:
     tput = throughput(args.requests, args.inflight, args.repeat)
     t = Table(title=f"demo-resnet throughput ({CORES} cores, {args.inflight} in flight, medians "
                     f"of {args.repeat} runs in turn)", title_justify="left")
-    for col in ("run", "requests/s", "vs ONNX Runtime", "slowest stage", "efficiency",
+    for col in ("run", "requests/s", "vs ONNX Runtime", "slowest stage, mean", "efficiency",
                 "master CPU / request"):
         t.add_column(col, justify="left" if col == "run" else "right")
     for r in tput:

@@ -45,6 +45,11 @@ class NodeHandle:
     rtt_s: float | None = None
     bandwidth: float | None = None
     last_seen: float = 0.0
+    # When the oldest ping the node has not answered yet was sent (None: it has answered
+    # everything): the silence a loss is judged on. Time the master itself did not ping (a
+    # master busy serialising a big model's shards) is not the node's silence.
+    unanswered_since: float | None = None
+    loading_until: float = 0.0  # building a shard's session until then, or until ready/error
     lost: bool = False
     stage: int | None = None
     key: bytes | None = None  # the node's CurveZMQ public key (None: insecure)

@@ -45,6 +45,10 @@ _FROM_NODES = frozenset({"info", "pong", "ready", "error", "stats"})  # on the c
 _CHUNKS_PER_TURN = 4  # a few shard chunks per turn, so heartbeats flow during big uploads
 RETRY_S = 0.005  # a send that found a node's queue full is tried again this much later
 MAX_SLEEP_S = 0.25  # the loop looks at the stop flag at least this often
+# A node building a shard's session (parsing a big protobuf, ONNX Runtime's optimizations, CUDA
+# starting) holds Python's interpreter lock for seconds at a time, so it answers no ping
+# meanwhile; until it says ready or error it is lost only after this long without an answer.
+LOADING_LOST_S = 30.0
 
 
 class Control:
@@ -272,9 +276,10 @@ class Control:
             if handle.lost:  # keep asking: a node that answers again can rejoin
                 self.send(handle, encode("ping", {"t": now}))
                 continue
-            if now - handle.last_seen > self.lost_after_s:
+            limit = LOADING_LOST_S if now < handle.loading_until else self.lost_after_s
+            if handle.unanswered_since is not None and now - handle.unanswered_since > limit:
                 handle.lost = True
-                reason = f"no answer for {now - handle.last_seen:.1f} s"
+                reason = f"no answer for {now - handle.unanswered_since:.1f} s"
                 log.warning("node %s lost: %s", handle.name, reason)
                 self.bus.publish(ev.NodeLost(t=now, node_id=handle.node_id, reason=reason))
                 for waiters in handle.waiters.values():
@@ -284,7 +289,9 @@ class Control:
                 if handle.node_id in self._stage_nodes:
                     self._on_stage_lost(handle, self._stage_nodes.index(handle.node_id))
                 continue
-            self.send(handle, encode("ping", {"t": now}))
+            self.send(handle, encode("ping", {"t": now}))  # a full queue counts as silence
+            if handle.unanswered_since is None:
+                handle.unanswered_since = now
 
     def _resolve(self, handle: NodeHandle, kind: str, value: Any) -> bool:
         waiters = handle.waiters.get(kind)
@@ -299,6 +306,7 @@ class Control:
         """Act on one message from a node. `decode` has checked the type and range of every
         field read here (wire/protocol.py), so none of these conversions can fail half-way."""
         handle.last_seen = time.time()
+        handle.unanswered_since = None
         f = msg.fields
         if handle.lost and handle.node_id and msg.kind in ("pong", "stats"):
             handle.lost = False  # it answers again: usable by the next plan
@@ -323,8 +331,10 @@ class Control:
         elif msg.kind == "pong":
             self._resolve(handle, "pong", f["t"])
         elif msg.kind == "ready":
+            handle.loading_until = 0.0
             self._resolve(handle, "ready", f)
         elif msg.kind == "error":
+            handle.loading_until = 0.0
             reason = str(f["reason"])
             if not self._resolve(handle, "ready", ClusterError(f"{handle.name}: {reason}")):
                 log.warning("node %s reports: %s", handle.name, reason)
@@ -352,7 +362,8 @@ class Control:
         is only rewired, nothing is uploaded again.
         """
         ready: Future = Future()
-        chunks = [(off, shard[off:off + CHUNK_BYTES]) for off in range(0, len(shard), CHUNK_BYTES)]
+        view = memoryview(shard)  # chunks are views: a big shard is not copied again here
+        chunks = [(off, view[off:off + CHUNK_BYTES]) for off in range(0, len(shard), CHUNK_BYTES)]
         reuse = handle.holds == (stage, digest, exact)
 
         def begin() -> None:
@@ -386,7 +397,11 @@ class Control:
                 end()
 
         def end() -> None:
-            if not ready.done() and not self.send(handle, encode("deploy_end", {"sha256": digest})):
+            if ready.done():
+                return
+            if self.send(handle, encode("deploy_end", {"sha256": digest})):
+                handle.loading_until = time.time() + LOADING_LOST_S  # it builds the session now
+            else:
                 self.retry(end)
 
         self.put(begin)

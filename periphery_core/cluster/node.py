@@ -362,14 +362,15 @@ class NodeDaemon:
 
     def _build(self, ident: bytes, up: _Upload) -> None:
         try:
-            model = onnx.load_model_from_string(bytes(up.buffer))
+            data = bytes(up.buffer)
+            model = onnx.load_model_from_string(data)
             require_self_contained(model)  # no reading of this host's files (shard_policy.py)
             providers = providers_for(self.config.device)
             exact = bool(up.fields.get("exact", True))
             assert self.data is not None  # started before any master can deploy
             threads = run_threads(self.config.threads, self.data.workers, self.config.device)
             runner = StageRunner(model, SessionConfig(exact=exact, threads=threads,
-                                                      providers=providers))
+                                                      providers=providers), serialized=data)
             provider = runner.session.get_providers()[0]
             if self.config.device.startswith("cuda") and provider != "CUDAExecutionProvider" \
                     and not self._warned_cuda:

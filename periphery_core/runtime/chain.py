@@ -27,10 +27,14 @@ class StageRunner:
     """One shard in one ONNX Runtime session."""
 
     def __init__(
-        self, shard: onnx.ModelProto | str | os.PathLike[str], config: SessionConfig | None = None
+        self, shard: onnx.ModelProto | str | os.PathLike[str], config: SessionConfig | None = None,
+        serialized: bytes | None = None,
     ) -> None:
+        """`serialized`: the bytes `shard` was parsed from, where the caller has them (see
+        `make_session`)."""
         with tempfile.TemporaryDirectory(prefix="periphery-stage-") as tmp:
-            self.session = make_session(shard, config, scratch_dir=Path(tmp))
+            self.session = make_session(shard, config, scratch_dir=Path(tmp),
+                                        serialized=serialized)
         self.input_names = [i.name for i in self.session.get_inputs()]
         # IR 3 models list initializers among their inputs: those are not fed.
         proto = shard if isinstance(shard, onnx.ModelProto) else onnx.load(

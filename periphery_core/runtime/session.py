@@ -59,15 +59,22 @@ def make_session(
     model: onnx.ModelProto | str | os.PathLike[str],
     config: SessionConfig | None = None,
     scratch_dir: Path | None = None,
+    serialized: bytes | None = None,
 ) -> ort.InferenceSession:
     """An ONNX Runtime session for a model proto or file.
 
     A proto too large to serialize is saved with external data into `scratch_dir` first.
+    `serialized`: the proto's own bytes, where the caller has them (a node, the shard it
+    received). ONNX Runtime reads them as they are: serialising a big proto again holds
+    Python's interpreter lock throughout (1.4 s for 250 MB here), and a node whose control
+    thread cannot answer its master's heartbeats for 2.5 s is declared lost.
     """
     config = config or SessionConfig()
     opts = session_options(config)
     source: str | bytes
-    if isinstance(model, onnx.ModelProto):
+    if serialized is not None:
+        source = serialized
+    elif isinstance(model, onnx.ModelProto):
         if loading.approx_size(model) >= loading.EXTERNAL_DATA_THRESHOLD:
             if scratch_dir is None:
                 raise RuntimeFailure("model too large to run from memory: give a scratch folder")

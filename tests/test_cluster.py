@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
+from onnx import TensorProto, helper, numpy_helper
 
 from periphery_core.cluster import events as ev
 from periphery_core.cluster.handles import NodeHandle
@@ -441,3 +442,30 @@ def test_a_restarted_master_keeps_the_shards_nodes_hold(tmp_path: Path) -> None:
             _assert_same(chain.run(feeds), second.submit(feeds).result(timeout=60), "second")
             second.deploy(blobs, [h.node_id for h in handles], exact=False)
             assert uploads  # another session option: uploaded and rebuilt
+
+
+def test_a_node_keeps_answering_while_it_loads_a_big_shard() -> None:
+    """A node given a 400 MB shard is not lost while it builds the session, even by a master
+    that loses nodes after 1 s unanswered, and the stage serves. Parsing the shard holds
+    Python's interpreter lock for over a second here, so the node answers no ping meanwhile:
+    before, such a node was declared lost before it was ready."""
+    width = 10_000
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((width, width), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, width])],
+        [numpy_helper.from_array(weight, "w")])
+    shard = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                              ir_version=8).SerializeToString()
+    x = rng.standard_normal((1, width), dtype=np.float32)
+    lost: list[ev.NodeLost] = []
+    with LocalCluster(1, recalibrate=False) as local, \
+            Master(keys=local.master_keys, heartbeat_s=0.25, lost_after_s=1.0) as master:
+        handle = master.connect(local.addresses[0])
+        master.bus.subscribe(lambda e: lost.append(e) if isinstance(e, ev.NodeLost) else None)
+        master.deploy([shard], [handle.node_id], exact=False)
+        got = master.submit({"x": x}).result(timeout=60)
+    assert lost == []
+    np.testing.assert_allclose(got["y"], x @ weight, rtol=1e-3, atol=1e-2)

@@ -65,8 +65,9 @@ def run_threads(threads: int, workers: int, device: str) -> int:
 
     On a CPU the node's threads (every core, when not told) are shared out among the workers,
     at least one each: runs that each ask for every core crowd each other out (measured on 2
-    cores: 2 runs of 2 threads serve 0.80x of 1 run of 2, 2 runs of 1 thread 1.06x). On a GPU
-    the threads only run what CUDA lacks; they stay as told.
+    cores: two runs of 2 threads at once serve 0.85x of one run of 2 at a time, two runs of 1
+    thread 1.04x, benchmarks/pipeline.py). On a GPU the threads only run what CUDA lacks; they
+    stay as told.
     """
     if workers <= 1 or device.startswith("cuda"):
         return threads

@@ -46,7 +46,7 @@ def cluster() -> None:
 @click.option("--insecure", is_flag=True, help="Start the nodes without keys.")
 @click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda[:N]",
               help="What the nodes run their stages on.")
-@click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
+@click.option("--workers", type=click.IntRange(1, 256), default=None, metavar="N",
               help="Requests each node computes at once (default: 1 on a CPU, 4 on CUDA); on a "
                    "CPU each node's threads are shared out among them.")
 @handle_errors

@@ -89,7 +89,7 @@ def device_option(fn: F) -> F:
 def workers_option(fn: F) -> F:
     """--workers for the nodes that --local starts."""
     return click.option(
-        "--workers", type=click.IntRange(min=1), default=None, metavar="N",
+        "--workers", type=click.IntRange(1, 256), default=None, metavar="N",
         help="Requests each --local node computes at once (default: 1 on a CPU, 4 on CUDA); "
              "on a CPU each node's threads are shared out among them.")(fn)
 

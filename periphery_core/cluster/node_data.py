@@ -52,6 +52,7 @@ _ORT_DTYPES = {
     "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
 }
 CUDA_WORKERS = 4  # requests a stage on a GPU computes at once unless told
+MAX_WORKERS = 256  # at most (the most a node's hello may say: wire/protocol.py)
 
 
 def default_workers(device: str) -> int:
@@ -165,7 +166,7 @@ class NodeDataPath:
                  queue_depth: int, stop: threading.Event, workers: int = 1) -> None:
         self.ctx, self.guard, self.pull = ctx, guard, pull
         self._limits, self._queue_depth, self._stop = limits, queue_depth, stop
-        self.workers = max(1, workers)
+        self.workers = max(1, min(workers, MAX_WORKERS))
         self.deployment: Deployment | None = None
         self.rejected = 0  # data frames that did not parse
         self._holding = 0  # requests the workers hold (under _count_lock)

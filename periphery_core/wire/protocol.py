@@ -106,7 +106,7 @@ KINDS: dict[str, dict[str, Field]] = {
         "ipc": optional(Field("str", max_len=256, pattern=f"({_IPC})?",
                               what="an ipc:///path endpoint, or empty")),
         "host": optional(Field("str", pattern="[0-9a-f]{0,64}", what="a hex digest")),
-        "workers": optional(Field("int", lo=1, hi=1024)),  # requests it computes at once
+        "workers": optional(Field("int", lo=1, hi=256)),  # requests it computes at once
     },
     "ping": {"t": _TIME},
     "pong": {"t": _TIME},

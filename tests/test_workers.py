@@ -115,6 +115,9 @@ def test_run_local_workers_as_a_user_types_it(tmp_path: Path) -> None:
     out = json.loads(ok("run", DEMO, "--plan", plan, "--local", "--workers", "2", "-n", "16",
                         "-m", "8", "--check", "--json").stdout)
     assert out["check"]["passed"] and out["check"]["mismatches"] == 0
+    assert [s["workers"] for s in out["stages"]] == [2]
+    table = ok("run", DEMO, "--plan", plan, "--local", "--workers", "2", "-n", "4").stdout
+    assert "CPU, 2 at once" in table
     assert_bad_input(cli("run", DEMO, "--plan", plan, "--workers", "2"),
                      r"--workers sets the --local nodes' workers: give it with --local")
     assert_bad_input(cli("run", DEMO, "--plan", plan, "--local", "--workers", "0"),

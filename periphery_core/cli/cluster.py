@@ -369,6 +369,9 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, devic
             else:
                 results = list(pipeline.run_many(requests, inflight=inflight))
             wall = time.perf_counter() - t0
+            # per slot, how many requests its node computes at once (periphery-node --workers)
+            computes_at_once = [h.workers if (h := master.nodes.get(n)) is not None else 1
+                                for n in pipeline.assignment]
     finally:
         stack.close()
         if cluster_ctx is not None:
@@ -395,6 +398,8 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, devic
                                       f"{c.max_abs:.3g}[/]", soft_wrap=True)
     summary = {"shape": pipeline.plan.shape if pipeline.plan else plan.shape,
                **_summary(run_view.state, wall, count)}
+    for stage, at_once in zip(summary["stages"], computes_at_once, strict=False):
+        stage["workers"] = at_once
     summary["recoveries"] = [
         {"lost": list(r.lost), "detected_s": r.detected_s, "recovered_s": r.recovered_s,
          "replayed": r.replayed, "stages": list(r.assignment)} for r in recoveries]
@@ -462,7 +467,8 @@ def _render_run(summary: dict[str, Any]) -> None:
         t.add_row(*([str(s["replica"])] if replicas else []), str(s["stage"]),
                   *(human_seconds(s[k]) if s[k] is not None else "-"
                     for k in ("queue_s", "compute_s", "transfer_s")),
-                  (s.get("provider") or "-").removesuffix("ExecutionProvider"),
+                  (s.get("provider") or "-").removesuffix("ExecutionProvider")
+                  + (f", {s['workers']} at once" if s.get("workers", 1) > 1 else ""),
                   _LINKS.get(s.get("link") or "", "-"))
     console.print(t)
     for r in summary.get("recoveries", []):

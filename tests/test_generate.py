@@ -413,6 +413,7 @@ def test_a_node_keeps_to_the_kv_budget_it_was_given(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "periphery_core.cli.node", "--insecure", "--no-advertise",
          "--port", "0", "--name", "small", "--parent-pid", str(os.getpid()),
+         "--state-dir", str(tmp_path / "state"),  # killed below: nothing left in /tmp
          "--kv-budget", f"{budget}B"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         text=True, cwd=tmp_path)
     try:

@@ -302,14 +302,21 @@ def test_a_shard_larger_than_the_free_memory_is_refused_at_once() -> None:
         daemon.stop()
 
 
+@pytest.mark.parametrize("workers", [1, 3])
 def test_a_node_whose_thread_dies_stops_loudly_instead_of_staying_half_alive(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    daemon = NodeDaemon(NodeConfig(name="doomed", advertise=False))
+        monkeypatch: pytest.MonkeyPatch, workers: int) -> None:
+    """With several workers, one that dies (the last one started) ends them all and stops
+    the node the same way."""
+    daemon = NodeDaemon(NodeConfig(name="doomed", advertise=False, workers=workers))
+    work = NodeDataPath._work
 
     def data_loop(self: NodeDataPath) -> None:
-        raise RuntimeError("injected fault")
+        doomed = "node-data" if workers == 1 else f"node-data-{workers - 1}"
+        if threading.current_thread().name == doomed:
+            raise RuntimeError("injected fault")
+        work(self)
 
-    monkeypatch.setattr(NodeDataPath, "run", data_loop)
+    monkeypatch.setattr(NodeDataPath, "_work", data_loop)
     raised: list[BaseException] = []
 
     def serve() -> None:

@@ -174,6 +174,7 @@ class NodeDataPath:
         self._receiving = threading.Lock()  # the PULL socket, one worker at a time
         self._sending = threading.Lock()  # the wiring and its sockets, one worker at a time
         self._wiring = _Wiring()
+        self._ending = threading.Event()  # set when a worker has ended: the others end too
         # Set by a new deployment until the thread has wired to it: what it holds until then
         # belongs to the old pipeline, whose next stage may be unreachable.
         self._rewire = threading.Event()
@@ -229,23 +230,22 @@ class NodeDataPath:
         self.pull.setsockopt(zmq.RCVTIMEO, POLL_MS)
         died: list[BaseException] = []
 
-        def helper() -> None:
+        def work() -> None:
             try:
                 self._work()
             except BaseException as exc:
                 died.append(exc)
-                self._stop.set()
+            finally:
+                self._ending.set()  # one worker ends (a bug): they all do
 
-        helpers = [threading.Thread(target=helper, name=f"node-data-{i}", daemon=True)
+        helpers = [threading.Thread(target=work, name=f"node-data-{i}", daemon=True)
                    for i in range(1, self.workers)]
         for t in helpers:
             t.start()
-        try:
-            self._work()
-        finally:
-            for t in helpers:
-                t.join()
-            self._wiring.close()
+        work()
+        for t in helpers:
+            t.join()
+        self._wiring.close()
         if died:
             raise died[0]
 
@@ -256,7 +256,7 @@ class NodeDataPath:
         computed and sent on before the next is taken: the worker keeps the receiving socket
         until it is done (chunks of one prompt follow each other without waiting).
         """
-        while not self._stop.is_set():
+        while not self._stop.is_set() and not self._ending.is_set():
             if self._rewire.is_set():
                 with self._sending:
                     self._take_rewires(self._wiring)
@@ -416,7 +416,7 @@ class NodeDataPath:
         # Tried at once first: a poll before each send cost a pass through ZeroMQ when the
         # next stage had room, as it mostly has. (A multipart message is refused whole or
         # taken whole: the high-water mark counts messages.)
-        while not self._stop.is_set() and not self._rewire.is_set():
+        while not (self._stop.is_set() or self._rewire.is_set() or self._ending.is_set()):
             try:
                 sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
                 return

@@ -9,8 +9,8 @@ GPU is usable it says so in one line and exits 2; CI has none and never runs it.
 1. Plain ONNX Runtime on the model at `--batch`: one session on the CPU with every core, one on
    CUDA; requests/s and median latency, one request at a time and `--inflight` at once.
 2. Periphery with default flags on local nodes started with `--device cuda` (all on GPU 0, as
-   on a one-GPU host): K = 1 with one worker (one request computed at a time) and with the
-   default workers (`periphery-node --workers`), and K = 2 (the planner's balanced cuts),
+   on a one-GPU host): K = 1 with 1, 2, 8 workers and the default (`periphery-node
+   --workers`: requests a node computes at once), and K = 2 (the planner's balanced cuts),
    `--inflight` requests in flight; requests/s, the GPU use and memory the nodes reported
    (the master's fold of their stats), and each result's error against the CPU session's
    (the CUDA provider computes convolutions and matmuls in TF32) and against plain ONNX
@@ -381,7 +381,8 @@ def main() -> int:
     bound = plain_bound(args.model, feeds, device)
     t.add_row(f"ONNX Runtime, {device}, outputs left there", f"{bound['rps_one']:.1f}", "-",
               f"{bound['p50_s'] * 1e3:.2f} ms", "-", "-", "-", "-")
-    for k, workers in ((1, 1), (1, None), (2, None)):
+    # K = 1 over workers: how many requests at once a GPU node should compute by default
+    for k, workers in ((1, 1), (1, 2), (1, None), (1, 8), (2, None)):
         r = periphery(args.model, shapes, feeds, k, args.inflight, references, device, workers)
         if r.get("device", r["cpu"]) > SHARDED_MAX or r["cpu"] > DEVICE_MAX:
             failures.append(f"K = {k}: error {r.get('device', r['cpu']):.2g} against unsharded "

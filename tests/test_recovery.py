@@ -13,11 +13,15 @@ from periphery_core.cluster.pipeline import Pipeline
 from tests.streaming import count_completions, mlp_workload, stream
 
 
-@pytest.mark.parametrize("victim", [1, 0], ids=["middle-stage", "first-stage"])
-def test_a_killed_node_costs_no_request(tmp_path: Path, victim: int) -> None:
+@pytest.mark.parametrize(("victim", "workers"), [(1, None), (0, None), (1, 3)],
+                         ids=["middle-stage", "first-stage", "nodes-computing-3-at-once"])
+def test_a_killed_node_costs_no_request(tmp_path: Path, victim: int, workers: int | None
+                                        ) -> None:
+    """With nodes computing several requests at once (`--workers`), the redeploy rewires every
+    worker, and whatever a worker still holds for the old pipeline is dropped and replayed."""
     work = mlp_workload(tmp_path, seed=1, inputs=25)
     total = 500
-    with LocalCluster(3) as local, local.master() as master:
+    with LocalCluster(3, workers=workers) as local, local.master() as master:
         pipeline = Pipeline(master, work.loaded, work.analysis, k=3, exact=True)
         pipeline.deploy([a.node_id for a in local.addresses])
         victim_id = local.addresses[victim].node_id

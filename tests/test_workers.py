@@ -32,11 +32,18 @@ from tests.test_generate import GPT2, _decoder, _greedy, at_once
 DEMO = Path(__file__).resolve().parents[1] / "assets" / "demo-resnet.onnx"
 
 
-def test_workers_share_out_a_cpu_s_threads_and_default_by_device() -> None:
-    assert default_workers("cpu") == 1 and default_workers("cuda:1") == 4
+def test_workers_share_out_a_cpu_s_threads_and_default_by_device(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    assert default_workers("cpu") == 1
     assert run_threads(8, 2, "cpu") == 4 and run_threads(3, 2, "cpu") == 1
     assert run_threads(2, 1, "cpu") == 2 and run_threads(0, 1, "cpu") == 0  # ORT's default
     assert run_threads(0, 64, "cpu") == 1  # every core, shared out, at least one each
+    # `--device cuda` with an ONNX Runtime that has no CUDA runs on the CPU: as a CPU
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert default_workers("cuda:1") == 1 and run_threads(8, 2, "cuda") == 4
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert default_workers("cuda:1") == 4 and default_workers("cpu") == 1
     assert run_threads(8, 4, "cuda") == 8  # on a GPU the threads run what CUDA lacks
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 import zmq
 
 from periphery_core.cluster.keys import Guard, Role
@@ -55,10 +56,16 @@ CUDA_WORKERS = 4  # requests a stage on a GPU computes at once unless told
 MAX_WORKERS = 256  # at most (the most a node's hello may say: wire/protocol.py)
 
 
+def _on_gpu(device: str) -> bool:
+    """Whether this node's runs go to a GPU, as far as its ONNX Runtime build can tell: one
+    without CUDA (plain `onnxruntime`) runs `--device cuda` on the CPU, and says so."""
+    return device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers()
+
+
 def default_workers(device: str) -> int:
     """Requests a stage computes at once when the node is not told: one on a CPU (a lone
     request keeps every thread), CUDA_WORKERS on a GPU (a lone request loses nothing there)."""
-    return CUDA_WORKERS if device.startswith("cuda") else 1
+    return CUDA_WORKERS if _on_gpu(device) else 1
 
 
 def run_threads(threads: int, workers: int, device: str) -> int:
@@ -70,7 +77,7 @@ def run_threads(threads: int, workers: int, device: str) -> int:
     thread 1.04x, benchmarks/pipeline.py). On a GPU the threads only run what CUDA lacks; they
     stay as told.
     """
-    if workers <= 1 or device.startswith("cuda"):
+    if workers <= 1 or _on_gpu(device):
         return threads
     return max(1, (threads or os.cpu_count() or 1) // workers)
 

@@ -81,10 +81,15 @@ def test_a_node_computes_as_many_requests_at_once_as_it_has_workers(workers: int
     reference = ort.InferenceSession(str(DEMO), providers=["CPUExecutionProvider"])
     expected = [reference.run(None, f)[0] for f in feeds]
     done: list[ev.RequestCompleted] = []
+    joined: list[ev.NodeJoined] = []
     with LocalCluster(1, threads=2, workers=workers) as local, \
             Master(keys=local.master_keys) as master:
+        master.bus.subscribe(lambda e: joined.append(e) if isinstance(e, ev.NodeJoined) else None)
         handles = [master.connect(a) for a in local.addresses]
         assert [h.workers for h in handles] == [workers]  # as the node said in its hello
+        # the event the app's Cluster screen logs says so too
+        (said,) = [ev.describe(e) for e in joined]
+        assert (f", {workers} at once)" in said) == (workers > 1), said
         pipeline = Pipeline(master, loaded, analysis, plan=make_plan(analysis, 1),
                             rebalance=False)
         pipeline.deploy([handles[0].node_id])

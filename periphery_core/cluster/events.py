@@ -75,6 +75,7 @@ class NodeJoined:
     rtt_s: float | None
     bandwidth: float | None
     t: float
+    workers: int = 1  # requests it computes at once (periphery-node --workers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,7 +405,8 @@ def describe(event: Event, name: Callable[[str], str] = str) -> str:
             return (
                 f"node {event.name} joined ({event.device}, {event.cores} cores, "
                 f"{human_bytes(event.memory_bytes)}, "
-                f"{'speed unknown' if event.speed is None else f'{event.speed:.2f}x'})"
+                f"{'speed unknown' if event.speed is None else f'{event.speed:.2f}x'}"
+                f"{f', {event.workers} at once' if event.workers > 1 else ''})"
             )
         case NodeLost():
             return f"node {name(event.node_id)} lost: {event.reason}"

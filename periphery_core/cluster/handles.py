@@ -67,7 +67,7 @@ class NodeHandle:
         return ev.NodeJoined(
             t=time.time(), node_id=self.node_id, name=self.name, host=a.host, port=a.port,
             device=self.device, cores=self.cores, memory_bytes=self.memory,
-            speed=self.speed, rtt_s=self.rtt_s, bandwidth=self.bandwidth)
+            speed=self.speed, rtt_s=self.rtt_s, bandwidth=self.bandwidth, workers=self.workers)
 
 
 def device_specs(handles: Sequence[NodeHandle]) -> list[DeviceSpec]:

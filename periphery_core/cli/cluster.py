@@ -18,12 +18,14 @@ from periphery_core.cli.common import (
     F,
     cli,
     device_option,
+    device_option_for,
     handle_errors,
     input_shape_option,
     json_option,
-    local_device,
+    local_only,
     warn_cpu_fallback,
     workers_option,
+    workers_option_for,
 )
 from periphery_core.discovery import NodeAddress
 from periphery_core.errors import PeripheryError
@@ -44,11 +46,8 @@ def cluster() -> None:
 @click.option("--threads", type=int, default=None,
               help="ONNX Runtime threads per node (default: the cores shared out among them).")
 @click.option("--insecure", is_flag=True, help="Start the nodes without keys.")
-@click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda[:N]",
-              help="What the nodes run their stages on.")
-@click.option("--workers", type=click.IntRange(1, 256), default=None, metavar="N",
-              help="Requests each node computes at once (default: 1 on a CPU, 4 on CUDA); on a "
-                   "CPU each node's threads are shared out among them.")
+@device_option_for("the nodes")
+@workers_option_for("the nodes")
 @handle_errors
 def cluster_up(nodes: int, advertise: bool, threads: int | None, insecure: bool,
                device: str, workers: int | None) -> None:
@@ -65,7 +64,7 @@ def cluster_up(nodes: int, advertise: bool, threads: int | None, insecure: bool,
     from periphery_core.cli.render import console, err_console
     from periphery_core.cluster.local import LocalCluster
 
-    local_device(device, True)
+    local_only(True, device, workers)
 
     def on_term(_signum: int, _frame: object) -> None:
         raise KeyboardInterrupt  # leave the with-block below: the nodes stop cleanly
@@ -308,10 +307,7 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, devic
 
     if count < 1 or inflight < 1:
         raise PeripheryError("--requests and --inflight must be at least 1")
-    local_device(device, local)
-    if workers is not None and not local:
-        raise PeripheryError("--workers sets the --local nodes' workers: give it with --local "
-                             "(a node started by hand takes 'periphery-node --workers')")
+    local_only(local, device, workers)
     plan = load_plan(plan_path)
     loaded = load_model(model)
     require_plan_for(plan, loaded.sha256, loaded.name, str(plan_path))

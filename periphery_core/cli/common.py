@@ -78,30 +78,37 @@ def json_option(fn: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(fn)
 
 
-def device_option(fn: F) -> F:
-    """--device for the nodes that --local starts."""
+def device_option_for(nodes: str) -> Callable[[F], F]:
+    """--device for the nodes a command starts (`nodes` names them in the help)."""
     return click.option(
         "--device", default="cpu", show_default=True, metavar="cpu|cuda[:N]",
-        help="What the --local nodes run their stages on (cuda: the CUDA execution provider, "
-             "the CPU for what it lacks).")(fn)
+        help=f"What {nodes} run their stages on (cuda: the CUDA execution provider, the CPU "
+             "for what it lacks).")
 
 
-def workers_option(fn: F) -> F:
-    """--workers for the nodes that --local starts."""
+def workers_option_for(nodes: str) -> Callable[[F], F]:
+    """--workers for the nodes a command starts (`nodes` names them in the help)."""
     return click.option(
         "--workers", type=click.IntRange(1, 256), default=None, metavar="N",
-        help="Requests each --local node computes at once (default: 1 on a CPU, 4 on CUDA); "
-             "on a CPU each node's threads are shared out among them.")(fn)
+        help=f"Requests each of {nodes} computes at once (default: 1 on a CPU, 4 on CUDA); "
+             "on a CPU each node's threads are shared out among them.")
 
 
-def local_device(device: str, local: bool) -> None:
-    """--device checked: a device there is, and --local to start nodes on it."""
+device_option = device_option_for("the --local nodes")
+workers_option = workers_option_for("the --local nodes")
+
+
+def local_only(local: bool, device: str, workers: int | None = None) -> None:
+    """--device and --workers checked: a device there is, and --local to start the nodes
+    they describe (a node started by hand takes its own)."""
     from periphery_core.runtime.gpu import parse_device
 
     parse_device(device)
-    if device != "cpu" and not local:
-        raise PeripheryError("--device sets the --local nodes' device: give it with --local "
-                             "(a node started by hand takes 'periphery-node --device')")
+    for given, option in ((device != "cpu", "--device"), (workers is not None, "--workers")):
+        if given and not local:
+            raise PeripheryError(f"{option} sets the --local nodes' {option[2:]}: give it "
+                                 f"with --local (a node started by hand takes "
+                                 f"'periphery-node {option}')")
 
 
 def warn_cpu_fallback(device: str, providers: Sequence[tuple[int, str | None]]) -> None:

@@ -231,7 +231,7 @@ def deployed_decoder(loaded: Any, spec: Any, plan_path: Path | None, shards: int
     """A model planned and deployed (on local node processes, or on the nodes given or
     found): a decoder LLM (`spec` its DecoderSpec) as stateful stages, any other model (`spec`
     None) as plain ones; yields (the Pipeline, K), and stops what it started on the way out."""
-    from periphery_core.cli.common import local_device, warn_cpu_fallback
+    from periphery_core.cli.common import local_only, warn_cpu_fallback
     from periphery_core.cluster.events import StageReady
     from periphery_core.cluster.keys import keyring_or_insecure
     from periphery_core.cluster.local import LocalCluster
@@ -240,7 +240,7 @@ def deployed_decoder(loaded: Any, spec: Any, plan_path: Path | None, shards: int
     from periphery_core.model.analysis import analyze
     from periphery_core.partition.plan import load_plan, require_plan_for
 
-    local_device(device, local)
+    local_only(local, device)
     if plan_path is not None and (shards is not None or replicas is not None):
         raise PeripheryError("give --plan, or --shards and --replicas, not both")
     plan = load_plan(plan_path) if plan_path is not None else None

@@ -18,6 +18,7 @@ import psutil
 import pytest
 from rich.console import Console
 from textual.content import Content
+from textual.coordinate import Coordinate
 from textual.css.query import NoMatches
 from textual.pilot import Pilot
 from textual.strip import Strip
@@ -459,6 +460,37 @@ async def test_the_cluster_screen_finds_nodes_over_mdns_and_connects_one() -> No
             cluster.nodes[other].process.terminate()  # a clean stop says goodbye over mDNS
             await until(pilot, lambda: table.row_count == 1, timeout=20)
             assert "discovered" not in text_of_label(app, "#summary")
+
+
+async def test_a_node_computing_several_requests_at_once_shows_it_and_plans_for_it() -> None:
+    """A node started --workers 2: the Cluster table says so beside its device, and the
+    Shards screen's plan on it counts two requests' activations."""
+    cluster = LocalCluster(1, secure=False, workers=2)
+    cluster.start()
+    app = PeripheryApp(DEMO_MODEL, browse_dir=DEMO_MODEL.parent, insecure=True)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await _add_nodes_by_address(app, pilot, cluster)
+            (node,) = app.cluster_state.nodes.values()
+            assert node.workers == 2
+            table = app.screen.query_one(DataTable)
+            await until(pilot, lambda: table.row_count == 1)
+            assert str(table.get_cell_at(Coordinate(0, 6))) == \
+                f"{(node.device or '?')[:12]}, 2 at once"
+            await pilot.press("3")
+            await until(pilot, lambda: app.plan is not None)
+            while app.plan is not None and app.plan.k > 1:  # one stage
+                k = app.plan.k
+                await pilot.press("minus")
+                await until(pilot, lambda k=k: app.plan is not None and app.plan.k < k)
+            await pilot.press("a", "enter")  # the stage on the node
+            await until(pilot, lambda: app.plan is not None
+                        and app.plan.stages[0].device == "local0", timeout=30)
+            (stage,) = app.plan.stages
+            assert stage.workers == 2
+            assert stage.memory_bytes == stage.param_bytes + 2 * stage.peak_activation_bytes
+    finally:
+        cluster.stop()
 
 
 def text_of_label(app: PeripheryApp, selector: str) -> str:

@@ -186,6 +186,24 @@ def test_devices_file_shapes_the_plan(work: Path) -> None:
     assert hetero["bottleneck_s"] < uniform["bottleneck_s"]
 
 
+def test_a_device_computing_several_requests_at_once_holds_each_ones_activations(
+        work: Path) -> None:
+    # The second stage of the uniform split holds about 4 MB of weights and 1.4 MB of
+    # activations: within 8 MiB one request at a time, not four (--workers 4).
+    base = '[[device]]\nname = "a"\n\n[[device]]\nname = "b"\nmemory = "8MiB"\n'
+    plans = {}
+    for workers in (1, 4):
+        devices = work / f"devices-{workers}.toml"
+        devices.write_text(base + f"workers = {workers}\n")
+        plans[workers] = ok_json("plan", SQUEEZENET, "--shards", 2, "--devices", devices,
+                                 "-o", work / f"plan-{workers}.json")
+    one, four = plans[1]["stages"][1], plans[4]["stages"][1]
+    assert plans[4]["devices"][1]["workers"] == 4 and four["workers"] == 4
+    assert one["param_bytes"] + 4 * one["peak_activation_bytes"] > 8 * 2**20
+    assert len(four["nodes"]) < len(one["nodes"])
+    assert four["param_bytes"] + 4 * four["peak_activation_bytes"] <= 8 * 2**20
+
+
 @pytest.mark.parametrize("command", ["", "analyze", "plan", "shard", "verify"])
 def test_help(command: str) -> None:
     result = ok(*([command] if command else []), "--help")
@@ -310,6 +328,8 @@ def files(work: Path, mnist: tuple[Path, Path]) -> dict[str, Path]:
     paths["tiny_devices"] = bad / "tiny.toml"
     paths["tiny_devices"].write_text(
         '[[device]]\nmemory = "1KiB"\n\n[[device]]\nmemory = "1KiB"\n')
+    paths["no_workers"] = bad / "no-workers.toml"
+    paths["no_workers"].write_text('[[device]]\nworkers = 0\n\n[[device]]\n')
     paths["empty_dir"] = bad / "empty"
     paths["empty_dir"].mkdir()
     paths["npz_missing"] = bad / "missing-input.npz"
@@ -361,6 +381,8 @@ BAD_INPUTS = {
                          "-o", "{out}/p.json"], r"devices file not found"),
     "devices-memory-too-small": (["plan", "{mnist}", "--shards", "2", "--devices",
                                   "{tiny_devices}", "-o", "{out}/p.json"], r"memory"),
+    "devices-no-workers": (["plan", "{mnist}", "--shards", "2", "--devices", "{no_workers}",
+                            "-o", "{out}/p.json"], r"device 0 workers must be .* 1 to 256"),
     "verify-no-shards": (["verify", "{mnist}", "{empty_dir}"], r"stage-0\.onnx"),
     "verify-no-folder": (["verify", "{mnist}", "{out}/nowhere"], r"shard folder not found"),
     "verify-shards-of-another-model": (["verify", "{squeezenet}", "{mnist_shards}"],

@@ -82,6 +82,7 @@ def device_lists(draw: st.DrawFn, k: int, caps: bool = True) -> tuple[DeviceSpec
             speed=draw(st.floats(0.25, 4.0)),
             memory_bytes=draw(st.one_of(st.none(), st.integers(0, 3000))) if caps else None,
             bandwidth=draw(st.floats(50.0, 5000.0)),
+            workers=draw(st.integers(1, 4)),
         )
         for i in range(k)
     )
@@ -148,7 +149,10 @@ def bottleneck(stages: Sequence[Stage]) -> float:
 
 
 def fits(stages: Sequence[Stage], devices: Sequence[DeviceSpec]) -> bool:
-    return all(d.memory_bytes is None or s.memory_bytes <= d.memory_bytes
+    """Each stage's parameters and, for each request its device computes at once, its
+    activations, within the device's cap."""
+    return all(d.memory_bytes is None
+               or s.param_bytes + d.workers * s.peak_activation_bytes <= d.memory_bytes
                for s, d in zip(stages, devices, strict=False))
 
 
@@ -194,13 +198,17 @@ def test_balanced_is_optimal_against_brute_force(data: st.DataObject) -> None:
         for cuts in itertools.combinations(range(1, n), k - 1)
     ]
     # Caps drawn from the memory the stages actually need, so that they bind: exactly at a
-    # need, just below it, or absent.
-    needs = sorted({s.memory_bytes for _, stages in segmentations for s in stages})
+    # need, just below it, or absent; a device computing w requests at once holds each one's
+    # activations.
+    workers = [data.draw(st.integers(1, 3)) for _ in range(k)]
+    needs = sorted({s.param_bytes + w * s.peak_activation_bytes
+                    for _, stages in segmentations for s in stages for w in (1, 2, 3)})
     cap = st.one_of(st.none(), st.sampled_from(needs),
                     st.sampled_from(needs).map(lambda m: m - 1))
     devices = tuple(
         DeviceSpec(name=f"d{i}", speed=data.draw(st.floats(0.25, 4.0)),
-                   memory_bytes=data.draw(cap), bandwidth=data.draw(st.floats(50.0, 5000.0)))
+                   memory_bytes=data.draw(cap), bandwidth=data.draw(st.floats(50.0, 5000.0)),
+                   workers=workers[i])
         for i in range(k)
     )
 
@@ -233,7 +241,7 @@ def test_stages_from_cuts_matches_the_cost_model(data: st.DataObject) -> None:
     order = choose_order(graph)
     got = stages_from_cuts(graph, order, cuts, devices)
     want = reference_stages(graph, order, cuts, devices)
-    for stage, ref in zip(got, want, strict=True):
+    for stage, ref, dev in zip(got, want, devices, strict=False):
         assert list(stage.nodes) == ref["nodes"]
         assert names(stage.inputs) == ref["inputs"]
         assert names(stage.outputs) == ref["outputs"]
@@ -242,6 +250,7 @@ def test_stages_from_cuts_matches_the_cost_model(data: st.DataObject) -> None:
         assert stage.flops == ref["flops"]
         assert stage.param_bytes == ref["param_bytes"]
         assert stage.peak_activation_bytes == ref["peak"]
+        assert stage.memory_bytes == ref["param_bytes"] + dev.workers * ref["peak"]
     assert_consistent(graph, got, len(cuts) + 1)
 
 
@@ -361,6 +370,22 @@ def test_memory_caps_move_the_cut() -> None:
     stages = plan_stages(graph, 2, devices)
     assert len(stages[0].nodes) == 2
     assert stages[0].memory_bytes <= 210
+
+
+def test_each_request_a_device_computes_at_once_holds_its_own_activations() -> None:
+    # 100 B of weights a node, 200 B of activations live at once: one request at a time fits
+    # three nodes in 500 B, two at once (a node started --workers 2) one node, three none.
+    nodes = [node(f"n{i}", [f"t{i}"], [f"t{i + 1}"], params=[(f"w{i}", 100)]) for i in range(6)]
+    graph = graph_of(nodes, {f"t{i}": 100 for i in range(7)}, ["t0"], ["t6"])
+    one = plan_stages(graph, 2, [DeviceSpec("small", memory_bytes=500), DeviceSpec("big")])
+    assert [len(s.nodes) for s in one] == [3, 3]
+    two = plan_stages(graph, 2, [DeviceSpec("small", memory_bytes=500, workers=2),
+                                 DeviceSpec("big")])
+    assert [len(s.nodes) for s in two] == [1, 5]
+    assert two[0].memory_bytes == 100 + 2 * 200 and two[0].workers == 2
+    with pytest.raises(PlanError, match=r"activations of 3 requests at once.*fewer workers"):
+        plan_stages(graph, 2, [DeviceSpec("small", memory_bytes=500, workers=3),
+                               DeviceSpec("big")])
 
 
 def test_an_impossible_memory_cap_names_the_device() -> None:

@@ -136,13 +136,19 @@ def test_run_local_workers_as_a_user_types_it(tmp_path: Path) -> None:
                      r"--workers")
 
 
-def test_cluster_ls_says_how_many_requests_each_node_computes_at_once() -> None:
+def test_cluster_ls_says_how_many_requests_each_node_computes_at_once(tmp_path: Path) -> None:
+    devices = tmp_path / "devices.toml"
     with LocalCluster(1, workers=3) as local:
         (a,) = local.addresses
         rows = json.loads(ok("cluster", "ls", "--no-mdns", "--json", "--keys",
                              local.keys_dir / "master", "--peer", f"{a.host}:{a.port}").stdout)
         table = ok("cluster", "ls", "--no-mdns", "--keys", local.keys_dir / "master", "--peer",
-                   f"{a.host}:{a.port}").stdout
+                   f"{a.host}:{a.port}", "--write-devices", devices).stdout
     assert [r["workers"] for r in rows] == [3]
     assert "workers" in table
+    # The devices file says it, and a plan made on it counts three requests' activations.
+    plan = json.loads(ok("plan", DEMO, "--shards", "1", "--devices", devices, "-o",
+                         tmp_path / "plan.json", "--json").stdout)
+    (stage,) = plan["stages"]
+    assert plan["devices"][0]["workers"] == stage["workers"] == 3
 

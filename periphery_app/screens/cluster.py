@@ -1,6 +1,7 @@
 """The Cluster screen: the nodes as the master's events describe them, and the event log.
 
-The table is a view of the app's folded `ClusterState`, plus the nodes advertised over mDNS
+The table is a view of the app's folded `ClusterState` (a node that computes several requests
+at once says so beside its device: `cuda, 4 at once`), plus the nodes advertised over mDNS
 that the master has not joined yet (the cluster control browses from the screen's first look on,
 rows appear and go as nodes do); `c` connects the selected one. `s` serves the deployed model
 over HTTP (as `periphery serve` does) and the summary then names the endpoint and its rate.
@@ -96,7 +97,8 @@ class ClusterScreen(PeripheryScreen):
                 f"{node.speed:.2f}x" if node.speed is not None else "-",
                 (f"{node.cpu_percent:.0f}%" if node.cpu_percent is not None else "-")
                 + (f" gpu {node.gpu_percent:.0f}%" if node.gpu_percent is not None else ""),
-                (node.device or "?")[:12],
+                (node.device or "?")[:12]
+                + (f", {node.workers} at once" if node.workers > 1 else ""),
                 human_bytes(node.memory_bytes),
                 human_bytes(node.rss_bytes),
                 key=node.id,

@@ -215,7 +215,8 @@ def _write_devices(path: Path, devices: list) -> None:
 
     table = {"device": [
         {"name": d.name, "speed": round(d.speed, 3), "bandwidth": float(d.bandwidth),
-         **({"memory": d.memory_bytes} if d.memory_bytes else {})} for d in devices]}
+         **({"memory": d.memory_bytes} if d.memory_bytes else {}),
+         **({"workers": d.workers} if d.workers != 1 else {})} for d in devices]}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(tomli_w.dumps(table) if path.suffix.lower() == ".toml"
                     else json.dumps(table, indent=1) + "\n")

@@ -76,8 +76,8 @@ def device_specs(handles: Sequence[NodeHandle]) -> list[DeviceSpec]:
     Measured speeds only when none is unknown and identical machines agree (speeds.py); else
     equal speeds, with the reason logged as a warning.
     """
-    return _specs([(NodeSpeed(h.name, h.device, h.cores, h.speed), h.free_memory, h.bandwidth)
-                   for h in handles])
+    return _specs([(NodeSpeed(h.name, h.device, h.cores, h.speed), h.free_memory, h.bandwidth,
+                    h.workers) for h in handles])
 
 
 def view_specs(views: Sequence[NodeView]) -> list[DeviceSpec]:
@@ -85,16 +85,17 @@ def view_specs(views: Sequence[NodeView]) -> list[DeviceSpec]:
     master of its own, such as one drawing recorded events): as `device_specs`, with the
     memory a node reported in place of its free memory."""
     return _specs([(NodeSpeed(v.name, v.device or "", v.cores or 0, v.speed), v.memory_bytes,
-                    v.bandwidth) for v in views])
+                    v.bandwidth, v.workers) for v in views])
 
 
-def _specs(nodes: Sequence[tuple[NodeSpeed, int | None, float | None]]) -> list[DeviceSpec]:
-    trusted = planning_speeds([speed for speed, _, _ in nodes])
+def _specs(nodes: Sequence[tuple[NodeSpeed, int | None, float | None, int]]
+           ) -> list[DeviceSpec]:
+    trusted = planning_speeds([node[0] for node in nodes])
     if trusted.warning:
         log.warning("%s", trusted.warning)
     return [
         DeviceSpec(name=node.name, speed=speed,
                    memory_bytes=int(memory * MEMORY_SHARE) if memory else None,
-                   bandwidth=bandwidth if bandwidth else DEFAULT_BANDWIDTH)
-        for (node, memory, bandwidth), speed in zip(nodes, trusted.speeds, strict=True)
+                   bandwidth=bandwidth if bandwidth else DEFAULT_BANDWIDTH, workers=workers)
+        for (node, memory, bandwidth, workers), speed in zip(nodes, trusted.speeds, strict=True)
     ]

@@ -235,7 +235,8 @@ def _on_joined(state: ClusterState, event: NodeJoined) -> ClusterState:
         old, name=event.name, host=event.host, port=event.port, device=event.device,
         cores=event.cores, memory_bytes=event.memory_bytes,
         speed=event.speed if event.speed is not None else old.speed, rtt_s=event.rtt_s,
-        bandwidth=event.bandwidth, state=joined, last_seen=max(old.last_seen, event.t))
+        bandwidth=event.bandwidth, workers=event.workers, state=joined,
+        last_seen=max(old.last_seen, event.t))
     return dataclasses.replace(state, nodes=state.nodes.set(node.id, node))
 
 

@@ -95,6 +95,7 @@ class NodeView:
         memory_percent: Last reported share of host memory used.
         gpu_percent: Last reported GPU use, None when it has no GPU.
         last_seen: Time of the last event from or about this node.
+        workers: Requests it computes at once (periphery-node --workers).
     """
 
     id: str
@@ -118,6 +119,7 @@ class NodeView:
     gpu_memory_bytes: int | None = None
     kv_bytes: int | None = None  # a language model's stage: KV cache held
     sequences: int | None = None  # ... for this many sequences
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)

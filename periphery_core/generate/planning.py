@@ -96,11 +96,13 @@ def _alike_cost_alike(measured: ModelAnalysis) -> ModelAnalysis:
 
 def relative_speeds(devices: Sequence[DeviceSpec] | None) -> list[DeviceSpec] | None:
     """The devices with speeds relative to their median (measured costs are seconds on this
-    machine; what the nodes' speeds add is how much faster one is than another)."""
+    machine; what the nodes' speeds add is how much faster one is than another), each
+    computing one step at a time: a decoder's stage takes its steps in order, whatever its
+    node's workers, so it holds one step's activations."""
     if not devices:
         return None
     middle = statistics.median(d.speed for d in devices) or 1.0
-    return [dataclasses.replace(d, speed=d.speed / middle) for d in devices]
+    return [dataclasses.replace(d, speed=d.speed / middle, workers=1) for d in devices]
 
 
 def plan_model(loaded: LoadedModel, analysis: ModelAnalysis, k: int, *,

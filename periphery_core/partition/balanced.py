@@ -38,7 +38,7 @@ def balanced_cuts(
     cross a cut at b:
 
         cost_j(a, b) = max((C[b] - C[a]) / speed_j, B[b] / bandwidth_j)   (last: graph outputs)
-        mem(a, b) = distinct initializer bytes of [a, b) + max(live[a:b])
+        mem(a, b) = distinct initializer bytes of [a, b) + workers_j * max(live[a:b])
 
     For fixed b both fall as a grows, so the starts a that keep stage j within a bound T and
     within its memory cap form a window ``[lo_j(b), b - 1]``: lo from a binary search in C for
@@ -54,7 +54,7 @@ def balanced_cuts(
     n, k = facts.n, len(devs)
     if k == 1:
         cap0 = devs[0].memory_bytes
-        need = segment_memory(facts, layout, 0, n)
+        need = segment_memory(facts, layout, 0, n, devs[0].workers)
         if cap0 is not None and need > cap0:
             raise PlanError(memory_message(devs[0], cap0, 0, need))
         return ()
@@ -63,10 +63,11 @@ def balanced_cuts(
     cost_prefix = layout.cost_prefix
     out_bytes = float(sum(facts.tensor_bytes[t] for t in facts.graph_outputs))
     boundary = layout.boundary_bytes.astype(np.float64)
-    starts_by_cap: dict[int | None, np.ndarray] = {}
+    starts_by_cap: dict[tuple[int | None, int], np.ndarray] = {}  # by cap and workers
     for d in devs:
-        if d.memory_bytes not in starts_by_cap:
-            starts_by_cap[d.memory_bytes] = memory_starts(facts, layout, d.memory_bytes)
+        if (d.memory_bytes, d.workers) not in starts_by_cap:
+            starts_by_cap[d.memory_bytes, d.workers] = memory_starts(
+                facts, layout, d.memory_bytes, d.workers)
 
     # Per stage j: the ends b it may have (room for the stages after it), what it sends.
     ends: list[np.ndarray] = []
@@ -76,7 +77,7 @@ def balanced_cuts(
         bs = np.array([n]) if j == k - 1 else np.arange(j + 1, n - (k - 1 - j) + 1)
         ends.append(bs)
         sent.append((np.full(1, out_bytes) if j == k - 1 else boundary[bs]) / d.bandwidth)
-        mem_lo.append(np.maximum(starts_by_cap[d.memory_bytes][bs], j))
+        mem_lo.append(np.maximum(starts_by_cap[d.memory_bytes, d.workers][bs], j))
 
     def windows(j: int, bound: float) -> tuple[np.ndarray, np.ndarray]:
         bs = ends[j]

@@ -346,5 +346,6 @@ def layout_stages(
             flops=sum(graph.nodes[v].flops for v in nodes),
             param_bytes=sum(facts.param_bytes[p] for p in params),
             peak_activation_bytes=int(layout.live[a:b].max()),
+            workers=dev.workers,
         ))
     return tuple(stages)

@@ -1,9 +1,10 @@
 """Stage memory against device caps: which stage starts fit a cap, and why no split does.
 
 A stage holds the distinct initializers its nodes read plus its peak live activations (see
-`cost_model`). Both only grow as a stage gets longer, so the feasible starts for every end come
-from one two-pointer sweep, and a failed plan names the device whose cap no split meets and
-the least that device would need.
+`cost_model`), those once for each request its device computes at once (its workers). Both
+only grow as a stage gets longer, so the feasible starts for every end come from one
+two-pointer sweep, and a failed plan names the device whose cap no split meets and the least
+that device would need.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from periphery_core.partition.plan import DeviceSpec
 from periphery_core.units import human_bytes
 
 
-def memory_starts(facts: GraphFacts, layout: OrderLayout, cap: int | None) -> np.ndarray:
-    """For each end b, the earliest start a with mem(a, b) <= cap (b itself when none).
+def memory_starts(facts: GraphFacts, layout: OrderLayout, cap: int | None,
+                  workers: int = 1) -> np.ndarray:
+    """For each end b, the earliest start a with mem(a, b) <= cap (b itself when none), on a
+    device that computes `workers` requests at once.
 
     mem(a, b) only grows with b and shrinks with a, so one two-pointer sweep finds them all,
     keeping per-initializer use counts for the distinct bytes and a deque for the peak.
@@ -42,7 +45,7 @@ def memory_starts(facts: GraphFacts, layout: OrderLayout, cap: int | None) -> np
         while peak and live[peak[-1]] <= live[p]:
             peak.pop()
         peak.append(p)
-        while a < b and held + live[peak[0]] > cap:
+        while a < b and held + workers * live[peak[0]] > cap:
             for q in facts.node_params[layout.order[a]]:
                 uses[q] -= 1
                 if uses[q] == 0:
@@ -54,19 +57,29 @@ def memory_starts(facts: GraphFacts, layout: OrderLayout, cap: int | None) -> np
     return starts
 
 
-def segment_memory(facts: GraphFacts, layout: OrderLayout, a: int, b: int) -> int:
-    """Bytes the stage ``[a, b)`` holds: its distinct initializers plus its peak live bytes."""
+def segment_memory(facts: GraphFacts, layout: OrderLayout, a: int, b: int,
+                   workers: int = 1) -> int:
+    """Bytes the stage ``[a, b)`` holds: its distinct initializers plus its peak live bytes,
+    those for each of `workers` requests at once."""
     params: set[int] = set()
     for v in layout.order[a:b]:
         params.update(facts.node_params[v])
-    return sum(facts.param_bytes[p] for p in params) + int(layout.live[a:b].max())
+    return sum(facts.param_bytes[p] for p in params) + workers * int(layout.live[a:b].max())
 
 
 def memory_message(dev: DeviceSpec, cap: int, stage: int, need: int) -> str:
     """The one-line error for a memory cap that no split meets."""
     return (f"the memory cap of device '{dev.name}' ({human_bytes(cap)}) cannot be "
-            f"met: in every split, stage {stage} needs at least {human_bytes(need)} (parameters "
-            "+ activations); give it more memory, or use more or other devices")
+            f"met: in every split, stage {stage} needs at least {human_bytes(need)} "
+            f"({held_text(dev.workers)}); give it more memory, "
+            f"{'fewer workers, ' if dev.workers > 1 else ''}or use more or other devices")
+
+
+def held_text(workers: int) -> str:
+    """What a stage holds, in words: its parameters and each run's activations."""
+    if workers == 1:
+        return "parameters + activations"
+    return f"parameters + activations of {workers} requests at once"
 
 
 def diagnose_memory(
@@ -79,8 +92,9 @@ def diagnose_memory(
     """Say which device's cap no split meets, and the least it would need."""
     n, k = facts.n, len(devs)
     where = np.flatnonzero(starts[:n])
+    w = devs[stuck].workers
     if stuck == k - 1:  # it must hold everything from its start on: the latest start is least
-        need = segment_memory(facts, layout, int(where.max()), n)
+        need = segment_memory(facts, layout, int(where.max()), n, w)
     else:  # its smallest possible stage is a single node
-        need = min(segment_memory(facts, layout, int(a), int(a) + 1) for a in where)
+        need = min(segment_memory(facts, layout, int(a), int(a) + 1, w) for a in where)
     return memory_message(devs[stuck], devs[stuck].memory_bytes or 0, stuck, need)

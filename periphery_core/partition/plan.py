@@ -45,12 +45,15 @@ class DeviceSpec:
         speed: compute speed relative to the reference machine (2.0 runs a stage in half the time).
         memory_bytes: the most a stage may hold (parameters + peak activations); None: no cap.
         bandwidth: bytes per second of the link from this device to the next stage.
+        workers: requests it computes at once (`periphery-node --workers`): its stage holds
+            the parameters once and the activations of each run.
     """
 
     name: str
     speed: float = 1.0
     memory_bytes: int | None = None
     bandwidth: float = DEFAULT_BANDWIDTH
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +79,8 @@ class Stage:
     transfer_s: float  # predicted time to send its outputs over its device's link
     flops: int
     param_bytes: int
-    peak_activation_bytes: int
+    peak_activation_bytes: int  # of one request
+    workers: int = 1  # requests its device computes at once, each with its activations
 
     @property
     def cost_s(self) -> float:
@@ -86,7 +90,7 @@ class Stage:
 
     @property
     def memory_bytes(self) -> int:
-        return self.param_bytes + self.peak_activation_bytes
+        return self.param_bytes + self.workers * self.peak_activation_bytes
 
     @property
     def output_bytes(self) -> int:
@@ -220,6 +224,8 @@ def _device_dict(d: DeviceSpec) -> dict[str, Any]:
     out: dict[str, Any] = {"name": d.name, "speed": d.speed, "bandwidth": d.bandwidth}
     if d.memory_bytes is not None:
         out["memory_bytes"] = d.memory_bytes
+    if d.workers != 1:
+        out["workers"] = d.workers
     return out
 
 
@@ -273,6 +279,7 @@ def load_plan(path: str | Path) -> ShardPlan:
                 flops=int(s["flops"]),
                 param_bytes=int(s["param_bytes"]),
                 peak_activation_bytes=int(s["peak_activation_bytes"]),
+                workers=int(s.get("workers", 1)),
             )
             for s in data["stages"]
         )
@@ -333,11 +340,15 @@ def parse_size(value: Any, units: dict[str, float], what: str) -> float:
 def _device_from(d: Any, i: int) -> DeviceSpec:
     if not isinstance(d, dict):
         raise DevicesError(f"device {i} must be a table with name, speed, memory, bandwidth")
-    unknown = set(d) - {"name", "speed", "memory", "memory_bytes", "bandwidth"}
+    unknown = set(d) - {"name", "speed", "memory", "memory_bytes", "bandwidth", "workers"}
     if unknown:
         raise DevicesError(f"device {i} has unknown key '{sorted(unknown)[0]}' "
-                           "(known: name, speed, memory, bandwidth)")
+                           "(known: name, speed, memory, bandwidth, workers)")
     memory = d.get("memory", d.get("memory_bytes"))
+    workers = d.get("workers", 1)
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 256:
+        raise DevicesError(f"device {i} workers must be a whole number from 1 to 256 (the "
+                           f"requests it computes at once), got {workers!r:.40}")
     return DeviceSpec(
         name=str(d.get("name", f"device{i}")),
         speed=parse_size(d.get("speed", 1.0), {"": 1, "x": 1}, f"device {i} speed"),
@@ -345,6 +356,7 @@ def _device_from(d: Any, i: int) -> DeviceSpec:
                                                                 f"device {i} memory")),
         bandwidth=parse_size(d.get("bandwidth", DEFAULT_BANDWIDTH), _RATE_UNITS,
                              f"device {i} bandwidth"),
+        workers=workers,
     )
 
 
@@ -357,6 +369,7 @@ def load_devices(path: str | Path) -> tuple[DeviceSpec, ...]:
     speed = 4.0          # relative to the reference machine
     memory = "8GiB"      # parameters + activations a stage may hold
     bandwidth = "1Gbit/s"  # link to the next stage
+    workers = 4          # requests it computes at once, each with its activations (1)
     ```
     """
     p = Path(path)

@@ -444,22 +444,25 @@ def test_a_restarted_master_keeps_the_shards_nodes_hold(tmp_path: Path) -> None:
             assert uploads  # another session option: uploaded and rebuilt
 
 
-def test_a_node_keeps_answering_while_it_loads_a_big_shard() -> None:
-    """A node given a 400 MB shard is not lost while it builds the session, even by a master
-    that loses nodes after 1 s unanswered, and the stage serves. Parsing the shard holds
-    Python's interpreter lock for over a second here, so the node answers no ping meanwhile:
-    before, such a node was declared lost before it was ready."""
-    width = 10_000
-    rng = np.random.default_rng(0)
-    weight = rng.standard_normal((width, width), dtype=np.float32)
+def _big_matmul(width: int = 10_000) -> tuple[bytes, np.ndarray]:
+    """A one-MatMul shard of width x width float weights (400 MB at 10,000), and them."""
+    weight = np.random.default_rng(0).standard_normal((width, width), dtype=np.float32)
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"])], "big",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, width])],
         [numpy_helper.from_array(weight, "w")])
-    shard = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
-                              ir_version=8).SerializeToString()
-    x = rng.standard_normal((1, width), dtype=np.float32)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                             ir_version=8).SerializeToString(), weight
+
+
+def test_a_node_keeps_answering_while_it_loads_a_big_shard() -> None:
+    """A node given a 400 MB shard is not lost while it builds the session, even by a master
+    that loses nodes after 1 s unanswered, and the stage serves. Parsing the shard holds
+    Python's interpreter lock for over a second here, so the node answers no ping meanwhile:
+    before, such a node was declared lost before it was ready."""
+    shard, weight = _big_matmul()
+    x = np.random.default_rng(1).standard_normal((1, weight.shape[0]), dtype=np.float32)
     lost: list[ev.NodeLost] = []
     with LocalCluster(1, recalibrate=False) as local, \
             Master(keys=local.master_keys, heartbeat_s=0.25, lost_after_s=1.0) as master:
@@ -469,3 +472,44 @@ def test_a_node_keeps_answering_while_it_loads_a_big_shard() -> None:
         got = master.submit({"x": x}).result(timeout=60)
     assert lost == []
     np.testing.assert_allclose(got["y"], x @ weight, rtol=1e-3, atol=1e-2)
+
+
+def test_a_node_whose_process_ends_is_lost_at_once_even_while_it_builds_a_shard() -> None:
+    """Killed while it builds a 400 MB shard's session, when silence alone would lose it only
+    after 30 s, a node is lost as soon as its connection closes for good, and the deploy
+    fails with one line instead of waiting; a node killed while it serves is lost the same
+    way, long before its silence would tell (the master here waits a minute for that)."""
+    shard, _ = _big_matmul()
+    events: list[ev.Event] = []
+    with LocalCluster(2, recalibrate=False) as local, \
+            Master(keys=local.master_keys, lost_after_s=60.0) as master:
+        handles = [master.connect(a) for a in local.addresses]
+        master.bus.subscribe(events.append)
+        uploaded = threading.Event()
+        master.bus.subscribe(lambda e: uploaded.set() if isinstance(e, ev.ShardProgress)
+                             and e.sent_bytes == e.total_bytes else None)
+        building = local.nodes[0].process
+        threading.Thread(target=lambda: (uploaded.wait(60), building.kill()),
+                         daemon=True).start()
+        t0 = time.monotonic()
+        with pytest.raises(ClusterError, match="was lost"):
+            master.deploy([shard], [handles[0].node_id], exact=False)
+        assert time.monotonic() - t0 < 20, "the deploy waited out the loading allowance"
+        serving = local.nodes[1].process
+        master.deploy([_tiny_relu()], [handles[1].node_id])
+        serving.kill()
+        wait_for(lambda: sum(isinstance(e, ev.NodeLost) for e in events) == 2, 20,
+                 "the serving node to be lost")
+    reasons = [e.reason for e in events if isinstance(e, ev.NodeLost)]
+    assert [e.node_id for e in events if isinstance(e, ev.NodeLost)] == \
+        [h.node_id for h in handles]
+    assert all("connection closed" in r for r in reasons), reasons
+
+
+def _tiny_relu() -> bytes:
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                             ir_version=8).SerializeToString()

@@ -69,8 +69,9 @@ def test_two_nodes_lost_close_together_recover_once_onto_the_survivor(work: Work
                 if i == 80:
                     local.kill(0)
                     # a fixed gap on purpose: the scenario is two losses a moment apart, not
-                    # at once, both before the master declares the first (seconds later)
-                    time.sleep(0.5)
+                    # at once, both before the master declares the first (half a second after
+                    # its connection closed)
+                    time.sleep(0.2)
                     local.kill(2)
 
             results = stream(pipeline, work.pool, 300, 8, kill_two)

@@ -50,6 +50,7 @@ class NodeHandle:
     # master busy serialising a big model's shards) is not the node's silence.
     unanswered_since: float | None = None
     loading_until: float = 0.0  # building a shard's session until then, or until ready/error
+    gone_since: float | None = None  # when its control connection closed (None: it is up)
     lost: bool = False
     stage: int | None = None
     key: bytes | None = None  # the node's CurveZMQ public key (None: insecure)

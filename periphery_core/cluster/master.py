@@ -140,8 +140,10 @@ class Master:
         return self._control.connect(address, timeout)
 
     def alive_nodes(self) -> list[NodeHandle]:
-        """The connected nodes not lost, in the order they joined (a snapshot)."""
-        return [h for h in list(self.nodes.values()) if not h.lost]
+        """The connected nodes not lost, in the order they joined (a snapshot); not one whose
+        connection is closed right now (its process has probably ended: it is lost once the
+        connection has stayed closed for half a second)."""
+        return [h for h in list(self.nodes.values()) if not h.lost and h.gone_since is None]
 
     def devices(self, node_ids: Sequence[str] | None = None) -> list[DeviceSpec]:
         """The planner's description of connected nodes: measured speed, free memory, link."""

@@ -4,11 +4,13 @@ Only this thread touches a control socket, so none is shared and none needs a lo
 threads `put` a command (a closure) on its queue and wait on a future that the command, or a
 node's answer to it, settles. Each turn of the loop runs the queued commands, reads what the
 nodes sent, then sends heartbeats; a node silent for `lost_after_s` is declared lost, and one
-that answers again rejoins. Between turns the thread sleeps in one poll until a node sends, a
-command is queued (a `Waker`), or the next heartbeat or retry is due: it never wakes for
-nothing (a 5 ms poll timeout cost the master ~12 ms of CPU a second, taken from the stages
-sharing its cores). Nothing here ever blocks on a node: a full send queue is a skipped beat or
-a retry a few milliseconds later, so one hung node cannot stall the others.
+that answers again rejoins. A node whose connection closes (its process ended, its host
+rebooted) and does not come back within `GONE_S` is lost then, without waiting out the
+silence: ZeroMQ reports the close on each socket's monitor. Between turns the thread sleeps in
+one poll until a node sends, a command is queued (a `Waker`), or the next heartbeat or retry is
+due: it never wakes for nothing (a 5 ms poll timeout cost the master ~12 ms of CPU a second,
+taken from the stages sharing its cores). Nothing here ever blocks on a node: a full send queue
+is a skipped beat or a retry a few milliseconds later, so one hung node cannot stall the others.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from concurrent.futures import Future
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from periphery_core.cluster import events as ev
 from periphery_core.cluster.bus import EventBus
@@ -49,6 +52,11 @@ MAX_SLEEP_S = 0.25  # the loop looks at the stop flag at least this often
 # starting) holds Python's interpreter lock for seconds at a time, so it answers no ping
 # meanwhile; until it says ready or error it is lost only after this long without an answer.
 LOADING_LOST_S = 30.0
+# A node whose control connection closed is lost when it has not reconnected within this long
+# (ZeroMQ retries every 0.1 s: a live node behind a connection that merely dropped is back by
+# then; a process that ended never is).
+GONE_S = 0.5
+_LINK_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
 
 
 class Control:
@@ -86,6 +94,7 @@ class Control:
         self._later: list[tuple[float, int, Callable[[], None]]] = []
         self._order = itertools.count()
         self._handles_by_socket: dict[Any, NodeHandle] = {}  # owned by the control thread
+        self._monitors: dict[Any, NodeHandle] = {}  # each control socket's monitor (same)
 
     def put(self, command: Callable[[], None]) -> None:
         """Run `command` on the control thread, on its next turn (waking it)."""
@@ -145,6 +154,7 @@ class Control:
                 handle = NodeHandle(address=address, socket=sock, last_seen=time.time(), key=key)
                 handle.waiters.setdefault("info", []).append(reply)
                 self._handles_by_socket[sock] = handle
+                self._monitors[sock.get_monitor_socket(_LINK_EVENTS)] = handle
                 tried.append(handle)
                 self.send(handle, encode("hello", {"master": self.results_endpoint}))
 
@@ -152,7 +162,7 @@ class Control:
             for h in tried:
                 if h is not keep:
                     self._handles_by_socket.pop(h.socket, None)
-                    h.socket.close(linger=0)
+                    self._close(h.socket)
 
         self.put(start)
         try:
@@ -203,9 +213,18 @@ class Control:
                     log.exception("master control loop")
                     time.sleep(0.01)
         finally:
-            for sock in self._handles_by_socket:
-                sock.close(linger=0)
+            for sock in list(self._handles_by_socket):
+                self._close(sock)
             self._waker.close()
+
+    def _close(self, sock: zmq.Socket) -> None:
+        """Close a control socket and its monitor."""
+        for monitor, handle in list(self._monitors.items()):
+            if handle.socket is sock:
+                del self._monitors[monitor]
+                sock.disable_monitor()
+                monitor.close(linger=0)
+        sock.close(linger=0)
 
     def _run_commands(self) -> None:
         """The queued commands, then the retries that are due."""
@@ -234,16 +253,27 @@ class Control:
         until = next_beat - time.time()
         if self._later:
             until = min(until, self._later[0][0] - time.monotonic())
+        gone = [h.gone_since + GONE_S for h in self._handles_by_socket.values()
+                if h.gone_since is not None and h.node_id and not h.lost]
+        if gone:
+            until = min(until, min(gone) - time.time())
         timeout_ms = max(0, min(int(until * 1000) + 1, int(MAX_SLEEP_S * 1000)))
         poller = zmq.Poller()
         poller.register(self._waker.fd, zmq.POLLIN)
-        for s in self._handles_by_socket:
+        for s in (*self._handles_by_socket, *self._monitors):
             poller.register(s, zmq.POLLIN)
         for sock, _ in poller.poll(timeout_ms):
             handle = self._handles_by_socket.get(sock)
             if handle is not None:
                 self._read(sock, handle)
+            elif (handle := self._monitors.get(sock)) is not None:
+                self._link_events(sock, handle)
         now = time.time()
+        for handle in list(self._handles_by_socket.values()):
+            if handle.gone_since is not None and handle.node_id and not handle.lost \
+                    and now - handle.gone_since >= GONE_S:
+                self._lose(handle, now, f"its connection closed and did not come back within "
+                                        f"{GONE_S:g} s (its process ended or its host went down)")
         if now >= next_beat:
             next_beat = now + self.heartbeat_s
             self._heartbeat(now)
@@ -278,20 +308,37 @@ class Control:
                 continue
             limit = LOADING_LOST_S if now < handle.loading_until else self.lost_after_s
             if handle.unanswered_since is not None and now - handle.unanswered_since > limit:
-                handle.lost = True
-                reason = f"no answer for {now - handle.unanswered_since:.1f} s"
-                log.warning("node %s lost: %s", handle.name, reason)
-                self.bus.publish(ev.NodeLost(t=now, node_id=handle.node_id, reason=reason))
-                for waiters in handle.waiters.values():
-                    for f in waiters:
-                        settle(f, ClusterError(f"node {handle.name} was lost"))
-                handle.waiters.clear()
-                if handle.node_id in self._stage_nodes:
-                    self._on_stage_lost(handle, self._stage_nodes.index(handle.node_id))
+                self._lose(handle, now, f"no answer for {now - handle.unanswered_since:.1f} s")
                 continue
             self.send(handle, encode("ping", {"t": now}))  # a full queue counts as silence
             if handle.unanswered_since is None:
                 handle.unanswered_since = now
+
+    def _lose(self, handle: NodeHandle, now: float, reason: str) -> None:
+        """Declare a node lost: say so, fail what waits on it, recover its stage."""
+        handle.lost = True
+        log.warning("node %s lost: %s", handle.name, reason)
+        self.bus.publish(ev.NodeLost(t=now, node_id=handle.node_id, reason=reason))
+        for waiters in handle.waiters.values():
+            for f in waiters:
+                settle(f, ClusterError(f"node {handle.name} was lost"))
+        handle.waiters.clear()
+        if handle.node_id in self._stage_nodes:
+            self._on_stage_lost(handle, self._stage_nodes.index(handle.node_id))
+
+    @staticmethod
+    def _link_events(monitor: zmq.Socket, handle: NodeHandle) -> None:
+        """Note when a node's control connection closed, and when it is back."""
+        while True:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                if handle.gone_since is None:
+                    handle.gone_since = time.time()
+            elif event["event"] == zmq.EVENT_CONNECTED:
+                handle.gone_since = None
 
     def _resolve(self, handle: NodeHandle, kind: str, value: Any) -> bool:
         waiters = handle.waiters.get(kind)

@@ -202,6 +202,9 @@ def test_a_device_computing_several_requests_at_once_holds_each_ones_activations
     assert one["param_bytes"] + 4 * one["peak_activation_bytes"] > 8 * 2**20
     assert len(four["nodes"]) < len(one["nodes"])
     assert four["param_bytes"] + 4 * four["peak_activation_bytes"] <= 8 * 2**20
+    table = ok("plan", SQUEEZENET, "--shards", 2, "--devices", work / "devices-4.toml",
+               "-o", work / "plan-4.json").stdout
+    assert "b (4 at once)" in " ".join(table.split())
 
 
 @pytest.mark.parametrize("command", ["", "analyze", "plan", "shard", "verify"])

@@ -114,7 +114,8 @@ def render_plan(plan: ShardPlan) -> None:
     b = plan.bottleneck_stage
     for s in plan.stages:
         style = "bold red" if s.index == b else None
-        t.add_row(str(s.index), s.device, str(len(s.nodes)), f"{s.nodes[0]} → {s.nodes[-1]}",
+        device = f"{s.device} ({s.workers} at once)" if s.workers > 1 else s.device
+        t.add_row(str(s.index), device, str(len(s.nodes)), f"{s.nodes[0]} → {s.nodes[-1]}",
                   human_seconds(s.compute_s), human_seconds(s.transfer_s),
                   human_bytes(s.memory_bytes), human_bytes(s.output_bytes), style=style)
     console.print(t)

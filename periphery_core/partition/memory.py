@@ -71,11 +71,11 @@ def memory_message(dev: DeviceSpec, cap: int, stage: int, need: int) -> str:
     """The one-line error for a memory cap that no split meets."""
     return (f"the memory cap of device '{dev.name}' ({human_bytes(cap)}) cannot be "
             f"met: in every split, stage {stage} needs at least {human_bytes(need)} "
-            f"({held_text(dev.workers)}); give it more memory, "
+            f"({_held_text(dev.workers)}); give it more memory, "
             f"{'fewer workers, ' if dev.workers > 1 else ''}or use more or other devices")
 
 
-def held_text(workers: int) -> str:
+def _held_text(workers: int) -> str:
     """What a stage holds, in words: its parameters and each run's activations."""
     if workers == 1:
         return "parameters + activations"

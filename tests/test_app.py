@@ -54,8 +54,13 @@ def text_of(app: PeripheryApp, selector: str) -> str:
     content = app.screen.query_one(selector, Static).content
     if isinstance(content, str | Content):
         return str(content)
+    return rendered_text(content)
+
+
+def rendered_text(renderable: object) -> str:
+    """A Rich renderable (what a widget's `render` draws) as plain text, 160 columns wide."""
     console = Console(width=160, file=io.StringIO(), record=True)
-    console.print(content)
+    console.print(renderable)
     return console.export_text()
 
 
@@ -489,6 +494,10 @@ async def test_a_node_computing_several_requests_at_once_shows_it_and_plans_for_
             (stage,) = app.plan.stages
             assert stage.workers == 2
             assert stage.memory_bytes == stage.param_bytes + 2 * stage.peak_activation_bytes
+            from periphery_app.widgets.stage_chart import StageChart
+
+            chart = app.screen.query_one(StageChart)
+            await until(pilot, lambda: "(2 at once)" in rendered_text(chart.render()))
     finally:
         cluster.stop()
 
@@ -507,9 +516,7 @@ async def test_the_shards_screen_shows_deploy_state_only_for_the_plan_that_runs(
     app = PeripheryApp(DEMO_MODEL, demo=True, browse_dir=DEMO_MODEL.parent)
 
     def chart_text() -> str:
-        console = Console(width=160, file=io.StringIO(), record=True)
-        console.print(app.screen.query_one(StageChart).render())
-        return console.export_text()
+        return rendered_text(app.screen.query_one(StageChart).render())
 
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: app.cluster_state.deploy_status == "deployed",
@@ -737,9 +744,7 @@ async def test_the_app_follows_the_pipeline_when_it_rebalances(tmp_path: Path) -
             chart = app.screen.query_one(StageChart)
 
             def ready() -> int:
-                console = Console(width=160, file=io.StringIO(), record=True)
-                console.print(chart.render())
-                return console.export_text().count(" ready ")
+                return rendered_text(chart.render()).count(" ready ")
 
             await until(pilot, lambda: ready() == 2, timeout=30)
             assert app.cluster_state.requests_failed == 0

@@ -137,7 +137,8 @@ class StageChart(Widget, can_focus=True):
                            style="red" if bottleneck else "green")
             rows[0].append(f" {human_seconds(s.compute_s)}")
             rows[1].append(bar(s.memory_bytes / top_memory, width), style="blue")
-            rows[1].append(f" {human_bytes(s.memory_bytes)}")
+            rows[1].append(f" {human_bytes(s.memory_bytes)}"
+                           + (f" ({s.workers} at once)" if s.workers > 1 else ""))
             if s.index < plan.k - 1:
                 rows[2].append(bar(s.output_bytes / top_sent, width), style="magenta")
                 rows[2].append(f" {human_bytes(s.output_bytes)} (cut at {cut})")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from periphery_core.cluster import events as ev
+from periphery_core.cluster import master_control
 from periphery_core.cluster.local import LocalCluster
 from periphery_core.cluster.pipeline import Pipeline
 from tests.streaming import count_completions, mlp_workload, stream
@@ -48,4 +51,48 @@ def test_a_killed_node_costs_no_request(tmp_path: Path, victim: int, workers: in
         assert victim_id not in pipeline.assignment
     assert len(results) == total
     assert len(completions) == total and set(completions.values()) == {1}
+    work.assert_matches(results)
+
+
+def test_a_node_restarted_at_its_address_costs_no_request(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node process killed and started again at the same address, quicker than its closed
+    connection or its silence would lose it (both made to take half a minute here), answers
+    the master's pings as another process: the master loses the old node on that answer and
+    the pipeline recovers onto the others. Before, those answers kept the old node alive, and
+    every request waited for a stage no process ran."""
+    monkeypatch.setattr(master_control, "GONE_S", 30.0)
+    work = mlp_workload(tmp_path, seed=2, inputs=25)
+    total = 300
+    replacement: list[subprocess.Popen] = []
+    try:
+        with LocalCluster(3) as local, local.master(lost_after_s=30.0) as master:
+            pipeline = Pipeline(master, work.loaded, work.analysis, k=2, exact=True)
+            pipeline.deploy([a.node_id for a in local.addresses[:2]])
+            lost: list[ev.NodeLost] = []
+            master.bus.subscribe(lambda e: lost.append(e) if isinstance(e, ev.NodeLost)
+                                 else None)
+            old = local.nodes[0].process
+            args = [str(a) for a in old.args]  # type: ignore[union-attr]
+            args[args.index("--port") + 1] = str(local.addresses[0].port)
+
+            def restart(i: int) -> None:
+                if i == 100:
+                    old.kill()
+                    old.wait()
+                    replacement.append(subprocess.Popen(
+                        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                        env={**os.environ, "PERIPHERY_NODE_PDEATHSIG": "1"}))
+
+            results = stream(pipeline, work.pool, total, 8, restart)
+            pipeline.close()
+            assert pipeline.failed is None and len(pipeline.recoveries) == 1
+            assert [e.node_id for e in lost] == [local.addresses[0].node_id]
+            assert "another process answers at its address" in lost[0].reason
+            assert local.addresses[0].node_id not in pipeline.assignment
+    finally:
+        for proc in replacement:
+            proc.kill()
+            proc.wait()
+    assert len(results) == total
     work.assert_matches(results)

@@ -352,6 +352,14 @@ class Control:
     def _on_message(self, handle: NodeHandle, msg: Message) -> None:
         """Act on one message from a node. `decode` has checked the type and range of every
         field read here (wire/protocol.py), so none of these conversions can fail half-way."""
+        answering = msg.fields.get("node") if msg.kind in ("pong", "stats") else None
+        if answering and handle.node_id and answering != handle.node_id:
+            # Another process answers at the node's address (it restarted there, quicker than
+            # a loss is noticed): it holds none of the node's stage; the node is gone.
+            if not handle.lost:
+                self._lose(handle, time.time(), "another process answers at its address (it "
+                                                "restarted): connect that one as a new node")
+            return
         handle.last_seen = time.time()
         handle.unanswered_since = None
         f = msg.fields

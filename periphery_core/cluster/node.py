@@ -266,7 +266,7 @@ class NodeDaemon:
                 self._master_lost = False
                 log.info("a master is back")
         if kind == "ping":
-            self._reply(ident, "pong", {"t": msg.fields["t"]})
+            self._reply(ident, "pong", {"t": msg.fields["t"], "node": self.node_id})
         elif kind == "hello":
             self._master = ident
             mem = psutil.virtual_memory()

@@ -109,7 +109,7 @@ KINDS: dict[str, dict[str, Field]] = {
         "workers": optional(Field("int", lo=1, hi=256)),  # requests it computes at once
     },
     "ping": {"t": _TIME},
-    "pong": {"t": _TIME},
+    "pong": {"t": _TIME, "node": optional(_NAME)},  # node: the answering process's id
     "deploy_begin": {
         "stage": _STAGE, "stages": Field("int", lo=1, hi=65536), "sha256": _SHA256,
         "size": _BYTES, "inputs": Field("list", items=_NAME),

@@ -91,8 +91,12 @@ def test_a_node_restarted_at_its_address_costs_no_request(
             assert "another process answers at its address" in lost[0].reason
             assert local.addresses[0].node_id not in pipeline.assignment
     finally:
-        for proc in replacement:
-            proc.kill()
-            proc.wait()
+        for proc in replacement:  # asked to stop, so that it removes its own folder
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
     assert len(results) == total
     work.assert_matches(results)

@@ -19,6 +19,7 @@ import click
 from periphery_core import __version__
 from periphery_core.errors import PeripheryError
 from periphery_core.model.loading import LoadedModel
+from periphery_core.wire.protocol import MAX_WORKERS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -89,7 +90,7 @@ def device_option_for(nodes: str) -> Callable[[F], F]:
 def workers_option_for(nodes: str) -> Callable[[F], F]:
     """--workers for the nodes a command starts (`nodes` names them in the help)."""
     return click.option(
-        "--workers", type=click.IntRange(1, 256), default=None, metavar="N",
+        "--workers", type=click.IntRange(1, MAX_WORKERS), default=None, metavar="N",
         help=f"Requests each of {nodes} computes at once (default: 1 on a CPU, 4 on CUDA); "
              "on a CPU each node's threads are shared out among them.")
 

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 import click
 
 from periphery_core.cli.common import handle_errors, run_click
+from periphery_core.wire.protocol import MAX_WORKERS
 
 if TYPE_CHECKING:
     from periphery_core.cluster.node import NodeConfig
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
 @click.option("--data-port", default=0, help="Activation port (default: any free port).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @click.option("--threads", default=0, help="ONNX Runtime intra-op threads (0: its default).")
-@click.option("--workers", type=click.IntRange(1, 256), default=None, metavar="N",
+@click.option("--workers", type=click.IntRange(1, MAX_WORKERS), default=None, metavar="N",
               help="Requests the stage computes at once (default: 1 on a CPU, 4 on CUDA); on a "
                    "CPU the threads are shared out among them.")
 @click.option("--kv-budget", default=None, metavar="SIZE",

@@ -60,6 +60,7 @@ class NodeHandle:
     host: str = ""  # its host's identity (same_host.host_identity); '' unknown
     workers: int = 1  # requests it computes at once
     socket: Any = None
+    monitor: Any = None  # the socket's monitor: its connection closing and coming back
     waiters: dict[str, list[Future]] = field(default_factory=dict)
 
     def joined(self) -> ev.NodeJoined:

@@ -94,7 +94,7 @@ class Control:
         self._later: list[tuple[float, int, Callable[[], None]]] = []
         self._order = itertools.count()
         self._handles_by_socket: dict[Any, NodeHandle] = {}  # owned by the control thread
-        self._monitors: dict[Any, NodeHandle] = {}  # each control socket's monitor (same)
+        self._monitors: dict[Any, NodeHandle] = {}  # by each control socket's monitor (same)
 
     def put(self, command: Callable[[], None]) -> None:
         """Run `command` on the control thread, on its next turn (waking it)."""
@@ -154,7 +154,8 @@ class Control:
                 handle = NodeHandle(address=address, socket=sock, last_seen=time.time(), key=key)
                 handle.waiters.setdefault("info", []).append(reply)
                 self._handles_by_socket[sock] = handle
-                self._monitors[sock.get_monitor_socket(_LINK_EVENTS)] = handle
+                handle.monitor = sock.get_monitor_socket(_LINK_EVENTS)
+                self._monitors[handle.monitor] = handle
                 tried.append(handle)
                 self.send(handle, encode("hello", {"master": self.results_endpoint}))
 
@@ -162,7 +163,7 @@ class Control:
             for h in tried:
                 if h is not keep:
                     self._handles_by_socket.pop(h.socket, None)
-                    self._close(h.socket)
+                    self._close(h)
 
         self.put(start)
         try:
@@ -213,18 +214,17 @@ class Control:
                     log.exception("master control loop")
                     time.sleep(0.01)
         finally:
-            for sock in list(self._handles_by_socket):
-                self._close(sock)
+            for handle in list(self._handles_by_socket.values()):
+                self._close(handle)
             self._waker.close()
 
-    def _close(self, sock: zmq.Socket) -> None:
-        """Close a control socket and its monitor."""
-        for monitor, handle in list(self._monitors.items()):
-            if handle.socket is sock:
-                del self._monitors[monitor]
-                sock.disable_monitor()
-                monitor.close(linger=0)
-        sock.close(linger=0)
+    def _close(self, handle: NodeHandle) -> None:
+        """Close a node's control socket and its monitor."""
+        if handle.monitor is not None:
+            self._monitors.pop(handle.monitor, None)
+            handle.socket.disable_monitor()
+            handle.monitor.close(linger=0)
+        handle.socket.close(linger=0)
 
     def _run_commands(self) -> None:
         """The queued commands, then the retries that are due."""

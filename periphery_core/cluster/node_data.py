@@ -38,6 +38,7 @@ from periphery_core.errors import PeripheryError, RuntimeFailure
 from periphery_core.generate.stateful import StatefulStage
 from periphery_core.runtime.chain import StageRunner
 from periphery_core.wire import Limits, Message, WireError, decode, encode
+from periphery_core.wire.protocol import MAX_WORKERS
 
 log = logging.getLogger("periphery.node")
 
@@ -53,7 +54,6 @@ _ORT_DTYPES = {
     "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
 }
 CUDA_WORKERS = 4  # requests a stage on a GPU computes at once unless told
-MAX_WORKERS = 256  # at most (the most a node's hello may say: wire/protocol.py)
 
 
 def _on_gpu(device: str) -> bool:

@@ -22,6 +22,7 @@ from typing import Any
 import tomli_w
 
 from periphery_core.errors import DevicesError, PlanError
+from periphery_core.wire.protocol import MAX_WORKERS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -346,9 +347,10 @@ def _device_from(d: Any, i: int) -> DeviceSpec:
                            "(known: name, speed, memory, bandwidth, workers)")
     memory = d.get("memory", d.get("memory_bytes"))
     workers = d.get("workers", 1)
-    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 256:
-        raise DevicesError(f"device {i} workers must be a whole number from 1 to 256 (the "
-                           f"requests it computes at once), got {workers!r:.40}")
+    if isinstance(workers, bool) or not isinstance(workers, int) \
+            or not 1 <= workers <= MAX_WORKERS:
+        raise DevicesError(f"device {i} workers must be a whole number from 1 to {MAX_WORKERS} "
+                           f"(the requests it computes at once), got {workers!r:.40}")
     return DeviceSpec(
         name=str(d.get("name", f"device{i}")),
         speed=parse_size(d.get("speed", 1.0), {"": 1, "x": 1}, f"device {i} speed"),

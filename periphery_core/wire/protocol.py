@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 PROTOCOL_VERSION = 1
+MAX_WORKERS = 256  # the most requests a node may say it computes at once
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -106,7 +107,7 @@ KINDS: dict[str, dict[str, Field]] = {
         "ipc": optional(Field("str", max_len=256, pattern=f"({_IPC})?",
                               what="an ipc:///path endpoint, or empty")),
         "host": optional(Field("str", pattern="[0-9a-f]{0,64}", what="a hex digest")),
-        "workers": optional(Field("int", lo=1, hi=256)),  # requests it computes at once
+        "workers": optional(Field("int", lo=1, hi=MAX_WORKERS)),  # requests it computes at once
     },
     "ping": {"t": _TIME},
     "pong": {"t": _TIME, "node": optional(_NAME)},  # node: the answering process's id

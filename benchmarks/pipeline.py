@@ -25,9 +25,10 @@
    time, latency(K = 2) - latency(K = 1), against a bare ZeroMQ round trip of the same bytes
    between two processes; every link on TCP as between hosts, with CurveZMQ keys on both (the
    default) and without (--insecure); and the same-host default, a private Unix socket (see
-   cluster/same_host.py). Requests interleaved so every column sees the same machine; the
-   nodes run --no-recalibrate, so that none re-measures its speed (a benchmark of a few tenths
-   of a second that a node runs while idle) in the middle of these short phases.
+   cluster/same_host.py). K = 1 and K = 2 side by side on nodes of their own, every column's
+   requests interleaved so all see the same machine (see `hops`); the nodes run
+   --no-recalibrate, so that none re-measures its speed (a benchmark of a few tenths of a
+   second that a node runs while idle) in the middle of the rounds.
 3. Balance by measurement: `tests.models.misleading_costs` (full sorts, then MatMuls, whose
    FLOP estimates mislead) on 2 local nodes with the plan made on estimates, its cuts kept
    (`--no-rebalance`) against the default, which moves them on the nodes' measured compute;
@@ -39,6 +40,7 @@ Run: `python benchmarks/pipeline.py [--requests 160] [--repeat 3] [--json out.js
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -289,49 +291,58 @@ class BareZmq:
         self.context.term()
 
 
+# Every link on TCP as between hosts, with keys and without; the same-host default.
+_HOP_LINKS = {"keys": {"secure": True, "same_host_ipc": False},
+              "insecure": {"secure": False, "same_host_ipc": False},
+              "near": {"secure": True, "same_host_ipc": True}}
+
+
 def hops(repeat: int) -> list[dict]:
-    """Per size: bare ZeroMQ round trip, and the latency one extra pipeline hop adds."""
+    """Per size: bare ZeroMQ round trip, and the latency one extra pipeline hop adds.
+
+    K = 1 and K = 2 run side by side, each on nodes and a master of its own (a master runs one
+    deployment at a time), one request each in turn, in alternating order: measured one after
+    the other, a drift of the machine between the two phases moved a hop by 20-40% from run to
+    run (and the K = 2 phase woke twice the node processes of the K = 1 phase). A hop is the
+    median of the paired differences, K = 2 minus K = 1, of the same rounds.
+    """
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, \
-            LocalCluster(2, recalibrate=False) as safe, \
-            safe.master(same_host_ipc=False) as m_safe, \
-            LocalCluster(2, secure=False, recalibrate=False) as open_, \
-            open_.master(same_host_ipc=False) as m_open, \
-            LocalCluster(2, recalibrate=False) as near, near.master() as m_near:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        masters = {}
+        for link, opts in _HOP_LINKS.items():
+            for k in (1, 2):
+                local = stack.enter_context(
+                    LocalCluster(k, secure=opts["secure"], recalibrate=False))
+                masters[(link, k)] = stack.enter_context(
+                    local.master(same_host_ipc=opts["same_host_ipc"]))
         bare = {"keys": BareZmq(True), "insecure": BareZmq(False)}
-        try:
-            for label, width in SIZES:
-                path = relu_chain(Path(tmp) / f"hops-{width}.onnx", width)
-                payload = np.ones(width, dtype=np.float32)
-                feeds = {"x0": np.ones((1, width), dtype=np.float32)}
-                times: dict[tuple[str, object], list[float]] = defaultdict(list)
-                for k in (1, 2):  # a master runs one deployment at a time: K = 1, then 2
-                    pipes = {(sec, k): deployed(m, path, k) for sec, m in
-                             (("keys", m_safe), ("insecure", m_open), ("near", m_near))}
-                    for _ in range(5):
-                        for pipe in pipes.values():
-                            pipe.submit(feeds).result()
-                    for _ in range(repeat):
-                        for sec, b in bare.items():
-                            times[(sec, "bare")].append(b.round_trip(payload))
-                        for key, pipe in pipes.items():
-                            t0 = time.perf_counter()
-                            pipe.submit(feeds).result()
-                            times[key].append(time.perf_counter() - t0)
-                    for pipe in pipes.values():
-                        pipe.close()
-                med = {key: statistics.median(v) for key, v in times.items()}
-                row: dict[str, object] = {"size": label, "bytes": width * 4}
-                for sec in ("keys", "insecure"):
-                    hop = med[(sec, 2)] - med[(sec, 1)]
-                    row[f"bare_{sec}_s"] = med[(sec, "bare")]
-                    row[f"hop_{sec}_s"] = hop
-                    row[f"target_{sec}_s"] = 1.2 * med[(sec, "bare")] + 50e-6
-                row["hop_near_s"] = med[("near", 2)] - med[("near", 1)]
-                rows.append(row)
-        finally:
-            for b in bare.values():
-                b.close()
+        stack.callback(lambda: [b.close() for b in bare.values()])
+        for label, width in SIZES:
+            path = relu_chain(Path(tmp) / f"hops-{width}.onnx", width)
+            payload = np.ones(width, dtype=np.float32)
+            feeds = {"x0": np.ones((1, width), dtype=np.float32)}
+            pipes = [(key, deployed(m, path, key[1])) for key, m in masters.items()]
+            for _ in range(5):
+                for _key, pipe in pipes:
+                    pipe.submit(feeds).result()
+            times: dict[tuple[str, object], list[float]] = defaultdict(list)
+            for i in range(repeat):
+                for sec, b in bare.items():
+                    times[(sec, "bare")].append(b.round_trip(payload))
+                for key, pipe in pipes if i % 2 == 0 else pipes[::-1]:
+                    t0 = time.perf_counter()
+                    pipe.submit(feeds).result()
+                    times[key].append(time.perf_counter() - t0)
+            for _key, pipe in pipes:
+                pipe.close()
+            row: dict[str, object] = {"size": label, "bytes": width * 4}
+            for link in _HOP_LINKS:
+                row[f"hop_{link}_s"] = statistics.median(
+                    two - one for one, two in zip(times[(link, 1)], times[(link, 2)], strict=True))
+            for sec in bare:
+                row[f"bare_{sec}_s"] = bare_s = statistics.median(times[(sec, "bare")])
+                row[f"target_{sec}_s"] = 1.2 * bare_s + 50e-6
+            rows.append(row)
     return rows
 
 

@@ -10,6 +10,7 @@ Real processes and sockets throughout; every wait has a deadline.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -206,6 +207,40 @@ def test_a_tensor_with_an_empty_dim_and_huge_others_is_rejected_and_the_node_com
         control.close()
     node.computes(1)  # the receive thread is alive: a valid request goes through
     node.computes(2)
+
+
+def test_shared_memory_a_peer_may_not_name_is_rejected_and_the_node_computes_on(
+        node: LiveNode, tmp_path: Path) -> None:
+    """A trusted peer over TCP cannot have the node read memory of its host, and a process of
+    the host cannot pass a file it opened (a key, say) off as a slot (wire/shm.py)."""
+    secret = tmp_path / "secret.key"
+    secret.write_bytes(b"\x01" * 4096)
+    fd = os.open(secret, os.O_RDONLY)
+    pid = node.local.nodes[0].process.pid
+    far = node.socket(zmq.PUSH, data=True)
+    near = node.ctx.socket(zmq.PUSH)
+    near.setsockopt(zmq.LINGER, 0)
+    assert node.handle.data_ipc, "the node should take data over a private socket too"
+    near.connect(node.handle.data_ipc)
+
+    def naming(desc: list[int]) -> bytes:
+        return msgpack.packb({"v": 1, "kind": "activation", "id": 10**6 + desc[1], "times": [],
+                              "shm": desc, "tensors": [["x", "float32", [1, 32]]]})
+
+    try:
+        far.send(naming([pid, 3, 1]))
+        wait_for(lambda: node.logged("rejected data message: shared-memory tensors are taken "
+                                     "only over this host's private socket"), 20,
+                 "the node to refuse a slot named over TCP")
+        near.send(naming([os.getpid(), fd, os.fstat(fd).st_ino]))
+        wait_for(lambda: node.logged("rejected data message: the shared-memory slot named is "
+                                     "not one of Periphery's"), 20,
+                 "the node to refuse a file passed off as a slot")
+    finally:
+        far.close()
+        near.close()
+        os.close(fd)
+    node.computes(3)
 
 
 def test_control_fields_of_a_wrong_type_are_rejected_and_the_node_keeps_working(

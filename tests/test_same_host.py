@@ -1,7 +1,8 @@
 """Links between processes on one host: private Unix sockets instead of CurveZMQ TCP.
 
 Real node processes with keys on. Local stages hand activations and results over sockets in
-folders only this user can enter, and the results equal the TCP path's bit for bit; a master
+folders only this user can enter (big tensors through shared memory, wire/shm.py), and the
+results equal the TCP path's bit for bit; a master
 made with `same_host_ipc=False` wires every link over TCP; a node refuses a deploy that points
 its outputs at any other Unix socket. (Links between hosts stay on CurveZMQ: the namespaces in
 test_netns.py are other hosts, and no tensor byte crosses their wire in plaintext.)
@@ -33,13 +34,16 @@ from periphery_core.cluster.same_host import (
     sweep_stale,
 )
 from periphery_core.discovery import NodeAddress
+from periphery_core.errors import RequestFailed
 from periphery_core.partition.extract import extract_shards
 from periphery_core.partition.planner import make_plan
 from periphery_core.partition.verify import bit_identical
 from periphery_core.runtime.feeds import random_feeds
 from periphery_core.wire import decode, encode
+from periphery_core.wire.shm import FREE, ShmWriter
 from tests.conftest import ROOT, load_analyzed
 from tests.streaming import save_mlp
+from tests.waiting import wait_for
 
 DEMO = ROOT / "assets" / "demo-resnet.onnx"
 
@@ -78,12 +82,59 @@ def test_local_stages_use_private_sockets_and_equal_the_tcp_path_bit_for_bit() -
                     assert master._data.results_ipc and _private(_folder(
                         master._data.results_ipc))
                     folders += [_folder(first), _folder(master._data.results_ipc)]
+                    # The 602 KiB inputs and 768 KiB activations went through shared memory
+                    # (wire/shm.py), and each slot was given back once its stage had run.
+                    slots = master._data._first_shm[0]
+                    assert slots is not None and slots._slots
+                    wait_for(lambda s=slots: all(x.map is not None and x.map[0] == FREE
+                                                 for x in s._slots), 10,
+                             "the first stage to give its input slots back")
+                    # Stage 0 holds its slots, stage 1 its mappings of them.
+                    assert all(_memfds(n.process.pid) for n in local.nodes)
                 else:
                     assert links == [("tcp", "tcp")] and first.startswith("tcp://")
     for got, want in zip(outputs[True], outputs[False], strict=True):
         assert set(got) == set(want)
         assert all(bit_identical(want[n], got[n]) for n in want)
     assert not any(f.exists() for f in folders), "a private folder outlived its process"
+    assert not _memfds(os.getpid()), "a closed master kept its shared memory"
+
+
+def _memfds(pid: int) -> list[str]:
+    """The shared-memory slots a process holds open."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:periphery-shm"):
+                out.append(fd)
+        except OSError:
+            continue
+    return out
+
+
+def test_a_request_whose_shared_memory_the_node_cannot_read_fails_with_the_reason(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slot the node refuses fails its request in one line (never a request that waits for
+    good), and the node computes the next one that comes in frames."""
+    put = ShmWriter.put
+
+    def stale(self: ShmWriter, arrays: list[np.ndarray]) -> list[int] | None:
+        desc = put(self, arrays)  # the slot's inode as of another memfd: not the sender's
+        return None if desc is None else [desc[0], desc[1], desc[2] + 1]
+
+    _, analysis = load_analyzed(DEMO)
+    feeds = random_feeds(analysis.inputs, 0)
+    with LocalCluster(1) as local, local.master() as master:
+        master.deploy([DEMO.read_bytes()], [local.addresses[0].node_id])
+        want = master.submit(feeds).result(timeout=30)
+        monkeypatch.setattr(ShmWriter, "put", stale)
+        with pytest.raises(RequestFailed, match="stage 0 cannot read the tensors its sender "
+                                                "left in shared memory: the shared-memory "
+                                                "slot named is not the sender's"):
+            master.submit(feeds).result(timeout=30)
+        monkeypatch.setattr(ShmWriter, "put", lambda self, arrays: None)  # frames
+        got = master.submit(feeds).result(timeout=30)
+    assert all(bit_identical(want[n], got[n]) for n in want)
 
 
 def test_links_between_hosts_stay_on_tcp_with_the_receivers_key() -> None:

@@ -98,6 +98,7 @@ class Master:
             t.join(timeout=2.0)
         self._data.drop_pending(RequestFailed("the master was closed"))
         self._control.fail_waiters(ClusterError("the master was closed"))  # a deploy or ping
+        self._data.close_shm()
         self.guard.close()
         self.ctx.destroy(linger=0)
         if self._data.private is not None:

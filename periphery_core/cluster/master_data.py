@@ -35,9 +35,10 @@ from periphery_core.cluster import events as ev
 from periphery_core.cluster.bus import EventBus
 from periphery_core.cluster.futures import settle
 from periphery_core.cluster.keys import Guard
-from periphery_core.cluster.same_host import bind_private
+from periphery_core.cluster.same_host import bind_private, is_ipc
 from periphery_core.errors import ClusterBusy, ClusterError, RequestFailed
 from periphery_core.wire import Limits, WireError, decode, encode
+from periphery_core.wire.shm import ShmReader, ShmWriter, copied
 
 log = logging.getLogger("periphery.master")
 
@@ -79,6 +80,9 @@ class DataPath:
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
         self._first: list[zmq.Socket] = []  # each replica's first stage
+        # ... and its shared memory, where that stage is on this host (wire/shm.py)
+        self._first_shm: list[ShmWriter | None] = []
+        self._shm = ShmReader()  # results a last stage on this host left in shared memory
         self._inflight: list[int] = []  # requests in flight per replica (under _pending_lock)
         self._owner: dict[int, int] = {}  # a decoder sequence's replica (under _pending_lock)
         self._turn = 0  # where the next new sequence starts looking (sequences in turn)
@@ -92,6 +96,14 @@ class DataPath:
         self.results_endpoint = f"tcp://{host}:{port}"
         self.private, self.results_ipc = bind_private(self.results, "results") \
             if same_host_ipc else (None, "")
+
+    def close_shm(self) -> None:
+        """Give back the shared memory of the links to first stages (the master closes)."""
+        with self._send_lock:
+            for writer in self._first_shm:
+                if writer is not None:
+                    writer.close()
+            self._first_shm = [None] * len(self._first_shm)
 
     def new_epoch(self) -> int:
         """Start the epoch of a new deploy: results of the old one are dropped from now on."""
@@ -112,7 +124,11 @@ class DataPath:
         with self._send_lock:
             for old in self._first:
                 old.close(linger=0)
+            for writer in self._first_shm:
+                if writer is not None:
+                    writer.close()
             self._first = socks
+            self._first_shm = [ShmWriter() if is_ipc(e) else None for e, _ in endpoints]
             with self._pending_lock:
                 self._inflight = [0] * len(socks)
 
@@ -180,11 +196,12 @@ class DataPath:
         (it failed): a send to a dead first stage must never hold the lock a redeploy needs.
         """
         with self._send_lock:
-            frames = encode("activation", {"id": rid, "times": [], "epoch": self.epoch,
-                                           **(pending.step or {})}, pending.feeds)
             if not self._first:
                 raise ClusterError("nothing is deployed: deploy a plan first")
             first = self._first[pending.replica % len(self._first)]
+            frames = encode("activation", {"id": rid, "times": [], "epoch": self.epoch,
+                                           **(pending.step or {})}, pending.feeds,
+                            shm=self._first_shm[pending.replica % len(self._first)])
             while not self._stop.is_set():
                 try:  # at once: the first stage mostly has room (a poll first cost a pass)
                     first.send_multipart(frames, zmq.NOBLOCK, copy=False)
@@ -252,7 +269,10 @@ class DataPath:
                 continue
             t_done = time.time()
             try:
-                msg = decode(frames, self.limits)
+                msg = decode(frames, self.limits, self._shm)
+                if msg.lease is not None:  # the caller's to keep: out of the node's memory
+                    msg.tensors = copied(msg.tensors)
+                    msg.release()
                 if msg.kind not in ("result", "failure"):
                     raise WireError(f"'{msg.kind}' is not a result")
             except WireError as exc:

@@ -7,7 +7,9 @@ own, on a host whose cores all compute (pipelined sequences) every hand-off wait
 next stage is full a worker waits to send and stops receiving, which holds the stages before it
 back in turn (backpressure), and a new deployment makes it drop what it holds for the old
 pipeline (the master replays those). A frame that does not parse is counted and dropped; a
-request that fails, fails alone.
+request that fails, fails alone. Over a link to a process of this host, big tensors travel in
+the sender's shared memory (wire/shm.py): a worker computes on them where they lie and gives
+the slot back once its outputs have gone on.
 
 With several workers (`periphery-node --workers N`) the stage computes that many requests at
 once in one ONNX Runtime session (whose `run` is thread-safe): the workers take turns on the
@@ -34,11 +36,14 @@ import onnxruntime as ort
 import zmq
 
 from periphery_core.cluster.keys import Guard, Role
+from periphery_core.cluster.same_host import is_ipc
 from periphery_core.errors import PeripheryError, RuntimeFailure
 from periphery_core.generate.stateful import StatefulStage
 from periphery_core.runtime.chain import StageRunner
 from periphery_core.wire import Limits, Message, WireError, decode, encode
+from periphery_core.wire.codec import ShmRefused
 from periphery_core.wire.protocol import MAX_WORKERS
+from periphery_core.wire.shm import ShmReader, ShmWriter, copied
 
 log = logging.getLogger("periphery.node")
 
@@ -110,12 +115,16 @@ class _Wiring:
     dep: Deployment | None = None
     nxt: zmq.Socket | None = None
     results: zmq.Socket | None = None  # the same socket as `nxt` for the last stage
+    nxt_shm: ShmWriter | None = None  # `nxt` reaches a process of this host (wire/shm.py)
 
     def close(self) -> None:
         for sock in (self.nxt, self.results):
             if sock is not None:
                 sock.close(linger=0)
         self.nxt = self.results = None
+        if self.nxt_shm is not None:
+            self.nxt_shm.close()
+            self.nxt_shm = None
 
 
 @dataclass
@@ -186,6 +195,7 @@ class NodeDataPath:
         # belongs to the old pipeline, whose next stage may be unreachable.
         self._rewire = threading.Event()
         self._rewires: queue.Queue[Deployment] = queue.Queue()
+        self._shm = ShmReader()  # tensors a process of this host left in shared memory
 
     def deploy(self, dep: Deployment) -> None:
         """Run `dep` from now on (from the control thread).
@@ -207,7 +217,9 @@ class NodeDataPath:
             except zmq.ZMQError:
                 break
             try:
-                ids.append(decode(frames, self._limits).fields["id"])
+                msg = decode(frames, self._limits, self._shm)
+                msg.release()
+                ids.append(msg.fields["id"])
             except (WireError, KeyError):
                 continue
         dep = self.deployment
@@ -288,13 +300,16 @@ class NodeDataPath:
         """Decode one request (count and drop what does not parse) and handle it."""
         t_taken = time.time()
         try:
-            msg = decode(frames, self._limits)  # raises WireError and nothing else
+            msg = decode(frames, self._limits, self._shm)  # raises WireError and nothing else
             if msg.kind != "activation":
+                msg.release()
                 raise WireError(f"'{msg.kind}' is not a data message")
         except WireError as exc:
             with self._count_lock:
                 self.rejected += 1
             log.warning("rejected data message: %s", exc)
+            if isinstance(exc, ShmRefused) and (dep := self.deployment) is not None:
+                self._refused(exc, dep)
             return
         t_recv = arrival(msg, t_free, t_taken)
         with self._count_lock:
@@ -302,8 +317,18 @@ class NodeDataPath:
         try:
             self._handle(msg, t_recv)
         finally:
+            msg.release()  # its outputs went on: its inputs' shared memory may be used again
             with self._count_lock:
                 self._holding -= 1
+
+    def _refused(self, exc: ShmRefused, dep: Deployment) -> None:
+        """Fail a request whose tensors this node cannot read, so that it does not hang."""
+        with self._sending:
+            if self._wiring.results is not None and exc.fields.get("epoch", 0) == dep.epoch:
+                self._send(self._wiring, "failure", {
+                    "id": exc.fields["id"], "stage": dep.stage, "epoch": dep.epoch,
+                    "reason": f"stage {dep.stage} cannot read the tensors its sender left in "
+                              f"shared memory: {exc}"})
 
     def _handle(self, msg: Message, t_recv: float) -> None:
         """Compute one request and send what comes of it on."""
@@ -339,6 +364,9 @@ class NodeDataPath:
                                                            "greedy") if k in msg.fields}
         try:
             if isinstance(dep.runner, StatefulStage):
+                if msg.lease is not None:  # (a decoder's stage may keep what it was given)
+                    msg.tensors = copied(msg.tensors)
+                    msg.release()
                 greedy = bool(step.get("greedy", False))
                 if "seqs" in step and "poss" in step:
                     outputs = dep.runner.run_batch(msg.tensors, step["seqs"], step["poss"],
@@ -351,6 +379,10 @@ class NodeDataPath:
                                          "must name its sequence, cached and new tokens")
             else:
                 outputs = dep.runner.run(msg.tensors)
+                if msg.lease is not None:  # an output that is an input's memory: its own copy
+                    outputs = {k: np.array(v) if any(np.may_share_memory(v, t) for t in
+                                                     msg.tensors.values()) else v
+                               for k, v in outputs.items()}
         except Exception as exc:  # a bad request fails alone; the node keeps serving
             reason = exc.message if isinstance(exc, PeripheryError) else str(exc)
             return "failure", {"id": rid, "stage": dep.stage, "epoch": epoch,
@@ -381,6 +413,7 @@ class NodeDataPath:
                                         "masters" if last else "nodes")
                 wiring.results = wiring.nxt if last else \
                     self.push(dep.results_endpoint, dep.results_key, "masters")
+                wiring.nxt_shm = ShmWriter() if is_ipc(dep.next_endpoint) else None
             except (PeripheryError, zmq.ZMQError) as exc:
                 log.warning("cannot wire stage %d: %s", dep.stage, exc)
                 wiring.close()
@@ -399,7 +432,8 @@ class NodeDataPath:
         fields["times"][-1].extend((time.time(), sum(int(v.nbytes) for v in outputs.values())))
         last = dep.next_endpoint == dep.results_endpoint
         try:
-            frames = encode("result" if last else "activation", fields, outputs)
+            frames = encode("result" if last else "activation", fields, outputs,
+                            shm=wiring.nxt_shm)
         except WireError as exc:
             frames = encode("failure", {"id": fields["id"], "stage": dep.stage,
                                         "epoch": fields.get("epoch", 0),

@@ -25,10 +25,21 @@ from periphery_core.wire.protocol import (
     Field,
     Limits,
 )
+from periphery_core.wire.shm import ShmError, ShmReader, ShmWriter
 
 
 class WireError(Exception):
     """A message that does not parse or breaks the protocol. Log it, drop it, keep serving."""
+
+
+class ShmRefused(WireError):
+    """A well-formed message whose tensors lie in shared memory this receiver may not or
+    cannot read: its checked header `fields` name the request, to fail it rather than drop
+    it."""
+
+    def __init__(self, reason: str, fields: dict[str, Any]) -> None:
+        super().__init__(reason)
+        self.fields = fields
 
 
 Frame = bytes | memoryview
@@ -46,9 +57,16 @@ class Message:
     fields: dict[str, Any] = field(default_factory=dict)
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
     payload: bytes | None = None  # deploy_chunk: the bytes of the chunk
+    lease: Any = None  # tensors in the sender's shared memory: its hold on them (wire/shm.py)
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.fields.get(key, default)
+
+    def release(self) -> None:
+        """Done with the tensors: their shared memory (if any) may be written again."""
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
 
 
 def encode(
@@ -56,14 +74,16 @@ def encode(
     fields: Mapping[str, Any] | None = None,
     tensors: Mapping[str, np.ndarray] | None = None,
     payload: bytes | memoryview | None = None,
+    shm: ShmWriter | None = None,
 ) -> list[Frame]:
-    """Frames for one message. Tensor frames are zero-copy views of C-contiguous arrays."""
+    """Frames for one message. Tensor frames are zero-copy views of C-contiguous arrays; with
+    `shm` (a link to a process of this host), big tensors go into its shared memory instead."""
     if kind not in KINDS:
         raise WireError(f"unknown message kind '{kind}'")
     header: dict[str, Any] = {"v": PROTOCOL_VERSION, "kind": kind, **(fields or {})}
     frames: list[Frame] = []
     if tensors:
-        metas = []
+        metas, arrays = [], []
         for name, value in tensors.items():
             arr = np.asarray(value)
             dtype = _NAMES.get(arr.dtype)
@@ -76,8 +96,13 @@ def encode(
             if not arr.flags.c_contiguous:  # (np.ascontiguousarray would turn 0-d into 1-d)
                 arr = arr.copy(order="C")
             metas.append([name, dtype, list(arr.shape)])
-            frames.append(arr.data.cast("B") if arr.size else b"")
+            arrays.append(arr)
         header["tensors"] = metas
+        slot = shm.put(arrays) if shm is not None else None
+        if slot is not None:
+            header["shm"] = slot
+        else:
+            frames = [arr.data.cast("B") if arr.size else b"" for arr in arrays]
     if payload is not None:
         header["payload"] = len(payload)
         frames.append(payload)
@@ -93,21 +118,25 @@ def _frame_bytes(frame: Any) -> memoryview:
     raise WireError(f"frame of unexpected type {type(frame).__name__}")
 
 
-def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
+def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS,
+           shm: ShmReader | None = None) -> Message:
     """Parse and validate a message: its frames, tensor descriptors and header fields.
+
+    A message whose tensors lie in its sender's shared memory is read through `shm` (None:
+    refused), and its tensors are views of that memory until `Message.release`.
 
     Raises:
         WireError: anything malformed (and nothing else): the reason says what.
     """
     try:
-        return _decode(frames, limits)
+        return _decode(frames, limits, shm)
     except WireError:
         raise
     except Exception as exc:  # a check missed below must still be a rejected message
         raise WireError(f"malformed message ({type(exc).__name__})") from None
 
 
-def _decode(frames: Sequence[Any], limits: Limits) -> Message:
+def _decode(frames: Sequence[Any], limits: Limits, shm: ShmReader | None) -> Message:
     if not frames:
         raise WireError("empty message")
     head = _frame_bytes(frames[0])
@@ -135,12 +164,17 @@ def _decode(frames: Sequence[Any], limits: Limits) -> Message:
                             f"(got {type(header[key]).__name__})")
     metas = header.pop("tensors", [])
     payload_len = header.pop("payload", None)
-    expected = 1 + (len(metas) if isinstance(metas, list) else 0) + (payload_len is not None)
+    slot = header.pop("shm", None)
+    if slot is not None and shm is None:
+        raise WireError(f"'{kind}' with tensors in shared memory is not taken here")
+    in_frames = 0 if slot is not None else len(metas) if isinstance(metas, list) else 0
+    expected = 1 + in_frames + (payload_len is not None)
     if not isinstance(metas, list) or len(metas) > limits.max_tensors:
         raise WireError("tensor list is malformed or too long")
     if len(frames) != expected:
         raise WireError(f"'{kind}' declares {expected} frames but {len(frames)} arrived")
     tensors: dict[str, np.ndarray] = {}
+    specs: list[tuple[str, np.dtype, tuple[int, ...]]] = []
     total = 0
     for i, meta in enumerate(metas):
         name, dtype, shape = _check_meta(meta, i, limits)
@@ -158,6 +192,9 @@ def _decode(frames: Sequence[Any], limits: Limits) -> Message:
         total += nbytes
         if total > limits.max_total_bytes:
             raise WireError("message declares more tensor bytes than allowed")
+        if slot is not None:
+            specs.append((name, _BY_NAME[dtype], shape))
+            continue
         buf = _frame_bytes(frames[1 + i])
         if len(buf) != nbytes:
             raise WireError(f"tensor '{name}' ({dtype} {shape}) needs {nbytes} bytes, "
@@ -173,9 +210,17 @@ def _decode(frames: Sequence[Any], limits: Limits) -> Message:
         if len(raw) > limits.max_chunk_bytes:
             raise WireError(f"payload of {len(raw)} bytes exceeds {limits.max_chunk_bytes}")
         payload = bytes(raw)
+    lease = None  # (last: nothing may fail once the slot is held)
+    if slot is not None:
+        assert shm is not None
+        peer = frames[0].get("Peer-Address") if hasattr(frames[0], "get") else ""
+        try:
+            tensors, lease = shm.tensors(slot, peer, specs)
+        except ShmError as exc:
+            raise ShmRefused(str(exc), header) from None
     header.pop("v", None)
     header.pop("kind", None)
-    return Message(kind=kind, fields=header, tensors=tensors, payload=payload)
+    return Message(kind=kind, fields=header, tensors=tensors, payload=payload, lease=lease)
 
 
 def _check_meta(meta: Any, i: int, limits: Limits) -> tuple[str, str, tuple[int, ...]]:

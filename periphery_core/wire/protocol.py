@@ -92,6 +92,8 @@ _STEP = {"seq": optional(_SEQ), "pos": optional(_POS),
          "poss": optional(Field("list", max_len=MAX_BATCH, items=_POS)),
          # the caller picks greedily: the last stage sends each row's best token, not logits
          "greedy": optional(Field("bool"))}
+# The tensors lie in the sender's shared memory, not in frames (wire/shm.py): [pid, fd, inode].
+_SHM = optional(Field("list", max_len=3, items=Field("int", lo=0)))
 
 KINDS: dict[str, dict[str, Field]] = {
     # control: master <-> node
@@ -132,8 +134,8 @@ KINDS: dict[str, dict[str, Field]] = {
     # a decoder's sequences ended: their KV caches may go
     "release": {"seqs": Field("list", max_len=1 << 16, items=_SEQ)},
     # data: stage -> stage, last stage -> master
-    "activation": {"id": Field("int"), "times": _TIMES, "epoch": _EPOCH, **_STEP},
-    "result": {"id": Field("int"), "times": _TIMES, "epoch": _EPOCH, **_STEP},
+    "activation": {"id": Field("int"), "times": _TIMES, "epoch": _EPOCH, "shm": _SHM, **_STEP},
+    "result": {"id": Field("int"), "times": _TIMES, "epoch": _EPOCH, "shm": _SHM, **_STEP},
     "failure": {"id": Field("int"), "reason": _REASON, "stage": Field("int", lo=-1, hi=65535),
                 "epoch": _EPOCH},
 }

@@ -8,9 +8,9 @@
      split between them;
    - Periphery K = 1, 2, 3 on local node processes with default flags (graph optimizations on,
      CurveZMQ keys, the cores shared out among the nodes, links on this host's private
-     sockets), 8 requests in flight; K = 1 on one node that computes one request per core at
-     once, a thread each (`--workers`); and K = 2 with every link on CurveZMQ TCP, as between
-     hosts;
+     sockets with big tensors in shared memory), 8 requests in flight; K = 1 on one node that
+     computes one request per core at once, a thread each (`--workers`); and K = 2 with every
+     link on CurveZMQ TCP, as between hosts;
    - Periphery with the shape its planner picks for one node per core (R replicas of K stages,
      `partition.shape`), the same defaults.
    Each row's ratio is against plain ONNX Runtime in one process. Pipeline efficiency is

@@ -43,6 +43,7 @@ from periphery_core.wire import decode, encode
 from periphery_core.wire.shm import FREE, ShmWriter
 from tests.conftest import ROOT, load_analyzed
 from tests.streaming import save_mlp
+from tests.test_shm import memfds
 from tests.waiting import wait_for
 
 DEMO = ROOT / "assets" / "demo-resnet.onnx"
@@ -90,26 +91,14 @@ def test_local_stages_use_private_sockets_and_equal_the_tcp_path_bit_for_bit() -
                                                  for x in s._slots), 10,
                              "the first stage to give its input slots back")
                     # Stage 0 holds its slots, stage 1 its mappings of them.
-                    assert all(_memfds(n.process.pid) for n in local.nodes)
+                    assert all(memfds(n.process.pid) for n in local.nodes)
                 else:
                     assert links == [("tcp", "tcp")] and first.startswith("tcp://")
     for got, want in zip(outputs[True], outputs[False], strict=True):
         assert set(got) == set(want)
         assert all(bit_identical(want[n], got[n]) for n in want)
     assert not any(f.exists() for f in folders), "a private folder outlived its process"
-    assert not _memfds(os.getpid()), "a closed master kept its shared memory"
-
-
-def _memfds(pid: int) -> list[str]:
-    """The shared-memory slots a process holds open."""
-    out = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:periphery-shm"):
-                out.append(fd)
-        except OSError:
-            continue
-    return out
+    assert not memfds(os.getpid()), "a closed master kept its shared memory"
 
 
 def test_a_request_whose_shared_memory_the_node_cannot_read_fails_with_the_reason(

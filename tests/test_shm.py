@@ -187,12 +187,13 @@ def _send_own_file(endpoint: str, path: str, done: mp.Queue) -> None:  # type: i
     _send_naming(endpoint, [os.getpid(), fd, os.fstat(fd).st_ino], done)
 
 
-def _memfds() -> list[str]:
-    """This process's open Periphery slots (an fd listed may close while we look)."""
+def memfds(pid: int | None = None) -> list[str]:
+    """The Periphery slots a process (this one: None) holds open (an fd may close as we look)."""
+    folder = f"/proc/{pid or os.getpid()}/fd"
     out = []
-    for fd in os.listdir("/proc/self/fd"):
+    for fd in os.listdir(folder):
         try:
-            if os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:periphery-shm"):
+            if os.readlink(f"{folder}/{fd}").startswith("/memfd:periphery-shm"):
                 out.append(fd)
         except OSError:
             continue
@@ -200,10 +201,10 @@ def _memfds() -> list[str]:
 
 
 def test_a_slot_is_a_memfd_that_goes_with_its_writer_and_leaves_no_file() -> None:
-    before, held = set(os.listdir("/dev/shm")), set(_memfds())
+    before, held = set(os.listdir("/dev/shm")), set(memfds())
     writer = ShmWriter()
     encode("activation", {"id": 1, "times": []}, {"a": BIG}, shm=writer)
-    assert set(_memfds()) - held, "the slot should be a memfd"
+    assert set(memfds()) - held, "the slot should be a memfd"
     writer.close()
-    assert set(_memfds()) <= held
+    assert set(memfds()) <= held
     assert set(os.listdir("/dev/shm")) <= before

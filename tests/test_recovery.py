@@ -14,6 +14,7 @@ from periphery_core.cluster import master_control
 from periphery_core.cluster.local import LocalCluster
 from periphery_core.cluster.pipeline import Pipeline
 from tests.streaming import count_completions, mlp_workload, stream
+from tests.waiting import wait_for
 
 
 @pytest.mark.parametrize(("victim", "workers"), [(1, None), (0, None), (1, 3)],
@@ -58,9 +59,10 @@ def test_a_node_restarted_at_its_address_costs_no_request(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A node process killed and started again at the same address, quicker than its closed
     connection or its silence would lose it (both made to take half a minute here), answers
-    the master's pings as another process: the master loses the old node on that answer and
-    the pipeline recovers onto the others. Before, those answers kept the old node alive, and
-    every request waited for a stage no process ran."""
+    the master's pings as another process: the master loses the old node on that answer, the
+    pipeline recovers onto the others, and the new process joins as a node of its own. Before,
+    those answers kept the old node alive, and every request waited for a stage no process
+    ran."""
     monkeypatch.setattr(master_control, "GONE_S", 30.0)
     work = mlp_workload(tmp_path, seed=2, inputs=25)
     total = 300
@@ -90,6 +92,12 @@ def test_a_node_restarted_at_its_address_costs_no_request(
             assert [e.node_id for e in lost] == [local.addresses[0].node_id]
             assert "another process answers at its address" in lost[0].reason
             assert local.addresses[0].node_id not in pipeline.assignment
+            # ... and the new process joins as a node of its own, ready for the next plan.
+            ids = {a.node_id for a in local.addresses}
+            wait_for(lambda: any(h.node_id not in ids and h.address.port ==
+                                 local.addresses[0].port for h in master.alive_nodes()), 20,
+                     "the restarted process to join as a new node")
+            assert local.addresses[0].node_id not in {h.node_id for h in master.alive_nodes()}
     finally:
         for proc in replacement:  # asked to stop, so that it removes its own folder
             proc.terminate()

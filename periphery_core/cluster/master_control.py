@@ -2,15 +2,16 @@
 
 Only this thread touches a control socket, so none is shared and none needs a lock: other
 threads `put` a command (a closure) on its queue and wait on a future that the command, or a
-node's answer to it, settles. Each turn of the loop runs the queued commands, reads what the
-nodes sent, then sends heartbeats; a node silent for `lost_after_s` is declared lost, and one
-that answers again rejoins. A node whose connection closes (its process ended, its host
-rebooted) and does not come back within `GONE_S` is lost then, without waiting out the
-silence: ZeroMQ reports the close on each socket's monitor. Between turns the thread sleeps in
-one poll until a node sends, a command is queued (a `Waker`), or the next heartbeat or retry is
-due: it never wakes for nothing (a 5 ms poll timeout cost the master ~12 ms of CPU a second,
-taken from the stages sharing its cores). Nothing here ever blocks on a node: a full send queue
-is a skipped beat or a retry a few milliseconds later, so one hung node cannot stall the others.
+node's answer to it, settles. Each turn runs the queued commands, reads what the nodes sent,
+then sends heartbeats; a node silent for `lost_after_s` is lost, and one that answers again
+rejoins. A node whose connection closes (its process ended, its host rebooted) and does not
+come back within `GONE_S` is lost then (ZeroMQ reports the close on each socket's monitor);
+one whose address another process answers (it restarted there) is lost on that answer, and the
+new process joins as a node of its own. Between turns the thread sleeps in one poll until a
+node sends, a command is queued (a `Waker`), or the next heartbeat or retry is due: it never
+wakes for nothing (a 5 ms poll timeout cost ~12 ms of CPU a second, taken from the stages
+sharing its cores). Nothing here ever blocks on a node: a full send queue is a skipped beat or
+a retry a few milliseconds later, so one hung node cannot stall the others.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ LOADING_LOST_S = 30.0
 # (ZeroMQ retries every 0.1 s: a live node behind a connection that merely dropped is back by
 # then; a process that ended never is).
 GONE_S = 0.5
+REJOIN_S = 10.0  # how long a process restarted at a node's address has to join as a node
 _LINK_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
 
 
@@ -112,11 +114,9 @@ class Control:
 
     @staticmethod
     def send(handle: NodeHandle, frames: list) -> bool:
-        """Send to a node without ever blocking the control thread (call it only there).
-
-        False when the node's queue is full (a hung or dead node) or its socket failed: the
-        caller decides; heartbeats just skip a beat, and silence marks the node lost.
-        """
+        """Send to a node without ever blocking the control thread (call it only there): False
+        when its queue is full (a hung or dead node) or its socket failed; the caller decides
+        (heartbeats just skip a beat, and silence marks the node lost)."""
         try:
             handle.socket.send_multipart(frames, zmq.NOBLOCK)
             return True
@@ -127,9 +127,8 @@ class Control:
     def fail_waiters(self, error: ClusterError) -> None:
         """Wake whatever waits on a node (a deploy, a ping) with `error`: the master closed."""
         for handle in list(self.nodes.values()) + list(self._handles_by_socket.values()):
-            for waiters in handle.waiters.values():
-                for f in waiters:
-                    settle(f, error)
+            for f in [f for waiters in handle.waiters.values() for f in waiters]:
+                settle(f, error)
 
     # ------------------------------------------------------------------ connecting
 
@@ -280,8 +279,8 @@ class Control:
         return next_beat
 
     def _read(self, sock: zmq.Socket, handle: NodeHandle) -> None:
-        """Act on every message a node's socket holds."""
-        while True:
+        """Act on every message a node's socket holds (until one has it closed: `_rejoin`)."""
+        while not sock.closed:
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -326,6 +325,20 @@ class Control:
         if handle.node_id in self._stage_nodes:
             self._on_stage_lost(handle, self._stage_nodes.index(handle.node_id))
 
+    def _rejoin(self, handle: NodeHandle) -> None:
+        """Stop asking a node whose process was replaced; connect the new one as a node (on a
+        thread: connecting waits for answers this thread reads). The next plan may use it."""
+        self._handles_by_socket.pop(handle.socket, None)
+        self._close(handle)
+
+        def join() -> None:
+            try:
+                self.connect(handle.address, REJOIN_S)
+            except ClusterError as exc:  # (or the master closed meanwhile)
+                log.warning("the process now at %s did not join: %s", handle.address.host, exc)
+
+        threading.Thread(target=join, name="master-rejoin", daemon=True).start()
+
     @staticmethod
     def _link_events(monitor: zmq.Socket, handle: NodeHandle) -> None:
         """Note when a node's control connection closed, and when it is back."""
@@ -358,7 +371,8 @@ class Control:
             # a loss is noticed): it holds none of the node's stage; the node is gone.
             if not handle.lost:
                 self._lose(handle, time.time(), "another process answers at its address (it "
-                                                "restarted): connect that one as a new node")
+                                                "restarted): it joins as a new node")
+                self._rejoin(handle)
             return
         handle.last_seen = time.time()
         handle.unanswered_since = None

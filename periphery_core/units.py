@@ -61,3 +61,13 @@ def human_seconds(s: float | None) -> str:
 def shape_text(shape: tuple[int, ...]) -> str:
     """`(1, 3, 224, 224)` -> `1x3x224x224`; `()` -> `scalar`."""
     return "x".join(map(str, shape)) if shape else "scalar"
+
+
+_MARKS = re.compile(r"\((?:R|TM|r|tm)\)|\bCPU\b|\bProcessor\b|@ *[\d.]+ *[GM]Hz")
+
+
+def device_text(name: str) -> str:
+    """A device's name as a table shows it: a CPU's brand string without its trademark signs,
+    'CPU', 'Processor' and clock ('Intel(R) Xeon(R) Gold 6248 CPU @ 2.50GHz' reads 'Intel Xeon
+    Gold 6248'); a GPU's as it is."""
+    return " ".join(_MARKS.sub(" ", name).split()) or name

@@ -42,9 +42,9 @@ bandwidth = "10Gbit/s"
 """
 
 
-def cli(*args: object) -> subprocess.CompletedProcess[str]:
+def cli(*args: object, columns: int = 200) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "PERIPHERY_DEBUG"}
-    env["COLUMNS"] = "200"  # keep rich's tables from eliding cells
+    env["COLUMNS"] = str(columns)  # (wide: keep rich's tables from eliding cells)
     result = subprocess.run(
         [sys.executable, "-m", "periphery_core.cli.main", *map(str, args)],
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=180,

@@ -144,8 +144,18 @@ def test_cluster_ls_says_how_many_requests_each_node_computes_at_once(tmp_path: 
                              local.keys_dir / "master", "--peer", f"{a.host}:{a.port}").stdout)
         table = ok("cluster", "ls", "--no-mdns", "--keys", local.keys_dir / "master", "--peer",
                    f"{a.host}:{a.port}", "--write-devices", devices).stdout
+        # In a terminal of 80 columns: the address whole, a node that does not answer said
+        # in one line below the table.
+        narrow = cli("cluster", "ls", "--no-mdns", "--keys", local.keys_dir / "master",
+                     "--peer", f"{a.host}:{a.port}", "--peer", "127.0.0.1:9", "--timeout", "1",
+                     columns=80)
     assert [r["workers"] for r in rows] == [3]
     assert "workers" in table
+    lines = narrow.stdout.splitlines()
+    assert narrow.returncode == 0 and all(len(ln.rstrip()) <= 80 for ln in lines[:-1])
+    assert any(f" {a.host}:{a.port} " in ln for ln in lines)  # whole, to copy into --peer
+    assert any("workers" in ln and "address" in ln for ln in lines)
+    assert lines[-1].startswith("node 127.0.0.1:9 did not answer")
     # The devices file says it, and a plan made on it counts three requests' activations.
     plan = json.loads(ok("plan", DEMO, "--shards", "1", "--devices", devices, "-o",
                          tmp_path / "plan.json", "--json").stdout)

@@ -26,6 +26,7 @@ from periphery_core.model import load_model
 from periphery_core.model.analysis import analyze
 from periphery_core.partition.planner import make_plan
 from periphery_core.runtime.feeds import random_feeds
+from periphery_core.units import device_text
 from tests.test_cli import assert_bad_input, cli, ok
 from tests.test_generate import GPT2, _decoder, _greedy, at_once
 
@@ -162,3 +163,14 @@ def test_cluster_ls_says_how_many_requests_each_node_computes_at_once(tmp_path: 
     (stage,) = plan["stages"]
     assert plan["devices"][0]["workers"] == stage["workers"] == 3
 
+
+
+@pytest.mark.parametrize("name,text", [
+    ("Intel(R) Xeon(R) Gold 6248 CPU @ 2.50GHz", "Intel Xeon Gold 6248"),
+    ("Intel(R) Core(TM) i7-8700K CPU @ 3.70GHz", "Intel Core i7-8700K"),
+    ("AMD Ryzen 9 5950X 16-Core Processor", "AMD Ryzen 9 5950X 16-Core"),
+    ("NVIDIA H200", "NVIDIA H200"),
+    ("cpu", "cpu"),
+])
+def test_a_device_reads_without_its_brand_marks_and_clock(name: str, text: str) -> None:
+    assert device_text(name) == text

@@ -167,13 +167,9 @@ def cluster_ls(peers: tuple[str, ...], mdns: bool, interfaces: tuple[str, ...], 
                write_devices: Path | None, keys: Path | None, insecure: bool,
                as_json: bool) -> None:
     """List nodes (mDNS and --peer) with device, speed and link figures."""
-    from rich import box
-    from rich.table import Table
-
-    from periphery_core.cli.render import console, human_bytes, human_seconds, print_json
+    from periphery_core.cli.render import print_json, render_nodes
     from periphery_core.cluster.keys import keyring_or_insecure
     from periphery_core.cluster.master import Master
-    from periphery_core.units import device_text
 
     ring = keyring_or_insecure(keys, insecure)
     addresses = _gather(peers, mdns, timeout, interfaces)
@@ -194,35 +190,7 @@ def cluster_ls(peers: tuple[str, ...], mdns: bool, interfaces: tuple[str, ...], 
     if as_json:
         print_json(rows)
         return
-    # Fits 80 columns: the address whole (what a user copies into --peer), the device name
-    # shortened and cut first; workers only where a node computes several requests at once.
-    several = any(r.get("workers", 1) != 1 for r in rows)
-    cols = ["name", "address", "device", "cores", *(["workers"] if several else []), "memory",
-            "speed", "rtt", "link"]
-    cells = []
-    for r in rows:
-        if "error" in r:  # (said whole below the table)
-            cells.append(["?", r["address"], "no answer", *[""] * (len(cols) - 3)])
-            continue
-        cells.append([r["name"], r["address"], device_text(r["device"]), str(r["cores"]),
-                      *([str(r["workers"])] if several else []), human_bytes(r["memory"]),
-                      f"{r['speed']:.2f}x" if r["speed"] is not None else "unknown",
-                      human_seconds(r["rtt_s"] or 0),
-                      f"{human_bytes(r['bandwidth'])}/s" if r["bandwidth"] else "?"])
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    room = console.width - (sum(widths) - widths[2]) - (len(cols) - 1)
-    t = Table(title=f"{len(rows)} nodes", title_justify="left", box=box.SIMPLE_HEAD,
-              padding=0, show_edge=False)
-    for i, col in enumerate(cols):
-        t.add_column(col, no_wrap=True, min_width=widths[i] if i != 2 else None,
-                     max_width=max(6, room) if i == 2 else None, overflow="ellipsis",
-                     justify="left" if i < 3 else "right")
-    for row in cells:
-        t.add_row(*row)
-    console.print(t)
-    for r in rows:
-        if "error" in r:
-            console.print(f"[red]{r['error']}[/]", soft_wrap=True)
+    render_nodes(rows)
 
 
 def _write_devices(path: Path, devices: list) -> None:

@@ -6,13 +6,20 @@ import json
 import sys
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from periphery_core.model.analysis import ModelAnalysis
 from periphery_core.partition.plan import ShardPlan
 from periphery_core.partition.verify import VerifyReport
-from periphery_core.units import human_bytes, human_count, human_seconds, shape_text
+from periphery_core.units import (
+    device_text,
+    human_bytes,
+    human_count,
+    human_seconds,
+    shape_text,
+)
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -156,3 +163,38 @@ def render_verify(report: VerifyReport, k: int) -> None:
                   "yes" if o.bit_identical else "no")
     console.print(t)
     console.print("[bold green]PASS[/]" if report.passed else "[bold red]FAIL[/]")
+
+def render_nodes(rows: list[dict[str, Any]]) -> None:
+    """`cluster ls`'s table (rows as its --json prints them) and, below it, each node that did
+    not answer, in one line.
+
+    It fits 80 columns: the address whole (what a user copies into --peer), the device name
+    shortened and cut first; workers only where a node computes several requests at once.
+    """
+    several = any(r.get("workers", 1) != 1 for r in rows)
+    cols = ["name", "address", "device", "cores", *(["workers"] if several else []), "memory",
+            "speed", "rtt", "link"]
+    cells = []
+    for r in rows:
+        if "error" in r:  # (said whole below the table)
+            cells.append(["?", r["address"], "no answer", *[""] * (len(cols) - 3)])
+            continue
+        cells.append([r["name"], r["address"], device_text(r["device"]), str(r["cores"]),
+                      *([str(r["workers"])] if several else []), human_bytes(r["memory"]),
+                      f"{r['speed']:.2f}x" if r["speed"] is not None else "unknown",
+                      human_seconds(r["rtt_s"] or 0),
+                      f"{human_bytes(r['bandwidth'])}/s" if r["bandwidth"] else "?"])
+    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(cols)]
+    room = console.width - (sum(widths) - widths[2]) - (len(cols) - 1)
+    t = Table(title=f"{len(rows)} nodes", title_justify="left", box=box.SIMPLE_HEAD,
+              padding=0, show_edge=False)
+    for i, col in enumerate(cols):
+        t.add_column(col, no_wrap=True, min_width=widths[i] if i != 2 else None,
+                     max_width=max(6, room) if i == 2 else None, overflow="ellipsis",
+                     justify="left" if i < 3 else "right")
+    for row in cells:
+        t.add_row(*row)
+    console.print(t)
+    for r in rows:
+        if "error" in r:
+            console.print(f"[red]{r['error']}[/]", soft_wrap=True)

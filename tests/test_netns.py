@@ -27,6 +27,7 @@ from periphery_core.cluster.keys import init_cluster_keys, load_keyring
 from periphery_core.cluster.master import Master
 from periphery_core.discovery import NodeAddress
 from tests.streaming import mlp_workload, stream
+from tests.waiting import wait_for
 
 CANARY = b"PERIPHERY-PLAINTEXT-CANARY-0123456789abcdef"  # ASCII: positive float32 words, no NaN
 
@@ -238,8 +239,12 @@ def test_a_link_down_mid_stream_costs_no_request_and_the_node_rejoins(
                   f"declared, {rec.replayed} requests replayed")
             _run("ip", "link", "set", hosts[1][1], "up")
             assert rejoined.wait(20), "node1 did not rejoin after its link came back"
+            # ... and the pipeline spreads back over all three hosts while serving.
+            wait_for(lambda: len(pipeline.assignment) == 3, 30,
+                     "the pipeline to spread back over node1")
+            results += stream(pipeline, work.pool, 60, 12)
             pipeline.close()
-        assert len(results) == 300
+        assert len(results) == 360
         work.assert_matches(results)
     finally:
         for proc in procs:

@@ -55,6 +55,54 @@ def test_a_killed_node_costs_no_request(tmp_path: Path, victim: int, workers: in
     work.assert_matches(results)
 
 
+def test_a_pipeline_left_on_fewer_nodes_spreads_back_when_the_node_restarts(
+        tmp_path: Path) -> None:
+    """Two nodes, K = 2; one is killed mid-stream and started again at its address a moment
+    later (as systemd would). The pipeline recovers onto the survivor, the new process joins
+    as a node of its own, and the pipeline spreads back over two nodes while serving: no
+    request lost, every result the whole model's."""
+    work = mlp_workload(tmp_path, seed=5, inputs=20)
+    replacement: list[subprocess.Popen] = []
+    try:
+        with LocalCluster(2) as local, local.master() as master:
+            pipeline = Pipeline(master, work.loaded, work.analysis, k=2, exact=True)
+            pipeline.deploy([a.node_id for a in local.addresses])
+            old = local.nodes[1].process
+            args = [str(a) for a in old.args]  # type: ignore[union-attr]
+            args[args.index("--port") + 1] = str(local.addresses[1].port)
+
+            def kill_and_restart(i: int) -> None:
+                if i == 100:
+                    old.kill()
+                    old.wait()
+                    time.sleep(1.0)  # lost first (its connection closed), then back
+                    replacement.append(subprocess.Popen(
+                        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                        env={**os.environ, "PERIPHERY_NODE_PDEATHSIG": "1"}))
+
+            results = stream(pipeline, work.pool, 300, 8, kill_and_restart)
+            assert len(pipeline.recoveries) == 1
+            ids = {a.node_id for a in local.addresses}
+            wait_for(lambda: len(pipeline.assignment) == 2
+                     and pipeline.assignment[0] == local.addresses[0].node_id
+                     and pipeline.assignment[1] not in ids, 30,
+                     "the pipeline to spread back over the restarted node")
+            assert pipeline.plan is not None and pipeline.plan.k == 2
+            results += stream(pipeline, work.pool, 100, 8)
+            pipeline.close()
+            assert pipeline.failed is None and len(pipeline.recoveries) == 1
+    finally:
+        for proc in replacement:  # asked to stop, so that it removes its own folder
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    assert len(results) == 400
+    work.assert_matches(results)
+
+
 def test_a_node_restarted_at_its_address_costs_no_request(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A node process killed and started again at the same address, quicker than its closed

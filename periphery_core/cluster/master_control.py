@@ -369,10 +369,10 @@ class Control:
         if answering and handle.node_id and answering != handle.node_id:
             # Another process answers at the node's address (it restarted there, quicker than
             # a loss is noticed): it holds none of the node's stage; the node is gone.
-            if not handle.lost:
+            if not handle.lost:  # (or lost already, its connection closed: joins all the same)
                 self._lose(handle, time.time(), "another process answers at its address (it "
                                                 "restarted): it joins as a new node")
-                self._rejoin(handle)
+            self._rejoin(handle)
             return
         handle.last_seen = time.time()
         handle.unanswered_since = None

@@ -24,6 +24,7 @@ declared). A plan given from a file is re-planned onto the survivors on a loss, 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -140,6 +141,8 @@ class Pipeline:
         self._profiled: ModelAnalysis | None = None
         self._moves_left = MAX_MOVES if rebalance and decoder is None else 0
         self._rebalance_due = threading.Event()
+        self._wanted = 0  # nodes the last deploy asked for (a recovery may run on fewer)
+        self._grow_due = threading.Event()
         if recover or self._moves_left:
             master.keep_on_loss = master.keep_on_loss or recover
             self._unsubscribe = master.bus.subscribe(self._on_event)
@@ -186,6 +189,7 @@ class Pipeline:
                 self.master.replay()
             finally:
                 self.master.release()
+            self._wanted = len(self.assignment)
             return chosen
 
     def _deploy_now(self, node_ids: Sequence[str] | None, plan: ShardPlan | None,
@@ -277,6 +281,11 @@ class Pipeline:
                 self._rebalance_due.set()
                 self._wake.set()
             return
+        if isinstance(event, ev.NodeJoined) and self.recover and self.decoder is None \
+                and event.node_id not in self.assignment and len(self.assignment) < self._wanted:
+            self._grow_due.set()  # a lost node is back, or its process restarted
+            self._wake.set()
+            return
         if isinstance(event, ev.NodeLost) and event.node_id in self.assignment \
                 and self.recover and not self._closing.is_set():
             self.master.hold()
@@ -295,6 +304,9 @@ class Pipeline:
             with self._lost_lock:
                 lost = dict(self._lost)
             if not lost:
+                if self._grow_due.is_set():
+                    self._grow_due.clear()
+                    self._grow()
                 if self._rebalance_due.is_set():
                     self._rebalance_due.clear()
                     self._rebalance()
@@ -359,6 +371,30 @@ class Pipeline:
                          ", ".join(names), recovered_s, plan.k, replayed)
                 return
         self._fail(error.message if error else "no node left")
+
+    def _grow(self) -> None:
+        """Spread back over as many nodes as the last deploy asked for, now that a node joined
+        after a recovery left the pipeline on fewer: the same deploy and replay, no request
+        lost. (Not a decoder's: a deploy drops every sequence's caches.)"""
+        with self._deploy_lock:
+            before = self.assignment
+            candidates = self._candidates({})[:self._wanted]
+            if self.plan is None or self.failed is not None or self._closing.is_set() \
+                    or len(candidates) <= len(before):
+                return
+            self.master.hold()
+            try:
+                plan = self._deploy_now(candidates, None)
+                self.master.replay()
+                log.info("spread back over %d nodes: %s", len(self.assignment), plan.shape)
+            except ClusterError as exc:  # back onto the nodes it ran on (a loss: recovery's)
+                log.warning("could not spread back over %d nodes: %s", len(candidates),
+                            exc.message)
+                with contextlib.suppress(ClusterError):
+                    self._deploy_now(before, None)
+                    self.master.replay()
+            finally:
+                self.master.release()
 
     def _rebalance(self) -> None:
         """Move the cuts if the measured stage compute says so (cluster.rebalance)."""

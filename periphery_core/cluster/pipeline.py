@@ -19,7 +19,9 @@ Recovery runs on one thread of its own, so two nodes lost close together give on
 onto the survivors rather than two deploys racing. Candidates are the nodes heard from
 recently (a node that stopped answering a moment ago is not chosen even before its loss is
 declared). A plan given from a file is re-planned onto the survivors on a loss, and the
-`Recovered` event says so.
+`Recovered` event says so. When a node joins while a recovery has left the pipeline on fewer
+nodes than its deploy asked for (a lost node back, or its process restarted), the same recipe
+spreads it back over them.
 """
 
 from __future__ import annotations
@@ -369,6 +371,9 @@ class Pipeline:
                     detected_s=detected, recovered_s=recovered_s, replayed=replayed))
                 log.info("recovered from losing %s in %.2f s: %d stages, %d replayed",
                          ", ".join(names), recovered_s, plan.k, replayed)
+                if len(self.assignment) < self._wanted:  # a node that joined meanwhile
+                    self._grow_due.set()
+                    self._wake.set()
                 return
         self._fail(error.message if error else "no node left")
 

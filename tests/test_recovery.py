@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -55,50 +57,60 @@ def test_a_killed_node_costs_no_request(tmp_path: Path, victim: int, workers: in
     work.assert_matches(results)
 
 
-def test_a_pipeline_left_on_fewer_nodes_spreads_back_when_the_node_restarts(
-        tmp_path: Path) -> None:
-    """Two nodes, K = 2; one is killed mid-stream and started again at its address a moment
-    later (as systemd would). The pipeline recovers onto the survivor, the new process joins
-    as a node of its own, and the pipeline spreads back over two nodes while serving: no
-    request lost, every result the whole model's."""
-    work = mlp_workload(tmp_path, seed=5, inputs=20)
-    replacement: list[subprocess.Popen] = []
+@contextlib.contextmanager
+def restarting(local: LocalCluster, index: int, at: int,
+               pause_s: float = 0.0) -> Iterator[Callable[[int], None]]:
+    """A `stream` hook that, before request `at`, kills node `index` and starts it again at its
+    address `pause_s` later; what it started is asked to stop at the end (so that it removes
+    its own folder)."""
+    old = local.nodes[index].process
+    args = [str(a) for a in old.args]  # type: ignore[union-attr]
+    args[args.index("--port") + 1] = str(local.addresses[index].port)
+    started: list[subprocess.Popen] = []
+
+    def restart(i: int) -> None:
+        if i == at:
+            old.kill()
+            old.wait()
+            time.sleep(pause_s)
+            started.append(subprocess.Popen(
+                args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                env={**os.environ, "PERIPHERY_NODE_PDEATHSIG": "1"}))
+
     try:
-        with LocalCluster(2) as local, local.master() as master:
-            pipeline = Pipeline(master, work.loaded, work.analysis, k=2, exact=True)
-            pipeline.deploy([a.node_id for a in local.addresses])
-            old = local.nodes[1].process
-            args = [str(a) for a in old.args]  # type: ignore[union-attr]
-            args[args.index("--port") + 1] = str(local.addresses[1].port)
-
-            def kill_and_restart(i: int) -> None:
-                if i == 100:
-                    old.kill()
-                    old.wait()
-                    time.sleep(1.0)  # lost first (its connection closed), then back
-                    replacement.append(subprocess.Popen(
-                        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                        env={**os.environ, "PERIPHERY_NODE_PDEATHSIG": "1"}))
-
-            results = stream(pipeline, work.pool, 300, 8, kill_and_restart)
-            assert len(pipeline.recoveries) == 1
-            ids = {a.node_id for a in local.addresses}
-            wait_for(lambda: len(pipeline.assignment) == 2
-                     and pipeline.assignment[0] == local.addresses[0].node_id
-                     and pipeline.assignment[1] not in ids, 30,
-                     "the pipeline to spread back over the restarted node")
-            assert pipeline.plan is not None and pipeline.plan.k == 2
-            results += stream(pipeline, work.pool, 100, 8)
-            pipeline.close()
-            assert pipeline.failed is None and len(pipeline.recoveries) == 1
+        yield restart
     finally:
-        for proc in replacement:  # asked to stop, so that it removes its own folder
+        for proc in started:
             proc.terminate()
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def test_a_pipeline_left_on_fewer_nodes_spreads_back_when_the_node_restarts(
+        tmp_path: Path) -> None:
+    """Two nodes, K = 2; one is killed mid-stream and started again at its address a second
+    later (as systemd would). The pipeline recovers onto the survivor, the new process joins
+    as a node of its own, and the pipeline spreads back over two nodes while serving: no
+    request lost, every result the whole model's."""
+    work = mlp_workload(tmp_path, seed=5, inputs=20)
+    with LocalCluster(2) as local, local.master() as master, \
+            restarting(local, 1, at=100, pause_s=1.0) as restart:
+        pipeline = Pipeline(master, work.loaded, work.analysis, k=2, exact=True)
+        pipeline.deploy([a.node_id for a in local.addresses])
+        results = stream(pipeline, work.pool, 300, 8, restart)
+        assert len(pipeline.recoveries) == 1
+        ids = {a.node_id for a in local.addresses}
+        wait_for(lambda: len(pipeline.assignment) == 2
+                 and pipeline.assignment[0] == local.addresses[0].node_id
+                 and pipeline.assignment[1] not in ids, 30,
+                 "the pipeline to spread back over the restarted node")
+        assert pipeline.plan is not None and pipeline.plan.k == 2
+        results += stream(pipeline, work.pool, 100, 8)
+        pipeline.close()
+        assert pipeline.failed is None and len(pipeline.recoveries) == 1
     assert len(results) == 400
     work.assert_matches(results)
 
@@ -114,45 +126,23 @@ def test_a_node_restarted_at_its_address_costs_no_request(
     monkeypatch.setattr(master_control, "GONE_S", 30.0)
     work = mlp_workload(tmp_path, seed=2, inputs=25)
     total = 300
-    replacement: list[subprocess.Popen] = []
-    try:
-        with LocalCluster(3) as local, local.master(lost_after_s=30.0) as master:
-            pipeline = Pipeline(master, work.loaded, work.analysis, k=2, exact=True)
-            pipeline.deploy([a.node_id for a in local.addresses[:2]])
-            lost: list[ev.NodeLost] = []
-            master.bus.subscribe(lambda e: lost.append(e) if isinstance(e, ev.NodeLost)
-                                 else None)
-            old = local.nodes[0].process
-            args = [str(a) for a in old.args]  # type: ignore[union-attr]
-            args[args.index("--port") + 1] = str(local.addresses[0].port)
-
-            def restart(i: int) -> None:
-                if i == 100:
-                    old.kill()
-                    old.wait()
-                    replacement.append(subprocess.Popen(
-                        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                        env={**os.environ, "PERIPHERY_NODE_PDEATHSIG": "1"}))
-
-            results = stream(pipeline, work.pool, total, 8, restart)
-            pipeline.close()
-            assert pipeline.failed is None and len(pipeline.recoveries) == 1
-            assert [e.node_id for e in lost] == [local.addresses[0].node_id]
-            assert "another process answers at its address" in lost[0].reason
-            assert local.addresses[0].node_id not in pipeline.assignment
-            # ... and the new process joins as a node of its own, ready for the next plan.
-            ids = {a.node_id for a in local.addresses}
-            wait_for(lambda: any(h.node_id not in ids and h.address.port ==
-                                 local.addresses[0].port for h in master.alive_nodes()), 20,
-                     "the restarted process to join as a new node")
-            assert local.addresses[0].node_id not in {h.node_id for h in master.alive_nodes()}
-    finally:
-        for proc in replacement:  # asked to stop, so that it removes its own folder
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with LocalCluster(3) as local, local.master(lost_after_s=30.0) as master, \
+            restarting(local, 0, at=100) as restart:
+        pipeline = Pipeline(master, work.loaded, work.analysis, k=2, exact=True)
+        pipeline.deploy([a.node_id for a in local.addresses[:2]])
+        lost: list[ev.NodeLost] = []
+        master.bus.subscribe(lambda e: lost.append(e) if isinstance(e, ev.NodeLost) else None)
+        results = stream(pipeline, work.pool, total, 8, restart)
+        pipeline.close()
+        assert pipeline.failed is None and len(pipeline.recoveries) == 1
+        assert [e.node_id for e in lost] == [local.addresses[0].node_id]
+        assert "another process answers at its address" in lost[0].reason
+        assert local.addresses[0].node_id not in pipeline.assignment
+        # ... and the new process joins as a node of its own, ready for the next plan.
+        ids = {a.node_id for a in local.addresses}
+        wait_for(lambda: any(h.node_id not in ids and h.address.port ==
+                             local.addresses[0].port for h in master.alive_nodes()), 20,
+                 "the restarted process to join as a new node")
+        assert local.addresses[0].node_id not in {h.node_id for h in master.alive_nodes()}
     assert len(results) == total
     work.assert_matches(results)

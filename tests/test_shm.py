@@ -51,6 +51,16 @@ class Link:
 
 
 @pytest.fixture
+def writer() -> Iterator[ShmWriter]:
+    """A sender's slots, given back at the end."""
+    w = ShmWriter()
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+@pytest.fixture
 def link() -> Iterator[Link]:
     with tempfile.TemporaryDirectory() as folder:
         lk = Link(folder)
@@ -61,75 +71,63 @@ def link() -> Iterator[Link]:
 
 
 def test_big_tensors_go_through_shared_memory_and_the_slot_is_used_again_once_released(
-        link: Link) -> None:
-    writer, reader = ShmWriter(), ShmReader()
-    try:
-        frames = encode("activation", {"id": 1, "times": []}, {"a": BIG, "b": SMALL},
-                        shm=writer)
-        assert len(frames) == 1, "the tensors should travel in shared memory, not frames"
-        link.near.send_multipart(frames, copy=False)
-        msg = decode(link.recv(), shm=reader)
-        np.testing.assert_array_equal(msg.tensors["a"], BIG)
-        np.testing.assert_array_equal(msg.tensors["b"], SMALL)
-        assert not msg.tensors["a"].flags.writeable
-        assert "shm" not in msg.fields  # (the codec's, not a field for anyone to read)
-        # Held: the next message takes another slot; released: the same one again.
-        second = encode("activation", {"id": 2, "times": []}, {"a": BIG + 1}, shm=writer)
-        msg.release()
-        third = encode("activation", {"id": 3, "times": []}, {"a": BIG + 2}, shm=writer)
-        desc = [msgpack_header(f)["shm"] for f in (frames, second, third)]
-        assert desc[1] != desc[0] and desc[2] == desc[0]
-    finally:
-        writer.close()
+        link: Link, writer: ShmWriter) -> None:
+    reader = ShmReader()
+    frames = encode("activation", {"id": 1, "times": []}, {"a": BIG, "b": SMALL},
+                    shm=writer)
+    assert len(frames) == 1, "the tensors should travel in shared memory, not frames"
+    link.near.send_multipart(frames, copy=False)
+    msg = decode(link.recv(), shm=reader)
+    np.testing.assert_array_equal(msg.tensors["a"], BIG)
+    np.testing.assert_array_equal(msg.tensors["b"], SMALL)
+    assert not msg.tensors["a"].flags.writeable
+    assert "shm" not in msg.fields  # (the codec's, not a field for anyone to read)
+    # Held: the next message takes another slot; released: the same one again.
+    second = encode("activation", {"id": 2, "times": []}, {"a": BIG + 1}, shm=writer)
+    msg.release()
+    third = encode("activation", {"id": 3, "times": []}, {"a": BIG + 2}, shm=writer)
+    desc = [msgpack_header(f)["shm"] for f in (frames, second, third)]
+    assert desc[1] != desc[0] and desc[2] == desc[0]
 
 
 def msgpack_header(frames: list) -> dict:
     return msgpack.unpackb(frames[0])
 
 
-def test_small_tensors_and_a_sender_out_of_slots_use_frames() -> None:
-    writer = ShmWriter()
-    try:
-        assert len(encode("activation", {"id": 1, "times": []}, {"s": SMALL},
-                          shm=writer)) == 2
-        held = [encode("activation", {"id": i, "times": []}, {"a": BIG}, shm=writer)
-                for i in range(SLOTS)]
-        assert all(len(f) == 1 for f in held)
-        # Every slot busy (a receiver slow or gone): the bytes travel in frames.
-        frames = encode("activation", {"id": 99, "times": []}, {"a": BIG}, shm=writer)
-        assert len(frames) == 2
-        np.testing.assert_array_equal(decode(frames).tensors["a"], BIG)
-    finally:
-        writer.close()
+def test_small_tensors_and_a_sender_out_of_slots_use_frames(writer: ShmWriter) -> None:
+    assert len(encode("activation", {"id": 1, "times": []}, {"s": SMALL},
+                      shm=writer)) == 2
+    held = [encode("activation", {"id": i, "times": []}, {"a": BIG}, shm=writer)
+            for i in range(SLOTS)]
+    assert all(len(f) == 1 for f in held)
+    # Every slot busy (a receiver slow or gone): the bytes travel in frames.
+    frames = encode("activation", {"id": 99, "times": []}, {"a": BIG}, shm=writer)
+    assert len(frames) == 2
+    np.testing.assert_array_equal(decode(frames).tensors["a"], BIG)
 
 
-def test_a_slot_grows_for_a_bigger_message_and_the_receiver_maps_it_again(link: Link) -> None:
-    writer, reader = ShmWriter(slots=1), ShmReader()
-    try:
-        for scale in (1, 5, 2):
-            big = np.tile(BIG, (scale, 1)) * scale
-            link.near.send_multipart(encode("activation", {"id": scale, "times": []},
-                                            {"a": big}, shm=writer), copy=False)
-            msg = decode(link.recv(), shm=reader)
-            np.testing.assert_array_equal(msg.tensors["a"], big)
-            msg.release()
-    finally:
-        writer.close()
+def test_a_slot_grows_for_a_bigger_message_and_the_receiver_maps_it_again(
+        link: Link, writer: ShmWriter) -> None:
+    reader = ShmReader()
+    for scale in (1, 5, 2):
+        big = np.tile(BIG, (scale, 1)) * scale
+        link.near.send_multipart(encode("activation", {"id": scale, "times": []},
+                                        {"a": big}, shm=writer), copy=False)
+        msg = decode(link.recv(), shm=reader)
+        np.testing.assert_array_equal(msg.tensors["a"], big)
+        msg.release()
 
 
 def test_shared_memory_named_over_tcp_or_to_a_receiver_without_a_reader_is_rejected(
-        link: Link) -> None:
-    writer, reader = ShmWriter(), ShmReader()
-    try:
-        frames = encode("activation", {"id": 1, "times": []}, {"a": BIG}, shm=writer)
-        link.far.send_multipart(frames, copy=False)
-        with pytest.raises(WireError, match="only over this host's private socket"):
-            decode(link.recv(), shm=reader)
-        link.near.send_multipart(frames, copy=False)
-        with pytest.raises(WireError, match="shared memory is not taken here"):
-            decode(link.recv())
-    finally:
-        writer.close()
+        link: Link, writer: ShmWriter) -> None:
+    reader = ShmReader()
+    frames = encode("activation", {"id": 1, "times": []}, {"a": BIG}, shm=writer)
+    link.far.send_multipart(frames, copy=False)
+    with pytest.raises(WireError, match="only over this host's private socket"):
+        decode(link.recv(), shm=reader)
+    link.near.send_multipart(frames, copy=False)
+    with pytest.raises(WireError, match="shared memory is not taken here"):
+        decode(link.recv())
 
 
 def _send_naming(endpoint: str, desc: list[int], done: mp.Queue) -> None:  # type: ignore[type-arg]

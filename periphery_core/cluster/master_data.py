@@ -100,10 +100,13 @@ class DataPath:
     def close_shm(self) -> None:
         """Give back the shared memory of the links to first stages (the master closes)."""
         with self._send_lock:
-            for writer in self._first_shm:
-                if writer is not None:
-                    writer.close()
-            self._first_shm = [None] * len(self._first_shm)
+            self._close_shm()
+
+    def _close_shm(self) -> None:  # (under _send_lock)
+        for writer in self._first_shm:
+            if writer is not None:
+                writer.close()
+        self._first_shm = [None] * len(self._first_shm)
 
     def new_epoch(self) -> int:
         """Start the epoch of a new deploy: results of the old one are dropped from now on."""
@@ -124,9 +127,7 @@ class DataPath:
         with self._send_lock:
             for old in self._first:
                 old.close(linger=0)
-            for writer in self._first_shm:
-                if writer is not None:
-                    writer.close()
+            self._close_shm()
             self._first = socks
             self._first_shm = [ShmWriter() if is_ipc(e) else None for e, _ in endpoints]
             with self._pending_lock:

@@ -174,7 +174,7 @@ def _decode(frames: Sequence[Any], limits: Limits, shm: ShmReader | None) -> Mes
     if len(frames) != expected:
         raise WireError(f"'{kind}' declares {expected} frames but {len(frames)} arrived")
     tensors: dict[str, np.ndarray] = {}
-    specs: list[tuple[str, np.dtype, tuple[int, ...]]] = []
+    specs: list[tuple[str, np.dtype, tuple[int, ...], int]] = []  # (in shared memory)
     total = 0
     for i, meta in enumerate(metas):
         name, dtype, shape = _check_meta(meta, i, limits)
@@ -193,7 +193,7 @@ def _decode(frames: Sequence[Any], limits: Limits, shm: ShmReader | None) -> Mes
         if total > limits.max_total_bytes:
             raise WireError("message declares more tensor bytes than allowed")
         if slot is not None:
-            specs.append((name, _BY_NAME[dtype], shape))
+            specs.append((name, _BY_NAME[dtype], shape, nbytes))
             continue
         buf = _frame_bytes(frames[1 + i])
         if len(buf) != nbytes:

@@ -28,6 +28,7 @@ process ends.
 from __future__ import annotations
 
 import contextlib
+import functools
 import mmap
 import os
 import re
@@ -51,6 +52,7 @@ class ShmError(Exception):
     """A message names a slot this receiver may not, or cannot, read."""
 
 
+@functools.cache
 def readable_by_peers() -> bool:
     """Whether other processes of this user may open this process's memfds (through /proc):
     not where there is no memfd, nor where the process is not dumpable (set-uid, or one that
@@ -165,9 +167,11 @@ class ShmReader:
         self._maps: dict[tuple[int, int], tuple[int, mmap.mmap]] = {}
         self._lock = threading.Lock()
 
-    def tensors(self, desc: object, peer: str, specs: Sequence[tuple[str, np.dtype, tuple]],
+    def tensors(self, desc: object, peer: str,
+                specs: Sequence[tuple[str, np.dtype, tuple[int, ...], int]],
                 ) -> tuple[dict[str, np.ndarray], Lease]:
-        """Read-only views of the tensors (name, dtype, shape) a message says lie in a slot.
+        """Read-only views of the tensors (name, dtype, shape, bytes: as the codec checked
+        them) a message says lie in a slot.
 
         Raises:
             ShmError: the sender may not name that slot, or it cannot be read.
@@ -182,11 +186,10 @@ class ShmReader:
         pid, fd, ino = desc
         if int(match[1]) != os.getuid() or int(match[3]) != pid:
             raise ShmError("a process may name only its own shared memory")
-        sizes = [int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for _, dtype, shape in specs]
-        offsets, need = layout(sizes)
+        offsets, need = layout([nbytes for *_, nbytes in specs])
         mapped = self._mapping(pid, fd, ino, need)
         out = {}
-        for (name, dtype, shape), off in zip(specs, offsets, strict=True):
+        for (name, dtype, shape, _), off in zip(specs, offsets, strict=True):
             arr = np.ndarray(shape, dtype, buffer=mapped, offset=off)
             arr.flags.writeable = False
             out[name] = arr
@@ -220,11 +223,6 @@ class ShmReader:
                 self._maps.pop(next(iter(self._maps)))
             self._maps[(pid, fd)] = (ino, mapped)
             return mapped
-
-    def clear(self) -> None:
-        """Drop every mapping (their slots' senders are gone or replaced)."""
-        with self._lock:
-            self._maps.clear()
 
 
 def copied(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import zmq
 
@@ -42,6 +43,7 @@ from periphery_core.runtime.feeds import random_feeds
 from periphery_core.wire import decode, encode
 from periphery_core.wire.shm import FREE, ShmWriter
 from tests.conftest import ROOT, load_analyzed
+from tests.models import mlp
 from tests.streaming import save_mlp
 from tests.test_shm import memfds
 from tests.waiting import wait_for
@@ -257,3 +259,51 @@ def test_the_socket_folders_of_killed_processes_are_swept(tmp_path: Path) -> Non
         ctx.term()
         if live is not None:
             live.remove()
+
+
+def _slot_inodes(pid: int) -> set[int]:
+    """The inodes of the Periphery slots a process holds open (its own, or mapped)."""
+    out = set()
+    for fd in memfds(pid):
+        try:
+            out.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
+        except OSError:
+            continue
+    return out
+
+
+def test_a_master_lets_go_of_an_ended_nodes_memory_and_holds_none_once_closed(
+        tmp_path: Path) -> None:
+    """Results of 128 KiB come back through the last stage's slots, which the master maps.
+    Once that node's process has ended and results come from another's slots, the master holds
+    nothing of the ended one's (its mappings were the last hold on that memory); a closed
+    master holds no slot at all."""
+    model = mlp(width=64, layers=2, batch=512)  # y is 512 x 64 float32: 128 KiB
+    path = tmp_path / "mlp.onnx"
+    onnx.save(model, path)
+    loaded, analysis = load_analyzed(path)
+    feeds = [random_feeds(analysis.inputs, i) for i in range(4)]
+    with LocalCluster(2) as local:
+        master = local.master()
+        try:
+            nodes = [h.node_id for h in master.alive_nodes()]
+            two = [s.SerializeToString() for s in extract_shards(loaded, analysis,
+                                                                 make_plan(analysis, 2))]
+            master.deploy(two, nodes, exact=True)
+            for f in feeds:
+                master.submit(f).result(timeout=30)
+            last = local.nodes[1].process
+            theirs = _slot_inodes(last.pid)
+            assert theirs & _slot_inodes(os.getpid()), "the master should map the results' slots"
+            local.kill(1)
+            last.wait(10)
+            one = [s.SerializeToString() for s in extract_shards(loaded, analysis,
+                                                                 make_plan(analysis, 1))]
+            master.deploy(one, nodes[:1], exact=True)
+            for f in feeds:
+                master.submit(f).result(timeout=30)
+            assert _slot_inodes(local.nodes[0].process.pid) & _slot_inodes(os.getpid())
+            assert not theirs & _slot_inodes(os.getpid()), "an ended node's memory is held"
+        finally:
+            master.close()
+        assert not _slot_inodes(os.getpid()), "a closed master kept shared memory"

@@ -98,9 +98,11 @@ class DataPath:
             if same_host_ipc else (None, "")
 
     def close_shm(self) -> None:
-        """Give back the shared memory of the links to first stages (the master closes)."""
+        """Give back the shared memory of the links to first stages, and drop the mappings of
+        the slots last stages sent results in (the master closes)."""
         with self._send_lock:
             self._close_shm()
+        self._shm.clear()
 
     def _close_shm(self) -> None:  # (under _send_lock)
         for writer in self._first_shm:

@@ -219,10 +219,25 @@ class ShmReader:
                 os.close(f)
             # Dropped, not closed: views of a mapping keep it alive until they go.
             self._maps.pop((pid, fd), None)
+            self._forget_ended()
             while len(self._maps) >= _MAPPINGS:
                 self._maps.pop(next(iter(self._maps)))
             self._maps[(pid, fd)] = (ino, mapped)
             return mapped
+
+
+    def _forget_ended(self) -> None:  # (under _lock)
+        """Drop the mappings of senders whose process has ended: a mapping is the last hold
+        on its slot's memory then (a node restarted, say, and its successor has slots of its
+        own). Looked at only when a slot is mapped, which a sender's steady stream never does."""
+        ended = {pid for pid, _ in self._maps if not os.path.exists(f"/proc/{pid}")}
+        for key in [k for k in self._maps if k[0] in ended]:
+            del self._maps[key]
+
+    def clear(self) -> None:
+        """Drop every mapping (the receiver closes); views handed out keep theirs alive."""
+        with self._lock:
+            self._maps.clear()
 
 
 def copied(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -3,6 +3,7 @@ local node processes (model -> plan K=2 -> move a boundary -> assign -> deploy -
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -273,7 +274,7 @@ async def test_whole_loop_against_real_local_nodes(tmp_path: Path) -> None:
             assert "local1" in text_of(app, "#stages")
             # local nodes: each stage sends over its host's private socket, not TCP
             assert app.cluster_state.links == ("ipc", "ipc")
-            assert "socket" in text_of(app, "#stages") and "TCP" not in text_of(app, "#stages")
+            assert "local" in text_of(app, "#stages") and "TCP" not in text_of(app, "#stages")
             await pilot.press("space")
             assert not dash.load_running
             other = tmp_path / "other.onnx"
@@ -310,9 +311,11 @@ async def test_demo_streams_on_its_own() -> None:
     assert app.control.local is None  # quitting stopped the local nodes
 
 
-async def test_demo_recovers_from_a_killed_node() -> None:
+async def test_demo_recovers_from_a_killed_node_and_spreads_back_when_it_restarts() -> None:
     """Streaming, one node SIGKILLed: nothing fails and requests complete again within 10 s
-    of the loss being declared, on a pipeline re-planned onto the two survivors."""
+    of the loss being declared, on a pipeline re-planned onto the two survivors; started again
+    at its address (as a service manager would), the node joins and the pipeline spreads back
+    over three nodes, still failing nothing."""
     app = PeripheryApp(DEMO_MODEL, demo=True, browse_dir=DEMO_MODEL.parent)
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: app.cluster_state.requests_completed > 10, timeout=120)
@@ -332,6 +335,15 @@ async def test_demo_recovers_from_a_killed_node() -> None:
         await until(pilot, lambda: "recovered 1x" in text_of(app, "#load"), timeout=10)
         load = text_of(app, "#load")
         assert "failed 0" in load and "running" in load
+        await asyncio.to_thread(local.restart, 1)
+        await until(pilot, lambda: len(app.cluster_state.assignment) == 3, timeout=30)
+        after = app.cluster_state.requests_completed
+        await until(pilot, lambda: app.cluster_state.requests_completed > after + 5,
+                    timeout=15)
+        assert app.cluster_state.requests_failed == 0
+        back = [line for line in app.cluster_state.recent if "spread back:" in line]
+        assert back and "local1 joined" in back[-1], app.cluster_state.recent
+        print(f"app: {back[-1]}")
         await pilot.press("q")
 
 

@@ -36,6 +36,7 @@ from periphery_core.cluster.events import (
     RequestCompleted,
     RequestFailed,
     ShardProgress,
+    SpreadBack,
     StageReady,
     StageTiming,
     describe,
@@ -505,6 +506,8 @@ EVENT_STRATEGIES: dict[type, st.SearchStrategy[Any]] = {
     Recovered: st.builds(Recovered, st.tuples(node_ids), st.tuples(node_ids, node_ids),
                          st.none() | st.floats(0, 10), st.floats(0, 10), st.integers(0, 64),
                          times),
+    SpreadBack: st.builds(SpreadBack, st.tuples(node_ids), st.tuples(node_ids, node_ids),
+                          st.integers(0, 64), times),
     Rebalanced: st.builds(Rebalanced, st.lists(st.floats(0, 1), min_size=2, max_size=4).map(tuple),
                           st.tuples(st.integers(1, 9), st.integers(1, 9)),
                           st.tuples(st.integers(1, 9), st.integers(1, 9)), st.floats(0, 1),
@@ -898,6 +901,14 @@ def test_a_rebalance_is_counted_and_told_in_one_line() -> None:
     assert fold([moved, moved], DEPLOYED).rebalances == 2
     line = describe(moved)
     assert "S0 17.2 ms, S1 0.9 ms" in line and "12/3 nodes now 1/14" in line
+
+
+def test_spreading_back_is_told_in_one_line_and_moves_nothing_itself() -> None:
+    back = SpreadBack(joined=("c",), assignment=("a", "b", "c"), replayed=3, t=9.0)
+    state = fold([back], DEPLOYED)
+    assert state.recent[-1].endswith("spread back: c joined; serving again on 3 nodes "
+                                     "(a, b, c), 3 requests replayed")
+    assert dataclasses.replace(state, recent=DEPLOYED.recent, clock=DEPLOYED.clock) == DEPLOYED
 
 
 def test_replicas_fold_by_slot_and_read_as_replica_and_stage() -> None:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -60,33 +59,26 @@ def test_a_killed_node_costs_no_request(tmp_path: Path, victim: int, workers: in
 @contextlib.contextmanager
 def restarting(local: LocalCluster, index: int, at: int,
                pause_s: float = 0.0) -> Iterator[Callable[[int], None]]:
-    """A `stream` hook that, before request `at`, kills node `index` and starts it again at its
-    address `pause_s` later; what it started is asked to stop at the end (so that it removes
-    its own folder)."""
-    old = local.nodes[index].process
-    args = [str(a) for a in old.args]  # type: ignore[union-attr]
-    args[args.index("--port") + 1] = str(local.addresses[index].port)
-    started: list[subprocess.Popen] = []
+    """A `stream` hook that, before request `at`, kills node `index` and, `pause_s` later on a
+    thread of its own (the stream goes on meanwhile), starts it again at its address
+    (`LocalCluster.restart`, which the cluster's stop then stops)."""
+    started: list[threading.Thread] = []
+
+    def again() -> None:
+        time.sleep(pause_s)
+        local.restart(index)
 
     def restart(i: int) -> None:
         if i == at:
-            old.kill()
-            old.wait()
-            time.sleep(pause_s)
-            started.append(subprocess.Popen(
-                args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                env={**os.environ, "PERIPHERY_NODE_PDEATHSIG": "1"}))
+            local.kill(index)
+            started.append(threading.Thread(target=again, daemon=True))
+            started[-1].start()
 
     try:
         yield restart
     finally:
-        for proc in started:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        for t in started:
+            t.join(60)
 
 
 def test_a_pipeline_left_on_fewer_nodes_spreads_back_when_the_node_restarts(
@@ -99,15 +91,18 @@ def test_a_pipeline_left_on_fewer_nodes_spreads_back_when_the_node_restarts(
     with LocalCluster(2) as local, local.master() as master, \
             restarting(local, 1, at=100, pause_s=1.0) as restart:
         pipeline = Pipeline(master, work.loaded, work.analysis, k=2, exact=True)
-        pipeline.deploy([a.node_id for a in local.addresses])
+        before = [a.node_id for a in local.addresses]
+        pipeline.deploy(before)
+        back: list[ev.SpreadBack] = []
+        master.bus.subscribe(lambda e: back.append(e) if isinstance(e, ev.SpreadBack) else None)
         results = stream(pipeline, work.pool, 300, 8, restart)
         assert len(pipeline.recoveries) == 1
-        ids = {a.node_id for a in local.addresses}
-        wait_for(lambda: len(pipeline.assignment) == 2
-                 and pipeline.assignment[0] == local.addresses[0].node_id
-                 and pipeline.assignment[1] not in ids, 30,
+        wait_for(lambda: len(pipeline.assignment) == 2 and pipeline.assignment[0] == before[0]
+                 and pipeline.assignment[1] not in before, 30,
                  "the pipeline to spread back over the restarted node")
         assert pipeline.plan is not None and pipeline.plan.k == 2
+        assert pipeline.assignment[1] == local.addresses[1].node_id  # the new process
+        assert [(e.joined, e.assignment) for e in back] == [(("local1",), ("local0", "local1"))]
         results += stream(pipeline, work.pool, 100, 8)
         pipeline.close()
         assert pipeline.failed is None and len(pipeline.recoveries) == 1
@@ -129,20 +124,20 @@ def test_a_node_restarted_at_its_address_costs_no_request(
     with LocalCluster(3) as local, local.master(lost_after_s=30.0) as master, \
             restarting(local, 0, at=100) as restart:
         pipeline = Pipeline(master, work.loaded, work.analysis, k=2, exact=True)
-        pipeline.deploy([a.node_id for a in local.addresses[:2]])
+        before = [a.node_id for a in local.addresses]
+        pipeline.deploy(before[:2])
         lost: list[ev.NodeLost] = []
         master.bus.subscribe(lambda e: lost.append(e) if isinstance(e, ev.NodeLost) else None)
         results = stream(pipeline, work.pool, total, 8, restart)
         pipeline.close()
         assert pipeline.failed is None and len(pipeline.recoveries) == 1
-        assert [e.node_id for e in lost] == [local.addresses[0].node_id]
+        assert [e.node_id for e in lost] == [before[0]]
         assert "another process answers at its address" in lost[0].reason
-        assert local.addresses[0].node_id not in pipeline.assignment
+        assert before[0] not in pipeline.assignment
         # ... and the new process joins as a node of its own, ready for the next plan.
-        ids = {a.node_id for a in local.addresses}
-        wait_for(lambda: any(h.node_id not in ids and h.address.port ==
+        wait_for(lambda: any(h.node_id not in before and h.address.port ==
                              local.addresses[0].port for h in master.alive_nodes()), 20,
                  "the restarted process to join as a new node")
-        assert local.addresses[0].node_id not in {h.node_id for h in master.alive_nodes()}
+        assert before[0] not in {h.node_id for h in master.alive_nodes()}
     assert len(results) == total
     work.assert_matches(results)

@@ -2,8 +2,9 @@
 
 Everything is a real process: the cluster, its nodes, the run. The kill lands mid-stream: the
 test reads the run's own Prometheus endpoint and kills the node running stage 1 once some
-requests have completed, then expects exit 0, every request checked against the unsharded
-model, and the recovery reported.
+requests have completed (and starts it again, as a service manager would), then expects exit
+0, every request checked against the unsharded model, and the recovery (and the spreading
+back) reported.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -95,43 +97,68 @@ def _completed(port: int) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-def test_run_recovers_from_a_node_killed_mid_stream(tmp_path: Path, cluster_up) -> None:
+def test_run_recovers_from_a_node_killed_mid_stream_and_spreads_back_when_it_restarts(
+        tmp_path: Path, cluster_up) -> None:
+    """The node of stage 1 is SIGKILLed mid-stream and started again at its address a second
+    later, as systemd would: the run recovers onto the two others, the new process joins, the
+    run spreads back over three nodes, and every request completes with the whole model's
+    result."""
     cluster, peers, keys = cluster_up
     model = save_mlp(tmp_path / "mlp.onnx")
     plan = tmp_path / "plan.json"
     subprocess.run(_cli("plan", model, "--shards", 3, "-o", plan), check=True, env=ENV,
                    capture_output=True, cwd=tmp_path)
     port = _free_port()  # for the run's metrics endpoint
-    args = ["run", model, "--plan", plan, "--keys", keys, "--no-mdns", "--requests", 1500,
+    requests = 12000  # long enough for the loss, the restart and the join (about 1 ms each)
+    args = ["run", model, "--plan", plan, "--keys", keys, "--no-mdns", "--requests", requests,
             "--inflight", 8, "--check", "--exact", "--json", "--metrics-port", port]
     for p in peers:
         args += ["--peer", p]
     run = subprocess.Popen(_cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, env=ENV, cwd=tmp_path)
+    restarted: subprocess.Popen | None = None
     try:
         wait_for(lambda: run.poll() is not None or _completed(port) >= 100, 120,
-              "the run to complete 100 requests")
+                 "the run to complete 100 requests")
         assert run.poll() is None, "the run ended before the node could be killed"
         victim = _node_process(cluster, "local1")
+        # as its launcher started it, at the port it had, less the launcher's watchdog
+        argv = victim.cmdline()
+        argv[argv.index("--port") + 1] = peers[1].rsplit(":", 1)[1]
+        if "--parent-pid" in argv:
+            del argv[argv.index("--parent-pid"):argv.index("--parent-pid") + 2]
+        again = (argv, victim.cwd(), victim.environ())
         victim.kill()
-        out, err = run.communicate(timeout=180)
+        victim.wait(10)
+        time.sleep(1.0)
+        restarted = subprocess.Popen(again[0], cwd=again[1], env=again[2],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        out, err = run.communicate(timeout=240)
     finally:
         if run.poll() is None:
             run.kill()
             run.wait()
+        if restarted is not None:
+            _kill_tree(restarted)
     assert run.returncode == 0, err
     assert "Traceback" not in err
     summary = json.loads(out)
-    assert summary["completed"] == 1500
+    assert summary["completed"] == requests
     assert summary["check"]["passed"] and summary["check"]["mismatches"] == 0
-    assert summary["check"]["bit_identical_outputs"] == 1500
+    assert summary["check"]["bit_identical_outputs"] == requests
     (rec,) = summary["recoveries"]
     assert rec["lost"] == ["local1"] and rec["stages"] == ["local0", "local2"]
-    assert "recovered" in err and "local1" in err
+    (back,) = summary["spread_back"]
+    assert back["joined"] == ["local1"], back
+    assert sorted(back["stages"]) == ["local0", "local1", "local2"], back
+    assert summary["shape"] == "1 x 3 stages" and len(summary["stages"]) == 3, summary
+    assert [line for line in err.splitlines() if line.startswith("recovered:")], err
+    assert [line for line in err.splitlines() if line.startswith("spread back:")], err
     # the cluster itself lives on with its two other nodes
     assert cluster.poll() is None
     print(f"\nperiphery run: loss detected after {rec['detected_s']:.2f} s, serving again "
-          f"{rec['recovered_s']:.2f} s later, {rec['replayed']} requests replayed")
+          f"{rec['recovered_s']:.2f} s later, {rec['replayed']} requests replayed; spread back "
+          f"over 3 nodes, {back['replayed']} requests replayed")
 
 
 def test_run_with_no_node_left_is_one_clear_line(tmp_path: Path) -> None:

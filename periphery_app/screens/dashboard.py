@@ -44,7 +44,7 @@ def _series(history: tuple[Sample, ...], key: str) -> list[float]:
 
 
 # How a stage's outputs travel (ClusterState.links; cluster/same_host.py).
-_VIA = {"ipc": "socket", "tcp": "TCP"}
+_VIA = {"ipc": "local", "tcp": "TCP"}  # local: a private socket, big tensors in shared memory
 
 
 def _link(state: ClusterState, slot: int) -> str:

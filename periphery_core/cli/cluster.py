@@ -306,7 +306,7 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, devic
         pool = [random_feeds(specs, seed=i) for i in range(min(count, 8))]
         requests = [pool[i % len(pool)] for i in range(count)]
     exact = not optimize
-    recoveries: list[ev.Recovered] = []
+    recoveries: list[ev.Recovered | ev.SpreadBack] = []
     rebalances: list[ev.Rebalanced] = []
     from periphery_core.cluster.keys import keyring_or_insecure
 
@@ -324,11 +324,12 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, devic
             stack.callback(run_view.close)
 
             def on_event(e: ev.Event) -> None:
-                if isinstance(e, ev.Recovered):
+                if isinstance(e, (ev.Recovered, ev.SpreadBack)):
                     recoveries.append(e)
                 if isinstance(e, ev.Rebalanced):
                     rebalances.append(e)
-                if isinstance(e, (ev.RecoveryStarted, ev.Recovered, ev.Rebalanced)):
+                if isinstance(e, (ev.RecoveryStarted, ev.Recovered, ev.SpreadBack,
+                                  ev.Rebalanced)):
                     err_console.print(ev.describe(e), soft_wrap=True, highlight=False)
 
             master.bus.subscribe(on_event)
@@ -384,7 +385,12 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, devic
         stage["workers"] = at_once
     summary["recoveries"] = [
         {"lost": list(r.lost), "detected_s": r.detected_s, "recovered_s": r.recovered_s,
-         "replayed": r.replayed, "stages": list(r.assignment)} for r in recoveries]
+         "replayed": r.replayed, "stages": list(r.assignment)} for r in recoveries
+        if isinstance(r, ev.Recovered)]
+    # after a recovery, the nodes that joined again and the nodes it spread back over
+    summary["spread_back"] = [{"joined": list(r.joined), "replayed": r.replayed,
+                               "stages": list(r.assignment)} for r in recoveries
+                              if isinstance(r, ev.SpreadBack)]
     summary["rebalances"] = [
         {"measured_s": list(r.measured_s), "before": list(r.before), "after": list(r.after),
          "predicted_s": r.predicted_s, "replayed": r.replayed} for r in rebalances]
@@ -426,7 +432,7 @@ def _summary(state: ClusterState, wall: float, count: int) -> dict[str, Any]:
             "latency_s": state.latency(state.clock or 0.0), "stages": stages}
 
 
-_LINKS = {"ipc": "a socket on its host", "tcp": "TCP"}
+_LINKS = {"ipc": "its host (socket, shared memory)", "tcp": "TCP"}
 
 
 def _render_run(summary: dict[str, Any]) -> None:
@@ -458,6 +464,9 @@ def _render_run(summary: dict[str, Any]) -> None:
         console.print(f"recovered from losing {', '.join(r['lost'])}: {detected}serving again "
                       f"{r['recovered_s']:.2f} s later on {len(r['stages'])} stages, "
                       f"{r['replayed']} requests replayed")
+    for r in summary.get("spread_back", []):
+        console.print(f"spread back over {len(r['stages'])} nodes once {', '.join(r['joined'])} "
+                      f"joined, {r['replayed']} requests replayed")
     if summary["check"] is not None:
         c = summary["check"]
         from periphery_core.partition.verify import ATOL, RTOL

@@ -202,6 +202,18 @@ class Recovered:
 
 
 @dataclass(frozen=True, slots=True)
+class SpreadBack:
+    """A node joined while a recovery had left the pipeline on fewer nodes than its deploy
+    asked for (a lost node back, or its process restarted), and the pipeline spread back over
+    them, losing no request. `joined` names the nodes it now runs on that it did not."""
+
+    joined: tuple[str, ...]
+    assignment: tuple[str, ...]
+    replayed: int
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
 class Rebalanced:
     """The pipeline moved its cuts toward balance on measured stage compute (cluster.rebalance),
     losing no request.
@@ -241,6 +253,7 @@ Event: TypeAlias = (
     | RequestFailed
     | RecoveryStarted
     | Recovered
+    | SpreadBack
     | Rebalanced
     | RecoveryFailed
 )
@@ -259,6 +272,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     RequestFailed,
     RecoveryStarted,
     Recovered,
+    SpreadBack,
     Rebalanced,
     RecoveryFailed,
 )
@@ -445,6 +459,10 @@ def describe(event: Event, name: Callable[[str], str] = str) -> str:
             detected = "" if event.detected_s is None else f"detected in {event.detected_s:.2f} s, "
             return (f"recovered: {detected}serving again after {event.recovered_s:.2f} s on "
                     f"{len(event.assignment)} stages ({', '.join(event.assignment)}), "
+                    f"{event.replayed} requests replayed")
+        case SpreadBack():
+            return (f"spread back: {', '.join(event.joined)} joined; serving again on "
+                    f"{len(event.assignment)} nodes ({', '.join(event.assignment)}), "
                     f"{event.replayed} requests replayed")
         case Rebalanced():
             measured = ", ".join(f"S{i} {m * 1000:.1f} ms" for i, m in enumerate(event.measured_s))

@@ -110,33 +110,35 @@ class LocalCluster:
             self.keys_dir = Path(tempfile.mkdtemp(prefix="periphery-keys-"))
             init_cluster_keys(self.keys_dir, ["master"], [f"local{i}" for i in range(self.n)])
             self.master_keys = load_keyring(self.keys_dir / "master")
+        for i in range(self.n):
+            procs.append(self._spawn(i, port=0))
+
+    def _spawn(self, i: int, port: int) -> subprocess.Popen:
+        """Start node i's process (port 0: any free port)."""
         on_main_thread = threading.current_thread() is threading.main_thread()
         env = {**os.environ, "PYTHONUNBUFFERED": "1",
                "PERIPHERY_NODE_PDEATHSIG": "1" if on_main_thread else "0"}
-        for i in range(self.n):
-            cmd = [sys.executable, "-m", "periphery_core.cli.node", "--name", f"local{i}",
-                   "--host", "127.0.0.1", "--port", "0", "--threads", str(self.threads),
-                   "--device", self.device,
-                   "--parent-pid", str(os.getpid())]
-            if self.keys_dir is not None:
-                cmd += ["--keys", str(self.keys_dir / f"local{i}")]
-            else:
-                cmd.append("--insecure")
-            if not self.recalibrate:
-                cmd.append("--no-recalibrate")
-            if self.workers:
-                cmd += ["--workers", str(self.workers)]
-            if self.advertise:
-                cmd += ["--mdns-interface", "127.0.0.1"]
-            else:
-                cmd.append("--no-advertise")
-            if self.log_dir is None:
-                procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE,
-                                              stderr=subprocess.DEVNULL, text=True, env=env))
-            else:
-                with open(self.log_dir / f"node{i}.log", "w") as log:  # the node keeps its copy
-                    procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log,
-                                                  text=True, env=env))
+        cmd = [sys.executable, "-m", "periphery_core.cli.node", "--name", f"local{i}",
+               "--host", "127.0.0.1", "--port", str(port), "--threads", str(self.threads),
+               "--device", self.device, "--parent-pid", str(os.getpid())]
+        if self.keys_dir is not None:
+            cmd += ["--keys", str(self.keys_dir / f"local{i}")]
+        else:
+            cmd.append("--insecure")
+        if not self.recalibrate:
+            cmd.append("--no-recalibrate")
+        if self.workers:
+            cmd += ["--workers", str(self.workers)]
+        if self.advertise:
+            cmd += ["--mdns-interface", "127.0.0.1"]
+        else:
+            cmd.append("--no-advertise")
+        if self.log_dir is None:
+            return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                    text=True, env=env)
+        # the node keeps its copy of the file; a restarted node's lines follow its first's
+        with open(self.log_dir / f"node{i}.log", "a" if port else "w") as log:
+            return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
 
     def _await_ready(self, i: int, proc: subprocess.Popen) -> LocalNode:
         line: list[str] = []
@@ -168,6 +170,32 @@ class LocalCluster:
         """SIGKILL node i (for failure tests)."""
         self.nodes[i].process.kill()
 
+    def restart(self, i: int) -> NodeAddress:
+        """Start node i again at its address (killing it first if it still runs), as a service
+        manager restarts a node that died: a new process, so a new node id, with the same
+        name, port and keys. Returns its new address once it listens."""
+        old = self.nodes[i]
+        if old.process.poll() is None:
+            old.process.kill()
+        old.process.wait()
+        if old.process.stdout is not None:
+            old.process.stdout.close()
+        self._remove_state(old)
+        proc = self._spawn(i, port=old.address.port)
+        try:
+            self.nodes[i] = self._await_ready(i, proc)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        return self.nodes[i].address
+
+    @staticmethod
+    def _remove_state(node: LocalNode) -> None:
+        # A node removes its own folder as it stops; one that was killed could not.
+        if node.state_dir is not None and node.state_dir.name.startswith("periphery-node-"):
+            shutil.rmtree(node.state_dir, ignore_errors=True)
+
     def stop(self, timeout: float = 5.0) -> None:
         for node in self.nodes:
             if node.process.poll() is None:
@@ -181,9 +209,7 @@ class LocalCluster:
                 node.process.wait()
             if node.process.stdout is not None:
                 node.process.stdout.close()
-            # A node removes its own folder as it stops; one that was killed could not.
-            if node.state_dir is not None and node.state_dir.name.startswith("periphery-node-"):
-                shutil.rmtree(node.state_dir, ignore_errors=True)
+            self._remove_state(node)
         self.nodes = []
         self._remove_keys()
 

@@ -21,7 +21,7 @@ recently (a node that stopped answering a moment ago is not chosen even before i
 declared). A plan given from a file is re-planned onto the survivors on a loss, and the
 `Recovered` event says so. When a node joins while a recovery has left the pipeline on fewer
 nodes than its deploy asked for (a lost node back, or its process restarted), the same recipe
-spreads it back over them.
+spreads it back over them (`SpreadBack`).
 """
 
 from __future__ import annotations
@@ -390,8 +390,13 @@ class Pipeline:
             self.master.hold()
             try:
                 plan = self._deploy_now(candidates, None)
-                self.master.replay()
+                replayed = self.master.replay()
                 log.info("spread back over %d nodes: %s", len(self.assignment), plan.shape)
+                self.master.bus.publish(ev.SpreadBack(
+                    t=time.time(), joined=tuple(self._name(n) for n in self.assignment
+                                                if n not in before),
+                    assignment=tuple(self._name(n) for n in self.assignment),
+                    replayed=replayed))
             except ClusterError as exc:  # back onto the nodes it ran on (a loss: recovery's)
                 log.warning("could not spread back over %d nodes: %s", len(candidates),
                             exc.message)

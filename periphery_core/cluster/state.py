@@ -12,12 +12,11 @@ is "busy" while a request through its stage completed within `BUSY_S` of that cl
 that want the view at their own wall-clock time pass `now` (`ClusterState.node_state(id, now)`,
 `ClusterState.latency(now)`, `ClusterState.throughput(now)`).
 
-Shape: one small function per event type (`_on_*`, in the spirit of exo's `apply_*`), found
-in one table, `_RULES`, keyed by the event's type. A rule may also carry an order check that
-says why an event cannot follow the state so far; such an event is ignored, with that reason in
-the log, and the fold stays total (see `apply`). The parts common to every event (the clock,
-busy nodes settling back to ready, the log) are `apply`'s own. The records a state is made of
-are in `periphery_core.cluster.views`.
+Shape: one small function per event type (`_on_*`), in one table, `_RULES`, keyed by type. A
+rule may also carry an order check that says why an event cannot follow the state so far; such
+an event is ignored, with that reason in the log, and the fold stays total (see `apply`). The
+parts common to every event (the clock, busy nodes settling back to ready, the log) are
+`apply`'s own. The records a state is made of are in `periphery_core.cluster.views`.
 
 Cost: a completed request is the hot event (one per request). It rebuilds the state record
 (twice: its own function's change, then the clock), adds to the latency window and stage
@@ -50,6 +49,7 @@ from periphery_core.cluster.events import (
     RequestCompleted,
     RequestFailed,
     ShardProgress,
+    SpreadBack,
     StageReady,
     describe,
 )
@@ -411,6 +411,7 @@ _RULES: dict[type, _Rule] = {
     RequestFailed: _Rule(_on_request_failed),
     RecoveryStarted: _Rule(_on_recovery_started),
     Recovered: _Rule(_on_recovered),
+    SpreadBack: _Rule(lambda state, event: state),  # its deploy's events move the stages
     Rebalanced: _Rule(_on_rebalanced),
     RecoveryFailed: _Rule(_on_recovery_failed),
 }
@@ -431,9 +432,9 @@ def apply(state: ClusterState, event: Event) -> ClusterState:
     deploy "failed". `DeployFinished` ends the deploy and records its links. `RequestCompleted`
     counts the request, records its latency and stage timings and makes the nodes of its
     stages "busy" for `BUSY_S`. `RequestFailed` counts a failure. `RecoveryStarted` sets
-    `recovering`; `Recovered` clears it and counts the recovery; `Rebalanced` counts a move of
-    the cuts; `RecoveryFailed` clears it and marks the deploy "failed". Events about unknown
-    nodes change no node.
+    `recovering`; `Recovered` clears it and counts the recovery; `SpreadBack` is only logged
+    (its deploy's events move the stages); `Rebalanced` counts a move of the cuts;
+    `RecoveryFailed` clears it and marks the deploy "failed". Unknown nodes change no node.
 
     Order: the fold is total, so a live view never crashes on an odd event; an event that
     cannot follow the state so far changes nothing but the log, where it is "ignored" with the

@@ -27,7 +27,7 @@ from periphery_core.partition.verify import bit_identical
 from periphery_core.runtime.chain import LocalChain
 from periphery_core.runtime.feeds import random_feeds
 from periphery_core.runtime.session import SessionConfig
-from periphery_core.wire import decode, encode
+from periphery_core.wire import PROTOCOL_VERSION, decode, encode
 from periphery_core.wire.codec import Frame
 from tests.conftest import ROOT, corpus_models, load_analyzed, require_shared
 from tests.waiting import wait_for
@@ -374,7 +374,7 @@ def test_ten_thousand_hostile_messages_leave_the_node_serving_with_bounded_memor
         if kind == 2:  # oversized frame
             return [head, bytes(good[1]) + rng.bytes(16)]
         if kind == 3:  # huge declared size, tiny frame
-            h = msgpack.packb({"v": 1, "kind": "activation", "id": i, "times": [],
+            h = msgpack.packb({"v": PROTOCOL_VERSION, "kind": "activation", "id": i, "times": [],
                                "tensors": [["image", "float32", [1 << 20, 1 << 20]]]})
             return [h, b"\0" * 8]
         if kind == 4:  # bad version
@@ -385,7 +385,8 @@ def test_ten_thousand_hostile_messages_leave_the_node_serving_with_bounded_memor
         if kind == 6:  # wrong shape
             return encode("activation", {"id": 10**9 + i, "times": []},
                           {"image": np.zeros((1, 3, 7, 7), np.float32)})
-        return [msgpack.packb({"v": 1, "kind": "deploy_end", "sha256": "x"})]  # wrong socket
+        # a control message, on the data socket
+        return [msgpack.packb({"v": PROTOCOL_VERSION, "kind": "deploy_end", "sha256": "x"})]
 
     data = _socket(local, zmq.PUSH, target, data=True)
     data.setsockopt(zmq.SNDHWM, 100000)

@@ -32,7 +32,7 @@ from periphery_core.discovery import NodeAddress
 from periphery_core.errors import ClusterError
 from periphery_core.runtime.chain import LocalChain
 from periphery_core.runtime.session import SessionConfig
-from periphery_core.wire import KINDS, Message, WireError, decode, encode
+from periphery_core.wire import KINDS, PROTOCOL_VERSION, Message, WireError, decode, encode
 from tests.models import mlp
 from tests.waiting import wait_for
 
@@ -73,7 +73,7 @@ WRONG_TYPE = {"int": "1", "number": "1.0", "str": 1, "bool": 1, "list": "[]"}
 
 
 def _frames(kind: str, fields: dict[str, Any]) -> list[bytes]:
-    return [msgpack.packb({"v": 1, "kind": kind, **fields})]
+    return [msgpack.packb({"v": PROTOCOL_VERSION, "kind": kind, **fields})]
 
 
 def test_every_kind_has_a_valid_example_that_decodes() -> None:
@@ -192,7 +192,7 @@ def _deploy_begin(live: LiveNode, **fields: Any) -> list[Any]:
 def test_a_tensor_with_an_empty_dim_and_huge_others_is_rejected_and_the_node_computes_on(
         node: LiveNode) -> None:
     # One dim 0 makes 0 bytes, so no size limit tripped, yet numpy cannot make the array.
-    header = msgpack.packb({"v": 1, "kind": "activation", "id": 10**6, "times": [],
+    header = msgpack.packb({"v": PROTOCOL_VERSION, "kind": "activation", "id": 10**6, "times": [],
                             "tensors": [["x", "float32", [0, 2**39, 2**39]]]})
     data = node.socket(zmq.PUSH, data=True)
     control = node.socket(zmq.DEALER)
@@ -224,8 +224,9 @@ def test_shared_memory_a_peer_may_not_name_is_rejected_and_the_node_computes_on(
     near.connect(node.handle.data_ipc)
 
     def naming(desc: list[int]) -> bytes:
-        return msgpack.packb({"v": 1, "kind": "activation", "id": 10**6 + desc[1], "times": [],
-                              "shm": desc, "tensors": [["x", "float32", [1, 32]]]})
+        return msgpack.packb({"v": PROTOCOL_VERSION, "kind": "activation",
+                              "id": 10**6 + desc[1], "times": [], "shm": desc,
+                              "tensors": [["x", "float32", [1, 32]]]})
 
     try:
         far.send(naming([pid, 3, 1]))
@@ -414,15 +415,16 @@ def _hostile(rng: np.random.Generator, i: int) -> list[bytes]:
     if pick == 5:  # random bytes, in random frames
         return [rng.bytes(int(rng.integers(0, 300))) for _ in range(int(rng.integers(1, 4)))]
     if pick == 6:  # a tensor with an empty dim and huge others, in a control message
-        return [msgpack.packb({"v": 1, "kind": "stats", **EVIL_STATS,
+        return [msgpack.packb({"v": PROTOCOL_VERSION, "kind": "stats", **EVIL_STATS,
                                "tensors": [["x", "float32", [0, 2**39, 2**39]]]}), b""]
     if pick == 7:  # nested too deep to unpack, or a header over the limit
         return [b"\x91" * 5000 + b"\xc0"] if i // 10 % 2 else [
-            msgpack.packb({"v": 1, "kind": "error", "reason": "x" * (70 << 10)})]
+            msgpack.packb({"v": PROTOCOL_VERSION, "kind": "error", "reason": "x" * (70 << 10)})]
     if pick == 8:  # not a message a node sends, or not a kind at all
         return _frames(("deploy_begin", "activation", "hello", "explode")[i // 10 % 4],
                        {"id": 1, "times": []})
-    return [msgpack.packb({"v": 2, **FAKE_INFO, "kind": "info"})]  # another protocol version
+    # a newer release's answer
+    return [msgpack.packb({"v": PROTOCOL_VERSION + 1, **FAKE_INFO, "kind": "info"})]
 
 
 class FakeNode:
@@ -457,12 +459,13 @@ class FakeNode:
                     continue
                 ident, *frames = self.sock.recv_multipart()
                 msg = decode(frames)
+                if msg.kind == "hello":  # its answer first: a master that waits for it takes
+                    # a message of another version for a node of another release, and gives up
+                    self.sock.send_multipart([ident, *encode("info", FAKE_INFO)])
                 for _ in range(min(self.burst, self.total - self.sent)):
                     self.sock.send_multipart([ident, *_hostile(self.rng, self.sent)])
                     self.sent += 1
-                if msg.kind == "hello":
-                    self.sock.send_multipart([ident, *encode("info", FAKE_INFO)])
-                elif msg.kind == "ping":
+                if msg.kind == "ping":
                     self.sock.send_multipart([ident, *encode("pong", {"t": msg.fields["t"]})])
                     # a valid report after each burst: proof that the burst was read past
                     cpu = float(len(self.stats_sent))

@@ -190,3 +190,51 @@ def test_run_with_no_node_left_is_one_clear_line(tmp_path: Path) -> None:
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("error:") and "no node is left" in last, err
+
+
+# A node of another release: the node's own code, speaking wire protocol 1 (before same-host
+# shared memory), as an older `pip install periphery` on that host would.
+_OLD_NODE = ("import sys, periphery_core.wire.codec as codec; codec.PROTOCOL_VERSION = 1; "
+             "from periphery_core.cli.node import main; sys.exit(main())")
+
+
+def test_a_node_of_another_release_is_named_in_one_line_at_once(tmp_path: Path) -> None:
+    """`cluster ls` and `run` against a node that speaks another protocol version say so, and
+    what to do, as soon as it answers (before, they waited out the timeout and blamed the
+    network or the keys)."""
+    port = _free_port()
+    node = subprocess.Popen([sys.executable, "-c", _OLD_NODE, "--name", "old", "--host",
+                             "127.0.0.1", "--port", str(port), "--insecure", "--no-advertise",
+                             "--threads", "1", "--no-recalibrate"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=ENV, cwd=tmp_path)
+    try:
+        assert node.stdout is not None and "ready" in node.stdout.readline()
+        want = (f"node 127.0.0.1:{port} speaks wire protocol 1 and this master 2: install the "
+                "same Periphery release on both")
+        t0 = time.monotonic()
+        ls = subprocess.run(_cli("cluster", "ls", "--peer", f"127.0.0.1:{port}", "--no-mdns",
+                                 "--insecure", "--json"), capture_output=True, text=True,
+                            env=ENV, cwd=tmp_path, timeout=60)
+        ls_s = time.monotonic() - t0
+        assert ls.returncode == 0, ls.stderr
+        (row,) = json.loads(ls.stdout)
+        assert row["error"].startswith(want), row
+        model = save_mlp(tmp_path / "mlp.onnx")
+        plan = tmp_path / "plan.json"
+        subprocess.run(_cli("plan", model, "--shards", 1, "-o", plan), check=True, env=ENV,
+                       capture_output=True, cwd=tmp_path)
+        run = subprocess.run(_cli("run", model, "--plan", plan, "--peer", f"127.0.0.1:{port}",
+                                  "--no-mdns", "--insecure", "--requests", 4),
+                             capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=60)
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+        assert want in run.stderr and run.stderr.strip().splitlines()[-1].startswith("error:")
+        assert ls_s < 5, f"cluster ls took {ls_s:.1f} s"  # it waited 5 s for an answer before
+        print(f"\ncluster ls named the other release in {ls_s:.1f} s: {row['error']}")
+    finally:
+        node.terminate()
+        try:
+            node.wait(10)
+        except subprocess.TimeoutExpired:
+            node.kill()
+            node.wait()

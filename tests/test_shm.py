@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import zmq
 
-from periphery_core.wire import WireError, decode, encode
+from periphery_core.wire import PROTOCOL_VERSION, WireError, decode, encode
 from periphery_core.wire.shm import MIN_BYTES, SLOTS, ShmReader, ShmWriter
 
 BIG = np.arange(MIN_BYTES // 4 * 3, dtype=np.float32).reshape(3, -1)  # 192 KiB
@@ -134,7 +134,7 @@ def _send_naming(endpoint: str, desc: list[int], done: mp.Queue) -> None:  # typ
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PUSH)
     sock.connect(endpoint)
-    header = {"v": 1, "kind": "activation", "id": 1, "times": [], "shm": desc,
+    header = {"v": PROTOCOL_VERSION, "kind": "activation", "id": 1, "times": [], "shm": desc,
               "tensors": [["a", "float32", [4]]]}
     sock.send(msgpack.packb(header))
     done.get(timeout=30)  # alive (its fds open) until the receiver has looked

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from periphery_core.wire import PROTOCOL_VERSION, Limits, WireError, decode, encode
+from periphery_core.wire.codec import VersionMismatch
 from periphery_core.wire.protocol import DTYPES
 
 dtypes = st.sampled_from(sorted(DTYPES))
@@ -102,6 +103,18 @@ BAD = {
 def test_malformed_messages_are_rejected(name: str) -> None:
     with pytest.raises(WireError):
         decode(BAD[name])
+
+
+@pytest.mark.parametrize("version", [PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1, "2", None])
+def test_another_protocol_version_is_told_apart_from_garbage(version: object) -> None:
+    """A peer of another release: the error says which version it spoke (the master names it
+    to the user), whatever else its message holds."""
+    with pytest.raises(VersionMismatch) as caught:
+        decode([msgpack.packb({"v": version, "kind": "info", "anything": 1})])
+    assert caught.value.version == version
+    with pytest.raises(WireError) as other:
+        decode(BAD["unknown kind"])
+    assert not isinstance(other.value, VersionMismatch)
 
 
 def test_limits_are_enforced_before_allocation() -> None:

@@ -1,23 +1,27 @@
 """What the master knows of each node, and the two views of it others read.
 
-A `NodeHandle` is written by the master's control thread alone (from the node's hello, pongs
-and stats); other threads read it. Two things are derived from it, each in one place: the
-`NodeJoined` event (for a node's first hello and for a lost node that answers again) and the
-planner's `DeviceSpec`, whose speed is the measured one only where `speeds.planning_speeds`
-trusts the measurements: a planner fed noise plans worse than one that assumes equal nodes.
+A `NodeHandle` is written by the master's control thread alone (from the node's answer to
+hello, its pongs and stats, and its control connection's monitor); other threads read it. Two
+things are derived from it, each in one place: the `NodeJoined` event (for a node's first
+hello and for a lost node that answers again) and the planner's `DeviceSpec`, whose speed is
+the measured one only where `speeds.planning_speeds` trusts the measurements: a planner fed
+noise plans worse than one that assumes equal nodes.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
 from periphery_core.cluster import events as ev
-from periphery_core.cluster.speeds import NodeSpeed, planning_speeds
+from periphery_core.cluster.speeds import NodeSpeed, parse_speed, planning_speeds
 from periphery_core.cluster.views import NodeView
 from periphery_core.discovery import NodeAddress
 from periphery_core.partition.plan import DEFAULT_BANDWIDTH, DeviceSpec
@@ -62,6 +66,36 @@ class NodeHandle:
     socket: Any = None
     monitor: Any = None  # the socket's monitor: its connection closing and coming back
     waiters: dict[str, list[Future]] = field(default_factory=dict)
+
+    def take_info(self, f: Mapping[str, Any]) -> None:
+        """What the node's `info` (its answer to hello) says of it; `decode` has checked the
+        type and range of every field read here (wire/protocol.py)."""
+        self.node_id, self.name = str(f["node"]), str(f.get("name", f["node"]))
+        self.device, self.data_endpoint = str(f["device"]), str(f["data"])
+        self.cores, self.memory = int(f["cores"]), int(f["memory"])
+        self.free_memory = int(f.get("free", 0) or 0)
+        held = (f.get("stage"), f.get("sha256"))
+        self.holds = (int(held[0]), str(held[1]), bool(f.get("exact", True))) \
+            if isinstance(held[0], int) and held[0] >= 0 and held[1] else None
+        self.master_silent_s = float(f.get("master_silent_s", 0.0) or 0.0)
+        self.data_ipc, self.host = str(f.get("ipc") or ""), str(f.get("host") or "")
+        self.workers = int(f.get("workers", 1) or 1)
+        self.speed = parse_speed(f.get("speed"))
+        self.lost = False
+
+    def link_events(self, monitor: zmq.Socket) -> None:
+        """Note when the node's control connection closed, and when it is back (what its
+        socket's monitor holds)."""
+        while True:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                if self.gone_since is None:
+                    self.gone_since = time.time()
+            elif event["event"] == zmq.EVENT_CONNECTED:
+                self.gone_since = None
 
     def joined(self) -> ev.NodeJoined:
         """The event that says this node is connected and usable, as it is now."""

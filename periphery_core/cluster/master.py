@@ -135,7 +135,8 @@ class Master:
         """Say hello to a node, wait for its description and measure the link to it.
 
         Raises:
-            ClusterError: the node does not answer in time.
+            ClusterError: the node does not answer in time, or answers in another protocol
+                version (another Periphery release).
         """
         self._check_alive()
         return self._control.connect(address, timeout)

@@ -29,8 +29,8 @@ from concurrent.futures import Future
 from typing import Any
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
+from periphery_core import __version__
 from periphery_core.cluster import events as ev
 from periphery_core.cluster.bus import EventBus
 from periphery_core.cluster.futures import settle
@@ -40,7 +40,8 @@ from periphery_core.cluster.speeds import parse_speed
 from periphery_core.cluster.waker import Waker
 from periphery_core.discovery import NodeAddress
 from periphery_core.errors import ClusterError
-from periphery_core.wire import Limits, Message, WireError, decode, encode
+from periphery_core.wire import PROTOCOL_VERSION, Limits, Message, WireError, decode, encode
+from periphery_core.wire.codec import VersionMismatch
 
 log = logging.getLogger("periphery.master")
 
@@ -167,6 +168,9 @@ class Control:
         self.put(start)
         try:
             handle: NodeHandle = reply.result(timeout=timeout)
+        except ClusterError:  # it answered in another protocol version
+            self.put(lambda: forget_others(None))
+            raise
         except TimeoutError:
             self.put(lambda: forget_others(None))
             hint = (" and that its keys allow this master" if self.guard.secure
@@ -266,7 +270,7 @@ class Control:
             if handle is not None:
                 self._read(sock, handle)
             elif (handle := self._monitors.get(sock)) is not None:
-                self._link_events(sock, handle)
+                handle.link_events(sock)
         now = time.time()
         for handle in list(self._handles_by_socket.values()):
             if handle.gone_since is not None and handle.node_id and not handle.lost \
@@ -292,11 +296,23 @@ class Control:
             except WireError as exc:  # rejected whole: nothing of it is kept
                 log.warning("rejected message from node %s: %s",
                             handle.name or handle.address.host, exc)
+                if isinstance(exc, VersionMismatch):  # its answer to hello, say: say why
+                    self._mismatched(handle, exc)
                 continue
             try:
                 self._on_message(handle, msg)
             except Exception:  # a bug with one message: drop it, read the next
                 log.exception("message from node %s dropped", handle.name)
+
+    @staticmethod
+    def _mismatched(handle: NodeHandle, exc: VersionMismatch) -> None:
+        """Fail whoever waits to connect to a node that speaks another protocol version."""
+        error = ClusterError(
+            f"node {handle.address.host}:{handle.address.port} speaks wire protocol "
+            f"{exc.version!s:.20} and this master {PROTOCOL_VERSION}: install the same "
+            f"Periphery release on both (this one is {__version__})")
+        for f in handle.waiters.pop("info", []):
+            settle(f, error)
 
     def _heartbeat(self, now: float) -> None:
         for handle in list(self._handles_by_socket.values()):
@@ -339,20 +355,6 @@ class Control:
 
         threading.Thread(target=join, name="master-rejoin", daemon=True).start()
 
-    @staticmethod
-    def _link_events(monitor: zmq.Socket, handle: NodeHandle) -> None:
-        """Note when a node's control connection closed, and when it is back."""
-        while True:
-            try:
-                event = recv_monitor_message(monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if event["event"] == zmq.EVENT_DISCONNECTED:
-                if handle.gone_since is None:
-                    handle.gone_since = time.time()
-            elif event["event"] == zmq.EVENT_CONNECTED:
-                handle.gone_since = None
-
     def _resolve(self, handle: NodeHandle, kind: str, value: Any) -> bool:
         waiters = handle.waiters.get(kind)
         while waiters and waiters[0].done():  # shared by several candidate connections
@@ -382,19 +384,7 @@ class Control:
             log.info("node %s is back", handle.name)
             self.bus.publish(handle.joined())
         if msg.kind == "info":
-            handle.node_id, handle.name = str(f["node"]), str(f.get("name", f["node"]))
-            handle.device, handle.data_endpoint = str(f["device"]), str(f["data"])
-            handle.cores, handle.memory = int(f["cores"]), int(f["memory"])
-            handle.free_memory = int(f.get("free", 0) or 0)
-            held = (f.get("stage"), f.get("sha256"))
-            handle.holds = (int(held[0]), str(held[1]), bool(f.get("exact", True))) \
-                if isinstance(held[0], int) and held[0] >= 0 and held[1] else None
-            handle.master_silent_s = float(f.get("master_silent_s", 0.0) or 0.0)
-            handle.data_ipc, handle.host = str(f.get("ipc") or ""), str(f.get("host") or "")
-            handle.workers = int(f.get("workers", 1) or 1)
-            handle.speed = parse_speed(f.get("speed"))
-            if handle.lost:
-                handle.lost = False
+            handle.take_info(f)
             self.nodes[handle.node_id] = handle
             self._resolve(handle, "info", handle)
         elif msg.kind == "pong":

@@ -18,7 +18,8 @@ from typing import Any
 import zmq
 
 from periphery_core.cluster.waker import Waker
-from periphery_core.wire import Limits, Message, WireError, decode, encode
+from periphery_core.wire import PROTOCOL_VERSION, Limits, Message, WireError, decode, encode
+from periphery_core.wire.codec import VersionMismatch
 
 log = logging.getLogger("periphery.node")
 
@@ -97,7 +98,12 @@ class ControlChannel:
                 self._handle(ident, decode(frames, self._limits))  # checks every field
             except WireError as exc:
                 self.rejected += 1
-                log.warning("rejected control message: %s", exc)
+                if isinstance(exc, VersionMismatch):
+                    log.warning("a master of another Periphery release (wire protocol %.20s; "
+                                "this node speaks %d) sent a message: install the same release "
+                                "on both", exc.version, PROTOCOL_VERSION)
+                else:
+                    log.warning("rejected control message: %s", exc)
                 self.reply(ident, "error", {"reason": f"rejected: {exc}"})
             except Exception as exc:  # a bug with one message: drop it, say so, keep serving
                 self.rejected += 1

@@ -32,6 +32,15 @@ class WireError(Exception):
     """A message that does not parse or breaks the protocol. Log it, drop it, keep serving."""
 
 
+class VersionMismatch(WireError):
+    """A message of another protocol version (a peer of another Periphery release): its
+    `version` as the header gave it."""
+
+    def __init__(self, version: object) -> None:
+        super().__init__(f"protocol version {version!r:.20} is not {PROTOCOL_VERSION}")
+        self.version = version
+
+
 class ShmRefused(WireError):
     """A well-formed message whose tensors lie in shared memory this receiver may not or
     cannot read: its checked header `fields` name the request, to fail it rather than drop
@@ -151,7 +160,7 @@ def _decode(frames: Sequence[Any], limits: Limits, shm: ShmReader | None) -> Mes
         raise WireError("header is not a map")
     version = header.get("v")
     if version != PROTOCOL_VERSION:
-        raise WireError(f"protocol version {version!r:.20} is not {PROTOCOL_VERSION}")
+        raise VersionMismatch(version)
     kind = header.get("kind")
     if not isinstance(kind, str) or kind not in KINDS:
         raise WireError(f"unknown message kind {kind!r:.60}")

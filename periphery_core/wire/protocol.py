@@ -12,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
-PROTOCOL_VERSION = 1
+# 2: a message over a same-host link may carry its tensors in the sender's shared memory (its
+# "shm" field names the slot), which a receiver of version 1 would take for missing frames.
+PROTOCOL_VERSION = 2
 MAX_WORKERS = 256  # the most requests a node may say it computes at once
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1

@@ -18,7 +18,7 @@ import pytest
 import zmq
 
 from periphery_core.wire import PROTOCOL_VERSION, WireError, decode, encode
-from periphery_core.wire.shm import MIN_BYTES, SLOTS, ShmReader, ShmWriter
+from periphery_core.wire.shm import MIN_BYTES, SLOTS, ShmReader, ShmWriter, layout
 
 BIG = np.arange(MIN_BYTES // 4 * 3, dtype=np.float32).reshape(3, -1)  # 192 KiB
 SMALL = np.arange(16, dtype=np.int64)
@@ -104,6 +104,30 @@ def test_small_tensors_and_a_sender_out_of_slots_use_frames(writer: ShmWriter) -
     frames = encode("activation", {"id": 99, "times": []}, {"a": BIG}, shm=writer)
     assert len(frames) == 2
     np.testing.assert_array_equal(decode(frames).tensors["a"], BIG)
+
+
+def test_a_senders_slots_stay_within_its_budget_and_frames_carry_the_rest(link: Link) -> None:
+    """Slots are made and grown only while their sizes together stay within the budget (the
+    memory a link may pin); past it, the bytes travel in frames."""
+    need = layout([BIG.nbytes])[1]
+    writer = ShmWriter(budget=3 * need)
+    reader = ShmReader()
+    try:
+        held = [encode("activation", {"id": i, "times": []}, {"a": BIG}, shm=writer)
+                for i in range(3)]
+        assert all(len(f) == 1 for f in held)  # three slots fit
+        over = encode("activation", {"id": 3, "times": []}, {"a": BIG}, shm=writer)
+        assert len(over) == 2  # a fourth would pass the budget, slots to spare or not
+        np.testing.assert_array_equal(decode(over).tensors["a"], BIG)
+        link.near.send_multipart(held[0], copy=False)
+        msg = decode(link.recv(), shm=reader)
+        msg.release()  # one slot free again, of BIG's size
+        bigger = np.tile(BIG, (2, 1))
+        frames = encode("activation", {"id": 4, "times": []}, {"a": bigger}, shm=writer)
+        assert len(frames) == 2  # growing it would pass the budget too
+        assert len(encode("activation", {"id": 5, "times": []}, {"a": BIG}, shm=writer)) == 1
+    finally:
+        writer.close()
 
 
 def test_a_slot_grows_for_a_bigger_message_and_the_receiver_maps_it_again(

@@ -39,6 +39,9 @@ import numpy as np
 
 MIN_BYTES = 64 * 1024  # tensors of a message under this travel in frames
 SLOTS = 8  # slots a sender keeps per link (more messages in flight go in frames)
+# The most a sender's slots on one link hold, together: past it, messages go in frames (the
+# memory a long prompt's activations would otherwise pin, eight times over, on every link).
+BUDGET = 256 << 20
 HEADER = 64  # bytes before the first tensor; the state byte is the first
 ALIGN = 64
 FREE, BUSY = 0, 1
@@ -103,9 +106,10 @@ class _Slot:
 class ShmWriter:
     """A sender's slots on one link (one thread at a time, as the link's socket)."""
 
-    def __init__(self, slots: int = SLOTS) -> None:
+    def __init__(self, slots: int = SLOTS, budget: int = BUDGET) -> None:
         self._slots: list[_Slot] = []
         self._most = slots if readable_by_peers() else 0
+        self._budget = budget
 
     def put(self, arrays: Sequence[np.ndarray]) -> list[int] | None:
         """Copy C-contiguous `arrays` into a free slot and mark it busy: the descriptor a
@@ -116,8 +120,9 @@ class ShmWriter:
             return None
         offsets, need = layout(sizes)
         slot = next((s for s in self._slots if s.map is not None and s.map[0] == FREE), None)
+        held = sum(s.size for s in self._slots)
         if slot is None:
-            if len(self._slots) >= self._most:
+            if len(self._slots) >= self._most or held + need > self._budget:
                 return None
             try:
                 slot = _Slot(need)
@@ -126,6 +131,8 @@ class ShmWriter:
                 return None
             self._slots.append(slot)
         elif slot.size < need:
+            if held - slot.size + max(need, 2 * slot.size) > self._budget:
+                return None
             try:
                 slot.grow(need)
             except OSError:  # (out of memory for it: this one in frames)

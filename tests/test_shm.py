@@ -18,6 +18,7 @@ import pytest
 import zmq
 
 from periphery_core.wire import PROTOCOL_VERSION, WireError, decode, encode
+from periphery_core.wire.codec import ShmRefused
 from periphery_core.wire.shm import MIN_BYTES, SLOTS, ShmReader, ShmWriter, layout
 
 BIG = np.arange(MIN_BYTES // 4 * 3, dtype=np.float32).reshape(3, -1)  # 192 KiB
@@ -201,6 +202,45 @@ def test_a_process_may_name_only_a_slot_of_its_own(link: Link, tmp_path: Path, w
                 child.kill()
     finally:
         os.close(fd)
+        writer.close()
+
+
+def _send_in_a_slot_and_end(endpoint: str) -> None:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.connect(endpoint)
+    writer = ShmWriter()
+    sock.send_multipart(encode("activation", {"id": 7, "times": [], "epoch": 3}, {"a": BIG},
+                               shm=writer))
+    ctx.destroy(linger=5000)  # sent; then the process ends, and its slot with it
+
+
+def test_a_message_whose_sender_has_ended_is_told_apart_from_one_refused(link: Link) -> None:
+    """A node lost mid-stream leaves messages behind that name its slots: the receiver can no
+    longer read them, and says that its sender ended (the recovery from that loss replays the
+    request), not that the request is bad (which would fail it)."""
+    child = mp.get_context("spawn").Process(target=_send_in_a_slot_and_end,
+                                            args=(link.ipc_endpoint,))
+    child.start()
+    frames = link.recv()
+    child.join(timeout=30)
+    assert child.exitcode == 0
+    with pytest.raises(ShmRefused) as refused:
+        decode(frames, shm=ShmReader())
+    assert refused.value.sender_gone and "has ended" in str(refused.value)
+    assert refused.value.fields["id"] == 7 and refused.value.fields["epoch"] == 3
+    writer = ShmWriter()  # a live sender naming a slot that is not its own: refused as such
+    try:
+        desc = msgpack_header(encode("activation", {"id": 8, "times": []}, {"a": BIG},
+                                     shm=writer))["shm"]
+        header = {"v": PROTOCOL_VERSION, "kind": "activation", "id": 8, "times": [],
+                  "shm": [desc[0], desc[1] + 1000, desc[2]],
+                  "tensors": [["a", "float32", list(BIG.shape)]]}
+        link.near.send(msgpack.packb(header))
+        with pytest.raises(ShmRefused) as refused:
+            decode(link.recv(), shm=ShmReader())
+        assert not refused.value.sender_gone
+    finally:
         writer.close()
 
 

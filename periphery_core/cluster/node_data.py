@@ -307,6 +307,10 @@ class NodeDataPath:
         except WireError as exc:
             with self._count_lock:
                 self.rejected += 1
+            if isinstance(exc, ShmRefused) and exc.sender_gone:
+                log.info("request %s dropped: %s (its recovery replays it)",
+                         exc.fields.get("id"), exc)
+                return
             log.warning("rejected data message: %s", exc)
             if isinstance(exc, ShmRefused) and (dep := self.deployment) is not None:
                 self._refused(exc, dep)

@@ -25,7 +25,7 @@ from periphery_core.wire.protocol import (
     Field,
     Limits,
 )
-from periphery_core.wire.shm import ShmError, ShmReader, ShmWriter
+from periphery_core.wire.shm import SenderGone, ShmError, ShmReader, ShmWriter
 
 
 class WireError(Exception):
@@ -44,11 +44,13 @@ class VersionMismatch(WireError):
 class ShmRefused(WireError):
     """A well-formed message whose tensors lie in shared memory this receiver may not or
     cannot read: its checked header `fields` name the request, to fail it rather than drop
-    it."""
+    it; unless `sender_gone` (its sender's process ended since: the recovery from that loss
+    replays the request, which must not fail meanwhile)."""
 
-    def __init__(self, reason: str, fields: dict[str, Any]) -> None:
+    def __init__(self, reason: str, fields: dict[str, Any], sender_gone: bool = False) -> None:
         super().__init__(reason)
         self.fields = fields
+        self.sender_gone = sender_gone
 
 
 Frame = bytes | memoryview
@@ -226,7 +228,7 @@ def _decode(frames: Sequence[Any], limits: Limits, shm: ShmReader | None) -> Mes
         try:
             tensors, lease = shm.tensors(slot, peer, specs)
         except ShmError as exc:
-            raise ShmRefused(str(exc), header) from None
+            raise ShmRefused(str(exc), header, isinstance(exc, SenderGone)) from None
     header.pop("v", None)
     header.pop("kind", None)
     return Message(kind=kind, fields=header, tensors=tensors, payload=payload, lease=lease)

@@ -55,6 +55,11 @@ class ShmError(Exception):
     """A message names a slot this receiver may not, or cannot, read."""
 
 
+class SenderGone(ShmError):
+    """The slot's process has ended since it sent the message (a node lost mid-stream): its
+    request is not lost, the recovery from that loss replays it."""
+
+
 @functools.cache
 def readable_by_peers() -> bool:
     """Whether other processes of this user may open this process's memfds (through /proc):
@@ -213,6 +218,8 @@ class ShmReader:
                     raise ShmError("the shared-memory slot named is not one of Periphery's")
                 f = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             except OSError as exc:
+                if _ended(pid):
+                    raise SenderGone(f"its sender (process {pid}) has ended") from None
                 raise ShmError(f"cannot open the shared-memory slot: {exc.strerror}") from None
             try:
                 st = os.fstat(f)
@@ -237,7 +244,7 @@ class ShmReader:
         """Drop the mappings of senders whose process has ended: a mapping is the last hold
         on its slot's memory then (a node restarted, say, and its successor has slots of its
         own). Looked at only when a slot is mapped, which a sender's steady stream never does."""
-        ended = {pid for pid, _ in self._maps if not os.path.exists(f"/proc/{pid}")}
+        ended = {pid for pid, _ in self._maps if _ended(pid)}
         for key in [k for k in self._maps if k[0] in ended]:
             del self._maps[key]
 
@@ -245,6 +252,15 @@ class ShmReader:
         """Drop every mapping (the receiver closes); views handed out keep theirs alive."""
         with self._lock:
             self._maps.clear()
+
+
+def _ended(pid: int) -> bool:
+    """Whether a process has ended (a zombie its parent has not waited for yet included)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
 
 
 def copied(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

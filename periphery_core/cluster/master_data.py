@@ -296,10 +296,14 @@ class DataPath:
                 # Bytes each stage sent on (the last stage's to us), where the nodes said.
                 pending.future.stage_bytes = tuple(  # type: ignore[attr-defined]
                     int(t[5]) for t in msg.fields["times"] if len(t) > 5)
-                settle(pending.future, dict(msg.tensors))
+                # The event before the future: a caller woken by its result then finds this
+                # thread back in its receive, not holding the interpreter lock it needs (a
+                # second hand-off per request; 2 replicas served 1.015x, K = 2 1.007x, the
+                # medians of 8 paired turns).
                 self.bus.publish(ev.RequestCompleted(
                     t=t_done, request_id=str(rid), latency_s=t_done - pending.t_submit,
                     stages=timings))
+                settle(pending.future, dict(msg.tensors))
             else:
                 reason = str(msg.fields.get("reason", "failed"))
                 settle(pending.future, RequestFailed(reason))

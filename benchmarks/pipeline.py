@@ -20,7 +20,9 @@
    slowed by a thread that took the core meanwhile occupies the stage all the same. Master CPU
    per request is this process's CPU time (the master's threads and the loop submitting to
    it) over the timed requests: what the master takes from the cores it shares with the nodes
-   here.
+   here. CPU per request of every process (plain ONNX Runtime's, its replicas', or the master's
+   and the nodes') says where the cores went: a run that keeps every core busy serves at most
+   cores / that figure.
 2. What one hop adds: a 2-Relu model over a 4 KiB, 1 MiB and 8 MiB activation, one request at a
    time, latency(K = 2) - latency(K = 1), against a bare ZeroMQ round trip of the same bytes
    between two processes; every link on TCP as between hosts, with CurveZMQ keys on both (the
@@ -54,6 +56,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import psutil
 import zmq
 from onnx import TensorProto, helper
 from rich.console import Console
@@ -117,15 +120,15 @@ def _feeds(count: int) -> list[dict[str, np.ndarray]]:
     return [random_feeds(specs, i % 8) for i in range(count)]
 
 
-def plain_rps(requests: int) -> float:
-    """One process, every core: a loop of session.run."""
+def plain_rps(requests: int) -> tuple[float, float]:
+    """One process, every core: a loop of session.run. Requests/s and CPU s per request."""
     session, feeds = _session(CORES), _feeds(requests)
     for f in feeds[:5]:
         session.run(None, f)
-    t0 = time.perf_counter()
+    cpu0, t0 = _cpu_s(), time.perf_counter()
     for f in feeds:
         session.run(None, f)
-    return requests / (time.perf_counter() - t0)
+    return requests / (time.perf_counter() - t0), (_cpu_s() - cpu0) / requests
 
 
 def _replica(count: int, start: mp.Event, done: mp.Queue) -> None:  # type: ignore[type-arg]
@@ -134,14 +137,15 @@ def _replica(count: int, start: mp.Event, done: mp.Queue) -> None:  # type: igno
         session.run(None, f)
     done.put("ready")
     start.wait()
-    t0 = time.perf_counter()
+    cpu0, t0 = _cpu_s(), time.perf_counter()
     for f in feeds:
         session.run(None, f)
-    done.put(time.perf_counter() - t0)
+    done.put((time.perf_counter() - t0, _cpu_s() - cpu0))
 
 
-def replicas_rps(requests: int) -> float:
-    """One process per core, one thread each, the requests split between them."""
+def replicas_rps(requests: int) -> tuple[float, float]:
+    """One process per core, one thread each, the requests split between them. Requests/s
+    and CPU s per request (every replica's)."""
     ctx = mp.get_context("spawn")
     start, done = ctx.Event(), ctx.Queue()
     each = requests // CORES
@@ -152,24 +156,24 @@ def replicas_rps(requests: int) -> float:
         for _ in procs:  # every replica has loaded its session and warmed up
             done.get(timeout=120)
         start.set()
-        walls = [done.get(timeout=300) for _ in procs]
+        walls, cpus = zip(*(done.get(timeout=300) for _ in procs), strict=True)
     finally:
         for p in procs:
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
-    return each * CORES / max(walls)
+    return each * CORES / max(walls), sum(cpus) / (each * CORES)
 
 
 # ---------------------------------------------------------------------- Periphery
 
 def periphery_run(k: int | None, requests: int, inflight: int, same_host_ipc: bool = True,
-                  workers: int | None = None) -> tuple[float, float, str, float]:
+                  workers: int | None = None) -> tuple[float, float, str, float, float]:
     """Requests/s of the demo model on k local nodes (None: one per core, the planner's
     shape), the slowest stage's mean compute per replica and worker (a stage computing two
-    at once serves one per half its compute), the shape, and the CPU seconds per request of
-    this process: the master and the loop submitting to it (what the cores the nodes share pay
-    for the master)."""
+    at once serves one per half its compute), the shape, the CPU seconds per request of this
+    process (the master and the loop submitting to it: what the cores the nodes share pay for
+    the master), and those of every process (this one and the nodes)."""
     compute: dict[int, list[float]] = defaultdict(list)
 
     def on_event(e: ev.Event) -> None:
@@ -187,12 +191,21 @@ def periphery_run(k: int | None, requests: int, inflight: int, same_host_ipc: bo
         # look, up to three looks), so what is timed is the pipeline as it keeps serving.
         list(pipeline.run_many((feeds[i % 8] for i in range(200)), inflight=inflight))
         master.bus.subscribe(on_event)
+        nodes = [psutil.Process(n.process.pid) for n in local.nodes]
+        nodes0 = sum(_times(p) for p in nodes)
         cpu0, t0 = _cpu_s(), time.perf_counter()
         list(pipeline.run_many((feeds[i % 8] for i in range(requests)), inflight=inflight))
         wall, cpu = time.perf_counter() - t0, _cpu_s() - cpu0
+        every = cpu + sum(_times(p) for p in nodes) - nodes0
         pipeline.close()
     slowest = max(statistics.fmean(v) for v in compute.values())
-    return requests / wall, slowest / replicas / (workers or 1), shape, cpu / requests
+    return (requests / wall, slowest / replicas / (workers or 1), shape, cpu / requests,
+            every / requests)
+
+
+def _times(process: psutil.Process) -> float:
+    t = process.cpu_times()
+    return float(t.user + t.system)
 
 
 def _cpu_s() -> float:
@@ -205,6 +218,7 @@ def throughput(requests: int, inflight: int, repeat: int) -> list[dict]:
     runs: dict[str, list[float]] = defaultdict(list)
     slowest: dict[str, list[float]] = defaultdict(list)
     master_cpu: dict[str, list[float]] = defaultdict(list)
+    every_cpu: dict[str, list[float]] = defaultdict(list)
     names = {"plain": f"ONNX Runtime, 1 process x {CORES} threads",
              "replicas": f"ONNX Runtime, {CORES} processes x 1 thread (replicas)",
              "k1": "Periphery K = 1, defaults",
@@ -214,23 +228,27 @@ def throughput(requests: int, inflight: int, repeat: int) -> list[dict]:
              "k2tcp": "Periphery K = 2, every link on CurveZMQ TCP (as between hosts)",
              "pick": "Periphery, the planner's shape"}
     for _ in range(repeat):  # in turn, so that every configuration sees the same machine
-        runs["plain"].append(plain_rps(requests))
-        runs["replicas"].append(replicas_rps(requests))
+        for key, measure in (("plain", plain_rps), ("replicas", replicas_rps)):
+            rps, cpu = measure(requests)
+            runs[key].append(rps)
+            every_cpu[key].append(cpu)
         for k, key in ((1, "k1"), (1, "k1w"), (2, "k2"), (2, "k2tcp"), (3, "k3"),
                        (None, "pick")):
-            rps, slow, shape, cpu = periphery_run(k, requests, inflight,
-                                                  same_host_ipc=key != "k2tcp",
-                                                  workers=CORES if key == "k1w" else None)
+            rps, slow, shape, cpu, every = periphery_run(
+                k, requests, inflight, same_host_ipc=key != "k2tcp",
+                workers=CORES if key == "k1w" else None)
             runs[key].append(rps)
             slowest[key].append(slow)
             master_cpu[key].append(cpu)
+            every_cpu[key].append(every)
             if k is None:
                 names["pick"] = f"Periphery, the planner's shape ({shape}), defaults"
     base = statistics.median(runs["plain"])
     rows = []
     for key, name in names.items():
         rps = statistics.median(runs[key])
-        row = {"run": name, "rps": rps, "vs_plain": rps / base, "runs": runs[key]}
+        row = {"run": name, "rps": rps, "vs_plain": rps / base, "runs": runs[key],
+               "cpu_s": statistics.median(every_cpu[key])}
         if key in slowest:
             row["slowest_stage_s"] = statistics.median(slowest[key])
             row["efficiency"] = rps * row["slowest_stage_s"]
@@ -399,13 +417,14 @@ def main() -> int:
     t = Table(title=f"demo-resnet throughput ({CORES} cores, {args.inflight} in flight, medians "
                     f"of {args.repeat} runs in turn)", title_justify="left")
     for col in ("run", "requests/s", "vs ONNX Runtime", "slowest stage, mean", "efficiency",
-                "master CPU / request"):
+                "master CPU / request", "CPU / request, every process"):
         t.add_column(col, justify="left" if col == "run" else "right")
     for r in tput:
         t.add_row(r["run"], f"{r['rps']:.1f}", f"{r['vs_plain']:.2f}x",
                   f"{r['slowest_stage_s'] * 1e3:.2f} ms" if "slowest_stage_s" in r else "-",
                   f"{r['efficiency']:.2f}" if "efficiency" in r else "-",
-                  f"{r['master_cpu_s'] * 1e3:.2f} ms" if "master_cpu_s" in r else "-")
+                  f"{r['master_cpu_s'] * 1e3:.2f} ms" if "master_cpu_s" in r else "-",
+                  f"{r['cpu_s'] * 1e3:.2f} ms")
     console.print(t)
     hop = hops(args.hop_repeat)
 

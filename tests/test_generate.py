@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -251,7 +252,9 @@ def test_generate_cli_streams_and_reports(tmp_path: Path) -> None:
 def test_a_node_lost_mid_generation_costs_no_sequence() -> None:
     """8 sequences at once over 3 node processes; one node SIGKILLed mid-generation. The
     pipeline re-plans onto the 2 survivors, each sequence's caches are rebuilt, and every
-    sequence ends exactly as an undisturbed run does."""
+    sequence ends exactly as an undisturbed run does. The node, started again at its address,
+    gets a stage back once no sequence holds caches on the pipeline (a deploy drops them), and
+    the next sequence over three nodes is the undisturbed one too."""
     import threading
 
     from periphery_core.cluster import events as ev
@@ -287,6 +290,22 @@ def test_a_node_lost_mid_generation_costs_no_sequence() -> None:
         assert pipeline.failed is None and len(pipeline.recoveries) == 1
         assert pipeline.recoveries[0].stages == 2 and lost
         assert step.mean_batch > 1.2  # the sequences' decode steps shared runs
+        assert master.sequences() == 0  # every sequence released its caches
+        held: list[int] = []  # a sequence whose caches stay on the stages (not released)
+        generate(step, spec, prompts[1], Sampling(max_new_tokens=2), release=held.append)
+        assert master.sequences() == 1
+        cluster.restart(1)
+        wait_for(lambda: cluster.addresses[1].node_id in
+                 {h.node_id for h in master.alive_nodes()}, 60, "the new process to join")
+        time.sleep(1.5)  # a few turns of the pipeline's loop: it waits for that sequence
+        assert len(pipeline.assignment) == 2
+        step.release(held[0])
+        wait_for(lambda: len(pipeline.assignment) == 3, 30,
+                 "the pipeline to spread back once no sequence holds caches")
+        assert cluster.addresses[1].node_id in pipeline.assignment
+        again = generate(step, spec, prompts[0], Sampling(max_new_tokens=n),
+                         release=step.release)
+        assert again.ids == expected[0]
     failed = [r for r in results if isinstance(r, Exception)]
     assert not failed, failed
     got = [r.ids for r in results]  # type: ignore[attr-defined]

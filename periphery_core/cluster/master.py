@@ -279,6 +279,10 @@ class Master:
         """Requests sent and still waiting for their result."""
         return self._data.pending_count()
 
+    def sequences(self) -> int:
+        """Decoder sequences whose caches the stages hold (started, not yet released)."""
+        return self._data.sequences()
+
     def hold(self) -> None:
         """Hold new submissions back (a recovery is starting)."""
         self._data.hold()

@@ -184,6 +184,11 @@ class DataPath:
         with self._pending_lock:
             return self._owner.get(seq)
 
+    def sequences(self) -> int:
+        """Decoder sequences whose caches the stages hold (started and not released)."""
+        with self._pending_lock:
+            return len(self._owner)
+
     def forget(self, seqs: list[int]) -> None:
         """These sequences ended: their next use starts afresh."""
         with self._pending_lock:

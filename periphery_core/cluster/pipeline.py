@@ -21,7 +21,8 @@ recently (a node that stopped answering a moment ago is not chosen even before i
 declared). A plan given from a file is re-planned onto the survivors on a loss, and the
 `Recovered` event says so. When a node joins while a recovery has left the pipeline on fewer
 nodes than its deploy asked for (a lost node back, or its process restarted), the same recipe
-spreads it back over them (`SpreadBack`).
+spreads it back over them (`SpreadBack`); a decoder's once no sequence holds caches on it, or
+after `GROW_WAIT_S` (its sequences then rebuild their caches, as after a loss).
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ log = logging.getLogger("periphery.pipeline")
 
 # A recovery retries when a deploy fails because another node went quiet meanwhile.
 RECOVERY_ATTEMPTS = 4
+# A decoder's pipeline spreads back once no sequence holds caches on it, or after this long
+# (a deploy drops every sequence's caches, which its steps then rebuild: a prefill each).
+GROW_WAIT_S = 30.0
 # The largest model the master profiles to rebalance (it runs the whole model, once).
 PROFILE_LIMIT = 1 << 30
 
@@ -145,6 +149,7 @@ class Pipeline:
         self._rebalance_due = threading.Event()
         self._wanted = 0  # nodes the last deploy asked for (a recovery may run on fewer)
         self._grow_due = threading.Event()
+        self._grow_since: float | None = None  # when a spread back became due (a decoder's)
         if recover or self._moves_left:
             master.keep_on_loss = master.keep_on_loss or recover
             self._unsubscribe = master.bus.subscribe(self._on_event)
@@ -283,7 +288,7 @@ class Pipeline:
                 self._rebalance_due.set()
                 self._wake.set()
             return
-        if isinstance(event, ev.NodeJoined) and self.recover and self.decoder is None \
+        if isinstance(event, ev.NodeJoined) and self.recover \
                 and event.node_id not in self.assignment and len(self.assignment) < self._wanted:
             self._grow_due.set()  # a lost node is back, or its process restarted
             self._wake.set()
@@ -298,7 +303,7 @@ class Pipeline:
     def _background_loop(self) -> None:
         """Recover from losses and, when one is due, rebalance: one deploy at a time."""
         while not self._closing.is_set():
-            if not self._wake.wait(0.5):
+            if not self._wake.wait(0.5) and not self._grow_due.is_set():
                 continue
             self._wake.clear()
             if self._closing.is_set():
@@ -306,8 +311,9 @@ class Pipeline:
             with self._lost_lock:
                 lost = dict(self._lost)
             if not lost:
-                if self._grow_due.is_set():
+                if self._grow_due.is_set() and self._may_grow():
                     self._grow_due.clear()
+                    self._grow_since = None
                     self._grow()
                 if self._rebalance_due.is_set():
                     self._rebalance_due.clear()
@@ -377,10 +383,21 @@ class Pipeline:
                 return
         self._fail(error.message if error else "no node left")
 
+    def _may_grow(self) -> bool:
+        """Whether a due spread back may go now: at once, but for a decoder's pipeline only
+        once no sequence holds caches on it, or after GROW_WAIT_S (a deploy drops them all;
+        each sequence's next step rebuilds its own, a prefill each, as after a loss)."""
+        if self.decoder is None:
+            return True
+        now = time.monotonic()
+        if self._grow_since is None:
+            self._grow_since = now
+        return self.master.sequences() == 0 or now - self._grow_since >= GROW_WAIT_S
+
     def _grow(self) -> None:
         """Spread back over as many nodes as the last deploy asked for, now that a node joined
         after a recovery left the pipeline on fewer: the same deploy and replay, no request
-        lost. (Not a decoder's: a deploy drops every sequence's caches.)"""
+        lost."""
         with self._deploy_lock:
             before = self.assignment
             candidates = self._candidates({})[:self._wanted]

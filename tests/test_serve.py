@@ -31,8 +31,8 @@ PROMPT = "What is the capital of France?"
 
 
 class Server:
-    def __init__(self, proc: subprocess.Popen[str], port: int) -> None:
-        self.proc, self.port = proc, port
+    def __init__(self, proc: subprocess.Popen[str], port: int, log: list[str]) -> None:
+        self.proc, self.port, self.log = proc, port, log  # log: its stderr lines so far
         self.base = f"http://127.0.0.1:{port}/v1"
 
     def request(self, method: str, path: str, body: bytes | None = None,
@@ -78,9 +78,11 @@ def _serving(model: Path, *args: str) -> Iterator[Server]:
                 break
         else:
             pytest.fail(f"periphery serve did not start: {seen}")
-        # keep reading its stderr, so that it never blocks on a full pipe
-        threading.Thread(target=proc.stderr.read, daemon=True).start()
-        yield Server(proc, int(found.group(1)))
+        # keep reading its stderr, so that it never blocks on a full pipe (and tests read it)
+        log = seen.splitlines()
+        threading.Thread(target=lambda: log.extend(line.rstrip("\n") for line in proc.stderr),
+                         daemon=True).start()
+        yield Server(proc, int(found.group(1)), log)
     finally:
         proc.send_signal(signal.SIGINT)  # Ctrl-C: it stops by itself, exit 0
         try:
@@ -133,6 +135,28 @@ def test_the_openai_client_streams_the_greedy_reply(server: Server) -> None:
     text = client.completions.create(model="x", prompt="The sky is", max_tokens=6)
     assert text.choices[0].text and text.usage is not None
     assert text.usage.completion_tokens == 6
+
+
+def test_a_server_that_loses_a_node_says_so_and_answers_the_same(tmp_path: Path) -> None:
+    """`periphery serve` over two local nodes; one node SIGKILLed: the server logs the
+    recovery in one line each (a server's operator reads its log, not a summary at the end)
+    and the next request gets the undisturbed greedy reply."""
+    psutil = pytest.importorskip("psutil")
+    with _serving(SMOLLM, "--shards", "2", "--api-key", KEY) as server:
+        nodes = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
+                 if "periphery_core.cli.node" in " ".join(p.cmdline())]
+        (victim,) = [p for p in nodes if "local1" in p.cmdline()]
+        victim.kill()
+        wait_for(lambda: any(line.startswith("recovered:") for line in server.log), 60,
+                 "the server to log its recovery")
+        body = json.dumps({"model": "x", "messages": [{"role": "user", "content": PROMPT}],
+                           "max_tokens": 8, "temperature": 0}).encode()
+        status, data = server.request("POST", "/v1/chat/completions", body)
+        assert status == 200, data
+        assert json.loads(data)["choices"][0]["message"]["content"] == _expected(8)
+        told = [line for line in server.log if line.startswith(("recovering:", "recovered:"))]
+        assert len(told) == 2 and "lost local1" in told[0] and "(local0)" in told[1], told
+    print(f"\nperiphery serve: {told[1]}")
 
 
 def test_eight_clients_stream_at_once_and_a_ninth_is_told_busy(server: Server) -> None:

@@ -23,6 +23,7 @@ from periphery_core.cli.common import (
     input_shape_option,
     json_option,
     local_only,
+    tell_pipeline_news,
     warn_cpu_fallback,
     workers_option,
     workers_option_for,
@@ -328,9 +329,7 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, devic
                     recoveries.append(e)
                 if isinstance(e, ev.Rebalanced):
                     rebalances.append(e)
-                if isinstance(e, (ev.RecoveryStarted, ev.Recovered, ev.SpreadBack,
-                                  ev.Rebalanced)):
-                    err_console.print(ev.describe(e), soft_wrap=True, highlight=False)
+                tell_pipeline_news(e, failures=False)  # (a failed recovery is run's error)
 
             master.bus.subscribe(on_event)
             if metrics_port is not None:

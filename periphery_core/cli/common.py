@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -20,6 +20,9 @@ from periphery_core import __version__
 from periphery_core.errors import PeripheryError
 from periphery_core.model.loading import LoadedModel
 from periphery_core.wire.protocol import MAX_WORKERS
+
+if TYPE_CHECKING:
+    from periphery_core.cluster.events import Event
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -124,6 +127,19 @@ def warn_cpu_fallback(device: str, providers: Sequence[tuple[int, str | None]]) 
                           "the CPU: no GPU was usable (onnxruntime-gpu in place of onnxruntime, "
                           "and an NVIDIA driver; see the README)", soft_wrap=True,
                           highlight=False)
+
+
+def tell_pipeline_news(event: Event, failures: bool = True) -> None:
+    """Say on stderr, one line each, what happens to a serving pipeline that whoever runs the
+    command should read as it happens: a recovery starting and done, a spreading back, a
+    rebalance, and (unless the command ends with that error anyway) a recovery that failed.
+    For a bus subscription (`master.bus.subscribe`)."""
+    from periphery_core.cli.render import err_console
+    from periphery_core.cluster import events as ev
+
+    if isinstance(event, (ev.RecoveryStarted, ev.Recovered, ev.SpreadBack, ev.Rebalanced)) \
+            or (failures and isinstance(event, ev.RecoveryFailed)):
+        err_console.print(ev.describe(event), soft_wrap=True, highlight=False)
 
 
 def inputs_option(fn: F) -> F:

@@ -231,7 +231,7 @@ def deployed_decoder(loaded: Any, spec: Any, plan_path: Path | None, shards: int
     """A model planned and deployed (on local node processes, or on the nodes given or
     found): a decoder LLM (`spec` its DecoderSpec) as stateful stages, any other model (`spec`
     None) as plain ones; yields (the Pipeline, K), and stops what it started on the way out."""
-    from periphery_core.cli.common import local_only, warn_cpu_fallback
+    from periphery_core.cli.common import local_only, tell_pipeline_news, warn_cpu_fallback
     from periphery_core.cluster.events import StageReady
     from periphery_core.cluster.keys import keyring_or_insecure
     from periphery_core.cluster.local import LocalCluster
@@ -264,6 +264,7 @@ def deployed_decoder(loaded: Any, spec: Any, plan_path: Path | None, shards: int
             cluster_ctx.start()
             ring = cluster_ctx.master_keys
         master = stack.enter_context(Master(keys=ring))
+        stack.callback(master.bus.subscribe(tell_pipeline_news))  # a server's log, as it goes
         names = plan.device_order if plan is not None else []
         chosen = connect_nodes(master, cluster_ctx, peers, mdns, nodes, names)
         pipeline = Pipeline(master, loaded, analysis, k=k, replicas=replicas, plan=plan,

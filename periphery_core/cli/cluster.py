@@ -461,7 +461,8 @@ def _render_run(summary: dict[str, Any]) -> None:
     for r in summary.get("recoveries", []):
         detected = "" if r["detected_s"] is None else f"detected after {r['detected_s']:.2f} s, "
         console.print(f"recovered from losing {', '.join(r['lost'])}: {detected}serving again "
-                      f"{r['recovered_s']:.2f} s later on {len(r['stages'])} stages, "
+                      f"{r['recovered_s']:.2f} s later on {len(r['stages'])} "
+                      f"node{'s' if len(r['stages']) != 1 else ''}, "
                       f"{r['replayed']} requests replayed")
     for r in summary.get("spread_back", []):
         console.print(f"spread back over {len(r['stages'])} nodes once {', '.join(r['joined'])} "

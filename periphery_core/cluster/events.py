@@ -458,7 +458,8 @@ def describe(event: Event, name: Callable[[str], str] = str) -> str:
         case Recovered():
             detected = "" if event.detected_s is None else f"detected in {event.detected_s:.2f} s, "
             return (f"recovered: {detected}serving again after {event.recovered_s:.2f} s on "
-                    f"{len(event.assignment)} stages ({', '.join(event.assignment)}), "
+                    f"{len(event.assignment)} node{'s' if len(event.assignment) != 1 else ''} "
+                    f"({', '.join(event.assignment)}), "
                     f"{event.replayed} requests replayed")
         case SpreadBack():
             return (f"spread back: {', '.join(event.joined)} joined; serving again on "

@@ -125,9 +125,8 @@ class ShmWriter:
             return None
         offsets, need = layout(sizes)
         slot = next((s for s in self._slots if s.map is not None and s.map[0] == FREE), None)
-        held = sum(s.size for s in self._slots)
         if slot is None:
-            if len(self._slots) >= self._most or held + need > self._budget:
+            if len(self._slots) >= self._most or self._held() + need > self._budget:
                 return None
             try:
                 slot = _Slot(need)
@@ -135,8 +134,8 @@ class ShmWriter:
                 self._most = 0
                 return None
             self._slots.append(slot)
-        elif slot.size < need:
-            if held - slot.size + max(need, 2 * slot.size) > self._budget:
+        elif slot.size < need:  # (the budget is looked at only to make or grow a slot)
+            if self._held() - slot.size + max(need, 2 * slot.size) > self._budget:
                 return None
             try:
                 slot.grow(need)
@@ -149,6 +148,9 @@ class ShmWriter:
                           casting="no")
         slot.map[0] = BUSY
         return [os.getpid(), slot.fd, slot.ino]
+
+    def _held(self) -> int:
+        return sum(s.size for s in self._slots)
 
     def close(self) -> None:
         """Give the slots back (a receiver's mappings keep theirs until it drops them)."""
@@ -239,12 +241,11 @@ class ShmReader:
             self._maps[(pid, fd)] = (ino, mapped)
             return mapped
 
-
     def _forget_ended(self) -> None:  # (under _lock)
         """Drop the mappings of senders whose process has ended: a mapping is the last hold
         on its slot's memory then (a node restarted, say, and its successor has slots of its
         own). Looked at only when a slot is mapped, which a sender's steady stream never does."""
-        ended = {pid for pid, _ in self._maps if _ended(pid)}
+        ended = {pid for pid in {pid for pid, _ in self._maps} if _ended(pid)}
         for key in [k for k in self._maps if k[0] in ended]:
             del self._maps[key]
 

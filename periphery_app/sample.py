@@ -123,6 +123,16 @@ async def until(pilot: Pilot, condition: Callable[[], bool], timeout: float = 30
         await pilot.pause(0.05)
 
 
+async def paste(pilot: Pilot, text: str) -> None:
+    """Paste `text` into the focused widget, one event as a terminal's bracketed paste brings
+    it. (Pressing it key by key costs a wait for the app to idle after every key: seconds for
+    a path, while a live cluster keeps the process busy.)"""
+    from textual import events
+
+    pilot.app.post_message(events.Paste(text))
+    await pilot.pause()
+
+
 def screen_key(mode: str) -> str:
     """The key that shows a main screen: its place in the app's order, from 1."""
     from periphery_app.app import PeripheryApp

@@ -26,7 +26,7 @@ from textual.strip import Strip
 from textual.widgets import DataTable, Input, Log, Static
 
 from periphery_app.app import PeripheryApp
-from periphery_app.sample import DEMO_MODEL, sample_app, show_sample_screen, until
+from periphery_app.sample import DEMO_MODEL, paste, sample_app, show_sample_screen, until
 from periphery_app.screens.cluster import ClusterScreen
 from periphery_app.screens.dashboard import DashboardScreen
 from periphery_app.screens.graph import GraphScreen
@@ -121,7 +121,9 @@ async def test_a_bad_file_shows_the_error_modal_and_the_app_keeps_running(tmp_pa
         assert not isinstance(app.screen, ErrorModal)
         assert app.opened is None
         # still alive: a good model opens afterwards
-        await pilot.press("p", *str(DEMO_MODEL), "enter")
+        await pilot.press("p")
+        await paste(pilot, str(DEMO_MODEL))
+        await pilot.press("enter")
         await until(pilot, lambda: app.opened is not None)
         await pilot.press("2")
         assert isinstance(app.screen, GraphScreen)
@@ -217,11 +219,15 @@ async def test_shards_screen_plans_moves_a_boundary_and_saves_and_loads(tmp_path
         target = tmp_path / "plan.json"
         await pilot.press("s")
         assert isinstance(app.screen, PromptModal)
-        await pilot.press(*(["backspace"] * 20), *str(target), "enter")
+        await pilot.press("ctrl+a", "ctrl+k")
+        await paste(pilot, str(target))
+        await pilot.press("enter")
         await until(pilot, target.is_file)
         await pilot.press("minus")
         await until(pilot, lambda: app.plan is not None and app.plan.k == 2)
-        await pilot.press("o", *(["backspace"] * 20), *str(target), "enter")
+        await pilot.press("o", "ctrl+a", "ctrl+k")
+        await paste(pilot, str(target))
+        await pilot.press("enter")
         await until(pilot, lambda: app.plan is not None and app.plan.k == 3)
 
 
@@ -230,7 +236,9 @@ async def _add_nodes_by_address(app: PeripheryApp, pilot: Pilot, cluster: LocalC
     await until(pilot, lambda: app.opened is not None)
     await pilot.press("4")
     for address in cluster.addresses:
-        await pilot.press("a", *f"{address.host}:{address.port}", "enter")
+        await pilot.press("a")
+        await paste(pilot, f"{address.host}:{address.port}")
+        await pilot.press("enter")
     await until(pilot, lambda: len(app.cluster_state.nodes) == len(cluster.addresses),
                 timeout=30)
 
@@ -279,7 +287,9 @@ async def test_whole_loop_against_real_local_nodes(tmp_path: Path) -> None:
             assert not dash.load_running
             other = tmp_path / "other.onnx"
             shutil.copyfile(DEMO_MODEL, other)
-            await pilot.press("1", "p", *str(other), "enter")
+            await pilot.press("1", "p")
+            await paste(pilot, str(other))
+            await pilot.press("enter")
             await until(pilot, lambda: app.opened is not None and app.opened.loaded.path == other)
             await until(pilot, lambda: any(
                 "the cluster still runs demo-resnet.onnx" in str(n.message)
@@ -533,7 +543,8 @@ async def test_the_shards_screen_shows_deploy_state_only_for_the_plan_that_runs(
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: app.cluster_state.deploy_status == "deployed",
                     timeout=120)
-        await pilot.press("3")
+        # The demo's load stopped: each key below then costs Pilot no wait for a busy process.
+        await pilot.press("5", "space", "3")
         await until(pilot, lambda: isinstance(app.screen, ShardsScreen)
                     and "ready" in chart_text(), timeout=20)
         assert chart_text().count(" ready ") == 3
@@ -736,7 +747,9 @@ async def test_the_app_follows_the_pipeline_when_it_rebalances(tmp_path: Path) -
     try:
         async with app.run_test(size=SIZE) as pilot:
             await _add_nodes_by_address(app, pilot, cluster)
-            await pilot.press("3", "o", *(["backspace"] * 20), *str(on_estimates), "enter")
+            await pilot.press("3", "o", "ctrl+a", "ctrl+k")
+            await paste(pilot, str(on_estimates))
+            await pilot.press("enter")
             await until(pilot, lambda: app.plan is not None and app.plan.k == 2
                         and app.plan.model_path.endswith("misleading.onnx"))
             first = app.plan

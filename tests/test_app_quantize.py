@@ -14,7 +14,7 @@ from textual.widgets import DirectoryTree, Input, OptionList, ProgressBar
 from periphery_app.app import PeripheryApp
 from periphery_app.messages import QuantizationStopped
 from periphery_app.quantize_choices import Choices, build_config
-from periphery_app.sample import DEMO_MODEL, until
+from periphery_app.sample import DEMO_MODEL, paste, until
 from periphery_app.screens.modals import ErrorModal, PathModal, PromptModal
 from periphery_app.screens.model import ModelScreen
 from periphery_app.screens.quantize import QuantizeScreen
@@ -106,7 +106,9 @@ async def test_static_int8_on_mnist_reports_saves_and_becomes_the_current_model(
         # The model lies in the read-only shared data: the default is not beside it.
         offered = Path(app.screen.query_one(Input).value)
         assert offered == Path.cwd() / "periphery-output" / "mnist-8.static8.onnx", offered
-        await pilot.press("ctrl+a", "ctrl+k", *str(target), "enter")
+        await pilot.press("ctrl+a", "ctrl+k")
+        await paste(pilot, str(target))
+        await pilot.press("enter")
         await until(pilot, target.is_file)
         saved = load_model(target)
         assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in saved.proto.graph.node}

@@ -190,14 +190,21 @@ class Pipeline:
                 plan = self.fixed_plan
             if plan is not None:  # a later recovery keeps the shape the user deployed
                 self.k, self.replicas = plan.k, plan.replicas
-            self.master.hold()
-            try:
-                chosen = self._deploy_now(node_ids, plan, progress)
-                self.master.replay()
-            finally:
-                self.master.release()
+            chosen, _ = self._swap(node_ids, plan, progress)
             self._wanted = len(self.assignment)
             return chosen
+
+    def _swap(self, node_ids: Sequence[str] | None, plan: ShardPlan | None,
+              progress: ProgressFn | None = None) -> tuple[ShardPlan, int]:
+        """Deploy with new submissions held back, then replay every request in flight into
+        the new pipeline: the plan deployed and the requests replayed (under _deploy_lock; a
+        recovery, which must hold submissions across its attempts, deploys by itself)."""
+        self.master.hold()
+        try:
+            chosen = self._deploy_now(node_ids, plan, progress)
+            return chosen, self.master.replay()
+        finally:
+            self.master.release()
 
     def _deploy_now(self, node_ids: Sequence[str] | None, plan: ShardPlan | None,
                     progress: ProgressFn | None = None) -> ShardPlan:
@@ -404,24 +411,19 @@ class Pipeline:
             if self.plan is None or self.failed is not None or self._closing.is_set() \
                     or len(candidates) <= len(before):
                 return
-            self.master.hold()
             try:
-                plan = self._deploy_now(candidates, None)
-                replayed = self.master.replay()
-                log.info("spread back over %d nodes: %s", len(self.assignment), plan.shape)
-                self.master.bus.publish(ev.SpreadBack(
-                    t=time.time(), joined=tuple(self._name(n) for n in self.assignment
-                                                if n not in before),
-                    assignment=tuple(self._name(n) for n in self.assignment),
-                    replayed=replayed))
+                plan, replayed = self._swap(candidates, None)
             except ClusterError as exc:  # back onto the nodes it ran on (a loss: recovery's)
                 log.warning("could not spread back over %d nodes: %s", len(candidates),
                             exc.message)
                 with contextlib.suppress(ClusterError):
-                    self._deploy_now(before, None)
-                    self.master.replay()
-            finally:
-                self.master.release()
+                    self._swap(before, None)
+                return
+            log.info("spread back over %d nodes: %s", len(self.assignment), plan.shape)
+            self.master.bus.publish(ev.SpreadBack(
+                t=time.time(), joined=tuple(self._name(n) for n in self.assignment
+                                            if n not in before),
+                assignment=tuple(self._name(n) for n in self.assignment), replayed=replayed))
 
     def _rebalance(self) -> None:
         """Move the cuts if the measured stage compute says so (cluster.rebalance)."""
@@ -439,15 +441,11 @@ class Pipeline:
                 log.info("stages balanced enough on measured compute (%s)",
                          ", ".join(f"{m * 1000:.2f} ms" for m in measured))
                 return
-            self.master.hold()
             try:
-                self._deploy_now(self.assignment, moved)
-                replayed = self.master.replay()
+                _, replayed = self._swap(self.assignment, moved)
             except ClusterError as exc:  # a node went quiet: recovery takes it from here
                 log.warning("rebalance deploy failed: %s", exc.message)
                 return
-            finally:
-                self.master.release()
             self._moves_left -= 1
             self.master.bus.publish(ev.Rebalanced(
                 t=time.time(), measured_s=tuple(measured),

@@ -155,6 +155,38 @@ def test_one_dead_node_is_reported_and_the_others_keep_serving(
     wait_for(lambda: not _alive(up.nodes), 5, "the nodes to stop")
 
 
+def test_a_node_that_dies_is_started_again_at_its_port_but_not_forever() -> None:
+    """`tend(restart=True)` (what `cluster up --restart` calls every half second): a killed
+    node comes back as a new process at its port, name and keys, and answers a master with
+    them; the fourth death within the minute leaves it down. Without restart, a death is only
+    reported, once."""
+    from periphery_core.cluster.local import RESTARTS
+
+    with LocalCluster(2) as local:
+        first = local.addresses[0]
+        for _ in range(RESTARTS):
+            old = local.nodes[0].process
+            local.kill(0)
+            old.wait(10)
+            (e,) = local.tend(restart=True)
+            assert e.name == "local0" and e.code == -signal.SIGKILL and e.how == "signal 9"
+            assert e.restarted is not None and e.restarted.port == first.port
+            assert e.restarted.node_id != first.node_id
+            assert local.nodes[0].process.pid != old.pid and local.alive() == 2
+        with Master(keys=local.master_keys) as master:  # its keys still let the master in
+            assert master.connect(local.addresses[0]).name == "local0"
+        local.kill(0)
+        local.nodes[0].process.wait(10)
+        (e,) = local.tend(restart=True)
+        assert e.restarted is None and f"ended {RESTARTS + 1} times" in e.left_down
+        assert local.alive() == 1 and local.tend(restart=True) == []
+        local.kill(1)
+        local.nodes[1].process.wait(10)
+        (e,) = local.tend(restart=False)
+        assert e.name == "local1" and e.restarted is None and not e.left_down
+        assert local.tend(restart=False) == [] and local.alive() == 0
+
+
 @pytest.mark.parametrize("thread", ["main", "worker"])
 def test_a_killed_python_process_takes_its_local_cluster_with_it(
         launch: Callable[..., Launcher], thread: str) -> None:

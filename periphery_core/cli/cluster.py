@@ -47,17 +47,21 @@ def cluster() -> None:
 @click.option("--threads", type=int, default=None,
               help="ONNX Runtime threads per node (default: the cores shared out among them).")
 @click.option("--insecure", is_flag=True, help="Start the nodes without keys.")
+@click.option("--restart", is_flag=True,
+              help="Start a node that dies again at its port, with its name and keys (up to "
+                   "3 times a minute each), as a service manager would.")
 @device_option_for("the nodes")
 @workers_option_for("the nodes")
 @handle_errors
 def cluster_up(nodes: int, advertise: bool, threads: int | None, insecure: bool,
-               device: str, workers: int | None) -> None:
+               restart: bool, device: str, workers: int | None) -> None:
     """Start N periphery-node processes on this machine; Ctrl-C or SIGTERM stops them cleanly.
 
     Unless --insecure, the nodes get fresh keys; the master's key folder is printed, for
     'periphery run --keys' and 'periphery cluster ls --keys' while the cluster is up. The nodes
     never outlive this command, however it ends; a node that dies is reported and the others
-    keep serving.
+    keep serving, and with --restart it is started again at its address (a master serving on
+    the cluster takes it back into its pipeline).
     """
     # Ctrl-C, SIGTERM and SIGHUP (unless ignored, as under nohup) stop the nodes, remove the
     # keys and exit 0 after "stopping". SIGKILL cannot be caught: the nodes' parent watchdog
@@ -81,17 +85,18 @@ def cluster_up(nodes: int, advertise: bool, threads: int | None, insecure: bool,
             if local.keys_dir is not None:
                 console.print(f"master keys: --keys {local.keys_dir / 'master'}")
             console.print(f"{nodes} nodes up; Ctrl-C stops them")
-            reported: set[str] = set()
             try:
                 while True:
-                    ended = local.exited()
-                    for name, code in ended:
-                        if name not in reported:
-                            reported.add(name)
-                            how = f"signal {-code}" if code < 0 else f"exit code {code}"
-                            err_console.print(f"node {name} exited ({how}); "
-                                              f"{nodes - len(ended)} nodes still serving")
-                    if len(ended) == nodes:
+                    for e in local.tend(restart):
+                        if e.restarted is not None:
+                            a = e.restarted
+                            err_console.print(f"node {e.name} exited ({e.how}); started again "
+                                              f"at {a.host}:{a.port}, id {a.node_id[:12]}")
+                        else:
+                            down = f", left down: {e.left_down}" if e.left_down else ""
+                            err_console.print(f"node {e.name} exited ({e.how}){down}; "
+                                              f"{local.alive()} nodes still serving")
+                    if not local.alive():
                         raise PeripheryError("every local node has exited")
                     time.sleep(0.5)
             except KeyboardInterrupt:

@@ -36,6 +36,24 @@ _READY = re.compile(r"periphery-node ready id=(\w+) control=tcp://([^:]+):(\d+) 
                     r"(?: state=(\S+))?")
 
 
+RESTARTS = 3  # times `tend` starts one node again within RESTART_WINDOW_S, at most
+RESTART_WINDOW_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeExit:
+    """A local node process that ended, as `LocalCluster.tend` found it."""
+
+    name: str
+    code: int  # its exit code (negative: the signal that ended it)
+    restarted: NodeAddress | None = None  # where it listens again, when started again
+    left_down: str = ""  # why it was not started again, when asked to restart it
+
+    @property
+    def how(self) -> str:
+        return f"signal {-self.code}" if self.code < 0 else f"exit code {self.code}"
+
+
 @dataclass(frozen=True, slots=True)
 class LocalNode:
     process: subprocess.Popen
@@ -78,6 +96,8 @@ class LocalCluster:
         self.log_dir = log_dir
         self.start_timeout = start_timeout
         self.nodes: list[LocalNode] = []
+        self._ended: set[int] = set()  # pids `tend` has reported
+        self._restarts: dict[int, list[float]] = {}  # node index -> when it was restarted
 
     def __enter__(self) -> LocalCluster:
         self.start()
@@ -161,10 +181,37 @@ class LocalCluster:
     def addresses(self) -> list[NodeAddress]:
         return [n.address for n in self.nodes]
 
-    def exited(self) -> list[tuple[str, int]]:
-        """(name, exit code) of every node process that has ended (negative: a signal)."""
-        return [(n.address.name, code) for n in self.nodes
-                if (code := n.process.poll()) is not None]
+    def alive(self) -> int:
+        """Node processes still running."""
+        return sum(n.process.poll() is None for n in self.nodes)
+
+    def tend(self, restart: bool) -> list[NodeExit]:
+        """Look once at the node processes: each that ended since the last look is reported
+        and, with `restart`, started again at its port with its name and keys (`restart`), as
+        a service manager would; one that ended RESTARTS times within RESTART_WINDOW_S is left
+        down (it would only die again)."""
+        out = []
+        for i, node in enumerate(self.nodes):
+            code = node.process.poll()
+            if code is None or node.process.pid in self._ended:
+                continue
+            self._ended.add(node.process.pid)
+            name = node.address.name
+            if not restart:
+                out.append(NodeExit(name, code))
+                continue
+            now = time.monotonic()
+            recent = [t for t in self._restarts.get(i, []) if now - t < RESTART_WINDOW_S]
+            if len(recent) >= RESTARTS:
+                out.append(NodeExit(name, code, left_down=f"it ended {len(recent) + 1} times "
+                                    f"within {RESTART_WINDOW_S:.0f} s"))
+                continue
+            self._restarts[i] = [*recent, now]
+            try:
+                out.append(NodeExit(name, code, restarted=self.restart(i)))
+            except PeripheryError as exc:
+                out.append(NodeExit(name, code, left_down=exc.message))
+        return out
 
     def kill(self, i: int) -> None:
         """SIGKILL node i (for failure tests)."""

@@ -305,12 +305,12 @@ class NodeDataPath:
                 msg.release()
                 raise WireError(f"'{msg.kind}' is not a data message")
         except WireError as exc:
-            with self._count_lock:
-                self.rejected += 1
-            if isinstance(exc, ShmRefused) and exc.sender_gone:
+            if isinstance(exc, ShmRefused) and exc.sender_gone:  # well formed: not rejected
                 log.info("request %s dropped: %s (its recovery replays it)",
                          exc.fields.get("id"), exc)
                 return
+            with self._count_lock:
+                self.rejected += 1
             log.warning("rejected data message: %s", exc)
             if isinstance(exc, ShmRefused) and (dep := self.deployment) is not None:
                 self._refused(exc, dep)

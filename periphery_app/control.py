@@ -116,7 +116,8 @@ class ClusterControl:
         return self._master is not None
 
     def start_local(self, n: int) -> list[NodeHandle]:
-        """Start `n` node processes on 127.0.0.1 and connect to each (blocking).
+        """Start `n` node processes on 127.0.0.1 and connect to each (blocking); from then on
+        one that dies is started again at its address (`LocalCluster.watch`).
 
         Raises:
             PeripheryError: a node did not start or did not answer.
@@ -132,7 +133,11 @@ class ClusterControl:
         self.local = cluster
         try:
             master = self._ensure_master(cluster.master_keys)
-            return [master.connect(a) for a in cluster.addresses]
+            handles = [master.connect(a) for a in cluster.addresses]
+            # One that dies is started again (the event log says so) and the pipeline, having
+            # recovered without it, spreads back over it.
+            cluster.watch(master.bus.publish)
+            return handles
         except BaseException:
             self.local = None
             cluster.stop()

@@ -26,6 +26,7 @@ from periphery_core.cluster.events import (
     DeployStarted,
     Event,
     NodeDiscovered,
+    NodeExited,
     NodeJoined,
     NodeLost,
     NodeStats,
@@ -512,6 +513,8 @@ EVENT_STRATEGIES: dict[type, st.SearchStrategy[Any]] = {
                           st.tuples(st.integers(1, 9), st.integers(1, 9)),
                           st.tuples(st.integers(1, 9), st.integers(1, 9)), st.floats(0, 1),
                           st.integers(0, 64), times),
+    NodeExited: st.builds(NodeExited, texts, texts, texts, node_ids, texts, st.integers(0, 8),
+                          times),
     RecoveryFailed: st.builds(RecoveryFailed, texts, times),
 }
 any_event = st.one_of(*EVENT_STRATEGIES.values())

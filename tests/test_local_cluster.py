@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from periphery_core.cluster.events import NodeExited, describe
 from periphery_core.cluster.local import LocalCluster
 from periphery_core.cluster.master import Master
 from periphery_core.discovery import NodeAddress
@@ -179,12 +181,40 @@ def test_a_node_that_dies_is_started_again_at_its_port_but_not_forever() -> None
         local.nodes[0].process.wait(10)
         (e,) = local.tend(restart=True)
         assert e.restarted is None and f"ended {RESTARTS + 1} times" in e.left_down
+        assert describe(e.event(local.alive())) == (
+            f"node local0 exited (signal 9), left down: it ended {RESTARTS + 1} times within "
+            "60 s; 1 local node still running")
         assert local.alive() == 1 and local.tend(restart=True) == []
         local.kill(1)
         local.nodes[1].process.wait(10)
         (e,) = local.tend(restart=False)
         assert e.name == "local1" and e.restarted is None and not e.left_down
+        assert describe(e.event(0)) == "node local1 exited (signal 9); 0 local nodes still running"
         assert local.tend(restart=False) == [] and local.alive() == 0
+
+
+def test_watched_nodes_are_started_again_and_said_and_stop_ends_the_watch() -> None:
+    """`watch` (what the app, `run --local` and `serve --local` call): a node killed is started
+    again at its port from the watching thread and published as one event whose line names
+    where; `stop` ends the watch before it stops the nodes, so none of them is started again or
+    reported, and no node outlives it."""
+    published: list[NodeExited] = []
+    with LocalCluster(2, secure=False) as local:
+        local.watch(published.append, every_s=0.1)
+        port, old = local.addresses[1].port, local.nodes[1].process
+        local.kill(1)
+        wait_for(lambda: published, 30, "the watch to report the killed node")
+        (e,) = published
+        assert e.name == "local1" and e.how == "signal 9"
+        assert e.restarted_at == f"127.0.0.1:{port}" and e.running == 2
+        assert describe(e) == (f"node local1 exited (signal 9); started again at 127.0.0.1:"
+                               f"{port}, id {local.addresses[1].node_id[:12]}")
+        assert local.nodes[1].process.pid != old.pid and local.alive() == 2
+        pids = [n.process.pid for n in local.nodes]
+    assert len(published) == 1  # stopping is no death to report
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
+                   for pid in pids)
+    assert not [t for t in threading.enumerate() if t.name == "local-nodes-watch"]
 
 
 @pytest.mark.parametrize("thread", ["main", "worker"])

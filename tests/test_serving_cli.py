@@ -98,6 +98,41 @@ def _completed(port: int) -> float:
     return float(m.group(1)) if m else 0.0
 
 
+def _run_killing(tmp_path: Path, shards: int, victim: str, nodes_of: subprocess.Popen | None,
+                 *args: object) -> tuple[dict, str]:
+    """`periphery run MODEL --plan PLAN ARGS --requests 12000 --check --exact --json` on a plan
+    of `shards` stages of an MLP, with the node named `victim` (a child of `nodes_of`, else of
+    the run) SIGKILLed once 100 requests have completed: its JSON summary and its stderr, after
+    asserting that it exited 0 without a traceback and checked every request bit for bit."""
+    model = save_mlp(tmp_path / "mlp.onnx")
+    plan = tmp_path / "plan.json"
+    subprocess.run(_cli("plan", model, "--shards", shards, "-o", plan), check=True, env=ENV,
+                   capture_output=True, cwd=tmp_path)
+    port = _free_port()  # for the run's metrics endpoint
+    requests = 12000  # long enough for the loss, the restart and the join (about 1 ms each)
+    run = subprocess.Popen(_cli("run", model, "--plan", plan, *args, "--requests", requests,
+                                "--inflight", 8, "--check", "--exact", "--json",
+                                "--metrics-port", port),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                           cwd=tmp_path)
+    try:
+        wait_for(lambda: run.poll() is not None or _completed(port) >= 100, 120,
+                 "the run to complete 100 requests")
+        assert run.poll() is None, "the run ended before the node could be killed"
+        _node_process(nodes_of or run, victim).kill()
+        out, err = run.communicate(timeout=240)
+    finally:
+        if run.poll() is None:
+            _kill_tree(run)
+    assert run.returncode == 0, err
+    assert "Traceback" not in err
+    summary = json.loads(out)
+    assert summary["completed"] == requests
+    assert summary["check"]["passed"] and summary["check"]["mismatches"] == 0
+    assert summary["check"]["bit_identical_outputs"] == requests
+    return summary, err
+
+
 def test_run_recovers_from_a_node_killed_mid_stream_and_spreads_back_when_it_restarts(
         tmp_path: Path, cluster_up) -> None:
     """The node of stage 1 is SIGKILLed mid-stream and `cluster up --restart` starts it again
@@ -105,35 +140,10 @@ def test_run_recovers_from_a_node_killed_mid_stream_and_spreads_back_when_it_res
     spreads back over three nodes, and every request completes with the whole model's
     result."""
     cluster, peers, keys = cluster_up
-    model = save_mlp(tmp_path / "mlp.onnx")
-    plan = tmp_path / "plan.json"
-    subprocess.run(_cli("plan", model, "--shards", 3, "-o", plan), check=True, env=ENV,
-                   capture_output=True, cwd=tmp_path)
-    port = _free_port()  # for the run's metrics endpoint
-    requests = 12000  # long enough for the loss, the restart and the join (about 1 ms each)
-    args = ["run", model, "--plan", plan, "--keys", keys, "--no-mdns", "--requests", requests,
-            "--inflight", 8, "--check", "--exact", "--json", "--metrics-port", port]
+    args: list[object] = ["--keys", keys, "--no-mdns"]
     for p in peers:
         args += ["--peer", p]
-    run = subprocess.Popen(_cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, env=ENV, cwd=tmp_path)
-    try:
-        wait_for(lambda: run.poll() is not None or _completed(port) >= 100, 120,
-                 "the run to complete 100 requests")
-        assert run.poll() is None, "the run ended before the node could be killed"
-        victim = _node_process(cluster, "local1")
-        victim.kill()
-        out, err = run.communicate(timeout=240)
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
-    assert run.returncode == 0, err
-    assert "Traceback" not in err
-    summary = json.loads(out)
-    assert summary["completed"] == requests
-    assert summary["check"]["passed"] and summary["check"]["mismatches"] == 0
-    assert summary["check"]["bit_identical_outputs"] == requests
+    summary, err = _run_killing(tmp_path, 3, "local1", cluster, *args)
     (rec,) = summary["recoveries"]
     assert rec["lost"] == ["local1"] and rec["stages"] == ["local0", "local2"]
     (back,) = summary["spread_back"]
@@ -153,35 +163,60 @@ def test_run_recovers_from_a_node_killed_mid_stream_and_spreads_back_when_it_res
           f"over 3 nodes, {back['replayed']} requests replayed")
 
 
+def test_run_local_starts_its_only_node_again_when_killed_and_loses_nothing(
+        tmp_path: Path) -> None:
+    """`periphery run --local` on one node: the node is the run's own, so when it is SIGKILLed
+    mid-stream the run starts it again at its address (said on stderr), its recovery waits for
+    the new process to join rather than failing for want of a node, and every request
+    completes, checked bit for bit against the whole model."""
+    summary, err = _run_killing(tmp_path, 1, "local0", None, "--local")
+    (rec,) = summary["recoveries"]
+    assert rec["lost"] == ["local0"] and rec["stages"] == ["local0"], rec
+    restarted = re.findall(r"^node local0 exited \(signal 9\); started again at "
+                           r"127\.0\.0\.1:\d+, id \w+$", err, re.M)
+    assert len(restarted) == 1, err
+    assert [line for line in err.splitlines() if line.startswith("recovered:")], err
+    print(f"\nperiphery run --local: {restarted[0]}; loss detected after "
+          f"{rec['detected_s']:.2f} s, serving again {rec['recovered_s']:.2f} s later, "
+          f"{rec['replayed']} requests replayed")
+
+
 def test_run_with_no_node_left_is_one_clear_line(tmp_path: Path) -> None:
+    """The only node, one the run did not start (so none starts it again), is killed
+    mid-stream: the recovery waits for a node to join, none does, and the run ends with one
+    line saying so and what to do."""
     model = save_mlp(tmp_path / "mlp.onnx")
     plan = tmp_path / "plan.json"
     subprocess.run(_cli("plan", model, "--shards", 1, "-o", plan), check=True, env=ENV,
                    capture_output=True, cwd=tmp_path)
-    # --local starts one node; killing it mid-stream leaves nothing to recover onto
-    port = _free_port()
-    run = subprocess.Popen(_cli("run", model, "--plan", plan, "--local", "--requests", 100000,
-                                "--inflight", 4, "--metrics-port", port),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-                           cwd=tmp_path)
+    node_port, port = _free_port(), _free_port()
+    node = subprocess.Popen([sys.executable, "-m", "periphery_core.cli.node", "--name", "only",
+                             "--host", "127.0.0.1", "--port", str(node_port), "--insecure",
+                             "--no-advertise", "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=ENV, cwd=tmp_path)
+    run = None
     try:
-        def node() -> psutil.Process | None:
-            for child in psutil.Process(run.pid).children(recursive=True):
-                if "periphery_core.cli.node" in " ".join(child.cmdline()):
-                    return child
-            return None
-
-        victim = wait_for(node, 60, "the local node to start")
-        wait_for(lambda: _completed(port) >= 20, 60, "the run to stream")
-        victim.kill()
+        assert node.stdout is not None and "ready" in node.stdout.readline()
+        run = subprocess.Popen(_cli("run", model, "--plan", plan, "--peer",
+                                    f"127.0.0.1:{node_port}", "--insecure", "--no-mdns",
+                                    "--requests", 100000, "--inflight", 4, "--metrics-port",
+                                    port),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=ENV, cwd=tmp_path)
+        wait_for(lambda: run.poll() is not None or _completed(port) >= 20, 60,
+                 "the run to stream")
+        node.kill()
         out, err = run.communicate(timeout=60)
     finally:
-        if run.poll() is None:
-            _kill_tree(run)
+        for proc in (run, node):
+            if proc is not None and proc.poll() is None:
+                _kill_tree(proc)
     assert run.returncode == 2, (out, err)
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("error:") and "no node is left" in last, err
+    assert "none joined within 10 s" in last, last
 
 
 # A node of another release: the node's own code, speaking wire protocol 1 (before same-host

@@ -67,6 +67,7 @@ def cluster_up(nodes: int, advertise: bool, threads: int | None, insecure: bool,
     # keys and exit 0 after "stopping". SIGKILL cannot be caught: the nodes' parent watchdog
     # and parent-death signal stop them then (see periphery_core.cli.node).
     from periphery_core.cli.render import console, err_console
+    from periphery_core.cluster.events import describe
     from periphery_core.cluster.local import LocalCluster
 
     local_only(True, device, workers)
@@ -88,14 +89,8 @@ def cluster_up(nodes: int, advertise: bool, threads: int | None, insecure: bool,
             try:
                 while True:
                     for e in local.tend(restart):
-                        if e.restarted is not None:
-                            a = e.restarted
-                            err_console.print(f"node {e.name} exited ({e.how}); started again "
-                                              f"at {a.host}:{a.port}, id {a.node_id[:12]}")
-                        else:
-                            down = f", left down: {e.left_down}" if e.left_down else ""
-                            err_console.print(f"node {e.name} exited ({e.how}){down}; "
-                                              f"{local.alive()} nodes still serving")
+                        err_console.print(describe(e.event(local.alive())), soft_wrap=True,
+                                          highlight=False)
                     if not local.alive():
                         raise PeripheryError("every local node has exited")
                     time.sleep(0.5)
@@ -345,6 +340,8 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, devic
                 err_console.print(f"metrics on http://127.0.0.1:{server.port}/metrics")
             chosen = connect_nodes(master, cluster_ctx, peers, mdns, plan.nodes_needed,
                                    plan.device_order)
+            if cluster_ctx is not None:  # a local node that dies is started again, and said
+                cluster_ctx.watch(master.bus.publish)
             # The one serving path: a lost node is re-planned around and its requests replayed.
             pipeline = Pipeline(master, loaded, analysis, plan=plan, exact=exact,
                                 rebalance=rebalance)

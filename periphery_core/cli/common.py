@@ -131,14 +131,14 @@ def warn_cpu_fallback(device: str, providers: Sequence[tuple[int, str | None]]) 
 
 def tell_pipeline_news(event: Event, failures: bool = True) -> None:
     """Say on stderr, one line each, what happens to a serving pipeline that whoever runs the
-    command should read as it happens: a recovery starting and done, a spreading back, a
-    rebalance, and (unless the command ends with that error anyway) a recovery that failed.
-    For a bus subscription (`master.bus.subscribe`)."""
+    command should read as it happens: a recovery starting and done, a local node that exited
+    (and was started again), a spreading back, a rebalance, and (unless the command ends with
+    that error anyway) a recovery that failed. For a bus subscription (`master.bus.subscribe`)."""
     from periphery_core.cli.render import err_console
     from periphery_core.cluster import events as ev
 
-    if isinstance(event, (ev.RecoveryStarted, ev.Recovered, ev.SpreadBack, ev.Rebalanced)) \
-            or (failures and isinstance(event, ev.RecoveryFailed)):
+    if isinstance(event, (ev.RecoveryStarted, ev.Recovered, ev.NodeExited, ev.SpreadBack,
+                          ev.Rebalanced)) or (failures and isinstance(event, ev.RecoveryFailed)):
         err_console.print(ev.describe(event), soft_wrap=True, highlight=False)
 
 

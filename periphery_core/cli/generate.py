@@ -267,6 +267,8 @@ def deployed_decoder(loaded: Any, spec: Any, plan_path: Path | None, shards: int
         stack.callback(master.bus.subscribe(tell_pipeline_news))  # a server's log, as it goes
         names = plan.device_order if plan is not None else []
         chosen = connect_nodes(master, cluster_ctx, peers, mdns, nodes, names)
+        if cluster_ctx is not None:  # a local node that dies is started again, and said
+            cluster_ctx.watch(master.bus.publish)
         pipeline = Pipeline(master, loaded, analysis, k=k, replicas=replicas, plan=plan,
                             exact=not optimize, decoder=spec)
         stack.callback(pipeline.close)

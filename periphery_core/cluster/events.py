@@ -232,6 +232,21 @@ class Rebalanced:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeExited:
+    """A node process this host started (a local cluster's) ended. Started again, it listens
+    at `restarted_at` (HOST:PORT) as node `new_id`; else that is empty and `left_down` says why
+    (empty: no restart was asked for). `running`: the local nodes running after it."""
+
+    name: str
+    how: str  # "signal 9", "exit code 1"
+    restarted_at: str
+    new_id: str
+    left_down: str
+    running: int
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
 class RecoveryFailed:
     """The pipeline could not be rebuilt (no node left, or every deploy failed)."""
 
@@ -255,6 +270,7 @@ Event: TypeAlias = (
     | Recovered
     | SpreadBack
     | Rebalanced
+    | NodeExited
     | RecoveryFailed
 )
 
@@ -274,6 +290,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     Recovered,
     SpreadBack,
     Rebalanced,
+    NodeExited,
     RecoveryFailed,
 )
 """Every event class, in a stable order."""
@@ -471,6 +488,13 @@ def describe(event: Event, name: Callable[[str], str] = str) -> str:
                     f"{'/'.join(map(str, event.before))} nodes now "
                     f"{'/'.join(map(str, event.after))}, slowest stage predicted "
                     f"{event.predicted_s * 1000:.1f} ms, {event.replayed} requests replayed")
+        case NodeExited():
+            if event.restarted_at:
+                return (f"node {event.name} exited ({event.how}); started again at "
+                        f"{event.restarted_at}, id {event.new_id[:12]}")
+            down = f", left down: {event.left_down}" if event.left_down else ""
+            return (f"node {event.name} exited ({event.how}){down}; {event.running} local "
+                    f"node{'s' if event.running != 1 else ''} still running")
         case RecoveryFailed():
             return f"recovery failed: {event.reason}"
     raise TypeError(f"not a cluster event: {event!r}")

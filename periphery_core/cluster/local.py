@@ -12,6 +12,7 @@ they rely on the watchdog alone, since that signal fires when the starting *thre
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -21,13 +22,17 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from periphery_core.cluster.events import NodeExited
 from periphery_core.cluster.keys import KeyRing, init_cluster_keys, load_keyring
 from periphery_core.discovery import NodeAddress
 from periphery_core.errors import PeripheryError
+
+log = logging.getLogger("periphery.local")
 
 if TYPE_CHECKING:
     from periphery_core.cluster.master import Master
@@ -52,6 +57,13 @@ class NodeExit:
     @property
     def how(self) -> str:
         return f"signal {-self.code}" if self.code < 0 else f"exit code {self.code}"
+
+    def event(self, running: int) -> NodeExited:
+        """As a cluster event (whose `describe` is the line a user reads), `running` being the
+        local nodes running after it."""
+        at = self.restarted
+        return NodeExited(self.name, self.how, f"{at.host}:{at.port}" if at else "",
+                          at.node_id if at else "", self.left_down, running, time.time())
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +110,8 @@ class LocalCluster:
         self.nodes: list[LocalNode] = []
         self._ended: set[int] = set()  # pids `tend` has reported
         self._restarts: dict[int, list[float]] = {}  # node index -> when it was restarted
+        self._watcher: threading.Thread | None = None  # `watch`'s thread, while it runs
+        self._stopping = threading.Event()
 
     def __enter__(self) -> LocalCluster:
         self.start()
@@ -109,6 +123,7 @@ class LocalCluster:
     def start(self) -> list[NodeAddress]:
         """Start the nodes and wait until each listens; on any failure none is left running."""
         procs: list[subprocess.Popen] = []
+        self._stopping.clear()
         try:
             self._start(procs)
             for i, proc in enumerate(procs):
@@ -213,6 +228,27 @@ class LocalCluster:
                 out.append(NodeExit(name, code, left_down=exc.message))
         return out
 
+    def watch(self, publish: Callable[[NodeExited], None], restart: bool = True,
+              every_s: float = 0.5) -> None:
+        """Tend the nodes from a thread of its own until `stop`: each node that ends is
+        started again (with `restart`, within `tend`'s budget) and published as a `NodeExited`
+        event (on a master's bus: the app's log and the CLI's stderr say it). What a command
+        or the app that owns its local nodes calls, so that a node lost to a crash or the OOM
+        killer comes back, and a pipeline that recovered without it spreads back over it."""
+        if self._watcher is not None:
+            raise PeripheryError("the local nodes are already watched")
+
+        def loop() -> None:
+            while not self._stopping.wait(every_s):
+                for e in self.tend(restart):
+                    try:
+                        publish(e.event(self.alive()))
+                    except Exception:  # a subscriber's bug must not stop the tending
+                        log.exception("node exit not published")
+
+        self._watcher = threading.Thread(target=loop, name="local-nodes-watch", daemon=True)
+        self._watcher.start()
+
     def kill(self, i: int) -> None:
         """SIGKILL node i (for failure tests)."""
         self.nodes[i].process.kill()
@@ -244,6 +280,10 @@ class LocalCluster:
             shutil.rmtree(node.state_dir, ignore_errors=True)
 
     def stop(self, timeout: float = 5.0) -> None:
+        self._stopping.set()  # no node is started again from here on
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None and watcher is not threading.current_thread():
+            watcher.join(self.start_timeout + timeout)  # (a restart under way finishes first)
         for node in self.nodes:
             if node.process.poll() is None:
                 node.process.send_signal(signal.SIGTERM)

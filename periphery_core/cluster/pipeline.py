@@ -64,6 +64,9 @@ log = logging.getLogger("periphery.pipeline")
 
 # A recovery retries when a deploy fails because another node went quiet meanwhile.
 RECOVERY_ATTEMPTS = 4
+# With no node left, a recovery waits this long for one to join (the lost one started again
+# by systemd, or by the local cluster's watch) before it fails, with the requests held.
+NO_NODE_WAIT_S = 10.0
 # A decoder's pipeline spreads back once no sequence holds caches on it, or after this long
 # (a deploy drops every sequence's caches, which its steps then rebuild: a prefill each).
 GROW_WAIT_S = 30.0
@@ -358,15 +361,21 @@ class Pipeline:
         with self._deploy_lock:
             self.master.hold()  # again: a user's deploy may have released meanwhile
             error: ClusterError | None = None
-            for _ in range(RECOVERY_ATTEMPTS):
+            attempts, give_up = 0, time.monotonic() + NO_NODE_WAIT_S
+            while attempts < RECOVERY_ATTEMPTS:
                 with self._lost_lock:
                     lost = dict(self._lost)
                 candidates = self._candidates(lost)
+                if not candidates and time.monotonic() < give_up \
+                        and not self._closing.wait(0.1):
+                    continue  # one may join yet
                 if not candidates:
                     error = ClusterError(
-                        f"no node is left to run the model (lost: {', '.join(names)}): start "
-                        "periphery-node on a host and run again")
+                        f"no node is left to run the model (lost: {', '.join(names)}; none "
+                        f"joined within {NO_NODE_WAIT_S:.0f} s): start periphery-node on a "
+                        "host and run again")
                     break
+                attempts += 1
                 try:
                     plan = self._deploy_now(candidates, None)
                 except ClusterError as exc:  # another node went quiet meanwhile: plan again

@@ -39,6 +39,7 @@ from periphery_core.cluster.events import (
     DeployStarted,
     Event,
     NodeDiscovered,
+    NodeExited,
     NodeJoined,
     NodeLost,
     NodeStats,
@@ -71,9 +72,8 @@ _NOT_LOGGED = (NodeStats, ShardProgress, RequestCompleted)
 
 @dataclass(frozen=True, slots=True)
 class ClusterState:
-    """The cluster as the master's events describe it; an immutable value.
-
-    Build it with `ClusterState.empty()` and `apply`/`fold`; never construct one by hand.
+    """The cluster as the master's events describe it; an immutable value. Build it with
+    `ClusterState.empty()` and `apply`/`fold`; never construct one by hand.
 
     Attributes:
         nodes: Every node ever seen, by id.
@@ -87,9 +87,8 @@ class ClusterState:
         requests_failed: Requests failed since the start.
         latency_window: Recent end-to-end latencies.
         stage_stats: Recent per-stage timings of the current deployment.
-        recent: Summaries of the latest events, oldest first, at most `RECENT_EVENTS` (node
-            stats, shard progress and completed requests are counted, not logged; an event
-            ignored as out of order is logged with the reason).
+        recent: Summaries of the latest events, oldest first, at most `RECENT_EVENTS` (not
+            the high-rate `_NOT_LOGGED`; one ignored as out of order is logged with why).
         last_request: Per node id, when a request through one of its stages last completed.
         clock: Latest event time seen, None before the first event.
         recovering: A lost node's pipeline is being rebuilt (new requests wait).
@@ -412,6 +411,7 @@ _RULES: dict[type, _Rule] = {
     RecoveryStarted: _Rule(_on_recovery_started),
     Recovered: _Rule(_on_recovered),
     SpreadBack: _Rule(lambda state, event: state),  # its deploy's events move the stages
+    NodeExited: _Rule(lambda state, event: state),  # (what joins in its place is a NodeJoined)
     Rebalanced: _Rule(_on_rebalanced),
     RecoveryFailed: _Rule(_on_recovery_failed),
 }
@@ -432,9 +432,9 @@ def apply(state: ClusterState, event: Event) -> ClusterState:
     deploy "failed". `DeployFinished` ends the deploy and records its links. `RequestCompleted`
     counts the request, records its latency and stage timings and makes the nodes of its
     stages "busy" for `BUSY_S`. `RequestFailed` counts a failure. `RecoveryStarted` sets
-    `recovering`; `Recovered` clears it and counts the recovery; `SpreadBack` is only logged
-    (its deploy's events move the stages); `Rebalanced` counts a move of the cuts;
-    `RecoveryFailed` clears it and marks the deploy "failed". Unknown nodes change no node.
+    `recovering`; `Recovered` clears it and counts the recovery; `SpreadBack`, `NodeExited` are
+    only logged; `Rebalanced` counts a move of the cuts; `RecoveryFailed` clears it and marks
+    the deploy "failed". Unknown nodes change no node.
 
     Order: the fold is total, so a live view never crashes on an odd event; an event that
     cannot follow the state so far changes nothing but the log, where it is "ignored" with the

@@ -10,6 +10,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -345,6 +347,9 @@ async def test_demo_restarts_a_killed_node_recovering_and_spreading_back_losing_
         assert "local1 joined; serving again on 3 nodes" in back
         print(f"\napp: {restarted}\napp: {recovered}\napp: {back}")
         assert len(app.cluster_state.assignment) == 3
+        # the process started again replaces the lost one in the Cluster screen's table
+        await until(pilot, lambda: len(app.cluster_state.nodes) == 3, timeout=10)
+        assert not app.cluster_state.nodes_in("lost")
         after = app.cluster_state.requests_completed
         await until(pilot, lambda: app.cluster_state.requests_completed > after + 5,
                     timeout=15)
@@ -486,6 +491,44 @@ async def test_the_cluster_screen_finds_nodes_over_mdns_and_connects_one() -> No
             cluster.nodes[other].process.terminate()  # a clean stop says goodbye over mDNS
             await until(pilot, lambda: table.row_count == 1, timeout=20)
             assert "discovered" not in text_of_label(app, "#summary")
+
+
+# A node of another release, as an older install would run it: wire protocol 1 on the wire and
+# in its mDNS record.
+_OLD_NODE = ("import sys, periphery_core.wire as wire, periphery_core.wire.codec as codec; "
+             "codec.PROTOCOL_VERSION = wire.PROTOCOL_VERSION = 1; "
+             "from periphery_core.cli.node import main; sys.exit(main())")
+
+
+async def test_a_discovered_node_of_another_release_says_so_before_it_is_tried() -> None:
+    """A node advertising another wire protocol over mDNS is listed as `other release`, and
+    `c` on it says at once, in one line, what to do: no connection is tried (its control port
+    is never answered, so one tried would only time out)."""
+    node = subprocess.Popen(
+        [sys.executable, "-c", _OLD_NODE, "--name", "old", "--host", "127.0.0.1", "--port", "0",
+         "--insecure", "--threads", "1", "--no-recalibrate", "--mdns-interface", "127.0.0.1"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    app = PeripheryApp(browse_dir=DEMO_MODEL.parent, insecure=True)
+    try:
+        assert node.stdout is not None and "ready" in node.stdout.readline()
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("4")
+            await until(pilot, lambda: isinstance(app.screen, ClusterScreen))
+            table = app.screen.query_one(DataTable)
+            await until(pilot, lambda: table.row_count == 1, timeout=20)
+            assert "other release" in str(table.get_row_at(0)[1])
+            os.kill(node.pid, signal.SIGSTOP)  # its record stays listed; its sockets go silent
+            t0 = time.monotonic()
+            await pilot.press("c")
+            await until(pilot, lambda: isinstance(app.screen, ErrorModal), timeout=5)
+            assert time.monotonic() - t0 < 2
+            message = str(app.screen.query_one("#message", Static).content)
+            assert "speaks wire protocol 1 and this master 2: install the same Periphery " \
+                   "release on both" in message, message
+            assert not app.cluster_state.nodes
+    finally:
+        node.kill()
+        node.wait(10)
 
 
 async def test_a_node_computing_several_requests_at_once_shows_it_and_plans_for_it() -> None:

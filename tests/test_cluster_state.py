@@ -10,6 +10,7 @@ import math
 import re
 import statistics
 import threading
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -67,7 +68,7 @@ def joined(node: str, t: float, speed: float = 1.0, name: str | None = None) -> 
         node_id=node,
         name=name or node,
         host="10.0.0.1",
-        port=5555,
+        port=5555 + zlib.crc32(node.encode()) % 50000,  # each node an address of its own
         device="cpu",
         cores=8,
         memory_bytes=16 << 30,
@@ -928,3 +929,24 @@ def test_replicas_fold_by_slot_and_read_as_replica_and_stage() -> None:
     odd = apply(state, DeployStarted(plan_stages=2, replicas=2, assignment=("a", "b", "c"),
                                      t=4))
     assert odd.recent[-1].endswith("2 stages x 2 replicas but 3 nodes assigned")
+
+
+def test_a_process_started_again_at_a_lost_node_s_address_replaces_it_in_the_view() -> None:
+    """A node restarted where it listened joins with a new id: the lost node it replaces leaves
+    the table (the log keeps its loss and the new join); one at another address stays lost,
+    and one that still holds a stage of the deploy stays until a deploy moves the stage."""
+    def at(node: str, t: float, port: int) -> NodeJoined:
+        return dataclasses.replace(joined(node, t, name="local1"), port=port)
+
+    state = fold([at("old", 1, 5001), at("other", 1, 5002), deploy(2, "other"), lost("old", 3),
+                  at("gone", 3, 5003), lost("gone", 4)])
+    assert state.node_state("old") == "lost"
+    state = apply(state, at("new", 5, 5001))
+    assert set(state.nodes) == {"other", "gone", "new"}
+    assert state.node_state("new") == "ready" and state.node_state("gone") == "lost"
+    assert state.recent[-4].endswith("node local1 lost: timeout")  # the log keeps its loss
+    assert "node local1 joined" in state.recent[-1]
+    # joined before the recovery's deploy moved its stage: kept until that deploy
+    held = fold([at("a", 1, 5001), deploy(2, "a"), lost("a", 3), at("b", 4, 5001)])
+    assert set(held.nodes) == {"a", "b"} and held.node_state("a") == "lost"
+    assert set(apply(held, deploy(5, "b")).nodes) == {"b"}

@@ -24,6 +24,7 @@ from periphery_app.messages import NodesConnected
 from periphery_app.screens.base import PeripheryScreen, screen_bar
 from periphery_app.screens.modals import PromptModal
 from periphery_app.units import human_bytes
+from periphery_core.cluster.handles import advertised_release
 from periphery_core.cluster.state import ClusterState
 from periphery_core.discovery import NodeAddress
 
@@ -105,7 +106,10 @@ class ClusterScreen(PeripheryScreen):
             )
         waiting = [a for i, a in self._discovered.items() if i not in state.nodes]
         for address in sorted(waiting, key=lambda a: a.name):
-            table.add_row(address.name, "[dim]discovered[/]", "-",
+            # one of another release says so before anyone tries it (c says what to do)
+            found = "[yellow]other release[/]" if advertised_release(address) else \
+                "[dim]discovered[/]"
+            table.add_row(address.name, found, "-",
                           f"{address.host}:{address.port}", "-", "-", "-", "-", "-",
                           key=address.node_id)
         rows = len(state.nodes) + len(waiting)
@@ -169,6 +173,9 @@ class ClusterScreen(PeripheryScreen):
         address = self._discovered.get(str(key))
         if address is None:
             self.notify("that node is already connected: c connects a discovered one")
+            return
+        if (mismatch := advertised_release(address)) is not None:
+            self.report_failure(mismatch)  # what to do, at once
             return
         self.notify(f"connecting to {address.name}…")
         self._connect_address(self.papp.control, address)

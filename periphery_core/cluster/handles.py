@@ -20,13 +20,33 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from periphery_core import __version__
 from periphery_core.cluster import events as ev
 from periphery_core.cluster.speeds import NodeSpeed, parse_speed, planning_speeds
 from periphery_core.cluster.views import NodeView
 from periphery_core.discovery import NodeAddress
+from periphery_core.errors import ClusterError
 from periphery_core.partition.plan import DEFAULT_BANDWIDTH, DeviceSpec
+from periphery_core.wire import PROTOCOL_VERSION
 
 log = logging.getLogger("periphery.master")
+
+def other_release(host: str, port: int, version: object) -> ClusterError:
+    """The one line for a node that speaks another wire protocol version than this master."""
+    return ClusterError(
+        f"node {host}:{port} speaks wire protocol {version!s:.20} and this master "
+        f"{PROTOCOL_VERSION}: install the same Periphery release on both (this one is "
+        f"{__version__})")
+
+
+def advertised_release(address: NodeAddress) -> ClusterError | None:
+    """`other_release` for a node whose mDNS record (TXT `proto`) names another protocol
+    version, known before connecting; None when it names this one or none (a static peer)."""
+    version = address.properties.get("proto")
+    if version is None or version == str(PROTOCOL_VERSION):
+        return None
+    return other_release(address.host, address.port, version)
+
 
 # The share of a node's free memory the planner may fill: the rest is headroom for the
 # runtime's own allocations and for whatever else the host runs.

@@ -30,17 +30,16 @@ from typing import Any
 
 import zmq
 
-from periphery_core import __version__
 from periphery_core.cluster import events as ev
 from periphery_core.cluster.bus import EventBus
 from periphery_core.cluster.futures import settle
-from periphery_core.cluster.handles import NodeHandle
+from periphery_core.cluster.handles import NodeHandle, advertised_release, other_release
 from periphery_core.cluster.keys import Guard
 from periphery_core.cluster.speeds import parse_speed
 from periphery_core.cluster.waker import Waker
 from periphery_core.discovery import NodeAddress
 from periphery_core.errors import ClusterError
-from periphery_core.wire import PROTOCOL_VERSION, Limits, Message, WireError, decode, encode
+from periphery_core.wire import Limits, Message, WireError, decode, encode
 from periphery_core.wire.codec import VersionMismatch
 
 log = logging.getLogger("periphery.master")
@@ -137,8 +136,11 @@ class Control:
         """Say hello to a node, wait for its description, measure the link, publish the join.
 
         Raises:
-            ClusterError: the node does not answer in time.
+            ClusterError: the node does not answer in time, or advertises or answers in another
+                protocol version.
         """
+        if (mismatch := advertised_release(address)) is not None:
+            raise mismatch  # its mDNS record says so: no need to ask
         reply: Future = Future()
         # With keys, a node's public key comes from its mDNS record; a static peer's is not
         # known, so one connection per allowed key is tried and the one that answers is kept.
@@ -307,10 +309,7 @@ class Control:
     @staticmethod
     def _mismatched(handle: NodeHandle, exc: VersionMismatch) -> None:
         """Fail whoever waits to connect to a node that speaks another protocol version."""
-        error = ClusterError(
-            f"node {handle.address.host}:{handle.address.port} speaks wire protocol "
-            f"{exc.version!s:.20} and this master {PROTOCOL_VERSION}: install the same "
-            f"Periphery release on both (this one is {__version__})")
+        error = other_release(handle.address.host, handle.address.port, exc.version)
         for f in handle.waiters.pop("info", []):
             settle(f, error)
 

@@ -152,19 +152,9 @@ class ClusterState:
         return self.stage_stats.bottleneck()
 
     def node_state(self, node_id: str, now: float | None = None) -> NodeState:
-        """A node's state at time `now`: "busy" turns back into "ready" `BUSY_S` after its last
-        completed request, even when no event has arrived since.
-
-        Args:
-            node_id: A known node's id.
-            now: The reader's time (seconds, the events' clock); None uses the state's clock.
-
-        Returns:
-            The state.
-
-        Raises:
-            KeyError: The node is unknown.
-        """
+        """A known node's state at the reader's time `now` (the events' clock; None: the
+        state's own): "busy" turns back into "ready" `BUSY_S` after its last completed request,
+        even when no event has arrived since. KeyError for an unknown node."""
         node = self.nodes[node_id]
         if node.state != "busy" or now is None:
             return node.state
@@ -172,15 +162,8 @@ class ClusterState:
         return "ready" if last is None or now - last > BUSY_S else "busy"
 
     def nodes_in(self, state: NodeState, now: float | None = None) -> tuple[NodeView, ...]:
-        """Nodes in a given state, by id.
-
-        Args:
-            state: The state to select.
-            now: Judge "busy" at this time; None uses the state's own clock.
-
-        Returns:
-            The matching nodes, sorted by id.
-        """
+        """The nodes in `state`, sorted by id, "busy" judged at `now` (None: the state's
+        clock)."""
         return tuple(
             node for _, node in sorted(self.nodes.items()) if self.node_state(node.id, now) == state
         )
@@ -236,7 +219,17 @@ def _on_joined(state: ClusterState, event: NodeJoined) -> ClusterState:
         speed=event.speed if event.speed is not None else old.speed, rtt_s=event.rtt_s,
         bandwidth=event.bandwidth, workers=event.workers, state=joined,
         last_seen=max(old.last_seen, event.t))
-    return dataclasses.replace(state, nodes=state.nodes.set(node.id, node))
+    return _without_replaced(dataclasses.replace(state, nodes=state.nodes.set(node.id, node)))
+
+
+def _without_replaced(state: ClusterState) -> ClusterState:
+    """Drop each lost node outside the deploy whose address a joined node holds: its process
+    was started again there (the log keeps its loss and the new one's join)."""
+    live = {(n.host, n.port) for n in state.nodes.values() if n.state not in ("lost",
+                                                                              "discovered")}
+    gone = [n.id for n in state.nodes.values() if n.state == "lost"
+            and (n.host, n.port) in live and n.id not in state.assignment]
+    return dataclasses.replace(state, nodes=state.nodes.drop(gone)) if gone else state
 
 
 def _on_lost(state: ClusterState, event: NodeLost) -> ClusterState:
@@ -273,13 +266,13 @@ def _on_deploy_started(state: ClusterState, event: DeployStarted) -> ClusterStat
                                       provider=None)
         if updated != node:
             nodes = nodes.set(node.id, updated)
-    return dataclasses.replace(
+    return _without_replaced(dataclasses.replace(
         state, nodes=nodes, plan_stages=event.plan_stages, replicas=event.replicas,
         assignment=event.assignment,
         deploy=FrozenMap((i, StageDeploy(stage=i, node_id=node_id))
                          for i, node_id in enumerate(event.assignment)),
         deploy_status="deploying",
-        stage_stats=StageStats(max_samples=state.stage_stats.max_samples))
+        stage_stats=StageStats(max_samples=state.stage_stats.max_samples)))
 
 
 def _on_shard_progress(state: ClusterState, event: ShardProgress) -> ClusterState:
@@ -422,19 +415,20 @@ def apply(state: ClusterState, event: Event) -> ClusterState:
 
     Pure: `state` is not changed; the result shares its unchanged parts.
 
-    Semantics: `NodeDiscovered` adds a "discovered" node unless the id is known. `NodeJoined`
-    makes a node "ready" with its figures (a lost node that joins again is ready again; a
-    "joining" or "busy" node keeps that state). `NodeLost` makes it "lost", keeping figures and
-    stage. `NodeStats` updates utilisation, `last_seen` and the speed if it carries one.
-    `DeployStarted` resets deploy progress and stage timings, assigns stages and makes assigned
-    nodes "joining" (lost nodes stay lost). `ShardProgress` records bytes sent. `StageReady`
-    marks the stage ready and its node "ready". `DeployFailed` marks the stage failed and the
-    deploy "failed". `DeployFinished` ends the deploy and records its links. `RequestCompleted`
-    counts the request, records its latency and stage timings and makes the nodes of its
-    stages "busy" for `BUSY_S`. `RequestFailed` counts a failure. `RecoveryStarted` sets
-    `recovering`; `Recovered` clears it and counts the recovery; `SpreadBack`, `NodeExited` are
-    only logged; `Rebalanced` counts a move of the cuts; `RecoveryFailed` clears it and marks
-    the deploy "failed". Unknown nodes change no node.
+    Semantics: `NodeDiscovered` adds a "discovered" node unless the id is known. `NodeJoined` makes
+    a node "ready" with its figures (a lost node that joins again is ready again; a "joining" or
+    "busy" node keeps that state). `NodeLost` makes it "lost", keeping figures and stage.
+    `NodeStats` updates utilisation, `last_seen` and the speed if it carries one. `DeployStarted`
+    resets deploy progress and stage timings, assigns stages and makes assigned nodes "joining"
+    (lost nodes stay lost). After either of those two, a lost node outside the deploy whose address
+    a joined node holds (its process started again there) is dropped. `ShardProgress` records bytes
+    sent. `StageReady` marks the stage ready and its node "ready". `DeployFailed` marks the stage
+    failed and the deploy "failed". `DeployFinished` ends the deploy and records its links.
+    `RequestCompleted` counts the request, records its latency and stage timings and makes the nodes
+    of its stages "busy" for `BUSY_S`. `RequestFailed` counts a failure. `RecoveryStarted` sets
+    `recovering`; `Recovered` clears it and counts the recovery; `SpreadBack`, `NodeExited` are only
+    logged; `Rebalanced` counts a move of the cuts; `RecoveryFailed` clears it and marks the deploy
+    "failed". Unknown nodes change no node.
 
     Order: the fold is total, so a live view never crashes on an odd event; an event that
     cannot follow the state so far changes nothing but the log, where it is "ignored" with the

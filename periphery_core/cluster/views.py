@@ -69,6 +69,13 @@ class FrozenMap(Mapping[K, V]):
         data[key] = value
         return FrozenMap(data)
 
+    def drop(self, keys: Iterable[K]) -> FrozenMap[K, V]:
+        """A map without `keys` (this one, when it holds none of them)."""
+        gone = set(keys) & self._data.keys()
+        if not gone:
+            return self
+        return FrozenMap({k: v for k, v in self._data.items() if k not in gone})
+
 
 @dataclass(frozen=True, slots=True)
 class NodeView:

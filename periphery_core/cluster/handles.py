@@ -31,6 +31,7 @@ from periphery_core.wire import PROTOCOL_VERSION
 
 log = logging.getLogger("periphery.master")
 
+
 def other_release(host: str, port: int, version: object) -> ClusterError:
     """The one line for a node that speaks another wire protocol version than this master."""
     return ClusterError(

@@ -140,7 +140,9 @@ def test_the_openai_client_streams_the_greedy_reply(server: Server) -> None:
 def test_a_server_that_loses_a_node_says_so_and_answers_the_same(tmp_path: Path) -> None:
     """`periphery serve` over two local nodes; one node SIGKILLed: the server logs the
     recovery in one line each (a server's operator reads its log, not a summary at the end)
-    and the next request gets the undisturbed greedy reply."""
+    and the next request gets the undisturbed greedy reply; the node, the server's own, is
+    started again at its address and the server spreads back over it, still answering the
+    same."""
     psutil = pytest.importorskip("psutil")
     with _serving(SMOLLM, "--shards", "2", "--api-key", KEY) as server:
         nodes = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
@@ -156,7 +158,16 @@ def test_a_server_that_loses_a_node_says_so_and_answers_the_same(tmp_path: Path)
         assert json.loads(data)["choices"][0]["message"]["content"] == _expected(8)
         told = [line for line in server.log if line.startswith(("recovering:", "recovered:"))]
         assert len(told) == 2 and "lost local1" in told[0] and "(local0)" in told[1], told
-    print(f"\nperiphery serve: {told[1]}")
+        assert [line for line in server.log if re.match(
+            r"node local1 exited \(signal 9\); started again at 127\.0\.0\.1:\d+", line)]
+        wait_for(lambda: [line for line in server.log if line.startswith("spread back:")], 60,
+                 "the server to spread back over the node started again")
+        status, data = server.request("POST", "/v1/chat/completions", body)
+        assert status == 200, data
+        assert json.loads(data)["choices"][0]["message"]["content"] == _expected(8)
+        back = next(line for line in server.log if line.startswith("spread back:"))
+        assert "local1 joined; serving again on 2 nodes" in back, back
+    print(f"\nperiphery serve: {told[1]}\nperiphery serve: {back}")
 
 
 def test_eight_clients_stream_at_once_and_a_ninth_is_told_busy(server: Server) -> None:

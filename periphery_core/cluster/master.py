@@ -15,7 +15,8 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent import futures
 from concurrent.futures import Future
 from typing import Any
 
@@ -34,7 +35,7 @@ from periphery_core.cluster.same_host import (
     is_ipc,
 )
 from periphery_core.discovery import NodeAddress
-from periphery_core.errors import ClusterError, RequestFailed
+from periphery_core.errors import ClusterError, PeripheryError, RequestFailed
 from periphery_core.partition.plan import DeviceSpec
 from periphery_core.wire import Limits, encode
 
@@ -156,7 +157,7 @@ class Master:
 
     def deploy(
         self,
-        shards: Sequence[bytes],
+        shards: Iterable[bytes | Sequence[bytes]],
         assignment: Sequence[str],
         *,
         replicas: int = 1,
@@ -170,13 +171,17 @@ class Master:
         `assignment[r * K + i]` (its slot), and the master balances requests over the
         replicas. Events and the nodes' timings name a stage by its slot.
 
+        Each shard is its bytes, or parts whose concatenation they are (`shard_parts`). They
+        are taken one at a time, the next once the one before has gone out to its nodes: a
+        generator that makes each as it is asked for holds one stage of a big model at once,
+        never every stage (the nodes build their sessions meanwhile).
+
         Raises:
             ClusterError: an unknown or lost node, a refused shard, or a timeout.
         """
-        k = len(shards)
-        if replicas < 1 or k * replicas != len(assignment):
-            raise ClusterError(f"{k} shards x {replicas} replicas but {len(assignment)} nodes "
-                               "assigned")
+        if replicas < 1 or len(assignment) % replicas:
+            raise ClusterError(f"{len(assignment)} nodes cannot hold {replicas} replicas")
+        k = len(assignment) // replicas
         if len(set(assignment)) != len(assignment):
             raise ClusterError("each stage needs a node of its own")
         self._check_alive()
@@ -189,22 +194,31 @@ class Master:
         self.bus.publish(ev.DeployStarted(t=time.time(), plan_stages=k, replicas=replicas,
                                           assignment=tuple(assignment)))
         epoch = self._data.new_epoch()
-        readies: list[Future] = []
-        digests = [hashlib.sha256(shard).hexdigest() for shard in shards] * replicas
-        links = []
-        for slot, handle in enumerate(handles):
-            results, results_key = self._results_link(handle)
-            nxt, nxt_key = (results, results_key) if slot % k == k - 1 \
-                else self._data_link(handle, handles[slot + 1])
-            links.append("ipc" if is_ipc(nxt) else "tcp")
-            readies.append(self._control.upload(handle, slot, len(handles), shards[slot % k],
-                                                digests[slot], nxt=nxt, nxt_key=nxt_key,
-                                                results=results, results_key=results_key,
-                                                exact=exact, epoch=epoch))
         deadline = time.time() + timeout
-        for i, (ready, handle) in enumerate(zip(readies, handles, strict=True)):
+        readies: dict[int, Future] = {}
+        digests: list[str] = [""] * len(handles)
+        links = [""] * len(handles)
+        for i, shard in enumerate(self._stages(shards, k, handles)):
+            parts = [shard] if isinstance(shard, bytes) else shard
+            digest = hashlib.sha256()
+            for part in parts:
+                digest.update(part)
+            sent = []
+            for slot in range(i, len(handles), k):
+                handle, digests[slot] = handles[slot], digest.hexdigest()
+                results, results_key = self._results_link(handle)
+                nxt, nxt_key = (results, results_key) if slot % k == k - 1 \
+                    else self._data_link(handle, handles[slot + 1])
+                links[slot] = "ipc" if is_ipc(nxt) else "tcp"
+                readies[slot], gone = self._control.upload(
+                    handle, slot, len(handles), parts, digests[slot], nxt=nxt, nxt_key=nxt_key,
+                    results=results, results_key=results_key, exact=exact, epoch=epoch)
+                sent.append(gone)
+            del shard, parts  # (the uploads hold them until they have gone)
+            futures.wait(sent, timeout=max(0.0, deadline - time.time()))
+        for i, handle in enumerate(handles):
             try:
-                info = ready.result(timeout=max(0.0, deadline - time.time()))
+                info = readies[i].result(timeout=max(0.0, deadline - time.time()))
             except TimeoutError:
                 error = ClusterError(f"stage {i} on {handle.name} was not ready within "
                                      f"{timeout:.0f} s")
@@ -220,6 +234,26 @@ class Master:
         self._control.record_stages(handles, digests, exact)
         self._data.connect_first([self._data_link(None, h) for h in handles[::k]])
         self.bus.publish(ev.DeployFinished(t=time.time(), links=tuple(links)))
+
+    def _stages(self, shards: Iterable[bytes | Sequence[bytes]], k: int,
+                handles: Sequence[NodeHandle]) -> Iterator[bytes | Sequence[bytes]]:
+        """`shards`, one at a time, checked to be one per stage; a stage that cannot be made
+        (its extraction failed) fails the deploy as a refused one does."""
+        it = iter(shards)
+        for i in range(k + 1):
+            try:
+                shard = next(it)
+            except StopIteration:
+                if i == k:
+                    return
+                raise ClusterError(f"{i} shards for {k} stages") from None
+            except PeripheryError as exc:
+                self.bus.publish(ev.DeployFailed(t=time.time(), node_id=handles[i].node_id,
+                                                 stage=i, reason=exc.message))
+                raise
+            if i == k:
+                raise ClusterError(f"more shards than the {k} stages of {len(handles)} nodes")
+            yield shard
 
     def _data_link(self, sender: NodeHandle | None,
                    receiver: NodeHandle) -> tuple[str, bytes | None]:

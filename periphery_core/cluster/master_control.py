@@ -411,23 +411,31 @@ class Control:
 
     # ------------------------------------------------------------------ deploying
 
-    def upload(self, handle: NodeHandle, stage: int, stages: int, shard: bytes, digest: str,
-               *, nxt: str, nxt_key: bytes | None, results: str, results_key: bytes | None,
-               exact: bool, epoch: int) -> Future:
-        """Send one stage's shard and wiring to a node; the future resolves when it is ready.
+    def upload(self, handle: NodeHandle, stage: int, stages: int, shard: Sequence[bytes],
+               digest: str, *, nxt: str, nxt_key: bytes | None, results: str,
+               results_key: bytes | None, exact: bool, epoch: int) -> tuple[Future, Future]:
+        """Send one stage's shard (the parts of its bytes, in order) and wiring to a node.
 
+        Returns two futures: the first resolves when the node is ready, the second once every
+        chunk is handed to ZeroMQ (or the upload ended early): the caller's parts may go then.
         A node that already runs this very shard (a restarted master found it) keeps it: it
         is only rewired, nothing is uploaded again.
         """
         ready: Future = Future()
-        view = memoryview(shard)  # chunks are views: a big shard is not copied again here
-        chunks = [(off, view[off:off + CHUNK_BYTES]) for off in range(0, len(shard), CHUNK_BYTES)]
+        sent: Future = Future()
+        ready.add_done_callback(lambda _: settle(sent, None))  # lost or refused: no more sent
+        chunks, size = [], 0
+        for part in shard:  # chunks are views: a big shard is not copied again here
+            view = memoryview(part)
+            chunks += [(size + off, view[off:off + CHUNK_BYTES])
+                       for off in range(0, len(part), CHUNK_BYTES)]
+            size += len(part)
         reuse = handle.holds == (stage, digest, exact)
 
         def begin() -> None:
             handle.waiters.setdefault("ready", []).append(ready)
             if not self.send(handle, encode("deploy_begin", {
-                "stage": stage, "stages": stages, "sha256": digest, "size": len(shard),
+                "stage": stage, "stages": stages, "sha256": digest, "size": size,
                 "inputs": [], "outputs": [], "next": nxt, "results": results,
                 "exact": exact, "epoch": epoch, "next_key": (nxt_key or b"").decode(),
                 "results_key": (results_key or b"").decode(),
@@ -436,6 +444,8 @@ class Control:
                 settle(ready, ClusterError(f"node {handle.name} takes no messages (is it hung?)"))
             elif not reuse:
                 self.put(lambda: send_chunks(0))
+            else:
+                settle(sent, None)
 
         def send_chunks(i: int) -> None:
             if ready.done():  # the node was lost or refused: stop uploading
@@ -448,7 +458,7 @@ class Control:
                     return
                 self.bus.publish(ev.ShardProgress(
                     t=time.time(), node_id=handle.node_id, stage=stage,
-                    sent_bytes=off + len(data), total_bytes=len(shard)))
+                    sent_bytes=off + len(data), total_bytes=size))
             if i + _CHUNKS_PER_TURN < len(chunks):
                 self.put(lambda: send_chunks(i + _CHUNKS_PER_TURN))
             else:
@@ -459,11 +469,12 @@ class Control:
                 return
             if self.send(handle, encode("deploy_end", {"sha256": digest})):
                 handle.loading_until = time.time() + LOADING_LOST_S  # it builds the session now
+                settle(sent, None)
             else:
                 self.retry(end)
 
         self.put(begin)
-        return ready
+        return ready, sent
 
     def record_stages(self, handles: Sequence[NodeHandle], digests: Sequence[str],
                       exact: bool) -> None:

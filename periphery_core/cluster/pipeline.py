@@ -49,14 +49,15 @@ from periphery_core.cluster.rebalance import (
     measured_plan,
     per_worker,
 )
+from periphery_core.cluster.shard_parts import shard_parts
 from periphery_core.errors import ClusterError, PeripheryError
 from periphery_core.generate.decoder import DecoderSpec
 from periphery_core.generate.planning import plan_shape
-from periphery_core.generate.stateful import make_stateful
+from periphery_core.generate.stateful import stateful
 from periphery_core.model.analysis import ModelAnalysis
 from periphery_core.model.loading import LoadedModel
 from periphery_core.model.profile import profile_model
-from periphery_core.partition.extract import extract_shards
+from periphery_core.partition.extract import iter_shards
 from periphery_core.partition.plan import ShardPlan
 from periphery_core.progress import ProgressFn
 
@@ -223,10 +224,12 @@ class Pipeline:
             raise ClusterError(f"the plan runs {plan.shape} on {plan.nodes_needed} nodes but "
                                f"{len(chosen)} are available")
         chosen = chosen[:plan.nodes_needed]
-        shards = extract_shards(self.loaded, self.analysis, plan, progress=progress)
+        # One stage at a time, each made, serialized in parts and sent before the next: the
+        # master holds the model and one stage's bytes, never every stage (shard_parts).
+        shards = iter_shards(self.loaded, self.analysis, plan, progress=progress)
         if self.decoder is not None:
-            shards = make_stateful(shards, self.decoder)
-        self.master.deploy([s.SerializeToString() for s in shards], chosen,
+            shards = stateful(shards, self.decoder)
+        self.master.deploy((shard_parts(s, i) for i, s in enumerate(shards)), chosen,
                            replicas=plan.replicas, exact=self.exact)
         self.plan, self.assignment, self.failed = plan, tuple(chosen), None
         self._meter.reset(plan.k)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import json
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
@@ -89,13 +89,20 @@ def stage_state(shard: onnx.ModelProto) -> StageState | None:
 
 def make_stateful(shards: Sequence[onnx.ModelProto], spec: DecoderSpec) -> list[onnx.ModelProto]:
     """Copies of a decoder's shards that keep their own caches (see the module docstring)."""
+    copies = []
+    for shard in shards:
+        copies.append(onnx.ModelProto())
+        copies[-1].CopyFrom(shard)
+    return list(stateful(copies, spec))
+
+
+def stateful(shards: Iterable[onnx.ModelProto], spec: DecoderSpec) -> Iterator[onnx.ModelProto]:
+    """Each of a decoder's shards, made in place (no copy of its weights) into one that keeps
+    its own caches, as it is asked for: a deploy holds one stage at a time."""
     pasts = {s.past: s for s in spec.slots}
     presents = {s.present for s in spec.slots}
     made = {n for n in (spec.mask, spec.positions) if n}
-    out: list[onnx.ModelProto] = []
-    for shard in shards:
-        new = onnx.ModelProto()
-        new.CopyFrom(shard)
+    for new in shards:
         graph = new.graph
         read = {n for node in graph.node for n in node_inputs(node)}
         written = {o for node in graph.node for o in node.output}
@@ -118,8 +125,7 @@ def make_stateful(shards: Sequence[onnx.ModelProto], spec: DecoderSpec) -> list[
             logits=spec.logits if spec.logits in {o.name for o in graph.output} else None,
         )
         new.metadata_props.add(key=STATE_KEY, value=state.to_json())
-        out.append(new)
-    return out
+        yield new
 
 
 class _OnHost:

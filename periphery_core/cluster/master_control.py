@@ -415,12 +415,9 @@ class Control:
                digest: str, *, nxt: str, nxt_key: bytes | None, results: str,
                results_key: bytes | None, exact: bool, epoch: int) -> tuple[Future, Future]:
         """Send one stage's shard (the parts of its bytes, in order) and wiring to a node.
-
-        Returns two futures: the first resolves when the node is ready, the second once every
-        chunk is handed to ZeroMQ (or the upload ended early): the caller's parts may go then.
+        Two futures: the node is ready; every chunk is with ZeroMQ (or the upload ended early).
         A node that already runs this very shard (a restarted master found it) keeps it: it
-        is only rewired, nothing is uploaded again.
-        """
+        is only rewired, nothing is uploaded again."""
         ready: Future = Future()
         sent: Future = Future()
         ready.add_done_callback(lambda _: settle(sent, None))  # lost or refused: no more sent
@@ -456,6 +453,8 @@ class Control:
                 if not self.send(handle, encode("deploy_chunk", {"offset": off}, payload=data)):
                     self.retry(functools.partial(send_chunks, j))
                     return
+                # Taking chunks it is alive, its answers late on a busy host: loading, for now
+                handle.loading_until = max(handle.loading_until, time.time() + self.lost_after_s)
                 self.bus.publish(ev.ShardProgress(
                     t=time.time(), node_id=handle.node_id, stage=stage,
                     sent_bytes=off + len(data), total_bytes=size))

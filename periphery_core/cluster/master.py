@@ -216,7 +216,10 @@ class Master:
                 sent.append(gone)
             del shard, parts  # (the uploads hold them until they have gone)
             futures.wait(sent, timeout=max(0.0, deadline - time.time()))
-        for i, handle in enumerate(handles):
+            if any(r.done() and r.exception() is not None for r in readies.values()):
+                break  # a node was lost or refused its stage: no more stages are made
+        for i in sorted(readies):
+            handle = handles[i]
             try:
                 info = readies[i].result(timeout=max(0.0, deadline - time.time()))
             except TimeoutError:

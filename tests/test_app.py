@@ -337,16 +337,17 @@ async def test_demo_restarts_a_killed_node_recovering_and_spreading_back_losing_
         def said(what: str) -> list[str]:
             return [line for line in app.cluster_state.recent if what in line]
 
-        await until(pilot, lambda: said("spread back:"), timeout=60)
+        # (a restart quicker than the loss is noticed recovers onto three nodes at once)
+        await until(pilot, lambda: said("spread back:") or said("on 3 nodes"), timeout=60)
         (restarted,) = said("node local1 exited (signal 9); started again at ")
         assert f"127.0.0.1:{port}, id " in restarted
         assert local.nodes[1].process.pid != first and local.alive() == 3
         (recovered,) = said("recovered:")
-        assert "on 2 nodes (local0, local2)" in recovered
-        (back,) = said("spread back:")
-        assert "local1 joined; serving again on 3 nodes" in back
+        back = said("spread back:")
+        if "on 2 nodes (local0, local2)" in recovered:
+            assert back and "local1 joined; serving again on 3 nodes" in back[0], back
         print(f"\napp: {restarted}\napp: {recovered}\napp: {back}")
-        assert len(app.cluster_state.assignment) == 3
+        await until(pilot, lambda: len(app.cluster_state.assignment) == 3, timeout=10)
         # the process started again replaces the lost one in the Cluster screen's table
         await until(pilot, lambda: len(app.cluster_state.nodes) == 3, timeout=10)
         assert not app.cluster_state.nodes_in("lost")

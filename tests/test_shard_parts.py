@@ -3,6 +3,7 @@ them gives the unsharded model's results bit for bit, as a user runs it."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -15,8 +16,18 @@ import onnxruntime as ort
 import pytest
 
 from periphery_core.cluster import shard_parts as parts_module
-from periphery_core.cluster.shard_parts import PART_MIN, shard_parts
-from periphery_core.errors import PlanError
+from periphery_core.cluster.shard_parts import (
+    PART_MIN,
+    FilePart,
+    chunked,
+    parts_sha256,
+    shard_parts,
+)
+from periphery_core.errors import ClusterError, PlanError
+from periphery_core.model import load_model
+from periphery_core.model.analysis import analyze
+from periphery_core.partition.extract import iter_shards
+from periphery_core.partition.planner import make_plan
 from tests.models import mlp
 
 WIDTH = 640  # each weight 1.6 MB: a part of its own
@@ -56,11 +67,101 @@ def test_a_shard_protobuf_cannot_carry_is_one_clear_line(monkeypatch: pytest.Mon
         shard_parts(mlp(width=WIDTH, layers=4), 2)
 
 
-def test_run_local_deploys_big_weights_in_parts_bit_for_bit(tmp_path: Path) -> None:
+def _with_data_file(folder: Path, layers: int = 4) -> Path:
+    """An MLP whose weights lie in one external data file, as big models' do."""
+    path = folder / "mlp.onnx"
+    onnx.save(mlp(width=WIDTH, layers=layers), path, save_as_external_data=True,
+              all_tensors_to_one_file=True, location="mlp.onnx.data", size_threshold=1024)
+    return path
+
+
+def _joined(parts: list) -> bytes:
+    return b"".join(p.read(0, len(p)) if isinstance(p, FilePart) else p for p in parts)
+
+
+def test_weights_in_a_data_file_go_from_the_file_and_parse_to_the_same_shards(
+        tmp_path: Path) -> None:
+    loaded = load_model(_with_data_file(tmp_path))
+    analysis = analyze(loaded)
+    plan = make_plan(analysis, 2)
+    for i, (kept, on_disk) in enumerate(zip(
+            iter_shards(loaded, analysis, plan),
+            iter_shards(loaded, analysis, plan, weights_on_disk=True), strict=True)):
+        assert all(t.data_location == onnx.TensorProto.EXTERNAL
+                   for t in on_disk.graph.initializer)  # declared, not copied
+        parts = shard_parts(on_disk, i, tmp_path)
+        files = [p for p in parts if isinstance(p, FilePart)]
+        assert len(files) == 2 and {p.path.name for p in files} == {"mlp.onnx.data"}
+        joined = _joined(parts)
+        assert parts_sha256(parts) == hashlib.sha256(joined).hexdigest()
+        assert b"".join(bytes(read()) for _, read in chunked(parts, 100_003)) == joined
+        back = onnx.ModelProto()
+        back.ParseFromString(joined)
+        assert all(t.data_location == onnx.TensorProto.DEFAULT and not t.external_data
+                   for t in back.graph.initializer)  # nothing on the node points at a file
+        x = np.random.default_rng(i).standard_normal((1, WIDTH)).astype(np.float32)
+        (want,) = _session(kept.SerializeToString()).run(None, {kept.graph.input[0].name: x})
+        (got,) = _session(joined).run(None, {back.graph.input[0].name: x})
+        assert np.array_equal(got, want)
+
+
+def test_a_data_file_changed_since_loading_is_not_read_and_one_cut_short_is_one_line(
+        tmp_path: Path) -> None:
+    loaded = load_model(_with_data_file(tmp_path))
+    analysis = analyze(loaded)
+    data = tmp_path / "mlp.onnx.data"
+    os.utime(data, ns=(0, 0))  # another file now: the weights the master holds are sent
+    shard = next(iter_shards(loaded, analysis, make_plan(analysis, 2), weights_on_disk=True))
+    parts = shard_parts(shard, 0, tmp_path)
+    assert not any(isinstance(p, FilePart) for p in parts) and len(parts) == 5
+    cut = FilePart(data, 0, data.stat().st_size + 10)
+    with pytest.raises(ClusterError, match="ended early while its weights were sent"):
+        cut.read(data.stat().st_size - 4, 14)
+
+
+def test_a_deploy_sends_what_the_master_holds_whatever_became_of_the_data_file(
+        tmp_path: Path) -> None:
+    """Weights go from the data file only while it is the file the model was loaded from: one
+    rewritten since (zeros), or deleted, leaves the results the loaded model's."""
+    from periphery_core.cluster import events as ev
+    from periphery_core.cluster.local import LocalCluster
+    from periphery_core.cluster.pipeline import Pipeline
+
+    path = _with_data_file(tmp_path)
+    loaded = load_model(path)
+    analysis = analyze(loaded)
+    x = np.random.default_rng(1).standard_normal((1, WIDTH)).astype(np.float32)
+    (want,) = _session(loaded.proto.SerializeToString()).run(None, {"x": x})
+    data = tmp_path / "mlp.onnx.data"
+    size = data.stat().st_size
+    data.write_bytes(bytes(size))  # the same size, all zeros, a new modification time
+    failed: list[str] = []
+    with LocalCluster(2) as local, local.master() as master:
+        master.bus.subscribe(lambda e: failed.append(e.reason)
+                             if isinstance(e, ev.DeployFailed) else None)
+        pipeline = Pipeline(master, loaded, analysis, k=2, exact=True, recover=False)
+        try:
+            pipeline.deploy([a.node_id for a in local.addresses])
+            got = pipeline.submit({"x": x}).result(timeout=60)["y"]
+            assert np.array_equal(got, want) and np.any(got)
+            data.unlink()  # gone: the same
+            pipeline.deploy([a.node_id for a in local.addresses])
+            got = pipeline.submit({"x": x}).result(timeout=60)["y"]
+            assert np.array_equal(got, want)
+        finally:
+            pipeline.close()
+    assert not failed
+
+
+@pytest.mark.parametrize("data_file", [False, True], ids=["inline", "data-file"])
+def test_run_local_deploys_big_weights_in_parts_bit_for_bit(tmp_path: Path,
+                                                            data_file: bool) -> None:
     """`periphery run --local --check --exact` over two stages of an MLP whose every weight
-    travels as a part of its own: every result equals the unsharded model's."""
-    model = tmp_path / "mlp.onnx"
-    onnx.save(mlp(width=WIDTH, layers=4), model)
+    travels as a part of its own (from the model's data file, where it has one): every result
+    equals the unsharded model's."""
+    model = _with_data_file(tmp_path) if data_file else tmp_path / "mlp.onnx"
+    if not data_file:
+        onnx.save(mlp(width=WIDTH, layers=4), model)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
     def cli(*args: object) -> subprocess.CompletedProcess:

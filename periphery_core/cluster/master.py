@@ -11,7 +11,6 @@ node is a `NodeHandle` (`handles.py`). Everything observable is published as typ
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -34,6 +33,7 @@ from periphery_core.cluster.same_host import (
     host_identity,
     is_ipc,
 )
+from periphery_core.cluster.shard_parts import Part, parts_sha256
 from periphery_core.discovery import NodeAddress
 from periphery_core.errors import ClusterError, PeripheryError, RequestFailed
 from periphery_core.partition.plan import DeviceSpec
@@ -157,7 +157,7 @@ class Master:
 
     def deploy(
         self,
-        shards: Iterable[bytes | Sequence[bytes]],
+        shards: Iterable[bytes | Sequence[Part]],
         assignment: Sequence[str],
         *,
         replicas: int = 1,
@@ -198,14 +198,10 @@ class Master:
         readies: dict[int, Future] = {}
         digests: list[str] = [""] * len(handles)
         links = [""] * len(handles)
-        for i, shard in enumerate(self._stages(shards, k, handles)):
-            parts = [shard] if isinstance(shard, bytes) else shard
-            digest = hashlib.sha256()
-            for part in parts:
-                digest.update(part)
+        for i, (parts, digest) in enumerate(self._stages(shards, k, handles)):
             sent = []
             for slot in range(i, len(handles), k):
-                handle, digests[slot] = handles[slot], digest.hexdigest()
+                handle, digests[slot] = handles[slot], digest
                 results, results_key = self._results_link(handle)
                 nxt, nxt_key = (results, results_key) if slot % k == k - 1 \
                     else self._data_link(handle, handles[slot + 1])
@@ -214,7 +210,7 @@ class Master:
                     handle, slot, len(handles), parts, digests[slot], nxt=nxt, nxt_key=nxt_key,
                     results=results, results_key=results_key, exact=exact, epoch=epoch)
                 sent.append(gone)
-            del shard, parts  # (the uploads hold them until they have gone)
+            del parts  # (the uploads hold them until they have gone)
             futures.wait(sent, timeout=max(0.0, deadline - time.time()))
             if any(r.done() and r.exception() is not None for r in readies.values()):
                 break  # a node was lost or refused its stage: no more stages are made
@@ -238,14 +234,17 @@ class Master:
         self._data.connect_first([self._data_link(None, h) for h in handles[::k]])
         self.bus.publish(ev.DeployFinished(t=time.time(), links=tuple(links)))
 
-    def _stages(self, shards: Iterable[bytes | Sequence[bytes]], k: int,
-                handles: Sequence[NodeHandle]) -> Iterator[bytes | Sequence[bytes]]:
-        """`shards`, one at a time, checked to be one per stage; a stage that cannot be made
-        (its extraction failed) fails the deploy as a refused one does."""
+    def _stages(self, shards: Iterable[bytes | Sequence[Part]], k: int,
+                handles: Sequence[NodeHandle]) -> Iterator[tuple[Sequence[Part], str]]:
+        """`shards`, one at a time, each as its parts and their sha256, checked to be one per
+        stage; a stage that cannot be made (its extraction failed, its weights' file cannot be
+        read) fails the deploy as a refused one does."""
         it = iter(shards)
         for i in range(k + 1):
             try:
                 shard = next(it)
+                parts = [shard] if isinstance(shard, bytes) else shard
+                digest = parts_sha256(parts)
             except StopIteration:
                 if i == k:
                     return
@@ -256,7 +255,9 @@ class Master:
                 raise
             if i == k:
                 raise ClusterError(f"more shards than the {k} stages of {len(handles)} nodes")
-            yield shard
+            del shard
+            yield parts, digest
+            del parts  # (not held while the next is made)
 
     def _data_link(self, sender: NodeHandle | None,
                    receiver: NodeHandle) -> tuple[str, bytes | None]:

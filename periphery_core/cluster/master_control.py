@@ -35,6 +35,7 @@ from periphery_core.cluster.bus import EventBus
 from periphery_core.cluster.futures import settle
 from periphery_core.cluster.handles import NodeHandle, advertised_release, other_release
 from periphery_core.cluster.keys import Guard
+from periphery_core.cluster.shard_parts import Part, chunked
 from periphery_core.cluster.speeds import parse_speed
 from periphery_core.cluster.waker import Waker
 from periphery_core.discovery import NodeAddress
@@ -411,7 +412,7 @@ class Control:
 
     # ------------------------------------------------------------------ deploying
 
-    def upload(self, handle: NodeHandle, stage: int, stages: int, shard: Sequence[bytes],
+    def upload(self, handle: NodeHandle, stage: int, stages: int, shard: Sequence[Part],
                digest: str, *, nxt: str, nxt_key: bytes | None, results: str,
                results_key: bytes | None, exact: bool, epoch: int) -> tuple[Future, Future]:
         """Send one stage's shard (the parts of its bytes, in order) and wiring to a node.
@@ -421,12 +422,8 @@ class Control:
         ready: Future = Future()
         sent: Future = Future()
         ready.add_done_callback(lambda _: settle(sent, None))  # lost or refused: no more sent
-        chunks, size = [], 0
-        for part in shard:  # chunks are views: a big shard is not copied again here
-            view = memoryview(part)
-            chunks += [(size + off, view[off:off + CHUNK_BYTES])
-                       for off in range(0, len(part), CHUNK_BYTES)]
-            size += len(part)
+        chunks = chunked(shard, CHUNK_BYTES)  # read as sent: a shard is not copied again here
+        size = sum(map(len, shard))
         reuse = handle.holds == (stage, digest, exact)
 
         def begin() -> None:
@@ -449,7 +446,11 @@ class Control:
                 return
             # A full queue is retried on a later turn.
             for j in range(i, min(i + _CHUNKS_PER_TURN, len(chunks))):
-                off, data = chunks[j]
+                off, read = chunks[j]
+                try:
+                    data = read()
+                except ClusterError as exc:  # the model's data file changed or went away
+                    return settle(ready, exc)
                 if not self.send(handle, encode("deploy_chunk", {"offset": off}, payload=data)):
                     self.retry(functools.partial(send_chunks, j))
                     return

@@ -225,11 +225,13 @@ class Pipeline:
                                f"{len(chosen)} are available")
         chosen = chosen[:plan.nodes_needed]
         # One stage at a time, each made, serialized in parts and sent before the next: the
-        # master holds the model and one stage's bytes, never every stage (shard_parts).
-        shards = iter_shards(self.loaded, self.analysis, plan, progress=progress)
+        # master holds the model, and at most one stage's weights not in a data file.
+        shards = iter_shards(self.loaded, self.analysis, plan, progress=progress,
+                             weights_on_disk=True)  # (big weights sent from the model's files)
         if self.decoder is not None:
             shards = stateful(shards, self.decoder)
-        self.master.deploy((shard_parts(s, i) for i, s in enumerate(shards)), chosen,
+        folder = self.loaded.path.parent
+        self.master.deploy((shard_parts(s, i, folder) for i, s in enumerate(shards)), chosen,
                            replicas=plan.replicas, exact=self.exact)
         self.plan, self.assignment, self.failed = plan, tuple(chosen), None
         self._meter.reset(plan.k)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -30,6 +30,30 @@ RELEASE_THRESHOLD = 256 << 20
 
 
 @dataclass(frozen=True)
+class DataFiles:
+    """Where a model's external weights lie, as its file declared them: a deploy sends a big
+    weight's bytes from its data file (shard_parts) rather than copying the ones `proto`
+    holds, so the master holds the model's weights once, never a stage's twice more."""
+
+    folder: Path
+    headers: Mapping[str, onnx.TensorProto]  # initializer -> its declaration (no bytes)
+    stamps: Mapping[str, tuple[int, int]]  # data file -> (size, mtime_ns) when it was read
+
+    def header(self, name: str) -> onnx.TensorProto | None:
+        """`name`'s declaration while its data file is still the one read at load; None for
+        a weight read from no file, or from one changed since (its bytes are `proto`'s)."""
+        head = self.headers.get(name)
+        if head is None:
+            return None
+        location = next((e.value for e in head.external_data if e.key == "location"), "")
+        try:
+            stat = (self.folder / location).stat()
+        except OSError:
+            return None
+        return head if (stat.st_size, stat.st_mtime_ns) == self.stamps.get(location) else None
+
+
+@dataclass(frozen=True)
 class LoadedModel:
     """An ONNX model and where it came from."""
 
@@ -40,6 +64,7 @@ class LoadedModel:
     checker_ok: bool  # passes onnx.checker's full check; shards are then held to it too
     # Symbolic dimensions the files beside the model or its metadata pin (model.declared).
     declared: DeclaredDims = field(default_factory=DeclaredDims)
+    data_files: DataFiles | None = None  # where the weights read from data files lie
 
     @property
     def name(self) -> str:
@@ -103,13 +128,34 @@ def load_model(
     if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
         raise ModelLoadError(f"{p} holds no ONNX graph: is it really an ONNX model?")
     external = _uses_external_data(proto)
+    files = _data_files(proto, p.parent) if external else None
     if external and weights:
         _load_external(proto, p, small_only=weights == "small")
     _check_structure(proto, p)
     return LoadedModel(
         path=p, proto=proto, sha256=file_sha256(p), has_external_data=external,
-        checker_ok=passes_checker(proto), declared=declared_dims(p, proto),
+        checker_ok=passes_checker(proto), declared=declared_dims(p, proto), data_files=files,
     )
+
+
+def _data_files(proto: onnx.ModelProto, folder: Path) -> DataFiles:
+    """The declarations of the top-level initializers kept in data files, before they are read."""
+    headers: dict[str, onnx.TensorProto] = {}
+    stamps: dict[str, tuple[int, int]] = {}
+    for init in proto.graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        head = onnx.TensorProto()
+        head.CopyFrom(init)  # (no bytes yet: cheap)
+        headers[init.name] = head
+        location = next((e.value for e in init.external_data if e.key == "location"), "")
+        if location not in stamps:
+            try:
+                stat = (folder / location).stat()
+            except OSError:
+                continue  # (missing: _load_external says so)
+            stamps[location] = (stat.st_size, stat.st_mtime_ns)
+    return DataFiles(folder=folder, headers=headers, stamps=stamps)
 
 
 def _refuse_text(path: Path) -> None:
@@ -154,7 +200,7 @@ def skeleton(model: onnx.ModelProto, keep_bytes: int = SKELETON_KEEP_BYTES) -> o
     listed = {i.name for i in graph.input}
     g.input.extend(graph.input)
     for init in graph.initializer:
-        if _approx_nbytes(init) <= keep_bytes:
+        if approx_nbytes(init) <= keep_bytes:
             g.initializer.append(init)
             continue
         if init.name not in listed:
@@ -164,7 +210,7 @@ def skeleton(model: onnx.ModelProto, keep_bytes: int = SKELETON_KEEP_BYTES) -> o
     return light
 
 
-def _approx_nbytes(t: onnx.TensorProto) -> int:
+def approx_nbytes(t: onnx.TensorProto) -> int:
     """A tensor's bytes from its shape and type, without touching its data."""
     count = 1
     for d in t.dims:
@@ -229,7 +275,7 @@ def _load_external(proto: onnx.ModelProto, path: Path, *, small_only: bool = Fal
     # onnx's loader reads every tensor marked external: the big ones are unmarked meanwhile.
     left = [t for t in _initializers(proto.graph) if small_only
             and t.data_location == onnx.TensorProto.EXTERNAL
-            and _approx_nbytes(t) > SKELETON_KEEP_BYTES]
+            and approx_nbytes(t) > SKELETON_KEEP_BYTES]
     for t in left:
         t.data_location = onnx.TensorProto.DEFAULT
     try:
@@ -253,7 +299,7 @@ def approx_size(model: onnx.ModelProto) -> int:
     the graph's own size. `ByteSize()` would tell exactly, but protobuf's C backend computes it
     by encoding the whole message: a transient copy of every weight (1.8 GiB for a 0.9 GiB
     shard), which is what writing a big model one shard at a time must not hold."""
-    weights = sum(_approx_nbytes(t) for t in model.graph.initializer
+    weights = sum(approx_nbytes(t) for t in model.graph.initializer
                   if t.data_location != onnx.TensorProto.EXTERNAL)
     return weights + skeleton(model).ByteSize()
 
@@ -275,7 +321,7 @@ def save_model(model: onnx.ModelProto, path: Path, *, keep: bool = True,
     data = path.with_name(path.name + ".data")
     if data.exists():
         data.unlink()  # onnx appends to an existing data file
-    size = approx_size(model) + sum(_approx_nbytes(t) for t in model.graph.initializer
+    size = approx_size(model) + sum(approx_nbytes(t) for t in model.graph.initializer
                                     if t.data_location == onnx.TensorProto.EXTERNAL)
     if not keep and size >= RELEASE_THRESHOLD:
         _save_released(model, path, data, weights_dir)
@@ -319,7 +365,7 @@ def _save_released(model: onnx.ModelProto, path: Path, data: Path,
             if weights_dir is None:
                 raise ModelLoadError(f"tensor '{t.name}' is not loaded and no folder to read "
                                      "it from was given")
-            moved.append((t, *_external_range(t, weights_dir)))
+            moved.append((t, *external_range(t, weights_dir)))
         elif t.HasField("raw_data") and len(t.raw_data) >= _DATA_FILE_MIN_BYTES:
             moved.append((t, None, 0, len(t.raw_data)))
     if moved:
@@ -340,7 +386,7 @@ def _save_released(model: onnx.ModelProto, path: Path, data: Path,
     onnx.save_model(model, str(path))
 
 
-def _external_range(t: onnx.TensorProto, base: Path) -> tuple[Path, int, int]:
+def external_range(t: onnx.TensorProto, base: Path) -> tuple[Path, int, int]:
     """The file, offset and length of an external tensor's bytes, checked against the file."""
     info = {e.key: e.value for e in t.external_data}
     location = Path(info.get("location", ""))

@@ -20,12 +20,19 @@ import onnx
 from periphery_core.errors import ExtractError, PlanError
 from periphery_core.model.analysis import ModelAnalysis
 from periphery_core.model.graph import node_inputs, node_keys, subgraphs
-from periphery_core.model.loading import LoadedModel, save_model, skeleton
+from periphery_core.model.loading import (
+    DataFiles,
+    LoadedModel,
+    approx_nbytes,
+    save_model,
+    skeleton,
+)
 from periphery_core.partition.plan import ShardPlan
 from periphery_core.progress import CancelToken, ProgressFn, check, report
 
 STAGE_FILE = "stage-{index}.onnx"
 PLAN_FILE = "plan.json"
+ON_DISK_MIN = 1 << 20  # (iter_shards' weights_on_disk) what a deploy sends from a data file
 
 
 def _inferred_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
@@ -143,9 +150,15 @@ def iter_shards(
     *,
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
+    weights_on_disk: bool = False,
 ) -> Iterator[onnx.ModelProto]:
     """Build one standalone ONNX model per stage of `plan`, one at a time: a caller that
     writes each and lets it go holds the model and one shard, not every shard at once.
+
+    `weights_on_disk`: a weight of `ON_DISK_MIN` bytes or more that the model read from a data
+    file, still the one it read, stays declared as the file declares it (data_location
+    EXTERNAL, relative to the model's folder) rather than copied into the shard: for a caller
+    that sends its bytes from the file (`cluster.shard_parts`).
 
     Raises:
         PlanError: the plan does not fit this model.
@@ -169,6 +182,7 @@ def iter_shards(
     types = _inferred_types(model)
     model_outputs = {o.name: o for o in graph.output}
     listed_inputs = {i.name: i for i in graph.input if i.name in inits}
+    files = loaded.data_files if weights_on_disk else None
     for stage in plan.stages:
         check(cancel)
         report(progress, "extract", stage.index, plan.k, f"stage {stage.index}")
@@ -206,7 +220,7 @@ def iter_shards(
             sub.output.append(model_outputs[b.name] if b.name in model_outputs
                               else _value_info(b.name, types, analysis))
         own_inits = [n for n in reads if n in inits and n not in set(boundary_in)]
-        sub.initializer.extend(inits[n] for n in own_inits)
+        sub.initializer.extend(_on_disk(inits[n], files) or inits[n] for n in own_inits)
         sub.sparse_initializer.extend(sparse[n] for n in reads if n in sparse)
         # IR 3 requires every initializer to be listed among the graph inputs too, and an
         # initializer the model lists as an input (IR 4+ allows it) is one ONNX Runtime treats
@@ -244,6 +258,13 @@ def iter_shards(
                 ) from None
         yield shard
     report(progress, "extract", plan.k, plan.k, "done")
+
+
+def _on_disk(init: onnx.TensorProto, files: DataFiles | None) -> onnx.TensorProto | None:
+    """`init`'s declaration in its data file, for a big weight still there (see iter_shards)."""
+    if files is None or approx_nbytes(init) < ON_DISK_MIN:
+        return None
+    return files.header(init.name)
 
 
 def write_shards(shards: Iterable[onnx.ModelProto], plan: ShardPlan, out_dir: Path, *,

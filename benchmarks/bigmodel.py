@@ -198,6 +198,7 @@ def probe_deploy(work: Path) -> None:
     from periphery_core.cluster.pipeline import Pipeline
     from periphery_core.model import load_model
     from periphery_core.model.analysis import analyze
+    from periphery_core.model.loading import approx_nbytes
     from periphery_core.partition.plan import load_plan
 
     loaded = load_model(work / "model.onnx")
@@ -222,11 +223,31 @@ def probe_deploy(work: Path) -> None:
         wall = time.perf_counter() - t0
         done.set()
         ticker.join()
+        nodes = [_hwm(Path(f"/proc/{n.process.pid}/status")) for n in local.nodes]
+        stages = [sum(approx_nbytes(t) for t in loaded.proto.graph.initializer
+                      if t.name in names) for names in _stage_weights(loaded, plan)]
         pipeline.close()
-    status = Path("/proc/self/status").read_text().splitlines()
-    hwm = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
     print(json.dumps({"step": "deploy on 4 local nodes (Pipeline.deploy, as run --local)",
-                      "wall_s": wall, "peak_rss": hwm, "longest_wait_s": max(waits)}))
+                      "wall_s": wall, "peak_rss": _hwm(Path("/proc/self/status")),
+                      "longest_wait_s": max(waits),
+                      "nodes": [{"peak_rss": n, "stage_weights": w}
+                                for n, w in zip(nodes, stages, strict=True)]}))
+
+
+def _hwm(status: Path) -> int:
+    """A process's peak resident memory, from its /proc status."""
+    lines = status.read_text().splitlines()
+    return next(int(line.split()[1]) * 1024 for line in lines if line.startswith("VmHWM"))
+
+
+def _stage_weights(loaded, plan) -> list[set[str]]:  # type: ignore[no-untyped-def]
+    """The names of the weights each stage's nodes read."""
+    from periphery_core.model.graph import node_keys
+
+    inits = {t.name for t in loaded.proto.graph.initializer}
+    by_key = dict(zip(node_keys(loaded.proto.graph), loaded.proto.graph.node, strict=True))
+    return [{n for k in stage.nodes if k in by_key for n in by_key[k].input if n in inits}
+            for stage in plan.stages]
 
 
 def main() -> int:
@@ -267,6 +288,10 @@ def main() -> int:
         t.add_row(r["step"], f"{r['wall_s']:.1f} s", f"{r['peak_rss'] / GIB:.2f} GiB",
                   f"{r['ratio']:.2f}x")
     console.print(t)
+    for i, node in enumerate(rows[-1]["nodes"]):
+        console.print(f"node of stage {i}: peak {node['peak_rss'] / GIB:.2f} GiB for "
+                      f"{node['stage_weights'] / GIB:.2f} GiB of weights "
+                      f"({node['peak_rss'] / node['stage_weights']:.2f}x)")
     worst = max(r["ratio"] for r in rows[:-1])
     console.print(f"worst CLI step: {worst:.2f}x the model's size (target 1.5x); the deploy's "
                   f"master: {rows[-1]['ratio']:.2f}x, its other threads waited at most "

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -67,10 +68,10 @@ def test_a_shard_protobuf_cannot_carry_is_one_clear_line(monkeypatch: pytest.Mon
         shard_parts(mlp(width=WIDTH, layers=4), 2)
 
 
-def _with_data_file(folder: Path, layers: int = 4) -> Path:
+def _with_data_file(folder: Path, layers: int = 4, width: int = WIDTH) -> Path:
     """An MLP whose weights lie in one external data file, as big models' do."""
     path = folder / "mlp.onnx"
-    onnx.save(mlp(width=WIDTH, layers=layers), path, save_as_external_data=True,
+    onnx.save(mlp(width=width, layers=layers), path, save_as_external_data=True,
               all_tensors_to_one_file=True, location="mlp.onnx.data", size_threshold=1024)
     return path
 
@@ -153,15 +154,21 @@ def test_a_deploy_sends_what_the_master_holds_whatever_became_of_the_data_file(
     assert not failed
 
 
-@pytest.mark.parametrize("data_file", [False, True], ids=["inline", "data-file"])
-def test_run_local_deploys_big_weights_in_parts_bit_for_bit(tmp_path: Path,
-                                                            data_file: bool) -> None:
+@pytest.mark.parametrize("how", ["inline", "data-file", "big-stages"])
+def test_run_local_deploys_big_weights_in_parts_bit_for_bit(tmp_path: Path, how: str) -> None:
     """`periphery run --local --check --exact` over two stages of an MLP whose every weight
-    travels as a part of its own (from the model's data file, where it has one): every result
-    equals the unsharded model's."""
-    model = _with_data_file(tmp_path) if data_file else tmp_path / "mlp.onnx"
-    if not data_file:
+    travels as a part of its own (from the model's data file, where it has one; big stages,
+    69 MB each, built on their nodes through a file): every result equals the unsharded
+    model's."""
+    from periphery_core.cluster.shard_load import FILE_MIN
+
+    if how == "inline":
+        model = tmp_path / "mlp.onnx"
         onnx.save(mlp(width=WIDTH, layers=4), model)
+    else:
+        width = 4160 if how == "big-stages" else WIDTH
+        model = _with_data_file(tmp_path, 2 if how == "big-stages" else 4, width)
+        assert (how == "big-stages") == (width * width * 4 >= FILE_MIN)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
     def cli(*args: object) -> subprocess.CompletedProcess:
@@ -175,3 +182,30 @@ def test_run_local_deploys_big_weights_in_parts_bit_for_bit(tmp_path: Path,
     assert run.returncode == 0, run.stderr
     summary = json.loads(run.stdout)
     assert summary["completed"] == 50 and summary["check"]["bit_identical_outputs"] == 50
+
+
+def test_a_node_builds_a_big_stage_through_a_file_and_it_runs_the_same(
+        tmp_path: Path) -> None:
+    """A shard of FILE_MIN bytes or more is made into its session through a temporary file
+    (one copy of its weights at a time on the node), a small one from its bytes: both run
+    bit for bit as ONNX Runtime runs the shard, and the temporary folder is gone after."""
+    from periphery_core.cluster.shard_load import FILE_MIN, build_stage
+    from periphery_core.runtime.session import SessionConfig
+
+    width = 4160  # one weight of 69 MB: over FILE_MIN
+    model = mlp(width=width, layers=1)
+    data = model.SerializeToString()
+    assert len(data) >= FILE_MIN
+    before = set(Path(tempfile.gettempdir()).glob("periphery-shard-*"))
+    received = [bytearray(data)]
+    big, state = build_stage(received, SessionConfig(exact=True))
+    assert received == [] and state is None
+    assert set(Path(tempfile.gettempdir()).glob("periphery-shard-*")) == before
+    small, _ = build_stage([bytearray(mlp(width=WIDTH, layers=1).SerializeToString())],
+                           SessionConfig(exact=True))
+    x = np.random.default_rng(2).standard_normal((1, width)).astype(np.float32)
+    (want,) = _session(data).run(None, {"x": x})
+    assert np.array_equal(big.run({"x": x})["y"], want)
+    (want_small,) = _session(mlp(width=WIDTH, layers=1).SerializeToString()).run(
+        None, {"x": x[:, :WIDTH]})
+    assert np.array_equal(small.run({"x": x[:, :WIDTH]})["y"], want_small)

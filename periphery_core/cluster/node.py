@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import onnx
 import psutil
 import zmq
 
@@ -43,10 +42,11 @@ from periphery_core.cluster.node_data import (
     run_threads,
     warm_up,
 )
-from periphery_core.cluster.shard_policy import check_destinations, require_self_contained
+from periphery_core.cluster.shard_load import build_stage
+from periphery_core.cluster.shard_policy import check_destinations
 from periphery_core.cluster.speed import device_description, measure_speed
 from periphery_core.errors import ClusterError
-from periphery_core.generate.stateful import StatefulStage, stage_state
+from periphery_core.generate.stateful import StatefulStage
 from periphery_core.runtime.chain import StageRunner
 from periphery_core.runtime.gpu import gpu_usage, memory_for_caches, parse_device, providers_for
 from periphery_core.runtime.session import SessionConfig
@@ -362,15 +362,13 @@ class NodeDaemon:
 
     def _build(self, ident: bytes, up: _Upload) -> None:
         try:
-            data = bytes(up.buffer)
-            model = onnx.load_model_from_string(data)
-            require_self_contained(model)  # no reading of this host's files (shard_policy.py)
+            received, up.buffer = [up.buffer], bytearray()  # (build_stage takes them)
             providers = providers_for(self.config.device)
             exact = bool(up.fields.get("exact", True))
             assert self.data is not None  # started before any master can deploy
             threads = run_threads(self.config.threads, self.data.workers, self.config.device)
-            runner = StageRunner(model, SessionConfig(exact=exact, threads=threads,
-                                                      providers=providers), serialized=data)
+            runner, state = build_stage(received, SessionConfig(exact=exact, threads=threads,
+                                                                providers=providers))
             provider = runner.session.get_providers()[0]
             if self.config.device.startswith("cuda") and provider != "CUDAExecutionProvider" \
                     and not self._warned_cuda:
@@ -382,7 +380,6 @@ class NodeDaemon:
                                          "stage": up.stage})
             return
         try:
-            state = stage_state(model)
             if state is None:
                 warm_up(runner)
             budget = self.config.kv_budget or memory_for_caches(runner.device, runner.device_id)

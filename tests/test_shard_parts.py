@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -188,7 +189,8 @@ def test_a_node_builds_a_big_stage_through_a_file_and_it_runs_the_same(
         tmp_path: Path) -> None:
     """A shard of FILE_MIN bytes or more is made into its session through a temporary file
     (one copy of its weights at a time on the node), a small one from its bytes: both run
-    bit for bit as ONNX Runtime runs the shard, and the temporary folder is gone after."""
+    bit for bit as ONNX Runtime runs the shard, and the temporary folder is gone after, with
+    those of nodes killed while building (a folder names its node's pid)."""
     from periphery_core.cluster.shard_load import FILE_MIN, build_stage
     from periphery_core.runtime.session import SessionConfig
 
@@ -196,11 +198,22 @@ def test_a_node_builds_a_big_stage_through_a_file_and_it_runs_the_same(
     model = mlp(width=width, layers=1)
     data = model.SerializeToString()
     assert len(data) >= FILE_MIN
-    before = set(Path(tempfile.gettempdir()).glob("periphery-shard-*"))
+    scratch = Path(tempfile.gettempdir())
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    left = scratch / f"periphery-shard-{ended.pid}-x"  # a node killed mid-build left it
+    left.mkdir()
+    (left / "shard.onnx.data").write_bytes(b"0" * 100)
+    live = Path(tempfile.mkdtemp(prefix=f"periphery-shard-{os.getpid()}-", dir=scratch))
+    before = set(scratch.glob("periphery-shard-*")) - {left}
     received = [bytearray(data)]
-    big, state = build_stage(received, SessionConfig(exact=True))
-    assert received == [] and state is None
-    assert set(Path(tempfile.gettempdir()).glob("periphery-shard-*")) == before
+    try:
+        big, state = build_stage(received, SessionConfig(exact=True))
+        assert received == [] and state is None
+        assert set(scratch.glob("periphery-shard-*")) == before  # its own gone, a live one kept
+    finally:
+        shutil.rmtree(left, ignore_errors=True)
+        shutil.rmtree(live, ignore_errors=True)
     small, _ = build_stage([bytearray(mlp(width=WIDTH, layers=1).SerializeToString())],
                            SessionConfig(exact=True))
     x = np.random.default_rng(2).standard_normal((1, width)).astype(np.float32)

@@ -10,6 +10,7 @@ Runtime maps or copies what it needs). A small one goes from the bytes, as befor
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,6 +23,7 @@ from periphery_core.runtime.chain import StageRunner
 from periphery_core.runtime.session import SessionConfig
 
 FILE_MIN = 64 << 20  # shards of this many bytes or more go through a file
+PREFIX = "periphery-shard-"  # then the node's pid: a folder a killed node left is found
 
 
 def build_stage(received: list[bytearray],
@@ -42,10 +44,26 @@ def build_stage(received: list[bytearray],
     if len(data) < FILE_MIN or shutil.disk_usage(scratch).free < 2 * len(data):
         return StageRunner(model, config, serialized=bytes(data)), state
     del data
-    with tempfile.TemporaryDirectory(prefix="periphery-shard-", dir=scratch) as tmp:
+    _sweep(Path(scratch))
+    with tempfile.TemporaryDirectory(prefix=f"{PREFIX}{os.getpid()}-", dir=scratch) as tmp:
         path = Path(tmp) / "shard.onnx"
         onnx.save_model(model, str(path), save_as_external_data=True,
                         all_tensors_to_one_file=True, location="shard.onnx.data",
                         size_threshold=1024)
         del model  # (its weights are in the file now)
         return StageRunner(path, config), state
+
+
+def _sweep(scratch: Path) -> None:
+    """Remove the folders that nodes killed while building a stage left behind (their pid is
+    in the name and no process has it now)."""
+    for folder in scratch.glob(f"{PREFIX}*-*"):
+        pid = folder.name[len(PREFIX):].partition("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            continue  # (alive, another user's)

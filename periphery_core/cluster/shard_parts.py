@@ -26,8 +26,11 @@ import onnx
 
 from periphery_core.errors import ClusterError, ModelLoadError, PlanError
 from periphery_core.model.loading import approx_nbytes, external_range
+from periphery_core.partition.extract import ON_DISK_MIN
 
-PART_MIN = 1 << 20  # initializers of at least this many bytes are parts of their own
+# Initializers of at least this many bytes are parts of their own: the size above which the
+# extraction leaves a weight in its data file (weights_on_disk), so either way it is one part.
+PART_MIN = ON_DISK_MIN
 PROTOBUF_LIMIT = (1 << 31) - 1  # what a protobuf parser accepts in one message
 
 _GRAPH = b"\x3a"  # ModelProto.graph: field 7, length-delimited
@@ -95,11 +98,11 @@ def shard_parts(shard: onnx.ModelProto, stage: int = 0,
     """
     graph = shard.graph
     external = onnx.TensorProto.EXTERNAL
-    big = [t for t in graph.initializer
-           if t.data_location == external or approx_nbytes(t) >= PART_MIN]
+    own = [t.data_location == external or approx_nbytes(t) >= PART_MIN
+           for t in graph.initializer]
+    big = [t for t, alone in zip(graph.initializer, own, strict=True) if alone]
     if big:
-        small = [t for t in graph.initializer
-                 if not (t.data_location == external or approx_nbytes(t) >= PART_MIN)]
+        small = [t for t, alone in zip(graph.initializer, own, strict=True) if not alone]
         del graph.initializer[:]  # (the objects in `big` and `small` stay whole)
         graph.initializer.extend(small)
     parts: list[Part] = [shard.SerializeToString()]

@@ -11,12 +11,14 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
 from periphery_core.cluster import events as ev
 from periphery_core.cluster.local import LocalCluster
 from periphery_core.cluster.pipeline import Pipeline
+from periphery_core.errors import ClusterError
 from periphery_core.partition.verify import bit_identical
 from tests.streaming import OUT, Workload, count_completions, mlp_workload, stream
 from tests.waiting import wait_for
@@ -138,4 +140,26 @@ def test_the_master_outlives_a_dead_node_and_a_hung_one(work: Workload) -> None:
             assert deploys >= 2
         finally:
             pipeline.close()
+            os.kill(hung, signal.SIGCONT)
+
+
+def test_a_deploy_onto_a_node_lost_before_its_stage_goes_out_fails_with_the_loss(
+        work: Workload) -> None:
+    """The node is connected when the deploy begins and lost (SIGSTOPped, hung) before its
+    stage is made: the deploy fails naming the loss, not after its whole timeout (the app's
+    redeploy onto a hung node waited 120 s for a node already declared lost)."""
+    with LocalCluster(1) as local, local.master() as master:
+        node_id = local.addresses[0].node_id
+        hung = local.nodes[0].process.pid
+        shard = work.loaded.proto.SerializeToString()
+
+        def shards() -> Iterator[bytes]:  # made as the deploy asks for them, as iter_shards does
+            wait_for(lambda: master.nodes[node_id].lost, 15, "the hung node to be lost")
+            yield shard
+
+        os.kill(hung, signal.SIGSTOP)
+        try:
+            with pytest.raises(ClusterError, match="was lost"):
+                master.deploy(shards(), [node_id], timeout=60)
+        finally:
             os.kill(hung, signal.SIGCONT)

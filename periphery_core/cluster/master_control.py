@@ -427,6 +427,8 @@ class Control:
         reuse = handle.holds == (stage, digest, exact)
 
         def begin() -> None:
+            if handle.lost:  # lost since the deploy began: nothing would ever settle `ready`
+                return settle(ready, ClusterError(f"node {handle.name} was lost"))
             handle.waiters.setdefault("ready", []).append(ready)
             if not self.send(handle, encode("deploy_begin", {
                 "stage": stage, "stages": stages, "sha256": digest, "size": size,
@@ -480,7 +482,6 @@ class Control:
                       exact: bool) -> None:
         """Note which node runs which stage now that a deploy is ready (on the control thread,
         which alone writes handles)."""
-
         def record() -> None:
             for i, handle in enumerate(handles):
                 handle.stage = i
@@ -491,7 +492,6 @@ class Control:
 
     def send_to_stages(self, frames: list) -> None:
         """Send `frames` to every live node that runs a stage."""
-
         def send() -> None:
             for handle in list(self.nodes.values()):
                 if not handle.lost and handle.stage is not None and handle.stage >= 0:

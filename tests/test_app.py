@@ -35,6 +35,7 @@ from periphery_app.screens.modals import ChoiceModal, DetailsModal, ErrorModal, 
 from periphery_app.screens.shards import ShardsScreen
 from periphery_app.widgets.graph_view import GraphView
 from periphery_core.cluster.local import LocalCluster
+from periphery_core.wire import PROTOCOL_VERSION
 from tests.conftest import MODELS, require_shared
 
 pytestmark = pytest.mark.asyncio
@@ -526,8 +527,8 @@ async def test_a_discovered_node_of_another_release_says_so_before_it_is_tried()
             await until(pilot, lambda: isinstance(app.screen, ErrorModal), timeout=5)
             assert time.monotonic() - t0 < 2
             message = str(app.screen.query_one("#message", Static).content)
-            assert "speaks wire protocol 1 and this master 2: install the same Periphery " \
-                   "release on both" in message, message
+            assert f"speaks wire protocol 1 and this master {PROTOCOL_VERSION}: install the " \
+                   "same Periphery release on both" in message, message
             assert not app.cluster_state.nodes
     finally:
         node.kill()

@@ -293,7 +293,7 @@ def test_a_huge_declared_shard_allocates_nothing_before_its_bytes_arrive(node: L
     try:
         settled()
         rss_before = proc.memory_info().rss
-        control.send_multipart(_deploy_begin(node, size=2 << 30))  # a 300-byte message
+        control.send_multipart(_deploy_begin(node, size=(2 << 30) - 1))  # a 300-byte message
         refusals = settled()  # (a node with under 2 GiB free refuses it outright)
         assert all(r.kind == "error" and "memory" in r.fields["reason"] for r in refusals)
         growth = proc.memory_info().rss - rss_before

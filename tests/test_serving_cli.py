@@ -25,6 +25,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from periphery_core.wire import PROTOCOL_VERSION
 from tests.streaming import save_mlp
 from tests.waiting import wait_for
 
@@ -237,8 +238,8 @@ def test_a_node_of_another_release_is_named_in_one_line_at_once(tmp_path: Path) 
                             env=ENV, cwd=tmp_path)
     try:
         assert node.stdout is not None and "ready" in node.stdout.readline()
-        want = (f"node 127.0.0.1:{port} speaks wire protocol 1 and this master 2: install the "
-                "same Periphery release on both")
+        want = (f"node 127.0.0.1:{port} speaks wire protocol 1 and this master "
+                f"{PROTOCOL_VERSION}: install the same Periphery release on both")
         t0 = time.monotonic()
         ls = subprocess.run(_cli("cluster", "ls", "--peer", f"127.0.0.1:{port}", "--no-mdns",
                                  "--insecure", "--json"), capture_output=True, text=True,

@@ -18,18 +18,22 @@ import onnxruntime as ort
 import pytest
 
 from periphery_core.cluster import shard_parts as parts_module
+from periphery_core.cluster.shard_load import FILE_MIN, Received, build_stage
 from periphery_core.cluster.shard_parts import (
+    ALIGN,
     PART_MIN,
     FilePart,
     chunked,
     parts_sha256,
     shard_parts,
 )
+from periphery_core.cluster.shard_policy import ShardRefused
 from periphery_core.errors import ClusterError, PlanError
 from periphery_core.model import load_model
 from periphery_core.model.analysis import analyze
 from periphery_core.partition.extract import iter_shards
 from periphery_core.partition.planner import make_plan
+from periphery_core.runtime.session import SessionConfig
 from tests.models import mlp
 
 WIDTH = 640  # each weight 1.6 MB: a part of its own
@@ -41,31 +45,48 @@ def _session(data: bytes) -> ort.InferenceSession:
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
-def test_the_parts_parse_to_the_same_model_and_run_bit_for_bit_the_same() -> None:
+def _received(parts: list, stage: int = 0) -> Received:
+    """The parts as a node takes them, chunk by chunk."""
+    received = Received(sum(map(len, parts)), len(parts[0]), stage)
+    for _, read in chunked(parts, 1 << 20):
+        received.add(read())
+    return received
+
+
+def _marks(model: onnx.ModelProto) -> dict[str, dict[str, str]]:
+    return {t.name: {e.key: e.value for e in t.external_data} for t in model.graph.initializer
+            if t.data_location == onnx.TensorProto.EXTERNAL}
+
+
+def test_the_parts_are_the_model_then_its_weights_and_build_the_same_session() -> None:
     model = mlp(width=WIDTH, layers=3)
+    odd = onnx.numpy_helper.from_array(np.ones(300_001, np.float32), "odd")  # not page-sized
+    model.graph.initializer.insert(0, odd)
     model.graph.initializer.append(onnx.numpy_helper.from_array(np.ones(4, np.float32), "tiny"))
     whole = model.SerializeToString()
     parts = shard_parts(model)
-    assert len(parts) == 1 + 2 * 3  # the rest, then a header and a weight per big initializer
-    assert max(len(p) for p in parts[1::2]) < 16 and min(len(p) for p in parts[2::2]) >= PART_MIN
-    joined = b"".join(parts)
-    assert len(joined) > len(whole)  # (each big weight wrapped in a graph of its own)
-    back, original = onnx.ModelProto(), onnx.ModelProto()
-    back.ParseFromString(joined)
-    original.ParseFromString(whole)
-    assert sorted(t.SerializeToString() for t in back.graph.initializer) == \
-        sorted(t.SerializeToString() for t in original.graph.initializer)
-    assert back.graph.node == original.graph.node and back.graph.input == original.graph.input
+    head = onnx.ModelProto()
+    head.ParseFromString(parts[0])  # the model alone parses: small, its big weights marked
+    assert len(parts[0]) < 4096 and len(head.graph.initializer) == 5
+    marks = _marks(head)
+    assert set(marks) == {"odd", *(t.name for t in head.graph.initializer[1:4])}
+    assert all(set(m) == {"offset", "length"} and int(m["offset"]) % ALIGN == 0
+               for m in marks.values())  # no file named; each weight on a page of its own
+    weights = b"".join(p for p in parts[1:])
+    for t in onnx.load_from_string(whole).graph.initializer:
+        if t.name in marks:
+            at, n = int(marks[t.name]["offset"]), int(marks[t.name]["length"])
+            assert weights[at:at + n] == t.raw_data
+    runner, state = build_stage(_received(parts), SessionConfig(exact=True))
     x = np.random.default_rng(0).standard_normal((1, WIDTH)).astype(np.float32)
     (want,) = _session(whole).run(None, {"x": x})
-    (got,) = _session(joined).run(None, {"x": x})
-    assert np.array_equal(got, want)
+    assert state is None and np.array_equal(runner.run({"x": x})["y"], want)
 
 
 def test_a_shard_protobuf_cannot_carry_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(parts_module, "PROTOBUF_LIMIT", 3 * WIDTH * WIDTH * 4)  # 3 of 4 weights
-    with pytest.raises(PlanError, match=r"stage 2's shard is 0\.01 GiB, more than the 2 GiB one "
-                                        r"ONNX model can hold: plan more stages"):
+    monkeypatch.setattr(parts_module, "PROTOBUF_LIMIT", 200)  # (the model without its weights)
+    with pytest.raises(PlanError, match=r"stage 2's model is 0\.00 GiB without its big weights, "
+                                        r"more than the 2 GiB one ONNX model can hold: plan"):
         shard_parts(mlp(width=WIDTH, layers=4), 2)
 
 
@@ -81,7 +102,7 @@ def _joined(parts: list) -> bytes:
     return b"".join(p.read(0, len(p)) if isinstance(p, FilePart) else p for p in parts)
 
 
-def test_weights_in_a_data_file_go_from_the_file_and_parse_to_the_same_shards(
+def test_weights_in_a_data_file_go_from_the_file_and_build_the_same_shards(
         tmp_path: Path) -> None:
     loaded = load_model(_with_data_file(tmp_path))
     analysis = analyze(loaded)
@@ -97,14 +118,13 @@ def test_weights_in_a_data_file_go_from_the_file_and_parse_to_the_same_shards(
         joined = _joined(parts)
         assert parts_sha256(parts) == hashlib.sha256(joined).hexdigest()
         assert b"".join(bytes(read()) for _, read in chunked(parts, 100_003)) == joined
-        back = onnx.ModelProto()
-        back.ParseFromString(joined)
-        assert all(t.data_location == onnx.TensorProto.DEFAULT and not t.external_data
-                   for t in back.graph.initializer)  # nothing on the node points at a file
+        head = onnx.load_from_string(parts[0])
+        assert all(set(m) == {"offset", "length"} for m in _marks(head).values())  # no file
+        runner, _ = build_stage(_received(parts, i), SessionConfig(exact=True))
         x = np.random.default_rng(i).standard_normal((1, WIDTH)).astype(np.float32)
         (want,) = _session(kept.SerializeToString()).run(None, {kept.graph.input[0].name: x})
-        (got,) = _session(joined).run(None, {back.graph.input[0].name: x})
-        assert np.array_equal(got, want)
+        got = runner.run({head.graph.input[0].name: x})
+        assert np.array_equal(next(iter(got.values())), want)
 
 
 def test_a_data_file_changed_since_loading_is_not_read_and_one_cut_short_is_one_line(
@@ -115,7 +135,7 @@ def test_a_data_file_changed_since_loading_is_not_read_and_one_cut_short_is_one_
     os.utime(data, ns=(0, 0))  # another file now: the weights the master holds are sent
     shard = next(iter_shards(loaded, analysis, make_plan(analysis, 2), weights_on_disk=True))
     parts = shard_parts(shard, 0, tmp_path)
-    assert not any(isinstance(p, FilePart) for p in parts) and len(parts) == 5
+    assert not any(isinstance(p, FilePart) for p in parts) and len(parts) == 3  # model, 2 W
     cut = FilePart(data, 0, data.stat().st_size + 10)
     with pytest.raises(ClusterError, match="ended early while its weights were sent"):
         cut.read(data.stat().st_size - 4, 14)
@@ -185,43 +205,76 @@ def test_run_local_deploys_big_weights_in_parts_bit_for_bit(tmp_path: Path, how:
     assert summary["completed"] == 50 and summary["check"]["bit_identical_outputs"] == 50
 
 
-def test_a_node_builds_a_big_stage_through_a_file_and_it_runs_the_same(
+def test_a_node_writes_big_weights_to_a_file_as_they_come_and_builds_the_same_session(
         tmp_path: Path) -> None:
-    """A shard of FILE_MIN bytes or more is made into its session through a temporary file
-    (one copy of its weights at a time on the node), a small one from its bytes: both run
-    bit for bit as ONNX Runtime runs the shard, and the temporary folder is gone after, with
-    those of nodes killed while building (a folder names its node's pid)."""
-    from periphery_core.cluster.shard_load import FILE_MIN, build_stage
-    from periphery_core.runtime.session import SessionConfig
-
+    """Weights of FILE_MIN bytes or more go to a file of a private folder as they arrive (the
+    node holds them once, in ONNX Runtime), smaller ones stay in memory: both build sessions
+    that run bit for bit as ONNX Runtime runs the shard, and the folder is gone after, with
+    those of nodes killed mid-upload (a folder names its node's pid)."""
     width = 4160  # one weight of 69 MB: over FILE_MIN
-    model = mlp(width=width, layers=1)
-    data = model.SerializeToString()
-    assert len(data) >= FILE_MIN
+    data = mlp(width=width, layers=1).SerializeToString()
     scratch = Path(tempfile.gettempdir())
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait()
-    left = scratch / f"periphery-shard-{ended.pid}-x"  # a node killed mid-build left it
+    left = scratch / f"periphery-shard-{ended.pid}-x"  # a node killed mid-upload left it
     left.mkdir()
-    (left / "shard.onnx.data").write_bytes(b"0" * 100)
+    (left / "weights.bin").write_bytes(b"0" * 100)
     live = Path(tempfile.mkdtemp(prefix=f"periphery-shard-{os.getpid()}-", dir=scratch))
     before = set(scratch.glob("periphery-shard-*")) - {left}
-    received = [bytearray(data)]
     try:
+        received = _received(shard_parts(onnx.load_from_string(data)))
+        assert received.folder is not None and not left.exists()  # swept as it began
+        assert (received.folder / "weights.bin").stat().st_size >= FILE_MIN
+        assert len(received.model) < 4096 and not received.weights  # (in memory: the model)
         big, state = build_stage(received, SessionConfig(exact=True))
-        assert received == [] and state is None
+        assert state is None and not received.folder.exists()
         assert set(scratch.glob("periphery-shard-*")) == before  # its own gone, a live one kept
     finally:
         shutil.rmtree(left, ignore_errors=True)
         shutil.rmtree(live, ignore_errors=True)
-    small, _ = build_stage([bytearray(mlp(width=WIDTH, layers=1).SerializeToString())],
-                           SessionConfig(exact=True))
+    small_data = mlp(width=WIDTH, layers=1).SerializeToString()
+    received = _received(shard_parts(onnx.load_from_string(small_data)))
+    assert received.folder is None and len(received.weights) >= PART_MIN
+    small, _ = build_stage(received, SessionConfig(exact=True))
     x = np.random.default_rng(2).standard_normal((1, width)).astype(np.float32)
     (want,) = _session(data).run(None, {"x": x})
     assert np.array_equal(big.run({"x": x})["y"], want)
-    (want_small,) = _session(mlp(width=WIDTH, layers=1).SerializeToString()).run(
-        None, {"x": x[:, :WIDTH]})
+    (want_small,) = _session(small_data).run(None, {"x": x[:, :WIDTH]})
     assert np.array_equal(small.run({"x": x[:, :WIDTH]})["y"], want_small)
+
+
+@pytest.mark.parametrize("marks", [
+    {"location": "secret.bin", "offset": "0", "length": "16"},
+    {"location": "weights.bin", "offset": "0", "length": "16"},  # (its own file's name too)
+    {"offset": "4096", "length": "16"},  # beyond the bytes that came
+    {"offset": "-1", "length": "16"},
+    {"offset": "0"},
+])
+def test_weights_a_shard_marks_other_than_within_its_own_bytes_are_refused(
+        marks: dict[str, str]) -> None:
+    """A shard's weights may name nothing but a range of the bytes its upload carried."""
+    weight = onnx.TensorProto(name="W", data_type=onnx.TensorProto.UINT8, dims=[16])
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in marks.items():
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["W"], ["y"])], "g", [],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.UINT8, [16])], [weight])
+    model = onnx.helper.make_model(graph).SerializeToString()
+    received = _received([model, bytes(range(16))])
+    with pytest.raises(ShardRefused, match=r"external data|beyond the 16 bytes that came"):
+        build_stage(received, SessionConfig(exact=True))
+    ok = {"offset": "0", "length": "16"}
+    del weight.external_data[:]
+    for key, value in ok.items():
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    del graph.initializer[:]
+    graph.initializer.append(weight)
+    runner, _ = build_stage(_received([onnx.helper.make_model(graph).SerializeToString(),
+                                       bytes(range(16))]), SessionConfig(exact=True))
+    assert list(runner.run({})["y"]) == list(range(16))
 
 
 @pytest.mark.asyncio

@@ -171,10 +171,11 @@ class Master:
         `assignment[r * K + i]` (its slot), and the master balances requests over the
         replicas. Events and the nodes' timings name a stage by its slot.
 
-        Each shard is its bytes, or parts whose concatenation they are (`shard_parts`). They
-        are taken one at a time, the next once the one before has gone out to its nodes: a
-        generator that makes each as it is asked for holds one stage of a big model at once,
-        never every stage (the nodes build their sessions meanwhile).
+        Each shard is its model's bytes, or parts: its model, then its big weights' bytes
+        (`shard_parts`; the node is told where the model ends). They are taken one at a time,
+        the next once the one before has gone out to its nodes: a generator that makes each as
+        it is asked for holds one stage of a big model at once, never every stage (the nodes
+        build their sessions meanwhile).
 
         Raises:
             ClusterError: an unknown or lost node, a refused shard, or a timeout.

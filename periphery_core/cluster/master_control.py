@@ -435,7 +435,7 @@ class Control:
                 "inputs": [], "outputs": [], "next": nxt, "results": results,
                 "exact": exact, "epoch": epoch, "next_key": (nxt_key or b"").decode(),
                 "results_key": (results_key or b"").decode(),
-                "reuse": reuse,
+                "reuse": reuse, "head": len(shard[0]),
             })):
                 settle(ready, ClusterError(f"node {handle.name} takes no messages (is it hung?)"))
             elif not reuse:

@@ -16,7 +16,6 @@ node is never left half-alive.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import platform
@@ -34,7 +33,7 @@ import zmq
 
 from periphery_core.cluster import same_host
 from periphery_core.cluster.keys import Guard, KeyRing
-from periphery_core.cluster.node_control import ControlChannel
+from periphery_core.cluster.node_control import ControlChannel, control_socket
 from periphery_core.cluster.node_data import (
     Deployment,
     NodeDataPath,
@@ -42,8 +41,8 @@ from periphery_core.cluster.node_data import (
     run_threads,
     warm_up,
 )
-from periphery_core.cluster.shard_load import build_stage
-from periphery_core.cluster.shard_policy import check_destinations
+from periphery_core.cluster.shard_load import Received, build_stage
+from periphery_core.cluster.shard_policy import ShardRefused, check_destinations
 from periphery_core.cluster.speed import device_description, measure_speed
 from periphery_core.errors import ClusterError
 from periphery_core.generate.stateful import StatefulStage
@@ -90,9 +89,9 @@ class _Upload:
     stage: int
     stages: int
     sha256: str
-    size: int  # as declared: the buffer grows to it only as chunks arrive, in order
+    size: int  # as declared: what is held grows to it only as chunks arrive, in order
     fields: dict[str, Any]
-    buffer: bytearray = field(default_factory=bytearray)
+    received: Received
 
 
 class NodeDaemon:
@@ -125,9 +124,7 @@ class NodeDaemon:
     def start(self) -> None:
         cfg = self.config
         self.guard = Guard(self.ctx, cfg.keys, f"node {cfg.name}")
-        self.control = self.guard.server(self.ctx.socket(zmq.ROUTER), admit="masters")
-        self.control.setsockopt(zmq.LINGER, 0)
-        self.control.setsockopt(zmq.MAXMSGSIZE, cfg.limits.max_chunk_bytes + (1 << 20))
+        self.control = control_socket(self.ctx, self.guard, cfg.limits)
         port = self._bind(self.control, cfg.port)
         self.control_endpoint = f"tcp://{cfg.host}:{port}"
         self.channel = ControlChannel(self.control, cfg.limits, self._handle, self._stop)
@@ -209,7 +206,14 @@ class NodeDaemon:
         self.ctx.destroy(linger=0)
         if self._private is not None:
             self._private.remove()
+        self._abandon()
         log.info("node %s stopped", self.config.name)
+
+    def _abandon(self) -> None:
+        """Drop the upload in progress, if any (its file too)."""
+        up, self._upload = self._upload, None
+        if up is not None:
+            up.received.close()
 
     def _guarded(self, name: str, loop: Callable[[], None]) -> None:
         """Run one of the node's loops; if it dies anyway, stop the whole node, loudly.
@@ -302,28 +306,32 @@ class NodeDaemon:
 
     def _begin_upload(self, ident: bytes, msg: Message) -> None:
         f = msg.fields  # types and ranges already checked by decode (wire/protocol.py)
-        self._upload = None  # a new deploy abandons any upload still in progress
-        size = f["size"]
+        self._abandon()  # a new deploy abandons any upload still in progress
+        size, head = f["size"], f.get("head", f["size"])
         if not 0 < size <= self.config.max_shard_bytes:
             raise WireError(f"shard of {size} bytes is outside 1..{self.config.max_shard_bytes}")
+        if not 0 < head <= size:
+            raise WireError(f"deploy_begin's model of {head} bytes is outside 1..{size}")
         if f["stage"] >= f["stages"]:
             raise WireError(f"deploy_begin names stage {f['stage']} of {f['stages']}")
         check_destinations(f, self.guard.ring)
         if f.get("reuse") is True:
             self._reuse(ident, f)
             return
-        # Nothing is allocated for the declared size: the buffer grows as chunks arrive (so a
-        # small message cannot make the node zero-fill gigabytes), and a shard that cannot fit
-        # in the memory free here is refused now, not when it is half uploaded.
+        # Nothing is allocated for the declared size: what is held grows as chunks arrive (so
+        # a small message cannot make the node zero-fill gigabytes), and a shard that cannot
+        # fit in the memory free here is refused now, not when it is half uploaded.
         free = int(psutil.virtual_memory().available)
-        if size > free:
-            log.warning("refused shard for stage %d: %d MiB, %d MiB free", f["stage"],
-                        size >> 20, free >> 20)
-            self._reply(ident, "error", {
-                "reason": f"stage {f['stage']}: a shard of {size >> 20} MiB does not fit in the "
-                          f"{free >> 20} MiB of memory free on this node", "stage": f["stage"]})
+        try:
+            if size > free:
+                raise ShardRefused(f"stage {f['stage']}: a shard of {size >> 20} MiB does not "
+                                   f"fit in the {free >> 20} MiB of memory free on this node")
+            received = Received(size, head, f["stage"])
+        except ShardRefused as exc:
+            log.warning("refused shard for stage %d: %s", f["stage"], exc.message)
+            self._reply(ident, "error", {"reason": exc.message, "stage": f["stage"]})
             return
-        self._upload = _Upload(f["stage"], f["stages"], f["sha256"], size, dict(f))
+        self._upload = _Upload(f["stage"], f["stages"], f["sha256"], size, dict(f), received)
         log.info("receiving shard for stage %d (%d bytes)", f["stage"], size)
 
     def _reuse(self, ident: bytes, f: dict[str, Any]) -> None:
@@ -341,18 +349,20 @@ class NodeDaemon:
         up = self._upload
         if up is None or msg.payload is None:
             raise WireError("shard chunk without an upload in progress")
-        offset, received = msg.fields["offset"], len(up.buffer)
+        offset, received = msg.fields["offset"], up.received.count
         if offset != received or offset + len(msg.payload) > up.size:
             raise WireError(f"shard chunk at {offset} does not follow {received} "
                             f"(of {up.size} bytes)")
-        up.buffer += msg.payload
+        up.received.add(msg.payload)
 
     def _end_upload(self, ident: bytes, msg: Message) -> None:
         up, self._upload = self._upload, None
         if up is None:
             raise WireError("deploy_end without an upload")
-        digest = hashlib.sha256(up.buffer).hexdigest()
-        if len(up.buffer) != up.size or digest != up.sha256 or msg.fields["sha256"] != digest:
+        digest = up.received.sha256()
+        if up.received.count != up.size or digest != up.sha256 \
+                or msg.fields["sha256"] != digest:
+            up.received.close()
             log.warning("refused shard for stage %d: sha256 mismatch", up.stage)
             self._reply(ident, "error", {"reason": f"stage {up.stage}: shard bytes do not match "
                                          "their sha256", "stage": up.stage})
@@ -362,12 +372,11 @@ class NodeDaemon:
 
     def _build(self, ident: bytes, up: _Upload) -> None:
         try:
-            received, up.buffer = [up.buffer], bytearray()  # (build_stage takes them)
             providers = providers_for(self.config.device)
             exact = bool(up.fields.get("exact", True))
             assert self.data is not None  # started before any master can deploy
             threads = run_threads(self.config.threads, self.data.workers, self.config.device)
-            runner, state = build_stage(received, SessionConfig(exact=exact, threads=threads,
+            runner, state = build_stage(up.received, SessionConfig(exact=exact, threads=threads,
                                                                 providers=providers))
             provider = runner.session.get_providers()[0]
             if self.config.device.startswith("cuda") and provider != "CUDAExecutionProvider" \
@@ -396,8 +405,7 @@ class NodeDaemon:
                      stage, StatefulStage) else "")
 
     def _activate(self, ident: bytes, stage: int, runner: StageRunner | StatefulStage,
-                  provider: str,
-                  f: dict[str, Any], sha256: str) -> None:
+                  provider: str, f: dict[str, Any], sha256: str) -> None:
         keys = {k: str(f.get(k) or "").encode() or None for k in ("next_key", "results_key")}
         assert self.data is not None  # started before any master can deploy
         self.data.deploy(Deployment(stage, runner, f["next"], f["results"], provider,

@@ -17,6 +17,7 @@ from typing import Any
 
 import zmq
 
+from periphery_core.cluster.keys import Guard
 from periphery_core.cluster.waker import Waker
 from periphery_core.wire import PROTOCOL_VERSION, Limits, Message, WireError, decode, encode
 from periphery_core.wire.codec import VersionMismatch
@@ -24,6 +25,21 @@ from periphery_core.wire.codec import VersionMismatch
 log = logging.getLogger("periphery.node")
 
 SLEEP_S = 0.5  # the loop looks at the stop flag at least this often
+# Messages a master may have waiting here: a shard's chunks (1 MiB each) beyond these wait in
+# the master's queue, not in this node's memory (ZeroMQ's default of 1000 let a busy node hold
+# 0.2-0.3 GiB of chunks it had not yet written: a 0.69 GiB stage's node peaked at 1.47x its
+# weights; at 8, 1.17x, as plain ONNX Runtime loading the stage's file does).
+RECEIVE_QUEUE = 8
+
+
+def control_socket(ctx: zmq.Context, guard: Guard, limits: Limits) -> zmq.Socket:
+    """The ROUTER socket masters connect to (bind it next): admits masters' keys only, takes
+    no message over `limits` allow, and queues few."""
+    sock = guard.server(ctx.socket(zmq.ROUTER), admit="masters")
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
+    sock.setsockopt(zmq.MAXMSGSIZE, limits.max_chunk_bytes + (1 << 20))
+    return sock
 
 
 class ControlChannel:

@@ -1,17 +1,15 @@
-"""A shard's bytes for upload, made in parts: the interpreter lock is never held for long.
+"""A shard's bytes for upload, made in parts: its model, then its big weights' bytes.
 
-protobuf's serializer holds Python's interpreter lock for a whole message (0.66 s for 512 MiB
-here; a 1.25 GiB model's deploy stalled every other thread of the master for up to 3.2 s, the
-app's screen with them). An encoding may repeat an embedded message field, which a parser
-merges, appending to its repeated fields. So a shard travels as its model without its big
-initializers, then one `ModelProto{graph{initializer: [t]}}` per big initializer, each
-serialized on its own: the node receives the concatenation and parses it to the same model.
+The first part is the shard's model with each big initializer (>= PART_MIN) declared external:
+its bytes follow the model in the upload, at the offset and length its `external_data` names
+(no file: the node decides where they go, shard_load.py). Each offset is a multiple of ALIGN.
+So the master serializes only the small model (protobuf's serializer holds Python's lock for a
+whole message: 0.66 s for 512 MiB, which stalled the app's screen), and a node can write the
+weights to a file as they arrive and hold one copy of them, ONNX Runtime's (shard_load.py).
 
 A big weight still in the model's data file (`iter_shards(weights_on_disk=True)`) is not
-serialized at all: its part is a `FilePart`, the file's bytes read a chunk at a time as they are
-hashed and sent, after a header that makes them the tensor's raw_data. The master then holds
-the model's weights once, never a stage's again (a 2.98 GiB model's deploy: 2.39x its size
-in the master before, 1.12x now).
+copied at all: its part is a `FilePart`, the file's bytes read a chunk at a time as they are
+hashed and sent. The master then holds the model's weights once, never a stage's again.
 """
 
 from __future__ import annotations
@@ -23,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+from onnx import numpy_helper
 
 from periphery_core.errors import ClusterError, ModelLoadError, PlanError
 from periphery_core.model.loading import approx_nbytes, external_range
@@ -32,10 +31,8 @@ from periphery_core.partition.extract import ON_DISK_MIN
 # extraction leaves a weight in its data file (weights_on_disk), so either way it is one part.
 PART_MIN = ON_DISK_MIN
 PROTOBUF_LIMIT = (1 << 31) - 1  # what a protobuf parser accepts in one message
-
-_GRAPH = b"\x3a"  # ModelProto.graph: field 7, length-delimited
-_INITIALIZER = b"\x2a"  # GraphProto.initializer: field 5, length-delimited
-_RAW_DATA = b"\x4a"  # TensorProto.raw_data: field 9, length-delimited
+ALIGN = 4096  # each weight's offset among the parts after the model (a page: mappable)
+_TYPED = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
 READ_BLOCK = 1 << 20
 
 
@@ -69,63 +66,59 @@ class FilePart:
 Part = bytes | FilePart
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        out.append(low | 0x80 if n else low)
-        if not n:
-            return bytes(out)
-
-
-def _wrapped(tensor: bytes, size: int) -> bytes:
-    """What goes before a serialized initializer of `size` bytes (`tensor`, its start) to make
-    it a model whose graph holds it."""
-    inner = _INITIALIZER + _varint(size)
-    return _GRAPH + _varint(len(inner) + size) + inner + tensor
+def _bytes(tensor: onnx.TensorProto) -> bytes:
+    """A tensor's data as raw_data holds it (little-endian), whichever field holds it."""
+    if tensor.HasField("raw_data"):
+        return tensor.raw_data  # (one copy, the part's; the tensor lets its own go)
+    array = numpy_helper.to_array(tensor)
+    return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
 def shard_parts(shard: onnx.ModelProto, stage: int = 0,
                 weights_dir: Path | None = None) -> list[Part]:
-    """The encoding of `shard` as parts whose concatenation parses to the same model.
+    """`shard` as parts: its model with its big weights declared external, then their bytes
+    (see the module docstring). The first part alone parses (the model); the weights' offsets
+    count from the end of it.
 
-    Takes the big initializers out of `shard` (one made for this upload: the caller lets it
-    go). One whose bytes lie in a data file (in `weights_dir`) becomes a `FilePart`.
+    Takes the big initializers' bytes out of `shard` (one made for this upload: the caller
+    lets it go). One whose bytes lie in a data file (in `weights_dir`) becomes a `FilePart`.
 
     Raises:
-        PlanError: a shard protobuf cannot carry (2 GiB), naming what to do.
+        PlanError: a shard whose model, without its big weights, protobuf cannot carry (2 GiB).
         ModelLoadError: a weight's data file is missing or shorter than it says.
     """
-    graph = shard.graph
     external = onnx.TensorProto.EXTERNAL
-    own = [t.data_location == external or approx_nbytes(t) >= PART_MIN
-           for t in graph.initializer]
-    big = [t for t, alone in zip(graph.initializer, own, strict=True) if alone]
-    if big:
-        small = [t for t, alone in zip(graph.initializer, own, strict=True) if not alone]
-        del graph.initializer[:]  # (the objects in `big` and `small` stay whole)
-        graph.initializer.extend(small)
-    parts: list[Part] = [shard.SerializeToString()]
-    for tensor in big:
-        if tensor.data_location == external:  # its bytes go from the file, as raw_data
+    weights: list[Part] = []
+    at = 0
+    for tensor in shard.graph.initializer:
+        if tensor.data_location == external:  # its bytes go from the file
             if weights_dir is None:
                 raise ModelLoadError(f"weight '{tensor.name}' lies in a data file and no folder "
                                      "to read it from was given")
             source, offset, length = external_range(tensor, weights_dir)
-            head = onnx.TensorProto()
-            head.CopyFrom(tensor)
-            del head.external_data[:]
-            head.ClearField("data_location")
-            start = head.SerializeToString() + _RAW_DATA + _varint(length)
-            parts += [_wrapped(start, len(start) + length), FilePart(source, offset, length)]
+            part: Part = FilePart(source, offset, length)
+        elif approx_nbytes(tensor) >= PART_MIN and tensor.data_type != onnx.TensorProto.STRING:
+            part = _bytes(tensor)
+        else:
             continue
-        data = tensor.SerializeToString()  # the lock is held for this tensor alone
-        parts += [_wrapped(b"", len(data)), data]  # (data not copied)
-    size = sum(map(len, parts))
-    if size > PROTOBUF_LIMIT:
-        raise PlanError(f"stage {stage}'s shard is {size / (1 << 30):.2f} GiB, more than the "
-                        "2 GiB one ONNX model can hold: plan more stages (--shards)")
-    return parts
+        if pad := -at % ALIGN:
+            weights.append(bytes(pad))
+            at += pad
+        del tensor.external_data[:]
+        for name in ("raw_data", *_TYPED):
+            tensor.ClearField(name)
+        tensor.data_location = external
+        for key, value in (("offset", at), ("length", len(part))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, str(value)
+        weights.append(part)
+        at += len(part)
+    model = shard.SerializeToString()
+    if len(model) > PROTOBUF_LIMIT:
+        raise PlanError(f"stage {stage}'s model is {len(model) / (1 << 30):.2f} GiB without its "
+                        "big weights, more than the 2 GiB one ONNX model can hold: plan more "
+                        "stages (--shards)")
+    return [model, *weights]
 
 
 def parts_sha256(parts: Sequence[Part]) -> str:

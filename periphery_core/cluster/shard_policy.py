@@ -9,9 +9,11 @@ The shard must be a self-contained model, nothing that reaches the node's disk.
 ONNX Runtime resolves a tensor's external-data `location` against the process's working
 directory and reads any file below it. A shard that names, say, the node's key folder as
 "weights" would have the node read its own secret key into a tensor and send it back as a
-result. Periphery's shards always travel with their weights inline, so a node refuses any shard
-that refers to external data, wherever the tensor sits: initializers, sparse initializers,
-constant attributes, If/Loop/Scan bodies and model-local functions.
+result. So a node refuses any shard that refers to external data, wherever the tensor sits:
+initializers, sparse initializers, constant attributes, If/Loop/Scan bodies and model-local
+functions. The one exception is made before this check, by the node itself: a main-graph
+initializer naming only an offset and a length into the bytes the deploy carried after the
+model (shard_load.py), which the node then points at the file it wrote them to.
 """
 
 from __future__ import annotations

@@ -14,7 +14,10 @@ from typing import Literal
 
 # 2: a message over a same-host link may carry its tensors in the sender's shared memory (its
 # "shm" field names the slot), which a receiver of version 1 would take for missing frames.
-PROTOCOL_VERSION = 2
+# 3: a shard is uploaded as its model (deploy_begin's "head" bytes), then its big weights' bytes,
+# which the model names by offset and length (cluster/shard_parts.py); a node of version 2 would
+# parse the whole upload as one model.
+PROTOCOL_VERSION = 3
 MAX_WORKERS = 256  # the most requests a node may say it computes at once
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -121,6 +124,7 @@ KINDS: dict[str, dict[str, Field]] = {
         "outputs": Field("list", items=_NAME), "next": _LINK, "results": _LINK,
         "exact": optional(Field("bool")), "epoch": _EPOCH, "next_key": optional(_KEY),
         "results_key": optional(_KEY), "reuse": optional(Field("bool")),
+        "head": optional(_BYTES),  # the model's bytes, before its weights' (default: all)
     },
     "deploy_chunk": {"offset": _BYTES},
     "deploy_end": {"sha256": _SHA256},

@@ -364,8 +364,10 @@ def run(model: Path, plan_path: Path, peers: tuple[str, ...], local: bool, devic
     if check:
         # the unsharded model on what the nodes ran on: a GPU's kernels (TF32) differ from
         # the CPU's by more than sharding ever does
-        sess = make_session(loaded.proto, SessionConfig(exact=exact,
-                                                        providers=providers_for(device)))
+        # (a model with a data file from its file, as `verify` does: one of 2 GiB or more
+        # cannot be handed to ONNX Runtime from memory)
+        sess = make_session(str(loaded.path) if loaded.has_external_data else loaded.proto,
+                            SessionConfig(exact=exact, providers=providers_for(device)))
         names_out = [o.name for o in sess.get_outputs()]
         refs: dict[int, list[np.ndarray]] = {}
         for i, (feeds, got) in enumerate(zip(requests, results, strict=True)):

@@ -20,6 +20,7 @@ from periphery_core.model import load_model
 from periphery_core.model.analysis import analyze, with_measurements
 from periphery_core.partition.planner import make_plan, replan_with_cuts
 from tests.models import misleading_costs
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,3 +89,29 @@ def test_periphery_run_rebalances_while_serving_and_loses_no_request(
     final = [s["compute_s"] for s in summary["stages"]]
     # Closer to balance (not a time: the two stages now share this machine's cores in earnest).
     assert imbalance(final) < 0.5 * imbalance(first["measured_s"])
+
+
+def test_a_rebalance_due_when_a_redeploy_reset_the_measurements_waits_for_new_ones(
+        misleading: Path) -> None:
+    """A move falls due (48 requests measured) and a redeploy lands before the pipeline's
+    thread looks: nothing is measured on the new stages yet, so it does nothing and the thread
+    lives on (it died on an empty list, and with it the pipeline's recovery: seen in the app's
+    demo, a node killed while a rebalance fell due)."""
+    from periphery_core.cluster.local import LocalCluster
+    from periphery_core.cluster.pipeline import Pipeline
+
+    loaded = load_model(misleading)
+    analysis = analyze(loaded)
+    plan = make_plan(analysis, 2)
+    with LocalCluster(2) as local, local.master() as master:
+        pipeline = Pipeline(master, loaded, analysis, plan=plan)
+        try:
+            pipeline.deploy([a.node_id for a in local.addresses])
+            assert pipeline._meter.medians() == []  # (just deployed: nothing measured)
+            pipeline._rebalance_due.set()
+            pipeline._wake.set()
+            wait_for(lambda: not pipeline._rebalance_due.is_set(), 10, "the thread to look")
+            pipeline._recoverer.join(timeout=1.0)  # (it ends only with the pipeline)
+            assert pipeline._recoverer.is_alive() and pipeline.plan is plan
+        finally:
+            pipeline.close()

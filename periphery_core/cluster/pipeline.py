@@ -442,6 +442,8 @@ class Pipeline:
     def _rebalance(self) -> None:
         """Move the cuts if the measured stage compute says so (cluster.rebalance)."""
         medians = self._meter.medians()
+        if not medians:  # a redeploy since it was due: nothing measured on this one yet
+            return
         measured = per_worker(medians, self._workers(len(medians)))
         # Profile only when the stages are uneven, and before taking the deploy lock: a
         # recovery need not wait for the master to run the whole model.

@@ -111,5 +111,6 @@ class StageMeter:
             return len(self._samples[0]) if self._samples else 0
 
     def medians(self) -> list[float]:
+        """Each stage's median compute; none before a request since the last deploy."""
         with self._lock:
             return [statistics.median(s) for s in self._samples if s]

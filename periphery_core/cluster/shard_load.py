@@ -107,16 +107,18 @@ def build_stage(received: Received,
     try:
         model = onnx.ModelProto()
         model.ParseFromString(memoryview(received.model))
-        received.model = bytearray()
         ranges = _claimed(model, received.size - received.head)
         require_self_contained(model)  # (the weights the upload carries are unmarked here)
         state = stage_state(model)
         if received.folder is None:  # in memory: the weights go back into the model
             for tensor, offset, length in ranges:
                 tensor.raw_data = bytes(received.weights[offset:offset + length])
-            received.weights = bytearray()
-            data = model.SerializeToString()
+            # ONNX Runtime reads the bytes that came when they are the whole model (serializing
+            # holds Python's lock throughout: 1.4 s for 250 MB, a node too busy to answer)
+            data = bytes(received.model) if not ranges else model.SerializeToString()
+            received.close()
             return StageRunner(model, config, serialized=data), state
+        received.model = bytearray()
         for tensor, offset, length in ranges:
             tensor.data_location = onnx.TensorProto.EXTERNAL
             for key, value in (("location", _WEIGHTS), ("offset", offset), ("length", length)):

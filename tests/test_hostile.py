@@ -55,9 +55,10 @@ VALID: dict[str, dict[str, Any]] = {  # one valid header per kind, every optiona
     "deploy_begin": {"stage": 0, "stages": 1, "sha256": SHA, "size": 10, "inputs": ["x"],
                      "outputs": ["y"], "next": "tcp://h:1", "results": "tcp://h:2",
                      "exact": False, "epoch": 3, "next_key": "k", "results_key": "k",
-                     "reuse": False},
+                     "reuse": False, "head": 10},
     "deploy_chunk": {"offset": 0},
     "deploy_end": {"sha256": SHA},
+    "building": {"stage": 0},
     "ready": {"stage": 0, "provider": "CPUExecutionProvider"},
     "error": {"reason": "no", "stage": -1},
     "stats": {"node": "n1", "cpu": 150.0, "rss": 1, "mem": 50, "rejected": 0, "speed": 2,
@@ -402,6 +403,7 @@ def _hostile(rng: np.random.Generator, i: int) -> list[bytes]:
     """Message i of a stream of malformed node messages: never one the master may accept."""
     valid = {"info": {**FAKE_INFO, "name": "evil", "device": "evil", "cores": 64, "free": 1},
              "pong": {"t": 1.0}, "stats": EVIL_STATS, "ready": {"stage": 0, "provider": "evil"},
+             "building": {"stage": 0},
              "error": {"reason": "evil"}}
     pick = i % 10
     if pick < 4:  # one field spoilt

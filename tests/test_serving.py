@@ -163,3 +163,19 @@ def test_a_deploy_onto_a_node_lost_before_its_stage_goes_out_fails_with_the_loss
                 master.deploy(shards(), [node_id], timeout=60)
         finally:
             os.kill(hung, signal.SIGCONT)
+
+
+def test_a_node_hung_as_its_stage_goes_out_is_lost_without_waiting_out_the_build_grace(
+        work: Workload) -> None:
+    """A stopped process's socket buffers take a small stage whole, so every chunk and the end
+    "go out": only the node's own "building" earns it the 30 s a node building its session
+    may stay silent. Hung, it is lost after the usual silence and the deploy fails so."""
+    with LocalCluster(1) as local, local.master() as master:
+        node_id = local.addresses[0].node_id
+        hung = local.nodes[0].process.pid
+        os.kill(hung, signal.SIGSTOP)
+        try:
+            with pytest.raises(ClusterError, match="was lost"):
+                master.deploy([work.loaded.proto.SerializeToString()], [node_id], timeout=20)
+        finally:
+            os.kill(hung, signal.SIGCONT)

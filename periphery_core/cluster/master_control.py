@@ -46,13 +46,13 @@ from periphery_core.wire.codec import VersionMismatch
 log = logging.getLogger("periphery.master")
 
 CHUNK_BYTES = 1 << 20
-_FROM_NODES = frozenset({"info", "pong", "ready", "error", "stats"})  # on the control socket
+_FROM_NODES = frozenset({"info", "pong", "building", "ready", "error", "stats"})  # (control socket)
 _CHUNKS_PER_TURN = 4  # a few shard chunks per turn, so heartbeats flow during big uploads
 RETRY_S = 0.005  # a send that found a node's queue full is tried again this much later
 MAX_SLEEP_S = 0.25  # the loop looks at the stop flag at least this often
-# A node building a shard's session (parsing a big protobuf, ONNX Runtime's optimizations, CUDA
-# starting) holds Python's interpreter lock for seconds at a time, so it answers no ping
-# meanwhile; until it says ready or error it is lost only after this long without an answer.
+# A node building a shard's session (ONNX Runtime's optimizations, CUDA starting) may answer no
+# ping for seconds: from its "building" (not the last chunk sent: a hung node's buffers take a
+# small stage whole) until it says ready or error, it is lost only after this long unanswered.
 LOADING_LOST_S = 30.0
 # A node whose control connection closed is lost when it has not reconnected within this long
 # (ZeroMQ retries every 0.1 s: a live node behind a connection that merely dropped is back by
@@ -389,6 +389,8 @@ class Control:
             self._resolve(handle, "info", handle)
         elif msg.kind == "pong":
             self._resolve(handle, "pong", f["t"])
+        elif msg.kind == "building":
+            handle.loading_until = time.time() + LOADING_LOST_S
         elif msg.kind == "ready":
             handle.loading_until = 0.0
             self._resolve(handle, "ready", f)
@@ -423,8 +425,7 @@ class Control:
         sent: Future = Future()
         ready.add_done_callback(lambda _: settle(sent, None))  # lost or refused: no more sent
         chunks = chunked(shard, CHUNK_BYTES)  # read as sent: a shard is not copied again here
-        size = sum(map(len, shard))
-        reuse = handle.holds == (stage, digest, exact)
+        size, reuse = sum(map(len, shard)), handle.holds == (stage, digest, exact)
 
         def begin() -> None:
             if handle.lost:  # lost since the deploy began: nothing would ever settle `ready`
@@ -470,8 +471,7 @@ class Control:
             if ready.done():
                 return
             if self.send(handle, encode("deploy_end", {"sha256": digest})):
-                handle.loading_until = time.time() + LOADING_LOST_S  # it builds the session now
-                settle(sent, None)
+                settle(sent, None)  # (its "building" will say it has them all)
             else:
                 self.retry(end)
 

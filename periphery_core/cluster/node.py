@@ -367,6 +367,7 @@ class NodeDaemon:
             self._reply(ident, "error", {"reason": f"stage {up.stage}: shard bytes do not match "
                                          "their sha256", "stage": up.stage})
             return
+        self._reply(ident, "building", {"stage": up.stage})  # (busy for a while, not hung)
         threading.Thread(target=self._build, args=(ident, up), daemon=True,
                          name="node-build").start()
 

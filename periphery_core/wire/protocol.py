@@ -128,6 +128,7 @@ KINDS: dict[str, dict[str, Field]] = {
     },
     "deploy_chunk": {"offset": _BYTES},
     "deploy_end": {"sha256": _SHA256},
+    "building": {"stage": _STAGE},  # a node has its whole shard and builds its session
     "ready": {"stage": _STAGE, "provider": _NAME},
     "error": {"reason": _REASON, "stage": optional(Field("int", lo=-1, hi=65535))},
     "stats": {

@@ -12,8 +12,11 @@ small. Then runs the user's steps as the CLI does, each in its own process:
 
 and prints each step's wall time and peak resident memory (sampled every 20 ms over the process
 and its children) against the model's size. Target: every step at most 1.5x the model's size.
-Then it deploys the plan on 4 local nodes as `periphery run --local` does and prints the
-master process's peak memory and the longest its other threads waited for the interpreter lock.
+Then it deploys, as `periphery run --local` does, the whole model as one stage (more than one
+protobuf can hold: the node builds it through a file) and the plan on 4 local nodes, runs one
+request through each, and prints the master process's peak memory, the longest its other
+threads waited for the interpreter lock, and each node's peak against its stage's weights and
+against plain ONNX Runtime loading and running the stage's file from `shard` in a fresh process.
 
 Run: `python benchmarks/bigmodel.py [--layers 13] [--keep DIR] [--json out.json]`. It needs
 about 4x the model's size in free disk (the model and its shards) and takes a few minutes.
@@ -188,7 +191,7 @@ def measured(args: list[str], cwd: Path) -> dict:
     return {"step": "periphery " + " ".join(args), "wall_s": wall, "peak_rss": peak}
 
 
-def probe_deploy(work: Path) -> None:
+def probe_deploy(work: Path, plan_name: str) -> None:
     """(In a process of its own.) Deploy the planned model on local nodes as `periphery run
     --local` does, through the serving pipeline, and print as JSON the deploy's wall time, this
     master process's peak RSS (the nodes are processes of their own) and the longest time a
@@ -200,9 +203,10 @@ def probe_deploy(work: Path) -> None:
     from periphery_core.model.analysis import analyze
     from periphery_core.model.loading import approx_nbytes
     from periphery_core.partition.plan import load_plan
+    from periphery_core.runtime.feeds import random_feeds
 
     loaded = load_model(work / "model.onnx")
-    plan = load_plan(work / "plan.json")
+    plan = load_plan(work / plan_name)
     analysis = analyze(loaded, plan.input_shapes)
     waits: list[float] = []
     done = threading.Event()
@@ -223,15 +227,38 @@ def probe_deploy(work: Path) -> None:
         wall = time.perf_counter() - t0
         done.set()
         ticker.join()
+        outputs = pipeline.submit(random_feeds(analysis.inputs)).result(timeout=300)  # it runs
+        assert all(np.isfinite(v).all() for v in outputs.values())
         nodes = [_hwm(Path(f"/proc/{n.process.pid}/status")) for n in local.nodes]
         stages = [sum(approx_nbytes(t) for t in loaded.proto.graph.initializer
                       if t.name in names) for names in _stage_weights(loaded, plan)]
         pipeline.close()
-    print(json.dumps({"step": "deploy on 4 local nodes (Pipeline.deploy, as run --local)",
+    k = plan.nodes_needed
+    print(json.dumps({"step": f"deploy on {k} local node{'s' * (k > 1)} (Pipeline.deploy, as "
+                              "run --local)",
                       "wall_s": wall, "peak_rss": _hwm(Path("/proc/self/status")),
                       "longest_wait_s": max(waits),
                       "nodes": [{"peak_rss": n, "stage_weights": w}
                                 for n, w in zip(nodes, stages, strict=True)]}))
+
+
+# A stage's file loaded and run once by plain ONNX Runtime in a fresh process: its peak memory.
+_PLAIN = """
+import resource, sys
+import numpy as np, onnxruntime as ort
+s = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+types = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+s.run(None, {i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape], types[i.type])
+             for i in s.get_inputs()})
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def plain_ort_peak(path: Path) -> int:
+    """Peak resident memory of plain ONNX Runtime loading `path` and running it once."""
+    out = subprocess.run([sys.executable, "-c", _PLAIN, str(path)], capture_output=True,
+                         text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
 
 
 def _hwm(status: Path) -> int:
@@ -256,9 +283,10 @@ def main() -> int:
     parser.add_argument("--keep", type=Path, default=None, help="work in this folder, kept")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--probe-deploy", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--probe-plan", default="plan.json", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe_deploy is not None:
-        probe_deploy(args.probe_deploy)
+        probe_deploy(args.probe_deploy, args.probe_plan)
         return 0
     console = Console(width=120)
     with tempfile.TemporaryDirectory(prefix="periphery-big-") as tmp:
@@ -274,25 +302,36 @@ def main() -> int:
                  ["shard", "model.onnx", "--plan", "plan.json", "-o", "shards"],
                  ["verify", "model.onnx", "shards", "--exact"]]
         rows = [measured(step, work) for step in steps]
-        probe = subprocess.run([sys.executable, __file__, "--probe-deploy", str(work)],
-                               capture_output=True, text=True)
-        if probe.returncode != 0:
-            raise SystemExit(f"the deploy failed: {probe.stderr.strip()[-500:]}")
-        rows.append(json.loads(probe.stdout.strip().splitlines()[-1]))
+        plain = [plain_ort_peak(work / "shards" / f"stage-{i}.onnx") for i in range(4)]
+        subprocess.run([sys.executable, "-m", "periphery_core.cli.main", "plan", "model.onnx",
+                        "--shards", "1", "-o", "plan1.json"], cwd=work, check=True,
+                       capture_output=True)
+        deploys = []
+        for plan_name in ("plan1.json", "plan.json"):  # the whole model as one stage; K = 4
+            probe = subprocess.run([sys.executable, __file__, "--probe-deploy", str(work),
+                                    "--probe-plan", plan_name], capture_output=True, text=True)
+            if probe.returncode != 0:
+                raise SystemExit(f"the deploy failed: {probe.stderr.strip()[-500:]}")
+            deploys.append(json.loads(probe.stdout.strip().splitlines()[-1]))
+        rows += deploys
     t = Table(title=f"a {size / GIB:.2f} GiB model (float32 Llama, {args.layers} layers), K = 4, "
                     "each step a process of its own", title_justify="left")
     for col in ("step", "wall", "peak RSS", "x model size"):
         t.add_column(col, justify="left" if col == "step" else "right")
     for r in rows:
         r["ratio"] = r["peak_rss"] / size
+        if "nodes" in r:
+            r["step"] += f"; node peak {max(n['peak_rss'] for n in r['nodes']) / GIB:.2f} GiB"
         t.add_row(r["step"], f"{r['wall_s']:.1f} s", f"{r['peak_rss'] / GIB:.2f} GiB",
                   f"{r['ratio']:.2f}x")
     console.print(t)
     for i, node in enumerate(rows[-1]["nodes"]):
+        node["plain_ort_peak_rss"] = plain[i]
         console.print(f"node of stage {i}: peak {node['peak_rss'] / GIB:.2f} GiB for "
                       f"{node['stage_weights'] / GIB:.2f} GiB of weights "
-                      f"({node['peak_rss'] / node['stage_weights']:.2f}x)")
-    worst = max(r["ratio"] for r in rows[:-1])
+                      f"({node['peak_rss'] / node['stage_weights']:.2f}x); plain ONNX Runtime "
+                      f"loading and running the stage's file: {plain[i] / GIB:.2f} GiB")
+    worst = max(r["ratio"] for r in rows[:-2])
     console.print(f"worst CLI step: {worst:.2f}x the model's size (target 1.5x); the deploy's "
                   f"master: {rows[-1]['ratio']:.2f}x, its other threads waited at most "
                   f"{rows[-1]['longest_wait_s']:.2f} s at a time")

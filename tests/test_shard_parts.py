@@ -311,3 +311,46 @@ async def test_the_app_deploys_a_model_with_a_data_file_and_it_gives_the_model_s
     finally:
         app.control.close()
         cluster.stop()
+
+
+def test_a_data_file_cut_short_while_a_deploy_sends_it_fails_the_deploy_in_one_line(
+        tmp_path: Path) -> None:
+    """The model's data file is cut short after the deploy hashed it, as its weights go out
+    (on the first chunk sent): the deploy fails naming the file and what to do, and the next
+    deploy, the file no longer the one loaded, sends what the master holds and runs."""
+    from periphery_core.cluster import events as ev
+    from periphery_core.cluster.local import LocalCluster
+    from periphery_core.cluster.pipeline import Pipeline
+
+    width = 2048  # 16 MiB a weight: 16 chunks each, most still to go when the file is cut
+    path = _with_data_file(tmp_path, 4, width)
+    loaded = load_model(path)
+    analysis = analyze(loaded)
+    data = tmp_path / "mlp.onnx.data"
+    x = np.random.default_rng(3).standard_normal((1, width)).astype(np.float32)
+    (want,) = _session(loaded.proto.SerializeToString()).run(None, {"x": x})
+    cut = []
+
+    def on_event(e: ev.Event) -> None:
+        if isinstance(e, ev.ShardProgress) and not cut:
+            cut.append(e)
+            os.truncate(data, 1 << 20)
+
+    failed: list[str] = []
+    with LocalCluster(2) as local, local.master() as master:
+        master.bus.subscribe(on_event)
+        master.bus.subscribe(lambda e: failed.append(e.reason)
+                             if isinstance(e, ev.DeployFailed) else None)
+        pipeline = Pipeline(master, loaded, analysis, k=2, exact=True, recover=False)
+        nodes = [a.node_id for a in local.addresses]
+        try:
+            with pytest.raises(ClusterError) as info:
+                pipeline.deploy(nodes)
+            assert info.value.message == (f"{data} ended early while its weights were sent "
+                                          "(was it changed?): load the model again")
+            assert failed == [info.value.message]
+            pipeline.deploy(nodes)
+            got = pipeline.submit({"x": x}).result(timeout=60)["y"]
+            assert np.array_equal(got, want)
+        finally:
+            pipeline.close()

@@ -377,14 +377,15 @@ class NodeDaemon:
             exact = bool(up.fields.get("exact", True))
             assert self.data is not None  # started before any master can deploy
             threads = run_threads(self.config.threads, self.data.workers, self.config.device)
-            runner, state = build_stage(up.received, SessionConfig(exact=exact, threads=threads,
-                                                                providers=providers))
+            runner, state = build_stage(up.received, SessionConfig(
+                exact=exact, threads=threads, providers=providers))
             provider = runner.session.get_providers()[0]
             if self.config.device.startswith("cuda") and provider != "CUDAExecutionProvider" \
                     and not self._warned_cuda:
                 self._warned_cuda = True
                 log.warning("CUDA was asked for but is not available here: running on CPU")
         except Exception as exc:  # a shard that ONNX Runtime refuses: report, keep serving
+            up.received.close()  # (build_stage has, unless it was not reached)
             log.warning("stage %d failed to load: %s", up.stage, exc)
             self._reply(ident, "error", {"reason": f"stage {up.stage} failed to load: {exc}",
                                          "stage": up.stage})

@@ -354,3 +354,35 @@ def test_a_data_file_cut_short_while_a_deploy_sends_it_fails_the_deploy_in_one_l
             assert np.array_equal(got, want)
         finally:
             pipeline.close()
+
+
+def test_a_deploy_lets_a_stage_s_bytes_go_once_they_are_sent(tmp_path: Path) -> None:
+    """A stage of a model without a data file is sent from bytes the master made for it; once
+    they are sent they go, without waiting for Python's cycle collector (the upload's closures
+    form a cycle, which held a 1.45 GiB model's stages after its deploy, 3.10 GiB against 1.53
+    before it, until a collection)."""
+    import gc
+
+    import psutil
+
+    from periphery_core.cluster.local import LocalCluster
+    from periphery_core.cluster.pipeline import Pipeline
+
+    width = 8192  # one weight of 256 MiB
+    path = tmp_path / "wide.onnx"
+    onnx.save(mlp(width=width, layers=1), path)
+    loaded = load_model(path)
+    analysis = analyze(loaded)
+    me = psutil.Process()
+    with LocalCluster(1) as local, local.master() as master:
+        pipeline = Pipeline(master, loaded, analysis, k=1, exact=True, recover=False)
+        gc.collect()
+        gc.disable()
+        try:
+            before = me.memory_info().rss
+            pipeline.deploy([local.addresses[0].node_id])
+            held = me.memory_info().rss - before
+        finally:
+            gc.enable()
+            pipeline.close()
+    assert held < (width * width * 4) // 2, f"the master still holds {held >> 20} MiB"

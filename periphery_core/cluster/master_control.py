@@ -425,7 +425,9 @@ class Control:
         sent: Future = Future()
         ready.add_done_callback(lambda _: settle(sent, None))  # lost or refused: no more sent
         chunks = chunked(shard, CHUNK_BYTES)  # read as sent: a shard is not copied again here
-        size, reuse = sum(map(len, shard)), handle.holds == (stage, digest, exact)
+        sent.add_done_callback(lambda _: chunks.clear())  # (now, not when GC breaks the cycle)
+        size, head = sum(map(len, shard)), len(shard[0])
+        reuse = handle.holds == (stage, digest, exact)
 
         def begin() -> None:
             if handle.lost:  # lost since the deploy began: nothing would ever settle `ready`
@@ -436,7 +438,7 @@ class Control:
                 "inputs": [], "outputs": [], "next": nxt, "results": results,
                 "exact": exact, "epoch": epoch, "next_key": (nxt_key or b"").decode(),
                 "results_key": (results_key or b"").decode(),
-                "reuse": reuse, "head": len(shard[0]),
+                "reuse": reuse, "head": head,
             })):
                 settle(ready, ClusterError(f"node {handle.name} takes no messages (is it hung?)"))
             elif not reuse:
@@ -447,15 +449,13 @@ class Control:
         def send_chunks(i: int) -> None:
             if ready.done():  # the node was lost or refused: stop uploading
                 return
-            # A full queue is retried on a later turn.
-            for j in range(i, min(i + _CHUNKS_PER_TURN, len(chunks))):
-                off, read = chunks[j]
+            for j, (off, read) in enumerate(chunks[i:i + _CHUNKS_PER_TURN], start=i):
                 try:
                     data = read()
                 except ClusterError as exc:  # the model's data file changed or went away
                     return settle(ready, exc)
                 if not self.send(handle, encode("deploy_chunk", {"offset": off}, payload=data)):
-                    self.retry(functools.partial(send_chunks, j))
+                    self.retry(functools.partial(send_chunks, j))  # a full queue: tried later
                     return
                 # Taking chunks it is alive, its answers late on a busy host: loading, for now
                 handle.loading_until = max(handle.loading_until, time.time() + self.lost_after_s)

@@ -17,6 +17,8 @@ protobuf can hold: the node builds it through a file) and the plan on 4 local no
 request through each, and prints the master process's peak memory, the longest its other
 threads waited for the interpreter lock, and each node's peak against its stage's weights and
 against plain ONNX Runtime loading and running the stage's file from `shard` in a fresh process.
+Last, the model at 5 layers saved as one file (no data file, as most exports under 2 GiB are),
+deployed K = 2: the master's peak loading it, deploying it, and its memory after the deploy.
 
 Run: `python benchmarks/bigmodel.py [--layers 13] [--keep DIR] [--json out.json]`. It needs
 about 4x the model's size in free disk (the model and its shards) and takes a few minutes.
@@ -208,7 +210,9 @@ def probe_deploy(work: Path, plan_name: str) -> None:
     loaded = load_model(work / "model.onnx")
     plan = load_plan(work / plan_name)
     analysis = analyze(loaded, plan.input_shapes)
+    loaded_hwm = _hwm(Path("/proc/self/status"))  # (loading the model, before the deploy)
     waits: list[float] = []
+    rss: list[int] = []
     done = threading.Event()
 
     def tick() -> None:
@@ -217,6 +221,8 @@ def probe_deploy(work: Path, plan_name: str) -> None:
             now = time.perf_counter()
             waits.append(now - last - 0.005)
             last = now
+            if len(waits) % 4 == 0:
+                rss.append(psutil.Process().memory_info().rss)
 
     with LocalCluster(plan.nodes_needed) as local, local.master() as master:
         ticker = threading.Thread(target=tick, daemon=True)
@@ -227,6 +233,7 @@ def probe_deploy(work: Path, plan_name: str) -> None:
         wall = time.perf_counter() - t0
         done.set()
         ticker.join()
+        after = psutil.Process().memory_info().rss
         outputs = pipeline.submit(random_feeds(analysis.inputs)).result(timeout=300)  # it runs
         assert all(np.isfinite(v).all() for v in outputs.values())
         nodes = [_hwm(Path(f"/proc/{n.process.pid}/status")) for n in local.nodes]
@@ -237,6 +244,8 @@ def probe_deploy(work: Path, plan_name: str) -> None:
     print(json.dumps({"step": f"deploy on {k} local node{'s' * (k > 1)} (Pipeline.deploy, as "
                               "run --local)",
                       "wall_s": wall, "peak_rss": _hwm(Path("/proc/self/status")),
+                      "loaded_peak_rss": loaded_hwm, "deploy_peak_rss": max(rss, default=after),
+                      "after_rss": after,
                       "longest_wait_s": max(waits),
                       "nodes": [{"peak_rss": n, "stage_weights": w}
                                 for n, w in zip(nodes, stages, strict=True)]}))
@@ -261,6 +270,24 @@ def plain_ort_peak(path: Path) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
+def single_file(folder: Path, layers: int) -> tuple[dict, int]:
+    """The model at `layers` layers saved as one file (under 2 GiB, as most exports are),
+    planned K = 2 and deployed by `probe_deploy`: its figures and the model's weights."""
+    folder.mkdir(parents=True, exist_ok=True)
+    size = build(folder / "built.onnx", layers)
+    onnx.save_model(onnx.load(str(folder / "built.onnx")), folder / "model.onnx")
+    for built in folder.glob("built.onnx*"):
+        built.unlink()
+    subprocess.run([sys.executable, "-m", "periphery_core.cli.main", "plan", "model.onnx",
+                    "--shards", "2", "-o", "plan.json"], cwd=folder, check=True,
+                   capture_output=True)
+    probe = subprocess.run([sys.executable, __file__, "--probe-deploy", str(folder),
+                            "--probe-plan", "plan.json"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        raise SystemExit(f"the deploy failed: {probe.stderr.strip()[-500:]}")
+    return json.loads(probe.stdout.strip().splitlines()[-1]), size
+
+
 def _hwm(status: Path) -> int:
     """A process's peak resident memory, from its /proc status."""
     lines = status.read_text().splitlines()
@@ -282,6 +309,8 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=13, help="13 layers: about 3.1 GiB")
     parser.add_argument("--keep", type=Path, default=None, help="work in this folder, kept")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--single-layers", type=int, default=5,
+                        help="the single-file model's layers (5: about 1.45 GiB)")
     parser.add_argument("--probe-deploy", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--probe-plan", default="plan.json", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -314,6 +343,7 @@ def main() -> int:
                 raise SystemExit(f"the deploy failed: {probe.stderr.strip()[-500:]}")
             deploys.append(json.loads(probe.stdout.strip().splitlines()[-1]))
         rows += deploys
+        single, single_size = single_file(work / "single", args.single_layers)
     t = Table(title=f"a {size / GIB:.2f} GiB model (float32 Llama, {args.layers} layers), K = 4, "
                     "each step a process of its own", title_justify="left")
     for col in ("step", "wall", "peak RSS", "x model size"):
@@ -331,12 +361,18 @@ def main() -> int:
                       f"{node['stage_weights'] / GIB:.2f} GiB of weights "
                       f"({node['peak_rss'] / node['stage_weights']:.2f}x); plain ONNX Runtime "
                       f"loading and running the stage's file: {plain[i] / GIB:.2f} GiB")
+    console.print(f"a single-file model ({single_size / GIB:.2f} GiB of weights, no data file), "
+                  f"K = 2, the master: loading {single['loaded_peak_rss'] / single_size:.2f}x "
+                  f"its weights, deploying {single['deploy_peak_rss'] / single_size:.2f}x, "
+                  f"after the deploy {single['after_rss'] / single_size:.2f}x")
     worst = max(r["ratio"] for r in rows[:-2])
     console.print(f"worst CLI step: {worst:.2f}x the model's size (target 1.5x); the deploy's "
                   f"master: {rows[-1]['ratio']:.2f}x, its other threads waited at most "
                   f"{rows[-1]['longest_wait_s']:.2f} s at a time")
     if args.json:
-        args.json.write_text(json.dumps({"model_bytes": size, "steps": rows}, indent=1))
+        args.json.write_text(json.dumps({"model_bytes": size, "steps": rows,
+                                         "single_file": {"model_bytes": single_size,
+                                                         **single}}, indent=1))
     return 0
 
 

@@ -23,6 +23,7 @@ from periphery_core.cluster.shard_parts import (
     ALIGN,
     PART_MIN,
     FilePart,
+    HeldPart,
     chunked,
     parts_sha256,
     shard_parts,
@@ -99,7 +100,7 @@ def _with_data_file(folder: Path, layers: int = 4, width: int = WIDTH) -> Path:
 
 
 def _joined(parts: list) -> bytes:
-    return b"".join(p.read(0, len(p)) if isinstance(p, FilePart) else p for p in parts)
+    return b"".join(p if isinstance(p, bytes) else bytes(p.read(0, len(p))) for p in parts)
 
 
 def test_weights_in_a_data_file_go_from_the_file_and_build_the_same_shards(
@@ -134,8 +135,11 @@ def test_a_data_file_changed_since_loading_is_not_read_and_one_cut_short_is_one_
     data = tmp_path / "mlp.onnx.data"
     os.utime(data, ns=(0, 0))  # another file now: the weights the master holds are sent
     shard = next(iter_shards(loaded, analysis, make_plan(analysis, 2), weights_on_disk=True))
-    parts = shard_parts(shard, 0, tmp_path)
-    assert not any(isinstance(p, FilePart) for p in parts) and len(parts) == 3  # model, 2 W
+    held = {t.name: t for t in loaded.proto.graph.initializer}
+    parts = shard_parts(shard, 0, tmp_path, held)  # the weights the master holds, not copied
+    assert [type(p) for p in parts] == [bytes, HeldPart, HeldPart]
+    want = _joined(shard_parts(next(iter_shards(loaded, analysis, make_plan(analysis, 2))), 0))
+    assert _joined(parts) == want and parts_sha256(parts) == hashlib.sha256(want).hexdigest()
     cut = FilePart(data, 0, data.stat().st_size + 10)
     with pytest.raises(ClusterError, match="ended early while its weights were sent"):
         cut.read(data.stat().st_size - 4, 14)

@@ -224,14 +224,14 @@ class Pipeline:
             raise ClusterError(f"the plan runs {plan.shape} on {plan.nodes_needed} nodes but "
                                f"{len(chosen)} are available")
         chosen = chosen[:plan.nodes_needed]
-        # One stage at a time, each made, serialized in parts and sent before the next: the
-        # master holds the model, and at most one stage's weights not in a data file.
+        # A stage at a time, made and sent before the next; big weights by reference, not copied
         shards = iter_shards(self.loaded, self.analysis, plan, progress=progress,
-                             weights_on_disk=True)  # (big weights sent from the model's files)
+                             weights_on_disk=True)
         if self.decoder is not None:
             shards = stateful(shards, self.decoder)
-        folder = self.loaded.path.parent
-        self.master.deploy((shard_parts(s, i, folder) for i, s in enumerate(shards)), chosen,
+        held = {t.name: t for t in self.loaded.proto.graph.initializer}  # (references)
+        self.master.deploy((shard_parts(s, i, self.loaded.path.parent, held)
+                            for i, s in enumerate(shards)), chosen,
                            replicas=plan.replicas, exact=self.exact)
         self.plan, self.assignment, self.failed = plan, tuple(chosen), None
         self._meter.reset(plan.k)

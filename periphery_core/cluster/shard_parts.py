@@ -9,14 +9,17 @@ weights to a file as they arrive and hold one copy of them, ONNX Runtime's (shar
 
 A big weight still in the model's data file (`iter_shards(weights_on_disk=True)`) is not
 copied at all: its part is a `FilePart`, the file's bytes read a chunk at a time as they are
-hashed and sent. The master then holds the model's weights once, never a stage's again.
+hashed and sent. One the loaded model holds in memory is a `HeldPart`: its bytes are made when
+it is hashed, and again when it is sent, one weight at a time. The master then holds the
+model's weights once, and a copy of one weight at most, never a stage's.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +28,7 @@ from onnx import numpy_helper
 
 from periphery_core.errors import ClusterError, ModelLoadError, PlanError
 from periphery_core.model.loading import approx_nbytes, external_range
-from periphery_core.partition.extract import ON_DISK_MIN
+from periphery_core.partition.extract import HELD, ON_DISK_MIN, raw_bytes_known
 
 # Initializers of at least this many bytes are parts of their own: the size above which the
 # extraction leaves a weight in its data file (weights_on_disk), so either way it is one part.
@@ -63,7 +66,29 @@ class FilePart:
         return data
 
 
-Part = bytes | FilePart
+class HeldPart:
+    """A weight of the model the master holds in memory, its bytes made (one copy of this
+    tensor alone) when first read and let go once its last byte is read: hashing a stage, then
+    sending it, the master holds one weight's copy at a time, not the stage's."""
+
+    def __init__(self, tensor: onnx.TensorProto) -> None:
+        self._tensor = tensor
+        self._lock = threading.Lock()
+        self._data: bytes | None = None
+        self.length = len(_bytes(tensor))  # (made and let go: sub-byte types pack their bytes)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def read(self, start: int, size: int) -> memoryview:
+        """`size` bytes from `start` (within the part)."""
+        with self._lock:
+            data = self._data if self._data is not None else _bytes(self._tensor)
+            self._data = None if start + size >= self.length else data
+        return memoryview(data)[start:start + size]
+
+
+Part = bytes | FilePart | HeldPart
 
 
 def _bytes(tensor: onnx.TensorProto) -> bytes:
@@ -74,14 +99,15 @@ def _bytes(tensor: onnx.TensorProto) -> bytes:
     return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
-def shard_parts(shard: onnx.ModelProto, stage: int = 0,
-                weights_dir: Path | None = None) -> list[Part]:
+def shard_parts(shard: onnx.ModelProto, stage: int = 0, weights_dir: Path | None = None,
+                held: Mapping[str, onnx.TensorProto] | None = None) -> list[Part]:
     """`shard` as parts: its model with its big weights declared external, then their bytes
     (see the module docstring). The first part alone parses (the model); the weights' offsets
     count from the end of it.
 
     Takes the big initializers' bytes out of `shard` (one made for this upload: the caller
-    lets it go). One whose bytes lie in a data file (in `weights_dir`) becomes a `FilePart`.
+    lets it go). One whose bytes lie in a data file (in `weights_dir`) becomes a `FilePart`;
+    one the extraction left to the model in memory (`extract.HELD`), a `HeldPart` of `held`'s.
 
     Raises:
         PlanError: a shard whose model, without its big weights, protobuf cannot carry (2 GiB).
@@ -91,13 +117,19 @@ def shard_parts(shard: onnx.ModelProto, stage: int = 0,
     weights: list[Part] = []
     at = 0
     for tensor in shard.graph.initializer:
-        if tensor.data_location == external:  # its bytes go from the file
+        if tensor.data_location == external and any(
+                e.key == "location" and e.value == HELD for e in tensor.external_data):
+            if held is None or tensor.name not in held:
+                raise ModelLoadError(f"weight '{tensor.name}' is the loaded model's and its "
+                                     "initializers were not given")
+            part: Part = HeldPart(held[tensor.name])
+        elif tensor.data_location == external:  # its bytes go from the file
             if weights_dir is None:
                 raise ModelLoadError(f"weight '{tensor.name}' lies in a data file and no folder "
                                      "to read it from was given")
             source, offset, length = external_range(tensor, weights_dir)
-            part: Part = FilePart(source, offset, length)
-        elif approx_nbytes(tensor) >= PART_MIN and tensor.data_type != onnx.TensorProto.STRING:
+            part = FilePart(source, offset, length)
+        elif approx_nbytes(tensor) >= PART_MIN and raw_bytes_known(tensor):
             part = _bytes(tensor)
         else:
             continue
@@ -125,11 +157,11 @@ def parts_sha256(parts: Sequence[Part]) -> str:
     """The sha256 of the parts' concatenation (a file's bytes read a block at a time)."""
     digest = hashlib.sha256()
     for part in parts:
-        if isinstance(part, FilePart):
+        if isinstance(part, bytes):
+            digest.update(part)
+        else:
             for start in range(0, len(part), READ_BLOCK):
                 digest.update(part.read(start, READ_BLOCK))
-        else:
-            digest.update(part)
     return digest.hexdigest()
 
 
@@ -140,12 +172,12 @@ def chunked(parts: Sequence[Part],
     chunks: list[tuple[int, Callable[[], bytes | memoryview]]] = []
     size = 0
     for part in parts:
-        if isinstance(part, FilePart):
-            chunks += [(size + off, functools.partial(part.read, off, block))
-                       for off in range(0, len(part), block)]
-        else:
+        if isinstance(part, bytes):
             view = memoryview(part)  # (a slice of a view copies nothing)
             chunks += [(size + off, functools.partial(_view, view, off, block))
+                       for off in range(0, len(part), block)]
+        else:
+            chunks += [(size + off, functools.partial(part.read, off, block))
                        for off in range(0, len(part), block)]
         size += len(part)
     return chunks

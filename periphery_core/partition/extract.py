@@ -33,6 +33,16 @@ from periphery_core.progress import CancelToken, ProgressFn, check, report
 STAGE_FILE = "stage-{index}.onnx"
 PLAN_FILE = "plan.json"
 ON_DISK_MIN = 1 << 20  # (iter_shards' weights_on_disk) what a deploy sends from a data file
+HELD = "periphery:held"  # (weights_on_disk) a big weight's bytes are the loaded model's
+_PACKED = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1")
+           if hasattr(onnx.TensorProto, n)}  # sub-byte types: packed in raw_data alone
+
+
+def raw_bytes_known(t: onnx.TensorProto) -> bool:
+    """Whether `t`'s bytes as raw_data holds them can be had (not for strings, nor for a
+    sub-byte type held in a typed field)."""
+    return t.data_type != onnx.TensorProto.STRING and (
+        t.data_type not in _PACKED or t.HasField("raw_data"))
 
 
 def _inferred_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
@@ -157,8 +167,9 @@ def iter_shards(
 
     `weights_on_disk`: a weight of `ON_DISK_MIN` bytes or more that the model read from a data
     file, still the one it read, stays declared as the file declares it (data_location
-    EXTERNAL, relative to the model's folder) rather than copied into the shard: for a caller
-    that sends its bytes from the file (`cluster.shard_parts`).
+    EXTERNAL, relative to the model's folder) rather than copied into the shard; one the model
+    holds in memory is declared EXTERNAL at location `HELD`: for a caller that sends its bytes
+    from the file or from the loaded model (`cluster.shard_parts`).
 
     Raises:
         PlanError: the plan does not fit this model.
@@ -220,7 +231,8 @@ def iter_shards(
             sub.output.append(model_outputs[b.name] if b.name in model_outputs
                               else _value_info(b.name, types, analysis))
         own_inits = [n for n in reads if n in inits and n not in set(boundary_in)]
-        sub.initializer.extend(_on_disk(inits[n], files) or inits[n] for n in own_inits)
+        sub.initializer.extend(_on_disk(inits[n], files, weights_on_disk) or inits[n]
+                               for n in own_inits)
         sub.sparse_initializer.extend(sparse[n] for n in reads if n in sparse)
         # IR 3 requires every initializer to be listed among the graph inputs too, and an
         # initializer the model lists as an input (IR 4+ allows it) is one ONNX Runtime treats
@@ -260,11 +272,20 @@ def iter_shards(
     report(progress, "extract", plan.k, plan.k, "done")
 
 
-def _on_disk(init: onnx.TensorProto, files: DataFiles | None) -> onnx.TensorProto | None:
-    """`init`'s declaration in its data file, for a big weight still there (see iter_shards)."""
-    if files is None or approx_nbytes(init) < ON_DISK_MIN:
+def _on_disk(init: onnx.TensorProto, files: DataFiles | None,
+             by_reference: bool) -> onnx.TensorProto | None:
+    """`init`'s declaration in its data file, for a big weight still there, else (a weight the
+    model holds in memory) one that names it `HELD` (see iter_shards); None: copy it."""
+    if not by_reference or approx_nbytes(init) < ON_DISK_MIN:
         return None
-    return files.header(init.name)
+    if files is not None and (head := files.header(init.name)) is not None:
+        return head
+    if init.data_location == onnx.TensorProto.EXTERNAL or not raw_bytes_known(init):
+        return None  # (copied: a weight not loaded is the shard's to declare)
+    held = onnx.TensorProto(name=init.name, data_type=init.data_type, dims=init.dims,
+                            data_location=onnx.TensorProto.EXTERNAL)
+    held.external_data.add(key="location", value=HELD)
+    return held
 
 
 def write_shards(shards: Iterable[onnx.ModelProto], plan: ShardPlan, out_dir: Path, *,

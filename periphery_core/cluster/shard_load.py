@@ -28,12 +28,12 @@ import onnx
 
 from periphery_core.cluster.shard_policy import ShardRefused, require_self_contained
 from periphery_core.generate.stateful import StageState, stage_state
+from periphery_core.model.loading import PROTOBUF_LIMIT
 from periphery_core.runtime.chain import StageRunner
 from periphery_core.runtime.session import SessionConfig
 
 FILE_MIN = 64 << 20  # weights of this many bytes or more are written to a file as they arrive
 PREFIX = "periphery-shard-"  # then the node's pid: a folder a killed node left is found
-PROTOBUF_LIMIT = (1 << 31) - 1  # a model rebuilt in memory must fit one protobuf message
 _WEIGHTS = "weights.bin"
 
 

@@ -27,13 +27,17 @@ import onnx
 from onnx import numpy_helper
 
 from periphery_core.errors import ClusterError, ModelLoadError, PlanError
-from periphery_core.model.loading import approx_nbytes, external_range
+from periphery_core.model.loading import (
+    PROTOBUF_LIMIT,
+    approx_nbytes,
+    external_location,
+    external_range,
+)
 from periphery_core.partition.extract import HELD, ON_DISK_MIN, raw_bytes_known
 
 # Initializers of at least this many bytes are parts of their own: the size above which the
 # extraction leaves a weight in its data file (weights_on_disk), so either way it is one part.
 PART_MIN = ON_DISK_MIN
-PROTOBUF_LIMIT = (1 << 31) - 1  # what a protobuf parser accepts in one message
 ALIGN = 4096  # each weight's offset among the parts after the model (a page: mappable)
 _TYPED = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
 READ_BLOCK = 1 << 20
@@ -117,8 +121,7 @@ def shard_parts(shard: onnx.ModelProto, stage: int = 0, weights_dir: Path | None
     weights: list[Part] = []
     at = 0
     for tensor in shard.graph.initializer:
-        if tensor.data_location == external and any(
-                e.key == "location" and e.value == HELD for e in tensor.external_data):
+        if tensor.data_location == external and external_location(tensor) == HELD:
             if held is None or tensor.name not in held:
                 raise ModelLoadError(f"weight '{tensor.name}' is the loaded model's and its "
                                      "initializers were not given")

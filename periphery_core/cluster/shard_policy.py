@@ -26,6 +26,7 @@ import onnx
 from periphery_core.cluster import same_host
 from periphery_core.cluster.keys import KeyRing
 from periphery_core.errors import ClusterError
+from periphery_core.model.loading import external_location
 from periphery_core.wire import WireError
 
 
@@ -91,13 +92,6 @@ def model_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
             yield from _node_tensors(node)
 
 
-def _location(tensor: onnx.TensorProto) -> str:
-    for entry in tensor.external_data:
-        if entry.key == "location":
-            return entry.value
-    return "?"
-
-
 def require_self_contained(model: onnx.ModelProto) -> None:
     """Refuse a shard whose tensors refer to data outside it.
 
@@ -108,5 +102,5 @@ def require_self_contained(model: onnx.ModelProto) -> None:
         if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data):
             raise ShardRefused(
                 f"refused a shard whose tensor '{tensor.name}' refers to external data "
-                f"('{_location(tensor)}'): a node loads only shards that carry their own "
-                "weights")
+                f"('{external_location(tensor) or '?'}'): a node loads only shards that carry "
+                "their own weights")

@@ -23,6 +23,7 @@ from periphery_core.model.declared import DeclaredDims, declared_dims, model_fil
 
 # Protobuf cannot serialize a message of 2 GiB or more; above this (a margin below that limit),
 # shards and temporary copies are written with external data.
+PROTOBUF_LIMIT = (1 << 31) - 1  # what a protobuf parser accepts in one message
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 # A model written and then let go (`save_model(keep=False)`) above this size gets external data
 # too: serialising it whole would hold a second copy of its weights while it is written.
@@ -45,7 +46,7 @@ class DataFiles:
         head = self.headers.get(name)
         if head is None:
             return None
-        location = next((e.value for e in head.external_data if e.key == "location"), "")
+        location = external_location(head)
         try:
             stat = (self.folder / location).stat()
         except OSError:
@@ -148,7 +149,7 @@ def _data_files(proto: onnx.ModelProto, folder: Path) -> DataFiles:
         head = onnx.TensorProto()
         head.CopyFrom(init)  # (no bytes yet: cheap)
         headers[init.name] = head
-        location = next((e.value for e in init.external_data if e.key == "location"), "")
+        location = external_location(init)
         if location not in stamps:
             try:
                 stat = (folder / location).stat()
@@ -210,6 +211,11 @@ def skeleton(model: onnx.ModelProto, keep_bytes: int = SKELETON_KEEP_BYTES) -> o
     return light
 
 
+def external_location(t: onnx.TensorProto) -> str:
+    """The file an external tensor's `location` names ("" if none)."""
+    return next((e.value for e in t.external_data if e.key == "location"), "")
+
+
 def approx_nbytes(t: onnx.TensorProto) -> int:
     """A tensor's bytes from its shape and type, without touching its data."""
     count = 1
@@ -266,7 +272,7 @@ def _load_external(proto: onnx.ModelProto, path: Path, *, small_only: bool = Fal
     for init in proto.graph.initializer:
         if init.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        location = next((e.value for e in init.external_data if e.key == "location"), "")
+        location = external_location(init)
         if not location or not (base / location).is_file():
             raise ModelLoadError(
                 f"external data file '{location}' for tensor '{init.name}' is missing: "

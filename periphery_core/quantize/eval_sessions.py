@@ -32,13 +32,8 @@ def model_bytes(model: ModelLike) -> int:
         return model.ByteSize()
     path = Path(model)
     header = onnx.load(str(path), load_external_data=False)
-    locations = {
-        entry.value
-        for init in header.graph.initializer
-        if init.data_location == onnx.TensorProto.EXTERNAL
-        for entry in init.external_data
-        if entry.key == "location"
-    }
+    locations = {loading.external_location(init) for init in header.graph.initializer
+                 if init.data_location == onnx.TensorProto.EXTERNAL}
     return path.stat().st_size + sum(
         (path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file()
     )

@@ -359,7 +359,7 @@ class NodeDaemon:
         up, self._upload = self._upload, None
         if up is None:
             raise WireError("deploy_end without an upload")
-        digest = up.received.sha256()
+        digest = up.received.finish()
         if up.received.count != up.size or digest != up.sha256 \
                 or msg.fields["sha256"] != digest:
             up.received.close()

@@ -80,8 +80,8 @@ class Received:
             self.weights += view[cut:]
         self.count += len(view)
 
-    def sha256(self) -> str:
-        """The sha256 of every byte taken (all of them once `count == size`)."""
+    def finish(self) -> str:
+        """Take no more bytes; the sha256 of every byte taken."""
         if self._file is not None:
             self._file.close()
         return self._sha.hexdigest()

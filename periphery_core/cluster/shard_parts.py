@@ -33,7 +33,7 @@ from periphery_core.model.loading import (
     external_location,
     external_range,
 )
-from periphery_core.partition.extract import HELD, ON_DISK_MIN, raw_bytes_known
+from periphery_core.partition.extract import HELD, ON_DISK_MIN, raw_bytes_known, raw_nbytes
 
 # Initializers of at least this many bytes are parts of their own: the size above which the
 # extraction leaves a weight in its data file (weights_on_disk), so either way it is one part.
@@ -79,7 +79,7 @@ class HeldPart:
         self._tensor = tensor
         self._lock = threading.Lock()
         self._data: bytes | None = None
-        self.length = len(_bytes(tensor))  # (made and let go: sub-byte types pack their bytes)
+        self.length = raw_nbytes(tensor)
 
     def __len__(self) -> int:
         return self.length
@@ -88,6 +88,9 @@ class HeldPart:
         """`size` bytes from `start` (within the part)."""
         with self._lock:
             data = self._data if self._data is not None else _bytes(self._tensor)
+            if len(data) != self.length:
+                raise ClusterError(f"weight '{self._tensor.name}' holds {len(data)} bytes where "
+                                   f"its shape says {self.length}: the model is malformed")
             self._data = None if start + size >= self.length else data
         return memoryview(data)[start:start + size]
 

@@ -11,6 +11,7 @@ check whenever the original model does.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -36,6 +37,11 @@ ON_DISK_MIN = 1 << 20  # (iter_shards' weights_on_disk) what a deploy sends from
 HELD = "periphery:held"  # (weights_on_disk) a big weight's bytes are the loaded model's
 _PACKED = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1")
            if hasattr(onnx.TensorProto, n)}  # sub-byte types: packed in raw_data alone
+
+
+def raw_nbytes(t: onnx.TensorProto) -> int:
+    """The bytes of `t`'s data as raw_data holds it, from its shape and type alone."""
+    return (math.prod(t.dims) + 1) // 2 if t.data_type in _PACKED else approx_nbytes(t)
 
 
 def raw_bytes_known(t: onnx.TensorProto) -> bool:
@@ -193,7 +199,6 @@ def iter_shards(
     types = _inferred_types(model)
     model_outputs = {o.name: o for o in graph.output}
     listed_inputs = {i.name: i for i in graph.input if i.name in inits}
-    files = loaded.data_files if weights_on_disk else None
     for stage in plan.stages:
         check(cancel)
         report(progress, "extract", stage.index, plan.k, f"stage {stage.index}")
@@ -231,8 +236,8 @@ def iter_shards(
             sub.output.append(model_outputs[b.name] if b.name in model_outputs
                               else _value_info(b.name, types, analysis))
         own_inits = [n for n in reads if n in inits and n not in set(boundary_in)]
-        sub.initializer.extend(_on_disk(inits[n], files, weights_on_disk) or inits[n]
-                               for n in own_inits)
+        sub.initializer.extend((weights_on_disk and _by_reference(inits[n], loaded.data_files))
+                               or inits[n] for n in own_inits)
         sub.sparse_initializer.extend(sparse[n] for n in reads if n in sparse)
         # IR 3 requires every initializer to be listed among the graph inputs too, and an
         # initializer the model lists as an input (IR 4+ allows it) is one ONNX Runtime treats
@@ -272,11 +277,10 @@ def iter_shards(
     report(progress, "extract", plan.k, plan.k, "done")
 
 
-def _on_disk(init: onnx.TensorProto, files: DataFiles | None,
-             by_reference: bool) -> onnx.TensorProto | None:
+def _by_reference(init: onnx.TensorProto, files: DataFiles | None) -> onnx.TensorProto | None:
     """`init`'s declaration in its data file, for a big weight still there, else (a weight the
     model holds in memory) one that names it `HELD` (see iter_shards); None: copy it."""
-    if not by_reference or approx_nbytes(init) < ON_DISK_MIN:
+    if approx_nbytes(init) < ON_DISK_MIN:
         return None
     if files is not None and (head := files.header(init.name)) is not None:
         return head

@@ -1,23 +1,16 @@
-"""Recently opened models, kept in `recent.json` in the user's config folder.
-
-The folder is `$PERIPHERY_CONFIG_DIR` when set (tests point it at a temporary folder), else
-`~/.config/periphery`. A missing or damaged file reads as an empty list: the list is a
+"""Recently opened models, kept in `recent.json` in the user's config folder
+(`periphery_core.config_dir`). A missing or damaged file reads as an empty list: the list is a
 convenience, never a reason to fail.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from periphery_core.config_dir import config_dir
+
 MAX_RECENT = 10
-
-
-def config_dir() -> Path:
-    """The folder the app keeps its settings in."""
-    override = os.environ.get("PERIPHERY_CONFIG_DIR")
-    return Path(override) if override else Path.home() / ".config" / "periphery"
 
 
 def recent_path() -> Path:

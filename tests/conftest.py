@@ -9,6 +9,8 @@ from pathlib import Path
 import onnx
 import pytest
 
+from periphery_core.cluster.keys import KEYS_ENV
+from periphery_core.config_dir import CONFIG_ENV
 from periphery_core.model import load_model
 from periphery_core.model.analysis import ModelAnalysis, analyze
 from periphery_core.model.loading import LoadedModel
@@ -17,6 +19,20 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 MODELS = SHARED_DATA / "models"
 LIGHT_DIR = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _a_config_folder_of_the_suite_s_own(tmp_path_factory: pytest.TempPathFactory
+                                        ) -> Iterator[None]:
+    """No test, nor any process a test starts, reads or writes the user's config folder (the
+    app's recent models, the default cluster keys) or takes their $PERIPHERY_KEYS: a test of
+    the app once left its temporary models in the user's recent list, and keys there would
+    have secured every run a test expects to refuse."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CONFIG_ENV, str(tmp_path_factory.mktemp("config")))
+        patch.delenv(KEYS_ENV, raising=False)
+        yield
+
 
 # Input shapes that exercise each corpus model beyond the all-ones defaults.
 CORPUS_SHAPES: dict[str, dict[str, tuple[int, ...]]] = {

@@ -99,3 +99,34 @@ def test_cli_keys_init_and_a_node_refusing_to_start_without_keys(tmp_path: Path)
     assert node.returncode == 2
     lines = [ln for ln in node.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "periphery keys init" in lines[0] and "Traceback" not in node.stderr
+
+
+def test_the_default_key_folder_is_in_the_config_folder_and_no_test_sees_the_user_s(
+        tmp_path: Path) -> None:
+    """`periphery cluster ls` without --keys: with no keys in the config folder, one line that
+    says how to make them and where they may go; with a host's folder copied there, it runs
+    secured (and reports the node it cannot reach). The suite itself runs on a config folder
+    of its own, never the user's, whose keys would secure runs tests expect to refuse."""
+    import shutil
+
+    from periphery_core.config_dir import CONFIG_ENV, config_dir
+
+    assert config_dir() != Path.home() / ".config" / "periphery"
+    assert "PERIPHERY_KEYS" not in os.environ
+    env = {**os.environ, CONFIG_ENV: str(tmp_path / "config")}
+
+    def cluster_ls() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "periphery_core.cli.main", "cluster", "ls",
+                               "--no-mdns", "--peer", "127.0.0.1:9", "--json"],
+                              capture_output=True, text=True, env=env, timeout=60)
+
+    refused = cluster_ls()
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    (line,) = [ln for ln in refused.stderr.splitlines() if ln.strip()]
+    assert "periphery keys init DIR --master NAME --node NAME" in line
+    assert str(tmp_path / "config" / "keys") in line and "--insecure" in line
+    folder = init_cluster_keys(tmp_path / "k", ["master"], ["node1"])[0]
+    shutil.copytree(folder, tmp_path / "config" / "keys")
+    secured = cluster_ls()
+    assert secured.returncode == 0, secured.stderr
+    assert "INSECURE" not in secured.stderr and "127.0.0.1:9" in secured.stdout

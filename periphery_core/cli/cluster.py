@@ -124,7 +124,8 @@ def keys_options(fn: F) -> F:
                       help="Talk to nodes without authentication or encryption.")(fn)
     return click.option("--keys", type=click.Path(path_type=Path), default=None,
                         help="This master's key folder from 'periphery keys init' (default: "
-                             "$PERIPHERY_KEYS or ~/.config/periphery/keys).")(fn)
+                             "$PERIPHERY_KEYS, else keys/ in the config folder: "
+                             "$PERIPHERY_CONFIG_DIR or ~/.config/periphery).")(fn)
 
 
 @cli.group()

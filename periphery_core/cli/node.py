@@ -63,7 +63,8 @@ if TYPE_CHECKING:
               help="Advertise only on these interface addresses (repeatable).")
 @click.option("--keys", type=click.Path(path_type=Path), default=None,
               help="This host's key folder from 'periphery keys init' (default: "
-                   "$PERIPHERY_KEYS or ~/.config/periphery/keys).")
+                   "$PERIPHERY_KEYS, else keys/ in the config folder: "
+                   "$PERIPHERY_CONFIG_DIR or ~/.config/periphery).")
 @click.option("--insecure", is_flag=True,
               help="Run without authentication or encryption (trusted networks only).")
 @click.option("--parent-pid", type=int, default=None,

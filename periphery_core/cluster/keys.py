@@ -33,6 +33,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from periphery_core.cluster.same_host import is_ipc
+from periphery_core.config_dir import config_dir
 from periphery_core.errors import KeysError
 
 log = logging.getLogger("periphery.keys")
@@ -69,7 +70,7 @@ def default_keys_dir() -> Path | None:
     env = os.environ.get(KEYS_ENV)
     if env:
         return Path(env)
-    home = Path.home() / ".config" / "periphery" / "keys"
+    home = config_dir() / "keys"
     return home if home.is_dir() else None
 
 
@@ -167,9 +168,10 @@ def keyring_or_insecure(keys: Path | None, insecure: bool) -> KeyRing | None:
         return None
     folder = keys or default_keys_dir()
     if folder is None:
-        raise KeysError("no cluster keys: create them with 'periphery keys init DIR --name ...' "
-                        "and pass --keys DIR/<host> (or set PERIPHERY_KEYS), or run with "
-                        "--insecure on a network you trust")
+        raise KeysError("no cluster keys: make them with 'periphery keys init DIR --master NAME "
+                        "--node NAME ...' and pass --keys DIR/<this host> (or set "
+                        f"{KEYS_ENV}, or copy that folder to {config_dir() / 'keys'}), or run "
+                        "with --insecure on a network you trust")
     return load_keyring(folder)
 
 

@@ -33,8 +33,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="local nodes (and stages) for --demo (default: 3)")
     parser.add_argument("--keys", type=Path, default=None, metavar="DIR",
                         help="the master's key folder from 'periphery keys init', for nodes "
-                             "added by address (default: $PERIPHERY_KEYS or "
-                             "~/.config/periphery/keys); local nodes get fresh keys")
+                             "added by address (default: $PERIPHERY_KEYS, else keys/ in the config "
+                             "folder: $PERIPHERY_CONFIG_DIR or ~/.config/periphery); local "
+                             "nodes get fresh keys")
     parser.add_argument("--insecure", action="store_true",
                         help="talk to nodes without keys (only on a network you trust)")
     parser.add_argument("--device", default="cpu", metavar="cpu|cuda[:N]",

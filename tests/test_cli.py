@@ -186,6 +186,24 @@ def test_devices_file_shapes_the_plan(work: Path) -> None:
     assert hetero["bottleneck_s"] < uniform["bottleneck_s"]
 
 
+def test_a_plan_says_what_its_times_are(work: Path) -> None:
+    """Without devices a plan's times are for reference machines, far slower than a user's:
+    the plan says so and how to get figures of their own; with a devices file or --profile it
+    says what its times are instead."""
+    devices = work / "devices-said.toml"
+    devices.write_text(DEVICES_TOML)
+    said = {}
+    for name, extra in (("reference", ()), ("devices", ("--devices", devices)),
+                        ("profile", ("--profile",))):
+        said[name] = ok("plan", SQUEEZENET, "--shards", 2, *extra,
+                        "-o", work / f"said-{name}.json").stdout
+    assert "FLOP estimates on reference machines of 10 GFLOP/s" in said["reference"]
+    assert "--devices" in said["reference"] and "--profile" in said["reference"]
+    assert "reference machines" not in said["devices"] + said["profile"]
+    assert "FLOP estimates at each device's speed" in said["devices"]
+    assert "measured by running the model on this host" in said["profile"]
+
+
 def test_a_device_computing_several_requests_at_once_holds_each_ones_activations(
         work: Path) -> None:
     # The second stage of the uniform split holds about 4 MB of weights and 1.4 MB of

@@ -113,7 +113,7 @@ def render_analysis(a: ModelAnalysis, top: int) -> None:
 
 
 def render_plan(plan: ShardPlan) -> None:
-    t = Table(title=f"{plan.strategy} plan, {plan.shape} ({plan.cost_basis} costs)",
+    t = Table(title=f"{plan.strategy} plan, {plan.shape}",
               title_justify="left")
     for col in ("stage", "device", "nodes", "first → last", "compute", "transfer", "memory",
                 "out bytes"):
@@ -132,6 +132,7 @@ def render_plan(plan: ShardPlan) -> None:
                   f"{human_bytes(plan.boundary_bytes)}")
     if plan.shape_reason:
         console.print(f"shape {plan.shape_reason}", soft_wrap=True, highlight=False)
+    console.print(plan.cost_note, soft_wrap=True, highlight=False)
 
 
 def plan_summary(plan: ShardPlan) -> dict[str, Any]:

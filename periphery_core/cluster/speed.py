@@ -37,7 +37,7 @@ def measure_speed(budget_s: float = 0.25, min_runs: int = 10, max_runs: int = 40
     """
     from onnx import TensorProto, helper
 
-    from periphery_core.partition.planning_graph import REFERENCE_FLOPS
+    from periphery_core.partition.plan import REFERENCE_FLOPS
 
     n, depth = 256, 8
     rng = np.random.default_rng(0)

@@ -33,6 +33,9 @@ PLAN_FORMAT = "periphery.plan"
 PLAN_VERSION = 1
 STRATEGIES = ("balanced", "even", "spectral")
 
+# The reference machine a device's speed is relative to (speed 1.0): a modest CPU core running
+# ONNX Runtime kernels, 10 GFLOP/s.
+REFERENCE_FLOPS = 10e9
 # A LAN link of 1 Gbit/s, the default when a devices file does not say.
 DEFAULT_BANDWIDTH = 125e6
 
@@ -137,6 +140,20 @@ class ShardPlan:
     def nodes_needed(self) -> int:
         """Nodes the plan runs on: K stages for each replica."""
         return self.k * self.replicas
+
+    @property
+    def cost_note(self) -> str:
+        """What the plan's times are: measured on this host, FLOP estimates at its devices'
+        speeds, or FLOP estimates on reference machines (how to get figures of one's own)."""
+        if self.cost_basis == "profile":
+            return "times measured by running the model on this host"
+        if self.devices and all(d == DeviceSpec(name=f"device{i}")
+                                for i, d in enumerate(self.devices)):
+            return (f"times are FLOP estimates on reference machines of "
+                    f"{REFERENCE_FLOPS / 1e9:.0f} GFLOP/s, slower than most: plan with --devices "
+                    "(from 'periphery cluster ls --write-devices') or --profile (measured on "
+                    "this host) for figures of your own machines")
+        return "times are FLOP estimates at each device's speed"
 
     @property
     def predicted_rps(self) -> float:

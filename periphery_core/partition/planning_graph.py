@@ -11,10 +11,8 @@ from collections.abc import Mapping
 
 from periphery_core.model.analysis import ModelAnalysis, NodeInfo
 from periphery_core.partition.cost_model import PlanningGraph, PlanNode
-from periphery_core.partition.plan import Boundary
+from periphery_core.partition.plan import REFERENCE_FLOPS, Boundary
 
-# A modest CPU core running ONNX Runtime kernels: 10 GFLOP/s.
-REFERENCE_FLOPS = 10e9
 # Kernel dispatch and memory traffic of a node that does little arithmetic.
 NODE_OVERHEAD_S = 2e-6
 

@@ -520,10 +520,12 @@ async def test_a_discovered_node_of_another_release_says_so_before_it_is_tried()
             await until(pilot, lambda: table.row_count == 1, timeout=20)
             assert "other release" in str(table.get_row_at(0)[1])
             os.kill(node.pid, signal.SIGSTOP)  # its record stays listed; its sockets go silent
-            t0 = time.monotonic()
             await pilot.press("c")
-            await until(pilot, lambda: isinstance(app.screen, ErrorModal), timeout=5)
-            assert time.monotonic() - t0 < 2
+            # A connection tried would end in "did not answer" (the node is stopped), never in
+            # the release's message, and would leave a node behind: the message and the empty
+            # cluster show none was tried, with no clock to trip on a loaded machine (a check
+            # of under 2 s failed once under the suite's load, 5.8 s to the modal).
+            await until(pilot, lambda: isinstance(app.screen, ErrorModal), timeout=30)
             message = str(app.screen.query_one("#message", Static).content)
             assert f"speaks wire protocol 1 and this master {PROTOCOL_VERSION}: install the " \
                    "same Periphery release on both" in message, message

@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import math
 
-from periphery_core.units import human_bytes, human_count, human_seconds, shape_text
+from periphery_core.units import (
+    human_bytes,
+    human_count,
+    human_rate,
+    human_seconds,
+    shape_text,
+)
 
-__all__ = ["bar", "human_bytes", "human_count", "human_seconds", "shape_text"]
+__all__ = ["bar", "human_bytes", "human_count", "human_rate", "human_seconds", "shape_text"]
 
 
 def bar(fraction: float, width: int) -> str:

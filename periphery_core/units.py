@@ -47,6 +47,13 @@ def human_count(n: float | None, unit: str = "") -> str:
     return f"{n:.0f} {unit}".rstrip()
 
 
+def human_rate(per_s: float) -> str:
+    """A rate such as requests/s to three figures, whole ones with thousands separated:
+    `7.28`, `94.7`, `1,390` (not `1.39e+03`)."""
+    rounded = float(f"{per_s:.3g}")
+    return f"{rounded:,.0f}" if abs(rounded) >= 1000 else f"{per_s:.3g}"
+
+
 def human_seconds(s: float | None) -> str:
     """`0.0123` -> `12.30 ms`; `4.2e-5` -> `42 µs`; None or NaN -> `-`."""
     if s is None or math.isnan(s):

@@ -246,8 +246,9 @@ async def _add_nodes_by_address(app: PeripheryApp, pilot: Pilot, cluster: LocalC
 
 
 async def test_whole_loop_against_real_local_nodes(tmp_path: Path) -> None:
-    """Add two nodes by address, plan K=2, move a boundary, assign, deploy, stream, see it;
-    opening another model then says the cluster still runs the deployed one."""
+    """Add two nodes by address, see the plan made before they joined move onto them, move a
+    boundary, assign, deploy, stream, see it; opening another model then says the cluster
+    still runs the deployed one."""
     cluster = LocalCluster(2, secure=False)
     cluster.start()
     app = PeripheryApp(DEMO_MODEL, browse_dir=DEMO_MODEL.parent, insecure=True)
@@ -257,9 +258,16 @@ async def test_whole_loop_against_real_local_nodes(tmp_path: Path) -> None:
             table = app.screen.query_one(DataTable)
             assert table.row_count == 2
             await pilot.press("3")
-            await until(pilot, lambda: app.plan is not None)
+            # The model was planned on reference devices when it opened, before any node;
+            # the nodes that joined take its stages and it is planned again on their figures.
+            await until(pilot, lambda: app.plan is not None
+                        and [s.device for s in app.plan.stages] == ["local0", "local1"])
             plan = app.plan
-            assert plan is not None and plan.k == 2
+            assert plan is not None and plan.k == 2 and plan.strategy == "balanced"
+            controls = text_of(app, "#controls")
+            assert "no node" not in controls and "reference" not in controls, controls
+            assert re.search(r"requests/s predicted", controls) and "e+" not in controls
+            assert "planned again on local0, local1" in text_of(app, "#status")
             await pilot.press("left")
             await until(pilot, lambda: app.plan is not plan)
             assert app.plan is not None and app.plan.cuts == [plan.cuts[0] - 1]

@@ -28,7 +28,7 @@ from periphery_app.control import ClusterControl, OpenedModel
 from periphery_app.messages import Deployed, PlanChanged, ProgressReported
 from periphery_app.screens.base import PeripheryScreen, screen_bar
 from periphery_app.screens.modals import ChoiceModal, PromptModal
-from periphery_app.units import human_bytes, human_seconds
+from periphery_app.units import human_bytes, human_rate, human_seconds
 from periphery_app.widgets.stage_chart import StageChart
 from periphery_core.cluster.handles import view_specs
 from periphery_core.cluster.state import ClusterState
@@ -130,14 +130,41 @@ class ShardsScreen(PeripheryScreen):
             if plan.strategy in STRATEGIES:
                 self.strategy = plan.strategy
             self.plans_shown += 1
+            self._take_joined_nodes()
         self._redraw()
 
     def _state_changed(self, state: ClusterState) -> None:
         if (state.assignment and len(state.assignment) == len(self.assignment)
                 and not any(self.assignment)):
             self.assignment = list(state.assignment)
+        self._take_joined_nodes()
         if self.is_current:
             self._redraw()
+
+    def _take_joined_nodes(self) -> None:
+        """A plan none of whose stages has a node takes the nodes that are ready, in name
+        order, once there are enough, and is planned again on their figures (its K, replicas
+        and strategy kept; cuts moved by hand kept too): a model opened before its nodes
+        joined is otherwise left planned for reference devices. A plan with any node
+        assigned, or a cluster running a deployment, is left as it is."""
+        plan, opened = self.papp.plan, self._opened
+        if (plan is None or opened is None or any(self.assignment)
+                or self.papp.cluster_state.assignment):
+            return
+        ready = {n.id for n in self.papp.cluster_state.nodes.values()
+                 if n.state in ("ready", "busy")}
+        ids = [key for key, _ in self._candidates() if key in ready]
+        if len(ids) < plan.nodes_needed:
+            return
+        self.assignment = list[str | None](ids[:plan.nodes_needed])
+        devices = self._devices(self.k)
+        if plan.strategy not in STRATEGIES or devices is None:  # (cut by hand)
+            self._after_assignment()
+            return
+        nodes = self.papp.cluster_state.nodes
+        self._say(f"planned again on {', '.join(nodes[i].name for i in ids[:plan.nodes_needed])}"
+                  ", the nodes that joined")
+        self._plan(opened, self.k, self.strategy, devices, self.replicas)
 
     def on_screen_resume(self) -> None:
         self._redraw()
@@ -192,7 +219,7 @@ class ShardsScreen(PeripheryScreen):
                             f"{human_seconds(plan.bottleneck_s)} per request · balance "
                             f"{plan.balance_ratio:.2f}x ideal · boundaries "
                             f"{human_bytes(plan.boundary_bytes)} · {plan.strategy}")
-            controls.append(f"\n shape {plan.shape}: {plan.predicted_rps:.3g} requests/s "
+            controls.append(f"\n shape {plan.shape}: {human_rate(plan.predicted_rps)} requests/s "
                             "predicted")
             if plan.shape_reason:
                 controls.append(f" · why: {plan.shape_reason}", style="dim")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from periphery_core.errors import PlanError
 from periphery_core.partition.plan import DeviceSpec, ShardPlan, shape_text
+from periphery_core.units import human_rate
 
 # More stages must predict this much more throughput than fewer to be chosen.
 MARGIN = 0.05
@@ -108,7 +109,7 @@ def choose_shape(devices: Sequence[DeviceSpec], plan_k: PlanFn, recost: RecostFn
 def _reason(best: ShapeOption, options: Sequence[ShapeOption], forced: bool) -> str:
     """Why this shape, in one line: its prediction against the others weighed."""
     assert best.plan is not None
-    head = f"{shape_text(best.k, best.replicas)}: {best.rps:.3g} requests/s predicted"
+    head = f"{shape_text(best.k, best.replicas)}: {human_rate(best.rps)} requests/s predicted"
     if forced:
         return f"{head} (the shape asked for)"
     others = []
@@ -116,6 +117,6 @@ def _reason(best: ShapeOption, options: Sequence[ShapeOption], forced: bool) -> 
         if o is best:
             continue
         shape = shape_text(o.k, o.replicas)
-        others.append(f"{shape} {o.rps:.3g}" if o.plan is not None
+        others.append(f"{shape} {human_rate(o.rps)}" if o.plan is not None
                       else f"{shape} does not fit ({o.error})")
     return head + (f", against {'; '.join(others)}" if others else "")

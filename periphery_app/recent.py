@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from periphery_core.config_dir import config_dir
+from periphery_core.model.loading import display_name
 
 MAX_RECENT = 10
 
@@ -46,3 +47,25 @@ def remember(path: Path) -> list[Path]:
     except OSError:
         pass  # a read-only home must not stop a model from opening
     return items
+
+
+def distinct_names(paths: list[Path]) -> list[str]:
+    """Each path's name for the recent list; paths whose names are the same (one model in two
+    checkouts) also show as much of their folders as tells them apart:
+    `demo-resnet.onnx (main/assets)`, `demo-resnet.onnx (copy/assets)`."""
+    names = [display_name(p) for p in paths]
+    out = list(names)
+    for name in set(names):
+        same = [i for i, n in enumerate(names) if n == name]
+        if len(same) < 2:
+            continue
+        folders = {i: paths[i].parent.parts for i in same}
+        depth = max(len(f) for f in folders.values())
+        tails = {i: str(paths[i].parent) for i in same}
+        for keep in range(1, depth + 1):
+            tails = {i: str(Path(*f[-keep:])) for i, f in folders.items()}
+            if len(set(tails.values())) == len(same) or keep == depth:
+                break
+        for i in same:
+            out[i] = f"{name} ({tails[i]})"
+    return out

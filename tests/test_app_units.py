@@ -223,6 +223,15 @@ def test_recent_files_live_in_the_config_dir(tmp_path: Path, monkeypatch) -> Non
     assert recent.load_recent() == []
 
 
+def test_recent_models_of_the_same_name_show_the_folders_that_tell_them_apart() -> None:
+    paths = [Path("/w/main/assets/demo.onnx"), Path("/w/copy/assets/demo.onnx"),
+             Path("/w/main/m.onnx"), Path("/a/smollm/model.onnx"), Path("/b/smollm/model.onnx"),
+             Path("/x/demo.onnx")]
+    assert recent.distinct_names(paths) == [
+        "demo.onnx (main/assets)", "demo.onnx (copy/assets)", "m.onnx",
+        "smollm/model.onnx (a/smollm)", "smollm/model.onnx (b/smollm)", "demo.onnx (/x)"]
+
+
 def test_command_line(capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         parse_args(["--help"])

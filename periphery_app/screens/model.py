@@ -16,13 +16,12 @@ from textual.worker import get_current_worker
 
 from periphery_app.control import OpenedModel, open_model
 from periphery_app.messages import ModelOpened, ProgressReported
-from periphery_app.recent import load_recent
+from periphery_app.recent import distinct_names, load_recent
 from periphery_app.screens.base import PeripheryScreen, screen_bar
 from periphery_app.screens.modals import PromptModal
 from periphery_app.widgets.file_trees import OnnxTree
 from periphery_app.widgets.summary import model_summary
 from periphery_core.errors import PeripheryError
-from periphery_core.model.loading import display_name
 from periphery_core.model.shapes import parse_input_shapes
 from periphery_core.progress import CancelToken, Progress
 
@@ -72,7 +71,8 @@ class ModelScreen(PeripheryScreen):
         recent = self.query_one("#recent", OptionList)
         recent.clear_options()
         paths = load_recent()
-        recent.add_options(Option(display_name(p), id=str(p)) for p in paths)
+        recent.add_options(Option(name, id=str(p))
+                           for p, name in zip(paths, distinct_names(paths), strict=True))
         if not paths:
             recent.add_option(Option("(none yet)", id="", disabled=True))
 

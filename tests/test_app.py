@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import onnx
@@ -245,69 +246,80 @@ async def _add_nodes_by_address(app: PeripheryApp, pilot: Pilot, cluster: LocalC
                 timeout=30)
 
 
+@contextlib.asynccontextmanager
+async def app_on_local_nodes(model: Path, browse_dir: Path, size: tuple[int, int] = SIZE,
+                             nodes: int = 2, workers: int | None = None
+                             ) -> AsyncIterator[tuple[PeripheryApp, Pilot]]:
+    """The app (Pilot) on `model`, with `nodes` local node processes (`--workers`, if given)
+    added by address on its Cluster screen; the app's cluster control and the nodes are
+    stopped after, pass or fail."""
+    cluster = LocalCluster(nodes, secure=False, workers=workers)
+    cluster.start()
+    app = PeripheryApp(model, browse_dir=browse_dir, insecure=True)
+    try:
+        async with app.run_test(size=size) as pilot:
+            await _add_nodes_by_address(app, pilot, cluster)
+            yield app, pilot
+    finally:
+        app.control.close()
+        cluster.stop()
+
+
 async def test_whole_loop_against_real_local_nodes(tmp_path: Path) -> None:
     """Add two nodes by address, see the plan made before they joined move onto them, move a
     boundary, assign, deploy, stream, see it; opening another model then says the cluster
     still runs the deployed one."""
-    cluster = LocalCluster(2, secure=False)
-    cluster.start()
-    app = PeripheryApp(DEMO_MODEL, browse_dir=DEMO_MODEL.parent, insecure=True)
-    try:
-        async with app.run_test(size=SIZE) as pilot:
-            await _add_nodes_by_address(app, pilot, cluster)
-            table = app.screen.query_one(DataTable)
-            assert table.row_count == 2
-            await pilot.press("3")
-            # The model was planned on reference devices when it opened, before any node;
-            # the nodes that joined take its stages and it is planned again on their figures.
-            await until(pilot, lambda: app.plan is not None
-                        and [s.device for s in app.plan.stages] == ["local0", "local1"])
-            plan = app.plan
-            assert plan is not None and plan.k == 2 and plan.strategy == "balanced"
-            controls = text_of(app, "#controls")
-            assert "no node" not in controls and "reference" not in controls, controls
-            assert re.search(r"requests/s predicted", controls) and "e+" not in controls
-            assert "planned again on local0, local1" in text_of(app, "#status")
-            await pilot.press("left")
-            await until(pilot, lambda: app.plan is not plan)
-            assert app.plan is not None and app.plan.cuts == [plan.cuts[0] - 1]
-            # stage 0 -> the second node, stage 1 -> the first: by keyboard in the picker
-            await pilot.press("a")
-            assert isinstance(app.screen, ChoiceModal)
-            await pilot.press("down", "enter")
-            await pilot.press("down", "a", "enter")
-            screen = app.screen
-            assert isinstance(screen, ShardsScreen)
-            names = {n.id: n.name for n in app.cluster_state.nodes.values()}
-            assert [names[a] for a in screen.assignment if a] == ["local1", "local0"]
-            await until(pilot, lambda: app.plan is not None and
-                        app.plan.stages[0].device == "local1")  # replanned with node figures
-            await pilot.press("d")
-            await until(pilot, lambda: app.cluster_state.deploy_status == "deployed", timeout=60)
-            await pilot.press("5", "space")
-            await until(pilot, lambda: app.cluster_state.requests_completed > 3, timeout=60)
-            dash = app.screen
-            assert isinstance(dash, DashboardScreen) and dash.load_running
-            await until(pilot, lambda: "ms" in text_of(app, "#stages"), timeout=10)
-            assert "local1" in text_of(app, "#stages")
-            # local nodes: each stage sends over its host's private socket, not TCP
-            assert app.cluster_state.links == ("ipc", "ipc")
-            assert "local" in text_of(app, "#stages") and "TCP" not in text_of(app, "#stages")
-            await pilot.press("space")
-            assert not dash.load_running
-            other = tmp_path / "other.onnx"
-            shutil.copyfile(DEMO_MODEL, other)
-            await pilot.press("1", "p")
-            await paste(pilot, str(other))
-            await pilot.press("enter")
-            await until(pilot, lambda: app.opened is not None and app.opened.loaded.path == other)
-            await until(pilot, lambda: any(
-                "the cluster still runs demo-resnet.onnx" in str(n.message)
-                for n in app._notifications))
-            await pilot.press("q")
-    finally:
-        app.control.close()
-        cluster.stop()
+    async with app_on_local_nodes(DEMO_MODEL, DEMO_MODEL.parent) as (app, pilot):
+        table = app.screen.query_one(DataTable)
+        assert table.row_count == 2
+        await pilot.press("3")
+        # The model was planned on reference devices when it opened, before any node;
+        # the nodes that joined take its stages and it is planned again on their figures.
+        await until(pilot, lambda: app.plan is not None
+                    and [s.device for s in app.plan.stages] == ["local0", "local1"])
+        plan = app.plan
+        assert plan is not None and plan.k == 2 and plan.strategy == "balanced"
+        controls = text_of(app, "#controls")
+        assert "no node" not in controls and "reference" not in controls, controls
+        assert re.search(r"requests/s predicted", controls) and "e+" not in controls
+        assert "planned again on local0, local1" in text_of(app, "#status")
+        await pilot.press("left")
+        await until(pilot, lambda: app.plan is not plan)
+        assert app.plan is not None and app.plan.cuts == [plan.cuts[0] - 1]
+        # stage 0 -> the second node, stage 1 -> the first: by keyboard in the picker
+        await pilot.press("a")
+        assert isinstance(app.screen, ChoiceModal)
+        await pilot.press("down", "enter")
+        await pilot.press("down", "a", "enter")
+        screen = app.screen
+        assert isinstance(screen, ShardsScreen)
+        names = {n.id: n.name for n in app.cluster_state.nodes.values()}
+        assert [names[a] for a in screen.assignment if a] == ["local1", "local0"]
+        await until(pilot, lambda: app.plan is not None and
+                    app.plan.stages[0].device == "local1")  # replanned with node figures
+        await pilot.press("d")
+        await until(pilot, lambda: app.cluster_state.deploy_status == "deployed", timeout=60)
+        await pilot.press("5", "space")
+        await until(pilot, lambda: app.cluster_state.requests_completed > 3, timeout=60)
+        dash = app.screen
+        assert isinstance(dash, DashboardScreen) and dash.load_running
+        await until(pilot, lambda: "ms" in text_of(app, "#stages"), timeout=10)
+        assert "local1" in text_of(app, "#stages")
+        # local nodes: each stage sends over its host's private socket, not TCP
+        assert app.cluster_state.links == ("ipc", "ipc")
+        assert "local" in text_of(app, "#stages") and "TCP" not in text_of(app, "#stages")
+        await pilot.press("space")
+        assert not dash.load_running
+        other = tmp_path / "other.onnx"
+        shutil.copyfile(DEMO_MODEL, other)
+        await pilot.press("1", "p")
+        await paste(pilot, str(other))
+        await pilot.press("enter")
+        await until(pilot, lambda: app.opened is not None and app.opened.loaded.path == other)
+        await until(pilot, lambda: any(
+            "the cluster still runs demo-resnet.onnx" in str(n.message)
+            for n in app._notifications))
+        await pilot.press("q")
 
 
 def _p50_shown(app: PeripheryApp) -> bool:
@@ -546,36 +558,30 @@ async def test_a_discovered_node_of_another_release_says_so_before_it_is_tried()
 async def test_a_node_computing_several_requests_at_once_shows_it_and_plans_for_it() -> None:
     """A node started --workers 2: the Cluster table says so beside its device, and the
     Shards screen's plan on it counts two requests' activations."""
-    cluster = LocalCluster(1, secure=False, workers=2)
-    cluster.start()
-    app = PeripheryApp(DEMO_MODEL, browse_dir=DEMO_MODEL.parent, insecure=True)
-    try:
-        async with app.run_test(size=SIZE) as pilot:
-            await _add_nodes_by_address(app, pilot, cluster)
-            (node,) = app.cluster_state.nodes.values()
-            assert node.workers == 2
-            table = app.screen.query_one(DataTable)
-            await until(pilot, lambda: table.row_count == 1)
-            assert str(table.get_cell_at(Coordinate(0, 6))) == \
-                f"{(node.device or '?')[:12]}, 2 at once"
-            await pilot.press("3")
-            await until(pilot, lambda: app.plan is not None)
-            while app.plan is not None and app.plan.k > 1:  # one stage
-                k = app.plan.k
-                await pilot.press("minus")
-                await until(pilot, lambda k=k: app.plan is not None and app.plan.k < k)
-            await pilot.press("a", "enter")  # the stage on the node
-            await until(pilot, lambda: app.plan is not None
-                        and app.plan.stages[0].device == "local0", timeout=30)
-            (stage,) = app.plan.stages
-            assert stage.workers == 2
-            assert stage.memory_bytes == stage.param_bytes + 2 * stage.peak_activation_bytes
-            from periphery_app.widgets.stage_chart import StageChart
+    async with app_on_local_nodes(DEMO_MODEL, DEMO_MODEL.parent, nodes=1,
+                                  workers=2) as (app, pilot):
+        (node,) = app.cluster_state.nodes.values()
+        assert node.workers == 2
+        table = app.screen.query_one(DataTable)
+        await until(pilot, lambda: table.row_count == 1)
+        assert str(table.get_cell_at(Coordinate(0, 6))) == \
+            f"{(node.device or '?')[:12]}, 2 at once"
+        await pilot.press("3")
+        await until(pilot, lambda: app.plan is not None)
+        while app.plan is not None and app.plan.k > 1:  # one stage
+            k = app.plan.k
+            await pilot.press("minus")
+            await until(pilot, lambda k=k: app.plan is not None and app.plan.k < k)
+        await pilot.press("a", "enter")  # the stage on the node
+        await until(pilot, lambda: app.plan is not None
+                    and app.plan.stages[0].device == "local0", timeout=30)
+        (stage,) = app.plan.stages
+        assert stage.workers == 2
+        assert stage.memory_bytes == stage.param_bytes + 2 * stage.peak_activation_bytes
+        from periphery_app.widgets.stage_chart import StageChart
 
-            chart = app.screen.query_one(StageChart)
-            await until(pilot, lambda: "(2 at once)" in rendered_text(chart.render()))
-    finally:
-        cluster.stop()
+        chart = app.screen.query_one(StageChart)
+        await until(pilot, lambda: "(2 at once)" in rendered_text(chart.render()))
 
 
 def text_of_label(app: PeripheryApp, selector: str) -> str:
@@ -795,74 +801,58 @@ async def test_the_app_follows_the_pipeline_when_it_rebalances(tmp_path: Path) -
     model = tmp_path / "misleading.onnx"
     onnx.save_model(misleading_costs(), model)
     on_estimates = make_plan(analyze(load_model(model)), 2).save(tmp_path / "plan.json")
-    cluster = LocalCluster(2, secure=False)
-    cluster.start()
-    app = PeripheryApp(model, browse_dir=tmp_path, insecure=True)
-    try:
-        async with app.run_test(size=SIZE) as pilot:
-            await _add_nodes_by_address(app, pilot, cluster)
-            await pilot.press("3", "o", "ctrl+a", "ctrl+k")
-            await paste(pilot, str(on_estimates))
-            await pilot.press("enter")
-            await until(pilot, lambda: app.plan is not None and app.plan.k == 2
-                        and app.plan.model_path.endswith("misleading.onnx"))
-            first = app.plan
-            await pilot.press("d")
-            await until(pilot, lambda: app.cluster_state.deploy_status == "deployed", timeout=60)
-            await pilot.press("5", "space")
-            await until(pilot, lambda: app.cluster_state.rebalances >= 1, timeout=120)
-            pipeline = app.control.pipeline
-            assert pipeline is not None and pipeline.plan is not first
-            await until(pilot, lambda: app.plan is pipeline.plan, timeout=10)
-            await pilot.press("space", "4")
-            await until(pilot, lambda: isinstance(app.screen, ClusterScreen))
-            log = app.screen.query_one(Log)
-            assert any("rebalanced on measured compute" in line for line in log.lines)
-            await pilot.press("3")
-            await until(pilot, lambda: isinstance(app.screen, ShardsScreen))
-            chart = app.screen.query_one(StageChart)
+    async with app_on_local_nodes(model, tmp_path) as (app, pilot):
+        await pilot.press("3", "o", "ctrl+a", "ctrl+k")
+        await paste(pilot, str(on_estimates))
+        await pilot.press("enter")
+        await until(pilot, lambda: app.plan is not None and app.plan.k == 2
+                    and app.plan.model_path.endswith("misleading.onnx"))
+        first = app.plan
+        await pilot.press("d")
+        await until(pilot, lambda: app.cluster_state.deploy_status == "deployed", timeout=60)
+        await pilot.press("5", "space")
+        await until(pilot, lambda: app.cluster_state.rebalances >= 1, timeout=120)
+        pipeline = app.control.pipeline
+        assert pipeline is not None and pipeline.plan is not first
+        await until(pilot, lambda: app.plan is pipeline.plan, timeout=10)
+        await pilot.press("space", "4")
+        await until(pilot, lambda: isinstance(app.screen, ClusterScreen))
+        log = app.screen.query_one(Log)
+        assert any("rebalanced on measured compute" in line for line in log.lines)
+        await pilot.press("3")
+        await until(pilot, lambda: isinstance(app.screen, ShardsScreen))
+        chart = app.screen.query_one(StageChart)
 
-            def ready() -> int:
-                return rendered_text(chart.render()).count(" ready ")
+        def ready() -> int:
+            return rendered_text(chart.render()).count(" ready ")
 
-            await until(pilot, lambda: ready() == 2, timeout=30)
-            assert app.cluster_state.requests_failed == 0
-            await pilot.press("q")
-    finally:
-        app.control.close()
-        cluster.stop()
+        await until(pilot, lambda: ready() == 2, timeout=30)
+        assert app.cluster_state.requests_failed == 0
+        await pilot.press("q")
 
 
 async def test_the_planner_s_shape_deploys_replicas_that_both_serve() -> None:
     """On two real nodes, `p` asks the planner for its shape: the demo model fits one node,
     so two replicas of one stage, and the screen says why; deployed and streaming, both
     replicas serve. `r` then takes the plan back to one pipeline."""
-    cluster = LocalCluster(2, secure=False)
-    cluster.start()
-    app = PeripheryApp(DEMO_MODEL, browse_dir=DEMO_MODEL.parent, insecure=True)
-    try:
-        async with app.run_test(size=(140, 40)) as pilot:
-            await _add_nodes_by_address(app, pilot, cluster)
-            await pilot.press("3")
-            await until(pilot, lambda: app.plan is not None)
-            await pilot.press("p")
-            await until(pilot, lambda: app.plan is not None and app.plan.replicas == 2)
-            assert app.plan is not None and app.plan.k == 1
-            controls = text_of(app, "#controls")
-            assert "shape 2 replicas x 1 stage" in controls and "1 x 2 stages" in controls
-            await pilot.press("d")
-            await until(pilot, lambda: app.cluster_state.deploy_status == "deployed", timeout=60)
-            assert app.cluster_state.replicas == 2 and len(app.cluster_state.assignment) == 2
-            await pilot.press("5", "space")
-            await until(pilot, lambda: app.cluster_state.requests_completed > 20, timeout=60)
-            await until(pilot, lambda: "R1·S0" in text_of(app, "#stages"), timeout=10)
-            await pilot.press("space")
-            served = app.cluster_state.last_request
-            assert set(served) == set(app.cluster_state.assignment), "both replicas served"
-            await pilot.press("3", "r")
-            await until(pilot, lambda: app.plan is not None and app.plan.replicas == 1)
-            assert app.cluster_state.requests_failed == 0
-            await pilot.press("q")
-    finally:
-        app.control.close()
-        cluster.stop()
+    async with app_on_local_nodes(DEMO_MODEL, DEMO_MODEL.parent, size=(140, 40)) as (app, pilot):
+        await pilot.press("3")
+        await until(pilot, lambda: app.plan is not None)
+        await pilot.press("p")
+        await until(pilot, lambda: app.plan is not None and app.plan.replicas == 2)
+        assert app.plan is not None and app.plan.k == 1
+        controls = text_of(app, "#controls")
+        assert "shape 2 replicas x 1 stage" in controls and "1 x 2 stages" in controls
+        await pilot.press("d")
+        await until(pilot, lambda: app.cluster_state.deploy_status == "deployed", timeout=60)
+        assert app.cluster_state.replicas == 2 and len(app.cluster_state.assignment) == 2
+        await pilot.press("5", "space")
+        await until(pilot, lambda: app.cluster_state.requests_completed > 20, timeout=60)
+        await until(pilot, lambda: "R1·S0" in text_of(app, "#stages"), timeout=10)
+        await pilot.press("space")
+        served = app.cluster_state.last_request
+        assert set(served) == set(app.cluster_state.assignment), "both replicas served"
+        await pilot.press("3", "r")
+        await until(pilot, lambda: app.plan is not None and app.plan.replicas == 1)
+        assert app.cluster_state.requests_failed == 0
+        await pilot.press("q")

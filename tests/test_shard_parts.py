@@ -288,33 +288,23 @@ async def test_the_app_deploys_a_model_with_a_data_file_and_it_gives_the_model_s
     add two nodes, plan K = 2 and deploy: the pipeline gives the whole model's results."""
     import asyncio
 
-    from periphery_app.app import PeripheryApp
     from periphery_app.sample import until
-    from periphery_core.cluster.local import LocalCluster
-    from tests.test_app import SIZE, _add_nodes_by_address
+    from tests.test_app import app_on_local_nodes
 
     path = _with_data_file(tmp_path)
     assert (tmp_path / "mlp.onnx.data").stat().st_size > 4 * PART_MIN
     x = np.random.default_rng(2).standard_normal((1, WIDTH)).astype(np.float32)
     (want,) = _session(load_model(path).proto.SerializeToString()).run(None, {"x": x})
-    cluster = LocalCluster(2, secure=False)
-    cluster.start()
-    app = PeripheryApp(path, browse_dir=tmp_path, insecure=True)
-    try:
-        async with app.run_test(size=SIZE) as pilot:
-            await _add_nodes_by_address(app, pilot, cluster)
-            await pilot.press("3")
-            await until(pilot, lambda: app.plan is not None and app.plan.k == 2)
-            await pilot.press("d")
-            await until(pilot, lambda: app.cluster_state.deploy_status == "deployed", timeout=60)
-            pipeline = app.control.pipeline
-            assert pipeline is not None and len(pipeline.assignment) == 2
-            got = await asyncio.to_thread(lambda: pipeline.submit({"x": x}).result(timeout=60))
-            np.testing.assert_allclose(got["y"], want, rtol=1e-5, atol=1e-6)
-            await pilot.press("q")
-    finally:
-        app.control.close()
-        cluster.stop()
+    async with app_on_local_nodes(path, tmp_path) as (app, pilot):
+        await pilot.press("3")
+        await until(pilot, lambda: app.plan is not None and app.plan.k == 2)
+        await pilot.press("d")
+        await until(pilot, lambda: app.cluster_state.deploy_status == "deployed", timeout=60)
+        pipeline = app.control.pipeline
+        assert pipeline is not None and len(pipeline.assignment) == 2
+        got = await asyncio.to_thread(lambda: pipeline.submit({"x": x}).result(timeout=60))
+        np.testing.assert_allclose(got["y"], want, rtol=1e-5, atol=1e-6)
+        await pilot.press("q")
 
 
 def test_a_data_file_cut_short_while_a_deploy_sends_it_fails_the_deploy_in_one_line(

@@ -35,6 +35,12 @@ def _chat_shown(app: PeripheryApp) -> bool:
     return isinstance(app.screen, ChatScreen) and bool(app.screen.query("#transcript"))
 
 
+def _offers_stop(app: PeripheryApp) -> bool:
+    """Whether escape stops a reply now (the footer shows the keys that are active)."""
+    return any(b.action == "stop" for _, b, enabled, _ in app.screen.active_bindings.values()
+               if enabled)
+
+
 async def test_chat_streams_a_reply_from_the_deployed_language_model() -> None:
     require_shared()
     prompt = "What is the capital of France?"
@@ -55,9 +61,11 @@ async def test_chat_streams_a_reply_from_the_deployed_language_model() -> None:
         screen.query_one("#prompt", Input).value = "Tell me a long story."
         await pilot.press("enter")
         await until(pilot, lambda: screen.generating, timeout=10)
+        assert _offers_stop(app)  # the footer offers it while a reply is generated ...
         await pilot.press("escape")
         await until(pilot, lambda: not screen.generating, timeout=30)
         assert "stopped" in text_of(app, "#figures")
+        await until(pilot, lambda: not _offers_stop(app))  # ... and not once it has stopped
         assert not any(isinstance(s, ErrorModal) for s in app.screen_stack)
         await pilot.press("escape")  # nothing generating: back, out of the prompt box
         await until(pilot, lambda: not isinstance(app.screen, ChatScreen))

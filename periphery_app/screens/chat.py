@@ -89,16 +89,20 @@ class ChatScreen(PeripheryScreen):
         event.input.value = ""
         self.transcript += [("you", text), ("model", "")]
         self.generating = True
+        self.refresh_bindings()
         self._cancel = CancelToken()
         self._draw()
         self._generate(text, self._cancel)
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """`Stop generating` is offered, and takes escape, only while a reply is being
+        generated; otherwise escape goes back, as on every screen."""
+        return self.generating if action == "stop" else True
+
     def action_stop(self) -> None:
-        """Stop the reply being generated; with none, escape goes back as everywhere."""
+        """Stop the reply being generated."""
         if self._cancel is not None:
             self._cancel.cancel()
-        else:
-            self.papp.action_go_back()
 
     @work(thread=True, exclusive=True, group="chat")
     def _generate(self, text: str, cancel: CancelToken) -> None:
@@ -143,6 +147,7 @@ class ChatScreen(PeripheryScreen):
 
     def _finish(self, result: Generation | None, stages: dict[int, float], why: str) -> None:
         self.generating = False
+        self.refresh_bindings()
         self._cancel = None
         figures = self.query_one("#figures", Static)
         if result is None:

@@ -16,7 +16,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
 
-from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -28,7 +27,7 @@ from periphery_app.control import ClusterControl, OpenedModel
 from periphery_app.messages import Deployed, PlanChanged, ProgressReported
 from periphery_app.screens.base import PeripheryScreen, screen_bar
 from periphery_app.screens.modals import ChoiceModal, PromptModal
-from periphery_app.units import human_bytes, human_rate, human_seconds
+from periphery_app.screens.shards_view import controls_text
 from periphery_app.widgets.stage_chart import StageChart
 from periphery_core.cluster.handles import view_specs
 from periphery_core.cluster.state import ClusterState
@@ -203,35 +202,8 @@ class ShardsScreen(PeripheryScreen):
         plan = self.papp.plan
         state = self.papp.cluster_state
         self.query_one(StageChart).set_data(plan, self._names(), self._deploy_shown(plan, state))
-        controls = Text(no_wrap=True, overflow="ellipsis")
-        controls.append(f" K = {self.k} ", style="bold reverse")
-        controls.append(" (+/-)   replicas ")
-        controls.append(f" {self.replicas} ", style="bold reverse")
-        controls.append(" (r)   strategy ")
-        controls.append(f" {self.strategy} ", style="bold reverse")
-        controls.append(" (t)   p: the planner's shape")
-        if plan is not None and plan.strategy != self.strategy:
-            controls.append(f"  this plan: {plan.strategy}", style="yellow")
-            if plan.strategy == "manual":
-                controls.append(" (cut by hand; b re-balances)", style="yellow")
-        if plan is not None:
-            controls.append(f"\n bottleneck stage {plan.bottleneck_stage}: "
-                            f"{human_seconds(plan.bottleneck_s)} per request · balance "
-                            f"{plan.balance_ratio:.2f}x ideal · boundaries "
-                            f"{human_bytes(plan.boundary_bytes)} · {plan.strategy}")
-            controls.append(f"\n shape {plan.shape}: {human_rate(plan.predicted_rps)} requests/s "
-                            "predicted")
-            if plan.shape_reason:
-                controls.append(f" · why: {plan.shape_reason}", style="dim")
-            free = [i for i in range(plan.k)
-                    if i >= len(self.assignment) or not self.assignment[i]]
-            if free:
-                alive = sum(1 for n in state.nodes.values() if n.state != "lost")
-                more = f" (K = {plan.k} > {alive} nodes)" if plan.k > alive else ""
-                controls.append(
-                    f"\n stage{'s' if len(free) > 1 else ''} {', '.join(map(str, free))} "
-                    f"ha{'ve' if len(free) > 1 else 's'} no node{more}: the figures assume "
-                    "reference devices; a assigns a node", style="yellow")
+        controls = controls_text(self.k, self.replicas, self.strategy, plan, self.assignment,
+                                 state)
         self.query_one("#controls", Static).update(controls)
         self.query_one("#status", Static).update(self.status)
 

@@ -153,9 +153,15 @@ def test_a_shard_whose_bytes_do_not_match_its_sha256_is_refused(cluster) -> None
         sock.send_multipart(encode("deploy_chunk", {"offset": off},
                                    payload=shard[off:off + (1 << 20)]))
     sock.send_multipart(encode("deploy_end", {"sha256": "0" * 64}))
-    assert sock.poll(10000)
-    reply = decode(sock.recv_multipart())
+    taken = []  # what the node says it has taken, every MiB short of the whole shard
+    while True:
+        assert sock.poll(10000)
+        reply = decode(sock.recv_multipart())
+        if reply.kind != "received":
+            break
+        taken.append(reply.fields["bytes"])
     sock.close()
+    assert taken == list(range(1 << 20, len(shard), 1 << 20))
     assert reply.kind == "error" and "sha256" in reply.fields["reason"]
 
 
@@ -473,6 +479,56 @@ def test_a_node_keeps_answering_while_it_loads_a_big_shard() -> None:
         handle = master.connect(local.addresses[0])
         master.bus.subscribe(lambda e: lost.append(e) if isinstance(e, ev.NodeLost) else None)
         master.deploy([shard], [handle.node_id], exact=False)
+        got = master.submit({"x": x}).result(timeout=60)
+    assert lost == []
+    np.testing.assert_allclose(got["y"], x @ weight, rtol=1e-3, atol=1e-2)
+
+
+_STARVE = """import os, signal, sys, time
+pid, run_s, stopped_s = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+try:
+    while True:
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(stopped_s)
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(run_s)
+finally:
+    os.kill(pid, signal.SIGCONT)
+"""
+
+
+@contextlib.contextmanager
+def _starved(pid: int, run_s: float = 0.02, stopped_s: float = 0.08):
+    """The process runs `run_s` of every `run_s + stopped_s` meanwhile (SIGSTOP, SIGCONT from a
+    process of its own, which no thread of this one can delay), as on a host whose cores are
+    all busy, and runs freely again after."""
+    import signal
+
+    starver = subprocess.Popen([sys.executable, "-c", _STARVE, str(pid), str(run_s),
+                                str(stopped_s)])
+    try:
+        yield
+    finally:
+        starver.kill()
+        starver.wait(10)
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_a_node_slow_to_take_a_big_shard_says_how_far_it_is_and_is_not_lost() -> None:
+    """A node that takes a 144 MB shard slowly (its process stopped 95 ms of every 100) drains
+    the chunks its master had queued for it (64 MiB and more) long after the master's last
+    send: it says how much it has taken every 4 MiB, so a master that loses nodes after 1 s
+    unanswered keeps it, and the stage serves. Before, it said nothing until it had taken
+    every chunk and was lost while it drained them (CI lost one so on a busy machine)."""
+    shard, weight = _big_matmul(6_000)
+    x = np.random.default_rng(1).standard_normal((1, weight.shape[0]), dtype=np.float32)
+    lost: list[ev.NodeLost] = []
+    with LocalCluster(1, recalibrate=False) as local, \
+            Master(keys=local.master_keys, heartbeat_s=0.25, lost_after_s=1.0) as master:
+        handle = master.connect(local.addresses[0])
+        master.bus.subscribe(lambda e: lost.append(e) if isinstance(e, ev.NodeLost) else None)
+        with _starved(local.nodes[0].process.pid):
+            master.deploy([shard], [handle.node_id], exact=False)
         got = master.submit({"x": x}).result(timeout=60)
     assert lost == []
     np.testing.assert_allclose(got["y"], x @ weight, rtol=1e-3, atol=1e-2)

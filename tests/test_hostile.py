@@ -58,6 +58,7 @@ VALID: dict[str, dict[str, Any]] = {  # one valid header per kind, every optiona
                      "reuse": False, "head": 10},
     "deploy_chunk": {"offset": 0},
     "deploy_end": {"sha256": SHA},
+    "received": {"stage": 0, "bytes": 1 << 20},
     "building": {"stage": 0},
     "ready": {"stage": 0, "provider": "CPUExecutionProvider"},
     "error": {"reason": "no", "stage": -1},
@@ -302,9 +303,10 @@ def test_a_huge_declared_shard_allocates_nothing_before_its_bytes_arrive(node: L
         control.send_multipart(encode("deploy_chunk", {"offset": 0}, payload=bytes(MIB)))
         control.send_multipart(encode("deploy_chunk", {"offset": 5 * MIB}, payload=b"x"))
         replies = settled()
-        if not refusals:  # the first chunk is taken; the second does not follow it
-            assert [r.kind for r in replies] == ["error"]
-            assert f"does not follow {MIB}" in replies[0].fields["reason"]
+        if not refusals:  # the first chunk is taken (and said so); the second does not follow it
+            assert [(r.kind, r.fields.get("bytes")) for r in replies] == [
+                ("received", MIB), ("error", None)]
+            assert f"does not follow {MIB}" in replies[1].fields["reason"]
         growth = proc.memory_info().rss - rss_before
         assert growth < 50 * MIB, f"the node grew by {growth / MIB:.0f} MiB on 1 MiB of chunks"
         reply = _ask(control, encode("deploy_end", {"sha256": "0" * 64}))  # ends the upload
@@ -403,7 +405,7 @@ def _hostile(rng: np.random.Generator, i: int) -> list[bytes]:
     """Message i of a stream of malformed node messages: never one the master may accept."""
     valid = {"info": {**FAKE_INFO, "name": "evil", "device": "evil", "cores": 64, "free": 1},
              "pong": {"t": 1.0}, "stats": EVIL_STATS, "ready": {"stage": 0, "provider": "evil"},
-             "building": {"stage": 0},
+             "received": {"stage": 0, "bytes": 1}, "building": {"stage": 0},
              "error": {"reason": "evil"}}
     pick = i % 10
     if pick < 4:  # one field spoilt

@@ -46,7 +46,7 @@ from periphery_core.wire.codec import VersionMismatch
 log = logging.getLogger("periphery.master")
 
 CHUNK_BYTES = 1 << 20
-_FROM_NODES = frozenset({"info", "pong", "building", "ready", "error", "stats"})  # (control socket)
+_FROM_NODES = frozenset({"info", "pong", "received", "building", "ready", "error", "stats"})
 _CHUNKS_PER_TURN = 4  # a few shard chunks per turn, so heartbeats flow during big uploads
 RETRY_S = 0.005  # a send that found a node's queue full is tried again this much later
 MAX_SLEEP_S = 0.25  # the loop looks at the stop flag at least this often

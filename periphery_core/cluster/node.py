@@ -2,8 +2,8 @@
 
 Threads, each owning its own sockets (ZeroMQ sockets are not thread-safe):
 
-- control (the caller of `serve_forever`): a ROUTER socket for the master: hello, ping,
-  shard upload, shutdown. It never blocks on work: building a session runs in its own thread.
+- control (the caller of `serve_forever`): a ROUTER socket for the master: hello, ping, shard
+  upload, shutdown. It never blocks on work (a session is built on a thread of its own).
 - data (`cluster.node_data`): a PULL socket for activations, the stage in ONNX Runtime, and
   PUSH sockets to the next stage (or the master) and to the master's result socket.
 - stats and calibration: the node's figures to the master, its speed measured again when idle.
@@ -113,8 +113,7 @@ class NodeDaemon:
         self.speed: float | None = None
         self.channel: ControlChannel | None = None  # made by `start`
         self.failure: str | None = None  # why a thread died, stopping the node
-        self.control_endpoint = ""
-        self.data_endpoint = ""
+        self.control_endpoint = self.data_endpoint = ""
         self.data_ipc = ""  # the data socket for processes on this host (same_host.py)
         self._private: same_host.PrivateFolder | None = None
         self._warned_cuda = False
@@ -143,10 +142,9 @@ class NodeDaemon:
         loops = [("data", self.data.run), ("stats", self._stats_loop)]
         for name, target in loops + ([("calibrate", self._calibrate)] if cfg.recalibrate
                                      else []):
-            t = threading.Thread(target=self._guarded, args=(name, target),
-                                 name=f"node-{name}", daemon=True)
-            t.start()
-            self._threads.append(t)
+            self._threads.append(threading.Thread(target=self._guarded, args=(name, target),
+                                                  name=f"node-{name}", daemon=True))
+            self._threads[-1].start()
         if cfg.advertise:
             self._start_advertising()
         log.info("node %s (%s) control %s data %s device %s", cfg.name, self.node_id[:8],
@@ -257,9 +255,10 @@ class NodeDaemon:
         return (self.channel.rejected if self.channel is not None else 0) + \
             (self.data.rejected if self.data is not None else 0)
 
-    def _reply(self, ident: bytes, kind: str, fields: dict[str, Any]) -> None:
+    def _reply(self, ident: bytes, kind: str, fields: dict[str, Any],
+               at_once: bool = False) -> None:  # (at once: before a build holds the GIL)
         assert self.channel is not None  # (only the channel's thread calls this)
-        self.channel.reply(ident, kind, fields)
+        self.channel.reply(ident, kind, fields, at_once)
 
     def _handle(self, ident: bytes, msg: Message) -> None:
         kind = msg.kind
@@ -353,7 +352,8 @@ class NodeDaemon:
         if offset != received or offset + len(msg.payload) > up.size:
             raise WireError(f"shard chunk at {offset} does not follow {received} "
                             f"(of {up.size} bytes)")
-        up.received.add(msg.payload)
+        if up.received.add(msg.payload):  # (every few MiB) the master hears it is alive
+            self._reply(ident, "received", {"stage": up.stage, "bytes": up.received.count})
 
     def _end_upload(self, ident: bytes, msg: Message) -> None:
         up, self._upload = self._upload, None
@@ -367,7 +367,7 @@ class NodeDaemon:
             self._reply(ident, "error", {"reason": f"stage {up.stage}: shard bytes do not match "
                                          "their sha256", "stage": up.stage})
             return
-        self._reply(ident, "building", {"stage": up.stage})  # (busy for a while, not hung)
+        self._reply(ident, "building", {"stage": up.stage}, at_once=True)  # (before the build)
         threading.Thread(target=self._build, args=(ident, up), daemon=True,
                          name="node-build").start()
 

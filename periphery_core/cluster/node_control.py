@@ -66,8 +66,13 @@ class ControlChannel:
         self._outbox.put((ident, frames))
         self._waker.wake()
 
-    def reply(self, ident: bytes, kind: str, fields: dict[str, Any]) -> None:
+    def reply(self, ident: bytes, kind: str, fields: dict[str, Any],
+              at_once: bool = False) -> None:
+        """Send a message to the master `ident`; `at_once` (on the control thread only): now,
+        with whatever was posted before it, not when the loop next turns."""
         self.post(ident, encode(kind, fields))
+        if at_once:
+            self._send_outbox()
 
     def wake(self) -> None:
         """Make the loop look at its outbox and the stop flag now."""
@@ -103,8 +108,13 @@ class ControlChannel:
             self.sock.send_multipart([ident, *frames], copy=False)
 
     def _receive(self) -> None:
-        """Read and handle every message waiting."""
+        """Read and handle every message waiting, sending what each one's handling posted
+        before the next is read: a shard's chunks queue up here by the dozen, and answers
+        held until they were all taken (a pong, how much of the shard the node has) left a
+        busy node silent for as long as that took, and for as long as the session built next
+        held the interpreter lock after it, long enough for its master to lose it."""
         while not self._stop.is_set():
+            self._send_outbox()
             try:
                 first, *frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.ZMQError:  # (zmq.Again: none left)

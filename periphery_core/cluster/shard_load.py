@@ -33,6 +33,7 @@ from periphery_core.runtime.chain import StageRunner
 from periphery_core.runtime.session import SessionConfig
 
 FILE_MIN = 64 << 20  # weights of this many bytes or more are written to a file as they arrive
+ACK_BYTES = 1 << 20  # a node says how much of a shard it has each time it takes this much more
 PREFIX = "periphery-shard-"  # then the node's pid: a folder a killed node left is found
 _WEIGHTS = "weights.bin"
 
@@ -68,8 +69,12 @@ class Received:
                 f"and {scratch} has {room / (1 << 30):.2f} GiB free: free space there or set "
                 "TMPDIR to a folder with room")
 
-    def add(self, payload: bytes | memoryview) -> None:
-        """Take the next bytes of the shard."""
+    def add(self, payload: bytes | memoryview) -> bool:
+        """Take the next bytes of the shard; whether they completed another ACK_BYTES short of
+        the whole shard, which the node says to its master: the chunks its master sent wait in
+        queues (64 MiB and more), and a node that drains them on a busy host would otherwise be
+        silent for as long as that takes."""
+        before = self.count // ACK_BYTES
         self._sha.update(payload)
         view = memoryview(payload)
         cut = max(0, min(len(view), self.head - self.count))
@@ -79,6 +84,7 @@ class Received:
         else:
             self.weights += view[cut:]
         self.count += len(view)
+        return self.count // ACK_BYTES != before and self.count < self.size  # (then: building)
 
     def finish(self) -> str:
         """Take no more bytes; the sha256 of every byte taken."""

@@ -17,7 +17,9 @@ from typing import Literal
 # 3: a shard is uploaded as its model (deploy_begin's "head" bytes), then its big weights' bytes,
 # which the model names by offset and length (cluster/shard_parts.py); a node of version 2 would
 # parse the whole upload as one model.
-PROTOCOL_VERSION = 3
+# 4: a node says how much of a shard it has taken ("received") as it takes it: a master of
+# version 3 would refuse those, one of 4 counts a node that never says it silent while it drains.
+PROTOCOL_VERSION = 4
 MAX_WORKERS = 256  # the most requests a node may say it computes at once
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -128,6 +130,7 @@ KINDS: dict[str, dict[str, Field]] = {
     },
     "deploy_chunk": {"offset": _BYTES},
     "deploy_end": {"sha256": _SHA256},
+    "received": {"stage": _STAGE, "bytes": _BYTES},  # a node has taken this much of a shard
     "building": {"stage": _STAGE},  # a node has its whole shard and builds its session
     "ready": {"stage": _STAGE, "provider": _NAME},
     "error": {"reason": _REASON, "stage": optional(Field("int", lo=-1, hi=65535))},

@@ -471,14 +471,22 @@ def test_a_node_keeps_answering_while_it_loads_a_big_shard() -> None:
     that loses nodes after 1 s unanswered, and the stage serves. Parsing the shard holds
     Python's interpreter lock for over a second here, so the node answers no ping meanwhile:
     before, such a node was declared lost before it was ready."""
-    shard, weight = _big_matmul()
+    _deployed_by_a_strict_master_and_not_lost(10_000)
+
+
+def _deployed_by_a_strict_master_and_not_lost(width: int, starved: bool = False) -> None:
+    """A `_big_matmul(width)` shard deployed to one node (stopped 80 ms of every 100 while it
+    takes it, if `starved`) by a master that loses nodes after 1 s unanswered: no loss, and
+    the stage serves its result."""
+    shard, weight = _big_matmul(width)
     x = np.random.default_rng(1).standard_normal((1, weight.shape[0]), dtype=np.float32)
     lost: list[ev.NodeLost] = []
     with LocalCluster(1, recalibrate=False) as local, \
             Master(keys=local.master_keys, heartbeat_s=0.25, lost_after_s=1.0) as master:
         handle = master.connect(local.addresses[0])
         master.bus.subscribe(lambda e: lost.append(e) if isinstance(e, ev.NodeLost) else None)
-        master.deploy([shard], [handle.node_id], exact=False)
+        with _starved(local.nodes[0].process.pid) if starved else contextlib.nullcontext():
+            master.deploy([shard], [handle.node_id], exact=False)
         got = master.submit({"x": x}).result(timeout=60)
     assert lost == []
     np.testing.assert_allclose(got["y"], x @ weight, rtol=1e-3, atol=1e-2)
@@ -515,23 +523,14 @@ def _starved(pid: int, run_s: float = 0.02, stopped_s: float = 0.08):
 
 
 def test_a_node_slow_to_take_a_big_shard_says_how_far_it_is_and_is_not_lost() -> None:
-    """A node that takes a 144 MB shard slowly (its process stopped 95 ms of every 100) drains
+    """A node that takes a 144 MB shard slowly (its process stopped 80 ms of every 100) drains
     the chunks its master had queued for it (64 MiB and more) long after the master's last
-    send: it says how much it has taken every 4 MiB, so a master that loses nodes after 1 s
-    unanswered keeps it, and the stage serves. Before, it said nothing until it had taken
-    every chunk and was lost while it drained them (CI lost one so on a busy machine)."""
-    shard, weight = _big_matmul(6_000)
-    x = np.random.default_rng(1).standard_normal((1, weight.shape[0]), dtype=np.float32)
-    lost: list[ev.NodeLost] = []
-    with LocalCluster(1, recalibrate=False) as local, \
-            Master(keys=local.master_keys, heartbeat_s=0.25, lost_after_s=1.0) as master:
-        handle = master.connect(local.addresses[0])
-        master.bus.subscribe(lambda e: lost.append(e) if isinstance(e, ev.NodeLost) else None)
-        with _starved(local.nodes[0].process.pid):
-            master.deploy([shard], [handle.node_id], exact=False)
-        got = master.submit({"x": x}).result(timeout=60)
-    assert lost == []
-    np.testing.assert_allclose(got["y"], x @ weight, rtol=1e-3, atol=1e-2)
+    send: it says how much it has taken every MiB, sends each answer before it reads the next
+    message and `building` before the build holds the interpreter lock, so a master that loses
+    nodes after 1 s unanswered keeps it, and the stage serves. Before, it held every answer
+    until it had drained the queue, and `building` behind the parse, and was lost while it
+    worked (CI lost one so on a busy machine)."""
+    _deployed_by_a_strict_master_and_not_lost(6_000, starved=True)
 
 
 def test_a_node_whose_process_ends_is_lost_at_once_even_while_it_builds_a_shard() -> None:

@@ -20,6 +20,7 @@ from periphery_core.quantize.config import (
     Engine,
     Method,
     QuantConfig,
+    install_hint,
     method_config,
     method_info,
     missing_extra,
@@ -117,7 +118,7 @@ def method_prompt(name: str) -> Text:
     text.append(f"{method.summary:<48}")
     extra = missing_extra(name)
     if extra is not None:
-        text.append(f"not installed: pip install 'periphery[{extra}]'", style="yellow")
+        text.append(f"not installed: {install_hint(extra)}", style="yellow")
     else:
         text.append(method_needs(method), style="dim")
     return text

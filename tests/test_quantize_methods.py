@@ -343,8 +343,9 @@ def test_inc_missing_says_how_to_install(mnist: LoadedModel, mnist_data) -> None
     images, _ = mnist_data
     with pytest.raises(QuantizeError) as err:
         quantize(mnist, IncAwq(), mnist_source(images, 0, 4))
-    assert str(err.value) == (
-        "method awq needs Intel Neural Compressor: pip install 'periphery[inc]'"
+    assert str(err.value) == (  # (its own environment: it pins numpy<2)
+        "method awq needs Intel Neural Compressor: pip install 'periphery[inc]' into an "
+        "environment of its own (it pins numpy<2)"
     )
     with pytest.raises(QuantizeError, match=r"pip install 'periphery\[inc\]'"):
         quantize(mnist, IncRtn())

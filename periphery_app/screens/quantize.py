@@ -65,7 +65,7 @@ from periphery_app.widgets.method_options import MethodOptions
 from periphery_core.errors import Cancelled, DataError
 from periphery_core.model.loading import display_name, save_model
 from periphery_core.progress import CancelToken, Progress
-from periphery_core.quantize.config import METHODS, method_info, weight_bits
+from periphery_core.quantize.config import METHODS, install_hint, method_info, weight_bits
 from periphery_core.quantize.evaluate import evaluate
 from periphery_core.quantize.methods import quantize
 from periphery_core.quantize.sources import open_source
@@ -320,7 +320,7 @@ class QuantizeScreen(PeripheryScreen):
     def _bits_changed(self, event: RadioSet.Changed) -> None:
         bits = int((event.pressed.id or "bits-4").partition("-")[2])
         engine = dataclasses.replace(self.choices, bits=bits).engine
-        self._say(f"{bits} bits run on Intel Neural Compressor (pip install 'periphery[inc]')"
+        self._say(f"{bits} bits run on Intel Neural Compressor ({install_hint('inc')})"
                   if engine == "inc" else "")
 
     @on(Button.Pressed, "#run-button")

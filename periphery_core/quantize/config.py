@@ -320,6 +320,17 @@ def method_info(method: str) -> Method:
     return _BY_NAME[method]
 
 
+# How to install an extra where `pip install 'periphery[EXTRA]'` alone would mislead: Intel
+# Neural Compressor's ONNX package pins numpy<2, which the rest of an environment may not take.
+_INSTALL = {"inc": "pip install 'periphery[inc]' into an environment of its own (it pins "
+                   "numpy<2)"}
+
+
+def install_hint(extra: str) -> str:
+    """How to install one of the project's extras, in one line."""
+    return _INSTALL.get(extra, f"pip install 'periphery[{extra}]'")
+
+
 def missing_extra(method: str) -> str | None:
     """The extra to install before `method` can run here (by its default engine), or None."""
     import importlib.util
@@ -365,7 +376,7 @@ def method_config(
         common["exclude"] = tuple(common["exclude"])
     if not info.ort_bits and engine == "ort":
         raise QuantizeError(f"method {method} exists only in Intel Neural Compressor: "
-                            "use engine 'inc' (pip install 'periphery[inc]')")
+                            f"use engine 'inc' ({install_hint('inc')})")
     if not info.inc_bits and engine == "inc":
         raise QuantizeError(f"method {method} runs on ONNX Runtime's quantizer only: "
                             "use engine 'ort' or 'auto'")

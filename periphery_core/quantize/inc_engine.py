@@ -23,6 +23,7 @@ from periphery_core.quantize.config import (
     IncSmoothQuant,
     QuantConfig,
     QuantizeError,
+    install_hint,
 )
 from periphery_core.quantize.engine import (
     ORT_CALIBRATION,
@@ -38,7 +39,7 @@ from periphery_core.quantize.engine import (
     write_model,
 )
 
-INC_INSTALL = "pip install 'periphery[inc]'"
+INC_INSTALL = install_hint("inc")
 
 
 def _inc(method: str) -> Any:

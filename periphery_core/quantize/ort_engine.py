@@ -22,6 +22,7 @@ from periphery_core.quantize.config import (
     QuantizeError,
     StaticInt8,
     WeightOnly4Bit,
+    install_hint,
 )
 from periphery_core.quantize.engine import (
     ORT_CALIBRATION,
@@ -38,7 +39,7 @@ from periphery_core.quantize.engine import (
     write_model,
 )
 
-TORCH_INSTALL = "pip install 'periphery[quantize-gptq]'"
+TORCH_INSTALL = install_hint("quantize-gptq")
 
 
 def _ort_reader(reader: CalibrationReader) -> Any:

@@ -21,6 +21,7 @@ from periphery_core.cluster.handles import NodeHandle
 from periphery_core.cluster.local import LocalCluster
 from periphery_core.cluster.master import Master
 from periphery_core.cluster.node import MASTER_LOST_S
+from periphery_core.cluster.shard_load import ACK_BYTES
 from periphery_core.errors import ClusterError, RequestFailed
 from periphery_core.partition.extract import extract_shards
 from periphery_core.partition.planner import make_plan
@@ -153,7 +154,7 @@ def test_a_shard_whose_bytes_do_not_match_its_sha256_is_refused(cluster) -> None
         sock.send_multipart(encode("deploy_chunk", {"offset": off},
                                    payload=shard[off:off + (1 << 20)]))
     sock.send_multipart(encode("deploy_end", {"sha256": "0" * 64}))
-    taken = []  # what the node says it has taken, every MiB short of the whole shard
+    taken = []  # what the node says it has taken, every ACK_BYTES short of the whole shard
     while True:
         assert sock.poll(10000)
         reply = decode(sock.recv_multipart())
@@ -161,7 +162,7 @@ def test_a_shard_whose_bytes_do_not_match_its_sha256_is_refused(cluster) -> None
             break
         taken.append(reply.fields["bytes"])
     sock.close()
-    assert taken == list(range(1 << 20, len(shard), 1 << 20))
+    assert taken == list(range(ACK_BYTES, len(shard), ACK_BYTES))
     assert reply.kind == "error" and "sha256" in reply.fields["reason"]
 
 
@@ -525,7 +526,7 @@ def _starved(pid: int, run_s: float = 0.02, stopped_s: float = 0.08):
 def test_a_node_slow_to_take_a_big_shard_says_how_far_it_is_and_is_not_lost() -> None:
     """A node that takes a 144 MB shard slowly (its process stopped 80 ms of every 100) drains
     the chunks its master had queued for it (64 MiB and more) long after the master's last
-    send: it says how much it has taken every MiB, sends each answer before it reads the next
+    send: it says how much it has taken every 8 MiB, sends each answer before it reads the next
     message and `building` before the build holds the interpreter lock, so a master that loses
     nodes after 1 s unanswered keeps it, and the stage serves. Before, it held every answer
     until it had drained the queue, and `building` behind the parse, and was lost while it

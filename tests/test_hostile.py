@@ -28,6 +28,7 @@ from periphery_core.cluster.local import LocalCluster
 from periphery_core.cluster.master import Master
 from periphery_core.cluster.node import NodeConfig, NodeDaemon
 from periphery_core.cluster.node_data import NodeDataPath
+from periphery_core.cluster.shard_load import ACK_BYTES
 from periphery_core.discovery import NodeAddress
 from periphery_core.errors import ClusterError
 from periphery_core.runtime.chain import LocalChain
@@ -300,15 +301,17 @@ def test_a_huge_declared_shard_allocates_nothing_before_its_bytes_arrive(node: L
         assert all(r.kind == "error" and "memory" in r.fields["reason"] for r in refusals)
         growth = proc.memory_info().rss - rss_before
         assert growth < 50 * MIB, f"the node grew by {growth / MIB:.0f} MiB on a declared size"
-        control.send_multipart(encode("deploy_chunk", {"offset": 0}, payload=bytes(MIB)))
-        control.send_multipart(encode("deploy_chunk", {"offset": 5 * MIB}, payload=b"x"))
+        for i in range(ACK_BYTES // MIB):  # taken, and said so once they make ACK_BYTES
+            control.send_multipart(encode("deploy_chunk", {"offset": i * MIB},
+                                          payload=bytes(MIB)))
+        control.send_multipart(encode("deploy_chunk", {"offset": 50 * MIB}, payload=b"x"))
         replies = settled()
-        if not refusals:  # the first chunk is taken (and said so); the second does not follow it
+        if not refusals:  # the last chunk does not follow the others
             assert [(r.kind, r.fields.get("bytes")) for r in replies] == [
-                ("received", MIB), ("error", None)]
-            assert f"does not follow {MIB}" in replies[1].fields["reason"]
+                ("received", ACK_BYTES), ("error", None)]
+            assert f"does not follow {ACK_BYTES}" in replies[1].fields["reason"]
         growth = proc.memory_info().rss - rss_before
-        assert growth < 50 * MIB, f"the node grew by {growth / MIB:.0f} MiB on 1 MiB of chunks"
+        assert growth < 50 * MIB, f"the node grew by {growth / MIB:.0f} MiB on 8 MiB of chunks"
         reply = _ask(control, encode("deploy_end", {"sha256": "0" * 64}))  # ends the upload
         assert reply.kind == "error"
     finally:

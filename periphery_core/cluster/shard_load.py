@@ -33,7 +33,7 @@ from periphery_core.runtime.chain import StageRunner
 from periphery_core.runtime.session import SessionConfig
 
 FILE_MIN = 64 << 20  # weights of this many bytes or more are written to a file as they arrive
-ACK_BYTES = 1 << 20  # a node says how much of a shard it has each time it takes this much more
+ACK_BYTES = 8 << 20  # a node says how much of a shard it has each time it takes this much more
 PREFIX = "periphery-shard-"  # then the node's pid: a folder a killed node left is found
 _WEIGHTS = "weights.bin"
 

@@ -147,8 +147,7 @@ class ShardPlan:
         speeds, or FLOP estimates on reference machines (how to get figures of one's own)."""
         if self.cost_basis == "profile":
             return "times measured by running the model on this host"
-        if self.devices and all(d == DeviceSpec(name=f"device{i}")
-                                for i, d in enumerate(self.devices)):
+        if self.devices and self.devices == uniform_devices(len(self.devices)):
             return (f"times are FLOP estimates on reference machines of "
                     f"{REFERENCE_FLOPS / 1e9:.0f} GFLOP/s, slower than most: plan with --devices "
                     "(from 'periphery cluster ls --write-devices') or --profile (measured on "

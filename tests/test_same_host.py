@@ -46,6 +46,7 @@ from tests.conftest import ROOT, load_analyzed
 from tests.models import mlp
 from tests.streaming import save_mlp
 from tests.test_shm import memfds
+from tests.test_wire import _own_bytes
 from tests.waiting import wait_for
 
 DEMO = ROOT / "assets" / "demo-resnet.onnx"
@@ -79,6 +80,8 @@ def test_local_stages_use_private_sockets_and_equal_the_tcp_path_bit_for_bit() -
                 master.deploy(shards, nodes, exact=True)
                 first = master._data._first[0].getsockopt(zmq.LAST_ENDPOINT).decode()
                 outputs[same_host] = [master.submit(f).result(timeout=30) for f in feeds]
+                # Each holds its own 40 bytes, not its message's receive buffer (test_wire.py).
+                assert all(_own_bytes(v) for out in outputs[same_host] for v in out.values())
                 if same_host:
                     assert links == [("ipc", "ipc")]  # stage 0 -> 1, stage 1 -> master
                     assert first.startswith("ipc://") and _private(_folder(first))

@@ -7,6 +7,7 @@ import contextlib
 import msgpack
 import numpy as np
 import pytest
+import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -41,6 +42,37 @@ def test_tensor_frames_are_zero_copy_views() -> None:
     frames = encode("activation", {"id": 1, "times": []}, {"x": x})
     assert isinstance(frames[1], memoryview)
     assert np.shares_memory(np.frombuffer(frames[1], dtype=np.float32), x)
+
+
+def _own_bytes(arr: np.ndarray) -> bool:
+    """Whether `arr` holds only its own bytes: no buffer it is a view of (a message's frame)."""
+    root = arr
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    return root.base is None and root.nbytes == arr.nbytes
+
+
+def test_small_tensors_kept_hold_no_receive_buffer() -> None:
+    """ZeroMQ receives small messages into one shared buffer; a result kept as a view of its
+    frame kept that buffer whole (a 40-byte result held 9.7 KB). `keep` copies small tensors
+    out and leaves big ones, which have a buffer of their own, as they came."""
+    ctx = zmq.Context()
+    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    try:
+        port = pull.bind_to_random_port("tcp://127.0.0.1")
+        push.connect(f"tcp://127.0.0.1:{port}")
+        small, big = np.arange(10, dtype=np.float32), np.arange(1 << 16, dtype=np.float32)
+        for t in (small, small, big):
+            push.send_multipart(encode("result", {"id": 1, "times": [], "epoch": 1}, {"t": t}))
+        got = [decode(pull.recv_multipart(copy=False)) for _ in range(3)]
+    finally:
+        push.close(linger=0), pull.close(linger=0), ctx.term()
+    assert not _own_bytes(got[0].tensors["t"])  # as decoded: a view of its frame
+    kept = [m.keep()["t"] for m in got]
+    assert _own_bytes(kept[0]) and _own_bytes(kept[1])
+    assert not _own_bytes(kept[2]) and kept[2].base is not None  # big: not copied
+    for k, want in zip(kept, (small, small, big), strict=True):
+        np.testing.assert_array_equal(k, want)
 
 
 def test_scalars_keep_rank_zero() -> None:

@@ -38,7 +38,7 @@ from periphery_core.cluster.keys import Guard
 from periphery_core.cluster.same_host import bind_private, is_ipc
 from periphery_core.errors import ClusterBusy, ClusterError, RequestFailed
 from periphery_core.wire import Limits, WireError, decode, encode
-from periphery_core.wire.shm import ShmReader, ShmWriter, copied
+from periphery_core.wire.shm import ShmReader, ShmWriter
 
 log = logging.getLogger("periphery.master")
 
@@ -278,9 +278,7 @@ class DataPath:
             t_done = time.time()
             try:
                 msg = decode(frames, self.limits, self._shm)
-                if msg.lease is not None:  # the caller's to keep: out of the node's memory
-                    msg.tensors = copied(msg.tensors)
-                    msg.release()
+                msg.keep()  # the caller's to keep, whatever held the bytes
                 if msg.kind not in ("result", "failure"):
                     raise WireError(f"'{msg.kind}' is not a result")
             except WireError as exc:

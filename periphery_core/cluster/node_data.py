@@ -43,7 +43,7 @@ from periphery_core.runtime.chain import StageRunner
 from periphery_core.wire import Limits, Message, WireError, decode, encode
 from periphery_core.wire.codec import ShmRefused
 from periphery_core.wire.protocol import MAX_WORKERS
-from periphery_core.wire.shm import ShmReader, ShmWriter, copied
+from periphery_core.wire.shm import ShmReader, ShmWriter
 
 log = logging.getLogger("periphery.node")
 
@@ -368,9 +368,7 @@ class NodeDataPath:
                                                            "greedy") if k in msg.fields}
         try:
             if isinstance(dep.runner, StatefulStage):
-                if msg.lease is not None:  # (a decoder's stage may keep what it was given)
-                    msg.tensors = copied(msg.tensors)
-                    msg.release()
+                msg.keep()  # (a decoder's stage may keep what it was given)
                 greedy = bool(step.get("greedy", False))
                 if "seqs" in step and "poss" in step:
                     outputs = dep.runner.run_batch(msg.tensors, step["seqs"], step["poss"],

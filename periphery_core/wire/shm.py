@@ -33,7 +33,7 @@ import mmap
 import os
 import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -263,7 +263,3 @@ def _ended(pid: int) -> bool:
     except (OSError, IndexError):
         return True
 
-
-def copied(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Tensors of one's own, out of a slot about to be released."""
-    return {k: np.array(v) for k, v in tensors.items()}

@@ -208,6 +208,30 @@ def test_cli_run_local_check(tmp_path: Path) -> None:
     assert "bit for bit (--exact); 4 outputs bit-identical" in " ".join(out.stdout.split())
 
 
+def test_cli_run_plans_stages_and_replicas_itself_as_serve_and_generate_do(
+        tmp_path: Path) -> None:
+    """`periphery run` takes --shards/--replicas as `serve` and `generate` do (one deploy path
+    for the three): no plan file needed, the stages planned on the nodes it starts."""
+    out = _cli("run", str(DEMO), "--local", "--shards", "3", "--requests", "12", "--check",
+               "--json")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["shape"] == "1 x 3 stages" and len(summary["stages"]) == 3
+    assert summary["completed"] == 12 and summary["check"]["passed"] is True
+    out = _cli("run", str(DEMO), "--local", "--replicas", "2", "--requests", "12", "--json")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["shape"] == "2 replicas x 1 stage"
+    assert [(s["replica"], s["stage"]) for s in summary["stages"]] == [(0, 0), (1, 0)]
+    plan = tmp_path / "plan.json"
+    assert _cli("plan", str(DEMO), "--shards", "2", "-o", str(plan)).returncode == 0
+    for args, said in ((("--plan", str(plan), "--shards", "2"),
+                        "give --plan, or --shards and --replicas, not both"),
+                       (("--shards", "0"), "--shards must be at least 1")):
+        out = _cli("run", str(DEMO), "--local", *args)
+        assert out.returncode == 2 and out.stderr.strip() == f"error: {said}", out.stderr
+
+
 def test_cli_cluster_ls_with_static_peers(cluster) -> None:
     local, _, _ = cluster
     peers = [arg for a in local.addresses for arg in ("--peer", f"{a.host}:{a.port}")]

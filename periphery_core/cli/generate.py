@@ -2,41 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
-from periphery_core.cli.cluster import connect_nodes, keys_options, peer_option
-from periphery_core.cli.common import F, cli, device_option, handle_errors, json_option
+from periphery_core.cli.cluster import keys_options
+from periphery_core.cli.common import cli, handle_errors, json_option
+from periphery_core.cli.deploy import deploy_options, deployed, where_to_run
 from periphery_core.errors import PeripheryError
-
-
-def deploy_options(fn: F) -> F:
-    """MODEL and where it runs: --plan or --shards and --replicas, --peer, --local, --mdns
-    (what `deployed_decoder` takes)."""
-    for option in reversed((
-        click.argument("model", type=click.Path(path_type=Path)),
-        click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None,
-                     help="A plan file for the model (default: plan --shards K stages)."),
-        click.option("--shards", "-k", type=int, default=None,
-                     help="Stages to plan (default 2; 1 with --replicas)."),
-        click.option("--replicas", "-r", type=int, default=None,
-                     help="Copies of the K-stage pipeline, each on nodes of its own; a "
-                          "sequence stays on one (default 1)."),
-        peer_option,
-        click.option("--local", is_flag=True,
-                     help="Start one local node process per stage (of every replica)."),
-        device_option,
-        click.option("--mdns/--no-mdns", default=True, show_default=True,
-                     help="Find nodes over mDNS when --peer and --local give too few."),
-    )):
-        fn = option(fn)
-    return fn
 
 
 @cli.command()
@@ -90,8 +65,10 @@ def generate(model: Path, plan_path: Path | None, shards: int | None, replicas: 
     loaded, spec = open_decoder(model)
     codec = TextCodec(spec.folder)
     prompt_ids = [codec.encode(codec.prompt(t, system, chat=not no_chat)) for t in texts]
-    with deployed_decoder(loaded, spec, plan_path, shards, replicas, peers, local, mdns,
-                          optimize, keys, insecure, device) as (pipeline, k):
+    where = where_to_run(loaded, plan_path, shards, replicas)
+    k = where.k
+    with deployed(loaded, spec, where, peers, local, mdns, optimize, keys, insecure,
+                  device) as pipeline:
         step = pipeline_step(pipeline, spec)
         try:
             if len(prompt_ids) == 1:
@@ -221,62 +198,3 @@ def open_decoder(model: Path) -> tuple[Any, Any]:
                              "recognises (GenAI folder, past_key_values.N.key/value, or "
                              "past_N): use 'periphery run' for other models")
     return loaded, spec
-
-
-@contextlib.contextmanager
-def deployed_decoder(loaded: Any, spec: Any, plan_path: Path | None, shards: int | None,
-                     replicas: int | None, peers: tuple[str, ...], local: bool, mdns: bool,
-                     optimize: bool, keys: Path | None,
-                     insecure: bool, device: str = "cpu") -> Iterator[tuple[Any, int]]:
-    """A model planned and deployed (on local node processes, or on the nodes given or
-    found): a decoder LLM (`spec` its DecoderSpec) as stateful stages, any other model (`spec`
-    None) as plain ones; yields (the Pipeline, K), and stops what it started on the way out."""
-    from periphery_core.cli.common import local_only, tell_pipeline_news, warn_cpu_fallback
-    from periphery_core.cluster.events import StageReady
-    from periphery_core.cluster.keys import keyring_or_insecure
-    from periphery_core.cluster.local import LocalCluster
-    from periphery_core.cluster.master import Master
-    from periphery_core.cluster.pipeline import Pipeline
-    from periphery_core.model.analysis import analyze
-    from periphery_core.partition.plan import load_plan, require_plan_for
-
-    local_only(local, device)
-    if plan_path is not None and (shards is not None or replicas is not None):
-        raise PeripheryError("give --plan, or --shards and --replicas, not both")
-    plan = load_plan(plan_path) if plan_path is not None else None
-    if plan is not None:
-        require_plan_for(plan, loaded.sha256, loaded.name, str(plan_path))
-    for value, what in ((shards, "--shards"), (replicas, "--replicas")):
-        if value is not None and value < 1:
-            raise PeripheryError(f"{what} must be at least 1")
-    k = plan.k if plan is not None else (shards or (1 if replicas else 2))
-    replicas = plan.replicas if plan is not None else (replicas or 1)
-    analysis = analyze(loaded, plan.input_shapes if plan is not None else None)
-    nodes = k * replicas
-    # Local nodes share this machine's cores evenly.
-    threads = max(1, (os.cpu_count() or 1) // nodes)
-    cluster_ctx = LocalCluster(nodes, secure=not insecure, threads=threads, device=device) \
-        if local else None
-    ring = None if local else keyring_or_insecure(keys, insecure)
-    with contextlib.ExitStack() as stack:
-        if cluster_ctx is not None:
-            stack.callback(cluster_ctx.stop)
-            cluster_ctx.start()
-            ring = cluster_ctx.master_keys
-        master = stack.enter_context(Master(keys=ring))
-        stack.callback(master.bus.subscribe(tell_pipeline_news))  # a server's log, as it goes
-        names = plan.device_order if plan is not None else []
-        chosen = connect_nodes(master, cluster_ctx, peers, mdns, nodes, names)
-        if cluster_ctx is not None:  # a local node that dies is started again, and said
-            cluster_ctx.watch(master.bus.publish)
-        pipeline = Pipeline(master, loaded, analysis, k=k, replicas=replicas, plan=plan,
-                            exact=not optimize, decoder=spec)
-        stack.callback(pipeline.close)
-        ready: list[tuple[int, str | None]] = []  # what each stage runs on, as nodes say
-        stop_watching = master.bus.subscribe(
-            lambda e: ready.append((e.stage % k, e.provider)) if isinstance(e, StageReady)
-            else None)
-        pipeline.deploy([h.node_id for h in chosen])
-        stop_watching()
-        warn_cpu_fallback(device, ready)
-        yield pipeline, k

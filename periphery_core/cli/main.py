@@ -14,6 +14,7 @@ from periphery_core.cli import (  # noqa: F401  (register commands)
     generate,
     partition,
     quantize,
+    run,
     serve,
 )
 from periphery_core.cli.common import cli, run_click

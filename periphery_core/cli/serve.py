@@ -11,7 +11,8 @@ import click
 
 from periphery_core.cli.cluster import keys_options
 from periphery_core.cli.common import cli, handle_errors
-from periphery_core.cli.generate import deploy_options, deployed_decoder, shape_words
+from periphery_core.cli.deploy import deploy_options, deployed, where_to_run
+from periphery_core.cli.generate import shape_words
 from periphery_core.errors import PeripheryError
 
 
@@ -55,8 +56,9 @@ def serve(model: Path, plan_path: Path | None, shards: int | None, replicas: int
     sock = listen(host, port, api_key, insecure_http or insecure)
     loaded = load_model(model)
     spec = recognize(loaded)
-    with deployed_decoder(loaded, spec, plan_path, shards, replicas, peers, local, mdns,
-                          optimize, keys, insecure, device) as (pipeline, _):
+    where = where_to_run(loaded, plan_path, shards, replicas)
+    with deployed(loaded, spec, where, peers, local, mdns, optimize, keys, insecure,
+                  device) as pipeline:
         service = service_for(pipeline, loaded, spec, max_concurrent, name)
         try:
             endpoint = Endpoint(service, sock, api_key)

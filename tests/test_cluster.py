@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -208,26 +209,35 @@ def test_cli_run_local_check(tmp_path: Path) -> None:
     assert "bit for bit (--exact); 4 outputs bit-identical" in " ".join(out.stdout.split())
 
 
-def test_cli_run_plans_stages_and_replicas_itself_as_serve_and_generate_do(
-        tmp_path: Path) -> None:
-    """`periphery run` takes --shards/--replicas as `serve` and `generate` do (one deploy path
-    for the three): no plan file needed, the stages planned on the nodes it starts."""
+def test_cli_run_plans_the_shape_itself_as_serve_and_generate_do(tmp_path: Path) -> None:
+    """`periphery run` needs no plan file (one deploy path for run, serve and generate): by
+    default the planner shapes two nodes (two replicas of the demo, which one node holds, beat
+    a pipeline of two with no hop to pay) and says why; --shards and --replicas force a shape;
+    contradictions are one line each."""
+    out = _cli("run", str(DEMO), "--local", "--requests", "12", "--check", "--json")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["shape"] == "2 replicas x 1 stage", summary["shape"]
+    assert [(s["replica"], s["stage"]) for s in summary["stages"]] == [(0, 0), (1, 0)]
+    assert summary["completed"] == 12 and summary["check"]["passed"] is True
+    said = " ".join(out.stderr.split())
+    assert re.search(r"planned on 2 nodes: 2 replicas x 1 stage: [\d.]+ requests/s predicted, "
+                     r"against 1 x 2 stages [\d.]+", said), said
     out = _cli("run", str(DEMO), "--local", "--shards", "3", "--requests", "12", "--check",
                "--json")
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
     assert summary["shape"] == "1 x 3 stages" and len(summary["stages"]) == 3
     assert summary["completed"] == 12 and summary["check"]["passed"] is True
-    out = _cli("run", str(DEMO), "--local", "--replicas", "2", "--requests", "12", "--json")
-    assert out.returncode == 0, out.stderr
-    summary = json.loads(out.stdout)
-    assert summary["shape"] == "2 replicas x 1 stage"
-    assert [(s["replica"], s["stage"]) for s in summary["stages"]] == [(0, 0), (1, 0)]
     plan = tmp_path / "plan.json"
     assert _cli("plan", str(DEMO), "--shards", "2", "-o", str(plan)).returncode == 0
     for args, said in ((("--plan", str(plan), "--shards", "2"),
-                        "give --plan, or --shards and --replicas, not both"),
-                       (("--shards", "0"), "--shards must be at least 1")):
+                        "give --plan, or --nodes, --shards and --replicas, not both"),
+                       (("--shards", "0"), "--shards must be at least 1"),
+                       (("--nodes", "1", "--shards", "2"), "--nodes 1 is too few for --shards 2"),
+                       (("--nodes", "3", "-k", "2", "-r", "2"),
+                        "--shards 2 x --replicas 2 runs on 4 nodes, not --nodes 3: give two of "
+                        "them")):
         out = _cli("run", str(DEMO), "--local", *args)
         assert out.returncode == 2 and out.stderr.strip() == f"error: {said}", out.stderr
 

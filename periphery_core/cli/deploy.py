@@ -33,13 +33,17 @@ def deploy_options(fn: F) -> F:
     for option in reversed((
         click.argument("model", type=click.Path(path_type=Path)),
         click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None,
-                     help="A plan file from 'periphery plan' or the app (default: plan "
-                          "--shards K stages on the nodes found)."),
+                     help="A plan file from 'periphery plan' or the app (default: planned "
+                          "on the nodes found)."),
+        click.option("--nodes", type=int, default=None,
+                     help="Nodes to run on, the planner choosing their shape (R replicas of K "
+                          "stages) on their measured figures [default: 2, unless --shards or "
+                          "--replicas say]."),
         click.option("--shards", "-k", type=int, default=None,
-                     help="Stages to plan (default 2; 1 with --replicas)."),
+                     help="Stages to plan, forced (1 with --replicas alone)."),
         click.option("--replicas", "-r", type=int, default=None,
                      help="Copies of the K-stage pipeline, each on nodes of its own; a "
-                          "sequence stays on one (default 1)."),
+                          "sequence stays on one (forced; 1 with --shards alone)."),
         peer_option,
         click.option("--local", is_flag=True,
                      help="Start one local node process per stage (of every replica)."),
@@ -53,33 +57,42 @@ def deploy_options(fn: F) -> F:
 
 @dataclass(frozen=True)
 class Where:
-    """What a command deploys: a plan file's plan (None: planned on the nodes once found), its
-    stages and replicas, and the model's analysis at the shapes it runs at."""
+    """What a command deploys: a plan file's plan (None: planned on the nodes once found), the
+    stages and replicas forced (None: the planner's choice), the nodes it runs on, and the
+    model's analysis at the shapes it runs at."""
 
     plan: Any  # ShardPlan | None
-    k: int
-    replicas: int
+    k: int | None
+    replicas: int | None
+    nodes: int
     analysis: Any  # ModelAnalysis
 
-    @property
-    def nodes(self) -> int:
-        return self.k * self.replicas
+
+DEFAULT_NODES = 2  # with neither a plan nor a shape: two nodes, shaped by the planner
 
 
 def where_to_run(loaded: Any, plan_path: Path | None, shards: int | None,
-                 replicas: int | None, input_shapes: tuple[str, ...] = (),
-                 inputs: Path | None = None) -> Where:
-    """The plan file read and checked against the model (or the stages and replicas asked
-    for), and the model analysed at the plan's shapes under the user's: every mistake found
-    before a node starts."""
+                 replicas: int | None, nodes: int | None = None,
+                 input_shapes: tuple[str, ...] = (), inputs: Path | None = None) -> Where:
+    """The plan file read and checked against the model (or the nodes, stages and replicas
+    asked for), and the model analysed at the plan's shapes under the user's: every mistake
+    found before a node starts."""
     from periphery_core.model.shapes import overlay_shapes, parse_input_shapes
     from periphery_core.partition.plan import load_plan, require_plan_for
 
-    if plan_path is not None and (shards is not None or replicas is not None):
-        raise PeripheryError("give --plan, or --shards and --replicas, not both")
-    for value, what in ((shards, "--shards"), (replicas, "--replicas")):
+    if plan_path is not None and (shards, replicas, nodes) != (None, None, None):
+        raise PeripheryError("give --plan, or --nodes, --shards and --replicas, not both")
+    for value, what in ((shards, "--shards"), (replicas, "--replicas"), (nodes, "--nodes")):
         if value is not None and value < 1:
             raise PeripheryError(f"{what} must be at least 1")
+    if nodes is not None and shards is not None and replicas is not None \
+            and shards * replicas != nodes:
+        raise PeripheryError(f"--shards {shards} x --replicas {replicas} runs on "
+                             f"{shards * replicas} nodes, not --nodes {nodes}: give two of them")
+    if nodes is not None and nodes < max(shards or 1, replicas or 1):
+        raise PeripheryError(f"--nodes {nodes} is too few for "
+                             f"{'--shards' if (shards or 1) > nodes else '--replicas'} "
+                             f"{max(shards or 1, replicas or 1)}")
     plan = load_plan(plan_path) if plan_path is not None else None
     if plan is not None:
         require_plan_for(plan, loaded.sha256, loaded.name, str(plan_path))
@@ -87,8 +100,12 @@ def where_to_run(loaded: Any, plan_path: Path | None, shards: int | None,
                             parse_input_shapes(input_shapes))
     _, analysis = load_and_analyze(loaded, shapes, inputs=inputs)
     if plan is not None:
-        return Where(plan, plan.k, plan.replicas, analysis)
-    return Where(None, shards or (1 if replicas else 2), replicas or 1, analysis)
+        return Where(plan, plan.k, plan.replicas, plan.nodes_needed, analysis)
+    if nodes is None and (shards is not None or replicas is not None):
+        # a shape forced: K stages of one pipeline, or R replicas of one stage, or both
+        shards, replicas = shards or 1, replicas or 1
+        return Where(None, shards, replicas, shards * replicas, analysis)
+    return Where(None, shards, replicas, nodes or DEFAULT_NODES, analysis)
 
 
 @contextlib.contextmanager
@@ -132,11 +149,15 @@ def deployed(loaded: Any, spec: Any, where: Where, peers: tuple[str, ...], local
                             plan=where.plan, exact=not optimize, decoder=spec,
                             rebalance=rebalance)
         stack.callback(pipeline.close)
-        ready: list[tuple[int, str | None]] = []  # what each stage runs on, as nodes say
+        ready: list[tuple[int, str | None]] = []  # what each slot runs on, as nodes say
         stop_watching = master.bus.subscribe(
-            lambda e: ready.append((e.stage % where.k, e.provider))
-            if isinstance(e, StageReady) else None)
-        pipeline.deploy([h.node_id for h in chosen])
+            lambda e: ready.append((e.stage, e.provider)) if isinstance(e, StageReady) else None)
+        plan = pipeline.deploy([h.node_id for h in chosen])
         stop_watching()
-        warn_cpu_fallback(device, ready)
+        warn_cpu_fallback(device, [(slot % plan.k, provider) for slot, provider in ready])
+        if where.plan is None and plan.shape_reason:  # the shape it chose for them, and why
+            from periphery_core.cli.render import err_console
+
+            err_console.print(f"planned on {where.nodes} nodes: {plan.shape_reason}",
+                              highlight=False)
         yield pipeline

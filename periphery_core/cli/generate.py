@@ -35,7 +35,8 @@ from periphery_core.errors import PeripheryError
 @keys_options
 @json_option
 @handle_errors
-def generate(model: Path, plan_path: Path | None, shards: int | None, replicas: int | None,
+def generate(model: Path, plan_path: Path | None, nodes: int | None, shards: int | None,
+             replicas: int | None,
              peers: tuple[str, ...], local: bool, device: str, mdns: bool,
              prompts: tuple[str, ...],
              prompts_file: Path | None, system: str | None, no_chat: bool,
@@ -65,8 +66,7 @@ def generate(model: Path, plan_path: Path | None, shards: int | None, replicas: 
     loaded, spec = open_decoder(model)
     codec = TextCodec(spec.folder)
     prompt_ids = [codec.encode(codec.prompt(t, system, chat=not no_chat)) for t in texts]
-    where = where_to_run(loaded, plan_path, shards, replicas)
-    k = where.k
+    where = where_to_run(loaded, plan_path, shards, replicas, nodes)
     with deployed(loaded, spec, where, peers, local, mdns, optimize, keys, insecure,
                   device) as pipeline:
         step = pipeline_step(pipeline, spec)
@@ -91,7 +91,7 @@ def generate(model: Path, plan_path: Path | None, shards: int | None, replicas: 
         "new_tokens": result.new_tokens, "finish": result.finish,
         "ttft_s": round(result.ttft_s, 4), "tokens_per_s": round(result.tokens_per_s, 2),
         "decode_bytes_per_token_per_hop": round(result.decode_bytes_per_token_per_hop, 1),
-        "stages": k, "replicas": pipeline.plan.replicas, "model": model_line,
+        "stages": pipeline.plan.k, "replicas": pipeline.plan.replicas, "model": model_line,
     }
     if as_json:
         print_json(summary)
@@ -102,9 +102,9 @@ def generate(model: Path, plan_path: Path | None, shards: int | None, replicas: 
         err_console.print(
             f"{result.new_tokens} tokens ({result.finish}), first after "
             f"{result.ttft_s * 1000:.0f} ms, {result.tokens_per_s:.1f} tokens/s over "
-            f"{shape_words(pipeline.plan)}, "
-            f"{result.decode_bytes_per_token_per_hop:.0f} B per token per hop",
-            highlight=False)
+            f"{shape_words(pipeline.plan)}"
+            + (f", {result.decode_bytes_per_token_per_hop:.0f} B per token per hop"
+               if pipeline.plan.k > 1 else ""), highlight=False)
 
 
 def _read_prompts(path: Path | None) -> list[str]:

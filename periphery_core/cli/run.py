@@ -51,14 +51,16 @@ if TYPE_CHECKING:  # imported where used: `periphery --help` stays quick
 @input_shape_option
 @json_option
 @handle_errors
-def run(model: Path, plan_path: Path | None, shards: int | None, replicas: int | None,
+def run(model: Path, plan_path: Path | None, nodes: int | None, shards: int | None,
+        replicas: int | None,
         peers: tuple[str, ...], local: bool, device: str, mdns: bool, workers: int | None,
         count: int, inflight: int, micro_batch: int | None, inputs_path: Path | None,
         check: bool, metrics_port: int | None, optimize: bool, rebalance: bool,
         keys: Path | None, insecure: bool, input_shapes: tuple[str, ...],
         as_json: bool) -> None:
-    """Deploy a model on nodes (a plan file's stages, or K stages and R replicas planned on
-    them), stream requests through it, report latency."""
+    """Deploy a model on nodes (a plan file's, or planned on the nodes found: the shape the
+    planner chooses for them, or the stages and replicas given), stream requests through
+    it, report latency."""
     from periphery_core.cli.render import console, err_console, print_json
     from periphery_core.cluster import events as ev
     from periphery_core.cluster.state import ClusterState
@@ -72,7 +74,7 @@ def run(model: Path, plan_path: Path | None, shards: int | None, replicas: int |
     if count < 1 or inflight < 1:
         raise PeripheryError("--requests and --inflight must be at least 1")
     loaded = load_model(model)
-    where = where_to_run(loaded, plan_path, shards, replicas, input_shapes, inputs_path)
+    where = where_to_run(loaded, plan_path, shards, replicas, nodes, input_shapes, inputs_path)
     specs = list(where.analysis.inputs)
     if inputs_path is not None:
         requests = [load_npz(inputs_path, specs)] * count

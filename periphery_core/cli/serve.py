@@ -36,7 +36,8 @@ from periphery_core.errors import PeripheryError
               help="Graph optimizations on the nodes (fast), or off (bit-exact).")
 @keys_options
 @handle_errors
-def serve(model: Path, plan_path: Path | None, shards: int | None, replicas: int | None,
+def serve(model: Path, plan_path: Path | None, nodes: int | None, shards: int | None,
+          replicas: int | None,
           peers: tuple[str, ...],
           local: bool, device: str, mdns: bool, host: str, port: int, api_key: str | None,
           insecure_http: bool, max_concurrent: int, name: str | None, optimize: bool,
@@ -56,7 +57,7 @@ def serve(model: Path, plan_path: Path | None, shards: int | None, replicas: int
     sock = listen(host, port, api_key, insecure_http or insecure)
     loaded = load_model(model)
     spec = recognize(loaded)
-    where = where_to_run(loaded, plan_path, shards, replicas)
+    where = where_to_run(loaded, plan_path, shards, replicas, nodes)
     with deployed(loaded, spec, where, peers, local, mdns, optimize, keys, insecure,
                   device) as pipeline:
         service = service_for(pipeline, loaded, spec, max_concurrent, name)

@@ -242,6 +242,19 @@ def test_cli_run_plans_the_shape_itself_as_serve_and_generate_do(tmp_path: Path)
         assert out.returncode == 2 and out.stderr.strip() == f"error: {said}", out.stderr
 
 
+def test_cli_run_on_the_peers_given_plans_for_every_one_of_them() -> None:
+    """Nodes started apart and named by --peer: with no shape asked for, `periphery run`
+    plans for all three (not the two it starts on its own with --local), deploys and checks."""
+    with LocalCluster(3) as local:
+        peers = [arg for a in local.addresses for arg in ("--peer", f"{a.host}:{a.port}")]
+        out = _cli("run", str(DEMO), *peers, "--no-mdns", "--keys",
+                   str(local.keys_dir / "master"), "--requests", "12", "--check", "--json")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert len(summary["stages"]) == 3 and summary["check"]["passed"] is True, summary
+    assert f"planned on 3 nodes: {summary['shape']}:" in " ".join(out.stderr.split())
+
+
 def test_cli_cluster_ls_with_static_peers(cluster) -> None:
     local, _, _ = cluster
     peers = [arg for a in local.addresses for arg in ("--peer", f"{a.host}:{a.port}")]

@@ -37,8 +37,8 @@ def deploy_options(fn: F) -> F:
                           "on the nodes found)."),
         click.option("--nodes", type=int, default=None,
                      help="Nodes to run on, the planner choosing their shape (R replicas of K "
-                          "stages) on their measured figures [default: 2, unless --shards or "
-                          "--replicas say]."),
+                          "stages) on their measured figures [default: every --peer, else 2, "
+                          "unless --shards or --replicas say]."),
         click.option("--shards", "-k", type=int, default=None,
                      help="Stages to plan, forced (1 with --replicas alone)."),
         click.option("--replicas", "-r", type=int, default=None,
@@ -68,15 +68,16 @@ class Where:
     analysis: Any  # ModelAnalysis
 
 
-DEFAULT_NODES = 2  # with neither a plan nor a shape: two nodes, shaped by the planner
+DEFAULT_NODES = 2  # with neither a plan, a shape nor --peer: two nodes, shaped by the planner
 
 
 def where_to_run(loaded: Any, plan_path: Path | None, shards: int | None,
                  replicas: int | None, nodes: int | None = None,
-                 input_shapes: tuple[str, ...] = (), inputs: Path | None = None) -> Where:
+                 input_shapes: tuple[str, ...] = (), inputs: Path | None = None,
+                 peers: tuple[str, ...] = ()) -> Where:
     """The plan file read and checked against the model (or the nodes, stages and replicas
-    asked for), and the model analysed at the plan's shapes under the user's: every mistake
-    found before a node starts."""
+    asked for; by default every node given by --peer, else two), and the model analysed at
+    the plan's shapes under the user's: every mistake found before a node starts."""
     from periphery_core.model.shapes import overlay_shapes, parse_input_shapes
     from periphery_core.partition.plan import load_plan, require_plan_for
 
@@ -105,7 +106,7 @@ def where_to_run(loaded: Any, plan_path: Path | None, shards: int | None,
         # a shape forced: K stages of one pipeline, or R replicas of one stage, or both
         shards, replicas = shards or 1, replicas or 1
         return Where(None, shards, replicas, shards * replicas, analysis)
-    return Where(None, shards, replicas, nodes or DEFAULT_NODES, analysis)
+    return Where(None, shards, replicas, nodes or len(set(peers)) or DEFAULT_NODES, analysis)
 
 
 @contextlib.contextmanager

@@ -66,7 +66,8 @@ def generate(model: Path, plan_path: Path | None, nodes: int | None, shards: int
     loaded, spec = open_decoder(model)
     codec = TextCodec(spec.folder)
     prompt_ids = [codec.encode(codec.prompt(t, system, chat=not no_chat)) for t in texts]
-    where = where_to_run(loaded, plan_path, shards, replicas, nodes)
+    where = where_to_run(loaded, plan_path, shards, replicas, nodes,
+                         peers=() if local else peers)
     with deployed(loaded, spec, where, peers, local, mdns, optimize, keys, insecure,
                   device) as pipeline:
         step = pipeline_step(pipeline, spec)

@@ -74,7 +74,8 @@ def run(model: Path, plan_path: Path | None, nodes: int | None, shards: int | No
     if count < 1 or inflight < 1:
         raise PeripheryError("--requests and --inflight must be at least 1")
     loaded = load_model(model)
-    where = where_to_run(loaded, plan_path, shards, replicas, nodes, input_shapes, inputs_path)
+    where = where_to_run(loaded, plan_path, shards, replicas, nodes, input_shapes,
+                         inputs_path, () if local else peers)
     specs = list(where.analysis.inputs)
     if inputs_path is not None:
         requests = [load_npz(inputs_path, specs)] * count

@@ -57,7 +57,8 @@ def serve(model: Path, plan_path: Path | None, nodes: int | None, shards: int | 
     sock = listen(host, port, api_key, insecure_http or insecure)
     loaded = load_model(model)
     spec = recognize(loaded)
-    where = where_to_run(loaded, plan_path, shards, replicas, nodes)
+    where = where_to_run(loaded, plan_path, shards, replicas, nodes,
+                         peers=() if local else peers)
     with deployed(loaded, spec, where, peers, local, mdns, optimize, keys, insecure,
                   device) as pipeline:
         service = service_for(pipeline, loaded, spec, max_concurrent, name)

@@ -223,16 +223,17 @@ def test_cli_run_plans_the_shape_itself_as_serve_and_generate_do(tmp_path: Path)
     said = " ".join(out.stderr.split())
     assert re.search(r"planned on 2 nodes: 2 replicas x 1 stage: [\d.]+ requests/s predicted, "
                      r"against 1 x 2 stages [\d.]+", said), said
-    out = _cli("run", str(DEMO), "--local", "--shards", "3", "--requests", "12", "--check",
-               "--json")
-    assert out.returncode == 0, out.stderr
-    summary = json.loads(out.stdout)
-    assert summary["shape"] == "1 x 3 stages" and len(summary["stages"]) == 3
-    assert summary["completed"] == 12 and summary["check"]["passed"] is True
+    for args, shape in ((("--shards", "3"), "1 x 3 stages"),
+                        (("--nodes", "4", "--shards", "2"), "2 replicas x 2 stages")):
+        out = _cli("run", str(DEMO), "--local", *args, "--requests", "12", "--check", "--json")
+        assert out.returncode == 0, out.stderr
+        summary = json.loads(out.stdout)
+        assert summary["shape"] == shape and summary["check"]["passed"] is True, summary
+        assert summary["completed"] == 12
     plan = tmp_path / "plan.json"
     assert _cli("plan", str(DEMO), "--shards", "2", "-o", str(plan)).returncode == 0
     for args, said in ((("--plan", str(plan), "--shards", "2"),
-                        "give --plan, or --nodes, --shards and --replicas, not both"),
+                        "give --plan or --nodes/--shards/--replicas, not both"),
                        (("--shards", "0"), "--shards must be at least 1"),
                        (("--nodes", "1", "--shards", "2"), "--nodes 1 is too few for --shards 2"),
                        (("--nodes", "3", "-k", "2", "-r", "2"),

@@ -99,7 +99,7 @@ def test_a_plan_file_and_a_shape_are_refused_together(tmp_path, flag: str) -> No
     plan = tmp_path / "plan.json"
     plan.write_text("{}", encoding="utf-8")
     assert_bad_input(cli("generate", SMOLLM, "--plan", plan, flag, "2", "--local",
-                         "--prompt", "hi"), r"give --plan, or --nodes, --shards and --replicas")
+                         "--prompt", "hi"), r"give --plan or --nodes/--shards/--replicas")
 
 
 def test_a_lost_replica_costs_no_sequence() -> None:

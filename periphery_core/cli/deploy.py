@@ -28,8 +28,8 @@ from periphery_core.errors import PeripheryError
 
 
 def deploy_options(fn: F) -> F:
-    """MODEL and where it runs: --plan or --shards and --replicas, --peer, --local, --mdns
-    (what `where_to_run` and `deployed` take)."""
+    """MODEL and where it runs: --plan, or --nodes, --shards and --replicas; --peer, --local,
+    --mdns (what `where_to_run` and `deployed` take)."""
     for option in reversed((
         click.argument("model", type=click.Path(path_type=Path)),
         click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None,
@@ -82,7 +82,7 @@ def where_to_run(loaded: Any, plan_path: Path | None, shards: int | None,
     from periphery_core.partition.plan import load_plan, require_plan_for
 
     if plan_path is not None and (shards, replicas, nodes) != (None, None, None):
-        raise PeripheryError("give --plan, or --nodes, --shards and --replicas, not both")
+        raise PeripheryError("give --plan or --nodes/--shards/--replicas, not both")
     for value, what in ((shards, "--shards"), (replicas, "--replicas"), (nodes, "--nodes")):
         if value is not None and value < 1:
             raise PeripheryError(f"{what} must be at least 1")
@@ -106,7 +106,10 @@ def where_to_run(loaded: Any, plan_path: Path | None, shards: int | None,
         # a shape forced: K stages of one pipeline, or R replicas of one stage, or both
         shards, replicas = shards or 1, replicas or 1
         return Where(None, shards, replicas, shards * replicas, analysis)
-    return Where(None, shards, replicas, nodes or len(set(peers)) or DEFAULT_NODES, analysis)
+    count = nodes or len(set(peers)) or DEFAULT_NODES
+    if shards is not None and replicas is None:  # K stages on N nodes: as many copies as fit
+        replicas = count // shards
+    return Where(None, shards, replicas, count, analysis)
 
 
 @contextlib.contextmanager

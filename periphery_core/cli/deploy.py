@@ -46,7 +46,8 @@ def deploy_options(fn: F) -> F:
                           "sequence stays on one (forced; 1 with --shards alone)."),
         peer_option,
         click.option("--local", is_flag=True,
-                     help="Start one local node process per stage (of every replica)."),
+                     help="Start the nodes as processes on this machine (--nodes of them, or "
+                          "one per stage of every replica)."),
         device_option,
         click.option("--mdns/--no-mdns", default=True, show_default=True,
                      help="Find nodes over mDNS when --peer and --local give too few."),

@@ -950,3 +950,48 @@ def test_a_process_started_again_at_a_lost_node_s_address_replaces_it_in_the_vie
     held = fold([at("a", 1, 5001), deploy(2, "a"), lost("a", 3), at("b", 4, 5001)])
     assert set(held.nodes) == {"a", "b"} and held.node_state("a") == "lost"
     assert set(apply(held, deploy(5, "b")).nodes) == {"b"}
+
+
+def test_a_tracker_read_while_events_pour_in_sees_every_event_in_order() -> None:
+    """Events are folded when the state is read (on the reader's thread, not the results
+    thread that publishes them): readers on other threads, reading while a thread publishes,
+    always see a prefix of the events folded in order, and at the end all of them."""
+    from periphery_core.cluster.tracker import StateTracker
+
+    bus = EventBus()
+    tracker = StateTracker(bus, backlog=64)
+    events: list[Event] = [joined("a", 0), deploy(0.5, "a")] + [
+        done(i, 1 + i * 1e-3, 0.01 + (i % 7) * 1e-3, (0, 0.005, 0)) for i in range(3000)]
+    seen: list[list[int]] = [[], []]
+    stop = threading.Event()
+
+    def read(mine: list[int]) -> None:
+        while not stop.is_set():
+            mine.append(tracker.state.requests_completed)
+
+    readers = [threading.Thread(target=read, args=(mine,)) for mine in seen]
+    for r in readers:
+        r.start()
+    for e in events:
+        bus.publish(e)
+    stop.set()
+    for r in readers:
+        r.join()
+    assert tracker.state == fold(events)
+    assert tracker.backlog == 0
+    for mine in seen:  # each reader's reads never went back in time
+        assert mine and mine == sorted(mine), mine[:20]
+
+
+def test_a_tracker_nobody_reads_folds_as_events_come_past_its_backlog() -> None:
+    from periphery_core.cluster.tracker import StateTracker
+
+    bus = EventBus()
+    tracker = StateTracker(bus, backlog=100)
+    events: list[Event] = [joined("a", 0), deploy(0.5, "a")] + [
+        done(i, 1 + i * 1e-3, 0.01, (0, 0.005, 0)) for i in range(1000)]
+    for e in events:
+        bus.publish(e)
+        assert tracker.backlog <= 101  # memory stays bounded however long nobody looks
+    assert tracker.backlog > 0  # (what came lately waits for a reader)
+    assert tracker.state == fold(events) and tracker.backlog == 0

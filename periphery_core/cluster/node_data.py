@@ -368,7 +368,8 @@ class NodeDataPath:
                                                            "greedy") if k in msg.fields}
         try:
             if isinstance(dep.runner, StatefulStage):
-                msg.keep()  # (a decoder's stage may keep what it was given)
+                if msg.lease is not None:  # (a decoder's stage may keep what it was given)
+                    msg.keep()  # out of the sender's slot; small frames need no copy per step
                 greedy = bool(step.get("greedy", False))
                 if "seqs" in step and "poss" in step:
                     outputs = dep.runner.run_batch(msg.tensors, step["seqs"], step["poss"],

@@ -232,10 +232,15 @@ def test_cli_run_plans_the_shape_itself_as_serve_and_generate_do(tmp_path: Path)
         assert summary["completed"] == 12
     plan = tmp_path / "plan.json"
     assert _cli("plan", str(DEMO), "--shards", "2", "-o", str(plan)).returncode == 0
+    most = len(load_analyzed(DEMO)[1].nodes)
     for args, said in ((("--plan", str(plan), "--shards", "2"),
                         "give --plan or --nodes/--shards/--replicas, not both"),
                        (("--shards", "0"), "--shards must be at least 1"),
                        (("--nodes", "1", "--shards", "2"), "--nodes 1 is too few for --shards 2"),
+                       # (refused before it starts a node per stage asked for)
+                       (("--shards", str(most + 1)), f"--shards {most + 1}: demo-resnet.onnx "
+                        f"has {most} operators, so it cuts into {most} stages at most: ask "
+                        f"for at most {most}"),
                        (("--nodes", "3", "-k", "2", "-r", "2"),
                         "--shards 2 x --replicas 2 runs on 4 nodes, not --nodes 3: give two of "
                         "them")):

@@ -426,7 +426,7 @@ def test_spectral_on_a_large_graph_uses_the_sparse_solver_and_stays_valid() -> N
 
 
 @pytest.mark.parametrize(("k", "message"), [
-    (7, "cannot cut 6 nodes into 7 shards: ask for at most 6"),
+    (7, "cannot cut a model of 6 operators into 7 shards: ask for at most 6"),
     (0, "ask for at least 1"),
 ])
 def test_k_out_of_range(k: int, message: str) -> None:

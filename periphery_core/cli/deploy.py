@@ -101,6 +101,10 @@ def where_to_run(loaded: Any, plan_path: Path | None, shards: int | None,
     shapes = overlay_shapes(loaded, plan.input_shapes if plan is not None else {},
                             parse_input_shapes(input_shapes))
     _, analysis = load_and_analyze(loaded, shapes, inputs=inputs)
+    most = len(analysis.nodes)  # a stage holds one operator at least
+    if plan is None and shards is not None and shards > most:
+        raise PeripheryError(f"--shards {shards}: {loaded.name} has {most} operators, so it "
+                             f"cuts into {most} stages at most: ask for at most {most}")
     if plan is not None:
         return Where(plan, plan.k, plan.replicas, plan.nodes_needed, analysis)
     if nodes is None and (shards is not None or replicas is not None):

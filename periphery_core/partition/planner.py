@@ -131,7 +131,7 @@ def plan_stages(
     if k < 1:
         raise PlanError(f"cannot cut a model into {k} shards: ask for at least 1")
     if k > n:
-        raise PlanError(f"cannot cut {n} nodes into {k} shards: ask for at most {n}")
+        raise PlanError(f"cannot cut a model of {n} operators into {k} shards: ask for at most {n}")
     devs = devices_for(k, devices)
     check_devices(devs)
     facts = graph_facts(graph)

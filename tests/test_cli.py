@@ -383,7 +383,11 @@ BAD_INPUTS = {
     "input-shape-no-equals": (["analyze", "{mnist}", "--input-shape", "Input3"],
                               r"NAME=DIMS"),
     "plan-not-json": (["shard", "{mnist}", "--plan", "{not_json}", "-o", "{out}"],
-                      r"not valid JSON"),
+                      r"not a plan file: not JSON"),
+    # the model where the plan goes: says what to pass, not that the model is bad ONNX
+    "plan-is-the-model": (["run", "{mnist}", "--local", "--plan", "{mnist}"],
+                          r"mnist-8.onnx is not a plan file: not JSON .*; write one with "
+                          r"'periphery plan MODEL -o plan.json'"),
     "plan-for-another-file": (["shard", "{mnist_copy}", "--plan", "{mnist_plan}", "-o", "{out}"],
                               r"another model"),
     "plan-for-another-model": (["shard", "{squeezenet}", "--plan", "{mnist_plan}", "-o",

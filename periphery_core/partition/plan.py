@@ -263,8 +263,9 @@ def _read_structured(path: Path, what: str, error: type[PlanError] | type[Device
             return tomllib.loads(text)
         return json.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
-        kind = path.suffix.lstrip(".").upper() or "JSON"
-        raise error(f"{path} is not valid {kind}: {exc}") from None
+        kind = "TOML" if path.suffix.lower() == ".toml" else "JSON"
+        hint = "; write one with 'periphery plan MODEL -o plan.json'" if what == "plan" else ""
+        raise error(f"{path} is not a {what} file: not {kind} ({exc}){hint}") from None
 
 
 def load_plan(path: str | Path) -> ShardPlan:

@@ -285,6 +285,11 @@ def test_keys_and_bad_bodies_get_4xx_and_the_server_keeps_serving(server: Server
         statuses[status] = statuses.get(status, 0) + 1
     conn.close()
     assert set(statuses) == {400, 413}
+    # a message as a bare text: the line shows what a message looks like
+    status, data = server.request("POST", "/v1/chat/completions",
+                                  json.dumps({"messages": ["hi"]}).encode())
+    assert status == 400 and json.loads(data)["error"]["message"] == \
+        'messages.0: should be an object like {"role": "user", "content": "..."}', data
     status, data = server.request("POST", "/v1/chat/completions", chat)
     assert status == 200 and json.loads(data)["choices"][0]["message"]["content"]
     assert json.loads(server.request("GET", "/health")[1])["status"] == "ok"
@@ -337,6 +342,10 @@ def test_other_models_take_named_tensors_at_v1_infer() -> None:
              "is not one of"),
             ({"inputs": {"Input3": {**body["inputs"]["Input3"], "data": [1, 2]}}},
              "2 values for shape"),
+            # a bare list where a tensor goes: what a tensor looks like, not pydantic's class
+            ({"inputs": {"Input3": [0.5, 1.0]}}, 'inputs.Input3: should be an object like '
+             '{"dtype": "float32", "shape": [1, 3], "data": [0.5, 1.0, 2.0]}'),
+            ([body], 'body: should be an object like {"inputs": {NAME: '),
         ]
         for request, message in wrong:
             status, data = srv.request("POST", "/v1/infer", json.dumps(request).encode(),

@@ -9,6 +9,7 @@ Without `temperature` decoding is greedy (the OpenAI API's default is 1.0; we ke
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -98,8 +99,21 @@ class CompletionRequest(_Body):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
-def first_error(exc: ValidationError) -> str:
+# What each object of a body looks like, for the line that says one is not an object (pydantic
+# would name our classes: "a valid dictionary or instance of _Tensor").
+EXAMPLES = {
+    "ChatRequest": '{"messages": [{"role": "user", "content": "..."}]}',
+    "CompletionRequest": '{"prompt": "..."}',
+    "Message": '{"role": "user", "content": "..."}',
+    "TextPart": '{"type": "text", "text": "..."}',
+}
+
+
+def first_error(exc: ValidationError, examples: Mapping[str, str] = EXAMPLES) -> str:
     """One line: where the body is wrong and how."""
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err.get("loc", ())) or "body"
+    example = examples.get(str((err.get("ctx") or {}).get("class_name")))
+    if err.get("type") == "model_type" and example is not None:
+        return f"{where}: should be an object like {example}"
     return f"{where}: {err.get('msg', 'invalid')}"

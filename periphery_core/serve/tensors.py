@@ -53,6 +53,12 @@ class _Request(BaseModel):
     inputs: dict[str, _Tensor] = Field(min_length=1, max_length=MAX_TENSORS)
 
 
+_EXAMPLES = {
+    "_Tensor": '{"dtype": "float32", "shape": [1, 3], "data": [0.5, 1.0, 2.0]}',
+    "_Request": '{"inputs": {NAME: {"dtype": ..., "shape": [...], "data": [...]}}}',
+}
+
+
 def _array(name: str, t: _Tensor, raw: bool) -> np.ndarray:
     if t.dtype not in DTYPES:
         raise InferError(f"input {name!r}: dtype {t.dtype!r} is not one of "
@@ -93,7 +99,7 @@ def decode_request(body: bytes, content_type: str) -> dict[str, np.ndarray]:
     try:
         request = _Request.model_validate(parsed)
     except ValidationError as exc:
-        raise InferError(first_error(exc)) from None
+        raise InferError(first_error(exc, _EXAMPLES)) from None
     return {name: _array(name, t, raw) for name, t in request.inputs.items()}
 
 

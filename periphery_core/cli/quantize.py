@@ -49,7 +49,9 @@ def _metric_fn(source: Any, task: str | None) -> tuple[str, Any]:
               help="Keep the most sensitive nodes in float until the metric on --data drops "
                    "by at most this much.")
 @click.option("--data", default=None, metavar="SOURCE",
-              help="Labelled evaluation data for --tolerance (default: --calib).")
+              help="Evaluation data: the result's report against fp32 on it (as 'periphery "
+                   "evaluate' prints); labelled, the metric --tolerance holds (default: "
+                   "--calib).")
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None,
               help="Quantize the shards of this plan one by one; -o is then a shard folder.")
 @click.option("--stage", "stages", type=int, multiple=True,
@@ -74,6 +76,9 @@ def quantize(model: Path, method: str, bits: int | None, engine: str, calib: str
     from periphery_core.quantize.sources import open_source
     from periphery_core.quantize.tolerance import quantize_within_tolerance
 
+    if plan_path is not None and (tolerance is not None or data is not None):
+        raise PeripheryError("--tolerance and --data measure a whole model, not a plan's "
+                             "shards: quantize the model without --plan for them")
     loaded = load_model(model)
     shapes: dict[str, tuple[int, ...]] = {}
     plan = None
@@ -112,10 +117,13 @@ def quantize(model: Path, method: str, bits: int | None, engine: str, calib: str
                 console.print(f"stage {row['stage']}: {'quantized' if row['quantized'] else 'fp32'}"
                               f" -> {row['file']} ({human_bytes(row['bytes'])})")
     else:
-        if tolerance is not None:
-            from periphery_core.quantize.evaluate import evaluate
+        from periphery_core.quantize.evaluate import evaluate
 
+        eval_source = None
+        if tolerance is not None or data is not None:
             eval_source = open_source(data or calib or "random", inputs, samples=samples)
+        if tolerance is not None:
+            assert eval_source is not None
             name, score = _metric_fn(eval_source, None)
             first = run_quantize(loaded, config, source)
             report = evaluate(loaded.path, first.model, eval_source, per_node=64)
@@ -132,6 +140,9 @@ def quantize(model: Path, method: str, bits: int | None, engine: str, calib: str
         summary.update({"excluded": list(result.excluded), "notes": list(result.notes),
                         "fp32_bytes": fp32_bytes, "bytes": output.stat().st_size,
                         "size_ratio": output.stat().st_size / fp32_bytes})
+        if data is not None:  # the result against fp32 on the data given, as `evaluate` does
+            assert eval_source is not None
+            summary["report"] = _report_dict(evaluate(loaded.path, output, eval_source))
         if not as_json:
             console.print(f"{method} ({config.engine}): wrote {output}, "
                           f"{human_bytes(summary['bytes'])} = {summary['size_ratio']:.2f}x fp32")
@@ -139,7 +150,9 @@ def quantize(model: Path, method: str, bits: int | None, engine: str, calib: str
                 console.print(f"kept in float: {', '.join(result.excluded)}")
             for note in result.notes:
                 console.print(f"note: {note}", style="dim")
-            if "metric" in summary:
+            if "report" in summary:
+                _render_report(summary["report"])
+            elif "metric" in summary:
                 console.print(f"{summary['metric']}: fp32 {summary['fp32']:.2f}, quantized "
                               f"{summary['quantized']:.2f}")
     if as_json:

@@ -392,6 +392,8 @@ BAD_INPUTS = {
     "quantize-data-with-plan": (["quantize", "{mnist}", "--method", "dynamic", "--plan",
                                  "{mnist_plan}", "--data", "random", "-o", "{out}/q"],
                                 r"--tolerance and --data measure a whole model"),
+    "quantize-stage-without-plan": (["quantize", "{mnist}", "--method", "dynamic", "--stage",
+                                     "1", "-o", "{out}/q.onnx"], r"--stage .* --plan"),
     "zero-shards": (["plan", "{mnist}", "--shards", "0", "-o", "{out}/p.json"], r"0 shards"),
     "zero-shards-on-the-fly": (["shard", "{mnist}", "--shards", "0", "-o", "{out}"],
                                r"0 shards"),

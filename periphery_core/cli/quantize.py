@@ -76,6 +76,8 @@ def quantize(model: Path, method: str, bits: int | None, engine: str, calib: str
     from periphery_core.quantize.sources import open_source
     from periphery_core.quantize.tolerance import quantize_within_tolerance
 
+    if stages and plan_path is None:
+        raise PeripheryError("--stage picks among a plan's stages: give the plan with --plan")
     if plan_path is not None and (tolerance is not None or data is not None):
         raise PeripheryError("--tolerance and --data measure a whole model, not a plan's "
                              "shards: quantize the model without --plan for them")

@@ -113,6 +113,10 @@ def test_analyze_json() -> None:
     assert data["total_flops"] > 0
     assert data["op_histogram"]["Conv"] == 2
     assert data["profiled"] is False and data["measured_s"] is None
+    # --top lists the costliest nodes in JSON too (it listed every node whatever it said)
+    top = ok_json("analyze", MNIST, "--top", "3")["nodes"]
+    assert [n["key"] for n in top] == [n["key"] for n in data["nodes"][:3]]
+    assert top[0]["flops"] == max(n["flops"] for n in data["nodes"])
 
 
 def test_analyze_profile_json() -> None:
@@ -241,8 +245,9 @@ def test_quantize_with_data_reports_against_fp32(tmp_path: Path) -> None:
     assert 95 < fp32 <= 100 and abs(quantized - fp32) <= 1.0, report["task_metric"]
     assert report["quant_bytes"] == out.stat().st_size < report["fp32_bytes"]
     text = " ".join(ok("quantize", MNIST, "--method", "dynamic", "--data",
-                       f"mnist:{images}?range=0:50", "-o", tmp_path / "d.onnx").stdout.split())
+                       f"mnist:{images}?range=0:50", "-o", tmp_path / "d[1].onnx").stdout.split())
     assert "quantized vs fp32 on 50 samples" in text and "top-1 accuracy %: fp32" in text, text
+    assert "wrote " + str(tmp_path / "d[1].onnx") in text, text  # the name, not Rich markup
 
 
 @pytest.mark.parametrize("command", ["", "analyze", "plan", "shard", "verify"])
@@ -359,6 +364,8 @@ def files(work: Path, mnist: tuple[Path, Path]) -> dict[str, Path]:
     copy.doc_string = "a retrained copy"  # same graph and inputs, another file
     paths["mnist_copy"] = bad / "mnist-copy.onnx"
     onnx.save(copy, str(paths["mnist_copy"]))
+    paths["wrong_shape"] = bad / "wrong-shape.npz"  # MNIST is 1x1x28x28
+    np.savez(paths["wrong_shape"], Input3=np.zeros((1, 1, 16, 16), np.float32))
     paths["not_json"] = bad / "plan.json"
     paths["not_json"].write_text("stages: [1, 2]\n")
     paths["garbage_devices"] = bad / "garbage.toml"
@@ -384,6 +391,10 @@ def files(work: Path, mnist: tuple[Path, Path]) -> dict[str, Path]:
 
 BAD_INPUTS = {
     "missing-model": (["analyze", "{missing}"], r"not found"),
+    # a path is printed as it is: "[/]" was Rich markup to close a style (a traceback) and
+    # "[red]" vanished
+    "markup-in-a-path": (["analyze", "{out}/[/]x[red].onnx"],
+                         r"model file not found: .*/\[/\]x\[red\]\.onnx$"),
     "text-file-named-onnx": (["analyze", "{text_onnx}"], r"not .*ONNX"),
     "truncated-model": (["analyze", "{truncated}"], r"truncated"),
     "missing-external-data": (["analyze", "{no_external}"], r"external data.*w\.data.*missing"),
@@ -394,6 +405,24 @@ BAD_INPUTS = {
                                 r"--tolerance and --data measure a whole model"),
     "quantize-stage-without-plan": (["quantize", "{mnist}", "--method", "dynamic", "--stage",
                                      "1", "-o", "{out}/q.onnx"], r"--stage .* --plan"),
+    # values out of range, and options the others make meaningless: refused, not ignored
+    "micro-batch-zero": (["run", "{mnist}", "--local", "--micro-batch", "0"],
+                         r"--micro-batch.*0 is not in the range"),
+    "port-out-of-range": (["serve", "{mnist}", "--local", "--port", "99999"],
+                          r"--port.*99999 is not in the range"),
+    "top-zero": (["analyze", "{mnist}", "--top", "0"], r"--top.*0 is not in the range"),
+    "local-with-peer": (["run", "{mnist}", "--local", "--peer", "127.0.0.1:9"],
+                        r"--local starts nodes .* --peer is for nodes started apart"),
+    "local-with-keys": (["serve", "{mnist}", "--local", "--keys", "{out}"],
+                        r"--local starts nodes .* --keys is for nodes started apart"),
+    "shard-plan-and-strategy": (["shard", "{mnist}", "--plan", "{mnist_plan}", "--strategy",
+                                 "even", "-o", "{out}/s"], r"--strategy plans the stages on the"),
+    "dynamic-with-calib": (["quantize", "{mnist}", "--method", "dynamic", "--calib", "random",
+                            "-o", "{out}/q.onnx"], r"--calib: dynamic quantizes without"),
+    "verify-wrong-shape": (["verify", "{mnist}", "{mnist_shards}", "--inputs", "{wrong_shape}"],
+                           r"'Input3' dimension 2 is fixed at 28, but the given shape says 16"),
+    "verify-seed-and-inputs": (["verify", "{mnist}", "{mnist_shards}", "--inputs",
+                                "{wrong_shape}", "--seed", "3"], r"--seed .* not with --inputs"),
     "zero-shards": (["plan", "{mnist}", "--shards", "0", "-o", "{out}/p.json"], r"0 shards"),
     "zero-shards-on-the-fly": (["shard", "{mnist}", "--shards", "0", "-o", "{out}"],
                                r"0 shards"),

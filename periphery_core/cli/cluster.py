@@ -33,7 +33,7 @@ def cluster() -> None:
 @click.option("--nodes", "-n", default=3, show_default=True, help="Node processes to start.")
 @click.option("--advertise/--no-advertise", default=True, show_default=True,
               help="Advertise the nodes over mDNS (on the loopback interface).")
-@click.option("--threads", type=int, default=None,
+@click.option("--threads", type=click.IntRange(min=1), default=None,
               help="ONNX Runtime threads per node (default: the cores shared out among them).")
 @click.option("--insecure", is_flag=True, help="Start the nodes without keys.")
 @click.option("--restart", is_flag=True,

@@ -29,9 +29,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def fail(message: str, code: int = 2) -> None:
     """Print `message` as the one error line on stderr and exit with `code`."""
+    from rich.text import Text
+
     from periphery_core.cli.render import err_console
 
-    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    err_console.print(Text.assemble(("error:", "bold red"), f" {message}"), soft_wrap=True)
     sys.exit(code)
 
 
@@ -102,10 +104,17 @@ device_option = device_option_for("the --local nodes")
 workers_option = workers_option_for("the --local nodes")
 
 
-def local_only(local: bool, device: str, workers: int | None = None) -> None:
+def local_only(local: bool, device: str, workers: int | None = None,
+               peers: Sequence[str] = (), keys: Path | None = None) -> None:
     """--device and --workers checked: a device there is, and --local to start the nodes
-    they describe (a node started by hand takes its own)."""
+    they describe (a node started by hand takes its own); --peer and --keys, which name nodes
+    started apart and their keys, not with --local (which starts nodes and keys of its own)."""
     from periphery_core.runtime.gpu import parse_device
+
+    if local and (peers or keys is not None):
+        option = "--peer" if peers else "--keys"
+        raise PeripheryError(f"--local starts nodes with keys of their own, and {option} is for "
+                             "nodes started apart: give one or the other")
 
     parse_device(device)
     for given, option in ((device != "cpu", "--device"), (workers is not None, "--workers")):

@@ -136,7 +136,7 @@ def deployed(loaded: Any, spec: Any, where: Where, peers: tuple[str, ...], local
     from periphery_core.cluster.master import Master
     from periphery_core.cluster.pipeline import Pipeline
 
-    local_only(local, device, workers)
+    local_only(local, device, workers, peers, keys)
     cluster_ctx = LocalCluster(where.nodes, secure=not insecure, device=device,
                                workers=workers) if local else None
     ring = None if local else keyring_or_insecure(keys, insecure)
@@ -167,6 +167,7 @@ def deployed(loaded: Any, spec: Any, where: Where, peers: tuple[str, ...], local
         if where.plan is None and plan.shape_reason:  # the shape it chose for them, and why
             from periphery_core.cli.render import err_console
 
-            err_console.print(f"planned on {where.nodes} nodes: {plan.shape_reason}",
+            err_console.print(f"planned on {where.nodes} node{'s' if where.nodes != 1 else ''}: "
+                              f"{plan.shape_reason}",
                               highlight=False)
         yield pipeline

@@ -48,10 +48,12 @@ if TYPE_CHECKING:
 @click.option("--name", default=None, help="Node name (default: this host's name).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (the one other hosts reach this node at).")
-@click.option("--port", default=5555, show_default=True, help="Control port (0: any free port).")
+@click.option("--port", type=click.IntRange(0, 65535), default=5555, show_default=True,
+              help="Control port (0: any free port).")
 @click.option("--data-port", default=0, help="Activation port (default: any free port).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
-@click.option("--threads", default=0, help="ONNX Runtime intra-op threads (0: its default).")
+@click.option("--threads", type=click.IntRange(min=0), default=0,
+              help="ONNX Runtime intra-op threads (0: its default).")
 @click.option("--workers", type=click.IntRange(1, MAX_WORKERS), default=None, metavar="N",
               help="Requests the stage computes at once (default: 1 on a CPU, 4 on CUDA); on a "
                    "CPU the threads are shared out among them.")

@@ -29,19 +29,20 @@ if TYPE_CHECKING:
 @input_shape_option
 @inputs_option
 @click.option("--profile", is_flag=True, help="Measure each node's time in ONNX Runtime.")
-@click.option("--top", default=20, show_default=True, help="How many costly nodes to list.")
+@click.option("--top", type=click.IntRange(min=1), default=None,
+              help="How many costly nodes to list (default: 20 in the table, all in --json).")
 @json_option
 @handle_errors
 def analyze(model: Path, input_shapes: tuple[str, ...], inputs_path: Path | None, profile: bool,
-            top: int, as_json: bool) -> None:
+            top: int | None, as_json: bool) -> None:
     """Show a model's inputs, outputs, op histogram and per-node costs."""
     from periphery_core.cli.render import analysis_dict, print_json, render_analysis
 
     _, analysis = load_and_analyze(model, input_shapes, profile, inputs_path)
     if as_json:
-        print_json(analysis_dict(analysis))
+        print_json(analysis_dict(analysis, top))
     else:
-        render_analysis(analysis, top)
+        render_analysis(analysis, 20 if top is None else top)
 
 
 def _make_plan(model: Path, shards: int | None, strategy: str, devices: Path | None,
@@ -158,6 +159,11 @@ def shard(model: Path, plan_path: Path | None, shards: int | None, strategy: str
 
     if (plan_path is None) == (shards is None):
         raise PlanError("give exactly one of --plan PLAN.json or --shards K")
+    source = click.get_current_context().get_parameter_source
+    for option, name in (("--strategy", "strategy"), ("--devices", "devices")):
+        if plan_path is not None and source(name) != click.core.ParameterSource.DEFAULT:
+            raise PlanError(f"{option} plans the stages on the fly: with --plan, the plan file's "
+                            "are written (drop it, or plan with --shards K)")
     # The shards' weights are copied from the model's external data file to file: only the
     # graph (and the small weights inference reads) is loaded for the extraction.
     if plan_path is not None:
@@ -197,28 +203,32 @@ def verify(model: Path, shard_dir: Path, exact: bool, inputs_path: Path | None, 
 
     Exit 0 when equal (bit-identical with --exact), 1 when not, 2 on bad input.
     """
+    from periphery_core.cli.common import input_specs
     from periphery_core.cli.render import print_json, render_verify, verify_dict
     from periphery_core.model import load_model
-    from periphery_core.model.shapes import (
-        overlay_shapes,
-        parse_input_shapes,
-        resolve_input_shapes,
-    )
+    from periphery_core.model.shapes import overlay_shapes, parse_input_shapes
     from periphery_core.partition.extract import PLAN_FILE, shard_paths
     from periphery_core.partition.plan import load_plan, require_plan_for
     from periphery_core.partition.verify import verify_chain
-    from periphery_core.runtime.feeds import load_npz, random_feeds
+    from periphery_core.runtime.feeds import random_feeds
 
+    if inputs_path is not None and \
+            click.get_current_context().get_parameter_source("seed") != \
+            click.core.ParameterSource.DEFAULT:
+        raise PlanError("--seed makes random inputs: not with --inputs, whose are used")
     paths = shard_paths(shard_dir)
     loaded = load_model(model, weights=False)  # ONNX Runtime reads them from the file
     planned: dict[str, tuple[int, ...]] = {}
     if (shard_dir / PLAN_FILE).is_file():
         shard_plan = load_plan(shard_dir / PLAN_FILE)
-        require_plan_for(shard_plan, loaded.sha256, loaded.name, f"the shards in {shard_dir}")
+        require_plan_for(shard_plan, loaded.sha256, loaded.name,
+                         f"the plan of the shards in {shard_dir}")
         planned = dict(shard_plan.input_shapes)
-    specs, _ = resolve_input_shapes(
-        loaded, overlay_shapes(loaded, planned, parse_input_shapes(input_shapes)))
-    feeds = load_npz(inputs_path, specs) if inputs_path else random_feeds(specs, seed)
+    # the arrays given checked as `run` and `analyze` check them: against the model's fixed
+    # dimensions and the shapes given (a wrong one was ONNX Runtime's message, cut short)
+    specs, given = input_specs(
+        loaded, overlay_shapes(loaded, planned, parse_input_shapes(input_shapes)), inputs_path)
+    feeds = given if given is not None else random_feeds(specs, seed)
     report = verify_chain(loaded.path, paths, feeds, exact=exact)
     if as_json:
         print_json(verify_dict(report))

@@ -44,7 +44,8 @@ def _metric_fn(source: Any, task: str | None) -> tuple[str, Any]:
               help="Calibration data: random, npz:DIR, npz:FILE, npy:DIR, images:DIR?..., "
                    "mnist:IDX?..., text:FILE?tokenizer=..., stsb:TSV?tokenizer=... (default: "
                    "--inputs if given, else random).")
-@click.option("--samples", type=int, default=None, help="Calibration samples to use.")
+@click.option("--samples", type=int, default=None,
+              help="Calibration samples to use (--data is used whole).")
 @click.option("--tolerance", type=float, default=None,
               help="Keep the most sensitive nodes in float until the metric on --data drops "
                    "by at most this much.")
@@ -95,6 +96,10 @@ def quantize(model: Path, method: str, bits: int | None, engine: str, calib: str
     analysis = None if plan is None else load_and_analyze(loaded, shapes, inputs=inputs_path)[1]
     inputs = input_specs(loaded, shapes, inputs_path)[0] if analysis is None else analysis.inputs
     config = method_config(method, bits, engine=engine)  # type: ignore[arg-type]
+    if not config.calibrated and (calib is not None or samples is not None):
+        raise PeripheryError(f"{'--calib' if calib is not None else '--samples'}: {method} "
+                             "quantizes without calibration data (static, gptq, awq and "
+                             "smoothquant calibrate)")
     calib = calib or (f"npz:{inputs_path}" if inputs_path is not None else None)
     source = None
     if config.calibrated or calib is not None:
@@ -123,7 +128,9 @@ def quantize(model: Path, method: str, bits: int | None, engine: str, calib: str
 
         eval_source = None
         if tolerance is not None or data is not None:
-            eval_source = open_source(data or calib or "random", inputs, samples=samples)
+            # all of --data; --samples is calibration's (and --calib's, where it stands in)
+            eval_source = open_source(data or calib or "random", inputs,
+                                      samples=None if data is not None else samples)
         if tolerance is not None:
             assert eval_source is not None
             name, score = _metric_fn(eval_source, None)

@@ -21,8 +21,11 @@ from periphery_core.units import (
     shape_text,
 )
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# No markup: what is printed holds users' paths, node names and library messages, where "[inc]"
+# or "[red]" is text to show, not a style to apply (pip's extras vanished from an install hint,
+# and "[/]" in a file name raised). Styles are given as `style=`.
+console = Console(highlight=False, markup=False)
+err_console = Console(stderr=True, highlight=False, markup=False)
 
 
 def print_json(data: Any) -> None:
@@ -163,7 +166,8 @@ def render_verify(report: VerifyReport, k: int) -> None:
         t.add_row(o.name, shape_text(o.shape), f"{o.max_abs:.3g}", f"{o.max_rel:.3g}",
                   "yes" if o.bit_identical else "no")
     console.print(t)
-    console.print("[bold green]PASS[/]" if report.passed else "[bold red]FAIL[/]")
+    console.print("PASS" if report.passed else "FAIL",
+                  style="bold green" if report.passed else "bold red")
 
 def render_nodes(rows: list[dict[str, Any]]) -> None:
     """`cluster ls`'s table (rows as its --json prints them) and, below it, each node that did
@@ -198,4 +202,4 @@ def render_nodes(rows: list[dict[str, Any]]) -> None:
     console.print(t)
     for r in rows:
         if "error" in r:
-            console.print(f"[red]{r['error']}[/]", soft_wrap=True)
+            console.print(r["error"], soft_wrap=True, style="red")

@@ -34,14 +34,14 @@ if TYPE_CHECKING:  # imported where used: `periphery --help` stays quick
 @workers_option
 @click.option("--requests", "-n", "count", default=100, show_default=True)
 @click.option("--inflight", "-m", default=4, show_default=True, help="Requests in flight.")
-@click.option("--micro-batch", type=int, default=None,
+@click.option("--micro-batch", type=click.IntRange(min=1), default=None,
               help="Split each request's batch into micro-batches of this size.")
 @click.option("--inputs", "inputs_path", type=click.Path(path_type=Path), default=None,
               help="A .npz with one array per model input (default: seeded random data).")
 @click.option("--check", is_flag=True,
               help="Compare every result with the unsharded model (within tolerance; bit for "
                    "bit with --exact); exit 1 on a difference.")
-@click.option("--metrics-port", type=int, default=None,
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
               help="Serve Prometheus metrics on 127.0.0.1:PORT/metrics while running.")
 @click.option("--optimize/--exact", default=True, show_default=True,
               help="Graph optimizations on the nodes (fast), or off (bit-exact).")
@@ -138,8 +138,8 @@ def run(model: Path, plan_path: Path | None, nodes: int | None, shards: int | No
                 if not (c.bit_identical or (c.within_tolerance and not exact)):
                     mismatches += 1
                     if mismatches <= 3:
-                        console.print(f"[red]request {i} output {name} differs: max abs "
-                                      f"{c.max_abs:.3g}[/]", soft_wrap=True)
+                        console.print(f"request {i} output {name} differs: max abs "
+                                      f"{c.max_abs:.3g}", soft_wrap=True, style="red")
     assert pipeline.plan is not None
     summary = {"shape": pipeline.plan.shape, **_summary(run_view.state, wall, count)}
     for stage, at_once in zip(summary["stages"], computes_at_once, strict=False):
@@ -234,7 +234,8 @@ def _render_run(summary: dict[str, Any]) -> None:
 
         how = ("bit for bit (--exact)" if c["mode"] == "bit-identical" else
                f"within tolerance (rtol {RTOL:g}, atol {ATOL:g}; --exact checks bit for bit)")
-        console.print(f"[bold green]check: every result matches the unsharded model {how}; "
-                      f"{c['bit_identical_outputs']} outputs bit-identical[/]" if c["passed"]
-                      else f"[bold red]check: {c['mismatches']} outputs differ from the unsharded "
-                           f"model ({c['mode']})[/]")
+        console.print(f"check: every result matches the unsharded model {how}; "
+                      f"{c['bit_identical_outputs']} outputs bit-identical" if c["passed"]
+                      else f"check: {c['mismatches']} outputs differ from the unsharded "
+                           f"model ({c['mode']})",
+                      style="bold green" if c["passed"] else "bold red")

@@ -20,7 +20,8 @@ from periphery_core.errors import PeripheryError
 @deploy_options
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (another than loopback needs --api-key).")
-@click.option("--port", default=8000, show_default=True, help="Port (0: any free one).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="Port (0: any free one).")
 @click.option("--api-key", default=None, envvar="PERIPHERY_API_KEY",
               help="Every request must send 'Authorization: Bearer KEY' (or set "
                    "$PERIPHERY_API_KEY).")

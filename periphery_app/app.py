@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import ClassVar
@@ -91,6 +92,7 @@ class PeripheryApp(App[None]):
         keys_dir: Path | None = None,
         insecure: bool = False,
         device: str = "cpu",
+        cost_scale: float | None = None,
     ) -> None:
         """Create the app.
 
@@ -106,6 +108,8 @@ class PeripheryApp(App[None]):
             keys_dir: The master's CurveZMQ key folder for nodes added by address.
             insecure: Run the master without keys (on a network you trust).
             device: What local nodes run their stages on (`cpu`, `cuda[:N]`).
+            cost_scale: Plan models on this scale of their estimates instead of one measured
+                by running them here (`generate.planning.calibrated`; snapshots).
         """
         super().__init__()
         self.control = ClusterControl(keys_dir, insecure, device)
@@ -116,6 +120,7 @@ class PeripheryApp(App[None]):
         self.now = clock
         self.refresh_s = refresh_s
         self._fixed = fixed_state is not None
+        self._cost_scale = cost_scale
         self._running_plan: ShardPlan | None = None  # the pipeline's plan, as last polled
         self._mode_history: list[str] = []
         if fixed_state is not None:
@@ -194,7 +199,11 @@ class PeripheryApp(App[None]):
     def on_model_opened(self, message: ModelOpened) -> None:
         remember(message.opened.loaded.path)
         self.plan = None
-        self.opened = message.opened
+        opened = message.opened
+        if self._cost_scale is not None:
+            opened = replace(opened, analysis=replace(opened.analysis,
+                                                      cost_scale=self._cost_scale))
+        self.opened = opened
         self.notify(f"opened {message.opened.loaded.name}: "
                     f"{len(message.opened.analysis.nodes):,} nodes")
         deployed = self.control.pipeline

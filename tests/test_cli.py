@@ -201,11 +201,17 @@ def test_a_plan_says_what_its_times_are(work: Path) -> None:
                         ("profile", ("--profile",))):
         said[name] = ok("plan", SQUEEZENET, "--shards", 2, *extra,
                         "-o", work / f"said-{name}.json").stdout
-    assert "FLOP estimates on reference machines of 10 GFLOP/s" in said["reference"]
+    said = {name: " ".join(text.split()) for name, text in said.items()}
+    # estimates scaled to the model's own timed run, unless each node was measured
+    assert ("FLOP estimates scaled to a timed run of the whole model on this host, on "
+            "reference machines of 10 GFLOP/s") in said["reference"], said["reference"]
     assert "--devices" in said["reference"] and "--profile" in said["reference"]
     assert "reference machines" not in said["devices"] + said["profile"]
-    assert "FLOP estimates at each device's speed" in said["devices"]
+    assert "timed run of the whole model on this host, at each device's speed" in said["devices"]
     assert "measured by running the model on this host" in said["profile"]
+    basis = {name: json.loads((work / f"said-{name}.json").read_text())["cost_basis"]
+             for name in said}
+    assert basis == {"reference": "calibrated", "devices": "calibrated", "profile": "profile"}
 
 
 def test_a_device_computing_several_requests_at_once_holds_each_ones_activations(

@@ -25,7 +25,7 @@ from periphery_core.errors import PlanError
 from periphery_core.generate.planning import plan_shape, replan_model
 from periphery_core.model import load_model
 from periphery_core.model.analysis import analyze
-from periphery_core.partition.plan import DeviceSpec, load_plan
+from periphery_core.partition.plan import STAGE_OVERHEAD_S, DeviceSpec, load_plan
 from periphery_core.wire import Limits, decode, encode
 from tests.models import mlp
 from tests.streaming import count_completions, mlp_workload, save_mlp, stream
@@ -45,7 +45,7 @@ def test_a_model_that_fits_one_node_runs_as_replicas(model) -> None:
     loaded, analysis = model
     plan = plan_shape(loaded, analysis, [DeviceSpec(f"n{i}") for i in range(3)])
     assert (plan.replicas, plan.k) == (3, 1)
-    assert plan.predicted_rps == pytest.approx(3 / plan.bottleneck_s)
+    assert plan.predicted_rps == pytest.approx(3 / (plan.bottleneck_s + STAGE_OVERHEAD_S))
     # the reason weighs the other shapes
     assert "1 x 3 stages" in plan.shape_reason and "3 replicas x 1 stage" in plan.shape_reason
 

@@ -91,6 +91,10 @@ class ModelAnalysis:
     # Keys of constant-foldable nodes (see `graph.constant_foldable`): they are re-materialised in
     # every stage that reads them instead of sending their outputs across a boundary.
     constant_nodes: frozenset[str] = field(default=frozenset())
+    # What this model's FLOP estimates are multiplied by to cost it as it runs: a run of the
+    # whole model timed on the master against the estimate for that host (None: not measured,
+    # the estimates as they are; `generate.planning.calibrated`).
+    cost_scale: float | None = None
 
     @property
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -349,7 +353,7 @@ def with_measurements(analysis: ModelAnalysis, measured: Mapping[str, float]) ->
         outputs=analysis.outputs, nodes=nodes, tensors=analysis.tensors,
         initializers=analysis.initializers, opsets=analysis.opsets,
         ir_version=analysis.ir_version, notes=analysis.notes,
-        constant_nodes=analysis.constant_nodes,
+        constant_nodes=analysis.constant_nodes, cost_scale=analysis.cost_scale,
     )
     object.__setattr__(result, "_param_count", analysis.parameter_count)
     return result

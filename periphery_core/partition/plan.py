@@ -36,6 +36,10 @@ STRATEGIES = ("balanced", "even", "spectral")
 # The reference machine a device's speed is relative to (speed 1.0): a modest CPU core running
 # ONNX Runtime kernels, 10 GFLOP/s.
 REFERENCE_FLOPS = 10e9
+# What a stage pays per request besides computing, whatever the model: its node's decode, its
+# call into ONNX Runtime and its encode, about 0.1 ms of Python on a current core (the README's
+# hop table). A stage serves one request per (its bottleneck + this).
+STAGE_OVERHEAD_S = 1e-4
 # A LAN link of 1 Gbit/s, the default when a devices file does not say.
 DEFAULT_BANDWIDTH = 125e6
 
@@ -115,7 +119,9 @@ class ShardPlan:
     model_path: str
     model_sha256: str
     strategy: str
-    cost_basis: str  # "estimate" (FLOPs) or "profile" (measured)
+    # "estimate" (FLOPs), "calibrated" (FLOPs scaled to a timed run of the whole model) or
+    # "profile" (each node measured)
+    cost_basis: str
     input_shapes: dict[str, tuple[int, ...]]
     devices: tuple[DeviceSpec, ...]
     stages: tuple[Stage, ...]
@@ -147,17 +153,20 @@ class ShardPlan:
         speeds, or FLOP estimates on reference machines (how to get figures of one's own)."""
         if self.cost_basis == "profile":
             return "times measured by running the model on this host"
+        what = ("FLOP estimates scaled to a timed run of the whole model on this host"
+                if self.cost_basis == "calibrated" else "FLOP estimates")
         if self.devices and self.devices == uniform_devices(len(self.devices)):
-            return (f"times are FLOP estimates on reference machines of "
+            return (f"times are {what}, on reference machines of "
                     f"{REFERENCE_FLOPS / 1e9:.0f} GFLOP/s, slower than most: plan with --devices "
                     "(from 'periphery cluster ls --write-devices') or --profile (measured on "
                     "this host) for figures of your own machines")
-        return "times are FLOP estimates at each device's speed"
+        return f"times are {what}, at each device's speed"
 
     @property
     def predicted_rps(self) -> float:
-        """Requests per second the cost model predicts (replicas alike)."""
-        return self.replicas / self.bottleneck_s if self.bottleneck_s > 0 else math.inf
+        """Requests per second the cost model predicts (replicas alike; each stage's fixed
+        cost per request counted)."""
+        return self.replicas / (self.bottleneck_s + STAGE_OVERHEAD_S)
 
     def with_replicas(self, replicas: int, reason: str,
                       others: Sequence[str] = ()) -> ShardPlan:

@@ -164,7 +164,8 @@ def _plan(
         model_path=analysis.path,
         model_sha256=analysis.sha256,
         strategy=strategy,
-        cost_basis="profile" if use_profile else "estimate",
+        cost_basis="profile" if use_profile else
+        "calibrated" if analysis.cost_scale is not None else "estimate",
         input_shapes=analysis.input_shapes,
         devices=tuple(devices),
         stages=tuple(stages),

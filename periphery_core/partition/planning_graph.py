@@ -1,7 +1,8 @@
 """The planner's view of an analysed model (`planning_graph`), with node costs in seconds.
 
 Estimated costs turn FLOPs into seconds on a reference device (`REFERENCE_FLOPS`) plus a fixed
-per-node dispatch overhead, so long graphs of cheap ops are not treated as free. Profiled costs
+per-node dispatch overhead, so long graphs of cheap ops are not treated as free, times the
+analysis's `cost_scale` (a timed run of the whole model, where one was made). Profiled costs
 use the measured seconds instead. Devices' `speed` is relative to that reference.
 """
 
@@ -73,6 +74,8 @@ def planning_graph(analysis: ModelAnalysis, use_profile: bool = False,
                                   outputs=()))
             continue
         cost = node_cost_s(n, use_profile)
+        if analysis.cost_scale is not None and not (use_profile and n.measured_s is not None):
+            cost *= analysis.cost_scale  # an estimate, scaled to the model's measured run
         params = {x: inits[x] for x in n.inputs if x in inits}
         params.update({f"{x}#cache": state[x][1] for x in n.inputs if x in state})
         for x in n.inputs:

@@ -3,12 +3,14 @@
 A model that fits one node serves fastest as replicas: every node runs the whole model, the
 replicas' throughputs add up, and no request crosses a hop. A pipeline's period is its slowest
 stage, so it only matches replicas when its stages balance perfectly, and pays a hop per
-stage besides (a header, a thread hand-off, a copy, which the cost model does not count). A
-model too big for one node needs stages; with more nodes than it needs, the others form more
-replicas. So the planner tries every K from 1 to N with R = N // K (the nodes in order, K to a
-replica), cuts the model on the first replica's devices, costs the same cuts on each other
-replica's devices, and keeps the highest predicted throughput (the sum over replicas of one
-over the bottleneck). More stages win only when they predict more than `MARGIN` over fewer.
+stage besides (a header, a thread hand-off, a copy, which the cost model counts only as a
+stage's fixed cost per request). A model too big for one node needs stages; with more nodes
+than it needs, the others form more replicas. So the planner tries every K from 1 to N with
+R = N // K (the nodes in order, K to a replica), cuts the model on the first replica's
+devices, costs the same cuts on each other replica's devices, and keeps the highest predicted
+throughput (the sum over replicas of one over the bottleneck and a stage's fixed cost per
+request, `STAGE_OVERHEAD_S`). More stages win only when they predict more than `MARGIN` over
+fewer.
 
 Pure: the caller passes how to plan and re-cost, so a decoder's planner plugs in as well.
 """
@@ -19,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from periphery_core.errors import PlanError
-from periphery_core.partition.plan import DeviceSpec, ShardPlan, shape_text
+from periphery_core.partition.plan import STAGE_OVERHEAD_S, DeviceSpec, ShardPlan, shape_text
 from periphery_core.units import human_rate
 
 # More stages must predict this much more throughput than fewer to be chosen.
@@ -52,13 +54,13 @@ def weigh(devices: Sequence[DeviceSpec], k: int, replicas: int, plan_k: PlanFn,
     groups = replica_groups(devices, k, replicas)
     try:
         plan = plan_k(k, groups[0])
-        rps = 1.0 / plan.bottleneck_s if plan.bottleneck_s > 0 else 0.0
+        rps = 1.0 / (plan.bottleneck_s + STAGE_OVERHEAD_S)
         for group in groups[1:]:
             other = recost(plan, group)
             for stage, dev in zip(other.stages, group, strict=True):
                 if dev.memory_bytes is not None and stage.memory_bytes > dev.memory_bytes:
                     raise PlanError(f"stage {stage.index} does not fit device '{dev.name}'")
-            rps += 1.0 / other.bottleneck_s if other.bottleneck_s > 0 else 0.0
+            rps += 1.0 / (other.bottleneck_s + STAGE_OVERHEAD_S)
     except PlanError as exc:
         return ShapeOption(k, replicas, error=exc.message)
     return ShapeOption(k, replicas, rps, plan)

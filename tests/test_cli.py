@@ -250,10 +250,14 @@ def test_quantize_with_data_reports_against_fp32(tmp_path: Path) -> None:
     fp32, quantized = report["task_metric"]["fp32"], report["task_metric"]["quantized"]
     assert 95 < fp32 <= 100 and abs(quantized - fp32) <= 1.0, report["task_metric"]
     assert report["quant_bytes"] == out.stat().st_size < report["fp32_bytes"]
+    # the most sensitive nodes, ranked by the noise each adds, which is what is shown
+    added = [n["local_sqnr_db"] for n in report["sensitive_nodes"]]
+    assert added and added == sorted(added), report["sensitive_nodes"]
     text = " ".join(ok("quantize", MNIST, "--method", "dynamic", "--data",
                        f"mnist:{images}?range=0:50", "-o", tmp_path / "d[1].onnx").stdout.split())
     assert "quantized vs fp32 on 50 samples" in text and "top-1 accuracy %: fp32" in text, text
     assert "wrote " + str(tmp_path / "d[1].onnx") in text, text  # the name, not Rich markup
+    assert "most sensitive, by the noise each adds (SQNR): " in text, text
 
 
 @pytest.mark.parametrize("command", ["", "analyze", "plan", "shard", "verify"])

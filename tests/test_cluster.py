@@ -305,6 +305,17 @@ def test_micro_batches_equal_the_whole_batch(cluster) -> None:
     np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-5, atol=1e-6)
 
 
+def test_cli_run_splits_each_request_into_micro_batches_with_several_in_flight() -> None:
+    """`run --micro-batch` as a user runs it: each request of 4 images goes as two batches of
+    2, several requests in flight, and every joined result matches the unsharded model."""
+    out = _cli("run", str(DEMO), "--local", "--input-shape", "batch=4", "--micro-batch", "2",
+               "--requests", "6", "--inflight", "3", "--check", "--json")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert (summary["requests"], summary["completed"]) == (6, 12)  # two micro-batches each
+    assert summary["check"]["passed"] is True and summary["check"]["mismatches"] == 0
+
+
 def test_cluster_ls_writes_a_devices_file_the_planner_uses(cluster, tmp_path: Path) -> None:
     local, _, _ = cluster
     devices = tmp_path / "devices.toml"

@@ -245,6 +245,9 @@ def test_generate_cli_runs_several_prompts_at_once(tmp_path) -> None:
     assert "2 sequences" in text.stderr and "tokens/s together" in text.stderr
     assert_bad_input(cli("generate", SMOLLM, "--local", "--max-new-tokens", "4"),
                      r"--prompt TEXT .*--prompts FILE")
+    # the value that is wrong, and what to give
+    assert_bad_input(cli("generate", SMOLLM, "--local", "--prompt", "x", "--top-p", "1.5"),
+                     r"^error: sampling: top-p 1.5: give more than 0 and at most 1$")
 
 
 def test_a_greedy_step_brings_home_the_token_not_the_logits() -> None:

@@ -252,7 +252,8 @@ def _report_dict(r: Any) -> dict[str, Any]:
         "fp32_latency_s": r.fp32_latency_s, "quant_latency_s": r.quant_latency_s,
         "latency_ratio": r.latency_ratio,
         "sensitive_nodes": [{"node": n.node, "op_type": n.op_type, "tensor": n.tensor,
-                             "sqnr_db": n.sqnr_db} for n in r.sensitive_nodes],
+                             "sqnr_db": n.sqnr_db, "local_sqnr_db": n.local_sqnr_db}
+                            for n in r.sensitive_nodes],
     }
 
 
@@ -277,5 +278,6 @@ def _render_report(d: dict[str, Any]) -> None:
                   f"({d['size_ratio']:.2f}x); latency {human_seconds(d['quant_latency_s'])} vs "
                   f"{human_seconds(d['fp32_latency_s'])} ({d['latency_ratio']:.2f}x)")
     if d["sensitive_nodes"]:
-        console.print("most sensitive: " + ", ".join(
-            f"{n['node']} ({n['sqnr_db']:.1f} dB)" for n in d["sensitive_nodes"][:5]))
+        # ranked by the noise each adds (its own SQNR, upstream noise taken out), and shown so
+        console.print("most sensitive, by the noise each adds (SQNR): " + ", ".join(
+            f"{n['node']} {n['local_sqnr_db']:.1f} dB" for n in d["sensitive_nodes"][:5]))

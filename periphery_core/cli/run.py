@@ -3,6 +3,7 @@ and check every result against the unsharded model."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import sys
@@ -109,8 +110,13 @@ def run(model: Path, plan_path: Path | None, nodes: int | None, shards: int | No
                   workers=workers, rebalance=rebalance, on_master=watch,
                   news=on_event) as pipeline:
         t0 = time.perf_counter()
-        if micro_batch:
-            results = [pipeline.submit_batch(r, micro_batch).result() for r in requests]
+        if micro_batch:  # --inflight requests at a time, each split into micro-batches
+            results, waiting = [], collections.deque[Any]()
+            for r in requests:
+                if len(waiting) >= inflight:
+                    results.append(waiting.popleft().result())
+                waiting.append(pipeline.submit_batch(r, micro_batch))
+            results += [f.result() for f in waiting]
         else:
             results = list(pipeline.run_many(requests, inflight=inflight))
         wall = time.perf_counter() - t0

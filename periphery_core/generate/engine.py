@@ -53,10 +53,15 @@ class Sampling:
     def check(self) -> None:
         if self.max_new_tokens < 1:
             raise GenerationError("--max-new-tokens must be at least 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 \
-                or self.repetition_penalty <= 0:
-            raise GenerationError("sampling: temperature >= 0, 0 < top-p <= 1, top-k >= 0 and "
-                                  "a positive repetition penalty")
+        for bad, what in ((self.temperature < 0, f"temperature {self.temperature:g}: give 0 "
+                           "(greedy) or more"),
+                          (not 0 < self.top_p <= 1, f"top-p {self.top_p:g}: give more than 0 "
+                           "and at most 1"),
+                          (self.top_k < 0, f"top-k {self.top_k}: give 0 (off) or more"),
+                          (self.repetition_penalty <= 0, f"repetition penalty "
+                           f"{self.repetition_penalty:g}: give more than 0 (1 is off)")):
+            if bad:
+                raise GenerationError(f"sampling: {what}")
 
 
 def pick(logits: np.ndarray, previous: Sequence[int], s: Sampling,

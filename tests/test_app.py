@@ -843,6 +843,8 @@ async def test_the_planner_s_shape_deploys_replicas_that_both_serve() -> None:
         assert app.plan is not None and app.plan.k == 1
         controls = text_of(app, "#controls")
         assert "shape 2 replicas x 1 stage" in controls and "1 x 2 stages" in controls
+        # the planner's figure once (a second, its plan's own sum, differed by a few)
+        assert controls.count("requests/s predicted") == 1, controls
         await pilot.press("d")
         await until(pilot, lambda: app.cluster_state.deploy_status == "deployed", timeout=60)
         assert app.cluster_state.replicas == 2 and len(app.cluster_state.assignment) == 2

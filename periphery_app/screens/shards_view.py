@@ -36,10 +36,16 @@ def controls_text(k: int, replicas: int, strategy: str, plan: ShardPlan | None,
                     f"{human_seconds(plan.bottleneck_s)} per request · balance "
                     f"{plan.balance_ratio:.2f}x ideal · boundaries "
                     f"{human_bytes(plan.boundary_bytes)} · {plan.strategy}")
-    controls.append(f"\n shape {plan.shape}: {human_rate(plan.predicted_rps)} requests/s "
-                    "predicted")
-    if plan.shape_reason:
-        controls.append(f" · why: {plan.shape_reason}", style="dim")
+    head, _, against = plan.shape_reason.partition(", against ")
+    if head.startswith(f"{plan.shape}: "):  # the planner's reason: its figure, once
+        controls.append(f"\n shape {head}")
+        if against:
+            controls.append(f" · against {against}", style="dim")
+    else:
+        controls.append(f"\n shape {plan.shape}: {human_rate(plan.predicted_rps)} requests/s "
+                        "predicted")
+        if plan.shape_reason:
+            controls.append(f" · why: {plan.shape_reason}", style="dim")
     free = [i for i in range(plan.k) if i >= len(assignment) or not assignment[i]]
     if free:
         alive = sum(1 for n in state.nodes.values() if n.state != "lost")

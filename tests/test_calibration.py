@@ -75,3 +75,54 @@ def test_a_model_too_big_to_run_on_the_master_keeps_its_estimates(
     assert plan.cost_basis == "estimate"
     assert plan.stages[0].compute_s == pytest.approx(_estimate_s(analysis))
     assert "times are FLOP estimates, on reference machines" in plan.cost_note
+
+
+def test_a_model_random_inputs_cannot_stand_in_for_is_planned_on_estimates(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sequence input: random data cannot stand in for it, so the model is not run here;
+    it is planned on its estimates, and not tried again at the next plan (a recovery's)."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("SequenceAt", ["s", "zero"], ["t"]),
+         helper.make_node("Relu", ["t"], ["y"])], "seq",
+        [helper.make_tensor_sequence_value_info("s", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        [helper.make_tensor("zero", TensorProto.INT64, [], [0])])
+    path = tmp_path / "seq.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                      ir_version=8), path)
+    loaded = load_model(path)
+    analysis = analyze(loaded)
+    tries: list[int] = []
+    measure = planning._measure_scale
+    monkeypatch.setattr(planning, "_measure_scale",
+                        lambda *a: tries.append(1) or measure(*a))
+    assert plan_model(loaded, analysis, 1).cost_basis == "estimate"
+    assert plan_model(loaded, analysis, 1).cost_basis == "estimate"
+    assert calibrated(loaded, analysis).cost_scale is None and tries == [1]
+
+
+def test_a_pipeline_deployed_from_a_plan_measures_the_model_before_it_serves(tmp_path) -> None:
+    """A plan from a file needs no planning to deploy, but a recovery re-plans: the model's
+    run is timed at the deploy, so that a recovery does not spend that time with requests
+    held."""
+    from periphery_core.cluster.local import LocalCluster
+    from periphery_core.cluster.pipeline import Pipeline
+    from periphery_core.partition.planner import make_plan
+    from periphery_core.runtime.feeds import random_feeds
+
+    path = tmp_path / "mlp.onnx"
+    onnx.save_model(models.mlp(width=40, layers=4), path)
+    loaded = load_model(path)
+    analysis = analyze(loaded)
+    plan = make_plan(analysis, 1)  # on estimates, as a plan file made elsewhere may be
+    with LocalCluster(1) as local, local.master() as master:
+        pipeline = Pipeline(master, loaded, analysis, plan=plan)
+        pipeline.deploy()
+        assert pipeline.plan == plan  # the plan given, as it was
+        assert pipeline.analysis.cost_scale is not None  # and the model measured
+        assert pipeline.analysis.cost_scale == calibrated(loaded, analysis).cost_scale
+        feeds = random_feeds(analysis.inputs)
+        assert set(pipeline.submit(feeds).result(timeout=60)) == set(analysis.outputs)
+        pipeline.close()

@@ -2,8 +2,7 @@
 
 `Pipeline` is the one way anything runs a model on the cluster: `periphery run`, the app, the
 benchmarks and every later entry point are thin faces over it. It plans (or takes a plan from
-a file), extracts and deploys the shards, streams requests, and recovers from a lost node by
-itself.
+a file), extracts and deploys the shards, streams requests, and recovers from a lost node.
 
 Design choice: every change of what runs where goes through one lock and one recipe: hold new
 submissions, deploy a new epoch, replay every request still in flight, release. A user's
@@ -52,7 +51,7 @@ from periphery_core.cluster.rebalance import (
 from periphery_core.cluster.shard_parts import shard_parts
 from periphery_core.errors import ClusterError, PeripheryError
 from periphery_core.generate.decoder import DecoderSpec
-from periphery_core.generate.planning import plan_shape
+from periphery_core.generate.planning import calibrated, plan_shape
 from periphery_core.generate.stateful import stateful
 from periphery_core.model.analysis import ModelAnalysis
 from periphery_core.model.loading import LoadedModel
@@ -68,8 +67,7 @@ RECOVERY_ATTEMPTS = 4
 # With no node left, a recovery waits this long for one to join (the lost one started again
 # by systemd, or by the local cluster's watch) before it fails, with the requests held.
 NO_NODE_WAIT_S = 10.0
-# A decoder's pipeline spreads back once no sequence holds caches on it, or after this long
-# (a deploy drops every sequence's caches, which its steps then rebuild: a prefill each).
+# A decoder's pipeline spreads back once no sequence holds caches on it, or after this long.
 GROW_WAIT_S = 30.0
 # The largest model the master profiles to rebalance (it runs the whole model, once).
 PROFILE_LIMIT = 1 << 30
@@ -194,6 +192,8 @@ class Pipeline:
                 plan = self.fixed_plan
             if plan is not None:  # a later recovery keeps the shape the user deployed
                 self.k, self.replicas = plan.k, plan.replicas
+            if self.decoder is None:  # the model's run timed now, not in a recovery's re-plan
+                self.analysis = calibrated(self.loaded, self.analysis)
             chosen, _ = self._swap(node_ids, plan, progress)
             self._wanted = len(self.assignment)
             return chosen

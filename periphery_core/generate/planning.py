@@ -60,7 +60,8 @@ CALIBRATE_MAX_BYTES = 1 << 30
 CALIBRATE_BUDGET_S = 0.3  # timed runs of the whole model for about this long (3 at least)
 
 _measured: dict[tuple[str, str, int], ModelAnalysis] = {}
-_scales: dict[tuple[str, str], float] = {}  # (sha256, input shapes) -> cost_scale
+# (sha256, input shapes) -> cost_scale, or None where the model did not run here (tried once)
+_scales: dict[tuple[str, str], float | None] = {}
 _host_speed: list[float] = []  # this host's speed check, once per process
 _lock = threading.Lock()
 
@@ -88,16 +89,15 @@ def calibrated(loaded: LoadedModel, analysis: ModelAnalysis) -> ModelAnalysis:
         return analysis
     key = (analysis.sha256, repr(sorted(analysis.input_shapes.items())))
     with _lock:
-        scale = _scales.get(key)
-    if scale is None:
+        known, scale = key in _scales, _scales.get(key)
+    if not known:
         try:
             scale = _measure_scale(loaded, analysis)
         except PeripheryError as exc:
             log.info("planning on estimates: the model did not run here (%s)", exc.message)
-            return analysis
         with _lock:
             _scales[key] = scale
-    return dataclasses.replace(analysis, cost_scale=scale)
+    return analysis if scale is None else dataclasses.replace(analysis, cost_scale=scale)
 
 
 def _measure_scale(loaded: LoadedModel, analysis: ModelAnalysis) -> float:

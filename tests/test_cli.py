@@ -258,6 +258,10 @@ def test_quantize_with_data_reports_against_fp32(tmp_path: Path) -> None:
     assert "quantized vs fp32 on 50 samples" in text and "top-1 accuracy %: fp32" in text, text
     assert "wrote " + str(tmp_path / "d[1].onnx") in text, text  # the name, not Rich markup
     assert "most sensitive, by the noise each adds (SQNR): " in text, text
+    # mnist-8 fixes its batch at 1: a larger --batch-size is run at 1, and said so
+    said = ok("evaluate", MNIST, out, "--data", f"mnist:{images}?range=0:20", "--batch-size",
+              "7", "--latency-runs", "2").stderr
+    assert "note: --batch-size 7, but the model takes 1 sample per run: ran that" in said, said
 
 
 @pytest.mark.parametrize("command", ["", "analyze", "plan", "shard", "verify"])

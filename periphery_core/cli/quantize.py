@@ -188,7 +188,7 @@ def evaluate(fp32: Path, quantized: Path, data: str | None, labels: Path | None,
              input_shapes: tuple[str, ...], inputs_path: Path | None, as_json: bool) -> None:
     """Compare a quantized model with its fp32 original: accuracy, size, latency, SQNR."""
     from periphery_core.cli.common import input_specs
-    from periphery_core.cli.render import print_json
+    from periphery_core.cli.render import err_console, print_json
     from periphery_core.model import load_model
     from periphery_core.quantize.evaluate import evaluate as run_evaluate
     from periphery_core.quantize.sources import open_source
@@ -208,6 +208,10 @@ def evaluate(fp32: Path, quantized: Path, data: str | None, labels: Path | None,
         print_json(data_out)
     else:
         _render_report(data_out)
+        if report.batch_size != batch_size:  # a model with a fixed batch runs what it takes
+            err_console.print(f"note: --batch-size {batch_size}, but the model takes "
+                              f"{report.batch_size} sample{'s' if report.batch_size > 1 else ''}"
+                              " per run: ran that", style="dim")
 
 
 class _Labelled:
@@ -250,7 +254,7 @@ def _report_dict(r: Any) -> dict[str, Any]:
         {"name": r.task_metric[0], "fp32": r.task_metric[1], "quantized": r.task_metric[2]},
         "fp32_bytes": r.fp32_bytes, "quant_bytes": r.quant_bytes, "size_ratio": r.size_ratio,
         "fp32_latency_s": r.fp32_latency_s, "quant_latency_s": r.quant_latency_s,
-        "latency_ratio": r.latency_ratio,
+        "latency_ratio": r.latency_ratio, "batch_size": r.batch_size,
         "sensitive_nodes": [{"node": n.node, "op_type": n.op_type, "tensor": n.tensor,
                              "sqnr_db": n.sqnr_db, "local_sqnr_db": n.local_sqnr_db}
                             for n in r.sensitive_nodes],

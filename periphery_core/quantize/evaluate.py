@@ -54,6 +54,7 @@ class EvalReport:
     quant_latency_s: float
     samples: int
     sensitive_nodes: tuple[NodeSensitivity, ...]  # lowest SQNR first
+    batch_size: int = 1  # samples per run: the one asked for, or less where a model fixes it
 
     @property
     def size_ratio(self) -> float:
@@ -198,6 +199,7 @@ def evaluate(
         quant_latency_s=quant_latency,
         samples=seen,
         sensitive_nodes=tuple(sensitive),
+        batch_size=bs,
     )
 
 

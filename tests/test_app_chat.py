@@ -20,12 +20,13 @@ SMOLLM = MODELS / "smollm2-135m-instruct-int4"
 pytestmark = pytest.mark.asyncio
 
 
-def _expected(prompt: str, n: int) -> str:
+def _expected(prompt: str | list[dict[str, str]], n: int) -> str:
+    """The unsplit model's greedy reply to a prompt, or to a conversation's messages."""
     loaded = load_model(SMOLLM)
     spec = recognize(loaded)
     assert spec is not None
     codec = TextCodec(spec.folder)
-    ids = codec.encode(codec.prompt(prompt))
+    ids = codec.encode(codec.prompt(prompt) if isinstance(prompt, str) else codec.chat(prompt))
     return generate(whole_model_step(loaded, spec), spec, ids, Sampling(max_new_tokens=n),
                     codec).text
 
@@ -85,10 +86,16 @@ async def test_chat_streams_a_reply_from_the_deployed_language_model() -> None:
 async def test_chat_over_the_planner_s_replicas_of_the_language_model() -> None:
     """`p` on the Shards screen asks the planner for its shape: SmolLM2 fits a node, so two
     replicas of one stage; deployed, the Chat screen's replies come from them, the same text
-    as the unsplit model's, and the dashboard shows both replicas."""
+    as the unsplit model's, and the dashboard shows both replicas. The second prompt goes with
+    the first turn (the unsplit model's reply to the whole conversation, not to the prompt
+    alone), and ctrl+n starts a conversation afresh."""
     require_shared()
-    prompts = ("What is the capital of France?", "Why is the sky blue?")
-    expected = [_expected(p, 12) for p in prompts]
+    prompts = ("What is the capital of France?", "And of Germany?")
+    first = _expected(prompts[0], 12)
+    expected = [first, _expected([{"role": "user", "content": prompts[0]},
+                                  {"role": "assistant", "content": first},
+                                  {"role": "user", "content": prompts[1]}], 12)]
+    assert expected[1] != _expected(prompts[1], 12)  # the context changes the reply
     app = PeripheryApp(SMOLLM, demo=True, demo_nodes=2, browse_dir=SMOLLM)
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: _chat_shown(app), timeout=120)
@@ -108,6 +115,10 @@ async def test_chat_over_the_planner_s_replicas_of_the_language_model() -> None:
         for prompt, text in zip(prompts, expected, strict=True):
             await ask_chat(pilot, prompt, max_new_tokens=12, timeout=60)
             assert screen.last is not None and screen.last.text == text
+        await pilot.press("ctrl+n")  # a new conversation: the prompt alone again
+        await until(pilot, lambda: not screen.transcript)
+        await ask_chat(pilot, prompts[0], max_new_tokens=12, timeout=60)
+        assert screen.last is not None and screen.last.text == first
         assert not any(isinstance(s, ErrorModal) for s in app.screen_stack)
         await pilot.press("escape")
         await until(pilot, lambda: not isinstance(app.screen, ChatScreen))

@@ -43,6 +43,7 @@ class ChatScreen(PeripheryScreen):
     CSS_PATH = "chat.tcss"
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "stop", "Stop generating", show=True),
+        Binding("ctrl+n", "new_chat", "New chat", show=True),
     ]
 
     def __init__(self) -> None:
@@ -51,7 +52,7 @@ class ChatScreen(PeripheryScreen):
         self.last: Generation | None = None
         self.generating = False
         self._cancel: CancelToken | None = None
-        self.max_new_tokens = 128
+        self.max_new_tokens = 256
 
     def compose(self) -> ComposeResult:
         yield screen_bar(self)
@@ -87,17 +88,27 @@ class ChatScreen(PeripheryScreen):
             self.query_one("#figures", Static).update(f"[b]Cannot chat:[/] {why}")
             return
         event.input.value = ""
+        messages = conversation([*self.transcript, ("you", text)])  # earlier turns too
         self.transcript += [("you", text), ("model", "")]
         self.generating = True
         self.refresh_bindings()
         self._cancel = CancelToken()
         self._draw()
-        self._generate(text, self._cancel)
+        self._generate(messages, self._cancel)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """`Stop generating` is offered, and takes escape, only while a reply is being
         generated; otherwise escape goes back, as on every screen."""
+        if action == "new_chat":
+            return bool(self.transcript) and not self.generating
         return self.generating if action == "stop" else True
+
+    def action_new_chat(self) -> None:
+        """Start over: the next prompt is the first of a new conversation."""
+        self.transcript, self.last = [], None
+        self.query_one("#figures", Static).update("")
+        self.refresh_bindings()
+        self._draw()
 
     def action_stop(self) -> None:
         """Stop the reply being generated."""
@@ -105,7 +116,7 @@ class ChatScreen(PeripheryScreen):
             self._cancel.cancel()
 
     @work(thread=True, exclusive=True, group="chat")
-    def _generate(self, text: str, cancel: CancelToken) -> None:
+    def _generate(self, messages: list[dict[str, str]], cancel: CancelToken) -> None:
         opened = self.papp.opened
         control = self.papp.control
         pipeline = control.pipeline
@@ -122,7 +133,7 @@ class ChatScreen(PeripheryScreen):
         step = pipeline_step(pipeline, spec)
         try:
             codec = TextCodec(spec.folder)
-            ids = codec.encode(codec.prompt(text))
+            ids = codec.encode(codec.chat(messages))
             result = generate(
                 step, spec, ids, Sampling(max_new_tokens=self.max_new_tokens), codec,
                 on_text=lambda piece: self.app.call_from_thread(self._append, piece),
@@ -168,7 +179,8 @@ class ChatScreen(PeripheryScreen):
         box = self.query_one("#transcript", Static)
         if not self.transcript:
             why = self._ready()
-            box.update(why or "Deployed: type a prompt below and press enter.")
+            box.update(why or "Deployed: type a prompt below and press enter (each reply "
+                       "sees the conversation so far; ctrl+n starts a new one).")
             return
         lines = []
         for who, text in self.transcript:
@@ -176,6 +188,13 @@ class ChatScreen(PeripheryScreen):
             lines.append(f"[{style}]{who}:[/] {_escape(text)}")
         box.update("\n\n".join(lines) + (" ▌" if self.generating else ""))
         self.query_one("#conversation", VerticalScroll).scroll_end(animate=False)
+
+
+def conversation(transcript: list[tuple[str, str]]) -> list[dict[str, str]]:
+    """The turns so far as chat messages, for the model's template: a reply stopped early
+    counts as far as it went, and one that gave nothing is left out."""
+    return [{"role": "user" if who == "you" else "assistant", "content": text}
+            for who, text in transcript if text.strip()]
 
 
 def _escape(text: str) -> str:

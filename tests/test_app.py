@@ -158,6 +158,9 @@ async def test_graph_screen_navigates_searches_shows_details_and_folds() -> None
         await pilot.press("slash", *"block2.add", "enter")
         chosen = app.opened.analysis.nodes[layout.vertices[view.selected].members[0]]  # type: ignore[union-attr]
         assert chosen.key == "block2.add"
+        assert screen._matches  # highlighted; escape clears them and stays on the screen
+        await pilot.press("escape")
+        assert app.current_mode == "graph" and not screen._matches
         await pilot.press("f")
         await until(pilot, lambda: view.graph_layout is not layout)
         folded = view.graph_layout
@@ -845,6 +848,7 @@ async def test_the_planner_s_shape_deploys_replicas_that_both_serve() -> None:
         assert "shape 2 replicas x 1 stage" in controls and "1 x 2 stages" in controls
         # the planner's figure once (a second, its plan's own sum, differed by a few)
         assert controls.count("requests/s predicted") == 1, controls
+        await until(pilot, lambda: "planning the shape" not in text_of(app, "#status"))
         await pilot.press("d")
         await until(pilot, lambda: app.cluster_state.deploy_status == "deployed", timeout=60)
         assert app.cluster_state.replicas == 2 and len(app.cluster_state.assignment) == 2

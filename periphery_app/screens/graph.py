@@ -80,7 +80,7 @@ class GraphScreen(PeripheryScreen):
         Binding("n", "next_match(1)", "Next match"),
         Binding("N", "next_match(-1)", "Prev match", show=False),
         Binding("f", "toggle_fold", "Fold"),
-        Binding("escape", "close_search", "Close search", show=False),
+        Binding("escape", "close_search", "Close search, clear matches", show=False),
     ]
 
     def __init__(self) -> None:
@@ -320,6 +320,10 @@ class GraphScreen(PeripheryScreen):
         if search.display:
             search.display = False
             self.query_one(GraphView).focus()
+        elif self._matches:  # a search's matches first, then the screen
+            self._matches = []
+            self.query_one(GraphView).set_matches(frozenset())
+            self._update_legend()
         else:
             self.papp.action_go_back()
 

@@ -129,6 +129,8 @@ class ShardsScreen(PeripheryScreen):
             if plan.strategy in STRATEGIES:
                 self.strategy = plan.strategy
             self.plans_shown += 1
+            if self.status.startswith("planning the shape"):  # it has come: the figures say it
+                self.status = ""
             self._take_joined_nodes()
         self._redraw()
 

@@ -621,7 +621,10 @@ async def test_the_shards_screen_shows_deploy_state_only_for_the_plan_that_runs(
         await pilot.pause()
         controls = " ".join(text_of(app, "#controls").split())
         assert "stage 3 has no node (K = 4 > 3 nodes)" in controls, controls
-        assert "reference devices" in controls
+        # costed on a node like the others; the nodes' own stages on their measured speeds
+        assert "its figures assume a node like the others" in controls, controls
+        assert [s.device for s in app.plan.stages][3] == "stage 3 (no node)"
+        assert {s.device for s in app.plan.stages[:3]} == {"local0", "local1", "local2"}
         # Assignments follow K: down to 1 and back up to 3, every stage is on a node again
         # (not on a reference "device2"), the same nodes as before.
         await pilot.press("minus", "minus", "minus")

@@ -216,18 +216,25 @@ class ShardsScreen(PeripheryScreen):
     # ------------------------------------------------------------------ planning
 
     def _devices(self, k: int) -> list[DeviceSpec] | None:
-        """The assigned nodes' measured figures, when every stage has a node: the master's, or
-        the event fold's where the master does not know them (an app drawing recorded events)."""
-        ids = [i for i in self.assignment[:k] if i]
-        if len(ids) < k:
+        """The assigned nodes' measured figures: the master's, or the event fold's where the
+        master does not know them (an app drawing recorded events). A stage with no node yet
+        is costed on a node like the others (the middle one by speed), not on a reference
+        machine, which put every stage's figures at reference speed (None: no node at all)."""
+        slots = (list(self.assignment) + [None] * k)[:k]
+        ids = [i for i in slots if i]
+        control, nodes = self.papp.control, self.papp.cluster_state.nodes
+        if not ids:
             return None
-        control = self.papp.control
         if control.has_master and all(i in control.master().nodes for i in ids):
-            return control.master().devices(ids)
-        nodes = self.papp.cluster_state.nodes
-        if all(i in nodes for i in ids):
-            return view_specs([nodes[i] for i in ids])
-        return None
+            specs = control.master().devices(ids)
+        elif all(i in nodes for i in ids):
+            specs = view_specs([nodes[i] for i in ids])
+        else:
+            return None
+        like = sorted(specs, key=lambda d: d.speed)[len(specs) // 2]
+        known = iter(specs)
+        return [next(known) if node else dataclasses.replace(like, name=f"stage {s} (no node)")
+                for s, node in enumerate(slots)]
 
     @work(thread=True, exclusive=True, group="plan")
     def _plan(self, opened: OpenedModel, k: int, strategy: str,

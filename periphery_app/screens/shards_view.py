@@ -52,6 +52,8 @@ def controls_text(k: int, replicas: int, strategy: str, plan: ShardPlan | None,
         more = f" (K = {plan.k} > {alive} nodes)" if plan.k > alive else ""
         controls.append(
             f"\n stage{'s' if len(free) > 1 else ''} {', '.join(map(str, free))} "
-            f"ha{'ve' if len(free) > 1 else 's'} no node{more}: the figures assume "
-            "reference devices; a assigns a node", style="yellow")
+            f"ha{'ve' if len(free) > 1 else 's'} no node{more}: "
+            + ("the figures assume reference devices" if not any(assignment) else
+               f"{'their' if len(free) > 1 else 'its'} figures assume a node like the others")
+            + "; a assigns a node", style="yellow")
     return controls

@@ -135,7 +135,13 @@ async def test_chat_says_what_to_do_for_a_model_that_is_not_a_language_model() -
         await pilot.press("7")
         await until(pilot, lambda: _chat_shown(app))
         assert "not a language model" in text_of(app, "#transcript")
-        app.screen.query_one("#prompt", Input).value = "hi"
+        box = app.screen.query_one("#prompt", Input)
+        assert not box.has_focus  # nothing to chat with: the screen keys go to the screen
+        box.focus()
+        box.value = "hi"
         await pilot.press("enter")
         await pilot.pause()
         assert "Cannot chat" in text_of(app, "#figures")
+        box.blur()
+        await pilot.press("3")
+        await until(pilot, lambda: app.current_mode == "shards")

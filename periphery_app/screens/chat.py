@@ -63,7 +63,8 @@ class ChatScreen(PeripheryScreen):
         yield Footer()
 
     def on_screen_resume(self) -> None:
-        self.query_one("#prompt", Input).focus()
+        if self._ready() is None:  # (else the keys 1-7 would be typed into it)
+            self.query_one("#prompt", Input).focus()
         self._draw()
 
     def _ready(self) -> str | None:

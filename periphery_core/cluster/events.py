@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias, Union, get_args, get_origin, get_type_hints
 
+from periphery_core.partition.plan import shape_text
 from periphery_core.units import human_bytes
 
 
@@ -444,9 +445,7 @@ def describe(event: Event, name: Callable[[str], str] = str) -> str:
         case NodeStats():
             return f"node {name(event.node_id)} cpu {event.cpu_percent:.0f}%"
         case DeployStarted():
-            shape = f"{event.plan_stages} stages" if event.replicas == 1 else (
-                f"{event.replicas} replicas x {event.plan_stages} stages")
-            return (f"deploy started: {shape} on "
+            return (f"deploy started: {shape_text(event.plan_stages, event.replicas)} on "
                     f"{', '.join(name(n) for n in event.assignment)}")
         case ShardProgress():
             return (

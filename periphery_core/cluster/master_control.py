@@ -9,9 +9,8 @@ come back within `GONE_S` is lost then (ZeroMQ reports the close on each socket'
 one whose address another process answers (it restarted there) is lost on that answer, and the
 new process joins as a node of its own. Between turns the thread sleeps in one poll until a
 node sends, a command is queued (a `Waker`), or the next heartbeat or retry is due: it never
-wakes for nothing (a 5 ms poll timeout cost ~12 ms of CPU a second, taken from the stages
-sharing its cores). Nothing here ever blocks on a node: a full send queue is a skipped beat or
-a retry a few milliseconds later, so one hung node cannot stall the others.
+wakes for nothing (a 5 ms poll timeout cost ~12 ms of CPU a second). Nothing here blocks on
+a node: a full send queue is a skipped beat or a retry later; one hung node stalls no other.
 """
 
 from __future__ import annotations
@@ -105,8 +104,7 @@ class Control:
         self._waker.wake()
 
     def retry(self, command: Callable[[], None]) -> None:
-        """Run `command` again `RETRY_S` from now (call it only on the control thread): for a
-        send that found a node's queue full, which an immediate retry would spin on."""
+        """Run `command` again `RETRY_S` from now (on the control thread only; a full queue)."""
         heapq.heappush(self._later, (time.monotonic() + RETRY_S, next(self._order), command))
 
     def wake(self) -> None:
@@ -310,9 +308,8 @@ class Control:
     @staticmethod
     def _mismatched(handle: NodeHandle, exc: VersionMismatch) -> None:
         """Fail whoever waits to connect to a node that speaks another protocol version."""
-        error = other_release(handle.address.host, handle.address.port, exc.version)
         for f in handle.waiters.pop("info", []):
-            settle(f, error)
+            settle(f, other_release(handle.address.host, handle.address.port, exc.version))
 
     def _heartbeat(self, now: float) -> None:
         for handle in list(self._handles_by_socket.values()):
@@ -419,8 +416,8 @@ class Control:
                results_key: bytes | None, exact: bool, epoch: int) -> tuple[Future, Future]:
         """Send one stage's shard (the parts of its bytes, in order) and wiring to a node.
         Two futures: the node is ready; every chunk is with ZeroMQ (or the upload ended early).
-        A node that already runs this very shard (a restarted master found it) keeps it: it
-        is only rewired, nothing is uploaded again."""
+        A node that already runs this very shard (a restarted master found it) keeps it: it is
+        only rewired. What a node holds is noted as it is ready, and forgotten if it fails."""
         ready: Future = Future()
         sent: Future = Future()
         ready.add_done_callback(lambda _: settle(sent, None))  # lost or refused: no more sent
@@ -428,6 +425,9 @@ class Control:
         sent.add_done_callback(lambda _: chunks.clear())  # (now, not when GC breaks the cycle)
         size, head = sum(map(len, shard)), len(shard[0])
         reuse = handle.holds == (stage, digest, exact)
+        # noted when ready: a deploy that fails at another node has still replaced this one's
+        ready.add_done_callback(lambda f: setattr(
+            handle, "holds", (stage, digest, exact) if f.exception() is None else None))
 
         def begin() -> None:
             if handle.lost:  # lost since the deploy began: nothing would ever settle `ready`
@@ -459,9 +459,9 @@ class Control:
                     return
                 # Taking chunks it is alive, its answers late on a busy host: loading, for now
                 handle.loading_until = max(handle.loading_until, time.time() + self.lost_after_s)
-                self.bus.publish(ev.ShardProgress(
-                    t=time.time(), node_id=handle.node_id, stage=stage,
-                    sent_bytes=off + len(data), total_bytes=size))
+                self.bus.publish(ev.ShardProgress(t=time.time(), node_id=handle.node_id,
+                                                  stage=stage, sent_bytes=off + len(data),
+                                                  total_bytes=size))
             if i + _CHUNKS_PER_TURN < len(chunks):
                 self.put(lambda: send_chunks(i + _CHUNKS_PER_TURN))
             else:
